@@ -1,0 +1,1 @@
+"""jaxtl: transfer learning in JAX."""

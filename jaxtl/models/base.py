@@ -1,0 +1,71 @@
+"""What every model family hands to the rest of jaxtl: a module, its params, and its shape.
+
+A family file (e.g. ``bert.py``) builds a :class:`LoadedModel`. Everything downstream (recipes,
+the trainer, the CLI) talks to that object only, so a new family plugs in without touching them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+
+Params = Mapping[str, Any]
+Batch = Mapping[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Structure:
+    """Where the parts of a param tree live, as "/"-joined path prefixes.
+
+    Recipes are written against this, not against a family's names: ``last_n(2)`` trains
+    ``blocks[-2:]`` + ``neck`` + ``head`` whatever the family calls them.
+
+    Attributes:
+      blocks: the repeated blocks in input-to-output order, e.g.
+        ``("bert/encoder/layer_0", ..., "bert/encoder/layer_5")``.
+      head: the task head(s), new for every task, e.g. ``("classifier",)``.
+      neck: parts between the last block and the head that a "last n blocks" recipe also
+        trains, e.g. ``("bert/pooler",)``; empty when the model has none.
+      stem: parts before the first block (embeddings, stem conv).
+    """
+
+    blocks: tuple[str, ...]
+    head: tuple[str, ...]
+    neck: tuple[str, ...] = ()
+    stem: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready for transfer: the result of :func:`jaxtl.load`.
+
+    Attributes:
+      family: registry name of the architecture family, e.g. ``"bert"``.
+      config: the family's config dataclass.
+      module: the Flax linen module for the requested task.
+      params: the parameter pytree (nested dicts of arrays).
+      report: what the load did (see ``jaxtl.weights.LoadReport``); ``None`` for random init.
+      structure: where stem, blocks, neck and head live in ``params``.
+      task: ``"classification"``, ``"regression"`` or ``"features"``.
+      num_labels: output width of the head (1 for regression).
+      path: the directory the model came from.
+      apply: ``apply(params, batch, *, train=False, rng=None) -> outputs``; ``batch`` is a dict
+        holding the family's input keys (``input_ids``, ``attention_mask``, ...). The trainer
+        calls only this.
+      extras: family-specific facts (pooling, max sequence length, tokenizer file, ...).
+    """
+
+    family: str
+    config: Any
+    module: Any
+    params: Params
+    report: Any
+    structure: Structure
+    task: str
+    num_labels: int
+    path: str | None
+    apply: Callable[..., jax.Array]
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
