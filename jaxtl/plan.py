@@ -1,0 +1,308 @@
+"""The transfer plan: an ordered rule table -> groups -> one optax transformation.
+
+A :class:`Plan` maps every param (by its "/"-joined path, :mod:`jaxtl.rules`) to a named
+:class:`Group`. From it come the label tree, the trainable mask, the printed plan table and an
+``optax.partition`` optimizer: frozen groups get no update and no optimizer state, each
+trainable group AdamW at ``learning_rate * lr_mult``. Recipes that build plans live in
+:mod:`jaxtl.strategies`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxtl.rules import count_params, flatten, tree_bytes, tree_from_rules
+from jaxtl.rules import unused_rules as _unused_rules
+
+__all__ = ["Group", "GroupRow", "Plan"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """How one set of params trains.
+
+    Attributes:
+      name: the label rules map to.
+      trainable: False freezes the group: no update, no optimizer state.
+      lr_mult: multiplies the learning rate (and so the decoupled weight decay, as in AdamW).
+      weight_decay: overrides the optimizer's ``weight_decay`` for this group; None keeps it.
+    """
+
+    name: str
+    trainable: bool
+    lr_mult: float = 1.0
+    weight_decay: float | None = None
+
+    def __post_init__(self):
+        if not (math.isfinite(self.lr_mult) and self.lr_mult >= 0):
+            raise ValueError(
+                f"Group {self.name!r}: lr_mult must be finite and >= 0, got {self.lr_mult}."
+            )
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise ValueError(
+                f"Group {self.name!r}: weight_decay must be >= 0 or None, got {self.weight_decay}."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupRow:
+    """One line of :meth:`Plan.summary`. ``opt_state_bytes`` is None when the optimizer measured
+    has no ``optax.partition`` state for the group."""
+
+    group: str
+    rules: tuple[str, ...]
+    trainable: bool
+    lr_mult: float
+    weight_decay: float | None
+    num_params: int
+    param_bytes: int
+    opt_state_bytes: int | None
+
+
+def _freeze() -> optax.GradientTransformation:
+    """``optax.set_to_zero()`` with ``-0.0`` instead of ``+0.0``.
+
+    ``p + (-0.0) == p`` bit for bit for every float, but ``(-0.0) + (+0.0)`` is ``+0.0``, so
+    ``set_to_zero`` flips the sign bit of frozen entries that are ``-0.0``. Stateless like it.
+    """
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _decay_mask(tree: Any) -> Any:
+    # BERT practice (Devlin et al. 2019): no decay on biases and LayerNorm scales, i.e. ndim < 2.
+    return jax.tree.map(lambda x: x.ndim >= 2, tree)
+
+
+def _scaled(learning_rate: float | optax.Schedule, mult: float) -> float | optax.Schedule:
+    if mult == 1.0:
+        return learning_rate
+    if callable(learning_rate):
+        return lambda count: learning_rate(count) * mult
+    return learning_rate * mult
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """An ordered rule table ``(path regex, group name)`` and the groups it names.
+
+    Attributes:
+      rules: ``(pattern, group_name)`` pairs; the first :func:`re.fullmatch` of a param's
+        "/"-joined path wins and every param must match one (end with ``(".*", ...)``).
+      groups: group name -> :class:`Group` (a sequence of Groups is accepted too).
+      name: how the plan is shown, e.g. ``"last_n(2)"``.
+    """
+
+    rules: tuple[tuple[str, str], ...]
+    groups: dict[str, Group]
+    name: str = "custom"
+
+    def __post_init__(self):
+        groups = self.groups
+        if not isinstance(groups, Mapping):
+            groups = {g.name: g for g in groups}
+        for key, g in groups.items():
+            if key != g.name:
+                raise ValueError(f"Plan {self.name!r}: groups[{key!r}] is named {g.name!r}.")
+        rules = self.rules.items() if isinstance(self.rules, Mapping) else self.rules
+        rules = tuple((p, v) for p, v in rules)
+        tree_from_rules({}, rules)  # validates every pattern now, not at the first optax.init
+        unknown = sorted({v for _, v in rules if v not in groups})
+        if unknown:
+            raise ValueError(
+                f"Plan {self.name!r}: rules name group(s) {unknown} that are not in groups "
+                f"{sorted(groups)}. Add a Group for each, or fix the rule."
+            )
+        object.__setattr__(self, "groups", dict(groups))
+        object.__setattr__(self, "rules", rules)
+
+    def labels(self, params: Any) -> Any:
+        """A tree like ``params`` holding each leaf's group name.
+
+        Raises:
+          jaxtl.rules.UnmatchedParamsError: a param matches no rule.
+        """
+        return tree_from_rules(params, self.rules)
+
+    def trainable_mask(self, params: Any) -> Any:
+        """A tree like ``params`` holding True where the leaf's group trains."""
+        return jax.tree.map(lambda g: self.groups[g].trainable, self.labels(params))
+
+    def unused_rules(self, params: Any) -> list[tuple[str, str]]:
+        """Rules that label no param of ``params`` (shown as notes by :meth:`table`)."""
+        return _unused_rules(params, self.rules)
+
+    def optimizer(
+        self,
+        learning_rate: float | optax.Schedule,
+        *,
+        weight_decay: float = 0.01,
+        clip_norm: float | None = 1.0,
+        b1: float = 0.9,
+        b2: float = 0.999,
+        eps: float = 1e-8,
+    ) -> optax.GradientTransformation:
+        """AdamW per trainable group, nothing for frozen groups, global-norm clipping.
+
+        The transformation computes labels from the tree optax passes to ``init``/``update``
+        (``optax.partition`` accepts a label function), so it needs no params to build and
+        works on params, gradients and ``jax.eval_shape`` structs alike. A param no rule
+        matches fails at ``init``; call :meth:`labels` or :meth:`table` to check earlier.
+
+        Args:
+          learning_rate: base learning rate or optax schedule; each group uses it times
+            ``lr_mult``.
+          weight_decay: decoupled (AdamW) decay for trainable leaves with ``ndim >= 2``; biases
+            and norm scales are never decayed, frozen leaves never touched.
+          clip_norm: clip by the global norm of the *trainable* gradients; None disables.
+          b1, b2, eps: Adam hyperparameters.
+
+        Returns:
+          An optax transformation; its Adam state is ``2 x`` the trainable params' bytes plus
+          one int32 step count per trainable group (and one per group for a schedule).
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> plan = Plan(((r"head/.*", "head"), (".*", "frozen")),
+          ...             [Group("head", True), Group("frozen", False)])
+          >>> params = {"head": {"w": jnp.ones((2, 2))}, "body": {"w": jnp.ones((2, 2))}}
+          >>> tx = plan.optimizer(0.1)
+          >>> grads = jax.tree.map(jnp.ones_like, params)
+          >>> updates, _ = tx.update(grads, tx.init(params), params)
+          >>> new = optax.apply_updates(params, updates)
+          >>> bool((new["body"]["w"] == 1).all()), bool((new["head"]["w"] < 1).all())
+          (True, True)
+        """
+        transforms = {}
+        for g in self.groups.values():
+            if not g.trainable:
+                transforms[g.name] = _freeze()
+                continue
+            wd = weight_decay if g.weight_decay is None else g.weight_decay
+            transforms[g.name] = optax.adamw(
+                _scaled(learning_rate, g.lr_mult),
+                b1=b1,
+                b2=b2,
+                eps=eps,
+                weight_decay=wd,
+                mask=_decay_mask,
+            )
+        chain = []
+        if clip_norm is not None:
+            # The global norm must not see frozen grads: one large frozen grad would otherwise
+            # shrink every trainable step. Zero them first (stateless), then clip.
+            if any(not g.trainable for g in self.groups.values()):
+                frozen = lambda tree: jax.tree.map(lambda t: not t, self.trainable_mask(tree))  # noqa: E731
+                chain.append(optax.masked(optax.set_to_zero(), frozen))
+            chain.append(optax.clip_by_global_norm(clip_norm))
+        chain.append(optax.partition(transforms, self.labels))
+        return optax.chain(*chain)
+
+    def _measure(self, params: Any, optimizer: optax.GradientTransformation | None):
+        labels = flatten(self.labels(params))
+        flat = flatten(params)
+        if optimizer is None:
+            optimizer = self.optimizer(1e-3)
+        state = jax.eval_shape(optimizer.init, params)
+        by_group: dict[str, int] = {}
+        is_part = lambda x: isinstance(x, optax.PartitionState)  # noqa: E731
+        for node in jax.tree.leaves(state, is_leaf=is_part):
+            if is_part(node):
+                for name, inner in node.inner_states.items():
+                    by_group[name] = by_group.get(name, 0) + tree_bytes(inner)
+        rows = []
+        for name, g in self.groups.items():
+            leaves = [flat[p] for p, label in labels.items() if label == name]
+            rows.append(
+                GroupRow(
+                    group=name,
+                    rules=tuple(p for p, v in self.rules if v == name),
+                    trainable=g.trainable,
+                    lr_mult=g.lr_mult,
+                    weight_decay=g.weight_decay,
+                    num_params=count_params(leaves),
+                    param_bytes=tree_bytes(leaves),
+                    opt_state_bytes=by_group.get(name),
+                )
+            )
+        return rows, tree_bytes(state)
+
+    def summary(
+        self, params: Any, optimizer: optax.GradientTransformation | None = None
+    ) -> list[GroupRow]:
+        """One :class:`GroupRow` per group, in ``groups`` order.
+
+        Args:
+          params: the param tree (arrays or ``jax.ShapeDtypeStruct``).
+          optimizer: whose state to measure (``jax.eval_shape(optimizer.init, params)``, no
+            memory allocated); None measures ``self.optimizer(<float lr>)``.
+        """
+        return self._measure(params, optimizer)[0]
+
+    def table(self, params: Any, optimizer: optax.GradientTransformation | None = None) -> str:
+        """The plan as a printable table: one line per group, a total line, and notes.
+
+        Example:
+          >>> import numpy as np
+          >>> plan = Plan(((".*", "all"),), [Group("all", True)], name="full")
+          >>> print(plan.table({"w": np.zeros((2, 2), np.float32)}))  # doctest: +NORMALIZE_WHITESPACE
+          Transfer plan full
+          group  rules  trains  lr_mult  weight_decay  params  opt_state
+          all    .*     yes     1        default       4       36 B
+          total: 4 trainable + 0 frozen = 4 params; optimizer state 36 B
+        """
+        rows, total_bytes = self._measure(params, optimizer)
+        header = ("group", "rules", "trains", "lr_mult", "weight_decay", "params", "opt_state")
+        lines: list[tuple[str, ...]] = []
+        for r in rows:
+            state = "?" if r.opt_state_bytes is None else _fmt_bytes(r.opt_state_bytes)
+            wd = (
+                "-"
+                if not r.trainable
+                else ("default" if r.weight_decay is None else f"{r.weight_decay:g}")
+            )
+            mult = f"{r.lr_mult:g}" if r.trainable else "-"
+            first, *more = r.rules or ("(none)",)
+            trains = "yes" if r.trainable else "no"
+            lines.append((r.group, first, trains, mult, wd, f"{r.num_params:,}", state))
+            lines.extend(("", rule, "", "", "", "", "") for rule in more)
+        widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header))]
+        fmt = lambda cols: "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()  # noqa: E731
+        trainable = sum(r.num_params for r in rows if r.trainable)
+        frozen = sum(r.num_params for r in rows if not r.trainable)
+        out = [f"Transfer plan {self.name}", fmt(header), *(fmt(x) for x in lines)]
+        out.append(
+            f"total: {trainable:,} trainable + {frozen:,} frozen = {trainable + frozen:,} params; "
+            f"optimizer state {_fmt_bytes(total_bytes)}"
+        )
+        outside = total_bytes - sum(r.opt_state_bytes or 0 for r in rows)
+        if outside:
+            out.append(f"note: {_fmt_bytes(outside)} of optimizer state belong to no group")
+        for pattern, group in self.unused_rules(params):
+            out.append(f"note: rule {pattern!r} -> {group} labels no param")
+        return "\n".join(out)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+# ----------------------------------------------------------------------------- recipes

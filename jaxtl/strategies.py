@@ -1,0 +1,251 @@
+"""Transfer recipes: which params train, at what learning rate, as a :class:`Plan`.
+
+A recipe is a function ``(Structure, *args) -> Plan``. A :class:`Plan` is an ordered rule table
+(:mod:`jaxtl.rules`: "/"-joined path regex -> group name) plus the :class:`Group` each name
+stands for. From it come the label tree, the trainable mask, a printed table, and one optax
+transformation built with ``optax.partition``: frozen groups get no optimizer state and no
+update, each trainable group gets AdamW at ``learning_rate * lr_mult``.
+
+Example:
+  >>> import numpy as np
+  >>> from jaxtl.models.base import Structure
+  >>> params = {"enc": {"layer_0": {"kernel": np.ones((2, 2))}, "layer_1": {"kernel": np.ones((2, 2))}},
+  ...           "classifier": {"kernel": np.ones((2, 3)), "bias": np.zeros(3)}}
+  >>> structure = Structure(blocks=("enc/layer_0", "enc/layer_1"), head=("classifier",))
+  >>> plan = make_plan("last_n(1)", structure)
+  >>> plan.labels(params)["enc"]
+  {'layer_0': {'kernel': 'frozen'}, 'layer_1': {'kernel': 'blocks'}}
+  >>> tx = plan.optimizer(1e-3)  # labels are computed from the tree optax hands in
+  >>> state = tx.init(params)
+
+Where later recipes go (each is a new function plus a ``RECIPES`` entry; the Plan shape holds):
+
+- **Layer-wise LR decay** (ELECTRA, BEiT): one group per block with ``lr_mult = decay**depth``;
+  :func:`layerwise_lr_decay` below.
+- **BitFit** (Ben Zaken et al. 2022): head + every ``.../bias`` trainable; :func:`bitfit` below.
+- **Gradual unfreezing** (ULMFiT): a recipe returning ``stages: tuple[(start_step, Plan), ...]``
+  that the trainer switches between. Frozen groups hold no Adam moments, so a stage change
+  re-initialises the optimizer state of newly unfrozen groups (and recompiles the step once per
+  stage). The alternative, one Plan whose ``lr_mult`` becomes a step schedule that is 0 until
+  the group's stage, compiles once but holds moments for every group from the start.
+- **LoRA**: the adapter adds params, so the recipe also names a new collection (e.g. a
+  ``collections: dict[str, Rules]`` field saying which kernels get adapters); the base params
+  go to a frozen group and the adapter paths (``.../lora_a``, ``.../lora_b``) to a trainable
+  one, with the same rule language.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from jaxtl.models.base import Structure
+from jaxtl.plan import Group, GroupRow, Plan
+from jaxtl.rules import prefix_pattern
+
+__all__ = [
+    "RECIPES",
+    "Group",
+    "GroupRow",
+    "Plan",
+    "bitfit",
+    "full",
+    "last_n",
+    "layerwise_lr_decay",
+    "linear_probe",
+    "make_plan",
+]
+
+
+def _patterns(prefixes: Iterable[str], group: str) -> list[tuple[str, str]]:
+    return [(prefix_pattern(p), group) for p in prefixes]
+
+
+def _need_head(structure: Structure, recipe: str) -> None:
+    if not structure.head:
+        raise ValueError(f"{recipe} trains the head, but the Structure names none (head=()).")
+
+
+def linear_probe(structure: Structure) -> Plan:
+    """Train the head only; everything else is frozen.
+
+    Example:
+      >>> s = Structure(blocks=("enc/layer_0",), head=("classifier",))
+      >>> linear_probe(s).rules
+      (('classifier(/.*)?', 'head'), ('.*', 'frozen'))
+    """
+    _need_head(structure, "linear_probe")
+    rules = [*_patterns(structure.head, "head"), (".*", "frozen")]
+    return Plan(tuple(rules), [Group("head", True), Group("frozen", False)], name="linear_probe")
+
+
+def last_n(structure: Structure, n: int) -> Plan:
+    """Train the head, the neck and the last ``n`` blocks; freeze the rest (stem included).
+
+    ``last_n(s, 0)`` is a linear probe that also trains the neck (e.g. BERT's pooler).
+
+    Example:
+      >>> s = Structure(blocks=("enc/layer_0", "enc/layer_1"), head=("classifier",))
+      >>> last_n(s, 1).rules
+      (('classifier(/.*)?', 'head'), ('enc/layer_1(/.*)?', 'blocks'), ('.*', 'frozen'))
+    """
+    blocks = structure.blocks
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= len(blocks):
+        raise ValueError(
+            f"last_n: n must be an int in 0..{len(blocks)} (this model has {len(blocks)} "
+            f"blocks), got {n!r}. Use full() to train the stem as well."
+        )
+    _need_head(structure, "last_n")
+    rules = [
+        *_patterns(structure.head, "head"),
+        *_patterns(structure.neck, "neck"),
+        *_patterns(blocks[len(blocks) - n :], "blocks"),
+        (".*", "frozen"),
+    ]
+    groups = [Group("head", True)]
+    groups += [Group("neck", True)] if structure.neck else []
+    groups += [Group("blocks", True)] if n else []
+    return Plan(tuple(rules), [*groups, Group("frozen", False)], name=f"last_n({n})")
+
+
+def full(structure: Structure) -> Plan:
+    """Train everything. The head keeps its own group so a later LR multiplier can target it.
+
+    Example:
+      >>> full(Structure(blocks=(), head=("classifier",))).rules
+      (('classifier(/.*)?', 'head'), ('.*', 'body'))
+    """
+    rules = [*_patterns(structure.head, "head"), (".*", "body")]
+    groups = ([Group("head", True)] if structure.head else []) + [Group("body", True)]
+    return Plan(tuple(rules), groups, name="full")
+
+
+def bitfit(structure: Structure) -> Plan:
+    """BitFit (Ben Zaken et al. 2022): train the head and every bias; freeze the rest.
+
+    Example:
+      >>> bitfit(Structure(blocks=(), head=("classifier",))).rules[1]
+      ('(.*/)?bias', 'bias')
+    """
+    _need_head(structure, "bitfit")
+    rules = [*_patterns(structure.head, "head"), ("(.*/)?bias", "bias"), (".*", "frozen")]
+    groups = [Group("head", True), Group("bias", True), Group("frozen", False)]
+    return Plan(tuple(rules), groups, name="bitfit")
+
+
+def layerwise_lr_decay(structure: Structure, decay: float) -> Plan:
+    """Everything trains; block ``i`` of ``L`` gets ``lr_mult = decay**(L - i)``.
+
+    As in ELECTRA (Clark et al. 2020): head and neck at 1, the last block at ``decay``, the
+    first at ``decay**L``, and the stem (with any param the Structure does not name) at
+    ``decay**(L + 1)``.
+
+    Example:
+      >>> p = layerwise_lr_decay(Structure(blocks=("b0", "b1"), head=("cls",)), 0.5)
+      >>> [(g.name, g.lr_mult) for g in p.groups.values()]
+      [('head', 1.0), ('block_0', 0.25), ('block_1', 0.5), ('stem', 0.125)]
+    """
+    if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 < decay <= 1:
+        raise ValueError(f"layerwise_lr_decay: decay must be a number in (0, 1], got {decay!r}.")
+    n = len(structure.blocks)
+    rules = [*_patterns(structure.head, "head"), *_patterns(structure.neck, "neck")]
+    groups = [Group("head", True)] if structure.head else []
+    groups += [Group("neck", True)] if structure.neck else []
+    for i, block in enumerate(structure.blocks):
+        rules.append((prefix_pattern(block), f"block_{i}"))
+        groups.append(Group(f"block_{i}", True, lr_mult=float(decay) ** (n - i)))
+    rules.append((".*", "stem"))
+    groups.append(Group("stem", True, lr_mult=float(decay) ** (n + 1)))
+    return Plan(tuple(rules), groups, name=f"layerwise_lr_decay({decay:g})")
+
+
+# ----------------------------------------------------------------------------- registry
+
+# name -> recipe. Add an entry to make a new recipe reachable from strings (CLI, configs).
+RECIPES: dict[str, Callable[..., Plan]] = {
+    "full": full,
+    "linear_probe": linear_probe,
+    "last_n": last_n,
+    "bitfit": bitfit,
+    "layerwise_lr_decay": layerwise_lr_decay,
+}
+_ALIASES = {"probe": "linear_probe", "llrd": "layerwise_lr_decay"}
+
+
+def _usage() -> str:
+    forms = []
+    for name, fn in RECIPES.items():
+        args = list(inspect.signature(fn).parameters)[1:]
+        forms.append(f"{name}({', '.join(args)})" if args else name)
+    aliases = ", ".join(f"{a} = {n}" for a, n in _ALIASES.items())
+    return (
+        f"valid recipes: {', '.join(forms)} (aliases: {aliases}; 'last_n:2' and 'last2' also work)"
+    )
+
+
+def _parse(spec: str) -> tuple[str, list[Any], dict[str, Any]]:
+    text = spec.strip()
+    if (m := re.fullmatch(r"last(\d+)", text)) is not None:
+        return "last_n", [int(m.group(1))], {}
+    if ":" in text and "(" not in text:
+        name, _, arg = text.partition(":")
+        text = f"{name.strip()}({arg})"
+    try:
+        node = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        raise ValueError(
+            f"cannot parse recipe {spec!r}; expected NAME or NAME(ARGS). {_usage()}"
+        ) from None
+    if isinstance(node, ast.Name):
+        return node.id, [], {}
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+        raise ValueError(f"cannot parse recipe {spec!r}; expected NAME or NAME(ARGS). {_usage()}")
+    try:
+        args = [ast.literal_eval(a) for a in node.args]
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg is not None}
+    except ValueError:
+        raise ValueError(
+            f"recipe {spec!r}: arguments must be literals (numbers, strings), e.g. 'last_n(2)'."
+        ) from None
+    if len(kwargs) != len(node.keywords):
+        raise ValueError(f"recipe {spec!r}: '**' arguments are not supported.")
+    return node.func.id, args, kwargs
+
+
+def make_plan(spec: str | Plan | Callable[[Structure], Plan], structure: Structure) -> Plan:
+    """Turns a recipe name, a recipe function or a ready Plan into a Plan for ``structure``.
+
+    Args:
+      spec: ``"full"``, ``"linear_probe"``, ``"last_n(2)"`` (or ``"last_n:2"``, ``"last2"``),
+        ``"bitfit"``, ``"layerwise_lr_decay(0.65)"``; a callable ``structure -> Plan``; or a
+        Plan, returned as is.
+      structure: where stem, blocks, neck and head live in the params.
+
+    Raises:
+      ValueError: unknown recipe (the message lists the valid ones) or bad arguments.
+
+    Example:
+      >>> make_plan("last_n(2)", Structure(blocks=("a", "b", "c"), head=("cls",))).name
+      'last_n(2)'
+    """
+    if isinstance(spec, Plan):
+        return spec
+    if isinstance(spec, str):
+        name, args, kwargs = _parse(spec)
+        fn = RECIPES.get(_ALIASES.get(name, name))
+        if fn is None:
+            raise ValueError(f"unknown transfer recipe {name!r} in {spec!r}; {_usage()}")
+        try:
+            inspect.signature(fn).bind(structure, *args, **kwargs)
+        except TypeError as e:
+            raise ValueError(f"recipe {spec!r}: {e}. {_usage()}") from None
+        return fn(structure, *args, **kwargs)
+    if callable(spec):
+        plan = spec(structure)
+        if not isinstance(plan, Plan):
+            raise TypeError(f"recipe {spec!r} returned {type(plan).__name__}, expected a Plan.")
+        return plan
+    raise TypeError(f"spec must be a recipe name, a Plan or a callable, got {type(spec).__name__}.")
