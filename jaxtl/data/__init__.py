@@ -1,0 +1,31 @@
+"""Data: labeled sources, tokenization and batch loaders."""
+
+from __future__ import annotations
+
+from jaxtl.data.loader import ArrayLoader
+from jaxtl.data.sources import TextSplits, from_table, read_table, split, vader
+from jaxtl.data.text import encode
+
+
+def resolve(spec: dict, *, num_labels: int, task: str) -> TextSplits:
+    """Rebuild a dataset from the JSON spec that a run directory records.
+
+    ``{"kind": "vader"}`` or ``{"kind": "table", "path": ..., "text_column": ...,
+    "label_column": ..., "seed": 0}``.
+    """
+    kind = spec.get("kind")
+    if kind == "vader":
+        return vader(spec.get("path"))
+    if kind == "table":
+        return from_table(
+            spec["path"],
+            text_column=spec.get("text_column", "text"),
+            label_column=spec.get("label_column", "label"),
+            num_labels=num_labels,
+            task=task,
+            seed=spec.get("seed", 0),
+        )
+    raise ValueError(f"Unknown data kind {kind!r}: expected 'vader' or 'table'.")
+
+
+__all__ = ["ArrayLoader", "TextSplits", "encode", "from_table", "read_table", "resolve", "split", "vader"]

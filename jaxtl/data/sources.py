@@ -1,0 +1,170 @@
+"""Labeled text sources: the embedded VADER lexicon and user CSV / JSONL files.
+
+A source returns a :class:`TextSplits`: train / validation / test lists of texts with labels.
+Validation of what a user handed us happens here, on the host, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class TextSplits:
+    """Texts and labels per split; ``label_names[i]`` names integer label ``i`` (classification)."""
+
+    train: tuple[list[str], np.ndarray]
+    validation: tuple[list[str], np.ndarray]
+    test: tuple[list[str], np.ndarray]
+    label_names: list[str] | None = None
+    name: str = "data"
+
+    def sizes(self) -> dict[str, int]:
+        return {s: len(getattr(self, s)[0]) for s in ("train", "validation", "test")}
+
+
+def split_indices(n: int, seed: int = 0, fractions=(0.8, 0.1)) -> tuple[np.ndarray, ...]:
+    """Permute ``range(n)`` with ``default_rng(seed)``: first 80% train, next 10% val, rest test."""
+    perm = np.random.default_rng(seed).permutation(n)
+    a = int(n * fractions[0])
+    b = a + int(n * fractions[1])
+    return perm[:a], perm[a:b], perm[b:]
+
+
+def _take(texts: Sequence[str], labels: np.ndarray, idx: np.ndarray):
+    return [texts[i] for i in idx], labels[idx]
+
+
+def split(texts, labels, *, seed=0, label_names=None, name="data") -> TextSplits:
+    """Split one labeled list 80/10/10 with :func:`split_indices`."""
+    labels = np.asarray(labels)
+    if len(texts) == 0:
+        raise ValueError(f"The dataset {name!r} is empty: there is nothing to train on.")
+    tr, va, te = split_indices(len(texts), seed)
+    return TextSplits(
+        train=_take(texts, labels, tr),
+        validation=_take(texts, labels, va),
+        test=_take(texts, labels, te),
+        label_names=label_names,
+        name=name,
+    )
+
+
+# --- the embedded default: VADER sentiment lexicon ----------------------------------------------
+
+
+def vader_lexicon_path() -> str:
+    try:
+        import vaderSentiment
+    except ImportError as e:
+        raise ImportError(
+            "The embedded demo data is the VADER lexicon from the 'vaderSentiment' package. "
+            "Install it with: pip install 'jaxtl[demo]' (or pip install vaderSentiment)."
+        ) from e
+    return os.path.join(os.path.dirname(vaderSentiment.__file__), "vader_lexicon.txt")
+
+
+def vader(path: str | None = None, min_abs: float = 0.5) -> TextSplits:
+    """Positive vs negative on the VADER lexicon, with the split every toolkit compares on.
+
+    Keeps entries with ``|mean rating| >= 0.5`` in file order (6,817), label = mean > 0,
+    permutes with ``numpy.random.default_rng(0)``; 80% train, 10% validation, 10% test.
+    """
+    texts, labels = [], []
+    with open(path or vader_lexicon_path(), encoding="utf-8") as f:
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) < 2:
+                continue
+            mean = float(parts[1])
+            if abs(mean) >= min_abs:
+                texts.append(parts[0])
+                labels.append(int(mean > 0))
+    return split(texts, np.asarray(labels, np.int32), label_names=["negative", "positive"], name="vader")
+
+
+# --- user files -----------------------------------------------------------------------------------
+
+
+def read_table(path: str, text_column: str = "text", label_column: str = "label") -> tuple[list[str], list]:
+    """Read texts and raw labels from a ``.csv`` or ``.jsonl``/``.json`` file with named columns."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Data file not found: {path!r}. Pass an existing .csv or .jsonl file.")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            _check_columns(path, columns, text_column, label_column)
+            rows = list(reader)
+    elif ext in (".jsonl", ".json"):
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{n}: not a JSON object per line ({e}).") from e
+        for n, row in enumerate(rows, 1):
+            _check_columns(f"{path} (record {n})", list(row), text_column, label_column)
+    else:
+        raise ValueError(f"Unsupported data file type {ext!r} for {path!r}: use .csv or .jsonl.")
+    if not rows:
+        raise ValueError(f"The data file {path!r} has no rows: there is nothing to train on.")
+    return [str(r[text_column]) for r in rows], [r[label_column] for r in rows]
+
+
+def _check_columns(where: str, columns, text_column: str, label_column: str) -> None:
+    missing = [c for c in (text_column, label_column) if c not in columns]
+    if missing:
+        raise ValueError(
+            f"{where} has no column(s) {missing}; found {list(columns)}. "
+            "Name the columns with --text-column / --label-column."
+        )
+
+
+def encode_labels(raw: Sequence, num_labels: int, task: str, where: str = "data"):
+    """Raw labels -> array, with the label names for string labels; checked against the head.
+
+    Integer-like labels must lie in ``[0, num_labels)``. String labels are mapped to integers in
+    sorted order. Regression labels must be numbers.
+    """
+    if task == "regression":
+        try:
+            return np.asarray([float(x) for x in raw], np.float32), None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"Regression labels in {where} must be numbers ({e}).") from e
+    try:
+        ints = np.asarray([int(str(x).strip()) for x in raw], np.int64)
+        names = None
+    except ValueError:
+        names = sorted({str(x) for x in raw})
+        index = {n: i for i, n in enumerate(names)}
+        ints = np.asarray([index[str(x)] for x in raw], np.int64)
+    bad = (ints < 0) | (ints >= num_labels)
+    if bad.any():
+        found = sorted(set(ints[bad].tolist()))[:10]
+        raise ValueError(
+            f"Labels in {where} must be in [0, {num_labels}) for a {num_labels}-way head; found "
+            f"{found}. Pass --num-labels {int(ints.max()) + 1} or fix the labels."
+        )
+    return ints.astype(np.int32), names
+
+
+def from_table(path, *, text_column="text", label_column="label", num_labels=2, task="classification", seed=0) -> TextSplits:
+    """A user file split 80/10/10 like the embedded data."""
+    texts, raw = read_table(path, text_column, label_column)
+    labels, names = encode_labels(raw, num_labels, task, where=path)
+    if names is not None and len(names) != num_labels:
+        raise ValueError(
+            f"{path} has {len(names)} distinct labels {names[:10]} but the head has {num_labels} "
+            f"outputs. Pass --num-labels {len(names)}."
+        )
+    return split(texts, labels, seed=seed, label_names=names, name=os.path.basename(path))

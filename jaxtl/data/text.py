@@ -1,0 +1,61 @@
+"""Tokenize texts into fixed-shape integer arrays with the model's own fast tokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def encode(
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    length: int | None = None,
+    pad_multiple: int = 8,
+) -> tuple[dict[str, np.ndarray], int]:
+    """Batch-encode ``texts`` -> ``input_ids``, ``attention_mask``, ``token_type_ids`` (int32).
+
+    Every row is padded to one length, so jit compiles one shape: ``length`` if given, else the
+    longest encoded text rounded up to ``pad_multiple``, never above ``max_length`` (the model's
+    position limit). Returns the arrays and the number of texts that had to be truncated.
+
+    Args:
+      tokenizer: a ``tokenizers.Tokenizer`` (the directory's ``tokenizer.json``).
+      texts: the strings to encode.
+      max_length: the model's maximum number of positions.
+      length: a fixed padded length (e.g. the one the training split chose).
+      pad_multiple: round the automatic length up to a multiple of this.
+    """
+    if len(texts) == 0:
+        raise ValueError("No texts to encode: the split is empty.")
+    tok = tokenizer
+    tok.no_padding()
+    tok.no_truncation()
+    encs = tok.encode_batch(list(texts))
+    longest = max(len(e.ids) for e in encs)
+    if length is None:
+        length = min(max_length, -(-longest // pad_multiple) * pad_multiple)
+    length = min(length, max_length)
+    pad_id = tok.token_to_id("[PAD]")
+    pad_id = 0 if pad_id is None else pad_id
+    n = len(encs)
+    ids = np.full((n, length), pad_id, np.int32)
+    mask = np.zeros((n, length), np.int32)
+    types = np.zeros((n, length), np.int32)
+    truncated = 0
+    for i, e in enumerate(encs):
+        k = len(e.ids)
+        if k > length:
+            truncated += 1
+            # Keep the leading tokens and the closing special token ([SEP]).
+            row_ids = e.ids[: length - 1] + e.ids[-1:]
+            row_types = e.type_ids[: length - 1] + e.type_ids[-1:]
+            k = length
+        else:
+            row_ids, row_types = e.ids, e.type_ids
+        ids[i, :k] = row_ids
+        mask[i, :k] = 1
+        types[i, :k] = row_types
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}, truncated

@@ -1,0 +1,116 @@
+"""Device mesh, shardings and global batches: the one place that knows about devices.
+
+The jit path shards the batch over a ``data`` mesh axis and replicates params (FSDP comes later:
+it only changes :func:`state_shardings`). The same code runs on one CPU, 8 fake CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``) or every host of a pod, because batches
+are built with ``jax.make_array_from_process_local_data`` from each process's own rows.
+
+A ``pmap`` helper pair (:func:`replicate` / :func:`unreplicate`) serves users whose code is still
+pmap-based; ``jax.device_put_replicated`` is gone from jax, so replication is done here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D ``data`` mesh over ``devices`` (default: every device of every process).
+
+    Axis type is Auto, not jax's newer Explicit default: the models are written without
+    sharding-in-types annotations, and Auto lets XLA propagate the batch sharding through them.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    return jax.make_mesh(
+        (len(devices),),
+        (DATA_AXIS,),
+        axis_types=(jax.sharding.AxisType.Auto,),
+        devices=devices,
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over the ``data`` axis."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+    """Shardings for a train state: replicated for now (data parallelism)."""
+    return jax.tree.map(lambda _: replicated(mesh), state)
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch size") -> None:
+    """Raise before compiling when a global batch does not split evenly over the mesh."""
+    n = mesh.devices.size
+    if batch_size % n:
+        raise ValueError(
+            f"The {what} ({batch_size}) must be divisible by the number of devices ({n}) so "
+            f"each device gets the same share. Use a multiple of {n}, e.g. "
+            f"{max(n, batch_size // n * n)}."
+        )
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows -> one global ``jax.Array`` per key, batch-sharded over ``mesh``.
+
+    In a single process ``local`` is the whole batch; in a multi-process run each process passes
+    its own slice (``global rows = local rows * process_count``).
+    """
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Place a host pytree on every device of ``mesh``."""
+    return jax.device_put(tree, replicated(mesh))
+
+
+# --- pmap compatibility -----------------------------------------------------------------------
+
+
+def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
+    """Stack a copy of every leaf per local device, as ``pmap`` expects (leading device axis)."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    n = len(devices)
+
+    def put(x):
+        x = np.asarray(x)
+        stacked = np.broadcast_to(x, (n, *x.shape))
+        return _put_stacked(stacked, devices)
+
+    return jax.tree.map(put, tree)
+
+
+def _put_stacked(stacked: np.ndarray, devices: list[jax.Device]) -> jax.Array:
+    mesh = make_mesh(devices)
+    return jax.device_put(stacked, batch_sharding(mesh))
+
+
+def unreplicate(tree: Any) -> Any:
+    """The first device's copy of a pmap-replicated pytree."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def split_for_pmap(batch: Mapping[str, np.ndarray], n_devices: int) -> dict[str, np.ndarray]:
+    """[B, ...] -> [n_devices, B / n_devices, ...] for a pmapped step."""
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        if v.shape[0] % n_devices:
+            raise ValueError(
+                f"Batch key {k!r} has {v.shape[0]} rows, not divisible by {n_devices} devices."
+            )
+        out[k] = v.reshape(n_devices, v.shape[0] // n_devices, *v.shape[1:])
+    return out

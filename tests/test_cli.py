@@ -1,0 +1,125 @@
+"""The `jaxtl` command: help, clear errors before compiling, and a small end-to-end run."""
+
+import json
+import os
+import shutil
+
+import pytest
+from _tiny import make_tiny_bert, minilm_dir
+
+from jaxtl import cli
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_bert(str(tmp_path_factory.mktemp("cli") / "bert"))
+
+
+@pytest.fixture(scope="module")
+def csv_data(tmp_path_factory):
+    from jaxtl.data import sources
+
+    d = sources.vader()
+    p = tmp_path_factory.mktemp("data") / "words.csv"
+    texts, labels = d.train
+    with open(p, "w") as f:
+        f.write("word,sentiment\n")
+        for t, y in list(zip(texts, labels, strict=True))[:200]:
+            f.write(f'"{t.replace(chr(34), chr(34) * 2)}",{["neg", "pos"][int(y)]}\n')
+    return str(p)
+
+
+def _err(capsys, argv):
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    return err
+
+
+@pytest.mark.parametrize("command", [[], ["finetune"], ["evaluate"], ["inspect"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([*command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: jaxtl" in out
+
+
+def test_finetune_help_names_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--model", "--data", "--recipe", "--epochs", "--batch-size", "--lr", "--out", "--resume"):
+        assert flag in out
+
+
+def test_missing_model_directory(capsys, tmp_path):
+    err = _err(capsys, ["finetune", "--model", str(tmp_path / "nope")])
+    assert "nope" in err and "not" in err.lower()
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    d = tmp_path / "t5"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5Model"]}))
+    err = _err(capsys, ["inspect", str(d)])
+    assert "t5" in err and "bert" in err.lower()
+
+
+def test_labels_outside_num_labels(capsys, tmp_path, tiny_dir):
+    p = tmp_path / "d.csv"
+    p.write_text("text,label\n" + "".join(f"word{i},{i % 4}\n" for i in range(40)))
+    err = _err(capsys, ["finetune", "--model", tiny_dir, "--data", str(p), "--out", str(tmp_path / "o")])
+    assert "[0, 2)" in err and "--num-labels 4" in err
+    assert not os.path.exists(tmp_path / "o")  # failed before anything ran
+
+
+def test_empty_dataset(capsys, tmp_path, tiny_dir):
+    p = tmp_path / "d.csv"
+    p.write_text("text,label\n")
+    assert "no rows" in _err(capsys, ["finetune", "--model", tiny_dir, "--data", str(p)])
+
+
+def test_csv_without_the_named_columns(capsys, tmp_path, tiny_dir):
+    p = tmp_path / "d.csv"
+    p.write_text("sentence,y\nhello,1\n")
+    err = _err(capsys, ["finetune", "--model", tiny_dir, "--data", str(p)])
+    assert "'text'" in err and "--text-column" in err
+
+
+def test_unknown_recipe(capsys, tiny_dir, csv_data):
+    err = _err(capsys, ["finetune", "--model", tiny_dir, "--data", csv_data, "--recipe", "everything"])
+    assert "everything" in err and "linear_probe" in err
+
+
+def test_inspect_prints_the_plan(capsys):
+    assert cli.main(["inspect", minilm_dir(), "--recipe", "last_n(2)"]) == 0
+    out = capsys.readouterr().out
+    assert "bert/encoder/layer_5" in out or "layer_5" in out
+    assert "frozen" in out and "trainable" in out
+
+
+@pytest.mark.slow
+def test_finetune_then_evaluate(capsys, tmp_path, tiny_dir, csv_data):
+    out = str(tmp_path / "run")
+    argv = ["finetune", "--model", tiny_dir, "--data", csv_data, "--text-column", "word",
+            "--label-column", "sentiment", "--epochs", "1", "--batch-size", "16", "--lr", "1e-3",
+            "--recipe", "full,linear_probe", "--out", out]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "pretrained full" in printed and "scratch full" in printed and "run directory" in printed
+    assert os.path.exists(os.path.join(out, "comparison.png"))
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert [r["name"] for r in summary["results"]] == ["pretrained full", "pretrained linear_probe", "scratch full"]
+
+    assert cli.main(["evaluate", out]) == 0
+    table = capsys.readouterr().out
+    for r in summary["results"]:
+        name = os.path.basename(r["workdir"])
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} "))
+        assert f"{r['test']['accuracy']:.4f}" in row  # the best checkpoint re-scores identically
+
+    # --resume on a finished directory keeps every finished run.
+    shutil.rmtree(os.path.join(out, "scratch-full"))
+    assert cli.main([*argv, "--resume"]) == 0
+    assert "already finished" in capsys.readouterr().out

@@ -1,0 +1,79 @@
+"""Data sources, splits, label checks and batch loading."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxtl.data import ArrayLoader, resolve, sources
+
+
+def test_vader_split_is_the_published_one():
+    d = sources.vader()
+    assert d.sizes() == {"train": 5453, "validation": 681, "test": 683}
+    assert sum(d.sizes().values()) == 6817
+    # Recompute the split independently from the raw file to check order and labels.
+    rows = []
+    with open(sources.vader_lexicon_path(), encoding="utf-8") as f:
+        for line in f:
+            word, mean = line.split("\t")[:2]
+            if abs(float(mean)) >= 0.5:
+                rows.append((word, int(float(mean) > 0)))
+    perm = np.random.default_rng(0).permutation(len(rows))
+    assert d.train[0][:5] == [rows[i][0] for i in perm[:5]]
+    assert list(d.test[1][-5:]) == [rows[i][1] for i in perm[-5:]]
+    assert set(np.unique(d.train[1])) == {0, 1}
+
+
+def test_csv_and_jsonl_sources(tmp_path):
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("sentence,y\n" + "".join(f"text {i},{i % 3}\n" for i in range(30)))
+    d = sources.from_table(str(csv_path), text_column="sentence", label_column="y", num_labels=3)
+    assert d.sizes() == {"train": 24, "validation": 3, "test": 3}
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("".join(json.dumps({"text": f"t{i}", "label": ["pos", "neg"][i % 2]}) + "\n" for i in range(10)))
+    d = resolve({"kind": "table", "path": str(jl)}, num_labels=2, task="classification")
+    assert d.label_names == ["neg", "pos"]
+
+
+def test_csv_without_named_columns_is_a_clear_error(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("a,b\nx,1\n")
+    with pytest.raises(ValueError, match=r"no column\(s\) \['text', 'label'\].*--text-column"):
+        sources.from_table(str(p))
+
+
+def test_labels_outside_num_labels_are_a_clear_error(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("text,label\na,0\nb,1\nc,5\n")
+    with pytest.raises(ValueError, match=r"\[0, 2\).*found \[5\].*--num-labels 6"):
+        sources.from_table(str(p), num_labels=2)
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("text,label\n")
+    with pytest.raises(ValueError, match="no rows"):
+        sources.from_table(str(p))
+    with pytest.raises(ValueError, match="empty"):
+        ArrayLoader({"x": np.zeros((0, 2))}, 4, shuffle=False, drop_last=False)
+
+
+def test_train_loader_is_reproducible_and_resumable():
+    x = {"x": np.arange(103), "label": np.arange(103) % 2}
+    a = ArrayLoader(x, 10, shuffle=True, seed=3, drop_last=True)
+    assert a.steps_per_epoch == 10
+    e1 = [b["x"] for b in a.epoch(1)]
+    assert all(len(b) == 10 for b in e1)
+    assert [b["x"].tolist() for b in a.epoch(1, start=4)] == [b.tolist() for b in e1[4:]]
+    assert [b["x"].tolist() for b in a.epoch(1)] == [b.tolist() for b in e1]
+    assert e1[0].tolist() != next(a.epoch(2))["x"].tolist()  # reshuffled each epoch
+
+
+def test_eval_loader_counts_every_example_once():
+    x = {"x": np.arange(13), "label": np.zeros(13)}
+    batches = list(ArrayLoader(x, 8, shuffle=False, drop_last=False).epoch(0))
+    assert [len(b["x"]) for b in batches] == [8, 8]
+    seen = np.concatenate([b["x"][b["weight"] > 0] for b in batches])
+    assert sorted(seen.tolist()) == list(range(13))
+    assert batches[1]["weight"].sum() == 5

@@ -1,0 +1,114 @@
+"""The Trainer on a real (tiny, transformers-built) BERT and real VADER text: exact resume,
+early stopping with restore-best, freezing under real training, and the run directory."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from _tiny import make_tiny_bert, small_vader
+
+import jaxtl
+from jaxtl import checkpoint, rules
+from jaxtl.run import encode_splits
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_bert(str(tmp_path_factory.mktemp("tiny") / "bert"))
+
+
+@pytest.fixture(scope="module")
+def arrays(tiny_dir):
+    model = jaxtl.load(tiny_dir, num_labels=2)
+    out, _ = encode_splits(model, small_vader(n_train=160, n_val=48, n_test=48))
+    return out
+
+
+def _trainer(tiny_dir, recipe, workdir, **cfg):
+    model = jaxtl.load(tiny_dir, num_labels=2)
+    config = jaxtl.TrainConfig(**{"batch_size": 16, "learning_rate": 1e-3, "log_every": 3, **cfg})
+    return jaxtl.Trainer(model, jaxtl.make_plan(recipe, model.structure), config, workdir)
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_stopped_and_resumed_run_is_bitwise_identical(tiny_dir, arrays, tmp_path):
+    # 10 steps per epoch, 2 epochs; dropout on, so the per-step RNG matters too.
+    full = _trainer(tiny_dir, "full", str(tmp_path / "a"), epochs=2, warmup_steps=3)
+    ref = full.fit(arrays["train"], arrays["validation"])
+    assert ref.steps == 20
+
+    first = _trainer(tiny_dir, "full", str(tmp_path / "b"), epochs=2, warmup_steps=3)
+    part = first.fit(arrays["train"], arrays["validation"], stop_at=13)  # mid-epoch 2
+    assert part.steps == 13
+    # A fresh trainer and model, as a new process would build them.
+    second = _trainer(tiny_dir, "full", str(tmp_path / "b"), epochs=2, warmup_steps=3)
+    resumed = second.fit(arrays["train"], arrays["validation"], resume=True)
+    assert resumed.steps == 20
+    for a, b in zip(_leaves(ref.state.params), _leaves(resumed.state.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(_leaves(ref.state.opt_state), _leaves(resumed.state.opt_state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [h["val_loss"] for h in ref.history] == [h["val_loss"] for h in resumed.history]
+    # The metrics log describes one run: no duplicated steps after the resume.
+    with open(tmp_path / "b" / "metrics.jsonl") as f:
+        steps = [(r["split"], r["step"]) for r in map(json.loads, f)]
+    assert len(steps) == len(set(steps))
+
+
+def test_last_n_freezes_under_real_training(tiny_dir, arrays):
+    trainer = _trainer(tiny_dir, "last_n(1)", None, epochs=1, restore_best=False)
+    before = rules.flatten(jax.device_get(trainer.model.params))
+    after = rules.flatten(jax.device_get(trainer.fit(arrays["train"]).state.params))
+    frozen = [p for p in before if p.startswith(("bert/embeddings", "bert/encoder/layer_0/"))]
+    trained = [p for p in before if p.startswith(("bert/encoder/layer_1/", "classifier"))]
+    assert frozen and trained
+    for p in frozen:
+        np.testing.assert_array_equal(before[p], after[p], err_msg=p)
+    for p in trained:
+        assert not np.array_equal(before[p], after[p]), p
+
+
+def test_early_stopping_restores_best(tiny_dir, arrays, tmp_path):
+    # A vanishing learning rate: validation accuracy cannot improve, so patience runs out.
+    trainer = _trainer(
+        tiny_dir, "linear_probe", str(tmp_path / "es"), epochs=5, learning_rate=1e-12, eval_every=2,
+        early_stopping=jaxtl.EarlyStopping(metric="val_accuracy", patience=2),
+    )
+    res = trainer.fit(arrays["train"], arrays["validation"])
+    assert res.stopped_early
+    assert res.steps == 6  # evaluations at 2 (best), 4 and 6 (no improvement twice)
+    assert res.best["step"] == 2
+    saved, meta = checkpoint.restore_params(
+        str(tmp_path / "es" / "checkpoints"), res.state.checkpoint_tree(), "best"
+    )
+    assert int(saved["step"]) == 2
+    for a, b in zip(_leaves(saved["params"]), _leaves(res.state.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_finetune_writes_a_complete_run_directory(tiny_dir, tmp_path):
+    model = jaxtl.load(tiny_dir, num_labels=2)
+    work = str(tmp_path / "run")
+    res = jaxtl.finetune(model, "full", small_vader(96, 32, 40),
+                         jaxtl.TrainConfig(epochs=2, batch_size=16, learning_rate=1e-3), work)
+    for name in ("run.json", "metrics.jsonl", "results.json", "curve.png"):
+        assert os.path.getsize(os.path.join(work, name)) > 0, name
+    assert os.listdir(os.path.join(work, "checkpoints", "best"))
+    assert res.test["examples"] == 40  # every test example counted once, partial batch included
+    with open(os.path.join(work, "results.json")) as f:
+        assert json.load(f)["test"] == res.test
+
+
+def test_training_leaves_the_models_params_usable(tiny_dir, arrays):
+    # The step donates its state; the model's own arrays must survive for the next run.
+    trainer = _trainer(tiny_dir, "full", None, max_steps=2, restore_best=False)
+    trainer.fit(arrays["train"])
+    assert all(not x.is_deleted() for x in jax.tree.leaves(trainer.model.params))
+    again = jaxtl.Trainer(trainer.model, jaxtl.make_plan("linear_probe", trainer.model.structure),
+                          trainer.config)
+    assert again.fit(arrays["train"]).steps == 2
