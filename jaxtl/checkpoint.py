@@ -18,7 +18,8 @@ import orbax.checkpoint as ocp
 def _abstract(tree: Any) -> Any:
     """Shapes, dtypes and shardings of ``tree``: the restore target, so leaves come back placed."""
     return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        tree,
     )
 
 

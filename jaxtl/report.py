@@ -72,7 +72,9 @@ def comparison_rows(results: Sequence[dict], reference: dict | None = None) -> t
         row = [
             r["name"],
             f"{100 * r['test'][metric]:.1f}%" if metric == "accuracy" else r["test"][metric],
-            f"{100 * best[f'val_{metric}']:.1f}%" if metric == "accuracy" and best else best.get(f"val_{metric}"),
+            f"{100 * best[f'val_{metric}']:.1f}%"
+            if metric == "accuracy" and best
+            else best.get(f"val_{metric}"),
             f"{r['train_seconds']:.0f}",
             r["steps"],
         ]

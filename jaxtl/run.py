@@ -50,7 +50,9 @@ def encode_splits(model: LoadedModel, data: sources.TextSplits) -> tuple[dict, d
     """
     tokenizer = model.extras.get("tokenizer")
     if tokenizer is None:
-        raise ValueError(f"The model at {model.path!r} has no tokenizer (tokenizer.json or vocab.txt).")
+        raise ValueError(
+            f"The model at {model.path!r} has no tokenizer (tokenizer.json or vocab.txt)."
+        )
     max_length = int(model.extras.get("max_length", 512))
     all_texts = [t for s in SPLITS for t in getattr(data, s)[0]]
     probe, _ = text.encode(tokenizer, all_texts, max_length=max_length)
@@ -102,8 +104,10 @@ def finetune(
     name = name or plan.name
     arrays, facts = encode_splits(model, data)
     if verbose:
-        print(f"\n== {name}: {model.family} ({model.path}) on {data.name} {facts['sizes']}, "
-              f"padded length {facts['length']}, truncated {facts['truncated']}")
+        print(
+            f"\n== {name}: {model.family} ({model.path}) on {data.name} {facts['sizes']}, "
+            f"padded length {facts['length']}, truncated {facts['truncated']}"
+        )
         print(plan.table(model.params))
     if workdir:
         os.makedirs(workdir, exist_ok=True)
@@ -159,13 +163,21 @@ def evaluate_run(run_dir: str, which: str = "best") -> dict:
             "with in-memory data); evaluate it from Python with Trainer.evaluate instead."
         )
     m = info["model"]
-    model = load(m["path"], task=m["task"], num_labels=m["num_labels"], pooling=m.get("pooling"), pretrained=False)
+    model = load(
+        m["path"],
+        task=m["task"],
+        num_labels=m["num_labels"],
+        pooling=m.get("pooling"),
+        pretrained=False,
+    )
     data = resolve(info["data"], num_labels=model.num_labels, task=model.task)
     config = TrainConfig(**{k: v for k, v in info["config"].items()})
     plan = strategies.make_plan(info["recipe"], model.structure)
     trainer = Trainer(model, plan, config)
     state = trainer.init_state(1)
-    tree, meta = checkpoint.restore_params(os.path.join(run_dir, "checkpoints"), state.checkpoint_tree(), which)
+    tree, meta = checkpoint.restore_params(
+        os.path.join(run_dir, "checkpoints"), state.checkpoint_tree(), which
+    )
     state = state.with_checkpoint_tree(tree)
     arrays, _ = encode_splits(model, data)
     out = {"run": run_dir, "checkpoint": which, "step": int(tree["step"])}
@@ -187,5 +199,3 @@ def _json_default(o):
     if dataclasses.is_dataclass(o):
         return dataclasses.asdict(o)
     raise TypeError(f"not JSON-serializable: {type(o)}")
-
-

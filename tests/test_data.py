@@ -31,7 +31,11 @@ def test_csv_and_jsonl_sources(tmp_path):
     d = sources.from_table(str(csv_path), text_column="sentence", label_column="y", num_labels=3)
     assert d.sizes() == {"train": 24, "validation": 3, "test": 3}
     jl = tmp_path / "d.jsonl"
-    jl.write_text("".join(json.dumps({"text": f"t{i}", "label": ["pos", "neg"][i % 2]}) + "\n" for i in range(10)))
+    jl.write_text(
+        "".join(
+            json.dumps({"text": f"t{i}", "label": ["pos", "neg"][i % 2]}) + "\n" for i in range(10)
+        )
+    )
     d = resolve({"kind": "table", "path": str(jl)}, num_labels=2, task="classification")
     assert d.label_names == ["neg", "pos"]
 

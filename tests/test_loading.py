@@ -13,6 +13,7 @@ import pytest
 import safetensors.numpy
 import torch
 import transformers
+from _tiny import tiny_config
 
 from jaxtl.loading import load, tokenizer
 from jaxtl.models import family_for_config, list_models
@@ -21,19 +22,6 @@ from jaxtl.weights import flatten, merge_checkpoint, read_safetensors_dir, read_
 
 HEAD = ["classifier/bias", "classifier/kernel"]
 POOLER = ["bert/pooler/dense/bias", "bert/pooler/dense/kernel"]
-
-
-def tiny_config(**overrides) -> transformers.BertConfig:
-    kwargs = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        vocab_size=99,
-        max_position_embeddings=64,
-    )
-    kwargs.update(overrides)
-    return transformers.BertConfig(**kwargs)
 
 
 def save_tiny(directory, cls=transformers.BertModel, seed=0, **kwargs):

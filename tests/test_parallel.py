@@ -19,8 +19,17 @@ STEPS = 6
 
 def _run(model_dir, n, mode):
     out = subprocess.run(
-        [sys.executable, os.path.join(HERE, "_parallel_run.py"), model_dir, str(n), mode, str(STEPS)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            os.path.join(HERE, "_parallel_run.py"),
+            model_dir,
+            str(n),
+            mode,
+            str(STEPS),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

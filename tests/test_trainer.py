@@ -76,7 +76,12 @@ def test_last_n_freezes_under_real_training(tiny_dir, arrays):
 def test_early_stopping_restores_best(tiny_dir, arrays, tmp_path):
     # A vanishing learning rate: validation accuracy cannot improve, so patience runs out.
     trainer = _trainer(
-        tiny_dir, "linear_probe", str(tmp_path / "es"), epochs=5, learning_rate=1e-12, eval_every=2,
+        tiny_dir,
+        "linear_probe",
+        str(tmp_path / "es"),
+        epochs=5,
+        learning_rate=1e-12,
+        eval_every=2,
         early_stopping=jaxtl.EarlyStopping(metric="val_accuracy", patience=2),
     )
     res = trainer.fit(arrays["train"], arrays["validation"])
@@ -94,8 +99,13 @@ def test_early_stopping_restores_best(tiny_dir, arrays, tmp_path):
 def test_finetune_writes_a_complete_run_directory(tiny_dir, tmp_path):
     model = jaxtl.load(tiny_dir, num_labels=2)
     work = str(tmp_path / "run")
-    res = jaxtl.finetune(model, "full", small_vader(96, 32, 40),
-                         jaxtl.TrainConfig(epochs=2, batch_size=16, learning_rate=1e-3), work)
+    res = jaxtl.finetune(
+        model,
+        "full",
+        small_vader(96, 32, 40),
+        jaxtl.TrainConfig(epochs=2, batch_size=16, learning_rate=1e-3),
+        work,
+    )
     for name in ("run.json", "metrics.jsonl", "results.json", "curve.png"):
         assert os.path.getsize(os.path.join(work, name)) > 0, name
     assert os.listdir(os.path.join(work, "checkpoints", "best"))
@@ -109,6 +119,7 @@ def test_training_leaves_the_models_params_usable(tiny_dir, arrays):
     trainer = _trainer(tiny_dir, "full", None, max_steps=2, restore_best=False)
     trainer.fit(arrays["train"])
     assert all(not x.is_deleted() for x in jax.tree.leaves(trainer.model.params))
-    again = jaxtl.Trainer(trainer.model, jaxtl.make_plan("linear_probe", trainer.model.structure),
-                          trainer.config)
+    again = jaxtl.Trainer(
+        trainer.model, jaxtl.make_plan("linear_probe", trainer.model.structure), trainer.config
+    )
     assert again.fit(arrays["train"]).steps == 2

@@ -28,4 +28,13 @@ def resolve(spec: dict, *, num_labels: int, task: str) -> TextSplits:
     raise ValueError(f"Unknown data kind {kind!r}: expected 'vader' or 'table'.")
 
 
-__all__ = ["ArrayLoader", "TextSplits", "encode", "from_table", "read_table", "resolve", "split", "vader"]
+__all__ = [
+    "ArrayLoader",
+    "TextSplits",
+    "encode",
+    "from_table",
+    "read_table",
+    "resolve",
+    "split",
+    "vader",
+]

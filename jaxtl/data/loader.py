@@ -73,7 +73,9 @@ class ArrayLoader:
             real = len(idx)
             if real < bs:  # eval only: pad with copies of row 0, weighted out
                 pad = bs - real
-                batch = {k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) for k, v in batch.items()}
+                batch = {
+                    k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) for k, v in batch.items()
+                }
             weight = np.zeros(bs, np.float32)
             weight[:real] = 1.0
             if not self.drop_last:

@@ -86,16 +86,22 @@ def vader(path: str | None = None, min_abs: float = 0.5) -> TextSplits:
             if abs(mean) >= min_abs:
                 texts.append(parts[0])
                 labels.append(int(mean > 0))
-    return split(texts, np.asarray(labels, np.int32), label_names=["negative", "positive"], name="vader")
+    return split(
+        texts, np.asarray(labels, np.int32), label_names=["negative", "positive"], name="vader"
+    )
 
 
 # --- user files -----------------------------------------------------------------------------------
 
 
-def read_table(path: str, text_column: str = "text", label_column: str = "label") -> tuple[list[str], list]:
+def read_table(
+    path: str, text_column: str = "text", label_column: str = "label"
+) -> tuple[list[str], list]:
     """Read texts and raw labels from a ``.csv`` or ``.jsonl``/``.json`` file with named columns."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Data file not found: {path!r}. Pass an existing .csv or .jsonl file.")
+        raise FileNotFoundError(
+            f"Data file not found: {path!r}. Pass an existing .csv or .jsonl file."
+        )
     ext = os.path.splitext(path)[1].lower()
     if ext == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
@@ -158,7 +164,9 @@ def encode_labels(raw: Sequence, num_labels: int, task: str, where: str = "data"
     return ints.astype(np.int32), names
 
 
-def from_table(path, *, text_column="text", label_column="label", num_labels=2, task="classification", seed=0) -> TextSplits:
+def from_table(
+    path, *, text_column="text", label_column="label", num_labels=2, task="classification", seed=0
+) -> TextSplits:
     """A user file split 80/10/10 like the embedded data."""
     texts, raw = read_table(path, text_column, label_column)
     labels, names = encode_labels(raw, num_labels, task, where=path)

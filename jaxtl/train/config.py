@@ -111,9 +111,15 @@ class TrainConfig:
         warmup = min(warmup, total_steps)
         peak = self.learning_rate
         if self.schedule == "cosine":
-            return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1))
+            return optax.warmup_cosine_decay_schedule(
+                0.0, peak, warmup, max(total_steps, warmup + 1)
+            )
         rest = max(total_steps - warmup, 1)
-        after = optax.constant_schedule(peak) if self.schedule == "constant" else optax.linear_schedule(peak, 0.0, rest)
+        after = (
+            optax.constant_schedule(peak)
+            if self.schedule == "constant"
+            else optax.linear_schedule(peak, 0.0, rest)
+        )
         if warmup == 0:
             return after
         return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])

@@ -199,7 +199,12 @@ class Trainer:
             self.log.truncate_after(-1)
 
         def meta() -> dict:
-            return {"history": history, "best": best, "bad_evals": bad_evals, "steps_per_epoch": spe}
+            return {
+                "history": history,
+                "best": best,
+                "bad_evals": bad_evals,
+                "steps_per_epoch": spe,
+            }
 
         step = int(state.step)
         stopped_early = False
@@ -257,7 +262,9 @@ class Trainer:
                     if bad_evals >= es.patience:
                         stopped_early = True
                 if bar is None:
-                    shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "val_examples")
+                    shown = ", ".join(
+                        f"{k}={v:.4f}" for k, v in metrics.items() if k != "val_examples"
+                    )
                     print(f"step {step}/{total} epoch {step / spe:.2f}: {shown}", file=sys.stderr)
             if ckpt is not None:
                 # Only an improvement reaches the best manager, so it holds exactly ``best``
@@ -282,7 +289,11 @@ class Trainer:
                     )
                     if due_eval or step == total:
                         evaluate_and_checkpoint()
-                    elif ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    elif (
+                        ckpt is not None
+                        and cfg.checkpoint_every
+                        and step % cfg.checkpoint_every == 0
+                    ):
                         ckpt.save(step, state.checkpoint_tree(), meta())
                     if stopped_early or step >= total:
                         break
@@ -291,7 +302,15 @@ class Trainer:
                         if ckpt is not None:
                             ckpt.save(step, state.checkpoint_tree(), meta())
                         return self._finish(
-                            state, history, best, False, t_start, step, ckpt, restore=False, host_params=None
+                            state,
+                            history,
+                            best,
+                            False,
+                            t_start,
+                            step,
+                            ckpt,
+                            restore=False,
+                            host_params=None,
                         )
         finally:
             if bar is not None:
@@ -299,10 +318,20 @@ class Trainer:
         flush_train_metrics()
         restore = cfg.restore_best or bool(cfg.early_stopping and cfg.early_stopping.restore_best)
         return self._finish(
-            state, history, best, stopped_early, t_start, step, ckpt, restore=restore, host_params=best_host_params
+            state,
+            history,
+            best,
+            stopped_early,
+            t_start,
+            step,
+            ckpt,
+            restore=restore,
+            host_params=best_host_params,
         )
 
-    def _finish(self, state, history, best, stopped_early, t_start, step, ckpt, *, restore, host_params):
+    def _finish(
+        self, state, history, best, stopped_early, t_start, step, ckpt, *, restore, host_params
+    ):
         """Close out a fit. With ``restore``, the best evaluation's params come back, from the
         best checkpoint or (no workdir) from ``host_params``; a preempted run is never altered."""
         seconds = time.perf_counter() - t_start
