@@ -83,3 +83,21 @@ def comparison_rows(results: Sequence[dict], reference: dict | None = None) -> t
             row.append("" if ref is None else f"{ref}")
         rows.append(row)
     return headers, rows
+
+
+def tree_summary(params, depth: int = 3) -> str:
+    """Param counts and shapes aggregated by the first ``depth`` path components."""
+    import numpy as np
+
+    from jaxtl.rules import flatten
+
+    groups: dict[str, list] = {}
+    for path, leaf in flatten(params).items():
+        key = "/".join(path.split("/")[:depth])
+        groups.setdefault(key, []).append(leaf)
+    rows = []
+    for key, leaves in groups.items():
+        n = sum(int(np.prod(x.shape)) for x in leaves)
+        dtypes = sorted({str(x.dtype) for x in leaves})
+        rows.append([key, len(leaves), f"{n:,}", ",".join(dtypes)])
+    return format_table(["params under", "tensors", "values", "dtype"], rows)

@@ -36,15 +36,16 @@ def _leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def test_stopped_and_resumed_run_is_bitwise_identical(tiny_dir, arrays, tmp_path):
+@pytest.mark.parametrize("stop_at", [13, 10])  # mid-epoch 2; exactly at the epoch-1 evaluation
+def test_stopped_and_resumed_run_is_bitwise_identical(tiny_dir, arrays, tmp_path, stop_at):
     # 10 steps per epoch, 2 epochs; dropout on, so the per-step RNG matters too.
     full = _trainer(tiny_dir, "full", str(tmp_path / "a"), epochs=2, warmup_steps=3)
     ref = full.fit(arrays["train"], arrays["validation"])
     assert ref.steps == 20
 
     first = _trainer(tiny_dir, "full", str(tmp_path / "b"), epochs=2, warmup_steps=3)
-    part = first.fit(arrays["train"], arrays["validation"], stop_at=13)  # mid-epoch 2
-    assert part.steps == 13
+    part = first.fit(arrays["train"], arrays["validation"], stop_at=stop_at)
+    assert part.steps == stop_at
     # A fresh trainer and model, as a new process would build them.
     second = _trainer(tiny_dir, "full", str(tmp_path / "b"), epochs=2, warmup_steps=3)
     resumed = second.fit(arrays["train"], arrays["validation"], resume=True)

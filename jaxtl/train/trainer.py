@@ -299,7 +299,7 @@ class Trainer:
                         break
                     if stop_at is not None and step >= stop_at:
                         flush_train_metrics()
-                        if ckpt is not None:
+                        if ckpt is not None and ckpt.latest_step() != step:
                             ckpt.save(step, state.checkpoint_tree(), meta())
                         return self._finish(
                             state,
