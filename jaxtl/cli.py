@@ -251,7 +251,11 @@ def _finetune(args) -> int:
         json.dump({"results": results, "reference": reference}, f, indent=2)
     print(f"\n{table}")
     if reference:
-        print("reference: transformers + PyTorch on the same split (batch 32, AdamW, 3 epochs)")
+        print(
+            "reference: transformers + PyTorch on the same split (batch 32, plain AdamW loop "
+            "with constant LR, 3 epochs, final params); jaxtl's test column uses the best-"
+            "validation checkpoint. See README.md for the matched comparison."
+        )
     elif demo_data:
         ref = ", ".join(f"{k} {v}" for k, v in DEMO_REFERENCE.items())
         print(
