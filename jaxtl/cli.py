@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ft)
     ft.add_argument(
         "--recipe",
-        default="full",
+        default="full,linear_probe",
         help="comma-separated recipes to run on the pretrained model: "
         "full, linear_probe, last_n(N)",
     )
@@ -261,7 +261,7 @@ def _finetune(args) -> int:
         print(
             f"This run's budget is {args.epochs} epoch(s). Reference after 3 epochs "
             f"(transformers + PyTorch): {ref}.\nSame recipe in jaxtl: "
-            "jaxtl finetune --epochs 3 --recipe full,linear_probe  (results in README.md)"
+            "jaxtl finetune --epochs 3 --schedule constant --clip-norm 0  (results in README.md)"
         )
     print(f"\nrun directory: {os.path.abspath(out)}\n  plot: {plot}")
     return 0

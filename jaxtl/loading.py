@@ -18,7 +18,8 @@ import tokenizers
 
 from jaxtl.models import registry
 from jaxtl.models.base import LoadedModel
-from jaxtl.weights.merge import flatten, merge_checkpoint, unflatten
+from jaxtl.rules import flatten, unflatten
+from jaxtl.weights.merge import merge_checkpoint
 from jaxtl.weights.safetensors_io import INDEX_FILE, find_weight_files, read_safetensors_dir
 
 

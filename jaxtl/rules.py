@@ -149,6 +149,23 @@ def flatten(tree: Any) -> dict[str, Any]:
     return out
 
 
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dicts from ``{"a/b/c": leaf}``: the inverse of :func:`flatten` for dict trees.
+
+    Example:
+      >>> unflatten({"enc/kernel": 1, "enc/bias": 0})
+      {'enc': {'kernel': 1, 'bias': 0}}
+    """
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
 def prefix_pattern(prefix: str) -> str:
     """A pattern matching ``prefix`` itself and every path below it.
 

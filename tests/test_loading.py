@@ -18,7 +18,8 @@ from _tiny import tiny_config
 from jaxtl.loading import load, tokenizer
 from jaxtl.models import family_for_config, list_models
 from jaxtl.models.bert import convert_hf_checkpoint
-from jaxtl.weights import flatten, merge_checkpoint, read_safetensors_dir, read_safetensors_file
+from jaxtl.rules import flatten
+from jaxtl.weights import merge_checkpoint, read_safetensors_dir, read_safetensors_file
 
 HEAD = ["classifier/bias", "classifier/kernel"]
 POOLER = ["bert/pooler/dense/bias", "bert/pooler/dense/kernel"]

@@ -1,6 +1,6 @@
 """Reading checkpoints and merging them into model params with a checked load report."""
 
-from jaxtl.weights.merge import LoadReport, Mismatch, flatten, merge_checkpoint, unflatten
+from jaxtl.weights.merge import LoadReport, Mismatch, merge_checkpoint
 from jaxtl.weights.safetensors_io import (
     find_weight_files,
     read_safetensors_dir,
@@ -11,9 +11,7 @@ __all__ = [
     "LoadReport",
     "Mismatch",
     "find_weight_files",
-    "flatten",
     "merge_checkpoint",
     "read_safetensors_dir",
     "read_safetensors_file",
-    "unflatten",
 ]

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtl.rules import flatten, unflatten
+
 
 class Mismatch(NamedTuple):
     """A checkpoint tensor whose shape differs from the model param of the same path."""
@@ -91,30 +93,6 @@ class LoadReport:
 
     def __str__(self) -> str:
         return self.table()
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flattens nested dicts into ``{"a/b/c": leaf}``."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, path + "/"))
-        else:
-            out[path] = value
-    return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`flatten`."""
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
 
 
 def merge_checkpoint(
