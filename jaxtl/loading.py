@@ -40,7 +40,8 @@ def load(
       path: a directory with ``config.json`` and ``model.safetensors`` (or a sharded
         ``model.safetensors.index.json``), optionally ``tokenizer.json``.
       task: ``"classification"`` (logits ``[B, num_labels]``), ``"regression"`` (one output;
-        ``num_labels`` is forced to 1) or ``"features"`` (no head; last hidden state).
+        ``num_labels`` is forced to 1), ``"features"`` (no head; last hidden state) or
+        ``"causal_lm"`` (next-token logits; families that have an LM head, e.g. GPT-2).
       num_labels: width of the classification head.
       pooling: how a text encoder pools tokens for the head: ``"cls"`` (BERT pooler) or
         ``"mean"``; ``None`` follows the checkpoint (a sentence-transformers Pooling config, else
@@ -211,12 +212,12 @@ def _tokenizer_extras(directory: str) -> dict[str, Any]:
 
 
 def _check_task(task: str, num_labels: int) -> int:
-    if task not in registry.TASKS:
-        raise ValueError(f"Unknown task {task!r}; expected one of {registry.TASKS}.")
+    if task not in registry.KNOWN_TASKS:
+        raise ValueError(f"Unknown task {task!r}; expected one of {registry.KNOWN_TASKS}.")
     if task == "regression":
         return 1
-    if task == "features":
-        return 0  # no head: outputs are hidden states (width in extras["hidden_size"])
+    if task in ("features", "causal_lm"):
+        return 0  # no new head: hidden states, or logits over the tied vocabulary
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
         raise ValueError(
             f"num_labels must be an integer >= 1 for task='classification', got {num_labels!r}. "

@@ -17,6 +17,8 @@ import numpy as np
 from jaxtl.models.base import Params, Structure
 
 TASKS = ("classification", "regression", "features")
+# Every task some family offers; load() checks the family's own list once the family is known.
+KNOWN_TASKS = (*TASKS, "causal_lm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +86,14 @@ _FAMILIES: tuple[Family, ...] = (
         architecture_prefixes=("Bert",),
         description="BERT-style text encoders (BERT, MiniLM, sentence-transformers BERTs)",
     ),
+    Family(
+        name="gpt2",
+        builder="jaxtl.models.gpt2:build",
+        model_types=("gpt2",),
+        architecture_prefixes=("GPT2",),
+        tasks=(*TASKS, "causal_lm"),
+        description="GPT-2 decoders: last-token classification, features, tied-head causal LM",
+    ),
 )
 FAMILIES: dict[str, Family] = {f.name: f for f in _FAMILIES}
 
@@ -130,7 +140,7 @@ def list_models() -> list[dict[str, Any]]:
 
     Example:
       >>> [m["family"] for m in list_models()]
-      ['bert']
+      ['bert', 'gpt2']
     """
     return [
         {

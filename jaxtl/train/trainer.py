@@ -88,6 +88,11 @@ class Trainer:
         workdir: str | None = None,
         mesh: jax.sharding.Mesh | None = None,
     ):
+        if model.task not in ("classification", "regression"):
+            raise ValueError(
+                f"The Trainer fits classification and regression heads; this model was loaded "
+                f"with task={model.task!r}. Load it with task='classification' (or 'regression')."
+            )
         self.model = model
         self.plan = plan
         self.config = config

@@ -1,0 +1,452 @@
+"""GPT-2 decoders in Flax linen, read from Hugging Face checkpoints.
+
+The param tree mirrors ``transformers.GPT2Model`` (``transformer/h_0/attn/c_attn``), so the
+checkpoint name map is mechanical. HF's ``Conv1D`` already stores its weight as ``(in, out)``, the
+layout of a Flax ``Dense`` kernel, so GPT-2 weights are *not* transposed (only the ``score`` head,
+an ``nn.Linear``, is). Numerics follow the PyTorch model: pre-LayerNorm blocks, tanh-approximated
+GELU (``gelu_new``), causal attention with padded keys masked by ``finfo(dtype).min``, and an LM
+head tied to ``wte``. Parity with transformers is tested in ``tests/test_gpt2.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtl.models.base import LoadedModel, Structure
+from jaxtl.models.registry import ModelSpec
+
+TASKS = ("classification", "regression", "features", "causal_lm")
+
+# HF ``activation_function`` names -> functions. GPT-2's "gelu_new" is the tanh approximation;
+# "gelu" is the exact erf form in PyTorch (they differ by up to ~1e-3, far above parity tolerance).
+_ACTIVATIONS = {
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """The config.json fields the decoder uses (names as in ``transformers.GPT2Config``)."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    pad_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @property
+    def inner_size(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @classmethod
+    def from_hf(cls, raw: Mapping[str, Any], source: str = "config.json") -> GPT2Config:
+        """Builds the config from a parsed config.json, checking what this decoder supports."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        config = cls(**{k: v for k, v in raw.items() if k in names and v is not None})
+        if config.activation_function not in _ACTIVATIONS:
+            raise ValueError(
+                f"{source}: activation_function={config.activation_function!r} is not supported; "
+                f"expected one of {sorted(_ACTIVATIONS)}."
+            )
+        if raw.get("add_cross_attention"):
+            raise ValueError(f"{source}: GPT-2 with cross-attention is not supported.")
+        if config.n_embd % config.n_head:
+            raise ValueError(
+                f"{source}: n_embd={config.n_embd} is not a multiple of n_head={config.n_head}."
+            )
+        return config
+
+
+def _dense(config: GPT2Config, features: int, name: str, dtype: Any, bias: bool = True):
+    return nn.Dense(
+        features,
+        use_bias=bias,
+        kernel_init=nn.initializers.normal(config.initializer_range),
+        dtype=dtype,
+        param_dtype=dtype,
+        name=name,
+    )
+
+
+def _embed(config: GPT2Config, num: int, name: str, dtype: Any) -> nn.Embed:
+    init = nn.initializers.normal(config.initializer_range)
+    return nn.Embed(
+        num, config.n_embd, embedding_init=init, dtype=dtype, param_dtype=dtype, name=name
+    )
+
+
+def _layer_norm(config: GPT2Config, name: str, dtype: Any) -> nn.LayerNorm:
+    # use_fast_variance=False: E[x^2]-E[x]^2 loses precision against PyTorch's two-pass variance.
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_epsilon,
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=dtype,
+        name=name,
+    )
+
+
+class _GPT2Module(nn.Module):
+    """Fields every GPT-2 submodule shares: the config and the param/compute dtype."""
+
+    config: GPT2Config
+    dtype: Any = jnp.float32
+
+
+class GPT2Attention(_GPT2Module):
+    """Causal multi-head self-attention; q, k, v from one fused ``c_attn`` projection."""
+
+    layer_idx: int = 0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
+        c = self.config
+        heads, head_dim = c.n_head, c.n_embd // c.n_head
+        qkv = _dense(c, 3 * c.n_embd, "c_attn", self.dtype)(x)
+        q, k, v = (y.reshape(*y.shape[:-1], heads, head_dim) for y in jnp.split(qkv, 3, -1))
+        scale = head_dim**-0.5 if c.scale_attn_weights else 1.0
+        if c.scale_attn_by_inverse_layer_idx:
+            scale /= self.layer_idx + 1
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+        # Softmax in at least float32 (what HF's reorder_and_upcast_attn does; a no-op in float32).
+        scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+        scores = jnp.where(mask[:, None], scores, jnp.finfo(scores.dtype).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        probs = nn.Dropout(c.attn_pdrop)(probs, deterministic=not train)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(*x.shape[:-1], c.n_embd)
+        out = _dense(c, c.n_embd, "c_proj", self.dtype)(out)
+        return nn.Dropout(c.resid_pdrop)(out, deterministic=not train)
+
+
+class GPT2MLP(_GPT2Module):
+    """The feed-forward block: ``c_fc`` to ``inner_size``, activation, ``c_proj`` back."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        c = self.config
+        h = _ACTIVATIONS[c.activation_function](_dense(c, c.inner_size, "c_fc", self.dtype)(x))
+        h = _dense(c, c.n_embd, "c_proj", self.dtype)(h)
+        return nn.Dropout(c.resid_pdrop)(h, deterministic=not train)
+
+
+class GPT2Block(_GPT2Module):
+    """One pre-LayerNorm block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    layer_idx: int = 0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
+        c, dt = self.config, self.dtype
+        attn = GPT2Attention(c, dt, self.layer_idx, name="attn")
+        x = x + attn(_layer_norm(c, "ln_1", dt)(x), mask, train=train)
+        return x + GPT2MLP(c, dt, name="mlp")(_layer_norm(c, "ln_2", dt)(x), train=train)
+
+
+class GPT2Model(_GPT2Module):
+    """The decoder (HF ``GPT2Model``): returns ``(last hidden state, tied LM logits or None)``."""
+
+    lm_logits: bool = False
+
+    @nn.compact
+    def __call__(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None, *, train: bool
+    ) -> tuple[jax.Array, jax.Array | None]:
+        c = self.config
+        embed = functools.partial(_embed, c, dtype=self.dtype)
+        wte = embed(c.vocab_size, name="wte")
+        length = input_ids.shape[-1]
+        # HF's default position_ids: 0..T-1 whatever the padding (right padding keeps them right).
+        x = wte(input_ids) + embed(c.n_positions, name="wpe")(jnp.arange(length)[None, :])
+        x = nn.Dropout(c.embd_pdrop)(x, deterministic=not train)
+        mask = jnp.tril(jnp.ones((length, length), bool))[None]  # [1, Tq, Tk]
+        if attention_mask is not None:
+            mask = mask & attention_mask.astype(bool)[:, None, :]
+        for i in range(c.n_layer):
+            x = GPT2Block(c, self.dtype, i, name=f"h_{i}")(x, mask, train=train)
+        x = _layer_norm(c, "ln_f", self.dtype)(x)
+        return x, (wte.attend(x) if self.lm_logits else None)
+
+
+def last_token_index(attention_mask: jax.Array | None, length: int) -> jax.Array:
+    """Index of the rightmost real token per row (``[B]``); ``length - 1`` when no mask.
+
+    Equals ``sum(mask) - 1`` under right padding and stays right under left padding. HF's
+    ``GPT2ForSequenceClassification`` finds the rightmost token that is not ``pad_token_id``
+    instead; the two agree when padding uses ``pad_token_id``, but the mask also works when the
+    pad id is a real token (GPT-2 is usually padded with its eos token, and jaxtl's text pipeline
+    pads with 0, a real GPT-2 token).
+    """
+    if attention_mask is None:
+        return jnp.array([length - 1])
+    return jnp.argmax(jnp.arange(length) * attention_mask.astype(jnp.int32), axis=-1)
+
+
+class GPT2ForTask(_GPT2Module):
+    """GPT-2 with a task output.
+
+    ``"features"``: last hidden state ``[B, T, H]``. ``"causal_lm"``: logits ``[B, T, vocab]`` from
+    the hidden state times ``wte`` transposed (tied; no head param). ``"classification"`` /
+    ``"regression"``: ``[B, num_labels]`` from a bias-free Dense ``score`` on the hidden state of
+    each row's last real token (HF ``GPT2ForSequenceClassification``, no dropout before it).
+    """
+
+    task: str = "classification"
+    num_labels: int = 2
+
+    @nn.compact
+    def __call__(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, train: bool = False
+    ) -> jax.Array:
+        c = self.config
+        if input_ids.shape[-1] > c.n_positions:
+            # Past the table, jnp.take would clamp silently and give garbage positions.
+            raise ValueError(
+                f"Sequence length {input_ids.shape[-1]} exceeds n_positions={c.n_positions}; "
+                "truncate inputs to extras['max_length']."
+            )
+        lm = self.task == "causal_lm"
+        hidden, logits = GPT2Model(c, self.dtype, lm, name="transformer")(
+            input_ids, attention_mask, train=train
+        )
+        if lm:
+            return logits
+        if self.task == "features":
+            return hidden
+        index = last_token_index(attention_mask, input_ids.shape[-1])
+        last = hidden[jnp.arange(hidden.shape[0]), index]  # [B, H]
+        return _dense(c, self.num_labels, "score", self.dtype, bias=False)(last)
+
+
+def causal_lm_loss(
+    logits: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None = None
+) -> jax.Array:
+    """Mean next-token cross-entropy, with padded targets left out of sum and count.
+
+    Position ``t`` predicts token ``t + 1``, as in transformers' ``GPT2LMHeadModel(labels=...)``
+    with padded labels set to -100.
+
+    Example:
+      >>> logits = jnp.zeros((1, 3, 4))  # uniform over 4 tokens
+      >>> round(float(causal_lm_loss(logits, jnp.array([[1, 2, 3]]))), 4) == round(math.log(4), 4)
+      True
+    """
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    targets = input_ids[:, 1:]
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    if attention_mask is None:
+        return nll.mean()
+    weights = attention_mask[:, 1:].astype(jnp.float32)
+    return (nll * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def greedy_generate(
+    model: LoadedModel, params: Mapping[str, Any], input_ids: jax.Array, max_new_tokens: int
+) -> jax.Array:
+    """Appends ``max_new_tokens`` argmax tokens to unpadded prompts ``input_ids [B, T]``.
+
+    Simple rather than fast: no KV cache. Each step re-runs the whole ``[B, T + max_new_tokens]``
+    buffer inside one jitted ``fori_loop`` (one compile, O(n^2) work per step). Causal attention
+    means the not-yet-written tail cannot affect the position being predicted. No eos stopping:
+    exactly ``max_new_tokens`` are appended. Prompts must all be the same length (no padding).
+
+    Returns:
+      ``[B, T + max_new_tokens]`` int32: the prompt followed by the generated tokens.
+    """
+    if model.task != "causal_lm":
+        raise ValueError(
+            f"greedy_generate needs a model loaded with task='causal_lm', got task={model.task!r}."
+        )
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    batch, prompt = input_ids.shape
+    total = prompt + max_new_tokens
+    if total > model.config.n_positions:
+        raise ValueError(
+            f"prompt length {prompt} + max_new_tokens {max_new_tokens} = {total} exceeds "
+            f"n_positions={model.config.n_positions}."
+        )
+    return _greedy_loop(model.module, params, input_ids, max_new_tokens)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _greedy_loop(module, params, input_ids, max_new_tokens):
+    batch, prompt = input_ids.shape
+    tokens = jnp.zeros((batch, prompt + max_new_tokens), jnp.int32).at[:, :prompt].set(input_ids)
+
+    def step(i, tokens):
+        logits = module.apply({"params": params}, tokens)
+        pos = prompt + i
+        nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, pos - 1, 1, keepdims=False), -1)
+        return jax.lax.dynamic_update_index_in_dim(tokens, nxt.astype(jnp.int32), pos, 1)
+
+    return jax.lax.fori_loop(0, max_new_tokens, step, tokens)
+
+
+def init_leaf(path: str, leaf: jax.ShapeDtypeStruct, seed: int, *, config: GPT2Config) -> jax.Array:
+    """Initializes one param the way transformers' ``GPT2PreTrainedModel._init_weights`` does.
+
+    Kernels and embeddings ~ normal(std=initializer_range), except residual projections
+    (``*/c_proj/kernel``) whose std is divided by sqrt(2 * n_layer) (GPT-2 paper, section 2.3);
+    biases 0, LayerNorm scales 1. Each param draws from its own stream, seeded by
+    ``(seed, crc32(path))``, so a head's init does not depend on the rest of the tree.
+    """
+    name = path.rsplit("/", 1)[-1]
+    if name == "bias":
+        return jnp.zeros(leaf.shape, leaf.dtype)
+    if name == "scale":
+        return jnp.ones(leaf.shape, leaf.dtype)
+    if name not in ("kernel", "embedding"):
+        raise ValueError(f"No GPT-2 initializer for param {path!r}.")
+    std = config.initializer_range
+    if path.endswith("c_proj/kernel"):
+        std /= math.sqrt(2 * config.n_layer)
+    rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
+    wide = np.float64 if jnp.dtype(leaf.dtype) == jnp.float64 else np.float32
+    return jnp.asarray(rng.standard_normal(leaf.shape, dtype=wide) * std, dtype=leaf.dtype)
+
+
+_BUFFERS = ("bias", "masked_bias")  # attn.bias / attn.masked_bias: causal-mask buffers, not weights
+
+
+def convert_hf_checkpoint(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Renames a Hugging Face GPT-2 state dict to model paths.
+
+    ``transformer.`` is optional (``GPT2Model`` checkpoints have none). ``Conv1D`` weights keep
+    their ``(in, out)`` layout; ``score.weight`` (an ``nn.Linear``) is transposed. The attention
+    mask buffers and ``lm_head.weight`` (tied to ``wte``) are dropped; other names pass through.
+
+    Example:
+      >>> out = convert_hf_checkpoint({"h.0.attn.c_attn.weight": np.zeros((4, 12))})
+      >>> out["transformer/h_0/attn/c_attn/kernel"].shape
+      (4, 12)
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, array in tensors.items():
+        parts = name.split(".")
+        if parts[0] == "transformer":
+            parts = parts[1:]
+        if parts == ["lm_head", "weight"]:
+            continue  # tied to wte; the causal_lm head reads wte
+        if parts[0] == "score":
+            leaf, array = ("kernel", array.T) if parts[-1] == "weight" else (parts[-1], array)
+            out[f"score/{leaf}"] = array
+            continue
+        if parts[0] == "h" and len(parts) > 2:
+            if parts[2:-1] == ["attn"] and parts[-1] in _BUFFERS:
+                continue
+            parts = [f"h_{parts[1]}", *parts[2:]]
+        elif parts[0] not in ("wte", "wpe", "ln_f"):
+            out[name] = array
+            continue
+        *module, leaf = parts
+        if module[-1].startswith("ln_"):
+            leaf = {"weight": "scale", "g": "scale", "b": "bias"}.get(leaf, leaf)
+        elif module[-1] in ("wte", "wpe"):
+            leaf = "embedding"
+        elif leaf == "weight":
+            leaf = "kernel"  # Conv1D: already (in, out)
+        path = "/".join(["transformer", *module, leaf])
+        if path in out:
+            raise ValueError(
+                f"Checkpoint names {path!r} twice (with and without 'transformer.' prefix)."
+            )
+        out[path] = array
+    return out
+
+
+def build(
+    directory: str,
+    raw_config: Mapping[str, Any],
+    *,
+    task: str,
+    num_labels: int,
+    pooling: str | None,
+    dtype: Any = jnp.float32,
+) -> ModelSpec:
+    """Builds the GPT-2 module, initializer, converter and structure for one checkpoint.
+
+    Called by :func:`jaxtl.loading.load` through the registry. ``pooling`` must be ``None`` or
+    ``"last"``: GPT-2 classifies from the last real token, as HF does.
+    """
+    config = GPT2Config.from_hf(raw_config, os.path.join(directory, "config.json"))
+    if task not in TASKS:
+        raise ValueError(f"GPT-2 has no {task!r} head; expected one of {TASKS}.")
+    if pooling not in (None, "last"):
+        raise ValueError(
+            f"pooling={pooling!r} is not supported for GPT-2: it classifies from the last real "
+            "token (pooling='last'); pass pooling=None."
+        )
+    num_labels = 0 if task in ("features", "causal_lm") else num_labels
+    module = GPT2ForTask(config, dtype, task, num_labels)
+
+    ids = jax.ShapeDtypeStruct((1, min(8, config.n_positions)), jnp.int32)
+    # eval_shape traces without compiling or allocating (see bert.build for the measurement).
+    abstract = jax.eval_shape(lambda r, x: module.init({"params": r}, x, x), jax.random.key(0), ids)
+
+    @functools.partial(jax.jit, static_argnames=("train",))
+    def forward(params, input_ids, attention_mask, train, rng):
+        rngs = {"dropout": rng} if rng is not None else {}
+        return module.apply({"params": params}, input_ids, attention_mask, train=train, rngs=rngs)
+
+    def apply(
+        params: Mapping[str, Any],
+        batch: Mapping[str, jax.Array],
+        *,
+        train: bool = False,
+        rng: jax.Array | None = None,
+    ) -> jax.Array:
+        if train and rng is None:
+            raise ValueError("apply(..., train=True) needs rng= (a PRNG key for dropout).")
+        # token_type_ids are ignored on purpose: jaxtl's text pipeline always sends zeros, and HF
+        # GPT-2 would add wte[0] to every position for them (it embeds token types with wte).
+        return forward(params, batch["input_ids"], batch.get("attention_mask"), train, rng)
+
+    has_head = task in ("classification", "regression")
+    structure = Structure(
+        stem=("transformer/wte", "transformer/wpe"),
+        blocks=tuple(f"transformer/h_{i}" for i in range(config.n_layer)),
+        neck=("transformer/ln_f",),
+        head=("score",) if has_head else (),
+    )
+    extras = {
+        "pooling": "last" if has_head else None,
+        "max_length": config.n_positions,
+        "hidden_size": config.n_embd,
+        "vocab_size": config.vocab_size,
+    }
+    return ModelSpec(
+        config=config,
+        module=module,
+        abstract_params=abstract["params"],
+        init_leaf=functools.partial(init_leaf, config=config),
+        convert=convert_hf_checkpoint,
+        apply=apply,
+        structure=structure,
+        extras=extras,
+    )
