@@ -11,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -21,21 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.models.base import Structure
+from jaxtl.models.common import ACTIVATIONS, init_normal_leaf
 from jaxtl.models.registry import ModelSpec
 
 POOLINGS = ("cls", "mean")
-
-# Hugging Face ``hidden_act`` names -> functions. "gelu" is the exact erf form in PyTorch; the tanh
-# approximation differs by up to ~1e-3 and would break parity, hence approximate=False.
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-    "relu": nn.relu,
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "tanh": jnp.tanh,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +50,10 @@ class BertConfig:
         """Builds the config from a parsed config.json, checking what this encoder supports."""
         names = {f.name for f in dataclasses.fields(cls)}
         config = cls(**{k: v for k, v in raw.items() if k in names and v is not None})
-        if config.hidden_act not in _ACTIVATIONS:
+        if config.hidden_act not in ACTIVATIONS:
             raise ValueError(
                 f"{source}: hidden_act={config.hidden_act!r} is not supported; expected one of "
-                f"{sorted(_ACTIVATIONS)}."
+                f"{sorted(ACTIVATIONS)}."
             )
         position_type = raw.get("position_embedding_type", "absolute")
         if position_type != "absolute":
@@ -192,7 +180,7 @@ class BertIntermediate(_BertModule):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
-        return _ACTIVATIONS[c.hidden_act](_dense(c, c.intermediate_size, "dense", self.dtype)(x))
+        return ACTIVATIONS[c.hidden_act](_dense(c, c.intermediate_size, "dense", self.dtype)(x))
 
 
 class BertLayer(_BertModule):
@@ -310,18 +298,7 @@ def init_leaf(path: str, leaf: jax.ShapeDtypeStruct, seed: int, *, config: BertC
     seeded by ``(seed, crc32(path))``, so a head's init does not depend on the rest of the tree
     and is identical whether or not the body came from a checkpoint.
     """
-    name = path.rsplit("/", 1)[-1]
-    if name == "bias":
-        return jnp.zeros(leaf.shape, leaf.dtype)
-    if name == "scale":
-        return jnp.ones(leaf.shape, leaf.dtype)
-    if name not in ("kernel", "embedding"):
-        raise ValueError(f"No BERT initializer for param {path!r}.")
-    # numpy on the host: no per-shape XLA compilation, and the stream is stable across platforms.
-    rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
-    wide = np.float64 if jnp.dtype(leaf.dtype) == jnp.float64 else np.float32
-    values = rng.standard_normal(leaf.shape, dtype=wide) * config.initializer_range
-    return jnp.asarray(values, dtype=leaf.dtype)
+    return init_normal_leaf(path, leaf, seed, config.initializer_range, "BERT")
 
 
 def convert_hf_checkpoint(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import math
 import os
-import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,20 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.models.base import LoadedModel, Structure
+from jaxtl.models.common import ACTIVATIONS, init_normal_leaf
 from jaxtl.models.registry import ModelSpec
 
 TASKS = ("classification", "regression", "features", "causal_lm")
-
-# HF ``activation_function`` names -> functions. GPT-2's "gelu_new" is the tanh approximation;
-# "gelu" is the exact erf form in PyTorch (they differ by up to ~1e-3, far above parity tolerance).
-_ACTIVATIONS = {
-    "gelu_new": lambda x: nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "relu": nn.relu,
-    "silu": nn.silu,
-    "tanh": jnp.tanh,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +59,10 @@ class GPT2Config:
         """Builds the config from a parsed config.json, checking what this decoder supports."""
         names = {f.name for f in dataclasses.fields(cls)}
         config = cls(**{k: v for k, v in raw.items() if k in names and v is not None})
-        if config.activation_function not in _ACTIVATIONS:
+        if config.activation_function not in ACTIVATIONS:
             raise ValueError(
                 f"{source}: activation_function={config.activation_function!r} is not supported; "
-                f"expected one of {sorted(_ACTIVATIONS)}."
+                f"expected one of {sorted(ACTIVATIONS)}."
             )
         if raw.get("add_cross_attention"):
             raise ValueError(f"{source}: GPT-2 with cross-attention is not supported.")
@@ -151,7 +140,7 @@ class GPT2MLP(_GPT2Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         c = self.config
-        h = _ACTIVATIONS[c.activation_function](_dense(c, c.inner_size, "c_fc", self.dtype)(x))
+        h = ACTIVATIONS[c.activation_function](_dense(c, c.inner_size, "c_fc", self.dtype)(x))
         h = _dense(c, c.n_embd, "c_proj", self.dtype)(h)
         return nn.Dropout(c.resid_pdrop)(h, deterministic=not train)
 
@@ -316,19 +305,10 @@ def init_leaf(path: str, leaf: jax.ShapeDtypeStruct, seed: int, *, config: GPT2C
     biases 0, LayerNorm scales 1. Each param draws from its own stream, seeded by
     ``(seed, crc32(path))``, so a head's init does not depend on the rest of the tree.
     """
-    name = path.rsplit("/", 1)[-1]
-    if name == "bias":
-        return jnp.zeros(leaf.shape, leaf.dtype)
-    if name == "scale":
-        return jnp.ones(leaf.shape, leaf.dtype)
-    if name not in ("kernel", "embedding"):
-        raise ValueError(f"No GPT-2 initializer for param {path!r}.")
     std = config.initializer_range
     if path.endswith("c_proj/kernel"):
         std /= math.sqrt(2 * config.n_layer)
-    rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
-    wide = np.float64 if jnp.dtype(leaf.dtype) == jnp.float64 else np.float32
-    return jnp.asarray(rng.standard_normal(leaf.shape, dtype=wide) * std, dtype=leaf.dtype)
+    return init_normal_leaf(path, leaf, seed, std, "GPT-2")
 
 
 _BUFFERS = ("bias", "masked_bias")  # attn.bias / attn.masked_bias: causal-mask buffers, not weights
