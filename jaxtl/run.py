@@ -54,18 +54,20 @@ def encode_splits(model: LoadedModel, data: sources.TextSplits) -> tuple[dict, d
             f"The model at {model.path!r} has no tokenizer (tokenizer.json or vocab.txt)."
         )
     max_length = int(model.extras.get("max_length", 512))
+    for s in SPLITS:
+        if len(getattr(data, s)[0]) == 0:
+            raise ValueError(f"The {s} split of {data.name!r} is empty.")
+    # One pass over every text: the shared padded length comes from all splits together.
     all_texts = [t for s in SPLITS for t in getattr(data, s)[0]]
-    probe, _ = text.encode(tokenizer, all_texts, max_length=max_length)
-    length = probe["input_ids"].shape[1]
-    out, truncated = {}, 0
+    encoded, truncated = text.encode(tokenizer, all_texts, max_length=max_length)
+    length = encoded["input_ids"].shape[1]
+    out, start = {}, 0
     for s in SPLITS:
         texts, labels = getattr(data, s)
-        if len(texts) == 0:
-            raise ValueError(f"The {s} split of {data.name!r} is empty.")
-        arrays, n = text.encode(tokenizer, texts, max_length=max_length, length=length)
-        arrays["label"] = np.asarray(labels)
-        out[s] = arrays
-        truncated += n
+        stop = start + len(texts)
+        out[s] = {k: v[start:stop] for k, v in encoded.items()}
+        out[s]["label"] = np.asarray(labels)
+        start = stop
     return out, {"length": int(length), "truncated": truncated, "sizes": data.sizes()}
 
 
