@@ -113,7 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-every",
         type=int,
         default=None,
-        help="steps between evaluations (default: each epoch)",
+        help="steps between evaluations (overrides --evals-per-epoch)",
+    )
+    ft.add_argument(
+        "--evals-per-epoch",
+        type=int,
+        default=4,
+        help="validation evaluations (and best-checkpoint chances) per epoch",
     )
     ft.add_argument(
         "--patience",
@@ -195,6 +201,10 @@ def _finetune(args) -> int:
         },
         "data": spec,
     }
+    if args.evals_per_epoch < 1:
+        raise ValueError(f"--evals-per-epoch must be >= 1, got {args.evals_per_epoch}.")
+    steps_per_epoch = max(1, len(splits.train[0]) // args.batch_size)
+    eval_every = args.eval_every or max(1, steps_per_epoch // args.evals_per_epoch)
     arms = [(f"pretrained {r}", r, True) for r in recipes]
     if not args.no_scratch:
         arms.append(("scratch full", "full", False))
@@ -229,7 +239,7 @@ def _finetune(args) -> int:
             warmup_ratio=args.warmup_ratio,
             weight_decay=args.weight_decay,
             clip_norm=args.clip_norm or None,
-            eval_every=args.eval_every,
+            eval_every=eval_every,
             seed=args.seed,
             early_stopping=jaxtl.EarlyStopping(patience=args.patience) if args.patience else None,
         )
