@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.models.base import Structure
-from jaxtl.models.common import ACTIVATIONS, init_normal_leaf
+from jaxtl.models.common import ACTIVATIONS, abstract_params, init_normal_leaf, make_apply
 from jaxtl.models.registry import ModelSpec
 
 POOLINGS = ("cls", "mean")
@@ -363,40 +363,8 @@ def build(
         )
     module = BertForTask(config, dtype, task, num_labels, pooling)
 
-    ids = jax.ShapeDtypeStruct((1, min(8, config.max_position_embeddings)), jnp.int32)
-    # eval_shape traces without compiling or allocating; measured on MiniLM-L6 (2 CPU cores),
-    # jit(module.init) took 7.5 s, nearly all compilation, against 0.1 s here.
-    abstract = jax.eval_shape(lambda r, x: module.init({"params": r}, x, x), jax.random.key(0), ids)
-
-    @functools.partial(jax.jit, static_argnames=("train",))
-    def forward(params, input_ids, attention_mask, token_type_ids, train, rng):
-        return module.apply(
-            {"params": params},
-            input_ids,
-            attention_mask,
-            token_type_ids,
-            train=train,
-            rngs={"dropout": rng} if rng is not None else {},
-        )
-
-    def apply(
-        params: Mapping[str, Any],
-        batch: Mapping[str, jax.Array],
-        *,
-        train: bool = False,
-        rng: jax.Array | None = None,
-    ) -> jax.Array:
-        if train and rng is None:
-            raise ValueError("apply(..., train=True) needs rng= (a PRNG key for dropout).")
-        # Only the model inputs enter the jitted function: batches also carry labels, ids, text.
-        return forward(
-            params,
-            batch["input_ids"],
-            batch.get("attention_mask"),
-            batch.get("token_type_ids"),
-            train,
-            rng,
-        )
+    abstract = abstract_params(module, config.max_position_embeddings)
+    apply = make_apply(module, ("input_ids", "attention_mask", "token_type_ids"))
 
     has_head = task != "features"
     structure = Structure(
@@ -413,7 +381,7 @@ def build(
     return ModelSpec(
         config=config,
         module=module,
-        abstract_params=abstract["params"],
+        abstract_params=abstract,
         init_leaf=functools.partial(init_leaf, config=config),
         convert=convert_hf_checkpoint,
         apply=apply,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -43,3 +45,42 @@ def init_normal_leaf(
     rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
     wide = np.float64 if jnp.dtype(leaf.dtype) == jnp.float64 else np.float32
     return jnp.asarray(rng.standard_normal(leaf.shape, dtype=wide) * std, dtype=leaf.dtype)
+
+
+def abstract_params(module: nn.Module, max_positions: int) -> Any:
+    """Param shapes and dtypes of a text ``module(input_ids, attention_mask)``, without compiling.
+
+    ``eval_shape`` traces without compiling or allocating: measured on MiniLM-L6 (2 CPU cores),
+    ``jit(module.init)`` took 7.5 s, nearly all compilation, against 0.1 s here.
+    """
+    ids = jax.ShapeDtypeStruct((1, min(8, max_positions)), jnp.int32)
+    return jax.eval_shape(lambda r, x: module.init({"params": r}, x, x), jax.random.key(0), ids)[
+        "params"
+    ]
+
+
+def make_apply(module: nn.Module, input_keys: tuple[str, ...]) -> Callable[..., jax.Array]:
+    """``apply(params, batch, *, train=False, rng=None)`` for :class:`LoadedModel`.
+
+    Only ``input_keys`` enter the jitted forward (batches also carry labels, weights, text); the
+    first key is required, the others are passed as ``None`` when absent.
+    """
+
+    @functools.partial(jax.jit, static_argnames=("train",))
+    def forward(params, inputs, train, rng):
+        rngs = {"dropout": rng} if rng is not None else {}
+        return module.apply({"params": params}, *inputs, train=train, rngs=rngs)
+
+    def apply(
+        params: Mapping[str, Any],
+        batch: Mapping[str, jax.Array],
+        *,
+        train: bool = False,
+        rng: jax.Array | None = None,
+    ) -> jax.Array:
+        if train and rng is None:
+            raise ValueError("apply(..., train=True) needs rng= (a PRNG key for dropout).")
+        first, *rest = input_keys
+        return forward(params, (batch[first], *(batch.get(k) for k in rest)), train, rng)
+
+    return apply

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.models.base import LoadedModel, Structure
-from jaxtl.models.common import ACTIVATIONS, init_normal_leaf
+from jaxtl.models.common import ACTIVATIONS, abstract_params, init_normal_leaf, make_apply
 from jaxtl.models.registry import ModelSpec
 
 TASKS = ("classification", "regression", "features", "causal_lm")
@@ -385,27 +385,10 @@ def build(
     num_labels = 0 if task in ("features", "causal_lm") else num_labels
     module = GPT2ForTask(config, dtype, task, num_labels)
 
-    ids = jax.ShapeDtypeStruct((1, min(8, config.n_positions)), jnp.int32)
-    # eval_shape traces without compiling or allocating (see bert.build for the measurement).
-    abstract = jax.eval_shape(lambda r, x: module.init({"params": r}, x, x), jax.random.key(0), ids)
-
-    @functools.partial(jax.jit, static_argnames=("train",))
-    def forward(params, input_ids, attention_mask, train, rng):
-        rngs = {"dropout": rng} if rng is not None else {}
-        return module.apply({"params": params}, input_ids, attention_mask, train=train, rngs=rngs)
-
-    def apply(
-        params: Mapping[str, Any],
-        batch: Mapping[str, jax.Array],
-        *,
-        train: bool = False,
-        rng: jax.Array | None = None,
-    ) -> jax.Array:
-        if train and rng is None:
-            raise ValueError("apply(..., train=True) needs rng= (a PRNG key for dropout).")
-        # token_type_ids are ignored on purpose: jaxtl's text pipeline always sends zeros, and HF
-        # GPT-2 would add wte[0] to every position for them (it embeds token types with wte).
-        return forward(params, batch["input_ids"], batch.get("attention_mask"), train, rng)
+    abstract = abstract_params(module, config.n_positions)
+    # token_type_ids are ignored on purpose: jaxtl's text pipeline always sends zeros, and HF
+    # GPT-2 would add wte[0] to every position for them (it embeds token types with wte).
+    apply = make_apply(module, ("input_ids", "attention_mask"))
 
     has_head = task in ("classification", "regression")
     structure = Structure(
@@ -423,7 +406,7 @@ def build(
     return ModelSpec(
         config=config,
         module=module,
-        abstract_params=abstract["params"],
+        abstract_params=abstract,
         init_leaf=functools.partial(init_leaf, config=config),
         convert=convert_hf_checkpoint,
         apply=apply,
