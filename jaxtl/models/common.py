@@ -1,4 +1,4 @@
-"""Pieces every Hugging Face-style family shares: activation names and the per-param initializer."""
+"""Pieces the families share: activation names, initializers, BatchNorm modes and ``apply``."""
 
 from __future__ import annotations
 
@@ -59,17 +59,117 @@ def abstract_params(module: nn.Module, max_positions: int) -> Any:
     ]
 
 
-def make_apply(module: nn.Module, input_keys: tuple[str, ...]) -> Callable[..., jax.Array]:
-    """``apply(params, batch, *, train=False, rng=None)`` for :class:`LoadedModel`.
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def bn_trains(module: nn.Module, name: str, train: bool, bn_train: tuple[str, ...]) -> bool:
+    """Whether the BatchNorm child ``name`` of ``module`` normalizes with batch statistics.
+
+    Transfer needs a per-layer answer: a frozen BatchNorm must keep using the running statistics
+    it was pretrained with (a frozen backbone is a fixed function), while a BatchNorm in a trained
+    block updates them. ``bn_train`` lists the "/"-joined paths (or path prefixes) of the layers
+    in training mode; it is static, so each distinct set compiles once.
+    """
+    path = "/".join((*module.path, name))
+    return train and any(_under(path, p) for p in bn_train)
+
+
+def batch_norm(
+    module: nn.Module,
+    name: str,
+    *,
+    train: bool,
+    bn_train: tuple[str, ...],
+    epsilon: float = 1e-5,
+    torch_momentum: float = 0.1,
+    dtype: Any = jnp.float32,
+) -> nn.BatchNorm:
+    """A PyTorch-equivalent ``nn.BatchNorm`` child in inference or training mode per
+    :func:`bn_trains`. PyTorch's ``momentum`` weighs the new batch; Flax's the old average."""
+    return nn.BatchNorm(
+        use_running_average=not bn_trains(module, name, train, bn_train),
+        momentum=1.0 - torch_momentum,
+        epsilon=epsilon,
+        dtype=dtype,
+        param_dtype=dtype,
+        name=name,
+    )
+
+
+def batch_norm_paths(batch_stats: Mapping[str, Any]) -> tuple[str, ...]:
+    """The "/"-joined module paths of every BatchNorm layer in a ``batch_stats`` tree."""
+    paths: list[str] = []
+
+    def walk(node: Mapping[str, Any], prefix: tuple[str, ...]) -> None:
+        if "mean" in node and not isinstance(node["mean"], Mapping):
+            paths.append("/".join(prefix))
+            return
+        for key, child in node.items():
+            walk(child, (*prefix, key))
+
+    walk(batch_stats, ())
+    return tuple(paths)
+
+
+def init_stat_leaf(path: str, leaf: jax.ShapeDtypeStruct, seed: int) -> jax.Array:
+    """A fresh BatchNorm statistic: running mean 0, running variance 1 (PyTorch's reset)."""
+    del seed
+    fill = {"mean": 0.0, "var": 1.0}[path.rsplit("/", 1)[-1]]
+    return jnp.full(leaf.shape, fill, leaf.dtype)
+
+
+def make_apply(
+    module: nn.Module, input_keys: tuple[str, ...], has_batch_stats: bool = False
+) -> tuple[Callable[..., jax.Array], Callable[..., tuple[jax.Array, Any]]]:
+    """``(apply, forward)`` for :class:`LoadedModel`.
+
+    ``apply(params, batch, *, train=False, rng=None, batch_stats=None) -> outputs`` is the user's
+    call: BatchNorm (if any) in inference mode with ``batch_stats``.
+    ``forward(params, batch_stats, batch, *, train=False, rng=None, bn_train=()) ->
+    (outputs, batch_stats)`` is the trainer's: BatchNorm layers under ``bn_train`` normalize with
+    batch statistics and return their updated running averages.
 
     Only ``input_keys`` enter the jitted forward (batches also carry labels, weights, text); the
     first key is required, the others are passed as ``None`` when absent.
     """
 
-    @functools.partial(jax.jit, static_argnames=("train",))
-    def forward(params, inputs, train, rng):
+    @functools.partial(jax.jit, static_argnames=("train", "bn_train"))
+    def _forward(params, batch_stats, inputs, train, rng, bn_train):
         rngs = {"dropout": rng} if rng is not None else {}
-        return module.apply({"params": params}, *inputs, train=train, rngs=rngs)
+        if not has_batch_stats:
+            return module.apply({"params": params}, *inputs, train=train, rngs=rngs), batch_stats
+        variables = {"params": params, "batch_stats": batch_stats}
+        if train and bn_train:
+            outputs, updated = module.apply(
+                variables,
+                *inputs,
+                train=train,
+                bn_train=bn_train,
+                rngs=rngs,
+                mutable=["batch_stats"],
+            )
+            return outputs, updated["batch_stats"]
+        return module.apply(variables, *inputs, train=train, bn_train=(), rngs=rngs), batch_stats
+
+    def _inputs(batch: Mapping[str, jax.Array]) -> tuple:
+        first, *rest = input_keys
+        if first not in batch:
+            raise KeyError(f"The batch has no {first!r}; this model reads {input_keys}.")
+        return (batch[first], *(batch.get(k) for k in rest))
+
+    def forward(
+        params: Mapping[str, Any],
+        batch_stats: Mapping[str, Any],
+        batch: Mapping[str, jax.Array],
+        *,
+        train: bool = False,
+        rng: jax.Array | None = None,
+        bn_train: tuple[str, ...] = (),
+    ) -> tuple[jax.Array, Any]:
+        if train and rng is None:
+            raise ValueError("apply(..., train=True) needs rng= (a PRNG key for dropout).")
+        return _forward(params, batch_stats, _inputs(batch), train, rng, tuple(bn_train))
 
     def apply(
         params: Mapping[str, Any],
@@ -77,10 +177,36 @@ def make_apply(module: nn.Module, input_keys: tuple[str, ...]) -> Callable[..., 
         *,
         train: bool = False,
         rng: jax.Array | None = None,
+        batch_stats: Mapping[str, Any] | None = None,
     ) -> jax.Array:
-        if train and rng is None:
-            raise ValueError("apply(..., train=True) needs rng= (a PRNG key for dropout).")
-        first, *rest = input_keys
-        return forward(params, (batch[first], *(batch.get(k) for k in rest)), train, rng)
+        if has_batch_stats and batch_stats is None:
+            raise ValueError(
+                "This model has BatchNorm: pass batch_stats= (model.batch_stats for the loaded "
+                "statistics, or the fine-tuned ones from the train state / FitResult)."
+            )
+        return forward(params, batch_stats or {}, batch, train=train, rng=rng)[0]
 
-    return apply
+    return apply, forward
+
+
+def adapt_input_channels(kernel: np.ndarray, in_channels: int, axis: int = -2) -> np.ndarray:
+    """A pretrained stem kernel for ``in_channels`` inputs instead of its own (timm's rule).
+
+    One channel: the sum of the RGB kernels, so a gray image ``g`` gives the response the RGB
+    image ``(g, g, g)`` gave. Other counts: the RGB kernels repeated cyclically and scaled by
+    ``3 / in_channels``, keeping the activation scale. ``axis`` is the input-channel axis (``-2``
+    for a Flax ``HWIO`` conv kernel or a patch-embedding kernel).
+    """
+    kernel = np.asarray(kernel)
+    have = kernel.shape[axis]
+    if in_channels == have:
+        return kernel
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}.")
+    if in_channels == 1:
+        return kernel.sum(axis=axis, keepdims=True)
+    reps = -(-in_channels // have)
+    tiled = np.concatenate([kernel] * reps, axis=axis)
+    index = [slice(None)] * kernel.ndim
+    index[axis] = slice(0, in_channels)
+    return tiled[tuple(index)] * (have / in_channels)

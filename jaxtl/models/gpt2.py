@@ -388,7 +388,7 @@ def build(
     abstract = abstract_params(module, config.n_positions)
     # token_type_ids are ignored on purpose: jaxtl's text pipeline always sends zeros, and HF
     # GPT-2 would add wte[0] to every position for them (it embeds token types with wte).
-    apply = make_apply(module, ("input_ids", "attention_mask"))
+    apply, forward = make_apply(module, ("input_ids", "attention_mask"))
 
     has_head = task in ("classification", "regression")
     structure = Structure(
@@ -410,6 +410,7 @@ def build(
         init_leaf=functools.partial(init_leaf, config=config),
         convert=convert_hf_checkpoint,
         apply=apply,
+        forward=forward,
         structure=structure,
         extras=extras,
     )

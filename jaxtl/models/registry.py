@@ -1,8 +1,14 @@
 """Which family reads which checkpoint: config.json ``model_type`` / ``architectures`` -> family.
 
 Adding a family is one :class:`Family` entry in ``_FAMILIES``; its ``builder`` names a function
-``build(directory, raw_config, *, task, num_labels, pooling, dtype) -> ModelSpec`` that is imported
-only when that family is loaded, so the registry stays cheap to import and free of cycles.
+``build(directory, raw_config, *, task, num_labels, dtype, **options) -> ModelSpec`` that is
+imported only when that family is loaded, so the registry stays cheap to import and free of cycles.
+``options`` are the load options the family declares (``pooling`` for text encoders,
+``image_size`` / ``in_channels`` for vision models).
+
+Checkpoints without a config.json (torchvision-style state dicts) are matched by the family's
+``detect`` function, which reads the state dict's names and shapes and returns the raw config
+(e.g. ``{"arch": "resnet50"}``) that ``build`` then receives.
 """
 
 from __future__ import annotations
@@ -34,9 +40,14 @@ class ModelSpec:
         one param; loading calls it only for params the checkpoint does not supply.
       convert: ``convert({checkpoint name: array}) -> {"/"-joined model path: array}``; names it
         cannot map pass through unchanged (they become ``unexpected`` in the load report).
-      apply: ``apply(params, batch, *, train=False, rng=None) -> outputs``.
+      apply: ``apply(params, batch, *, train=False, rng=None, batch_stats=None) -> outputs``.
+      forward: ``forward(params, batch_stats, batch, *, train, rng, bn_train) -> (outputs,
+        batch_stats)``: the trainer's call (see :func:`jaxtl.models.common.make_apply`).
       structure: where stem, blocks, neck and head live.
       extras: family-specific facts for :attr:`LoadedModel.extras`.
+      abstract_batch_stats: the ``"batch_stats"`` collection's shapes (BatchNorm running
+        ``mean``/``var``), empty for families without BatchNorm. ``convert`` names checkpoint
+        statistics ``"batch_stats/<module path>/mean"`` (and ``/var``).
     """
 
     config: Any
@@ -45,8 +56,10 @@ class ModelSpec:
     init_leaf: Callable[[str, Any, int], Any]
     convert: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
     apply: Callable[..., Any]
+    forward: Callable[..., Any]
     structure: Structure
     extras: dict[str, Any]
+    abstract_batch_stats: Params = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +75,10 @@ class Family:
       formats: weight formats it reads.
       tasks: tasks it can build a head for.
       description: one line for :func:`list_models`.
+      options: the :func:`jaxtl.load` options its ``build`` accepts.
+      detect: ``"module:function"`` mapping a state dict's ``{name: shape}`` to a raw config, or
+        ``None`` when the names are not this family's; for checkpoints without config.json.
+      modality: ``"text"`` or ``"image"``: what the model reads.
     """
 
     name: str
@@ -71,11 +88,28 @@ class Family:
     formats: tuple[str, ...] = ("safetensors",)
     tasks: tuple[str, ...] = TASKS
     description: str = ""
+    options: tuple[str, ...] = ()
+    detect: str | None = None
+    modality: str = "text"
 
     def build(self, *args: Any, **kwargs: Any) -> ModelSpec:
         """Imports the family's builder and calls it."""
         module_name, function = self.builder.split(":")
-        return getattr(importlib.import_module(module_name), function)(*args, **kwargs)
+        return _resolve(self.builder)(*args, **kwargs)
+
+    def detect_config(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | None:
+        """The raw config for a state dict with these ``{name: shape}``, or None if not ours."""
+        return _resolve(self.detect)(shapes) if self.detect else None
+
+
+def _resolve(target: str) -> Callable[..., Any]:
+    module_name, function = target.split(":")
+    return getattr(importlib.import_module(module_name), function)
+
+
+TEXT_OPTIONS = ("pooling",)
+IMAGE_OPTIONS = ("image_size", "in_channels")
+STATE_DICT_FORMATS = ("safetensors state dict", "torch state dict (.pth, weights_only)")
 
 
 _FAMILIES: tuple[Family, ...] = (
@@ -85,6 +119,7 @@ _FAMILIES: tuple[Family, ...] = (
         model_types=("bert",),
         architecture_prefixes=("Bert",),
         description="BERT-style text encoders (BERT, MiniLM, sentence-transformers BERTs)",
+        options=TEXT_OPTIONS,
     ),
     Family(
         name="gpt2",
@@ -93,6 +128,27 @@ _FAMILIES: tuple[Family, ...] = (
         architecture_prefixes=("GPT2",),
         tasks=(*TASKS, "causal_lm"),
         description="GPT-2 decoders: last-token classification, features, tied-head causal LM",
+        options=TEXT_OPTIONS,
+    ),
+    Family(
+        name="vit",
+        builder="jaxtl.models.vit:build",
+        model_types=("vit",),
+        architecture_prefixes=("ViT",),
+        description="Vision Transformers (ViTModel, ViTForImageClassification)",
+        options=IMAGE_OPTIONS,
+        modality="image",
+    ),
+    Family(
+        name="resnet",
+        builder="jaxtl.models.resnet:build",
+        model_types=("resnet",),
+        architecture_prefixes=("ResNet",),
+        formats=("safetensors", *STATE_DICT_FORMATS),
+        description="ResNets from Hugging Face (ResNetModel) or torchvision (resnet18/34/50/...)",
+        options=IMAGE_OPTIONS,
+        detect="jaxtl.models.resnet:detect",
+        modality="image",
     ),
 )
 FAMILIES: dict[str, Family] = {f.name: f for f in _FAMILIES}
@@ -135,6 +191,27 @@ def family_for_config(config: Mapping[str, Any], source: str = "config.json") ->
     )
 
 
+def family_for_state_dict(
+    shapes: Mapping[str, tuple[int, ...]], source: str
+) -> tuple[Family, dict[str, Any]]:
+    """Picks the family whose ``detect`` recognises a state dict without config.json.
+
+    Raises:
+      ValueError: when no family recognises the names; the message shows a few of them.
+    """
+    for family in _FAMILIES:
+        raw = family.detect_config(shapes)
+        if raw is not None:
+            return family, raw
+    names = list(shapes)[:6]
+    readers = [f.name for f in _FAMILIES if f.detect]
+    raise ValueError(
+        f"{source} is a state dict that no jaxtl family recognises (first names: {names}). "
+        f"State dicts are read for: {', '.join(readers)} (torchvision naming). For a Hugging Face "
+        "model, pass the directory holding config.json instead of the weights file."
+    )
+
+
 def list_models() -> list[dict[str, Any]]:
     """Lists the registered families, the checkpoints they read and the heads they build.
 
@@ -145,6 +222,7 @@ def list_models() -> list[dict[str, Any]]:
     return [
         {
             "family": f.name,
+            "modality": f.modality,
             "model_types": list(f.model_types),
             "formats": list(f.formats),
             "heads": list(f.tasks),

@@ -69,6 +69,14 @@ class LoadReport:
             ],
         }
 
+    def include(self, other: LoadReport, prefix: str) -> None:
+        """Adds another collection's report (e.g. BatchNorm statistics) under ``prefix``."""
+        self.loaded += [prefix + p for p in other.loaded]
+        self.initialized += [prefix + p for p in other.initialized]
+        self.unexpected += [prefix + p for p in other.unexpected]
+        self.mismatched += [m._replace(path=prefix + m.path) for m in other.mismatched]
+        self.sizes.update({prefix + p: n for p, n in other.sizes.items()})
+
     def table(self, max_names: int = 8) -> str:
         """Returns a short human-readable summary: counts, sizes, and the notable names."""
 

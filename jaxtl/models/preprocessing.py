@@ -1,0 +1,195 @@
+"""How a vision checkpoint expects its pixels: resize, center crop, rescale, normalize.
+
+The values come from the checkpoint's ``preprocessor_config.json`` where it has one (Hugging Face
+image processors), otherwise from the family's documented values (torchvision's ImageNet recipe:
+resize the shorter side to 256, center-crop 224, ImageNet mean/std). A :class:`LoadedModel` of a
+vision family carries its :class:`ImagePreprocessing` as ``extras["preprocessing"]``, and the data
+pipeline calls it, so train and eval images match what the weights were trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# PIL resample codes, as stored in Hugging Face preprocessor configs.
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+_PIL = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePreprocessing:
+    """Resize -> center crop -> rescale -> normalize, producing the model's NHWC float input.
+
+    Attributes:
+      size: the model's input ``(height, width)`` after cropping.
+      resize: before cropping, resize the shorter side to this (an int), or to exactly this
+        ``(height, width)``; ``None`` resizes straight to ``size``.
+      mean, std: per-channel normalization after rescaling.
+      rescale: multiplies raw pixel values first (1/255 for uint8 images).
+      interpolation: PIL resampling filter name.
+      source: where these values came from.
+    """
+
+    size: tuple[int, int]
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    resize: int | tuple[int, int] | None = None
+    rescale: float = 1 / 255
+    interpolation: str = "bilinear"
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _PIL:
+            raise ValueError(f"interpolation must be one of {sorted(_PIL)}, got {self.interpolation!r}.")
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean {self.mean} and std {self.std} differ in length.")
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def with_channels(self, channels: int) -> ImagePreprocessing:
+        """The same recipe for ``channels`` inputs: grayscale uses the mean of the RGB values."""
+        if channels == self.channels:
+            return self
+        if channels != 1:
+            raise ValueError(f"Only 1 or {self.channels} channels are supported, got {channels}.")
+        return dataclasses.replace(
+            self, mean=(float(np.mean(self.mean)),), std=(float(np.mean(self.std)),)
+        )
+
+    def with_size(self, size: int | tuple[int, int]) -> ImagePreprocessing:
+        """The same recipe at another input size (the resize keeps its ratio to the crop)."""
+        size = _pair(size)
+        resize = self.resize
+        if isinstance(resize, int):
+            resize = round(resize * min(size) / min(self.size))
+        elif resize is not None:
+            resize = size
+        return dataclasses.replace(self, size=size, resize=resize)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """Preprocesses ``[N, H, W, C]`` or ``[N, H, W]`` (or one ``[H, W, C]``) images.
+
+        Integer images are taken as 0..255; float images as already in the rescaled range
+        (``rescale`` is not applied again).
+        """
+        images = np.asarray(images)
+        single = images.ndim == 3 and images.shape[-1] in (1, 3, 4) and self.channels in (1, 3)
+        if images.ndim == 3 and not single:
+            images = images[..., None]  # [N, H, W] grayscale
+        if single:
+            images = images[None]
+        if images.ndim != 4:
+            raise ValueError(f"Expected images [N, H, W, C], got shape {images.shape}.")
+        if images.shape[-1] != self.channels:
+            raise ValueError(
+                f"Images have {images.shape[-1]} channels, the model expects {self.channels}; "
+                "load the model with in_channels= to adapt its stem, or convert the images."
+            )
+        out = np.stack([self._one(im) for im in images])
+        return out[0] if single else out
+
+    def _one(self, image: np.ndarray) -> np.ndarray:
+        integer = np.issubdtype(image.dtype, np.integer)
+        pixels = image.astype(np.float32) * (self.rescale if integer else 1.0)
+        h, w = image.shape[:2]
+        if isinstance(self.resize, int):
+            scale = self.resize / min(h, w)
+            target = (max(1, round(h * scale)), max(1, round(w * scale)))
+        else:
+            target = _pair(self.resize) if self.resize is not None else self.size
+        pixels = _resize(pixels, target, self.interpolation)
+        top = (pixels.shape[0] - self.size[0]) // 2
+        left = (pixels.shape[1] - self.size[1]) // 2
+        if top < 0 or left < 0:
+            raise ValueError(f"Cannot center-crop {self.size} from a {pixels.shape[:2]} image.")
+        pixels = pixels[top : top + self.size[0], left : left + self.size[1]]
+        return ((pixels - np.float32(self.mean)) / np.float32(self.std)).astype(np.float32)
+
+    @classmethod
+    def from_hf(cls, raw: Mapping[str, Any], source: str = "preprocessor_config.json"):
+        """Reads a Hugging Face image processor config (ViT, ConvNext/ResNet, BiT styles)."""
+        size_cfg = raw.get("size", 224)
+        crop_cfg = raw.get("crop_size")
+        interpolation = _RESAMPLE.get(raw.get("resample", 2), "bilinear")
+        mean = tuple(raw.get("image_mean", IMAGENET_MEAN)) if raw.get("do_normalize", True) else (0.0,) * 3
+        std = tuple(raw.get("image_std", IMAGENET_STD)) if raw.get("do_normalize", True) else (1.0,) * 3
+        rescale = raw.get("rescale_factor", 1 / 255) if raw.get("do_rescale", True) else 1.0
+        resize: int | tuple[int, int] | None
+        if isinstance(size_cfg, Mapping) and "height" in size_cfg:
+            size = (int(size_cfg["height"]), int(size_cfg["width"]))
+            resize = None
+        else:
+            edge = int(size_cfg["shortest_edge"] if isinstance(size_cfg, Mapping) else size_cfg)
+            crop_pct = raw.get("crop_pct")
+            if crop_cfg is not None and raw.get("do_center_crop", True):
+                crop = crop_cfg if isinstance(crop_cfg, Mapping) else {"height": crop_cfg, "width": crop_cfg}
+                size, resize = (int(crop["height"]), int(crop["width"])), edge
+            elif crop_pct is not None and edge < 384:
+                # ConvNextImageProcessor: resize the short side to edge / crop_pct, crop edge.
+                size, resize = (edge, edge), int(edge / crop_pct)
+            else:
+                size, resize = (edge, edge), None
+        return cls(
+            size=size,
+            mean=tuple(float(m) for m in mean),
+            std=tuple(float(s) for s in std),
+            resize=resize,
+            rescale=float(rescale),
+            interpolation=interpolation,
+            source=source,
+        )
+
+
+def for_checkpoint(directory: str | None, default: ImagePreprocessing) -> ImagePreprocessing:
+    """The checkpoint's ``preprocessor_config.json`` if it has one, else the family's default."""
+    path = os.path.join(directory, "preprocessor_config.json") if directory else ""
+    if path and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return ImagePreprocessing.from_hf(json.load(f), source=path)
+    return default
+
+
+def torchvision_imagenet(crop: int = 224, resize: int = 256, interpolation: str = "bilinear"):
+    """torchvision's ImageNet eval recipe (its ``ImageClassification`` transform)."""
+    return ImagePreprocessing(
+        size=(crop, crop),
+        resize=resize,
+        interpolation=interpolation,
+        source="torchvision ImageNet defaults",
+    )
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _resize(pixels: np.ndarray, target: tuple[int, int], interpolation: str) -> np.ndarray:
+    if pixels.shape[:2] == tuple(target):
+        return pixels
+    # PIL's float mode ("F") resizes one channel at a time, at full precision.
+    channels = [
+        np.asarray(Image.fromarray(pixels[..., c]).resize(target[::-1], _PIL[interpolation]))
+        for c in range(pixels.shape[-1])
+    ]
+    return np.stack(channels, axis=-1)
