@@ -162,6 +162,7 @@ def load(
         forward=spec.forward,
         extras=extras,
         batch_stats=batch_stats,
+        export_fn=spec.export,
     )
 
 

@@ -62,6 +62,8 @@ class LoadedModel:
       extras: family-specific facts (pooling, max sequence length, tokenizer, preprocessing, ...).
       batch_stats: BatchNorm running statistics (the ``"batch_stats"`` collection); empty for
         families without BatchNorm.
+      export_fn: ``export_fn(params, batch_stats) -> (state_dict, config)`` in the source
+        format's names and layouts; used by :func:`jaxtl.export`.
     """
 
     family: str
@@ -77,3 +79,4 @@ class LoadedModel:
     forward: Callable[..., Any]
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
     batch_stats: Params = dataclasses.field(default_factory=dict)
+    export_fn: Callable[..., Any] | None = None

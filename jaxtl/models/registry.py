@@ -48,6 +48,10 @@ class ModelSpec:
       abstract_batch_stats: the ``"batch_stats"`` collection's shapes (BatchNorm running
         ``mean``/``var``), empty for families without BatchNorm. ``convert`` names checkpoint
         statistics ``"batch_stats/<module path>/mean"`` (and ``/var``).
+      export: ``export(params, batch_stats) -> (state_dict, config)``: the inverse of
+        ``convert``: tensors named and laid out as in the source format (numpy, PyTorch
+        layouts), and the config.json dict to write beside them (``None`` for state-dict formats
+        without one). ``None`` when the family cannot export.
     """
 
     config: Any
@@ -60,6 +64,7 @@ class ModelSpec:
     structure: Structure
     extras: dict[str, Any]
     abstract_batch_stats: Params = dataclasses.field(default_factory=dict)
+    export: Callable[[Params, Params], tuple[dict[str, np.ndarray], dict | None]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
