@@ -36,10 +36,12 @@ class RunResult:
     stopped_early: bool
     workdir: str | None
     params: Any = dataclasses.field(repr=False, default=None)
+    batch_stats: Any = dataclasses.field(repr=False, default=None)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("params")
+        d.pop("batch_stats")
         return d
 
 
@@ -135,6 +137,7 @@ def finetune(
         stopped_early=fit.stopped_early,
         workdir=workdir,
         params=fit.state.params,
+        batch_stats=fit.state.batch_stats,
     )
     if workdir and stop_at is None:  # a preempted run is not finished: no results yet
         _write_json(os.path.join(workdir, "results.json"), result.to_dict())

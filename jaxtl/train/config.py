@@ -58,6 +58,9 @@ class TrainConfig:
       seed: seeds params of new heads, dropout (``fold_in(seed key, step)``) and data order.
       log_every: steps between metric records in ``metrics.jsonl``.
       progress: show a progress bar; ``None``: only when stdout is a terminal.
+      train_bn: every BatchNorm layer normalizes with batch statistics and updates its running
+        averages, frozen or not. Off (the default), a BatchNorm layer trains only when the plan
+        trains its scale/bias; frozen ones run in inference mode with their running statistics.
     """
 
     epochs: int = 3
@@ -80,6 +83,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 20
     progress: bool | None = None
+    train_bn: bool = False
 
     def __post_init__(self):
         if isinstance(self.early_stopping, dict):

@@ -13,10 +13,13 @@ from flax import struct
 
 @struct.dataclass
 class TrainState:
-    """Params, optimizer state, step counter and the run's base RNG key.
+    """Params, BatchNorm statistics, optimizer state, step counter and the run's base RNG key.
 
-    ``apply_fn``, ``tx`` and ``task`` are static (not leaves): they define the computation,
-    so a change recompiles, and they are not written into checkpoints.
+    ``apply_fn``, ``tx``, ``task`` and ``bn_train`` are static (not leaves): they define the
+    computation, so a change recompiles, and they are not written into checkpoints.
+    ``apply_fn`` is the model's ``forward(params, batch_stats, batch, *, train, rng, bn_train)``;
+    ``bn_train`` lists the BatchNorm layers that normalize with batch statistics in training
+    (the others, e.g. a frozen backbone's, stay in inference mode).
 
     Per-step randomness is ``fold_in(rng, step)``: a resumed run draws the same dropout masks
     as an uninterrupted one without carrying a mutable key.
@@ -26,19 +29,23 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array
-    apply_fn: Callable[..., jax.Array] = struct.field(pytree_node=False)
+    apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     task: str = struct.field(pytree_node=False, default="classification")
+    batch_stats: Any = struct.field(default_factory=dict)
+    bn_train: tuple[str, ...] = struct.field(pytree_node=False, default=())
 
     @classmethod
     def create(
         cls,
         *,
-        apply_fn: Callable[..., jax.Array],
+        apply_fn: Callable[..., Any],
         params: Any,
         tx: optax.GradientTransformation,
         seed: int = 0,
         task: str = "classification",
+        batch_stats: Any = None,
+        bn_train: tuple[str, ...] = (),
     ) -> TrainState:
         return cls(
             step=jnp.zeros((), jnp.int32),
@@ -48,6 +55,8 @@ class TrainState:
             apply_fn=apply_fn,
             tx=tx,
             task=task,
+            batch_stats=batch_stats if batch_stats is not None else {},
+            bn_train=tuple(bn_train),
         )
 
     def checkpoint_tree(self) -> dict[str, Any]:
@@ -55,6 +64,7 @@ class TrainState:
         return {
             "step": self.step,
             "params": self.params,
+            "batch_stats": self.batch_stats,
             "opt_state": self.opt_state,
             "rng": self.rng,
         }

@@ -45,24 +45,29 @@ def metric_sums(outputs: jax.Array, labels: jax.Array, weight: jax.Array, task: 
     return sums
 
 
-def _loss_and_grads(state: TrainState, batch: dict) -> tuple[jax.Array, Any, dict]:
+def _loss_and_grads(state: TrainState, batch: dict) -> tuple[jax.Array, Any, Any, Any]:
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
-        outputs = state.apply_fn(params, batch, train=True, rng=rng)
+        outputs, batch_stats = state.apply_fn(
+            params, state.batch_stats, batch, train=True, rng=rng, bn_train=state.bn_train
+        )
         loss = jnp.mean(per_example_loss(outputs, batch["label"], state.task))
-        return loss, outputs
+        return loss, (outputs, batch_stats)
 
-    (loss, outputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return loss, grads, outputs
+    (loss, (outputs, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
+    return loss, grads, outputs, batch_stats
 
 
-def _apply_grads(state: TrainState, grads: Any) -> TrainState:
+def _apply_grads(state: TrainState, grads: Any, batch_stats: Any) -> TrainState:
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     return state.replace(
         step=state.step + 1,
         params=optax.apply_updates(state.params, updates),
         opt_state=opt_state,
+        batch_stats=batch_stats,
     )
 
 
@@ -77,13 +82,15 @@ def _train_metrics(loss, outputs, batch, task) -> dict:
 
 def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One optimizer step on a global batch (mean loss over its rows)."""
-    loss, grads, outputs = _loss_and_grads(state, batch)
-    return _apply_grads(state, grads), _train_metrics(loss, outputs, batch, state.task)
+    loss, grads, outputs, batch_stats = _loss_and_grads(state, batch)
+    return _apply_grads(state, grads, batch_stats), _train_metrics(
+        loss, outputs, batch, state.task
+    )
 
 
 def eval_step(state: TrainState, batch: dict) -> dict:
     """Weighted metric sums of one batch; padding rows have ``weight == 0``."""
-    outputs = state.apply_fn(state.params, batch, train=False)
+    outputs, _ = state.apply_fn(state.params, state.batch_stats, batch, train=False)
     weight = batch.get("weight", jnp.ones(batch["label"].shape[0], jnp.float32))
     return metric_sums(outputs, batch["label"], weight, state.task)
 
@@ -120,11 +127,15 @@ def place_state(state: TrainState, mesh: Mesh) -> TrainState:
 
 
 def _pmap_train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    loss, grads, outputs = _loss_and_grads(state, batch)
+    loss, grads, outputs, batch_stats = _loss_and_grads(state, batch)
     # Each device holds an equal share, so the mean of per-device mean grads is the global mean.
     grads = jax.lax.pmean(grads, PMAP_AXIS)
+    # BatchNorm under pmap normalizes each device's share on its own (like DDP without
+    # SyncBatchNorm); averaging the running statistics keeps the replicas identical. The jit path
+    # normalizes over the global batch and is the one to use for exact sharding invariance.
+    batch_stats = jax.lax.pmean(batch_stats, PMAP_AXIS)
     metrics = jax.lax.pmean(_train_metrics(loss, outputs, batch, state.task), PMAP_AXIS)
-    return _apply_grads(state, grads), metrics
+    return _apply_grads(state, grads, batch_stats), metrics
 
 
 def _pmap_eval_step(state: TrainState, batch: dict) -> dict:

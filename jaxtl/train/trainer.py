@@ -21,6 +21,8 @@ from jaxtl import parallel
 from jaxtl.checkpoint import Checkpointer
 from jaxtl.data.loader import ArrayLoader
 from jaxtl.models.base import LoadedModel
+from jaxtl.models.common import batch_norm_paths
+from jaxtl.rules import flatten
 from jaxtl.train import steps
 from jaxtl.train.config import TrainConfig
 from jaxtl.train.state import TrainState
@@ -118,13 +120,27 @@ class Trainer:
             clip_norm=self.config.clip_norm,
         )
         state = TrainState.create(
-            apply_fn=self.model.apply,
+            apply_fn=self.model.forward,
             params=self.model.params,
             tx=tx,
             seed=self.config.seed,
             task=self.model.task,
+            batch_stats=self.model.batch_stats,
+            bn_train=self.bn_train(),
         )
         return steps.place_state(state, self.mesh)
+
+    def bn_train(self) -> tuple[str, ...]:
+        """The BatchNorm layers that train: those whose scale/bias the plan trains, or every one
+        with ``config.train_bn``. The rest run in inference mode with their running statistics,
+        so a frozen BatchNorm backbone is the same fixed function it was when pretrained."""
+        layers = batch_norm_paths(self.model.batch_stats)
+        if self.config.train_bn:
+            return layers
+        mask = flatten(self.plan.trainable_mask(self.model.params))
+        return tuple(
+            p for p in layers if any(mask.get(f"{p}/{leaf}", False) for leaf in ("scale", "bias"))
+        )
 
     def _steps(self, state: TrainState):
         if self._compiled is None:
@@ -258,7 +274,7 @@ class Trainer:
                     if improved:
                         best = rec
                         if ckpt is None and cfg.restore_best:
-                            best_host_params = jax.device_get(state.params)
+                            best_host_params = jax.device_get((state.params, state.batch_stats))
                 es = cfg.early_stopping
                 if es is not None and es.metric in metrics:
                     prev = [h[es.metric] for h in history[:-1]]
@@ -345,9 +361,10 @@ class Trainer:
         if restore and best is not None and best["step"] != step:
             if ckpt is not None and ckpt.best_step() is not None:
                 tree, _ = ckpt.restore_best(state.checkpoint_tree())
-                state = state.replace(params=tree["params"])
+                state = state.replace(params=tree["params"], batch_stats=tree["batch_stats"])
             elif host_params is not None:
-                state = state.replace(params=parallel.put_replicated(host_params, self.mesh))
+                params, batch_stats = parallel.put_replicated(host_params, self.mesh)
+                state = state.replace(params=params, batch_stats=batch_stats)
         if ckpt is not None:
             ckpt.close()
         return FitResult(state, history, best, stopped_early, seconds, step)
