@@ -11,7 +11,9 @@ Load a public pretrained checkpoint, declare what trains, fine-tune on a device 
 """
 
 from jaxtl import data
+from jaxtl.exporting import export
 from jaxtl.loading import load
+from jaxtl.models.registry import list_models
 from jaxtl.models.base import LoadedModel, Structure
 from jaxtl.run import RunResult, evaluate_run, finetune
 from jaxtl.strategies import Group, Plan, make_plan
@@ -32,7 +34,9 @@ __all__ = [
     "Trainer",
     "data",
     "evaluate_run",
+    "export",
     "finetune",
+    "list_models",
     "load",
     "make_plan",
 ]

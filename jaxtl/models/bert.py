@@ -20,7 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.models.base import Structure
-from jaxtl.models.common import ACTIVATIONS, abstract_params, init_normal_leaf, make_apply
+from jaxtl.models.common import (
+    ACTIVATIONS,
+    abstract_params,
+    flat_numpy,
+    hf_export_config,
+    init_normal_leaf,
+    make_apply,
+)
 from jaxtl.models.registry import ModelSpec
 
 POOLINGS = ("cls", "mean")
@@ -341,6 +348,23 @@ def convert_hf_checkpoint(tensors: Mapping[str, np.ndarray]) -> dict[str, np.nda
     return out
 
 
+def export_hf_checkpoint(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The inverse of :func:`convert_hf_checkpoint`: HF names (``bert.`` prefixed) and torch
+    layouts (Linear weights ``(out, in)``)."""
+    out: dict[str, np.ndarray] = {}
+    for path, array in flat_numpy(params).items():
+        *module, leaf = path.split("/")
+        names = module
+        if module[:2] == ["bert", "encoder"]:  # bert/encoder/layer_N -> bert.encoder.layer.N
+            names = [*module[:2], "layer", module[2].removeprefix("layer_"), *module[3:]]
+        if leaf == "kernel":
+            leaf, array = "weight", array.T
+        elif leaf in ("scale", "embedding"):
+            leaf = "weight"
+        out[".".join([*names, leaf])] = np.ascontiguousarray(array)
+    return out
+
+
 def build(
     directory: str,
     raw_config: Mapping[str, Any],
@@ -367,6 +391,16 @@ def build(
     apply, forward = make_apply(module, ("input_ids", "attention_mask", "token_type_ids"))
 
     has_head = task != "features"
+    # HF's BertForSequenceClassification classifies from the pooler ([CLS]); a mean-pooled head
+    # has no HF class, so it is exported beside a plain BertModel (jaxtl.load reads it back).
+    architecture = "BertForSequenceClassification" if has_head and pooling == "cls" else "BertModel"
+
+    def export(params, batch_stats):
+        del batch_stats
+        return export_hf_checkpoint(params), hf_export_config(
+            raw_config, architecture, num_labels, task
+        )
+
     structure = Structure(
         stem=("bert/embeddings",),
         blocks=tuple(f"bert/encoder/layer_{i}" for i in range(config.num_hidden_layers)),
@@ -388,4 +422,5 @@ def build(
         forward=forward,
         structure=structure,
         extras=extras,
+        export=export,
     )

@@ -210,3 +210,27 @@ def adapt_input_channels(kernel: np.ndarray, in_channels: int, axis: int = -2) -
     index = [slice(None)] * kernel.ndim
     index[axis] = slice(0, in_channels)
     return tiled[tuple(index)] * (have / in_channels)
+
+
+def hf_export_config(
+    raw_config: Mapping[str, Any], architecture: str, num_labels: int, task: str
+) -> dict[str, Any]:
+    """The source config.json updated for an exported head: architectures, label count, problem
+    type. Everything else (sizes, activation, token ids) is kept as the checkpoint declared it."""
+    config = {k: v for k, v in raw_config.items() if k not in ("id2label", "label2id")}
+    config["architectures"] = [architecture]
+    if task in ("classification", "regression"):
+        config["num_labels"] = num_labels
+        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+        config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+        config["problem_type"] = (
+            "regression" if task == "regression" else "single_label_classification"
+        )
+    return config
+
+
+def flat_numpy(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``{"/"-joined path: np.ndarray}`` of a (possibly device-resident) param tree."""
+    from jaxtl.rules import flatten  # local: rules imports nothing from models, keep it so
+
+    return {p: np.asarray(jax.device_get(v)) for p, v in flatten(tree).items()}

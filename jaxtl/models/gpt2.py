@@ -23,7 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.models.base import LoadedModel, Structure
-from jaxtl.models.common import ACTIVATIONS, abstract_params, init_normal_leaf, make_apply
+from jaxtl.models.common import (
+    ACTIVATIONS,
+    abstract_params,
+    flat_numpy,
+    hf_export_config,
+    init_normal_leaf,
+    make_apply,
+)
 from jaxtl.models.registry import ModelSpec
 
 TASKS = ("classification", "regression", "features", "causal_lm")
@@ -360,6 +367,34 @@ def convert_hf_checkpoint(tensors: Mapping[str, np.ndarray]) -> dict[str, np.nda
     return out
 
 
+def export_hf_checkpoint(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The inverse of :func:`convert_hf_checkpoint`: ``transformer.``-prefixed HF names; Conv1D
+    kernels stay ``(in, out)``, the ``score`` Linear goes back to ``(out, in)``. The tied
+    ``lm_head`` is not written (transformers re-ties it to ``wte``)."""
+    out: dict[str, np.ndarray] = {}
+    for path, array in flat_numpy(params).items():
+        *module, leaf = path.split("/")
+        if module == ["score"]:
+            names, leaf, array = ["score"], "weight", array.T
+        else:  # transformer/h_N/... -> transformer.h.N...
+            names = (
+                [module[0], *module[1].split("_", 1), *module[2:]]
+                if module[1].startswith("h_")
+                else module
+            )
+            leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+        out[".".join([*names, leaf])] = np.ascontiguousarray(array)
+    return out
+
+
+_ARCHITECTURES = {
+    "classification": "GPT2ForSequenceClassification",
+    "regression": "GPT2ForSequenceClassification",
+    "causal_lm": "GPT2LMHeadModel",
+    "features": "GPT2Model",
+}
+
+
 def build(
     directory: str,
     raw_config: Mapping[str, Any],
@@ -403,6 +438,13 @@ def build(
         "hidden_size": config.n_embd,
         "vocab_size": config.vocab_size,
     }
+
+    def export(params, batch_stats):
+        del batch_stats
+        return export_hf_checkpoint(params), hf_export_config(
+            raw_config, _ARCHITECTURES[task], num_labels, task
+        )
+
     return ModelSpec(
         config=config,
         module=module,
@@ -413,4 +455,5 @@ def build(
         forward=forward,
         structure=structure,
         extras=extras,
+        export=export,
     )

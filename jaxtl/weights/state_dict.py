@@ -71,7 +71,7 @@ def _read_pickle(path: str) -> Mapping[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError (or RuntimeError on older versions)
         raise UnsafeCheckpointError(
-            f"Refused to load {path}: torch.load(weights_only=True) rejected it ({e}). The file "
+            f"Refused to load {path}: torch.load(weights_only=True) rejected it ({_reason(e)}). The file "
             "holds objects other than tensors, and unpickling them could run arbitrary code, so "
             "jaxtl does not fall back to full unpickling. Get the weights as .safetensors, or, "
             "only if you trust the file's origin, re-save just its state dict yourself."
@@ -81,7 +81,18 @@ def _read_pickle(path: str) -> Mapping[str, Any]:
             if isinstance(obj.get(key), Mapping) and not _is_tensor(obj.get(key)):
                 return obj[key]
         return obj
-    raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict (a name -> tensor map).")
+    raise ValueError(
+        f"{path} holds a {type(obj).__name__}, not a state dict (a name -> tensor map)."
+    )
+
+
+def _reason(error: Exception) -> str:
+    """torch's one informative line (e.g. "Unsupported global: GLOBAL builtins.exec ...")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(". Please use")[0].strip()
+    return lines[0] if lines else type(error).__name__
 
 
 def _is_tensor(value: Any) -> bool:
