@@ -56,7 +56,9 @@ class ImagePreprocessing:
 
     def __post_init__(self) -> None:
         if self.interpolation not in _PIL:
-            raise ValueError(f"interpolation must be one of {sorted(_PIL)}, got {self.interpolation!r}.")
+            raise ValueError(
+                f"interpolation must be one of {sorted(_PIL)}, got {self.interpolation!r}."
+            )
         if len(self.mean) != len(self.std):
             raise ValueError(f"mean {self.mean} and std {self.std} differ in length.")
 
@@ -132,8 +134,16 @@ class ImagePreprocessing:
         size_cfg = raw.get("size", 224)
         crop_cfg = raw.get("crop_size")
         interpolation = _RESAMPLE.get(raw.get("resample", 2), "bilinear")
-        mean = tuple(raw.get("image_mean", IMAGENET_MEAN)) if raw.get("do_normalize", True) else (0.0,) * 3
-        std = tuple(raw.get("image_std", IMAGENET_STD)) if raw.get("do_normalize", True) else (1.0,) * 3
+        mean = (
+            tuple(raw.get("image_mean", IMAGENET_MEAN))
+            if raw.get("do_normalize", True)
+            else (0.0,) * 3
+        )
+        std = (
+            tuple(raw.get("image_std", IMAGENET_STD))
+            if raw.get("do_normalize", True)
+            else (1.0,) * 3
+        )
         rescale = raw.get("rescale_factor", 1 / 255) if raw.get("do_rescale", True) else 1.0
         resize: int | tuple[int, int] | None
         if isinstance(size_cfg, Mapping) and "height" in size_cfg:
@@ -143,7 +153,11 @@ class ImagePreprocessing:
             edge = int(size_cfg["shortest_edge"] if isinstance(size_cfg, Mapping) else size_cfg)
             crop_pct = raw.get("crop_pct")
             if crop_cfg is not None and raw.get("do_center_crop", True):
-                crop = crop_cfg if isinstance(crop_cfg, Mapping) else {"height": crop_cfg, "width": crop_cfg}
+                crop = (
+                    crop_cfg
+                    if isinstance(crop_cfg, Mapping)
+                    else {"height": crop_cfg, "width": crop_cfg}
+                )
                 size, resize = (int(crop["height"]), int(crop["width"])), edge
             elif crop_pct is not None and edge < 384:
                 # ConvNextImageProcessor: resize the short side to edge / crop_pct, crop edge.

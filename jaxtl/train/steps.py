@@ -55,9 +55,7 @@ def _loss_and_grads(state: TrainState, batch: dict) -> tuple[jax.Array, Any, Any
         loss = jnp.mean(per_example_loss(outputs, batch["label"], state.task))
         return loss, (outputs, batch_stats)
 
-    (loss, (outputs, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params
-    )
+    (loss, (outputs, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return loss, grads, outputs, batch_stats
 
 
@@ -83,9 +81,7 @@ def _train_metrics(loss, outputs, batch, task) -> dict:
 def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One optimizer step on a global batch (mean loss over its rows)."""
     loss, grads, outputs, batch_stats = _loss_and_grads(state, batch)
-    return _apply_grads(state, grads, batch_stats), _train_metrics(
-        loss, outputs, batch, state.task
-    )
+    return _apply_grads(state, grads, batch_stats), _train_metrics(loss, outputs, batch, state.task)
 
 
 def eval_step(state: TrainState, batch: dict) -> dict:
