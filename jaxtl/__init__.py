@@ -13,8 +13,8 @@ Load a public pretrained checkpoint, declare what trains, fine-tune on a device 
 from jaxtl import data
 from jaxtl.exporting import export
 from jaxtl.loading import load
-from jaxtl.models.registry import list_models
 from jaxtl.models.base import LoadedModel, Structure
+from jaxtl.models.registry import list_models
 from jaxtl.run import RunResult, evaluate_run, finetune
 from jaxtl.strategies import Group, Plan, make_plan
 from jaxtl.train import EarlyStopping, FitResult, TrainConfig, Trainer, TrainState

@@ -79,7 +79,7 @@ def export(
     if os.path.exists(target) and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it.")
     os.makedirs(directory, exist_ok=True)
-    tensors = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
+    tensors = {k: np.asarray(v, order="C") for k, v in state_dict.items()}  # keeps 0-d shapes
     safetensors.numpy.save_file(tensors, target, metadata={"format": "pt"})
     if config is None:
         return target

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import builtins
 import os
-import pickle
 import sys
 
 import numpy as np

