@@ -11,6 +11,7 @@ Load a public pretrained checkpoint, declare what trains, fine-tune on a device 
 """
 
 from jaxtl import data
+from jaxtl.adabn import adapt_batch_norm
 from jaxtl.exporting import export
 from jaxtl.loading import load
 from jaxtl.models.base import LoadedModel, Structure
@@ -32,6 +33,7 @@ __all__ = [
     "TrainConfig",
     "TrainState",
     "Trainer",
+    "adapt_batch_norm",
     "data",
     "evaluate_run",
     "export",

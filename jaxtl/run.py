@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from jaxtl import report, strategies
-from jaxtl.data import sources, text
+from jaxtl.data import images, sources, text
 from jaxtl.models.base import LoadedModel
 from jaxtl.train import TrainConfig, Trainer
 
@@ -45,11 +45,20 @@ class RunResult:
         return d
 
 
-def encode_splits(model: LoadedModel, data: sources.TextSplits) -> tuple[dict, dict]:
-    """Tokenize every split to one padded length (the longest text, within the model's limit).
+def encode_splits(
+    model: LoadedModel, data: sources.TextSplits | images.ImageSplits
+) -> tuple[dict, dict]:
+    """The model's inputs for every split: images through the model's preprocessing, or texts
+    tokenized to one padded length (the longest text, within the model's limit).
 
-    Returns ``{split: arrays with 'label'}`` and facts worth logging (length, truncations).
+    Returns ``{split: arrays with 'label'}`` and facts worth logging (sizes, length, truncations).
     """
+    if isinstance(data, images.ImageSplits):
+        if "preprocessing" not in model.extras:
+            raise ValueError(f"The {model.family!r} model does not read images.")
+        return images.encode(model.extras["preprocessing"], data)
+    if "preprocessing" in model.extras:
+        raise ValueError(f"The {model.family!r} model reads images, but {data.name!r} is text.")
     tokenizer = model.extras.get("tokenizer")
     if tokenizer is None:
         raise ValueError(
@@ -108,9 +117,13 @@ def finetune(
     name = name or plan.name
     arrays, facts = encode_splits(model, data)
     if verbose:
+        shape = (
+            f"image size {facts['image_size']}"
+            if "image_size" in facts
+            else f"padded length {facts['length']}, truncated {facts['truncated']}"
+        )
         print(
-            f"\n== {name}: {model.family} ({model.path}) on {data.name} {facts['sizes']}, "
-            f"padded length {facts['length']}, truncated {facts['truncated']}"
+            f"\n== {name}: {model.family} ({model.path}) on {data.name} {facts['sizes']}, {shape}"
         )
         print(plan.table(model.params))
     if workdir:

@@ -1,19 +1,22 @@
-"""Data: labeled sources, tokenization and batch loaders."""
+"""Data: labeled text and image sources, tokenization / preprocessing and batch loaders."""
 
 from __future__ import annotations
 
+from jaxtl.data.images import ImageSplits, digits
 from jaxtl.data.loader import ArrayLoader
 from jaxtl.data.sources import TextSplits, from_table, read_table, split, vader
 from jaxtl.data.text import encode
 
 
-def resolve(spec: dict, *, num_labels: int, task: str) -> TextSplits:
+def resolve(spec: dict, *, num_labels: int, task: str) -> TextSplits | ImageSplits:
     """Rebuild a dataset from the JSON spec that a run directory records.
 
-    ``{"kind": "vader"}`` or ``{"kind": "table", "path": ..., "text_column": ...,
-    "label_column": ..., "seed": 0}``.
+    ``{"kind": "vader"}``, ``{"kind": "digits", "per_class": 10 or None, "seed": 0}`` or
+    ``{"kind": "table", "path": ..., "text_column": ..., "label_column": ..., "seed": 0}``.
     """
     kind = spec.get("kind")
+    if kind == "digits":
+        return digits(spec.get("per_class"), seed=spec.get("seed", 0))
     if kind == "vader":
         return vader(spec.get("path"))
     if kind == "table":
@@ -25,11 +28,13 @@ def resolve(spec: dict, *, num_labels: int, task: str) -> TextSplits:
             task=task,
             seed=spec.get("seed", 0),
         )
-    raise ValueError(f"Unknown data kind {kind!r}: expected 'vader' or 'table'.")
+    raise ValueError(f"Unknown data kind {kind!r}: expected 'vader', 'digits' or 'table'.")
 
 
 __all__ = [
     "ArrayLoader",
+    "ImageSplits",
+    "digits",
     "TextSplits",
     "encode",
     "from_table",
