@@ -18,6 +18,7 @@ import numpy as np
 from jaxtl import report, strategies
 from jaxtl.data import images, sources, text
 from jaxtl.models.base import LoadedModel
+from jaxtl.models.preprocessing import ImagePreprocessing
 from jaxtl.train import TrainConfig, Trainer
 
 SPLITS = ("train", "validation", "test")
@@ -187,7 +188,11 @@ def evaluate_run(run_dir: str, which: str = "best") -> dict:
         num_labels=m["num_labels"],
         pooling=m.get("pooling"),
         pretrained=False,
+        image_size=m.get("image_size"),
+        in_channels=m.get("in_channels"),
     )
+    if "preprocessing" in m:  # the run's own image recipe (e.g. a preset's plain resize)
+        model.extras["preprocessing"] = ImagePreprocessing.from_dict(m["preprocessing"])
     data = resolve(info["data"], num_labels=model.num_labels, task=model.task)
     config = TrainConfig(**{k: v for k, v in info["config"].items()})
     plan = strategies.make_plan(info["recipe"], model.structure)

@@ -69,6 +69,20 @@ class ImagePreprocessing:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ImagePreprocessing:
+        """The inverse of :meth:`to_dict` (JSON turned the tuples into lists)."""
+        resize = d.get("resize")
+        return cls(
+            size=tuple(d["size"]),
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            resize=tuple(resize) if isinstance(resize, list) else resize,
+            rescale=d.get("rescale", 1 / 255),
+            interpolation=d.get("interpolation", "bilinear"),
+            source=d.get("source", ""),
+        )
+
     def with_channels(self, channels: int) -> ImagePreprocessing:
         """The same recipe for ``channels`` inputs: grayscale uses the mean of the RGB values."""
         if channels == self.channels:

@@ -18,11 +18,12 @@ import jax
 import numpy as np
 
 from jaxtl import parallel
+from jaxtl.adabn import adapt_batch_norm
 from jaxtl.checkpoint import Checkpointer
 from jaxtl.data.loader import ArrayLoader
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.common import batch_norm_paths
-from jaxtl.rules import flatten
+from jaxtl.rules import flatten, unflatten
 from jaxtl.train import steps
 from jaxtl.train.config import TrainConfig
 from jaxtl.train.state import TrainState
@@ -142,6 +143,23 @@ class Trainer:
             p for p in layers if any(mask.get(f"{p}/{leaf}", False) for leaf in ("scale", "bias"))
         )
 
+    def _precise_bn(self, state: TrainState, train: ArrayLoader) -> TrainState:
+        """``config.precise_bn``: exact statistics of the training BatchNorm layers on the first
+        training examples (a fixed, unshuffled slice, so a resumed run recomputes the same)."""
+        n = min(self.config.precise_bn, train.num_examples)
+        if not n or not state.bn_train:
+            return state
+        stats = adapt_batch_norm(
+            self.model,
+            train.arrays["pixel_values"][:n],
+            params=jax.device_get(state.params),
+            batch_stats=jax.device_get(state.batch_stats),
+            batch_size=self.eval_batch_size,
+        )
+        frozen = [p for p in batch_norm_paths(stats) if p not in state.bn_train]
+        stats = _keep_layers(stats, jax.device_get(state.batch_stats), frozen)
+        return state.replace(batch_stats=parallel.put_replicated(stats, self.mesh))
+
     def _steps(self, state: TrainState):
         if self._compiled is None:
             self._compiled = steps.compile_steps(state, self.mesh)
@@ -254,10 +272,11 @@ class Trainer:
             pending, t_log, samples_since = [], now, 0
 
         def evaluate_and_checkpoint():
-            nonlocal best, bad_evals, stopped_early, best_host_params
+            nonlocal best, bad_evals, stopped_early, best_host_params, state
             flush_train_metrics()
             rec: dict[str, Any] = {"split": "val", "step": step, "epoch": step / spe}
             metrics = {}
+            state = self._precise_bn(state, train)
             improved = False
             if val is not None:
                 metrics = {f"val_{k}": v for k, v in self.evaluate(state, val).items()}
@@ -368,6 +387,15 @@ class Trainer:
         if ckpt is not None:
             ckpt.close()
         return FitResult(state, history, best, stopped_early, seconds, step)
+
+
+def _keep_layers(new: Any, old: Any, layers: list[str]) -> Any:
+    """``new`` statistics, except ``layers`` (frozen BatchNorms), which keep ``old``."""
+    flat_new, flat_old = flatten(new), flatten(old)
+    for path in flat_new:
+        if path.rsplit("/", 1)[0] in layers:
+            flat_new[path] = flat_old[path]
+    return unflatten(flat_new)
 
 
 def _progress(total: int, initial: int, enabled: bool | None):
