@@ -41,8 +41,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--task",
         default="classification",
-        choices=["classification", "regression"],
-        help="classification head (cross-entropy) or regression (num_labels=1, MSE)",
+        choices=["classification", "regression", "causal_lm"],
+        help="classification head (cross-entropy), regression (num_labels=1, MSE), or causal_lm "
+        "(next-token LM on the text column alone; families with an LM head, e.g. GPT-2)",
     )
     p.add_argument("--num-labels", type=int, default=2, help="classes of the new head (default 2)")
     p.add_argument(
@@ -349,7 +350,7 @@ def _evaluate(args) -> int:
     rows = []
     for d in dirs:
         r = run.evaluate_run(d, args.checkpoint)
-        metric = "accuracy" if "accuracy" in r["test"] else "loss"
+        metric = report.headline_metric(r["test"])
         rows.append(
             [
                 os.path.basename(d),

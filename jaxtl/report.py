@@ -60,9 +60,15 @@ def _fmt(c) -> str:
     return "" if c is None else str(c)
 
 
+def headline_metric(*metrics: dict) -> str:
+    """The metric a table leads with: perplexity (causal LM), accuracy (classification), else
+    loss (regression)."""
+    return next((m for m in ("perplexity", "accuracy") if any(m in d for d in metrics)), "loss")
+
+
 def comparison_rows(results: Sequence[dict], reference: dict | None = None) -> tuple[list, list]:
     """Headers and rows comparing finished arms (``results.json`` dicts)."""
-    metric = "accuracy" if any("accuracy" in r["test"] for r in results) else "loss"
+    metric = headline_metric(*(r["test"] for r in results))
     headers = ["run", f"test {metric}", f"best val {metric}", "train time (s)", "steps"]
     if reference:
         headers.append(f"reference test {metric}")

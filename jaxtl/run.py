@@ -52,7 +52,8 @@ def encode_splits(
     """The model's inputs for every split: images through the model's preprocessing, or texts
     tokenized to one padded length (the longest text, within the model's limit).
 
-    Returns ``{split: arrays with 'label'}`` and facts worth logging (sizes, length, truncations).
+    Returns ``{split: arrays with 'label'}`` (no labels for a causal LM: its targets are the
+    next tokens) and facts worth logging (sizes, length, truncations).
     """
     if isinstance(data, images.ImageSplits):
         if "preprocessing" not in model.extras:
@@ -78,7 +79,8 @@ def encode_splits(
         texts, labels = getattr(data, s)
         stop = start + len(texts)
         out[s] = {k: v[start:stop] for k, v in encoded.items()}
-        out[s]["label"] = np.asarray(labels)
+        if labels is not None and model.task != "causal_lm":  # an LM's targets are its inputs
+            out[s]["label"] = np.asarray(labels)
         start = stop
     return out, {"length": int(length), "truncated": truncated, "sizes": data.sizes()}
 

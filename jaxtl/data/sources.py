@@ -17,11 +17,12 @@ import numpy as np
 
 @dataclasses.dataclass
 class TextSplits:
-    """Texts and labels per split; ``label_names[i]`` names integer label ``i`` (classification)."""
+    """Texts and labels per split; ``label_names[i]`` names integer label ``i`` (classification).
+    Unlabeled text (for a causal LM) has ``None`` in place of each labels array."""
 
-    train: tuple[list[str], np.ndarray]
-    validation: tuple[list[str], np.ndarray]
-    test: tuple[list[str], np.ndarray]
+    train: tuple[list[str], np.ndarray | None]
+    validation: tuple[list[str], np.ndarray | None]
+    test: tuple[list[str], np.ndarray | None]
     label_names: list[str] | None = None
     name: str = "data"
 
@@ -37,13 +38,14 @@ def split_indices(n: int, seed: int = 0, fractions=(0.8, 0.1)) -> tuple[np.ndarr
     return perm[:a], perm[a:b], perm[b:]
 
 
-def _take(texts: Sequence[str], labels: np.ndarray, idx: np.ndarray):
-    return [texts[i] for i in idx], labels[idx]
+def _take(texts: Sequence[str], labels: np.ndarray | None, idx: np.ndarray):
+    return [texts[i] for i in idx], None if labels is None else labels[idx]
 
 
-def split(texts, labels, *, seed=0, label_names=None, name="data") -> TextSplits:
-    """Split one labeled list 80/10/10 with :func:`split_indices`."""
-    labels = np.asarray(labels)
+def split(texts, labels=None, *, seed=0, label_names=None, name="data") -> TextSplits:
+    """Split one list of texts (labeled, or not for a causal LM) 80/10/10 with
+    :func:`split_indices`."""
+    labels = None if labels is None else np.asarray(labels)
     if len(texts) == 0:
         raise ValueError(f"The dataset {name!r} is empty: there is nothing to train on.")
     tr, va, te = split_indices(len(texts), seed)
@@ -95,9 +97,10 @@ def vader(path: str | None = None, min_abs: float = 0.5) -> TextSplits:
 
 
 def read_table(
-    path: str, text_column: str = "text", label_column: str = "label"
-) -> tuple[list[str], list]:
-    """Read texts and raw labels from a ``.csv`` or ``.jsonl``/``.json`` file with named columns."""
+    path: str, text_column: str = "text", label_column: str | None = "label"
+) -> tuple[list[str], list | None]:
+    """Read texts and raw labels from a ``.csv`` or ``.jsonl``/``.json`` file with named columns
+    (``label_column=None``: texts only, labels ``None``)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"Data file not found: {path!r}. Pass an existing .csv or .jsonl file."
@@ -124,11 +127,12 @@ def read_table(
         raise ValueError(f"Unsupported data file type {ext!r} for {path!r}: use .csv or .jsonl.")
     if not rows:
         raise ValueError(f"The data file {path!r} has no rows: there is nothing to train on.")
-    return [str(r[text_column]) for r in rows], [r[label_column] for r in rows]
+    texts = [str(r[text_column]) for r in rows]
+    return texts, None if label_column is None else [r[label_column] for r in rows]
 
 
-def _check_columns(where: str, columns, text_column: str, label_column: str) -> None:
-    missing = [c for c in (text_column, label_column) if c not in columns]
+def _check_columns(where: str, columns, text_column: str, label_column: str | None) -> None:
+    missing = [c for c in (text_column, label_column) if c is not None and c not in columns]
     if missing:
         raise ValueError(
             f"{where} has no column(s) {missing}; found {list(columns)}. "
@@ -167,7 +171,11 @@ def encode_labels(raw: Sequence, num_labels: int, task: str, where: str = "data"
 def from_table(
     path, *, text_column="text", label_column="label", num_labels=2, task="classification", seed=0
 ) -> TextSplits:
-    """A user file split 80/10/10 like the embedded data."""
+    """A user file split 80/10/10 like the embedded data; ``task="causal_lm"`` reads only the
+    text column."""
+    if task == "causal_lm":
+        texts, _ = read_table(path, text_column, None)
+        return split(texts, None, seed=seed, name=os.path.basename(path))
     texts, raw = read_table(path, text_column, label_column)
     labels, names = encode_labels(raw, num_labels, task, where=path)
     if names is not None and len(names) != num_labels:

@@ -426,11 +426,18 @@ def build(
     apply, forward = make_apply(module, ("input_ids", "attention_mask"))
 
     has_head = task in ("classification", "regression")
+    # The LM's output layer is wte itself (tied), which is also the input embedding; its own
+    # output-side params are the final LayerNorm, so that is the "head" that linear_probe,
+    # bitfit and last_n train for task="causal_lm" (wte trains only under full).
+    if task == "causal_lm":
+        head, neck = ("transformer/ln_f",), ()
+    else:
+        head, neck = ("score",) if has_head else (), ("transformer/ln_f",)
     structure = Structure(
         stem=("transformer/wte", "transformer/wpe"),
         blocks=tuple(f"transformer/h_{i}" for i in range(config.n_layer)),
-        neck=("transformer/ln_f",),
-        head=("score",) if has_head else (),
+        neck=neck,
+        head=head,
     )
     extras = {
         "pooling": "last" if has_head else None,

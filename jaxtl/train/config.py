@@ -110,7 +110,9 @@ class TrainConfig:
         """``(metric, mode)`` that ranks evaluations for this task."""
         if self.best_metric is not None:
             return self.best_metric, self.best_mode
-        return ("val_loss", "min") if task == "regression" else ("val_accuracy", "max")
+        if task in ("regression", "causal_lm"):
+            return "val_loss", "min"
+        return "val_accuracy", "max"
 
     def total_steps(self, steps_per_epoch: int) -> int:
         return self.max_steps if self.max_steps is not None else self.epochs * steps_per_epoch

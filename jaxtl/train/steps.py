@@ -25,24 +25,59 @@ from jaxtl.train.state import TrainState
 PMAP_AXIS = "batch"
 
 
+def _targets(outputs: jax.Array, batch: dict, task: str):
+    """``(predictions, targets, weights)``: what each loss term compares, padding weighted 0.
+
+    Classification and regression score one prediction per row (``weight`` is 0 for the padding
+    rows of a last eval batch). A causal LM scores every next token: position ``t`` predicts
+    token ``t + 1``, and targets that are padding (``attention_mask == 0``) are weighted out, as
+    transformers does with ``labels == -100``.
+    """
+    weight = batch.get("weight")
+    if weight is None:
+        weight = jnp.ones(outputs.shape[0], jnp.float32)
+    weight = weight.astype(jnp.float32)
+    if task == "causal_lm":
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        mask = jnp.ones_like(ids) if mask is None else mask
+        return outputs[:, :-1], ids[:, 1:], mask[:, 1:].astype(jnp.float32) * weight[:, None]
+    return outputs, batch["label"], weight
+
+
 def per_example_loss(outputs: jax.Array, labels: jax.Array, task: str) -> jax.Array:
-    """Cross-entropy for classification; squared error for regression (``num_labels == 1``)."""
+    """Cross-entropy for classification and causal LM (per token); squared error for
+    regression (``num_labels == 1``)."""
     if task == "regression":
         return jnp.square(outputs[..., 0].astype(jnp.float32) - labels.astype(jnp.float32))
     return optax.softmax_cross_entropy_with_integer_labels(outputs.astype(jnp.float32), labels)
 
 
-def metric_sums(outputs: jax.Array, labels: jax.Array, weight: jax.Array, task: str) -> dict:
-    """Weighted sums (not means) so that batches, devices and hosts add up exactly."""
-    weight = weight.astype(jnp.float32)
+def metric_sums(outputs: jax.Array, batch: dict, task: str) -> dict:
+    """Weighted sums (not means) so that batches, devices and hosts add up exactly.
+
+    ``count`` is the number of scored predictions: examples, or target tokens for a causal LM
+    (which also reports ``examples``, its real rows).
+    """
+    preds, targets, weight = _targets(outputs, batch, task)
     sums = {
-        "loss_sum": jnp.sum(per_example_loss(outputs, labels, task) * weight),
+        "loss_sum": jnp.sum(per_example_loss(preds, targets, task) * weight),
         "count": jnp.sum(weight),
     }
     if task != "regression":
-        correct = (jnp.argmax(outputs, axis=-1) == labels).astype(jnp.float32)
+        correct = (jnp.argmax(preds, axis=-1) == targets).astype(jnp.float32)
         sums["correct"] = jnp.sum(correct * weight)
+    if task == "causal_lm":
+        sums["examples"] = jnp.sum(batch.get("weight", jnp.ones(preds.shape[0], jnp.float32)))
     return sums
+
+
+def mean_loss(outputs: jax.Array, batch: dict, task: str) -> jax.Array:
+    """The training objective: the weighted mean of :func:`per_example_loss` over the batch
+    (over its non-padding target tokens for a causal LM)."""
+    preds, targets, weight = _targets(outputs, batch, task)
+    total = jnp.sum(per_example_loss(preds, targets, task) * weight)
+    return total / jnp.maximum(jnp.sum(weight), 1.0)
 
 
 def _loss_and_grads(state: TrainState, batch: dict) -> tuple[jax.Array, Any, Any, Any]:
@@ -52,7 +87,7 @@ def _loss_and_grads(state: TrainState, batch: dict) -> tuple[jax.Array, Any, Any
         outputs, batch_stats = state.apply_fn(
             params, state.batch_stats, batch, train=True, rng=rng, bn_train=state.bn_train
         )
-        loss = jnp.mean(per_example_loss(outputs, batch["label"], state.task))
+        loss = mean_loss(outputs, batch, state.task)
         return loss, (outputs, batch_stats)
 
     (loss, (outputs, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -72,9 +107,8 @@ def _apply_grads(state: TrainState, grads: Any, batch_stats: Any) -> TrainState:
 def _train_metrics(loss, outputs, batch, task) -> dict:
     metrics = {"loss": loss}
     if task != "regression":
-        metrics["accuracy"] = jnp.mean(
-            (jnp.argmax(outputs, axis=-1) == batch["label"]).astype(jnp.float32)
-        )
+        sums = metric_sums(outputs, batch, task)
+        metrics["accuracy"] = sums["correct"] / jnp.maximum(sums["count"], 1.0)
     return metrics
 
 
@@ -87,8 +121,7 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
 def eval_step(state: TrainState, batch: dict) -> dict:
     """Weighted metric sums of one batch; padding rows have ``weight == 0``."""
     outputs, _ = state.apply_fn(state.params, state.batch_stats, batch, train=False)
-    weight = batch.get("weight", jnp.ones(batch["label"].shape[0], jnp.float32))
-    return metric_sums(outputs, batch["label"], weight, state.task)
+    return metric_sums(outputs, batch, state.task)
 
 
 def compile_steps(state: TrainState, mesh: Mesh):

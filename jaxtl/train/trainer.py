@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -28,6 +29,8 @@ from jaxtl.train import steps
 from jaxtl.train.config import TrainConfig
 from jaxtl.train.state import TrainState
 
+TRAINABLE_TASKS = ("classification", "regression", "causal_lm")
+
 
 @dataclasses.dataclass
 class FitResult:
@@ -44,9 +47,13 @@ class FitResult:
 def summarize(sums: dict) -> dict:
     """Metric sums (from ``eval_step``) -> means."""
     count = float(sums["count"])
-    out = {"loss": float(sums["loss_sum"]) / count, "examples": int(round(count))}
+    loss = float(sums["loss_sum"]) / count
+    out = {"loss": loss, "examples": int(round(float(sums.get("examples", count))))}
     if "correct" in sums:
         out["accuracy"] = float(sums["correct"]) / count
+    if "examples" in sums:  # a causal LM: per-token metrics
+        out["tokens"] = int(round(count))
+        out["perplexity"] = math.exp(min(loss, 700.0))
     return out
 
 
@@ -91,10 +98,11 @@ class Trainer:
         workdir: str | None = None,
         mesh: jax.sharding.Mesh | None = None,
     ):
-        if model.task not in ("classification", "regression"):
+        if model.task not in TRAINABLE_TASKS:
             raise ValueError(
-                f"The Trainer fits classification and regression heads; this model was loaded "
-                f"with task={model.task!r}. Load it with task='classification' (or 'regression')."
+                f"The Trainer fits classification, regression and causal-LM heads; this model "
+                f"was loaded with task={model.task!r}. Load it with task='classification' (or "
+                f"'regression', or 'causal_lm' for a family with an LM head)."
             )
         self.model = model
         self.plan = plan
@@ -114,6 +122,7 @@ class Trainer:
     def init_state(self, total_steps: int) -> TrainState:
         """A fresh state: the model's params, and the plan's optimizer over the LR schedule."""
         self.schedule = self.config.lr_schedule(total_steps)
+        self._compiled = None  # steps compiled for an earlier state hold its optimizer
         self.plan.labels(self.model.params)  # unmatched params fail here, before compiling
         tx = self.plan.optimizer(
             self.schedule,
