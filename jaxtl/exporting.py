@@ -2,7 +2,8 @@
 
 Hugging Face families become a directory that transformers loads: ``config.json`` (the source
 config with the new head's size) + ``model.safetensors`` in HF names and PyTorch layouts, plus the
-source's tokenizer / preprocessor / pooling files. torchvision-style families become one
+source's tokenizer / pooling files and, for image models, a ``preprocessor_config.json`` that
+describes the preprocessing the model was used with. torchvision-style families become one
 safetensors state dict in the source naming, which ``torch.nn.Module.load_state_dict`` takes after
 ``safetensors.torch.load_file``. Each family's inverse converter lives next to its converter.
 """
@@ -28,7 +29,6 @@ _SIDE_FILES = (
     "vocab.txt",
     "vocab.json",
     "merges.txt",
-    "preprocessor_config.json",
     "modules.json",
     "sentence_bert_config.json",
 )
@@ -86,6 +86,8 @@ def export(
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     source = model.path if model.path and os.path.isdir(model.path) else None
+    if "preprocessing" in model.extras:
+        _write_preprocessor_config(model, source, directory)
     if source and os.path.abspath(source) != directory:
         for name in _SIDE_FILES:
             if os.path.isfile(os.path.join(source, name)):
@@ -96,6 +98,28 @@ def export(
                     os.path.join(source, name), os.path.join(directory, name), dirs_exist_ok=True
                 )
     return directory
+
+
+# transformers' image processor per family, for exports whose source had no config to follow.
+_IMAGE_PROCESSORS = {"vit": "ViTImageProcessor", "resnet": "ConvNextImageProcessor"}
+
+
+def _write_preprocessor_config(model: LoadedModel, source: str | None, directory: str) -> None:
+    """``preprocessor_config.json`` for the preprocessing the model was used with (size and
+    channels may differ from the source's after ``image_size=`` / ``in_channels=``), in the
+    style of the source's config where it has one."""
+    template: dict[str, Any] = {}
+    path = os.path.join(source, "preprocessor_config.json") if source else ""
+    if path and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            template = json.load(f)
+    if model.family in _IMAGE_PROCESSORS:
+        template.setdefault("image_processor_type", _IMAGE_PROCESSORS[model.family])
+    if template.get("image_processor_type") == "ConvNextImageProcessor":
+        template.setdefault("crop_pct", 0.875)  # it crops by crop_pct, ignoring crop_size
+    raw = model.extras["preprocessing"].to_hf(template)
+    with open(os.path.join(directory, "preprocessor_config.json"), "w", encoding="utf-8") as f:
+        json.dump(raw, f, indent=2, sort_keys=True)
 
 
 def _check_same_tree(expected: Any, given: Any) -> None:

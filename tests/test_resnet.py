@@ -404,3 +404,23 @@ def test_convert_layouts():
     # OIHW -> HWIO, then the three RGB kernels summed for one input channel.
     kernel = np.arange(2 * 3 * 7 * 7, dtype=np.float32).reshape(2, 3, 7, 7)
     assert np.array_equal(out["conv1/kernel"], kernel.sum(1, keepdims=True).transpose(2, 3, 1, 0))
+
+
+def test_hf_export_writes_a_convnext_processor_for_the_adapted_size(hf_models, tmp_path):
+    """A checkpoint without a processor config gets torchvision's recipe (resize 256, crop 224),
+    scaled by ``image_size=160``; the export describes that recipe in transformers' ConvNext
+    (crop_pct) form, and transformers' processor reproduces jaxtl's pixels from it."""
+    model = load(hf_models["bottleneck"][0], num_labels=3, image_size=160)
+    ours = model.extras["preprocessing"]
+    assert (ours.size, ours.resize) == ((160, 160), 183)
+    jaxtl.export(model, tmp_path)
+
+    processor = transformers.ConvNextImageProcessorPil.from_pretrained(tmp_path)
+    image = np.random.default_rng(9).integers(0, 256, size=(200, 260, 3), dtype=np.uint8)
+    theirs = processor(images=[image], return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+    assert theirs.shape == (1, 160, 160, 3)
+    diff = max_diff(ours(image[None]), theirs)
+    print(f"exported ResNet preprocessor config vs jaxtl's recipe max |diff| = {diff:.3g}")
+    assert diff <= TOL
+    reloaded = load(tmp_path, num_labels=3).extras["preprocessing"]
+    assert (reloaded.size, reloaded.resize, reloaded.mean) == (ours.size, ours.resize, ours.mean)

@@ -7,6 +7,7 @@ checkpoint is saved once per module; a few distinct input shapes keep XLA compil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -299,3 +300,30 @@ def test_unsupported_configs_raise_clear_errors(tmp_path, overrides, load_option
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load(tmp_path, num_labels=2, pretrained=False, **load_options)
+
+
+def test_export_writes_the_preprocessing_the_model_used(reference, tmp_path):
+    """After ``image_size=48`` the exported ``preprocessor_config.json`` is the 48x48 recipe:
+    transformers' processor built from it gives the pixels jaxtl's model was fed."""
+    _, directory = reference
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (source / name).write_bytes((directory / name).read_bytes())
+    transformers.ViTImageProcessorPil(
+        size={"height": 32, "width": 32}, image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.4]
+    ).save_pretrained(source)
+    model = load(source, num_labels=NUM_LABELS, image_size=48)
+    ours = model.extras["preprocessing"]
+    assert ours.size == (48, 48)
+    jaxtl.export(model, tmp_path / "out")
+
+    processor = transformers.ViTImageProcessorPil.from_pretrained(tmp_path / "out")
+    image = np.random.default_rng(8).integers(0, 256, size=(40, 56, 3), dtype=np.uint8)
+    theirs = processor(images=[image], return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+    assert theirs.shape == (1, 48, 48, 3)
+    diff = max_diff(ours(image[None]), theirs)
+    print(f"exported ViT preprocessor config vs jaxtl's 48x48 recipe max |diff| = {diff:.3g}")
+    assert diff <= TOL
+    reloaded = load(tmp_path / "out", num_labels=NUM_LABELS).extras["preprocessing"]
+    assert dataclasses.replace(reloaded, source="") == dataclasses.replace(ours, source="")

@@ -128,8 +128,11 @@ class ImagePreprocessing:
     def _one(self, image: np.ndarray) -> np.ndarray:
         h, w = image.shape[:2]
         if isinstance(self.resize, int):
-            scale = self.resize / min(h, w)
-            target = (max(1, round(h * scale)), max(1, round(w * scale)))
+            # The short side becomes ``resize``; the long side is truncated, not rounded, as in
+            # torchvision's Resize and transformers' get_resize_output_image_size.
+            short, long = min(h, w), max(h, w)
+            other = max(1, int(self.resize * long / short))
+            target = (self.resize, other) if h <= w else (other, self.resize)
         else:
             target = _pair(self.resize) if self.resize is not None else self.size
         if image.dtype == np.uint8:
@@ -193,6 +196,43 @@ class ImagePreprocessing:
             interpolation=interpolation,
             source=source,
         )
+
+    def to_hf(self, template: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """A Hugging Face image processor config that :meth:`from_hf` (and transformers) read
+        back as this recipe; ``template`` (the source checkpoint's config) keeps its other keys
+        and its style: ``crop_pct`` (ConvNext/ResNet) or ``crop_size`` (ViT/BiT)."""
+        raw = {k: v for k, v in (template or {}).items() if k not in ("size", "crop_size")}
+        h, w = self.size
+        exact = isinstance(self.resize, tuple) and tuple(self.resize) == self.size
+        resize = None if exact else self.resize  # a resize straight to the crop size
+        if resize is None:
+            raw.pop("crop_pct", None)
+            raw.update(size={"height": h, "width": w}, do_center_crop=False)
+        elif not isinstance(resize, int):
+            raise ValueError(
+                f"A resize to {resize} before a {self.size} crop has no Hugging Face config form."
+            )
+        elif "crop_pct" in raw:
+            if h != w or h >= 384:  # transformers skips the crop from 384 on
+                raise ValueError(f"A crop_pct config cannot express a {self.size} crop.")
+            # transformers resizes the short side to int(edge / crop_pct): aim mid-way.
+            raw.update(size={"shortest_edge": h}, crop_pct=h / (resize + 0.5))
+        else:
+            raw.update(
+                size={"shortest_edge": resize},
+                crop_size={"height": h, "width": w},
+                do_center_crop=True,
+            )
+        raw.update(
+            do_resize=True,
+            resample={v: k for k, v in _RESAMPLE.items()}[self.interpolation],
+            do_rescale=self.rescale != 1.0,
+            rescale_factor=self.rescale,
+            do_normalize=True,
+            image_mean=list(self.mean),
+            image_std=list(self.std),
+        )
+        return raw
 
 
 def for_checkpoint(directory: str | None, default: ImagePreprocessing) -> ImagePreprocessing:
