@@ -137,7 +137,7 @@ def run_digits(
                 describe=describe,
             )
             results.append({**result.to_dict(), "train_set": label})
-    headers = ["train set", "run", "test accuracy", "best val accuracy", "epochs", "train s"]
+    headers = ["train set", "run", "test accuracy", "best val accuracy", "steps", "train s"]
     rows = []
     for r in results:
         best = r.get("best") or {}
@@ -147,7 +147,7 @@ def run_digits(
                 r["name"].split(" ", 1)[1],
                 f"{100 * r['test']['accuracy']:.1f}%",
                 f"{100 * best['val_accuracy']:.1f}%" if "val_accuracy" in best else "",
-                f"{r['steps']} steps",
+                r["steps"],
                 f"{r['train_seconds']:.0f}",
             ]
         )
