@@ -189,6 +189,30 @@ def make_apply(
     return apply, forward
 
 
+def abstract_variables_in_order(module: nn.Module, inputs: jax.ShapeDtypeStruct):
+    """``(variables, order)``: the module's abstract params and BatchNorm statistics from one
+    trace (no compile), and the paths of the modules holding params in creation order (the
+    order of a PyTorch state dict), recorded before jax re-sorts the dict keys."""
+    order: list[str] = []
+
+    def init(rng: jax.Array, x: jax.Array) -> Any:
+        variables = module.init({"params": rng}, x, train=False)
+        order.extend(_module_paths(variables["params"]))
+        return variables
+
+    return jax.eval_shape(init, jax.random.key(0), inputs), order
+
+
+def _module_paths(params: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[str]:
+    paths: list[str] = []
+    for key, child in params.items():
+        if isinstance(child, Mapping):
+            paths += _module_paths(child, (*prefix, key))
+        elif "/".join(prefix) not in paths:
+            paths.append("/".join(prefix))
+    return paths
+
+
 def adapt_input_channels(kernel: np.ndarray, in_channels: int, axis: int = -2) -> np.ndarray:
     """A pretrained stem kernel for ``in_channels`` inputs instead of its own (timm's rule).
 

@@ -60,7 +60,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.models.base import Structure
-from jaxtl.models.common import adapt_input_channels, batch_norm, make_apply
+from jaxtl.models.common import (
+    abstract_variables_in_order,
+    adapt_input_channels,
+    batch_norm,
+    make_apply,
+)
 from jaxtl.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, torchvision_imagenet
 from jaxtl.models.registry import ModelSpec
 from jaxtl.rules import flatten
@@ -514,17 +519,6 @@ def init_leaf(path: str, leaf: jax.ShapeDtypeStruct, seed: int) -> jax.Array:
     return jnp.asarray(values.astype(wide), dtype=leaf.dtype)
 
 
-def _module_paths(params: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[str]:
-    """Module paths holding params, in the tree's insertion (= creation) order."""
-    paths: list[str] = []
-    for key, child in params.items():
-        if isinstance(child, Mapping):
-            paths += _module_paths(child, (*prefix, key))
-        elif "/".join(prefix) not in paths:
-            paths.append("/".join(prefix))
-    return paths
-
-
 def build(
     directory: str,
     raw_config: Mapping[str, Any],
@@ -556,16 +550,8 @@ def build(
         preprocessing = preprocessing.with_channels(config.num_channels)
 
     module = Inception3(config, task, num_labels, dtype)
-    order: list[str] = []
-
-    def init(rng: jax.Array, x: jax.Array) -> Any:
-        variables = module.init({"params": rng}, x, train=False)
-        order.extend(_module_paths(variables["params"]))  # before jax re-sorts the dict keys
-        return variables
-
     pixels = jax.ShapeDtypeStruct((1, *preprocessing.size, config.num_channels), dtype)
-    # One trace, no compile: params and BatchNorm statistics together.
-    variables = jax.eval_shape(init, jax.random.key(0), pixels)
+    variables, order = abstract_variables_in_order(module, pixels)
     apply, forward = make_apply(module, ("pixel_values",), has_batch_stats=True)
 
     return ModelSpec(

@@ -46,7 +46,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.models.base import Structure
-from jaxtl.models.common import ACTIVATIONS, adapt_input_channels, batch_norm, make_apply
+from jaxtl.models.common import (
+    ACTIVATIONS,
+    abstract_variables_in_order,
+    adapt_input_channels,
+    batch_norm,
+    make_apply,
+)
 from jaxtl.models.preprocessing import for_checkpoint, torchvision_imagenet
 from jaxtl.models.registry import ModelSpec
 from jaxtl.rules import flatten
@@ -643,17 +649,6 @@ def _hf_config(
     return out
 
 
-def _module_paths(params: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[str]:
-    """Module paths holding params, in the tree's insertion (= creation) order."""
-    paths: list[str] = []
-    for key, child in params.items():
-        if isinstance(child, Mapping):
-            paths += _module_paths(child, (*prefix, key))
-        elif "/".join(prefix) not in paths:
-            paths.append("/".join(prefix))
-    return paths
-
-
 def build(
     directory: str,
     raw_config: Mapping[str, Any],
@@ -683,15 +678,8 @@ def build(
     top = TorchvisionResNet if torchvision else HFResNet
     module = top(config, dtype, task, num_labels)
 
-    order: list[str] = []
-
-    def init(rng: jax.Array, x: jax.Array) -> Any:
-        variables = module.init({"params": rng}, x, train=False)
-        order.extend(_module_paths(variables["params"]))  # before jax re-sorts the dict keys
-        return variables
-
     pixels = jax.ShapeDtypeStruct((1, 32, 32, config.num_channels), dtype)
-    variables = jax.eval_shape(init, jax.random.key(0), pixels)
+    variables, order = abstract_variables_in_order(module, pixels)
     apply, forward = make_apply(module, ("pixel_values",), has_batch_stats=True)
 
     has_head = task != "features"
