@@ -93,10 +93,31 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument(
         "--data",
         default="vader",
-        help="'vader' (embedded) or a .csv / .jsonl file, split 80/10/10 with seed 0",
+        help="'vader' (embedded), a .csv / .jsonl file (split 80/10/10 with seed 0), or a "
+        "prepared TFDS dataset tfds:NAME[/CONFIG][:VERSION] (see --data-dir, --splits)",
     )
-    ft.add_argument("--text-column", default="text", help="text column of --data")
-    ft.add_argument("--label-column", default="label", help="label column of --data")
+    ft.add_argument(
+        "--data-dir",
+        default=None,
+        help="tfds: the directory the dataset is prepared in (default: TFDS's, "
+        "~/tensorflow_datasets); nothing is downloaded",
+    )
+    ft.add_argument(
+        "--splits",
+        default=None,
+        help="tfds: TRAIN,VALIDATION,TEST split expressions, e.g. 'train[:90%%],train[90%%:],test' "
+        "(default: the dataset's own validation/test splits, else slices of train)",
+    )
+    ft.add_argument(
+        "--text-column",
+        default=None,
+        help="text column of --data (default 'text'; for tfds the only Text feature)",
+    )
+    ft.add_argument(
+        "--label-column",
+        default=None,
+        help="label column of --data (default 'label'; for tfds the only ClassLabel feature)",
+    )
     _add_model_args(ft)
     ft.add_argument(
         "--recipe",
@@ -192,21 +213,11 @@ def _finetune(args) -> int:
     args.epochs = args.epochs or 1
 
     model_dir = args.model or default_model_dir()
-    spec = (
-        {"kind": "vader"}
-        if args.data == "vader"
-        else {
-            "kind": "table",
-            "path": os.path.abspath(args.data),
-            "text_column": args.text_column,
-            "label_column": args.label_column,
-            "seed": 0,
-        }
-    )
     num_labels = 1 if args.task == "regression" else args.num_labels
     # Everything a user can get wrong is checked here, before any compilation.
     model = jaxtl.load(model_dir, task=args.task, num_labels=num_labels, pooling=args.pooling)
     print(model.report)
+    spec = data_spec(args, modality="image" if "preprocessing" in model.extras else "text")
     splits = jdata.resolve(spec, num_labels=model.num_labels, task=model.task)
     recipes = [r.strip() for r in args.recipe.split(",") if r.strip()]
     for r in recipes:  # fail on a bad recipe before the first run starts
@@ -299,6 +310,39 @@ def _finetune(args) -> int:
         )
     print(f"\nrun directory: {os.path.abspath(out)}\n  plot: {plot}")
     return 0
+
+
+def data_spec(args, modality: str) -> dict:
+    """The JSON description of ``--data`` that a run directory records (see data.resolve)."""
+    if args.data == "vader":
+        return {"kind": "vader"}
+    if args.data.startswith("tfds:"):
+        splits = None
+        if args.splits:
+            splits = [s.strip() for s in args.splits.split(",")]
+            if len(splits) != 3:
+                raise SystemExit(
+                    f"error: --splits takes three comma-separated split expressions "
+                    f"(train, validation, test); got {args.splits!r}."
+                )
+        return {
+            "kind": "tfds",
+            "name": args.data,
+            "data_dir": os.path.abspath(args.data_dir) if args.data_dir else None,
+            "splits": splits,
+            "input_key": args.text_column,
+            "label_key": args.label_column,
+            "modality": modality,
+        }
+    if args.data_dir or args.splits:
+        raise SystemExit("error: --data-dir and --splits apply to --data tfds:NAME only.")
+    return {
+        "kind": "table",
+        "path": os.path.abspath(args.data),
+        "text_column": args.text_column or "text",
+        "label_column": args.label_column or "label",
+        "seed": 0,
+    }
 
 
 def _finetune_digits(args) -> int:

@@ -21,8 +21,6 @@ from jaxtl.models.base import LoadedModel
 from jaxtl.models.preprocessing import ImagePreprocessing
 from jaxtl.train import TrainConfig, Trainer
 
-SPLITS = ("train", "validation", "test")
-
 
 @dataclasses.dataclass
 class RunResult:
@@ -67,15 +65,15 @@ def encode_splits(
             f"The model at {model.path!r} has no tokenizer (tokenizer.json or vocab.txt)."
         )
     max_length = int(model.extras.get("max_length", 512))
-    for s in SPLITS:
+    for s in sources.SPLITS:
         if len(getattr(data, s)[0]) == 0:
             raise ValueError(f"The {s} split of {data.name!r} is empty.")
     # One pass over every text: the shared padded length comes from all splits together.
-    all_texts = [t for s in SPLITS for t in getattr(data, s)[0]]
+    all_texts = [t for s in sources.SPLITS for t in getattr(data, s)[0]]
     encoded, truncated = text.encode(tokenizer, all_texts, max_length=max_length)
     length = encoded["input_ids"].shape[1]
     out, start = {}, 0
-    for s in SPLITS:
+    for s in sources.SPLITS:
         texts, labels = getattr(data, s)
         stop = start + len(texts)
         out[s] = {k: v[start:stop] for k, v in encoded.items()}

@@ -12,7 +12,8 @@ def resolve(spec: dict, *, num_labels: int, task: str) -> TextSplits | ImageSpli
     """Rebuild a dataset from the JSON spec that a run directory records.
 
     ``{"kind": "vader"}``, ``{"kind": "digits", "per_class": 10 or None, "seed": 0}`` or
-    ``{"kind": "table", "path": ..., "text_column": ..., "label_column": ..., "seed": 0}``.
+    ``{"kind": "table", "path": ..., "text_column": ..., "label_column": ..., "seed": 0}`` or
+    ``{"kind": "tfds", "name": "tfds:NAME", "data_dir": ..., "splits": [...] or None, ...}``.
     """
     kind = spec.get("kind")
     if kind == "digits":
@@ -28,7 +29,19 @@ def resolve(spec: dict, *, num_labels: int, task: str) -> TextSplits | ImageSpli
             task=task,
             seed=spec.get("seed", 0),
         )
-    raise ValueError(f"Unknown data kind {kind!r}: expected 'vader', 'digits' or 'table'.")
+    if kind == "tfds":
+        from jaxtl.data import tfds_source
+
+        return tfds_source.load(
+            spec["name"],
+            data_dir=spec.get("data_dir"),
+            splits=spec.get("splits"),
+            input_key=spec.get("input_key"),
+            label_key=spec.get("label_key"),
+            task=task,
+            modality=spec.get("modality"),
+        )
+    raise ValueError(f"Unknown data kind {kind!r}: expected 'vader', 'digits', 'table' or 'tfds'.")
 
 
 __all__ = [

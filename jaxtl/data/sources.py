@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+SPLITS = ("train", "validation", "test")  # every source's three splits, in this order
+
 
 @dataclasses.dataclass
 class TextSplits:
