@@ -25,7 +25,7 @@ from jaxtl.train import steps as jsteps  # noqa: E402
 assert jax.device_count() == n, jax.devices()
 model = jaxtl.load(model_dir, num_labels=2)
 arrays, _ = encode_splits(model, small_vader(n_train=16 * steps, n_val=16, n_test=16))
-config = jaxtl.TrainConfig(batch_size=16, learning_rate=1e-3, max_steps=steps)
+config = jaxtl.TrainConfig(batch_size=16, learning_rate=1e-3, max_steps=steps, eval_batch_size=8)
 trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), config)
 state = trainer.init_state(steps)
 loader = ArrayLoader(arrays["train"], 16, shuffle=True, seed=0, drop_last=True)
@@ -44,4 +44,15 @@ else:
         losses.append(float(m["loss"][0]))
     params = jax.device_get(parallel.unreplicate(rstate.params))
 flat = [np.asarray(x).ravel() for x in jax.tree.leaves(params)]
-print(json.dumps({"losses": losses, "params": np.concatenate(flat)[::97].tolist()}))
+# 13 held-out examples in eval batches of 8: the second batch is partial (5 real, 3 padding rows),
+# and on 8 devices some devices hold only padding.
+held_out = {k: v[:13] for k, v in arrays["test"].items()}
+result = {"losses": losses, "params": np.concatenate(flat)[::97].tolist()}
+if mode == "jit":
+    result["eval"] = trainer.evaluate(state, held_out)
+    inputs = {k: v for k, v in held_out.items() if k != "label"}
+    logits = np.asarray(model.apply(params, inputs))  # all 13 at once, on one host array
+    nll = -np.asarray(jax.nn.log_softmax(logits))[np.arange(13), held_out["label"]]
+    right = logits.argmax(-1) == held_out["label"]
+    result["direct"] = {"loss": float(nll.mean()), "accuracy": float(right.mean())}
+print(json.dumps(result))

@@ -56,6 +56,13 @@ def test_eight_devices_match_one(dirs):
     np.testing.assert_allclose(eight["params"], one["params"], rtol=1e-4, atol=1e-5)
     assert one["losses"][0] != one["losses"][-1]  # it trained
 
+    # Evaluation counts each of 13 examples exactly once: eval batches of 8 leave a partial
+    # last batch, and on 8 devices its padding rows fill whole devices.
+    for run in (one, eight):
+        assert run["eval"]["examples"] == 13
+        assert run["eval"]["loss"] == pytest.approx(run["direct"]["loss"], rel=1e-5)
+        assert run["eval"]["accuracy"] == pytest.approx(run["direct"]["accuracy"], abs=1e-9)
+
 
 @pytest.mark.slow
 def test_pmap_matches_jit(dirs):
