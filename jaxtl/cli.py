@@ -168,6 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="early stopping patience in evaluations on val accuracy (default: off)",
     )
+    ft.add_argument(
+        "--augment",
+        default=None,
+        help="image augmentation of the training inputs, e.g. "
+        "'random_resized_crop(0.35),hflip' (ops: hflip, random_resized_crop, translate)",
+    )
+    ft.add_argument(
+        "--data-workers",
+        type=int,
+        default=0,
+        help="grain worker processes reading training batches (batches do not depend on it)",
+    )
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument(
         "--out", default=None, help="output directory (default: runs/finetune-TIMESTAMP)"
@@ -277,6 +289,8 @@ def _finetune(args) -> int:
             eval_every=eval_every,
             seed=args.seed,
             early_stopping=jaxtl.EarlyStopping(patience=args.patience) if args.patience else None,
+            augment=args.augment,
+            data_workers=args.data_workers,
         )
         res = run.finetune(
             m, recipe, splits, config, workdir, name=name, resume=args.resume, describe=describe

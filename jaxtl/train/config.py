@@ -66,6 +66,10 @@ class TrainConfig:
         split under the current weights ("precise BN", Wu & Johnson 2021). Running averages lag
         weights that move fast; with a small momentum (EfficientNet's 0.01) and a short
         fine-tuning budget they stay near the pretrained values and evaluation suffers. 0: off.
+      augment: per-example image augmentation of the training inputs, e.g.
+        ``"random_resized_crop(0.35),hflip"`` (see :mod:`jaxtl.data.augment`); ``None``: off.
+      data_workers: grain worker processes that read and augment training batches (0: the
+        training process itself). Batches do not depend on it.
     """
 
     epochs: int = 3
@@ -90,10 +94,17 @@ class TrainConfig:
     progress: bool | None = None
     train_bn: bool = False
     precise_bn: int = 0
+    augment: str | None = None
+    data_workers: int = 0
 
     def __post_init__(self):
         if isinstance(self.early_stopping, dict):
             self.early_stopping = EarlyStopping(**self.early_stopping)
+        if self.data_workers < 0:
+            raise ValueError(f"data_workers must be >= 0, got {self.data_workers}.")
+        from jaxtl.data import augment
+
+        augment.parse(self.augment)  # a bad spec fails here, before anything compiles
         if self.schedule not in ("constant", "linear", "cosine"):
             raise ValueError(
                 f"schedule must be 'constant', 'linear' or 'cosine', got {self.schedule!r}."

@@ -21,7 +21,9 @@ import numpy as np
 from jaxtl import parallel
 from jaxtl.adabn import adapt_batch_norm
 from jaxtl.checkpoint import Checkpointer
+from jaxtl.data import augment
 from jaxtl.data.loader import ArrayLoader
+from jaxtl.data.pipeline import ArraySource, GrainLoader
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.common import batch_norm_paths
 from jaxtl.rules import flatten, unflatten
@@ -152,7 +154,7 @@ class Trainer:
             p for p in layers if any(mask.get(f"{p}/{leaf}", False) for leaf in ("scale", "bias"))
         )
 
-    def _precise_bn(self, state: TrainState, train: ArrayLoader) -> TrainState:
+    def _precise_bn(self, state: TrainState, train: GrainLoader | ArrayLoader) -> TrainState:
         """``config.precise_bn``: exact statistics of the training BatchNorm layers on the first
         training examples (a fixed, unshuffled slice, so a resumed run recomputes the same)."""
         n = min(self.config.precise_bn, train.num_examples)
@@ -189,16 +191,29 @@ class Trainer:
     def eval_loader(self, arrays: dict) -> ArrayLoader:
         return ArrayLoader(arrays, self.eval_batch_size, shuffle=False, drop_last=False)
 
-    def train_loader(self, arrays: dict) -> ArrayLoader:
-        return ArrayLoader(
-            arrays, self.config.batch_size, shuffle=True, seed=self.config.seed, drop_last=True
+    def train_loader(self, arrays: dict) -> GrainLoader:
+        """Shuffled, optionally augmented training batches through grain (see
+        :mod:`jaxtl.data.pipeline`); in a multi-process run, this process's rows of each."""
+        cfg = self.config
+        if cfg.augment and "pixel_values" not in arrays:
+            raise ValueError(
+                f"augment={cfg.augment!r} transforms images, but this model reads "
+                f"{sorted(k for k in arrays if k != 'label')}; drop the augmentation."
+            )
+        return GrainLoader(
+            ArraySource(arrays),
+            cfg.batch_size,
+            shuffle=True,
+            seed=cfg.seed,
+            transform=augment.parse(cfg.augment),
+            workers=cfg.data_workers,
         )
 
     # --- the loop ------------------------------------------------------------------------
 
     def fit(
         self,
-        train: ArrayLoader | dict,
+        train: GrainLoader | ArrayLoader | dict,
         val: ArrayLoader | dict | None = None,
         *,
         resume: bool = False,
@@ -214,7 +229,7 @@ class Trainer:
             and data order still follow the full run, so a later ``resume`` finishes it exactly.
         """
         cfg = self.config
-        train = train if isinstance(train, ArrayLoader) else self.train_loader(train)
+        train = train if hasattr(train, "epoch") else self.train_loader(train)
         if val is not None and not isinstance(val, ArrayLoader):
             val = self.eval_loader(val)
         if val is None and (cfg.early_stopping or cfg.restore_best):
@@ -240,6 +255,8 @@ class Trainer:
         if resume and ckpt is not None and ckpt.latest_step() is not None:
             tree, meta = ckpt.restore_latest(state.checkpoint_tree())
             state = state.with_checkpoint_tree(tree)
+            if hasattr(train, "check_state"):
+                train.check_state(meta.get("data"))
             history, best, bad_evals = meta["history"], meta["best"], meta["bad_evals"]
             self.log.truncate_after(int(state.step))
             print(f"Resumed from step {int(state.step)} in {self.workdir}", file=sys.stderr)
@@ -252,6 +269,7 @@ class Trainer:
                 "best": best,
                 "bad_evals": bad_evals,
                 "steps_per_epoch": spe,
+                "data": train.state() if hasattr(train, "state") else None,
             }
 
         step = int(state.step)
