@@ -81,8 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument(
         "--image-size",
         type=int,
-        default=32,
-        help="--preset digits: input size the 8x8 digits are resized to",
+        default=None,
+        help="image models: the input size to build for (default: the checkpoint's; "
+        "--preset digits: 32, the size the 8x8 digits are resized to)",
+    )
+    ft.add_argument(
+        "--in-channels",
+        type=int,
+        default=None,
+        help="image models: input channels when not 3 (1 sums the stem's RGB kernels)",
+    )
+    ft.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="image folders: skip files that do not decode (counted in the data summary) "
+        "instead of stopping at the first",
     )
     ft.add_argument(
         "--model",
@@ -93,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument(
         "--data",
         default="vader",
-        help="'vader' (embedded), a .csv / .jsonl file (split 80/10/10 with seed 0), or a "
-        "prepared TFDS dataset tfds:NAME[/CONFIG][:VERSION] (see --data-dir, --splits)",
+        help="'vader' (embedded), a .csv / .jsonl file (split 80/10/10 with seed 0), an image "
+        "folder DIR/<class>/<images> (split 80/10/10 per class), or a prepared TFDS dataset "
+        "tfds:NAME[/CONFIG][:VERSION] (see --data-dir, --splits)",
     )
     ft.add_argument(
         "--data-dir",
@@ -227,7 +241,14 @@ def _finetune(args) -> int:
     model_dir = args.model or default_model_dir()
     num_labels = 1 if args.task == "regression" else args.num_labels
     # Everything a user can get wrong is checked here, before any compilation.
-    model = jaxtl.load(model_dir, task=args.task, num_labels=num_labels, pooling=args.pooling)
+    model = jaxtl.load(
+        model_dir,
+        task=args.task,
+        num_labels=num_labels,
+        pooling=args.pooling,
+        image_size=args.image_size,
+        in_channels=args.in_channels,
+    )
     print(model.report)
     spec = data_spec(args, modality="image" if "preprocessing" in model.extras else "text")
     splits = jdata.resolve(spec, num_labels=model.num_labels, task=model.task)
@@ -245,6 +266,8 @@ def _finetune(args) -> int:
             "task": model.task,
             "num_labels": model.num_labels,
             "pooling": model.extras.get("pooling"),
+            "image_size": args.image_size,
+            "in_channels": args.in_channels,
         },
         "data": spec,
     }
@@ -272,6 +295,8 @@ def _finetune(args) -> int:
                 task=args.task,
                 num_labels=num_labels,
                 pooling=model.extras.get("pooling"),
+                image_size=args.image_size,
+                in_channels=args.in_channels,
                 pretrained=False,
                 seed=args.seed,
             )
@@ -350,6 +375,18 @@ def data_spec(args, modality: str) -> dict:
         }
     if args.data_dir or args.splits:
         raise SystemExit("error: --data-dir and --splits apply to --data tfds:NAME only.")
+    if os.path.isdir(args.data):
+        if modality != "image":
+            raise SystemExit(
+                f"error: {args.data!r} is a directory (an image folder), but the model reads "
+                "text; pass an image model with --model, or a .csv / .jsonl file."
+            )
+        return {
+            "kind": "folder",
+            "path": os.path.abspath(args.data),
+            "seed": 0,
+            "skip_corrupt": args.skip_corrupt,
+        }
     return {
         "kind": "table",
         "path": os.path.abspath(args.data),
@@ -374,6 +411,9 @@ def _finetune_digits(args) -> int:
     regimes = presets.DIGITS_REGIMES
     if args.epochs:
         regimes = tuple((label, per_class, args.epochs) for label, per_class, _ in regimes)
+    if args.in_channels not in (None, 1):
+        raise SystemExit("error: --preset digits reads 1-channel digits; drop --in-channels.")
+    args.image_size = args.image_size or 32
     table, _ = presets.run_digits(
         out, image_size=args.image_size, seed=args.seed, resume=args.resume, regimes=regimes
     )

@@ -151,5 +151,7 @@ def test_augmenting_text_inputs_is_refused(tmp_path):
     config = jaxtl.TrainConfig(augment="hflip", progress=False)
     trainer = Trainer(model, jaxtl.make_plan("full", model.structure), config)
     text = {"input_ids": np.ones((8, 4), np.int32), "label": np.zeros(8, np.int32)}
-    with pytest.raises(ValueError, match="transforms images, but this model reads \\['input_ids'\\]"):
+    with pytest.raises(
+        ValueError, match="transforms images, but this model reads \\['input_ids'\\]"
+    ):
         trainer.train_loader(text)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jaxtl.data.images import ImageSplits, digits
+from jaxtl.data.images import ImageSplits, digits, from_folder
 from jaxtl.data.loader import ArrayLoader
 from jaxtl.data.sources import TextSplits, from_table, read_table, split, vader
 from jaxtl.data.text import encode
@@ -13,7 +13,8 @@ def resolve(spec: dict, *, num_labels: int, task: str) -> TextSplits | ImageSpli
 
     ``{"kind": "vader"}``, ``{"kind": "digits", "per_class": 10 or None, "seed": 0}`` or
     ``{"kind": "table", "path": ..., "text_column": ..., "label_column": ..., "seed": 0}`` or
-    ``{"kind": "tfds", "name": "tfds:NAME", "data_dir": ..., "splits": [...] or None, ...}``.
+    ``{"kind": "tfds", "name": "tfds:NAME", "data_dir": ..., "splits": [...] or None, ...}`` or
+    ``{"kind": "folder", "path": ..., "seed": 0, "skip_corrupt": False}``.
     """
     kind = spec.get("kind")
     if kind == "digits":
@@ -28,6 +29,10 @@ def resolve(spec: dict, *, num_labels: int, task: str) -> TextSplits | ImageSpli
             num_labels=num_labels,
             task=task,
             seed=spec.get("seed", 0),
+        )
+    if kind == "folder":
+        return from_folder(
+            spec["path"], seed=spec.get("seed", 0), skip_corrupt=spec.get("skip_corrupt", False)
         )
     if kind == "tfds":
         from jaxtl.data import tfds_source
@@ -48,6 +53,7 @@ __all__ = [
     "ArrayLoader",
     "ImageSplits",
     "digits",
+    "from_folder",
     "TextSplits",
     "encode",
     "from_table",

@@ -8,6 +8,7 @@ with its :class:`~jaxtl.models.preprocessing.ImagePreprocessing`.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 
@@ -23,6 +24,7 @@ class ImageSplits:
     test: tuple[np.ndarray, np.ndarray]
     label_names: list[str] | None = None
     name: str = "images"
+    skipped: list[str] = dataclasses.field(default_factory=list)  # corrupt files left out
 
     def sizes(self) -> dict[str, int]:
         return {s: len(getattr(self, s)[1]) for s in ("train", "validation", "test")}
@@ -90,6 +92,85 @@ def subsample_per_class(
             )
         out.append(rng.choice(pool, per_class, replace=False))
     return np.sort(np.concatenate(out))
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def from_folder(
+    path: str,
+    *,
+    seed: int = 0,
+    fractions: tuple[float, float] = (0.8, 0.1),
+    channels: int | None = None,
+    skip_corrupt: bool = False,
+) -> ImageSplits:
+    """An image folder with one subfolder per class, split stratified 80/10/10 by ``seed``.
+
+    Class ids follow the sorted subfolder names. Images keep their own sizes (the model's
+    preprocessing resizes them); they are decoded to uint8 with ``channels`` (1: grayscale,
+    3: RGB; default 3, or 1 when every image is grayscale).
+
+    Args:
+      skip_corrupt: skip files that do not decode, and count them in ``name``; otherwise the
+        first one is an error that names it.
+
+    Raises:
+      FileNotFoundError: ``path`` is not a directory.
+      ValueError: no class subfolders, a class without images, or a corrupt file.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"Image folder not found: {path!r}. Pass a directory with one subfolder per class."
+        )
+    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    if not classes:
+        raise ValueError(
+            f"{path!r} has no class subfolders: put the images of each class in PATH/<class name>/."
+        )
+    decoded, labels, skipped = [], [], []
+    for label, name in enumerate(classes):
+        folder = os.path.join(path, name)
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise ValueError(f"Class folder {folder!r} holds no images ({IMAGE_EXTENSIONS}).")
+        for f in files:
+            file = os.path.join(folder, f)
+            try:
+                with Image.open(file) as im:
+                    im.load()
+                    decoded.append(im.copy())
+            except (UnidentifiedImageError, OSError, SyntaxError) as e:
+                if not skip_corrupt:
+                    raise ValueError(
+                        f"Cannot decode image {file!r} ({e}). Remove it, or skip corrupt files "
+                        "(skip_corrupt=True / --skip-corrupt) and count them."
+                    ) from e
+                skipped.append(file)
+                continue
+            labels.append(label)
+    if channels is None:
+        channels = 1 if all(im.mode in ("L", "1", "I;16", "I") for im in decoded) else 3
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}.")
+    mode = "L" if channels == 1 else "RGB"
+    images = np.empty(len(decoded), dtype=object)
+    for i, im in enumerate(decoded):
+        array = np.asarray(im.convert(mode), np.uint8)
+        images[i] = array[..., None] if channels == 1 else array
+    labels = np.asarray(labels, np.int32)
+    train, val, test = stratified_split(labels, seed, fractions)
+    note = f", {len(skipped)} corrupt skipped" if skipped else ""
+    return ImageSplits(
+        train=(images[train], labels[train]),
+        validation=(images[val], labels[val]),
+        test=(images[test], labels[test]),
+        label_names=classes,
+        name=f"{os.path.basename(os.path.normpath(path))} ({len(labels)} images{note})",
+        skipped=skipped,
+    )
 
 
 def encode(

@@ -104,11 +104,14 @@ class ImagePreprocessing:
         return dataclasses.replace(self, size=size, resize=resize)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        """Preprocesses ``[N, H, W, C]`` or ``[N, H, W]`` (or one ``[H, W, C]``) images.
+        """Preprocesses ``[N, H, W, C]`` or ``[N, H, W]`` (or one ``[H, W, C]``) images, or a
+        list (object array) of ``[H, W, C]`` images of different sizes.
 
         Integer images are taken as 0..255; float images as already in the rescaled range
         (``rescale`` is not applied again).
         """
+        if isinstance(images, list | tuple) or getattr(images, "dtype", None) == np.dtype(object):
+            return np.stack([self._checked(np.asarray(im), i) for i, im in enumerate(images)])
         images = np.asarray(images)
         single = images.ndim == 3 and images.shape[-1] in (1, 3, 4) and self.channels in (1, 3)
         if images.ndim == 3 and not single:
@@ -124,6 +127,16 @@ class ImagePreprocessing:
             )
         out = np.stack([self._one(im) for im in images])
         return out[0] if single else out
+
+    def _checked(self, image: np.ndarray, i: int) -> np.ndarray:
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.ndim != 3 or image.shape[-1] != self.channels:
+            raise ValueError(
+                f"Image {i} has shape {image.shape}; the model expects [H, W, {self.channels}]. "
+                "Load the model with in_channels= to adapt its stem, or convert the images."
+            )
+        return self._one(image)
 
     def _one(self, image: np.ndarray) -> np.ndarray:
         h, w = image.shape[:2]
