@@ -194,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="grain worker processes reading training batches (batches do not depend on it)",
     )
+    ft.add_argument(
+        "--bucket-by-length",
+        action="store_true",
+        help="text: batch texts of similar length and pad each batch to one of a few lengths "
+        "(8, 16, 32, ...); the run prints the padding waste",
+    )
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument(
         "--out", default=None, help="output directory (default: runs/finetune-TIMESTAMP)"
@@ -316,6 +322,7 @@ def _finetune(args) -> int:
             early_stopping=jaxtl.EarlyStopping(patience=args.patience) if args.patience else None,
             augment=args.augment,
             data_workers=args.data_workers,
+            bucket_by_length=args.bucket_by_length,
         )
         res = run.finetune(
             m, recipe, splits, config, workdir, name=name, resume=args.resume, describe=describe

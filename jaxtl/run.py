@@ -127,6 +127,14 @@ def finetune(
             f"\n== {name}: {model.family} ({model.path}) on {data.name} {facts['sizes']}, {shape}"
         )
         print(plan.table(model.params))
+    trainer = Trainer(model, plan, config, workdir)
+    train = trainer.train_loader(arrays["train"])
+    waste = train.padding_waste()
+    if waste is not None:
+        facts["padding_waste"] = round(waste, 4)
+        if verbose:
+            how = "length buckets" if config.bucket_by_length else "one padded length"
+            print(f"padding: {100 * waste:.1f}% of the training token slots ({how})")
     if workdir:
         os.makedirs(workdir, exist_ok=True)
         run_info = {
@@ -138,8 +146,7 @@ def finetune(
             **(describe or {}),
         }
         _write_json(os.path.join(workdir, "run.json"), run_info)
-    trainer = Trainer(model, plan, config, workdir)
-    fit = trainer.fit(arrays["train"], arrays["validation"], resume=resume, stop_at=stop_at)
+    fit = trainer.fit(train, arrays["validation"], resume=resume, stop_at=stop_at)
     test = trainer.evaluate(fit.state, arrays["test"])
     result = RunResult(
         name=name,

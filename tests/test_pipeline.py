@@ -155,3 +155,82 @@ def test_augmenting_text_inputs_is_refused(tmp_path):
         ValueError, match="transforms images, but this model reads \\['input_ids'\\]"
     ):
         trainer.train_loader(text)
+
+
+def _texts(n=100, length=40, seed=0):
+    rng = np.random.default_rng(seed)
+    real = np.minimum(rng.geometric(0.12, size=n) + 1, length)  # mostly short, a few long
+    mask = (np.arange(length)[None, :] < real[:, None]).astype(np.int32)
+    ids = np.where(mask == 1, rng.integers(5, 900, size=(n, length)), 0).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": mask, "label": np.arange(n, dtype=np.int32)}
+
+
+def test_length_buckets_pad_each_batch_to_the_smallest_bucket_that_holds_it():
+    from jaxtl.data.text import bucket_lengths
+
+    arrays, buckets = _texts(), bucket_lengths(40)
+    assert buckets == (8, 16, 32, 40)
+    loader = GrainLoader(ArraySource(arrays), 8, seed=4, length_buckets=buckets)
+    batches = _batches(loader)
+    seen = []
+    for b in batches:
+        width, longest = b["input_ids"].shape[1], int(b["attention_mask"].sum(1).max())
+        assert width in buckets and width >= longest
+        assert width == min(x for x in buckets if x >= longest)
+        # Cutting dropped padding only: the rows are the stored rows' first `width` tokens.
+        np.testing.assert_array_equal(b["input_ids"], arrays["input_ids"][b["label"], :width])
+        seen.append(b["label"])
+    epoch0 = np.concatenate(seen[: loader.steps_per_epoch])
+    assert len(set(epoch0.tolist())) == 96  # 12 batches of 8, each example at most once
+    assert len({b["input_ids"].shape[1] for b in batches}) > 1
+    plain = GrainLoader(ArraySource(arrays), 8, seed=4)
+    print(
+        f"padding waste: {plain.padding_waste():.3f} one length, {loader.padding_waste():.3f} "
+        "bucketed"
+    )
+    assert loader.padding_waste() < plain.padding_waste() / 2
+
+    # Same batches with workers, after a mid-epoch restart, and split over two processes.
+    _same(
+        _batches(GrainLoader(ArraySource(arrays), 8, seed=4, length_buckets=buckets, workers=2)),
+        batches,
+    )
+    _same(
+        _batches(GrainLoader(ArraySource(arrays), 8, seed=4, length_buckets=buckets), start=5),
+        batches[5:],
+    )
+    halves = [
+        _batches(
+            GrainLoader(
+                ArraySource(arrays),
+                8,
+                seed=4,
+                length_buckets=buckets,
+                process_index=p,
+                process_count=2,
+            )
+        )
+        for p in range(2)
+    ]
+    _same(
+        [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*halves, strict=True)],
+        batches,
+    )
+
+
+def test_bucketed_evaluation_equals_one_padded_length(tmp_path):
+    from _tiny import make_tiny_bert
+
+    model = jaxtl.load(make_tiny_bert(str(tmp_path / "bert"), dropout=0.0), num_labels=2)
+    arrays = _texts(n=50)
+    arrays["label"] = arrays["label"] % 2
+    arrays["token_type_ids"] = np.zeros_like(arrays["input_ids"])
+    plan = jaxtl.make_plan("full", model.structure)
+    results = {}
+    for bucketed in (False, True):
+        config = jaxtl.TrainConfig(eval_batch_size=16, bucket_by_length=bucketed, progress=False)
+        trainer = Trainer(model, plan, config)
+        results[bucketed] = trainer.evaluate(trainer.init_state(1), arrays)
+    assert results[True]["examples"] == results[False]["examples"] == 50
+    assert results[True]["loss"] == pytest.approx(results[False]["loss"], rel=1e-6)
+    assert results[True]["accuracy"] == results[False]["accuracy"]

@@ -119,14 +119,17 @@ def test_cli_fine_tunes_from_a_local_tfds_dataset(data_dir, tmp_path, capsys):
     argv = ["finetune", "--model", model, "--data", "tfds:jaxtl_vader", "--data-dir", data_dir]
     argv += ["--splits", "train[:640],validation[:200],test[:300]", "--recipe", "full"]
     argv += ["--no-scratch", "--epochs", "1", "--lr", "1e-3", "--out", str(out)]
+    argv += ["--bucket-by-length"]
     assert cli.main(argv) == 0
+    assert "of the training token slots (length buckets)" in capsys.readouterr().out
     summary = json.load(open(out / "summary.json"))
     (result,) = summary["results"]
     assert result["steps"] == 20 and result["test"]["examples"] == 300
     run = json.load(open(out / "pretrained-full" / "run.json"))
     assert run["data"]["kind"] == "tfds" and run["data"]["data_dir"] == data_dir
     assert run["label_names"] == ["negative", "positive"]
-    capsys.readouterr()
+    assert 0 <= run["data_facts"]["padding_waste"] < 0.5
+    assert run["config"]["bucket_by_length"] is True
 
     # The run directory alone rebuilds the data: the re-scored test set is the same 300 words.
     assert cli.main(["evaluate", str(out / "pretrained-full")]) == 0

@@ -22,6 +22,7 @@ class ArrayLoader:
       shuffle: reshuffle each epoch from ``(seed, epoch)``.
       seed: the data seed.
       drop_last: drop the last partial batch (training) or pad it with weight-0 rows (eval).
+      length_buckets: cut each text batch to the smallest of these lengths that holds it.
     """
 
     def __init__(
@@ -32,6 +33,7 @@ class ArrayLoader:
         shuffle: bool,
         seed: int = 0,
         drop_last: bool,
+        length_buckets: tuple[int, ...] | None = None,
     ):
         lengths = {k: len(v) for k, v in arrays.items()}
         if len(set(lengths.values())) != 1:
@@ -46,6 +48,7 @@ class ArrayLoader:
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
+        self.length_buckets = length_buckets
         if drop_last and self.num_examples < batch_size:
             raise ValueError(
                 f"The training split has {self.num_examples} examples, fewer than one batch of "
@@ -80,4 +83,15 @@ class ArrayLoader:
             weight[:real] = 1.0
             if not self.drop_last:
                 batch["weight"] = weight
+            if self.length_buckets and "attention_mask" in batch:
+                batch = _cut_to_bucket(batch, self.length_buckets)
             yield batch
+
+
+def _cut_to_bucket(batch: dict[str, np.ndarray], buckets: tuple[int, ...]) -> dict:
+    """Cut the token arrays of ``batch`` to the smallest bucket that holds its longest row."""
+    from jaxtl.data.text import bucket_for
+
+    mask = batch["attention_mask"]
+    width = bucket_for(int(mask.sum(axis=1).max()), buckets)
+    return {k: v[:, :width] if v.shape == mask.shape else v for k, v in batch.items()}

@@ -39,37 +39,80 @@ class ArraySource:
         return {k: v[i] for k, v in self.arrays.items()}
 
 
-class _Positions:
-    """Picklable map ``global position -> example`` for the grain workers.
+class _EpochPlan:
+    """Which example fills each row of each global batch of an epoch and, with length buckets,
+    each batch's padded length. A pure function of ``(seed, epoch)``.
 
-    Position ``k`` of the run is row ``k % epoch_rows`` of epoch ``k // epoch_rows``; that row
-    is example ``permutation(seed, epoch)[row]``, augmented with ``rng(seed, epoch, example)``.
+    Without buckets: ``permutation(seed, epoch)``, the last partial batch dropped (the order of
+    :class:`~jaxtl.data.loader.ArrayLoader`). With buckets: the same permutation, less the
+    dropped tail, is cut into chunks of :attr:`CHUNK` batches; each chunk is sorted by length
+    and cut into batches, so that a batch holds texts of similar length, and the order of the
+    batches is shuffled. Each batch is padded to the smallest bucket that holds its longest
+    text, so jit sees at most ``len(buckets)`` shapes.
     """
 
-    def __init__(self, source, transform, seed, shuffle, epoch_rows, shard, shards, batch_size):
-        self.source, self.transform = source, transform
-        self.seed, self.shuffle, self.epoch_rows = seed, shuffle, epoch_rows
-        self.shard, self.shards, self.batch_size = shard, shards, batch_size
+    CHUNK = 32  # batches per length-sorted chunk
 
-    @functools.lru_cache(maxsize=2)  # noqa: B019 - the instance lives as long as its iterator
-    def order(self, epoch: int) -> np.ndarray:
-        n = len(self.source)
-        if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng([self.seed, epoch]).permutation(n)
+    def __init__(self, n, batch_size, seed, shuffle, lengths=None, buckets=None, token_keys=()):
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.steps = n // batch_size
+        self.lengths = None if lengths is None else np.asarray(lengths)
+        self.buckets = None if buckets is None else tuple(int(b) for b in buckets)
+        self.token_keys = tuple(token_keys)
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - one plan per loader, an epoch or two at a time
+    def __call__(self, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(order, widths)``: example index per position, padded length per batch (or None)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+        if self.buckets is None:
+            return order, None
+        from jaxtl.data.text import bucket_for
+
+        bs = self.batch_size
+        kept = order[: self.steps * bs]
+        batches = []
+        for start in range(0, len(kept), bs * self.CHUNK):
+            chunk = kept[start : start + bs * self.CHUNK]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            batches += [chunk[i : i + bs] for i in range(0, len(chunk), bs)]
+        if self.shuffle:
+            shuffled = np.random.default_rng([self.seed, epoch, 1]).permutation(len(batches))
+            batches = [batches[i] for i in shuffled]
+        widths = np.array([bucket_for(int(self.lengths[b].max()), self.buckets) for b in batches])
+        return np.concatenate(batches), widths
+
+
+class _Positions:
+    """Picklable map ``position -> example`` for the grain workers.
+
+    Global position ``k`` of the run is row ``k % epoch_rows`` of epoch ``k // epoch_rows``; the
+    plan names its example, which is cut to its batch's bucket and augmented with
+    ``rng(seed, epoch, example index)``. ``local_position`` counts this process's rows only.
+    """
+
+    def __init__(self, plan: _EpochPlan, source, transform, shard: int, shards: int):
+        self.plan, self.source, self.transform = plan, source, transform
+        self.shard, self.shards = shard, shards
+        self.epoch_rows = plan.steps * plan.batch_size
 
     def __call__(self, local_position: int) -> Example:
         # This process's rows of global batch b are [shard * local, (shard + 1) * local).
-        local = self.batch_size // self.shards
+        bs = self.plan.batch_size
+        local = bs // self.shards
         batch, row = divmod(int(local_position), local)
-        k = batch * self.batch_size + self.shard * local + row
+        k = batch * bs + self.shard * local + row
         epoch, pos = divmod(k, self.epoch_rows)
-        index = int(self.order(epoch)[pos])
+        order, widths = self.plan(epoch)
+        index = int(order[pos])
         example = self.source[index]
+        if widths is not None:  # every process cuts its rows of a batch to the same bucket
+            width = int(widths[pos // bs])
+            keys = self.plan.token_keys
+            example = {k: v[:width] if k in keys else v for k, v in example.items()}
         if self.transform is not None:
-            example = self.transform(
-                dict(example), np.random.default_rng([self.seed, epoch, index])
-            )
+            rng = np.random.default_rng([self.plan.seed, epoch, index])
+            example = self.transform(dict(example), rng)
         return example
 
 
@@ -85,6 +128,8 @@ class GrainLoader:
       workers: grain worker processes (0: in this process).
       process_index / process_count: this process's share of every global batch
         (default: ``jax.process_index()`` / ``jax.process_count()``).
+      length_buckets: padded lengths for text batches (see :class:`_EpochPlan`); None: every
+        batch keeps the arrays' one padded length.
     """
 
     def __init__(
@@ -98,6 +143,7 @@ class GrainLoader:
         workers: int = 0,
         process_index: int | None = None,
         process_count: int | None = None,
+        length_buckets: tuple[int, ...] | None = None,
     ):
         import jax
 
@@ -122,6 +168,18 @@ class GrainLoader:
             raise ValueError(
                 f"batch_size {batch_size} does not split over {self.process_count} processes."
             )
+        lengths, token_keys = _token_lengths(source)
+        if length_buckets is not None and lengths is None:
+            raise ValueError("length_buckets needs text inputs (an attention_mask).")
+        self.plan = _EpochPlan(
+            self.num_examples,
+            batch_size,
+            seed,
+            shuffle,
+            lengths,
+            length_buckets,
+            token_keys,
+        )
         self._iterator: Iterator[Example] | None = None
         self._position: int | None = None  # global step the iterator yields next
 
@@ -146,7 +204,20 @@ class GrainLoader:
             "num_examples": self.num_examples,
             "batch_size": self.batch_size,
             "transform": repr(self.transform),
+            "length_buckets": list(self.plan.buckets) if self.plan.buckets else None,
         }
+
+    def padding_waste(self, epoch: int = 0) -> float | None:
+        """Fraction of the token slots fed in ``epoch`` that are padding; None without text."""
+        if self.plan.lengths is None:
+            return None
+        from jaxtl.data.text import padding_waste
+
+        order, widths = self.plan(epoch)
+        rows = order[: self.steps_per_epoch * self.batch_size].reshape(-1, self.batch_size)
+        if widths is None:
+            widths = np.full(len(rows), self.source.arrays["attention_mask"].shape[1])
+        return padding_waste(self.plan.lengths[rows], widths)
 
     def check_state(self, saved: Mapping[str, Any] | None) -> None:
         """Refuses to resume a run whose batches would differ from the checkpointed run's."""
@@ -179,14 +250,7 @@ class GrainLoader:
         _grain_flags()
         local = self.batch_size // self.process_count
         positions = _Positions(
-            self.source,
-            self.transform,
-            self.seed,
-            self.shuffle,
-            self.steps_per_epoch * self.batch_size,
-            self.process_index,
-            self.process_count,
-            self.batch_size,
+            self.plan, self.source, self.transform, self.process_index, self.process_count
         )
         # An unbounded run of positions: epochs follow one another until the trainer stops.
         ds = grain.MapDataset.range(first_step * local, 2**62).map(positions)
@@ -194,6 +258,17 @@ class GrainLoader:
         if self.workers:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
         return iter(ds)
+
+
+def _token_lengths(source) -> tuple[np.ndarray | None, tuple[str, ...]]:
+    """Real tokens per example (``attention_mask`` sums) and the ``[N, T]`` token arrays that a
+    batch's bucket cuts; ``(None, ())`` for a source without text."""
+    arrays = getattr(source, "arrays", {})
+    if "attention_mask" not in arrays:
+        return None, ()
+    mask = arrays["attention_mask"]
+    keys = tuple(k for k, v in arrays.items() if v.ndim == 2 and v.shape == mask.shape)
+    return mask.sum(axis=1), keys
 
 
 @functools.cache

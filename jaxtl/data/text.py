@@ -59,3 +59,33 @@ def encode(
         mask[i, :k] = 1
         types[i, :k] = row_types
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}, truncated
+
+
+def bucket_lengths(max_length: int, smallest: int = 8) -> tuple[int, ...]:
+    """The padded lengths batches may have: ``smallest``, doubling, then ``max_length``.
+
+    Example:
+      >>> bucket_lengths(100)
+      (8, 16, 32, 64, 100)
+    """
+    out, n = [], smallest
+    while n < max_length:
+        out.append(n)
+        n *= 2
+    return (*out, max_length)
+
+
+def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds ``length`` tokens."""
+    for b in buckets:
+        if b >= length:
+            return b
+    raise ValueError(f"{length} tokens exceed the largest bucket {buckets[-1]}.")
+
+
+def padding_waste(lengths: np.ndarray, widths: np.ndarray) -> float:
+    """Fraction of fed token slots that are padding: ``lengths [batches, rows]`` real tokens per
+    row, ``widths [batches]`` each batch's padded length."""
+    lengths = np.asarray(lengths)
+    fed = float(np.sum(widths) * lengths.shape[1])
+    return 1.0 - float(lengths.sum()) / fed if fed else 0.0

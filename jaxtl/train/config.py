@@ -70,6 +70,9 @@ class TrainConfig:
         ``"random_resized_crop(0.35),hflip"`` (see :mod:`jaxtl.data.augment`); ``None``: off.
       data_workers: grain worker processes that read and augment training batches (0: the
         training process itself). Batches do not depend on it.
+      bucket_by_length: text: batch texts of similar length together and pad each batch to
+        the smallest of a few lengths (8, 16, 32, ... up to the padded length) that holds it,
+        so short texts do not pay for long padding and jit compiles only those shapes.
     """
 
     epochs: int = 3
@@ -96,6 +99,7 @@ class TrainConfig:
     precise_bn: int = 0
     augment: str | None = None
     data_workers: int = 0
+    bucket_by_length: bool = False
 
     def __post_init__(self):
         if isinstance(self.early_stopping, dict):

@@ -24,6 +24,7 @@ from jaxtl.checkpoint import Checkpointer
 from jaxtl.data import augment
 from jaxtl.data.loader import ArrayLoader
 from jaxtl.data.pipeline import ArraySource, GrainLoader
+from jaxtl.data.text import bucket_lengths
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.common import batch_norm_paths
 from jaxtl.rules import flatten, unflatten
@@ -189,7 +190,13 @@ class Trainer:
         return summarize(jax.device_get(total))
 
     def eval_loader(self, arrays: dict) -> ArrayLoader:
-        return ArrayLoader(arrays, self.eval_batch_size, shuffle=False, drop_last=False)
+        return ArrayLoader(
+            arrays,
+            self.eval_batch_size,
+            shuffle=False,
+            drop_last=False,
+            length_buckets=self._buckets(arrays),
+        )
 
     def train_loader(self, arrays: dict) -> GrainLoader:
         """Shuffled, optionally augmented training batches through grain (see
@@ -207,7 +214,13 @@ class Trainer:
             seed=cfg.seed,
             transform=augment.parse(cfg.augment),
             workers=cfg.data_workers,
+            length_buckets=self._buckets(arrays),
         )
+
+    def _buckets(self, arrays: dict) -> tuple[int, ...] | None:
+        if not self.config.bucket_by_length or "attention_mask" not in arrays:
+            return None
+        return bucket_lengths(arrays["attention_mask"].shape[1])
 
     # --- the loop ------------------------------------------------------------------------
 
