@@ -195,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="grain worker processes reading training batches (batches do not depend on it)",
     )
     ft.add_argument(
+        "--feature-cache",
+        default=None,
+        metavar="memory|DIR",
+        help="linear_probe runs: compute the frozen backbone's features once (in memory, or "
+        "as .npy files in DIR, reused while model, params and data are unchanged) and train "
+        "the head from them",
+    )
+    ft.add_argument(
         "--bucket-by-length",
         action="store_true",
         help="text: batch texts of similar length and pad each batch to one of a few lengths "
@@ -323,6 +331,7 @@ def _finetune(args) -> int:
             augment=args.augment,
             data_workers=args.data_workers,
             bucket_by_length=args.bucket_by_length,
+            feature_cache=args.feature_cache if recipe == "linear_probe" and pretrained else None,
         )
         res = run.finetune(
             m, recipe, splits, config, workdir, name=name, resume=args.resume, describe=describe

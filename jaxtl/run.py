@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from jaxtl import report, strategies
+from jaxtl import feature_cache, report, strategies
 from jaxtl.data import images, sources, text
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.preprocessing import ImagePreprocessing
+from jaxtl.rules import flatten
 from jaxtl.train import TrainConfig, Trainer
 
 
@@ -83,6 +84,38 @@ def encode_splits(
     return out, {"length": int(length), "truncated": truncated, "sizes": data.sizes()}
 
 
+def cached_features(
+    model: LoadedModel, plan: strategies.Plan, config: TrainConfig, arrays: dict, verbose: bool
+) -> tuple[LoadedModel, dict]:
+    """``config.feature_cache``: the head alone and, per split, its inputs in place of the model
+    inputs. Refused where it would change the computation's meaning (see jaxtl.feature_cache)."""
+    head = feature_cache.head_path(model)
+    trains = {p for p, on in flatten(plan.trainable_mask(model.params)).items() if on}
+    if not trains or any(p != head and not p.startswith(head + "/") for p in trains):
+        raise ValueError(
+            f"feature_cache applies to recipes that train only the head ({head!r}, e.g. "
+            f"linear_probe); {plan.name!r} trains {len(trains)} params beyond it. Drop "
+            "feature_cache for this recipe."
+        )
+    if config.augment:
+        raise ValueError(
+            "feature_cache computes the backbone's output once, so it cannot see random "
+            f"augmentation (augment={config.augment!r}); drop one of the two."
+        )
+    cache_dir = None if config.feature_cache == "memory" else config.feature_cache
+    out = {}
+    for split, split_arrays in arrays.items():
+        inputs = {k: v for k, v in split_arrays.items() if k != "label"}
+        feats, hit = feature_cache.features(
+            model, model.params, inputs, batch_size=config.eval_batch_size, cache_dir=cache_dir
+        )
+        out[split] = {"features": feats, "label": split_arrays["label"]}
+        if verbose:
+            how = "read from the cache" if hit else "computed"
+            print(f"feature cache: {split} {feats.shape} {how} ({config.feature_cache})")
+    return feature_cache.head_model(model), out
+
+
 def finetune(
     model: LoadedModel,
     recipe: str | strategies.Plan,
@@ -127,7 +160,11 @@ def finetune(
             f"\n== {name}: {model.family} ({model.path}) on {data.name} {facts['sizes']}, {shape}"
         )
         print(plan.table(model.params))
-    trainer = Trainer(model, plan, config, workdir)
+    trained = model
+    if config.feature_cache:
+        trained, arrays = cached_features(model, plan, config, arrays, verbose)
+        facts["feature_cache"] = config.feature_cache
+    trainer = Trainer(trained, plan, config, workdir)
     train = trainer.train_loader(arrays["train"])
     waste = train.padding_waste()
     if waste is not None:
@@ -160,6 +197,9 @@ def finetune(
         params=fit.state.params,
         batch_stats=fit.state.batch_stats,
     )
+    if trained is not model:  # the head was trained alone: put it back into the whole model
+        result.params = feature_cache.merge_head(model.params, fit.state.params)
+        result.batch_stats = model.batch_stats
     if workdir and stop_at is None:  # a preempted run is not finished: no results yet
         _write_json(os.path.join(workdir, "results.json"), result.to_dict())
         report.plot_curves([workdir], os.path.join(workdir, "curve.png"), [name])
@@ -189,27 +229,30 @@ def evaluate_run(run_dir: str, which: str = "best") -> dict:
             "with in-memory data); evaluate it from Python with Trainer.evaluate instead."
         )
     m = info["model"]
+    config = TrainConfig(**{k: v for k, v in info["config"].items()})
     model = load(
         m["path"],
         task=m["task"],
         num_labels=m["num_labels"],
         pooling=m.get("pooling"),
-        pretrained=False,
+        # A cached-feature run checkpoints only the head: the backbone is the pretrained one.
+        pretrained=bool(config.feature_cache),
         image_size=m.get("image_size"),
         in_channels=m.get("in_channels"),
     )
     if "preprocessing" in m:  # the run's own image recipe (e.g. a preset's plain resize)
         model.extras["preprocessing"] = ImagePreprocessing.from_dict(m["preprocessing"])
     data = resolve(info["data"], num_labels=model.num_labels, task=model.task)
-    config = TrainConfig(**{k: v for k, v in info["config"].items()})
     plan = strategies.make_plan(info["recipe"], model.structure)
+    arrays, _ = encode_splits(model, data)
+    if config.feature_cache:
+        model, arrays = cached_features(model, plan, config, arrays, verbose=False)
     trainer = Trainer(model, plan, config)
     state = trainer.init_state(1)
     tree, meta = checkpoint.restore_params(
         os.path.join(run_dir, "checkpoints"), state.checkpoint_tree(), which
     )
     state = state.with_checkpoint_tree(tree)
-    arrays, _ = encode_splits(model, data)
     out = {"run": run_dir, "checkpoint": which, "step": int(tree["step"])}
     for split in ("validation", "test"):
         out[split] = trainer.evaluate(state, arrays[split])

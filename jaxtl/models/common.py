@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -134,7 +133,6 @@ def make_apply(
     first key is required, the others are passed as ``None`` when absent.
     """
 
-    @functools.partial(jax.jit, static_argnames=("train", "bn_train"))
     def _forward(params, batch_stats, inputs, train, rng, bn_train):
         rngs = {"dropout": rng} if rng is not None else {}
         if not has_batch_stats:
@@ -151,6 +149,8 @@ def make_apply(
             )
             return outputs, updated["batch_stats"]
         return module.apply(variables, *inputs, train=train, bn_train=(), rngs=rngs), batch_stats
+
+    jitted = jax.jit(_forward, static_argnames=("train", "bn_train"))
 
     def _inputs(batch: Mapping[str, jax.Array]) -> tuple:
         first, *rest = input_keys
@@ -169,7 +169,14 @@ def make_apply(
     ) -> tuple[jax.Array, Any]:
         if train and rng is None:
             raise ValueError("apply(..., train=True) needs rng= (a PRNG key for dropout).")
+        return jitted(params, batch_stats, _inputs(batch), train, rng, tuple(bn_train))
+
+    def traceable(params, batch_stats, batch, *, train=False, rng=None, bn_train=()):
+        """``forward`` without its own jit, for callers that trace it inside theirs with
+        flax method interceptors (a jit cache must never hold an intercepted trace)."""
         return _forward(params, batch_stats, _inputs(batch), train, rng, tuple(bn_train))
+
+    forward.traceable = traceable
 
     def apply(
         params: Mapping[str, Any],

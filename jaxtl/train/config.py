@@ -70,6 +70,10 @@ class TrainConfig:
         ``"random_resized_crop(0.35),hflip"`` (see :mod:`jaxtl.data.augment`); ``None``: off.
       data_workers: grain worker processes that read and augment training batches (0: the
         training process itself). Batches do not depend on it.
+      feature_cache: for a recipe that trains only the head (linear_probe): compute the
+        frozen backbone's output once and train the head from it (see
+        :mod:`jaxtl.feature_cache`); ``"memory"`` or a directory for ``.npy`` files. ``None``:
+        off.
       bucket_by_length: text: batch texts of similar length together and pad each batch to
         the smallest of a few lengths (8, 16, 32, ... up to the padded length) that holds it,
         so short texts do not pay for long padding and jit compiles only those shapes.
@@ -100,6 +104,7 @@ class TrainConfig:
     augment: str | None = None
     data_workers: int = 0
     bucket_by_length: bool = False
+    feature_cache: str | None = None
 
     def __post_init__(self):
         if isinstance(self.early_stopping, dict):

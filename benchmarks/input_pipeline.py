@@ -1,0 +1,127 @@
+"""Is the input pipeline the bottleneck? Pipeline throughput vs train-step throughput, one run.
+
+    python benchmarks/input_pipeline.py [--steps 5] [--image-size 224] [--workers 0,2]
+
+For MiniLM-L6 on VADER text and for EfficientNet-Lite0 on images, prints examples/s of
+jaxtl's training pipeline alone (grain, shuffling, the per-example work, batching; for images
+with augmentation on) next to examples/s that the compiled `full` train step consumes, and
+their ratio (> 1: the pipeline keeps up). Also prints the padding waste of VADER's training
+batches with one padded length and with length buckets. Record results in
+benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+
+import jaxtl
+from jaxtl import parallel
+from jaxtl.data import augment, digits, vader
+from jaxtl.data.pipeline import ArraySource, GrainLoader
+from jaxtl.data.text import bucket_lengths
+from jaxtl.run import encode_splits
+from jaxtl.train import steps as jsteps
+
+
+def pipeline_rate(arrays, batch, workers, transform=None, buckets=None, batches=40) -> float:
+    """Examples/s of the loader alone over ``batches`` batches (worker start-up included)."""
+    loader = GrainLoader(
+        ArraySource(arrays),
+        batch,
+        seed=0,
+        transform=transform,
+        workers=workers,
+        length_buckets=buckets,
+    )
+    n, start, epoch = 0, time.perf_counter(), 0
+    while n < batches:
+        for _ in loader.epoch(epoch):
+            n += 1
+            if n >= batches:
+                break
+        epoch += 1
+    return n * batch / (time.perf_counter() - start)
+
+
+def step_rate(model, arrays, batch, steps) -> float:
+    """Examples/s of the jitted `full` train step (compile and a warm-up step excluded)."""
+    config = jaxtl.TrainConfig(batch_size=batch, learning_rate=1e-4, progress=False)
+    trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), config)
+    state = trainer.init_state(steps + 1)
+    train_step, _ = jsteps.compile_steps(state, trainer.mesh)
+    loader = GrainLoader(ArraySource(arrays), batch, seed=0)
+    batches = [
+        parallel.global_batch(b, trainer.mesh)
+        for _, b in zip(range(steps + 1), loader.epoch(0), strict=False)
+    ]
+    state, m = train_step(state, batches[0])
+    jax.block_until_ready(m)
+    start = time.perf_counter()
+    for b in batches[1:]:
+        state, m = train_step(state, b)
+    jax.block_until_ready(m)
+    return (len(batches) - 1) * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--steps", type=int, default=5, help="timed train steps per model")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--workers", default="0,2", help="grain worker counts to time")
+    p.add_argument("--augment", default="random_resized_crop(0.35),hflip")
+    a = p.parse_args()
+    workers = [int(w) for w in a.workers.split(",")]
+    rows = []
+
+    from jaxtl.cli import default_model_dir
+    from jaxtl.presets import efficientnet_lite0_path
+
+    text_model = jaxtl.load(default_model_dir(), num_labels=2)
+    text, _ = encode_splits(text_model, vader())
+    buckets = bucket_lengths(text["train"]["attention_mask"].shape[1])
+    plain = GrainLoader(ArraySource(text["train"]), a.batch, seed=0)
+    bucketed = GrainLoader(ArraySource(text["train"]), a.batch, seed=0, length_buckets=buckets)
+    print(
+        f"VADER train split ({plain.num_examples} texts, padded length "
+        f"{text['train']['input_ids'].shape[1]}): padding waste {100 * plain.padding_waste():.1f}% "
+        f"with one length, {100 * bucketed.padding_waste():.1f}% with buckets {buckets}"
+    )
+    consumed = step_rate(text_model, text["train"], a.batch, a.steps)
+    for w in workers:
+        fed = pipeline_rate(text["train"], a.batch, w)
+        rows.append(
+            ["MiniLM-L6 text", w, "-", f"{fed:,.0f}", f"{consumed:,.1f}", f"{fed / consumed:,.0f}x"]
+        )
+
+    image_model = jaxtl.load(
+        efficientnet_lite0_path(), num_labels=10, in_channels=1, image_size=a.image_size
+    )
+    images, _ = encode_splits(image_model, digits())
+    consumed = step_rate(image_model, images["train"], a.batch, a.steps)
+    transform = augment.parse(a.augment)
+    for w in workers:
+        fed = pipeline_rate(images["train"], a.batch, w, transform=transform, batches=20)
+        rows.append(
+            [
+                f"EfficientNet-Lite0 {a.image_size}px",
+                w,
+                a.augment,
+                f"{fed:,.0f}",
+                f"{consumed:,.1f}",
+                f"{fed / consumed:,.0f}x",
+            ]
+        )
+
+    headers = ["model", "workers", "augment", "pipeline ex/s", "train step ex/s", "pipeline / step"]
+    print(jaxtl.report.format_table(headers, rows))
+    print(f"{jax.device_count()} {jax.devices()[0].platform} device(s), batch {a.batch}")
+
+
+if __name__ == "__main__":
+    main()
