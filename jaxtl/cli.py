@@ -203,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the head from them",
     )
     ft.add_argument(
+        "--long-texts",
+        choices=["truncate", "error"],
+        default="truncate",
+        help="texts longer than the model's positions: cut them (the count is printed) or "
+        "stop with an error before training",
+    )
+    ft.add_argument(
         "--bucket-by-length",
         action="store_true",
         help="text: batch texts of similar length and pad each batch to one of a few lengths "
@@ -334,7 +341,15 @@ def _finetune(args) -> int:
             feature_cache=args.feature_cache if recipe == "linear_probe" and pretrained else None,
         )
         res = run.finetune(
-            m, recipe, splits, config, workdir, name=name, resume=args.resume, describe=describe
+            m,
+            recipe,
+            splits,
+            config,
+            workdir,
+            name=name,
+            resume=args.resume,
+            describe=describe,
+            long_texts=args.long_texts,
         )
         results.append(res.to_dict())
     demo_data = args.data == "vader" and args.model is None

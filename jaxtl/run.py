@@ -46,10 +46,15 @@ class RunResult:
 
 
 def encode_splits(
-    model: LoadedModel, data: sources.TextSplits | images.ImageSplits
+    model: LoadedModel,
+    data: sources.TextSplits | images.ImageSplits,
+    long_texts: str = "truncate",
 ) -> tuple[dict, dict]:
     """The model's inputs for every split: images through the model's preprocessing, or texts
     tokenized to one padded length (the longest text, within the model's limit).
+
+    Texts longer than the model's positions are cut (and counted), or with
+    ``long_texts="error"`` refused before anything compiles.
 
     Returns ``{split: arrays with 'label'}`` (no labels for a causal LM: its targets are the
     next tokens) and facts worth logging (sizes, length, truncations).
@@ -71,7 +76,11 @@ def encode_splits(
             raise ValueError(f"The {s} split of {data.name!r} is empty.")
     # One pass over every text: the shared padded length comes from all splits together.
     all_texts = [t for s in sources.SPLITS for t in getattr(data, s)[0]]
-    encoded, truncated = text.encode(tokenizer, all_texts, max_length=max_length)
+    if long_texts not in ("truncate", "error"):
+        raise ValueError(f"long_texts must be 'truncate' or 'error', got {long_texts!r}.")
+    encoded, truncated = text.encode(
+        tokenizer, all_texts, max_length=max_length, on_long=long_texts
+    )
     length = encoded["input_ids"].shape[1]
     out, start = {}, 0
     for s in sources.SPLITS:
@@ -128,6 +137,7 @@ def finetune(
     stop_at: int | None = None,
     describe: dict | None = None,
     verbose: bool = True,
+    long_texts: str = "truncate",
 ) -> RunResult:
     """Fine-tune ``model`` on ``data`` under ``recipe``; evaluate the result on the test split.
 
@@ -142,6 +152,8 @@ def finetune(
       stop_at: stop (checkpointed) after this step, as if preempted.
       describe: JSON facts that let ``jaxtl evaluate`` rebuild the model and data later.
       verbose: print the plan table and the data summary.
+      long_texts: ``"truncate"`` texts longer than the model's positions (counted in the data
+        facts) or ``"error"``.
 
     Returns:
       A :class:`RunResult` with test metrics, the best validation record and the final params.
@@ -149,7 +161,7 @@ def finetune(
     config = config or TrainConfig()
     plan = strategies.make_plan(recipe, model.structure)
     name = name or plan.name
-    arrays, facts = encode_splits(model, data)
+    arrays, facts = encode_splits(model, data, long_texts)
     if verbose:
         shape = (
             f"image size {facts['image_size']}"

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxtl.data import ArrayLoader, resolve, sources
+from jaxtl.data import ArrayLoader, encode, resolve, sources
 
 
 def test_vader_split_is_the_published_one():
@@ -81,3 +81,27 @@ def test_eval_loader_counts_every_example_once():
     seen = np.concatenate([b["x"][b["weight"] > 0] for b in batches])
     assert sorted(seen.tolist()) == list(range(13))
     assert batches[1]["weight"].sum() == 5
+
+
+def test_texts_longer_than_the_model_are_truncated_and_counted_or_refused(tmp_path, capsys):
+    from _tiny import make_tiny_bert
+
+    from jaxtl import cli
+    from jaxtl.loading import tokenizer
+
+    tok = tokenizer(make_tiny_bert(str(tmp_path / "bert")))
+    texts = ["short one", "a much longer text " * 20, "another long one " * 30]
+    encoded, truncated = encode(tok, texts, max_length=16)
+    assert truncated == 2 and encoded["input_ids"].shape == (3, 16)
+    with pytest.raises(ValueError, match="2 text\\(s\\) exceed the model's 16 positions"):
+        encode(tok, texts, max_length=16, on_long="error")
+
+    # From the CLI: refused before any training, nothing written for the run.
+    rows = [{"text": t, "label": i % 2} for i, t in enumerate(texts * 10)]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["finetune", "--model", str(tmp_path / "bert"), "--data", str(data)]
+    argv += ["--long-texts", "error", "--out", str(tmp_path / "run")]
+    assert cli.main(argv) == 2
+    assert "exceed the model's 64 positions" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "pretrained-full" / "checkpoints").exists()

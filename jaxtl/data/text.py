@@ -14,6 +14,7 @@ def encode(
     max_length: int,
     length: int | None = None,
     pad_multiple: int = 8,
+    on_long: str = "truncate",
 ) -> tuple[dict[str, np.ndarray], int]:
     """Batch-encode ``texts`` -> ``input_ids``, ``attention_mask``, ``token_type_ids`` (int32).
 
@@ -27,6 +28,7 @@ def encode(
       max_length: the model's maximum number of positions.
       length: a fixed padded length (e.g. the one the training split chose).
       pad_multiple: round the automatic length up to a multiple of this.
+      on_long: ``"truncate"`` texts longer than ``max_length`` (and count them) or ``"error"``.
     """
     if len(texts) == 0:
         raise ValueError("No texts to encode: the split is empty.")
@@ -35,6 +37,14 @@ def encode(
     tok.no_truncation()
     encs = tok.encode_batch(list(texts))
     longest = max(len(e.ids) for e in encs)
+    if on_long == "error" and longest > max_length:
+        over = [i for i, e in enumerate(encs) if len(e.ids) > max_length]
+        example = texts[over[0]][:60]
+        raise ValueError(
+            f"{len(over)} text(s) exceed the model's {max_length} positions (the longest has "
+            f"{longest} tokens), e.g. text {over[0]}: {example!r}... Shorten them, or let jaxtl "
+            "truncate them (counted): --long-texts truncate."
+        )
     if length is None:
         length = min(max_length, -(-longest // pad_multiple) * pad_multiple)
     length = min(length, max_length)
