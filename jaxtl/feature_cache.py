@@ -118,10 +118,17 @@ def _extract(model: LoadedModel, params: Any, inputs: dict, batch_size: int) -> 
 
     run = jax.jit(head_input)
     n = len(next(iter(inputs.values())))
+    batch_size = min(batch_size, n)
     chunks = []
     for start in range(0, n, batch_size):
         batch = {k: v[start : start + batch_size] for k, v in inputs.items()}
-        chunks.append(np.asarray(run(params, model.batch_stats, batch)))
+        real = len(next(iter(batch.values())))
+        if real < batch_size:  # pad with copies of row 0: one shape, one compile
+            batch = {
+                k: np.concatenate([v, np.repeat(v[:1], batch_size - real, axis=0)])
+                for k, v in batch.items()
+            }
+        chunks.append(np.asarray(run(params, model.batch_stats, batch))[:real])
     return np.concatenate(chunks)
 
 

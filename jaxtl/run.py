@@ -115,8 +115,10 @@ def cached_features(
     out = {}
     for split, split_arrays in arrays.items():
         inputs = {k: v for k, v in split_arrays.items() if k != "label"}
+        # Twice the training batch: no gradients are kept, and on this CPU 64 beat 32 and 256
+        # (benchmarks/README.md).
         feats, hit = feature_cache.features(
-            model, model.params, inputs, batch_size=config.eval_batch_size, cache_dir=cache_dir
+            model, model.params, inputs, batch_size=2 * config.batch_size, cache_dir=cache_dir
         )
         out[split] = {"features": feats, "label": split_arrays["label"]}
         if verbose:
