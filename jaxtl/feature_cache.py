@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.models.base import LoadedModel, Structure
-from jaxtl.rules import flatten, unflatten
+from jaxtl.rules import flatten, is_under, unflatten
 
 _MEMORY: dict[str, np.ndarray] = {}
 
@@ -42,7 +42,7 @@ def head_path(model: LoadedModel) -> str:
             f"The feature cache needs one head module; {model.family!r} has {list(heads)}."
         )
     leaves = {
-        k.rsplit("/", 1)[1]: v for k, v in flatten(model.params).items() if _under(k, heads[0])
+        k.rsplit("/", 1)[1]: v for k, v in flatten(model.params).items() if is_under(k, heads[0])
     }
     if set(leaves) - {"kernel", "bias"} or np.ndim(leaves.get("kernel")) != 2:
         raise ValueError(
@@ -50,10 +50,6 @@ def head_path(model: LoadedModel) -> str:
             f"{heads[0]!r} holds {sorted(leaves)}."
         )
     return heads[0]
-
-
-def _under(path: str, prefix: str) -> bool:
-    return path == prefix or path.startswith(prefix + "/")
 
 
 def fingerprint(model: LoadedModel, params: Any, inputs: dict[str, np.ndarray]) -> str:
@@ -64,7 +60,7 @@ def fingerprint(model: LoadedModel, params: Any, inputs: dict[str, np.ndarray]) 
         h.update(part.encode() + b"\0")
     for tree in (params, model.batch_stats or {}):
         for name, leaf in sorted(flatten(tree).items()):
-            if not _under(name, head):
+            if not is_under(name, head):
                 h.update(name.encode() + np.ascontiguousarray(jax.device_get(leaf)).tobytes())
     for name, array in sorted(inputs.items()):
         array = np.ascontiguousarray(array)
@@ -136,7 +132,7 @@ def head_model(model: LoadedModel) -> LoadedModel:
     """The head alone, as a model that reads ``{"features": [B, F]}``: what the cached run
     trains. Its params are the head's subtree; :func:`merge_head` puts them back."""
     head = head_path(model)
-    flat = {k: v for k, v in flatten(model.params).items() if _under(k, head)}
+    flat = {k: v for k, v in flatten(model.params).items() if is_under(k, head)}
     kernel = next(k for k in flat if k.endswith("/kernel"))
     bias = next((k for k in flat if k.endswith("/bias")), None)
 

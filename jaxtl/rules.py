@@ -166,6 +166,16 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
+def is_under(path: str, prefix: str) -> bool:
+    """Whether ``path`` is ``prefix`` itself or lies below it (at a ``"/"`` boundary).
+
+    Example:
+      >>> is_under("enc/layer_1/kernel", "enc/layer_1"), is_under("enc/layer_10", "enc/layer_1")
+      (True, False)
+    """
+    return path == prefix or path.startswith(prefix.rstrip("/") + "/")
+
+
 def prefix_pattern(prefix: str) -> str:
     """A pattern matching ``prefix`` itself and every path below it.
 

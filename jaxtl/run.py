@@ -19,7 +19,7 @@ from jaxtl import feature_cache, report, strategies
 from jaxtl.data import images, sources, text
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.preprocessing import ImagePreprocessing
-from jaxtl.rules import flatten
+from jaxtl.rules import flatten, is_under
 from jaxtl.train import TrainConfig, Trainer
 
 
@@ -100,7 +100,7 @@ def cached_features(
     inputs. Refused where it would change the computation's meaning (see jaxtl.feature_cache)."""
     head = feature_cache.head_path(model)
     trains = {p for p, on in flatten(plan.trainable_mask(model.params)).items() if on}
-    if not trains or any(p != head and not p.startswith(head + "/") for p in trains):
+    if not trains or not all(is_under(p, head) for p in trains):
         raise ValueError(
             f"feature_cache applies to recipes that train only the head ({head!r}, e.g. "
             f"linear_probe); {plan.name!r} trains {len(trains)} params beyond it. Drop "

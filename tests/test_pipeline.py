@@ -64,24 +64,19 @@ def test_augmentation_is_reproducible_whatever_the_workers_and_resumes_mid_epoch
     _same([{"label": b["label"]} for b in plain], [{"label": b["label"]} for b in in_process])
 
 
+def _two_processes(arrays, **kwargs):
+    """The batches processes 0 and 1 of 2 read, joined row-wise into global batches."""
+    shards = [
+        _batches(GrainLoader(ArraySource(arrays), 8, process_index=p, process_count=2, **kwargs))
+        for p in range(2)
+    ]
+    return [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*shards, strict=True)]
+
+
 def test_each_process_reads_its_rows_of_every_global_batch():
     arrays, transform = _arrays(), augment.parse(AUGMENT)
     whole = _batches(GrainLoader(ArraySource(arrays), 8, seed=2, transform=transform))
-    shards = [
-        _batches(
-            GrainLoader(
-                ArraySource(arrays),
-                8,
-                seed=2,
-                transform=transform,
-                process_index=p,
-                process_count=2,
-            )
-        )
-        for p in range(2)
-    ]
-    joined = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*shards, strict=True)]
-    _same(joined, whole)
+    _same(_two_processes(arrays, seed=2, transform=transform), whole)
 
 
 def test_bad_augmentation_specs_are_named():
@@ -199,23 +194,7 @@ def test_length_buckets_pad_each_batch_to_the_smallest_bucket_that_holds_it():
         _batches(GrainLoader(ArraySource(arrays), 8, seed=4, length_buckets=buckets), start=5),
         batches[5:],
     )
-    halves = [
-        _batches(
-            GrainLoader(
-                ArraySource(arrays),
-                8,
-                seed=4,
-                length_buckets=buckets,
-                process_index=p,
-                process_count=2,
-            )
-        )
-        for p in range(2)
-    ]
-    _same(
-        [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*halves, strict=True)],
-        batches,
-    )
+    _same(_two_processes(arrays, seed=4, length_buckets=buckets), batches)
 
 
 def test_bucketed_evaluation_equals_one_padded_length(tmp_path):

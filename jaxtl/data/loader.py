@@ -90,8 +90,8 @@ class ArrayLoader:
 
 def _cut_to_bucket(batch: dict[str, np.ndarray], buckets: tuple[int, ...]) -> dict:
     """Cut the token arrays of ``batch`` to the smallest bucket that holds its longest row."""
-    from jaxtl.data.text import bucket_for
+    from jaxtl.data.text import bucket_for, token_arrays
 
-    mask = batch["attention_mask"]
-    width = bucket_for(int(mask.sum(axis=1).max()), buckets)
-    return {k: v[:, :width] if v.shape == mask.shape else v for k, v in batch.items()}
+    width = bucket_for(int(batch["attention_mask"].sum(axis=1).max()), buckets)
+    tokens = token_arrays(batch)
+    return {k: v[:, :width] if k in tokens else v for k, v in batch.items()}

@@ -263,12 +263,12 @@ class GrainLoader:
 def _token_lengths(source) -> tuple[np.ndarray | None, tuple[str, ...]]:
     """Real tokens per example (``attention_mask`` sums) and the ``[N, T]`` token arrays that a
     batch's bucket cuts; ``(None, ())`` for a source without text."""
+    from jaxtl.data.text import token_arrays
+
     arrays = getattr(source, "arrays", {})
     if "attention_mask" not in arrays:
         return None, ()
-    mask = arrays["attention_mask"]
-    keys = tuple(k for k, v in arrays.items() if v.ndim == 2 and v.shape == mask.shape)
-    return mask.sum(axis=1), keys
+    return arrays["attention_mask"].sum(axis=1), token_arrays(arrays)
 
 
 @functools.cache

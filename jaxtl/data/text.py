@@ -99,3 +99,12 @@ def padding_waste(lengths: np.ndarray, widths: np.ndarray) -> float:
     lengths = np.asarray(lengths)
     fed = float(np.sum(widths) * lengths.shape[1])
     return 1.0 - float(lengths.sum()) / fed if fed else 0.0
+
+
+def token_arrays(arrays: dict[str, np.ndarray]) -> tuple[str, ...]:
+    """The per-token arrays of a text batch (shaped like ``attention_mask``): what a length
+    bucket cuts. Empty for a batch without text."""
+    mask = arrays.get("attention_mask")
+    if mask is None:
+        return ()
+    return tuple(k for k, v in arrays.items() if np.shape(v) == np.shape(mask))

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtl.rules import is_under
+
 # Hugging Face activation names -> functions. "gelu" is the exact erf form in PyTorch; the tanh
 # approximation ("gelu_new", GPT-2's) differs by up to ~1e-3, far above parity tolerance.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -58,10 +60,6 @@ def abstract_params(module: nn.Module, max_positions: int) -> Any:
     ]
 
 
-def _under(path: str, prefix: str) -> bool:
-    return path == prefix or path.startswith(prefix + "/")
-
-
 def bn_trains(module: nn.Module, name: str, train: bool, bn_train: tuple[str, ...]) -> bool:
     """Whether the BatchNorm child ``name`` of ``module`` normalizes with batch statistics.
 
@@ -71,7 +69,7 @@ def bn_trains(module: nn.Module, name: str, train: bool, bn_train: tuple[str, ..
     in training mode; it is static, so each distinct set compiles once.
     """
     path = "/".join((*module.path, name))
-    return train and any(_under(path, p) for p in bn_train)
+    return train and any(is_under(path, p) for p in bn_train)
 
 
 def batch_norm(

@@ -65,11 +65,14 @@ def metric_sums(outputs: jax.Array, batch: dict, task: str) -> dict:
         "count": jnp.sum(weight),
     }
     if task != "regression":
-        correct = (jnp.argmax(preds, axis=-1) == targets).astype(jnp.float32)
-        sums["correct"] = jnp.sum(correct * weight)
+        sums["correct"] = _correct(preds, targets, weight)
     if task == "causal_lm":
         sums["examples"] = jnp.sum(batch.get("weight", jnp.ones(preds.shape[0], jnp.float32)))
     return sums
+
+
+def _correct(preds: jax.Array, targets: jax.Array, weight: jax.Array) -> jax.Array:
+    return jnp.sum((jnp.argmax(preds, axis=-1) == targets).astype(jnp.float32) * weight)
 
 
 def mean_loss(outputs: jax.Array, batch: dict, task: str) -> jax.Array:
@@ -106,9 +109,9 @@ def _apply_grads(state: TrainState, grads: Any, batch_stats: Any) -> TrainState:
 
 def _train_metrics(loss, outputs, batch, task) -> dict:
     metrics = {"loss": loss}
-    if task != "regression":
-        sums = metric_sums(outputs, batch, task)
-        metrics["accuracy"] = sums["correct"] / jnp.maximum(sums["count"], 1.0)
+    if task != "regression":  # the loss is already computed: only count the right answers
+        preds, targets, weight = _targets(outputs, batch, task)
+        metrics["accuracy"] = _correct(preds, targets, weight) / jnp.maximum(jnp.sum(weight), 1.0)
     return metrics
 
 

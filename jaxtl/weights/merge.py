@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtl.rules import flatten, unflatten
+from jaxtl.rules import flatten, is_under, unflatten
 
 
 class Mismatch(NamedTuple):
@@ -171,8 +171,8 @@ def merge_checkpoint(
 
     # A head is one unit: if any of its params mismatched, a half-loaded head (say a 3-label bias
     # next to a fresh 2-label kernel) is meaningless, so every param under it is re-initialized.
-    bad_heads = [h for h in head if any(_under(m.path, h) for m in report.mismatched)]
-    reinit = [p for p in report.loaded if any(_under(p, h) for h in bad_heads)]
+    bad_heads = [h for h in head if any(is_under(m.path, h) for m in report.mismatched)]
+    reinit = [p for p in report.loaded if any(is_under(p, h) for h in bad_heads)]
     report.loaded = [p for p in report.loaded if p not in reinit]
     report.initialized += reinit
 
@@ -192,12 +192,8 @@ def merge_checkpoint(
     return unflatten(merged), report
 
 
-def _under(path: str, prefix: str) -> bool:
-    return path == prefix or path.startswith(prefix.rstrip("/") + "/")
-
-
 def _prefix_matcher(prefixes: Sequence[str]):
-    return lambda path: any(_under(path, p) for p in prefixes)
+    return lambda path: any(is_under(path, p) for p in prefixes)
 
 
 def _regex_matcher(patterns: Sequence[str]):
