@@ -6,8 +6,9 @@ For MiniLM-L6 on VADER text and for EfficientNet-Lite0 on images, prints example
 jaxtl's training pipeline alone (grain, shuffling, the per-example work, batching; for images
 with augmentation on) next to examples/s that the compiled `full` train step consumes, and
 their ratio (> 1: the pipeline keeps up). Also prints the padding waste of VADER's training
-batches with one padded length and with length buckets, and the wall time of a 10-epoch
-MiniLM linear probe with and without the feature cache. Record results in
+batches with one padded length and with length buckets, and, with and without the feature
+cache, the wall time of a 10-epoch MiniLM linear probe and the epoch time of last_n(2) after
+its first epoch (MiniLM text, EfficientNet-Lite0 images). Record results in
 benchmarks/README.md.
 """
 
@@ -67,31 +68,89 @@ def step_rate(model, arrays, batch, steps) -> float:
     return (len(batches) - 1) * batch / (time.perf_counter() - start)
 
 
-def linear_probe_cache(model, epochs: int, batch: int) -> str:
-    """Wall time of an ``epochs``-epoch MiniLM linear probe on VADER, uncached vs with the
-    feature cache (its feature extraction included), in one process."""
-    from jaxtl import feature_cache
-    from jaxtl.run import finetune
+class _EpochClock:
+    """A training loader that notes when each epoch's first batch is asked for: after the
+    previous epoch's steps and validation pass."""
 
-    times = {}
+    def __init__(self, loader):
+        self.loader, self.starts = loader, []
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def epoch(self, epoch: int, start: int = 0):
+        self.starts.append(time.perf_counter())
+        yield from self.loader.epoch(epoch, start)
+
+
+def cache_timing(model, data, recipe: str, epochs: int, batch: int) -> dict:
+    """Epoch times of ``recipe`` on ``data``, uncached and with the feature cache (an empty one:
+    the cached run's first epoch includes the extraction; both first epochs compile), and the
+    FLOPs of one compiled train step as XLA counts them."""
+    from jaxtl import feature_cache, run
+
+    arrays, _ = encode_splits(model, data)
+    plan = jaxtl.make_plan(recipe, model.structure)
+    out = {}
     for cache in (None, "memory"):
-        feature_cache._MEMORY.clear()  # the cached run pays for its own extraction
+        feature_cache._MEMORY.clear()
         config = jaxtl.TrainConfig(
-            epochs=epochs,
-            batch_size=batch,
-            learning_rate=1e-3,
-            progress=False,
-            feature_cache=cache,
+            epochs=epochs, batch_size=batch, learning_rate=1e-3, progress=False, feature_cache=cache
         )
         start = time.perf_counter()
-        result = finetune(model, "linear_probe", vader(), config, verbose=False)
-        times[cache] = (time.perf_counter() - start, result.test["accuracy"])
-    (plain, plain_acc), (cached, cached_acc) = times[None], times["memory"]
-    return (
-        f"{epochs}-epoch linear probe, MiniLM-L6 on VADER: {plain:.0f} s uncached "
-        f"(test acc {plain_acc:.4f}), {cached:.0f} s with the feature cache (test acc "
-        f"{cached_acc:.4f}): {plain / cached:.1f}x faster"
-    )
+        trained, split_arrays = model, arrays
+        if cache:
+            trained, split_arrays = run.cached_features(model, plan, config, arrays, False)
+        trainer = jaxtl.Trainer(trained, plan, config)
+        clock = _EpochClock(trainer.train_loader(split_arrays["train"]))
+        fit = trainer.fit(clock, split_arrays["validation"])
+        ends = [start, *clock.starts[1:], time.perf_counter()]  # epoch boundaries
+        test = trainer.evaluate(fit.state, split_arrays["test"])
+        one = next(clock.loader.epoch(0))
+        step, _ = jsteps.compile_steps(fit.state, trainer.mesh)
+        cost = step.lower(fit.state, parallel.global_batch(one, trainer.mesh)).compile()
+        cost = cost.cost_analysis()
+        out[cache] = {
+            "total": ends[-1] - start,
+            "first": ends[1] - start,
+            "later": (ends[-1] - ends[1]) / max(1, len(ends) - 2),
+            "accuracy": test["accuracy"],
+            "flops": (cost[0] if isinstance(cost, list) else cost)["flops"],
+        }
+    return out
+
+
+def cache_lines(text_model, image_model, a) -> list[str]:
+    """The feature-cache targets: the whole 10-epoch linear probe; last_n(2)'s epochs after
+    the first, on MiniLM-L6 text and EfficientNet-Lite0 images."""
+    runs = [
+        ("linear_probe", "MiniLM-L6 on VADER", text_model, vader(), a.cache_epochs, "total"),
+        ("last_n(2)", "MiniLM-L6 on VADER", text_model, vader(), a.last_n_epochs, "later"),
+        (
+            "last_n(2)",
+            f"EfficientNet-Lite0 {a.image_size}px on digits",
+            image_model,
+            digits(),
+            a.last_n_epochs,
+            "later",
+        ),
+    ]
+    lines = []
+    for recipe, what, model, data, epochs, key in runs:
+        if not epochs:
+            continue
+        t = cache_timing(model, data, recipe, epochs, a.batch)
+        plain, cached = t[None], t["memory"]
+        lines.append(
+            f"{recipe}, {what}, {epochs} epochs: uncached {plain['total']:.0f} s (first epoch "
+            f"{plain['first']:.1f} s, later {plain['later']:.1f} s/epoch, test acc "
+            f"{plain['accuracy']:.4f}); cached {cached['total']:.0f} s (first epoch "
+            f"{cached['first']:.1f} s, later {cached['later']:.1f} s/epoch, test acc "
+            f"{cached['accuracy']:.4f}): {plain[key] / cached[key]:.1f}x faster "
+            f"({'whole run' if key == 'total' else 'per epoch after the first'}); train-step "
+            f"FLOPs {plain['flops'] / cached['flops']:.2f}x fewer"
+        )
+    return lines
 
 
 def main() -> None:
@@ -105,6 +164,12 @@ def main() -> None:
     p.add_argument("--augment", default="random_resized_crop(0.35),hflip")
     p.add_argument(
         "--cache-epochs", type=int, default=10, help="linear-probe epochs for the cache timing"
+    )
+    p.add_argument(
+        "--last-n-epochs",
+        type=int,
+        default=3,
+        help="last_n(2) epochs for the cache timings (text and images)",
     )
     a = p.parse_args()
     workers = [int(w) for w in a.workers.split(",")]
@@ -149,8 +214,8 @@ def main() -> None:
             ]
         )
 
-    if a.cache_epochs:
-        print(linear_probe_cache(text_model, a.cache_epochs, a.batch))
+    for line in cache_lines(text_model, image_model, a):
+        print(line)
 
     headers = ["model", "workers", "augment", "pipeline ex/s", "train step ex/s", "pipeline / step"]
     print(jaxtl.report.format_table(headers, rows))

@@ -1,26 +1,40 @@
-"""Feature cache for the linear probe: run the frozen backbone once, train the head from its
-outputs.
+"""Feature cache: run a recipe's frozen prefix once, train the rest from its outputs.
 
-A linear probe trains only the head, a single dense layer; everything before it is frozen. The
-cache records the head's input for every example (the backbone in inference mode: no dropout,
-BatchNorm on its running statistics), once, and every epoch then trains the head alone on
-those features. This is the same computation as the uncached run whenever nothing random
-happens before the head: no augmentation, and no dropout in the backbone or before the head.
-With dropout, the cached run is the classic "extract features, then fit a classifier" recipe,
-which differs from training through dropout.
+A linear probe trains only the head; ``last_n(2)`` trains the last two blocks, the neck and
+the head. Everything the forward pass computes before the first trained module (the
+*boundary*: the head, or ``blocks[-n]``) is then a fixed function of the input. The cache
+records the boundary's input for every example, once, with the model in inference mode (no
+dropout, BatchNorm on its running statistics), and every training step feeds it straight to
+the boundary.
 
-Features are keyed by a fingerprint of the model (family, source, task, the frozen params'
-bytes), the inputs (every array's bytes, so tokenization and image preprocessing are covered)
-and the head's input path. They live in memory (for the life of the process) or, given a
-directory, in ``DIR/<fingerprint>.npy``. A change to any input gives another key: a stale
-cache is never read.
+The cached model (:func:`tail_model`) is the whole model with one change: the boundary's first
+argument is replaced by the cached activation. It keeps every param and every other input
+(attention masks, ...); the prefix is still traced but its result is unused, so XLA drops it
+from the compiled step. The trained params are therefore the whole tree, dropout draws the
+same random bits as in the uncached run, and BatchNorm layers in the trained blocks update as
+they would. Image models do not get their pixels back: a zero array of the same shape stands
+in, and is discarded with the prefix (image models read pixels only before their first block).
+
+This is the same computation as the uncached run whenever nothing random happens in the
+prefix: no augmentation (refused), no BatchNorm trained on batch statistics before the boundary
+(refused), and no dropout there. With dropout in the prefix the cached run is the classic
+"extract features, then fit" recipe, which differs from training through dropout.
+
+Activations are keyed by a fingerprint of the model (family, source, task), the boundary, the
+params that can reach the boundary (all but those of the boundary and what follows it), and
+the inputs (every array's bytes, so tokenization and image preprocessing are covered). They
+live in memory (for the life of the process) or, given a directory, in
+``DIR/<fingerprint>.npy``. A change to any of them gives another key: a stale cache is never
+read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -28,39 +42,114 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtl.models.base import LoadedModel, Structure
-from jaxtl.rules import flatten, is_under, unflatten
+from jaxtl.data.text import bucket_for, bucket_lengths, token_arrays
+from jaxtl.models.base import LoadedModel
+from jaxtl.models.common import batch_norm_paths
+from jaxtl.rules import flatten, is_under
 
 _MEMORY: dict[str, np.ndarray] = {}
 
+PIXELS = "pixel_values"
 
-def head_path(model: LoadedModel) -> str:
-    """The head's module path; the feature cache needs exactly one dense head."""
-    heads = model.structure.head
-    if len(heads) != 1:
+
+def boundary(model: LoadedModel, trainable: Mapping[str, bool]) -> str | None:
+    """The first trained part of ``model``: the first of its blocks, neck and head (in that
+    order) holding a param that ``trainable`` (``{path: bool}``) marks. ``None`` when the stem
+    trains (nothing frozen comes first) or nothing trains."""
+    s = model.structure
+    trains = [p for p, on in trainable.items() if on]
+    if not trains or any(is_under(p, part) for p in trains for part in s.stem):
+        return None
+    for part in (*s.blocks, *s.neck, *s.head):
+        if any(is_under(p, part) for p in trains):
+            return part
+    return None
+
+
+def applies(model: LoadedModel, plan: Any) -> bool:
+    """Whether ``plan`` (a :class:`jaxtl.strategies.Plan`) leaves a frozen prefix to cache."""
+    return boundary(model, flatten(plan.trainable_mask(model.params))) is not None
+
+
+def _after(model: LoadedModel, at: str) -> tuple[str, ...]:
+    """The structure parts from ``at`` on: params the boundary's input cannot depend on."""
+    parts = (*model.structure.blocks, *model.structure.neck, *model.structure.head)
+    return parts[parts.index(at) :]
+
+
+def call_order(model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> list[str]:
+    """The "/"-joined path of every module method call of one forward pass, in order (one
+    abstract trace, no compile)."""
+    calls: list[str] = []
+
+    def record(next_fun, args, kwargs, context):
+        calls.append("/".join(context.module.path))
+        return next_fun(*args, **kwargs)
+
+    one = {k: np.asarray(v)[:1] for k, v in inputs.items()}
+
+    def forward(params, batch_stats, batch):
+        with nn.intercept_methods(record):
+            return model.forward.traceable(params, batch_stats, batch, train=False)
+
+    jax.eval_shape(forward, model.params, model.batch_stats, one)
+    return calls
+
+
+def check_prefix(
+    model: LoadedModel,
+    trainable: Mapping[str, bool],
+    inputs: Mapping[str, np.ndarray],
+    train_bn: bool = False,
+) -> str:
+    """The boundary for a plan's ``trainable`` mask, checked against one real forward pass:
+    the boundary runs exactly once, and every trained param (and, with ``train_bn``, every
+    BatchNorm) belongs to a module first called at or after it. Raises ValueError otherwise."""
+    at = boundary(model, trainable)
+    if at is None:
         raise ValueError(
-            f"The feature cache needs one head module; {model.family!r} has {list(heads)}."
+            "feature_cache needs a frozen prefix before the trained part (linear_probe, "
+            "last_n(k)); this recipe trains from the stem on. Drop feature_cache for it."
         )
-    leaves = {
-        k.rsplit("/", 1)[1]: v for k, v in flatten(model.params).items() if is_under(k, heads[0])
-    }
-    if set(leaves) - {"kernel", "bias"} or np.ndim(leaves.get("kernel")) != 2:
+    calls = call_order(model, inputs)
+    if calls.count(at) != 1:
         raise ValueError(
-            f"The feature cache needs a dense head (kernel [features, outputs], bias); "
-            f"{heads[0]!r} holds {sorted(leaves)}."
+            f"feature_cache: {at!r} runs {calls.count(at)} times per forward pass; the cache "
+            "needs the first trained module to run exactly once."
         )
-    return heads[0]
+    first = {}
+    for i, path in enumerate(calls):
+        first.setdefault(path, i)
+    start = first[at]
+
+    def before(module: str) -> bool:
+        return first.get(module, start) < start and not is_under(module, at)
+
+    early = [p for p, on in trainable.items() if on and before(p.rpartition("/")[0])]
+    if early:
+        raise ValueError(
+            f"feature_cache: {early[0]!r} trains but runs before {at!r}, where the cache would "
+            "start; drop feature_cache for this recipe."
+        )
+    if train_bn:
+        bns = [p for p in batch_norm_paths(model.batch_stats) if before(p)]
+        if bns:
+            raise ValueError(
+                f"feature_cache: train_bn updates the BatchNorm {bns[0]!r} before {at!r}, so the "
+                "frozen prefix is not a fixed function; drop train_bn or feature_cache."
+            )
+    return at
 
 
-def fingerprint(model: LoadedModel, params: Any, inputs: dict[str, np.ndarray]) -> str:
-    """A key for the head inputs of ``inputs`` under the frozen part of ``params``."""
-    head = head_path(model)
+def fingerprint(model: LoadedModel, params: Any, inputs: dict[str, np.ndarray], at: str) -> str:
+    """A key for the activations at ``at`` of ``inputs`` under ``params``."""
+    after = _after(model, at)
     h = hashlib.sha256()
-    for part in (model.family, str(model.path), model.task, head):
+    for part in (model.family, str(model.path), model.task, at):
         h.update(part.encode() + b"\0")
     for tree in (params, model.batch_stats or {}):
         for name, leaf in sorted(flatten(tree).items()):
-            if not is_under(name, head):
+            if not any(is_under(name, part) for part in after):
                 h.update(name.encode() + np.ascontiguousarray(jax.device_get(leaf)).tobytes())
     for name, array in sorted(inputs.items()):
         array = np.ascontiguousarray(array)
@@ -72,19 +161,20 @@ def features(
     model: LoadedModel,
     params: Any,
     inputs: dict[str, np.ndarray],
+    at: str,
     *,
     batch_size: int = 256,
     cache_dir: str | None = None,
 ) -> tuple[np.ndarray, bool]:
-    """The head's input for every example of ``inputs`` (model inputs, no labels), and whether
-    it came from the cache."""
-    key = fingerprint(model, params, inputs)
+    """The input of module ``at`` for every example of ``inputs`` (model inputs, no labels),
+    and whether it came from the cache."""
+    key = fingerprint(model, params, inputs, at)
     file = os.path.join(cache_dir, f"{key}.npy") if cache_dir else None
     if file and os.path.exists(file):
         return np.load(file), True
     if not file and key in _MEMORY:
         return _MEMORY[key], True
-    out = _extract(model, params, inputs, batch_size)
+    out = _extract(model, params, inputs, at, batch_size)
     if file:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = file + ".tmp.npy"
@@ -95,67 +185,105 @@ def features(
     return out, False
 
 
-def _extract(model: LoadedModel, params: Any, inputs: dict, batch_size: int) -> np.ndarray:
-    target = tuple(head_path(model).split("/"))
+@functools.partial(jax.jit, static_argnames=("traceable", "at"))
+def _boundary_input(params, batch_stats, batch, *, traceable, at: str):
+    """What module ``at`` receives as its first argument in ``traceable``'s inference forward.
+    One jit for every split and run of a model: the chunks share their shapes."""
+    seen = []
 
-    def head_input(params, batch_stats, batch):
-        seen = []
+    def capture(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and "/".join(context.module.path) == at:
+            seen.append(args[0])
+        return next_fun(*args, **kwargs)
 
-        def capture(next_fun, args, kwargs, context):
-            if context.method_name == "__call__" and tuple(context.module.path) == target:
-                seen.append(args[0])
-            return next_fun(*args, **kwargs)
+    with nn.intercept_methods(capture):
+        traceable(params, batch_stats, batch, train=False)
+    if len(seen) != 1:
+        raise ValueError(f"{at!r} ran {len(seen)} times per forward pass.")
+    return seen[0]
 
-        with nn.intercept_methods(capture):
-            model.forward.traceable(params, batch_stats, batch, train=False)
-        if len(seen) != 1:
-            raise ValueError(f"The head {head_path(model)!r} ran {len(seen)} times per forward.")
-        return seen[0]
 
-    run = jax.jit(head_input)
+def _extract(model: LoadedModel, params: Any, inputs: dict, at: str, batch_size: int):
+    """The boundary's input for every example, in chunks of ``batch_size`` rows (the last one
+    padded: one shape per width). Texts run grouped by length bucket, each group cut to its
+    bucket: their padding is masked out, so the real tokens' activations do not depend on it,
+    and most texts are much shorter than the longest. Per-token activations are stored at the
+    full padded length, zero beyond each group's width."""
+
+    boundary_input = functools.partial(_boundary_input, traceable=model.forward.traceable, at=at)
     n = len(next(iter(inputs.values())))
     batch_size = min(batch_size, n)
-    chunks = []
-    for start in range(0, n, batch_size):
-        batch = {k: v[start : start + batch_size] for k, v in inputs.items()}
-        real = len(next(iter(batch.values())))
-        if real < batch_size:  # pad with copies of row 0: one shape, one compile
-            batch = {
-                k: np.concatenate([v, np.repeat(v[:1], batch_size - real, axis=0)])
-                for k, v in batch.items()
-            }
-        chunks.append(np.asarray(run(params, model.batch_stats, batch))[:real])
-    return np.concatenate(chunks)
+    tokens = token_arrays(inputs)
+    full = jax.eval_shape(boundary_input, params, model.batch_stats, inputs)
+    if tokens:
+        length = inputs["attention_mask"].shape[1]
+        buckets = bucket_lengths(length)
+        widths = np.array([bucket_for(int(k), buckets) for k in inputs["attention_mask"].sum(1)])
+        groups = [(w, np.flatnonzero(widths == w)) for w in buckets]
+        narrow = {k: v[:, : buckets[0]] if k in tokens else v for k, v in inputs.items()}
+        # Per-token activations have the token axis second: it follows the inputs' width.
+        per_token = jax.eval_shape(boundary_input, params, model.batch_stats, narrow).shape
+        per_token = len(per_token) > 1 and per_token[1] != full.shape[1]
+    else:
+        groups, per_token = [(None, np.arange(n))], False
+    out = np.zeros(full.shape, full.dtype)
+    for width, rows in groups:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            real = len(chunk)
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - real)])
+            batch = {k: v[chunk, :width] if k in tokens else v[chunk] for k, v in inputs.items()}
+            got = np.asarray(boundary_input(params, model.batch_stats, batch))[:real]
+            if per_token:
+                out[chunk[:real], :width] = got
+            else:
+                out[chunk[:real]] = got
+    return out
 
 
-def head_model(model: LoadedModel) -> LoadedModel:
-    """The head alone, as a model that reads ``{"features": [B, F]}``: what the cached run
-    trains. Its params are the head's subtree; :func:`merge_head` puts them back."""
-    head = head_path(model)
-    flat = {k: v for k, v in flatten(model.params).items() if is_under(k, head)}
-    kernel = next(k for k in flat if k.endswith("/kernel"))
-    bias = next((k for k in flat if k.endswith("/bias")), None)
+def tail_model(model: LoadedModel, at: str, pixels: jax.ShapeDtypeStruct | None) -> LoadedModel:
+    """``model`` reading ``{"features": input of at, other inputs}``: the boundary's first
+    argument is the cached activation. ``pixels`` (one example's shape and dtype) for an image
+    model, whose pixels the batch no longer carries."""
+
+    def run(params, batch_stats, batch, train, rng, bn_train):
+        feats = batch["features"]
+        inputs = {k: v for k, v in batch.items() if k != "features"}
+        if pixels is not None:  # only the discarded prefix reads them
+            inputs[PIXELS] = jnp.zeros((feats.shape[0], *pixels.shape), pixels.dtype)
+
+        def swap(next_fun, args, kwargs, context):
+            if context.method_name == "__call__" and "/".join(context.module.path) == at:
+                args = (feats.astype(args[0].dtype), *args[1:])
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(swap):
+            return model.forward.traceable(
+                params, batch_stats, inputs, train=train, rng=rng, bn_train=bn_train
+            )
+
+    jitted = jax.jit(run, static_argnames=("train", "bn_train"))
 
     def forward(params, batch_stats, batch, *, train=False, rng=None, bn_train=()):
-        del train, rng, bn_train  # a dense layer: no dropout, no BatchNorm
-        layer = flatten(params)
-        out = jnp.dot(batch["features"], layer[kernel])
-        if bias is not None:
-            out = out + layer[bias]
-        return out, batch_stats
+        if train and rng is None:
+            raise ValueError("forward(..., train=True) needs rng= (a PRNG key for dropout).")
+        return jitted(params, batch_stats, batch, train, rng, tuple(bn_train))
 
-    return dataclasses.replace(
-        model,
-        params=unflatten(flat),
-        batch_stats={},
-        structure=Structure(blocks=(), head=(head,)),
-        forward=forward,
-        apply=lambda params, batch, **kw: forward(params, {}, batch)[0],
-    )
+    def traceable(params, batch_stats, batch, *, train=False, rng=None, bn_train=()):
+        return run(params, batch_stats, batch, train, rng, tuple(bn_train))
+
+    forward.traceable = traceable
+
+    def apply(params, batch, *, train=False, rng=None, batch_stats=None):
+        return forward(params, batch_stats or {}, batch, train=train, rng=rng)[0]
+
+    return dataclasses.replace(model, forward=forward, apply=apply)
 
 
-def merge_head(params: Any, head_params: Any) -> Any:
-    """``params`` with the head's leaves replaced by ``head_params``'."""
-    flat = flatten(jax.device_get(params))
-    flat.update(flatten(jax.device_get(head_params)))
-    return unflatten(flat)
+def split_inputs(arrays: Mapping[str, np.ndarray]) -> tuple[dict, jax.ShapeDtypeStruct | None]:
+    """``(inputs the tail still reads, pixel shape or None)`` of one split's model inputs."""
+    kept = {k: v for k, v in arrays.items() if k != PIXELS}
+    if PIXELS not in arrays:
+        return kept, None
+    pixels = np.asarray(arrays[PIXELS])
+    return kept, jax.ShapeDtypeStruct(pixels.shape[1:], pixels.dtype)

@@ -19,7 +19,7 @@ from jaxtl import feature_cache, report, strategies
 from jaxtl.data import images, sources, text
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.preprocessing import ImagePreprocessing
-from jaxtl.rules import flatten, is_under
+from jaxtl.rules import flatten
 from jaxtl.train import TrainConfig, Trainer
 
 
@@ -96,35 +96,47 @@ def encode_splits(
 def cached_features(
     model: LoadedModel, plan: strategies.Plan, config: TrainConfig, arrays: dict, verbose: bool
 ) -> tuple[LoadedModel, dict]:
-    """``config.feature_cache``: the head alone and, per split, its inputs in place of the model
-    inputs. Refused where it would change the computation's meaning (see jaxtl.feature_cache)."""
-    head = feature_cache.head_path(model)
-    trains = {p for p, on in flatten(plan.trainable_mask(model.params)).items() if on}
-    if not trains or not all(is_under(p, head) for p in trains):
+    """``config.feature_cache``: the model that reads cached activations at the plan's first
+    trained module and, per split, those activations in place of the inputs only the frozen
+    prefix reads. Refused where it would change the computation (see jaxtl.feature_cache)."""
+    if config.augment or config.mixup or config.cutmix:
         raise ValueError(
-            f"feature_cache applies to recipes that train only the head ({head!r}, e.g. "
-            f"linear_probe); {plan.name!r} trains {len(trains)} params beyond it. Drop "
-            "feature_cache for this recipe."
+            "feature_cache computes the frozen prefix's output once, so it cannot see random "
+            f"augmentation (augment={config.augment!r}, mixup={config.mixup}, cutmix="
+            f"{config.cutmix}); drop one of the two."
         )
-    if config.augment:
+    if config.precise_bn:
         raise ValueError(
-            "feature_cache computes the backbone's output once, so it cannot see random "
-            f"augmentation (augment={config.augment!r}); drop one of the two."
+            "precise_bn recomputes BatchNorm statistics from the training images, which a "
+            "feature_cache run no longer feeds through the model; drop one of the two."
         )
+    trainable = flatten(plan.trainable_mask(model.params))
+    inputs = {s: {k: v for k, v in a.items() if k != "label"} for s, a in arrays.items()}
+    try:
+        at = feature_cache.check_prefix(model, trainable, inputs["train"], config.train_bn)
+    except ValueError as e:
+        raise ValueError(f"recipe {plan.name!r}: {e}") from None
     cache_dir = None if config.feature_cache == "memory" else config.feature_cache
-    out = {}
-    for split, split_arrays in arrays.items():
-        inputs = {k: v for k, v in split_arrays.items() if k != "label"}
+    out, pixels = {}, None
+    for split, x in inputs.items():
         # Twice the training batch: no gradients are kept, and on this CPU 64 beat 32 and 256
         # (benchmarks/README.md).
         feats, hit = feature_cache.features(
-            model, model.params, inputs, batch_size=2 * config.batch_size, cache_dir=cache_dir
+            model,
+            model.params,
+            x,
+            at,
+            batch_size=2 * config.batch_size,
+            cache_dir=cache_dir,
         )
-        out[split] = {"features": feats, "label": split_arrays["label"]}
+        out[split], pixels = feature_cache.split_inputs(x)
+        out[split]["features"] = feats
+        if "label" in arrays[split]:
+            out[split]["label"] = arrays[split]["label"]
         if verbose:
             how = "read from the cache" if hit else "computed"
-            print(f"feature cache: {split} {feats.shape} {how} ({config.feature_cache})")
-    return feature_cache.head_model(model), out
+            print(f"feature cache: {split} {feats.shape} at {at} {how} ({config.feature_cache})")
+    return feature_cache.tail_model(model, at, pixels), out
 
 
 def finetune(
@@ -211,9 +223,6 @@ def finetune(
         params=fit.state.params,
         batch_stats=fit.state.batch_stats,
     )
-    if trained is not model:  # the head was trained alone: put it back into the whole model
-        result.params = feature_cache.merge_head(model.params, fit.state.params)
-        result.batch_stats = model.batch_stats
     if workdir and stop_at is None:  # a preempted run is not finished: no results yet
         _write_json(os.path.join(workdir, "results.json"), result.to_dict())
         report.plot_curves([workdir], os.path.join(workdir, "curve.png"), [name])
@@ -249,8 +258,7 @@ def evaluate_run(run_dir: str, which: str = "best") -> dict:
         task=m["task"],
         num_labels=m["num_labels"],
         pooling=m.get("pooling"),
-        # A cached-feature run checkpoints only the head: the backbone is the pretrained one.
-        pretrained=bool(config.feature_cache),
+        pretrained=False,  # the checkpoint holds every param, cached run or not
         image_size=m.get("image_size"),
         in_channels=m.get("in_channels"),
     )
@@ -259,8 +267,7 @@ def evaluate_run(run_dir: str, which: str = "best") -> dict:
     data = resolve(info["data"], num_labels=model.num_labels, task=model.task)
     plan = strategies.make_plan(info["recipe"], model.structure)
     arrays, _ = encode_splits(model, data)
-    if config.feature_cache:
-        model, arrays = cached_features(model, plan, config, arrays, verbose=False)
+    # A feature-cache run trained the same params as a plain run: score them without the cache.
     trainer = Trainer(model, plan, config)
     state = trainer.init_state(1)
     tree, meta = checkpoint.restore_params(

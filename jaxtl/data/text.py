@@ -6,6 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# What :func:`encode` returns: one int32 ``[N, T]`` array each.
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
 
 def encode(
     tokenizer,
@@ -102,9 +105,15 @@ def padding_waste(lengths: np.ndarray, widths: np.ndarray) -> float:
 
 
 def token_arrays(arrays: dict[str, np.ndarray]) -> tuple[str, ...]:
-    """The per-token arrays of a text batch (shaped like ``attention_mask``): what a length
-    bucket cuts. Empty for a batch without text."""
+    """The per-token arrays of a text batch, what a length bucket cuts: the tokenizer's arrays
+    (:data:`TOKEN_KEYS`) and per-token activations ``[B, T, H]`` (a feature cache's). Empty for
+    a batch without text. A ``[B, H]`` array is never cut, even when ``H == T``."""
     mask = arrays.get("attention_mask")
     if mask is None:
         return ()
-    return tuple(k for k, v in arrays.items() if np.shape(v) == np.shape(mask))
+    return tuple(
+        k
+        for k, v in arrays.items()
+        if np.shape(v)[: np.ndim(mask)] == np.shape(mask)
+        and (k in TOKEN_KEYS or np.ndim(v) > np.ndim(mask))
+    )

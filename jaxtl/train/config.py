@@ -67,13 +67,25 @@ class TrainConfig:
         weights that move fast; with a small momentum (EfficientNet's 0.01) and a short
         fine-tuning budget they stay near the pretrained values and evaluation suffers. 0: off.
       augment: per-example image augmentation of the training inputs, e.g.
-        ``"random_resized_crop(0.35),hflip"`` (see :mod:`jaxtl.data.augment`); ``None``: off.
+        ``"random_resized_crop(0.35),hflip"`` or ``"rand_augment(2, 9),hflip"`` (see
+        :mod:`jaxtl.data.augment`); ``None``: off.
+      mixup: image classification: blend each training image with another,
+        ``lam ~ Beta(mixup, mixup)``, and their targets alike (0.2 is common); 0: off.
+      cutmix: image classification: paste a box of another training image, ``lam ~
+        Beta(cutmix, cutmix)`` (1.0 is common); 0: off. With ``mixup`` also on, each batch
+        uses one of the two, at even odds (timm's convention). See :mod:`jaxtl.data.mixing`.
+      label_smoothing: classification: train on targets ``(1 - e) * one_hot + e / classes``; in
+        ``[0, 1)``, 0: off. Training loss only: evaluation (``val_loss``) stays plain
+        cross-entropy on the true labels, so it compares across runs with and without it.
       data_workers: grain worker processes that read and augment training batches (0: the
         training process itself). Batches do not depend on it.
-      feature_cache: for a recipe that trains only the head (linear_probe): compute the
-        frozen backbone's output once and train the head from it (see
-        :mod:`jaxtl.feature_cache`); ``"memory"`` or a directory for ``.npy`` files. ``None``:
-        off.
+      prefetch: batches (training and evaluation) placed on the devices ahead of the step that reads them, so
+        the host's copy overlaps the running step (:func:`jaxtl.parallel.prefetch_to_device`);
+        0: each batch is placed when its step starts. Results do not depend on it.
+      feature_cache: for a recipe with a frozen prefix (linear_probe, last_n(k)): compute the
+        prefix's output once (the head's or the first trained block's input) and train from
+        it (see :mod:`jaxtl.feature_cache`); ``"memory"`` or a directory for ``.npy`` files.
+        ``None``: off.
       bucket_by_length: text: batch texts of similar length together and pad each batch to
         the smallest of a few lengths (8, 16, 32, ... up to the padded length) that holds it,
         so short texts do not pay for long padding and jit compiles only those shapes.
@@ -102,7 +114,11 @@ class TrainConfig:
     train_bn: bool = False
     precise_bn: int = 0
     augment: str | None = None
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    label_smoothing: float = 0.0
     data_workers: int = 0
+    prefetch: int = 2
     bucket_by_length: bool = False
     feature_cache: str | None = None
 
@@ -111,9 +127,12 @@ class TrainConfig:
             self.early_stopping = EarlyStopping(**self.early_stopping)
         if self.data_workers < 0:
             raise ValueError(f"data_workers must be >= 0, got {self.data_workers}.")
-        from jaxtl.data import augment
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0 batches, got {self.prefetch}.")
+        from jaxtl.data import augment, mixing
 
         augment.parse(self.augment)  # a bad spec fails here, before anything compiles
+        mixing.check_options(self.mixup, self.cutmix, self.label_smoothing)
         if self.schedule not in ("constant", "linear", "cosine"):
             raise ValueError(
                 f"schedule must be 'constant', 'linear' or 'cosine', got {self.schedule!r}."
