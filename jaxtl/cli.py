@@ -107,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         default="vader",
         help="'vader' (embedded), a .csv / .jsonl file (split 80/10/10 with seed 0), an image "
-        "folder DIR/<class>/<images> (split 80/10/10 per class), or a prepared TFDS dataset "
-        "tfds:NAME[/CONFIG][:VERSION] (see --data-dir, --splits)",
+        "folder DIR/<class>/<images> (split 80/10/10 per class), a prepared TFDS dataset "
+        "tfds:NAME[/CONFIG][:VERSION] (see --data-dir, --splits), or a Hugging Face dataset "
+        "hf:DIR saved with save_to_disk (a Dataset is split 80/10/10 with seed 0; a "
+        "DatasetDict keeps its splits, see --splits; needs pip install 'jaxtl[hf]')",
     )
     ft.add_argument(
         "--data-dir",
@@ -119,18 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument(
         "--splits",
         default=None,
-        help="tfds: TRAIN,VALIDATION,TEST split expressions, e.g. 'train[:90%%],train[90%%:],test' "
-        "(default: the dataset's own validation/test splits, else slices of train)",
+        help="tfds and hf: TRAIN,VALIDATION,TEST split expressions, e.g. "
+        "'train[:90%%],train[90%%:],test' (default: the dataset's own validation/test splits, "
+        "else slices of train)",
     )
     ft.add_argument(
         "--text-column",
         default=None,
-        help="text column of --data (default 'text'; for tfds the only Text feature)",
+        help="text column of --data (default 'text'; for tfds the only Text feature, for hf "
+        "the only text or image column)",
     )
     ft.add_argument(
         "--label-column",
         default=None,
-        help="label column of --data (default 'label'; for tfds the only ClassLabel feature)",
+        help="label column of --data (default 'label'; for tfds the only ClassLabel feature, "
+        "for hf the only ClassLabel column, else 'label')",
     )
     _add_model_args(ft)
     ft.add_argument(
@@ -186,7 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--augment",
         default=None,
         help="image augmentation of the training inputs, e.g. "
-        "'random_resized_crop(0.35),hflip' (ops: hflip, random_resized_crop, translate)",
+        "'random_resized_crop(0.35),hflip' (ops: hflip, random_resized_crop, translate, "
+        "rand_augment(num_ops, magnitude 0..30))",
+    )
+    ft.add_argument(
+        "--mixup", type=float, default=0.0, help="image mixup Beta alpha (e.g. 0.2; 0: off)"
+    )
+    ft.add_argument(
+        "--cutmix", type=float, default=0.0, help="image cutmix Beta alpha (e.g. 1.0; 0: off)"
+    )
+    ft.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.0,
+        help="classification training targets smoothed by this in [0, 1) (val loss stays plain)",
     )
     ft.add_argument(
         "--data-workers",
@@ -198,9 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--feature-cache",
         default=None,
         metavar="memory|DIR",
-        help="linear_probe runs: compute the frozen backbone's features once (in memory, or "
-        "as .npy files in DIR, reused while model, params and data are unchanged) and train "
-        "the head from them",
+        help="pretrained linear_probe and last_n(k) runs: compute the frozen prefix's output "
+        "(the head's or the first trained block's input) once, in memory or as .npy files in "
+        "DIR that later runs reuse while model, params and data are unchanged, and train from "
+        "it; other recipes run uncached",
     )
     ft.add_argument(
         "--long-texts",
@@ -253,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _finetune(args) -> int:
     import jaxtl
     from jaxtl import data as jdata
-    from jaxtl import report, run
+    from jaxtl import feature_cache, report, run
 
     if args.preset == "digits":
         return _finetune_digits(args)
@@ -323,6 +342,10 @@ def _finetune(args) -> int:
             )
         )
         lr = args.lr or DEFAULT_LR.get(recipe, FULL_LR)
+        cache = args.feature_cache if pretrained else None
+        if cache and not feature_cache.applies(m, jaxtl.make_plan(recipe, m.structure)):
+            print(f"{name}: trains from the stem on, so --feature-cache does not apply to it.")
+            cache = None
         config = jaxtl.TrainConfig(
             epochs=args.epochs,
             max_steps=args.max_steps,
@@ -336,9 +359,12 @@ def _finetune(args) -> int:
             seed=args.seed,
             early_stopping=jaxtl.EarlyStopping(patience=args.patience) if args.patience else None,
             augment=args.augment,
+            mixup=args.mixup,
+            cutmix=args.cutmix,
+            label_smoothing=args.label_smoothing,
             data_workers=args.data_workers,
             bucket_by_length=args.bucket_by_length,
-            feature_cache=args.feature_cache if recipe == "linear_probe" and pretrained else None,
+            feature_cache=cache,
         )
         res = run.finetune(
             m,
@@ -387,25 +413,36 @@ def data_spec(args, modality: str) -> dict:
     if args.data == "vader":
         return {"kind": "vader"}
     if args.data.startswith("tfds:"):
-        splits = None
-        if args.splits:
-            splits = [s.strip() for s in args.splits.split(",")]
-            if len(splits) != 3:
-                raise SystemExit(
-                    f"error: --splits takes three comma-separated split expressions "
-                    f"(train, validation, test); got {args.splits!r}."
-                )
         return {
             "kind": "tfds",
             "name": args.data,
             "data_dir": os.path.abspath(args.data_dir) if args.data_dir else None,
-            "splits": splits,
+            "splits": _split_list(args.splits),
             "input_key": args.text_column,
             "label_key": args.label_column,
             "modality": modality,
         }
+    if args.data.startswith("hf:"):
+        path = args.data[len("hf:") :]
+        if not path or args.data_dir:
+            raise SystemExit(
+                "error: --data hf:DIR names the directory that Dataset.save_to_disk or "
+                "DatasetDict.save_to_disk wrote (--data-dir applies to tfds:NAME only)."
+            )
+        return {
+            "kind": "hf",
+            "path": os.path.abspath(path),
+            "splits": _split_list(args.splits),
+            "input_column": args.text_column,
+            "label_column": args.label_column,
+            "seed": 0,
+            "modality": modality,
+        }
     if args.data_dir or args.splits:
-        raise SystemExit("error: --data-dir and --splits apply to --data tfds:NAME only.")
+        raise SystemExit(
+            "error: --data-dir applies to --data tfds:NAME only, and --splits to tfds:NAME "
+            "or hf:DIR."
+        )
     if os.path.isdir(args.data):
         if modality != "image":
             raise SystemExit(
@@ -425,6 +462,18 @@ def data_spec(args, modality: str) -> dict:
         "label_column": args.label_column or "label",
         "seed": 0,
     }
+
+
+def _split_list(splits: str | None) -> list[str] | None:
+    if not splits:
+        return None
+    out = [s.strip() for s in splits.split(",")]
+    if len(out) != 3:
+        raise SystemExit(
+            f"error: --splits takes three comma-separated split expressions "
+            f"(train, validation, test); got {splits!r}."
+        )
+    return out
 
 
 def _finetune_digits(args) -> int:

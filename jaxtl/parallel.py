@@ -11,7 +11,8 @@ pmap-based; ``jax.device_put_replicated`` is gone from jax, so replication is do
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import collections
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -62,16 +63,47 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch size") -> N
         )
 
 
-def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def global_batch(
+    local: Mapping[str, np.ndarray], mesh: Mesh, *, whole: bool = False
+) -> dict[str, jax.Array]:
     """This process's rows -> one global ``jax.Array`` per key, batch-sharded over ``mesh``.
 
     In a single process ``local`` is the whole batch; in a multi-process run each process passes
-    its own slice (``global rows = local rows * process_count``).
+    its own slice (``global rows = local rows * process_count``), as the training loader yields.
+
+    ``whole=True``: every process passes the same whole global batch (an evaluation
+    :class:`~jaxtl.data.loader.ArrayLoader` yields these) and each puts only its devices' rows
+    on them. Without it, ``process_count`` copies of the batch would be stacked into one
+    global batch and every example counted that many times.
     """
     sharding = batch_sharding(mesh)
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
-    }
+    out = {}
+    for k, v in local.items():
+        v = np.asarray(v)
+        out[k] = jax.make_array_from_process_local_data(sharding, v, v.shape if whole else None)
+    return out
+
+
+def prefetch_to_device(
+    batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh, size: int = 2, *, whole: bool = False
+) -> Iterator[dict[str, jax.Array]]:
+    """:func:`global_batch` of each of ``batches``, placed ``size`` batches ahead.
+
+    jax dispatches a step asynchronously, so while the step on batch ``k`` runs, the loop is
+    already reading and transferring batches ``k + 1 .. k + size``: the devices never wait for
+    the host's copy. ``size=0`` places each batch only when it is needed. The source is read
+    up to ``size`` batches beyond what the consumer took; a loop that stops early leaves them
+    unused (the trainer's loaders reopen at the right position).
+    """
+    if size < 0:
+        raise ValueError(f"prefetch size must be >= 0, got {size}.")
+    ahead: collections.deque = collections.deque()
+    for batch in batches:
+        ahead.append(global_batch(batch, mesh, whole=whole))
+        if len(ahead) > size:
+            yield ahead.popleft()
+    while ahead:
+        yield ahead.popleft()
 
 
 def put_replicated(tree: Any, mesh: Mesh) -> Any:

@@ -1,5 +1,6 @@
 """The grain training pipeline: order, augmentation randomness, worker independence, process
-sharding, and a training run interrupted mid-epoch that resumes to bitwise the same params."""
+sharding, and a training run (augmented, mixed, 2 workers) interrupted mid-epoch that resumes
+to bitwise the same params."""
 
 from __future__ import annotations
 
@@ -11,18 +12,20 @@ import transformers
 
 import jaxtl
 from jaxtl.data import ArrayLoader, augment, digits
+from jaxtl.data.mixing import MIX_STREAM, MixBatch
 from jaxtl.data.pipeline import ArraySource, GrainLoader
+from jaxtl.models.preprocessing import ImagePreprocessing
 from jaxtl.run import encode_splits
 from jaxtl.train import Trainer
 
 AUGMENT = "random_resized_crop(0.5),translate(2),hflip"
 
 
-def _arrays(n=40):
+def _arrays(n=40, channels=1, classes=None):
     rng = np.random.default_rng(0)
     return {
-        "pixel_values": rng.standard_normal((n, 6, 6, 1)).astype(np.float32),
-        "label": np.arange(n, dtype=np.int32),
+        "pixel_values": rng.standard_normal((n, 6, 6, channels)).astype(np.float32),
+        "label": (np.arange(n) % (classes or n)).astype(np.int32),
     }
 
 
@@ -103,25 +106,32 @@ def digits_model(tmp_path_factory):
 
 
 def _fit(model, arrays, workdir, **kwargs):
-    config = jaxtl.TrainConfig(
-        epochs=2,
-        batch_size=16,
-        learning_rate=3e-3,
-        augment=AUGMENT,
-        data_workers=2,
-        progress=False,
-        checkpoint_every=2,
-        **kwargs.pop("config", {}),
-    )
+    options = {
+        "epochs": 2,
+        "batch_size": 16,
+        "learning_rate": 3e-3,
+        # rand_augment works on intensities: the Trainer hands it the model's normalization.
+        "augment": "random_resized_crop(0.5),translate(2),rand_augment(2, 9),hflip",
+        "mixup": 0.2,
+        "cutmix": 1.0,
+        "label_smoothing": 0.1,
+        "data_workers": 2,
+        "progress": False,
+        "checkpoint_every": 2,
+    }
+    config = jaxtl.TrainConfig(**{**options, **kwargs.pop("config", {})})
     trainer = Trainer(model, jaxtl.make_plan("full", model.structure), config, str(workdir))
     return trainer.fit(arrays["train"], arrays["validation"], **kwargs)
 
 
 @pytest.mark.slow
 def test_interrupted_augmented_run_with_workers_resumes_bitwise(digits_model, tmp_path):
+    # Every source of randomness on: crop, translate, RandAugment, flip, mixup or cutmix per
+    # batch with smoothed targets, dropout-free BatchNorm CNN, 2 grain workers.
     model, arrays = digits_model
     whole = _fit(model, arrays, tmp_path / "whole")
     assert whole.steps == 12  # 100 images, batch 16: 6 steps per epoch
+    assert np.isfinite(whole.history[-1]["val_loss"])
 
     stopped = _fit(model, arrays, tmp_path / "resumed", stop_at=9)  # mid-way through epoch 2
     assert stopped.steps == 9
@@ -131,12 +141,53 @@ def test_interrupted_augmented_run_with_workers_resumes_bitwise(digits_model, tm
     b = jax.tree.leaves(jax.device_get((resumed.state.params, resumed.state.batch_stats)))
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
+    assert [h["val_loss"] for h in whole.history] == [h["val_loss"] for h in resumed.history]
 
-    # Resuming with another data seed would not continue the same run: refused, nothing lost.
+    # Resuming with another data seed or other target smoothing would not continue the same
+    # run: refused, nothing lost.
     before = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").rglob("*"))
-    with pytest.raises(ValueError, match="training data changed since the checkpoint"):
-        _fit(model, arrays, tmp_path / "resumed", resume=True, config={"seed": 1})
+    for change in ({"seed": 1}, {"label_smoothing": 0.2}):
+        with pytest.raises(ValueError, match="training data changed since the checkpoint"):
+            _fit(model, arrays, tmp_path / "resumed", resume=True, config=change)
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").rglob("*")) == before
+
+
+def test_mixed_batches_are_a_function_of_seed_epoch_and_batch():
+    arrays = _arrays(48, channels=3, classes=5)
+    prep = ImagePreprocessing(size=(6, 6))
+    kwargs = {
+        "seed": 3,
+        "transform": augment.parse("rand_augment(2, 9),hflip", prep),
+        "batch_transform": MixBatch(5, mixup=0.3, cutmix=1.0, label_smoothing=0.1),
+    }
+    whole = _batches(GrainLoader(ArraySource(arrays), 8, **kwargs))
+    assert whole[0]["label"].shape == (8, 5)
+    # Each batch is the un-mixed batch mixed with default_rng([seed, epoch, batch, MIX_STREAM]).
+    plain = _batches(GrainLoader(ArraySource(arrays), 8, seed=3, transform=kwargs["transform"]))
+    for i, (mixed, raw) in enumerate(zip(whole, plain, strict=True)):
+        epoch, b = divmod(i, 6)
+        rng = np.random.default_rng([3, epoch, b, MIX_STREAM])
+        _same([kwargs["batch_transform"](dict(raw), rng)], [mixed])
+    # Workers, a mid-epoch restart and two processes all read the same batches.
+    _same(_batches(GrainLoader(ArraySource(arrays), 8, workers=2, **kwargs)), whole)
+    _same(_batches(GrainLoader(ArraySource(arrays), 8, **kwargs), start=4), whole[4:])
+    halves = [
+        _batches(GrainLoader(ArraySource(arrays), 8, process_index=p, process_count=2, **kwargs))
+        for p in range(2)
+    ]
+    _same(
+        [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*halves, strict=True)], whole
+    )
+    # Another seed mixes differently; the loader's state records the mixing, so resuming a run
+    # with other mixing is refused.
+    other = _batches(GrainLoader(ArraySource(arrays), 8, **{**kwargs, "seed": 4}))
+    assert not np.array_equal(other[0]["label"], whole[0]["label"])
+    loader = GrainLoader(ArraySource(arrays), 8, **kwargs)
+    changed = GrainLoader(
+        ArraySource(arrays), 8, **{**kwargs, "batch_transform": MixBatch(5, mixup=0.3)}
+    )
+    with pytest.raises(ValueError, match="training data changed.*batch_transform"):
+        changed.check_state(loader.state())
 
 
 def test_augmenting_text_inputs_is_refused(tmp_path):

@@ -124,3 +124,35 @@ def test_training_leaves_the_models_params_usable(tiny_dir, arrays):
         trainer.model, jaxtl.make_plan("linear_probe", trainer.model.structure), trainer.config
     )
     assert again.fit(arrays["train"]).steps == 2
+
+
+def test_prefetch_places_batches_ahead_in_order():
+    mesh = jaxtl.parallel.make_mesh()
+    pulled = []
+
+    def source():
+        for i in range(5):
+            pulled.append(i)
+            yield {"x": np.full((2, 3), i, np.float32)}
+
+    seen = []
+    for batch in jaxtl.parallel.prefetch_to_device(source(), mesh, size=2):
+        assert isinstance(batch["x"], jax.Array) and batch["x"].sharding.mesh == mesh
+        seen.append(int(batch["x"][0, 0]))
+        # Batch k is handed out once batches k + 1 and k + 2 are already placed.
+        assert len(pulled) == min(5, seen[-1] + 3)
+    assert seen == [0, 1, 2, 3, 4]
+    assert [int(b["x"][0, 0]) for b in jaxtl.parallel.prefetch_to_device(source(), mesh, 0)] == [
+        0, 1, 2, 3, 4
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="prefetch must be >= 0"):
+        jaxtl.TrainConfig(prefetch=-1)
+
+
+def test_prefetch_does_not_change_the_run(tiny_dir, arrays):
+    runs = [
+        _trainer(tiny_dir, "full", None, max_steps=6, prefetch=n).fit(arrays["train"])
+        for n in (0, 3)
+    ]
+    for a, b in zip(_leaves(runs[0].state.params), _leaves(runs[1].state.params), strict=True):
+        np.testing.assert_array_equal(a, b)

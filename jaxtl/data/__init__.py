@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from jaxtl.data.arrays import from_arrays
+from jaxtl.data.hf_source import from_hf
 from jaxtl.data.images import ImageSplits, digits, from_folder
 from jaxtl.data.loader import ArrayLoader
 from jaxtl.data.sources import TextSplits, from_table, read_table, split, vader
@@ -14,7 +16,9 @@ def resolve(spec: dict, *, num_labels: int, task: str) -> TextSplits | ImageSpli
     ``{"kind": "vader"}``, ``{"kind": "digits", "per_class": 10 or None, "seed": 0}`` or
     ``{"kind": "table", "path": ..., "text_column": ..., "label_column": ..., "seed": 0}`` or
     ``{"kind": "tfds", "name": "tfds:NAME", "data_dir": ..., "splits": [...] or None, ...}`` or
-    ``{"kind": "folder", "path": ..., "seed": 0, "skip_corrupt": False}``.
+    ``{"kind": "folder", "path": ..., "seed": 0, "skip_corrupt": False}`` or
+    ``{"kind": "hf", "path": ..., "splits": [...] or None, "input_column": ..., "seed": 0, ...}``
+    (a Hugging Face dataset saved with ``save_to_disk``).
     """
     kind = spec.get("kind")
     if kind == "digits":
@@ -46,7 +50,23 @@ def resolve(spec: dict, *, num_labels: int, task: str) -> TextSplits | ImageSpli
             task=task,
             modality=spec.get("modality"),
         )
-    raise ValueError(f"Unknown data kind {kind!r}: expected 'vader', 'digits', 'table' or 'tfds'.")
+    if kind == "hf":
+        from jaxtl.data import hf_source
+
+        return hf_source.load_from_disk(
+            spec["path"],
+            input_column=spec.get("input_column"),
+            label_column=spec.get("label_column"),
+            splits=spec.get("splits"),
+            seed=spec.get("seed", 0),
+            task=task,
+            num_labels=num_labels,
+            modality=spec.get("modality"),
+        )
+    raise ValueError(
+        f"Unknown data kind {kind!r}: expected 'vader', 'digits', 'table', 'folder', 'tfds' "
+        "or 'hf'."
+    )
 
 
 __all__ = [
@@ -56,6 +76,8 @@ __all__ = [
     "from_folder",
     "TextSplits",
     "encode",
+    "from_arrays",
+    "from_hf",
     "from_table",
     "read_table",
     "resolve",

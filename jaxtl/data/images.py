@@ -151,15 +151,7 @@ def from_folder(
                 skipped.append(file)
                 continue
             labels.append(label)
-    if channels is None:
-        channels = 1 if all(im.mode in ("L", "1", "I;16", "I") for im in decoded) else 3
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}.")
-    mode = "L" if channels == 1 else "RGB"
-    images = np.empty(len(decoded), dtype=object)
-    for i, im in enumerate(decoded):
-        array = np.asarray(im.convert(mode), np.uint8)
-        images[i] = array[..., None] if channels == 1 else array
+    images = pil_arrays(decoded, channels)
     labels = np.asarray(labels, np.int32)
     train, val, test = stratified_split(labels, seed, fractions)
     note = f", {len(skipped)} corrupt skipped" if skipped else ""
@@ -171,6 +163,23 @@ def from_folder(
         name=f"{os.path.basename(os.path.normpath(path))} ({len(labels)} images{note})",
         skipped=skipped,
     )
+
+
+def pil_arrays(images, channels: int | None = None) -> np.ndarray:
+    """PIL images -> an object array of ``[H, W, channels]`` uint8 arrays (sizes may differ).
+
+    ``channels``: 1 (grayscale) or 3 (RGB); default 3, or 1 when every image is grayscale.
+    """
+    if channels is None:
+        channels = 1 if all(im.mode in ("L", "1", "I;16", "I") for im in images) else 3
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}.")
+    mode = "L" if channels == 1 else "RGB"
+    out = np.empty(len(images), dtype=object)
+    for i, im in enumerate(images):
+        array = np.asarray(im.convert(mode), np.uint8)
+        out[i] = array[..., None] if channels == 1 else array
+    return out
 
 
 def encode(

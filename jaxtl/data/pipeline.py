@@ -5,6 +5,8 @@ order that is a pure function of ``(seed, epoch)``: the same permutation as
 :class:`~jaxtl.data.loader.ArrayLoader`, so both give the same run. Each example's augmentation
 draws from ``default_rng([seed, epoch, index])``, so the batches do not depend on the number of
 workers, and a run resumed at step ``k`` sees exactly the batches an uninterrupted run would.
+A batch-level transform (mixup / cutmix, :mod:`jaxtl.data.mixing`) runs on each batch after
+batching, with ``default_rng([seed, epoch, batch index, MIX_STREAM])``.
 
 One grain iterator serves the whole run (worker processes start once, not every epoch). In a
 multi-process run each process reads only its own rows of every global batch.
@@ -17,6 +19,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
+
+from jaxtl.data.mixing import MIX_STREAM
 
 Example = dict[str, np.ndarray]
 Transform = Callable[[Example, np.random.Generator], Example]
@@ -116,6 +120,21 @@ class _Positions:
         return example
 
 
+class _BatchStep:
+    """Picklable ``(i, batch) -> batch`` for the grain workers: the ``i``-th batch of this
+    iterator is global step ``first_step + i``, transformed with its ``(seed, epoch, batch)``
+    generator (the same in every process and worker)."""
+
+    def __init__(self, transform, seed: int, steps_per_epoch: int, first_step: int):
+        self.transform, self.seed = transform, seed
+        self.steps_per_epoch, self.first_step = steps_per_epoch, first_step
+
+    def __call__(self, i: int, batch: Example) -> Example:
+        epoch, b = divmod(self.first_step + int(i), self.steps_per_epoch)
+        rng = np.random.default_rng([self.seed, epoch, b, MIX_STREAM])
+        return self.transform(dict(batch), rng)
+
+
 class GrainLoader:
     """Training batches of ``source`` through grain, for :class:`jaxtl.train.Trainer`.
 
@@ -125,6 +144,8 @@ class GrainLoader:
       shuffle: reshuffle every epoch from ``(seed, epoch)``.
       seed: the data seed (order and augmentation).
       transform: ``(example, rng) -> example``, e.g. :func:`jaxtl.data.augment.parse`'s.
+      batch_transform: ``(batch, rng) -> batch`` on this process's rows of each batch, e.g. a
+        :class:`jaxtl.data.mixing.MixBatch` (whose row pairs never straddle processes).
       workers: grain worker processes (0: in this process).
       process_index / process_count: this process's share of every global batch
         (default: ``jax.process_index()`` / ``jax.process_count()``).
@@ -140,6 +161,7 @@ class GrainLoader:
         shuffle: bool = True,
         seed: int = 0,
         transform: Transform | None = None,
+        batch_transform: Transform | None = None,
         workers: int = 0,
         process_index: int | None = None,
         process_count: int | None = None,
@@ -162,12 +184,18 @@ class GrainLoader:
             raise ValueError(f"workers must be >= 0, got {workers}.")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.transform, self.workers = transform, workers
+        self.batch_transform = batch_transform
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         if batch_size % self.process_count:
             raise ValueError(
                 f"batch_size {batch_size} does not split over {self.process_count} processes."
             )
+        # Fail here, not in a worker: transforms that can tell check the first example.
+        if hasattr(transform, "check"):
+            transform.check(source[0])
+        if hasattr(batch_transform, "check"):
+            batch_transform.check(batch_size // self.process_count, source[0])
         lengths, token_keys = _token_lengths(source)
         if length_buckets is not None and lengths is None:
             raise ValueError("length_buckets needs text inputs (an attention_mask).")
@@ -204,6 +232,7 @@ class GrainLoader:
             "num_examples": self.num_examples,
             "batch_size": self.batch_size,
             "transform": repr(self.transform),
+            "batch_transform": repr(self.batch_transform),
             "length_buckets": list(self.plan.buckets) if self.plan.buckets else None,
         }
 
@@ -254,7 +283,12 @@ class GrainLoader:
         )
         # An unbounded run of positions: epochs follow one another until the trainer stops.
         ds = grain.MapDataset.range(first_step * local, 2**62).map(positions)
-        ds = ds.batch(local, drop_remainder=True).to_iter_dataset()
+        ds = ds.batch(local, drop_remainder=True)
+        if self.batch_transform is not None:
+            ds = ds.map_with_index(
+                _BatchStep(self.batch_transform, self.seed, self.steps_per_epoch, first_step)
+            )
+        ds = ds.to_iter_dataset()
         if self.workers:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
         return iter(ds)

@@ -10,7 +10,8 @@ import csv
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +39,53 @@ def split_indices(n: int, seed: int = 0, fractions=(0.8, 0.1)) -> tuple[np.ndarr
     a = int(n * fractions[0])
     b = a + int(n * fractions[1])
     return perm[:a], perm[a:b], perm[b:]
+
+
+def default_splits(available: Sequence[str]) -> tuple[str, str, str]:
+    """Train / validation / test expressions from the splits a dataset has: its own
+    ``validation`` and ``test`` when present, otherwise carved from ``train`` by slicing
+    (TFDS / Hugging Face split expressions)."""
+    if "train" not in available:
+        raise ValueError(
+            f"The dataset has no 'train' split (it has {list(available)}); name the splits "
+            "with --splits TRAIN,VALIDATION,TEST."
+        )
+    has_val = "validation" in available
+    has_test = "test" in available
+    if has_val and has_test:
+        return "train", "validation", "test"
+    if has_test:
+        return "train[:90%]", "train[90%:]", "test"
+    if has_val:
+        return "train[:90%]", "validation", "train[90%:]"
+    return "train[:80%]", "train[80%:90%]", "train[90%:]"
+
+
+def pick_column(
+    columns: Mapping[str, Any],
+    wanted: str | None,
+    accept: Callable[[Any], bool],
+    what: str,
+    flag: str,
+    noun: str = "column",
+) -> str:
+    """``wanted`` if ``columns`` has it, else the only column whose type ``accept``s.
+
+    Raises ValueError naming the columns there are: for an unknown ``wanted``, and when zero or
+    several columns qualify (the fix is ``flag``).
+    """
+    names = list(columns.keys())
+    if wanted is not None:
+        if wanted not in names:
+            raise ValueError(f"The dataset has no {noun} {wanted!r} ({what}); it has {names}.")
+        return wanted
+    hits = [k for k in names if accept(columns[k])]
+    if len(hits) != 1:
+        raise ValueError(
+            f"Cannot tell which {noun} is the {what}: {len(hits)} candidates among {names}. "
+            f"Name it with {flag}."
+        )
+    return hits[0]
 
 
 def _take(texts: Sequence[str], labels: np.ndarray | None, idx: np.ndarray):
@@ -170,6 +218,44 @@ def encode_labels(raw: Sequence, num_labels: int, task: str, where: str = "data"
     return ints.astype(np.int32), names
 
 
+def check_labels(
+    raw,
+    task: str,
+    where: str,
+    *,
+    fix_shape: str = "name the label feature with --label-column",
+    fix_type: str = "store them as a ClassLabel feature",
+) -> np.ndarray:
+    """Labels as a typed source (TFDS, Hugging Face, arrays) holds them, checked: one value per
+    example, integer class ids (int32) or, for regression, numbers (float32).
+
+    ``where`` names them in errors (``"'label' of split 'train'"``); ``fix_shape`` and
+    ``fix_type`` say what to do about labels of the wrong shape or type.
+    """
+    values = np.asarray(raw)
+    if values.ndim != 1:
+        raise ValueError(
+            f"Labels {where} are not one value per example (each has shape "
+            f"{values.shape[1:]}); {fix_shape}."
+        )
+    if task == "regression":
+        if not np.issubdtype(values.dtype, np.number):
+            raise ValueError(f"Regression labels {where} are not numbers.")
+        return values.astype(np.float32)
+    if not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"Labels {where} are {values.dtype}, not integer class ids; {fix_type}.")
+    return values.astype(np.int32)
+
+
+def check_label_count(names: Sequence[str] | None, num_labels: int | None, where: str) -> None:
+    """Named classes must match the head's width (no check when either is unknown)."""
+    if names is not None and num_labels is not None and len(names) != num_labels:
+        raise ValueError(
+            f"{where} has {len(names)} distinct labels {list(names)[:10]} but the head has "
+            f"{num_labels} outputs. Pass --num-labels {len(names)}."
+        )
+
+
 def from_table(
     path, *, text_column="text", label_column="label", num_labels=2, task="classification", seed=0
 ) -> TextSplits:
@@ -180,9 +266,5 @@ def from_table(
         return split(texts, None, seed=seed, name=os.path.basename(path))
     texts, raw = read_table(path, text_column, label_column)
     labels, names = encode_labels(raw, num_labels, task, where=path)
-    if names is not None and len(names) != num_labels:
-        raise ValueError(
-            f"{path} has {len(names)} distinct labels {names[:10]} but the head has {num_labels} "
-            f"outputs. Pass --num-labels {len(names)}."
-        )
+    check_label_count(names, num_labels, path)
     return split(texts, labels, seed=seed, label_names=names, name=os.path.basename(path))

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from jaxtl.data.images import ImageSplits
-from jaxtl.data.sources import SPLITS, TextSplits
+from jaxtl.data.sources import SPLITS, TextSplits, check_labels, default_splits, pick_column
 
 PREFIX = "tfds:"
 _SPEC = re.compile(r"^(?P<name>[a-z0-9_]+)(?:/(?P<config>[\w.-]+))?(?::(?P<version>[\w.*]+))?$")
@@ -101,25 +101,6 @@ def split_names(split: str) -> list[str]:
     return [re.sub(r"\[.*\]$", "", part.strip()) for part in split.split("+")]
 
 
-def default_splits(available: Sequence[str]) -> tuple[str, str, str]:
-    """Train / validation / test expressions from the splits a dataset has: its own
-    ``validation`` and ``test`` when present, otherwise carved from ``train`` by slicing."""
-    if "train" not in available:
-        raise ValueError(
-            f"The dataset has no 'train' split (it has {list(available)}); name the splits "
-            "with --splits TRAIN,VALIDATION,TEST."
-        )
-    has_val = "validation" in available
-    has_test = "test" in available
-    if has_val and has_test:
-        return "train", "validation", "test"
-    if has_test:
-        return "train[:90%]", "train[90%:]", "test"
-    if has_val:
-        return "train[:90%]", "validation", "train[90%:]"
-    return "train[:80%]", "train[80%:90%]", "train[90%:]"
-
-
 def read_split(b, split: str) -> Any:
     """A random-access source of one split (a sequence of example dicts of numpy values)."""
     available = list(b.info.splits)
@@ -175,21 +156,6 @@ def _is_input(feature, modality: str | None) -> bool:
     return image and modality in (None, "image")
 
 
-def _pick(features, wanted: str | None, accept, what: str, flag: str) -> str:
-    names = list(features.keys())
-    if wanted is not None:
-        if wanted not in names:
-            raise ValueError(f"The dataset has no feature {wanted!r} ({what}); it has {names}.")
-        return wanted
-    hits = [k for k in names if accept(features[k])]
-    if len(hits) != 1:
-        raise ValueError(
-            f"Cannot tell which feature is the {what}: {len(hits)} candidates among {names}. "
-            f"Name it with {flag}."
-        )
-    return hits[0]
-
-
 def load(
     spec: str,
     *,
@@ -223,12 +189,19 @@ def load(
         raise ValueError(f"splits must be three expressions (train, validation, test): {chosen}.")
     f = tfds.features
     what = {"text": "text", "image": "image"}.get(modality, "text or image") + " input"
-    key = _pick(features, input_key, lambda x: _is_input(x, modality), what, "--text-column")
+    key = pick_column(
+        features, input_key, lambda x: _is_input(x, modality), what, "--text-column", "feature"
+    )
     is_text = isinstance(features[key], f.Text)
     label_names = None
     if task != "causal_lm":
-        label_key = _pick(
-            features, label_key, lambda x: isinstance(x, f.ClassLabel), "label", "--label-column"
+        label_key = pick_column(
+            features,
+            label_key,
+            lambda x: isinstance(x, f.ClassLabel),
+            "label",
+            "--label-column",
+            "feature",
         )
         if isinstance(features[label_key], f.ClassLabel):
             label_names = list(features[label_key].names)
@@ -243,7 +216,8 @@ def load(
             inputs = _stack_images(inputs, f"{role} split {split!r}")
         labels = None
         if task != "causal_lm":
-            labels = _labels([ex[label_key] for ex in examples], task, label_key, split)
+            raw = [ex[label_key] for ex in examples]
+            labels = check_labels(raw, task, f"{label_key!r} of split {split!r}")
         parts.append((inputs, labels))
     title = f"tfds:{name}"
     if is_text:
@@ -266,22 +240,3 @@ def _stack_images(images: list, where: str) -> np.ndarray:
     if out.ndim != 4:
         raise ValueError(f"Images of the {where} have shape {out.shape[1:]}; expected [H, W, C].")
     return out
-
-
-def _labels(raw: list, task: str, key: str, split: str) -> np.ndarray:
-    values = np.asarray(raw)
-    if values.ndim != 1:
-        raise ValueError(
-            f"Labels {key!r} of split {split!r} are not one value per example (each has shape "
-            f"{values.shape[1:]}); name the label feature with --label-column."
-        )
-    if task == "regression":
-        if not np.issubdtype(values.dtype, np.number):
-            raise ValueError(f"Regression labels {key!r} of split {split!r} are not numbers.")
-        return values.astype(np.float32)
-    if not np.issubdtype(values.dtype, np.integer):
-        raise ValueError(
-            f"Labels {key!r} of split {split!r} are {values.dtype}, not integer class ids; "
-            "store them as a ClassLabel feature."
-        )
-    return values.astype(np.int32)

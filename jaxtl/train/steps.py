@@ -6,7 +6,10 @@ gradient work of frozen leaves that only feed ``optax.set_to_zero`` (see DESIGN.
 frozen backbone costs only its forward pass.
 
 Batches are dicts: the model's inputs plus ``label`` and, for evaluation, ``weight`` (1 for a
-real example, 0 for padding, so a padded last batch counts every example exactly once).
+real example, 0 for padding, so a padded last batch counts every example exactly once). A
+classifier's ``label`` is a class id per row (``[B]`` integers) or a probability vector per row
+(``[B, C]`` floats: mixup / cutmix / label-smoothed targets from :mod:`jaxtl.data.mixing`),
+scored with the matching cross-entropy; accuracy then counts the argmax of the target.
 """
 
 from __future__ import annotations
@@ -45,12 +48,20 @@ def _targets(outputs: jax.Array, batch: dict, task: str):
     return outputs, batch["label"], weight
 
 
+def _soft(outputs: jax.Array, labels: jax.Array, task: str) -> bool:
+    """Whether ``labels`` are per-class probabilities (``[B, C]``) rather than class ids."""
+    return task == "classification" and labels.ndim == outputs.ndim
+
+
 def per_example_loss(outputs: jax.Array, labels: jax.Array, task: str) -> jax.Array:
-    """Cross-entropy for classification and causal LM (per token); squared error for
-    regression (``num_labels == 1``)."""
+    """Cross-entropy for classification (integer or soft labels) and causal LM (per token);
+    squared error for regression (``num_labels == 1``)."""
     if task == "regression":
         return jnp.square(outputs[..., 0].astype(jnp.float32) - labels.astype(jnp.float32))
-    return optax.softmax_cross_entropy_with_integer_labels(outputs.astype(jnp.float32), labels)
+    logits = outputs.astype(jnp.float32)
+    if _soft(outputs, labels, task):
+        return optax.softmax_cross_entropy(logits, labels.astype(jnp.float32))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
 def metric_sums(outputs: jax.Array, batch: dict, task: str) -> dict:
@@ -65,13 +76,15 @@ def metric_sums(outputs: jax.Array, batch: dict, task: str) -> dict:
         "count": jnp.sum(weight),
     }
     if task != "regression":
-        sums["correct"] = _correct(preds, targets, weight)
+        sums["correct"] = _correct(preds, targets, weight, task)
     if task == "causal_lm":
         sums["examples"] = jnp.sum(batch.get("weight", jnp.ones(preds.shape[0], jnp.float32)))
     return sums
 
 
-def _correct(preds: jax.Array, targets: jax.Array, weight: jax.Array) -> jax.Array:
+def _correct(preds: jax.Array, targets: jax.Array, weight: jax.Array, task: str) -> jax.Array:
+    if _soft(preds, targets, task):  # a mixed target's larger part counts as the answer
+        targets = jnp.argmax(targets, axis=-1)
     return jnp.sum((jnp.argmax(preds, axis=-1) == targets).astype(jnp.float32) * weight)
 
 
@@ -111,7 +124,8 @@ def _train_metrics(loss, outputs, batch, task) -> dict:
     metrics = {"loss": loss}
     if task != "regression":  # the loss is already computed: only count the right answers
         preds, targets, weight = _targets(outputs, batch, task)
-        metrics["accuracy"] = _correct(preds, targets, weight) / jnp.maximum(jnp.sum(weight), 1.0)
+        correct = _correct(preds, targets, weight, task)
+        metrics["accuracy"] = correct / jnp.maximum(jnp.sum(weight), 1.0)
     return metrics
 
 

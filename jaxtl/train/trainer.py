@@ -21,7 +21,7 @@ import numpy as np
 from jaxtl import parallel
 from jaxtl.adabn import adapt_batch_norm
 from jaxtl.checkpoint import Checkpointer
-from jaxtl.data import augment
+from jaxtl.data import augment, mixing
 from jaxtl.data.loader import ArrayLoader
 from jaxtl.data.pipeline import ArraySource, GrainLoader
 from jaxtl.data.text import bucket_lengths
@@ -184,8 +184,12 @@ class Trainer:
         loader = data if isinstance(data, ArrayLoader) else self.eval_loader(data)
         _, eval_step = self._steps(state)
         total = None
-        for batch in loader.epoch(0):
-            sums = eval_step(state, parallel.global_batch(batch, self.mesh))
+        # Every process holds the whole evaluation batch; each places its devices' rows.
+        batches = parallel.prefetch_to_device(
+            loader.epoch(0), self.mesh, self.config.prefetch, whole=True
+        )
+        for batch in batches:
+            sums = eval_step(state, batch)
             total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
         return summarize(jax.device_get(total))
 
@@ -199,8 +203,9 @@ class Trainer:
         )
 
     def train_loader(self, arrays: dict) -> GrainLoader:
-        """Shuffled, optionally augmented training batches through grain (see
-        :mod:`jaxtl.data.pipeline`); in a multi-process run, this process's rows of each."""
+        """Shuffled, optionally augmented (per example) and mixed (per batch, with smoothed
+        targets) training batches through grain (see :mod:`jaxtl.data.pipeline`,
+        :mod:`jaxtl.data.mixing`); in a multi-process run, this process's rows of each."""
         cfg = self.config
         if cfg.augment and "pixel_values" not in arrays:
             raise ValueError(
@@ -212,7 +217,15 @@ class Trainer:
             cfg.batch_size,
             shuffle=True,
             seed=cfg.seed,
-            transform=augment.parse(cfg.augment),
+            transform=augment.parse(cfg.augment, self.model.extras.get("preprocessing")),
+            batch_transform=mixing.for_training(
+                cfg.mixup,
+                cfg.cutmix,
+                cfg.label_smoothing,
+                task=self.model.task,
+                num_classes=self.model.num_labels,
+                inputs=arrays,
+            ),
             workers=cfg.data_workers,
             length_buckets=self._buckets(arrays),
         )
@@ -248,6 +261,8 @@ class Trainer:
         if val is None and (cfg.early_stopping or cfg.restore_best):
             cfg = dataclasses.replace(cfg, early_stopping=None, restore_best=False)
         spe = train.steps_per_epoch
+        # A GrainLoader yields this process's rows; an ArrayLoader the whole global batch.
+        whole = isinstance(train, ArrayLoader)
         total = cfg.total_steps(spe)
         state = self.init_state(total)
         train_step, _ = self._steps(state)
@@ -354,8 +369,11 @@ class Trainer:
         try:
             while step < total and not stopped_early:
                 epoch, start = divmod(step, spe)
-                for batch in train.epoch(epoch, start):
-                    state, m = train_step(state, parallel.global_batch(batch, self.mesh))
+                batches = parallel.prefetch_to_device(
+                    train.epoch(epoch, start), self.mesh, cfg.prefetch, whole=whole
+                )
+                for batch in batches:
+                    state, m = train_step(state, batch)
                     step += 1
                     samples_since += cfg.batch_size
                     pending.append(m)

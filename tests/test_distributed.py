@@ -1,0 +1,228 @@
+"""Two real processes under ``jax.distributed`` on loopback vs one process with the same devices.
+
+Each distributed process has 2 CPU devices (a 4-device global mesh), reads its rows of every
+global batch through 2 grain workers, and builds global ``jax.Array`` batches with
+``jax.make_array_from_process_local_data``; the reference is one process with 4 devices and no
+workers. Both fit the same tiny BERT (dropout on, shuffled data, 2 epochs) with ``Trainer.fit``
+and evaluate a validation split whose last batch is partial (see ``_distributed_run.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from _distributed_run import BATCH, EPOCHS, N_TRAIN, N_VAL
+from _tiny import make_tiny_bert
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SCRIPT = os.path.join(HERE, "_distributed_run.py")
+TIMEOUT_S = 300
+PROCESSES, LOCAL_DEVICES, WORKERS = 2, 2, 2
+STEPS = EPOCHS * (N_TRAIN // BATCH)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(local_devices: int) -> dict:
+    # No proxy variables: jax warns that they can hang distributed.initialize on loopback.
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join([HERE, ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    )
+    return env
+
+
+class _Proc:
+    """A child in its own process group (its grain workers die with it), output in files."""
+
+    def __init__(self, name, args, env, logdir):
+        self.name = name
+        self.out_path = os.path.join(logdir, f"{name}.out")
+        self.err_path = os.path.join(logdir, f"{name}.err")
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.popen = subprocess.Popen(
+                [sys.executable, SCRIPT, *map(str, args)],
+                stdout=out,
+                stderr=err,
+                env=env,
+                cwd=ROOT,
+                start_new_session=True,
+            )
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.popen.wait(timeout=30)
+
+    def output(self) -> tuple[str, str]:
+        with open(self.out_path) as out, open(self.err_path) as err:
+            return out.read(), err.read()
+
+
+def _run_all(procs: list[_Proc], timeout: float) -> list[dict]:
+    """Wait for every process; on a failure or the timeout kill them all and show every
+    process's stderr. Returns each one's JSON summary (its last stdout line)."""
+    deadline = time.monotonic() + timeout
+    problem = None
+    try:
+        while problem is None and any(p.popen.poll() is None for p in procs):
+            failed = [p for p in procs if p.popen.poll() not in (None, 0)]
+            if failed:
+                problem = f"{failed[0].name} exited with {failed[0].popen.returncode}"
+            elif time.monotonic() > deadline:
+                problem = f"timed out after {timeout:.0f} s"
+            else:
+                time.sleep(0.2)
+        if problem is None:
+            failed = [p for p in procs if p.popen.returncode != 0]
+            if failed:
+                problem = f"{failed[0].name} exited with {failed[0].popen.returncode}"
+    finally:
+        for p in procs:
+            p.kill()
+    if problem is not None:
+        shown = "\n".join(
+            f"--- {p.name} (rc={p.popen.returncode}) stderr ---\n{p.output()[1][-4000:]}"
+            for p in procs
+        )
+        pytest.fail(f"{problem}\n{shown}", pytrace=False)
+    return [json.loads(p.output()[0].strip().splitlines()[-1]) for p in procs]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """All three processes at once: the 2-process distributed run and the 1-process reference."""
+    base = tmp_path_factory.mktemp("dist")
+    model_dir = make_tiny_bert(str(base / "bert"), layers=1, dropout=0.1)
+    out = str(base)
+    port = _free_port()
+    procs = [
+        _Proc(
+            f"process{i}",
+            [model_dir, out, i, PROCESSES, port, WORKERS],
+            _env(LOCAL_DEVICES),
+            out,
+        )
+        for i in range(PROCESSES)
+    ]
+    procs.append(
+        _Proc("reference", [model_dir, out, 0, 1, 0, 0], _env(PROCESSES * LOCAL_DEVICES), out)
+    )
+    t0 = time.perf_counter()
+    *dist, ref = _run_all(procs, TIMEOUT_S)
+    print(f"distributed + reference runs: {time.perf_counter() - t0:.1f} s")
+
+    def params(name):
+        with np.load(os.path.join(out, f"params_{name}.npz")) as f:
+            return {k: f[k] for k in f.files}
+
+    return {
+        "dist": dist,
+        "ref": ref,
+        "dist_params": [params(f"{i}of{PROCESSES}") for i in range(PROCESSES)],
+        "ref_params": params("0of1"),
+    }
+
+
+@pytest.mark.slow
+def test_topology(runs):
+    for i, run in enumerate(runs["dist"]):
+        assert (run["process_index"], run["process_count"]) == (i, PROCESSES)
+        assert (run["devices"], run["local_devices"]) == (PROCESSES * LOCAL_DEVICES, LOCAL_DEVICES)
+        # Process i's devices hold rows [i * B / 2, (i + 1) * B / 2) of every global batch.
+        assert run["mesh"] == [0, 0, 1, 1]
+        assert run["steps"] == STEPS
+    ref = runs["ref"]
+    assert (ref["process_count"], ref["devices"]) == (1, PROCESSES * LOCAL_DEVICES)
+    assert ref["steps"] == STEPS
+
+
+@pytest.mark.slow
+def test_each_process_reads_only_its_rows(runs):
+    from jaxtl.data import ArrayLoader
+
+    ref_reads = np.array(runs["ref"]["reads"])
+    reads = [np.array(run["reads"]) for run in runs["dist"]]
+    local = BATCH // PROCESSES
+    assert ref_reads.shape == (STEPS, BATCH)
+    for r in reads:
+        assert r.shape == (STEPS, local)
+
+    # The reference reads the global batches: each epoch a permutation of the training split
+    # (ArrayLoader's order), less the dropped tail.
+    spe = N_TRAIN // BATCH
+    order = ArrayLoader({"x": np.zeros(N_TRAIN)}, BATCH, shuffle=True, seed=0, drop_last=True)
+    for e in range(EPOCHS):
+        expected = order.order(e)[: spe * BATCH].reshape(spe, BATCH)
+        np.testing.assert_array_equal(ref_reads[e * spe : (e + 1) * spe], expected)
+    assert not np.array_equal(ref_reads[:spe], ref_reads[spe:])  # reshuffled every epoch
+
+    for step in range(STEPS):
+        batch = ref_reads[step]
+        # Each process reads exactly its half of the global batch, in order...
+        for i, r in enumerate(reads):
+            np.testing.assert_array_equal(r[step], batch[i * local : (i + 1) * local])
+        # ...so the processes' reads are disjoint and together are the batch's rows.
+        assert set(reads[0][step]).isdisjoint(reads[1][step])
+        assert sorted(np.concatenate([r[step] for r in reads])) == sorted(batch)
+    # Over an epoch no example is read twice, by either process.
+    for e in range(EPOCHS):
+        epoch = np.concatenate([r[e * spe : (e + 1) * spe].ravel() for r in reads])
+        assert len(set(epoch.tolist())) == spe * BATCH
+
+
+@pytest.mark.slow
+def test_final_params_match_across_processes_and_reference(runs):
+    p0, p1 = runs["dist_params"]
+    ref = runs["ref_params"]
+    assert p0.keys() == p1.keys() == ref.keys()
+    for run in (runs["ref"], *runs["dist"]):
+        assert run["params_moved"] > 1e-3  # it trained
+    for k in p0:
+        # The processes hold one replicated state: bitwise equal.
+        np.testing.assert_array_equal(p0[k], p1[k], err_msg=k)
+        # Same data, same dropout masks, same steps; only the cross-process reduction differs.
+        np.testing.assert_allclose(p0[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    differ = [k for k in ref if not np.array_equal(ref[k], p0[k])]
+    worst = max(float(np.max(np.abs(p0[k] - ref[k]))) for k in ref)
+    print(f"{len(differ)} of {len(ref)} param arrays not bitwise equal; max |diff| {worst:.2e}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name",
+    [
+        "reference",
+        "process0",
+        "process1",
+    ],
+)
+def test_evaluation_counts_every_example_once(runs, name):
+    run = runs["ref"] if name == "reference" else runs["dist"][int(name[-1])]
+    # In fit (once per epoch) and after it: 13 examples, the last batch 5 real + 3 padding rows.
+    assert [h["val_examples"] for h in run["history"]] == [N_VAL] * EPOCHS
+    assert run["eval"]["examples"] == N_VAL
+    assert run["eval"]["loss"] == pytest.approx(run["direct"]["loss"], rel=1e-5)
+    assert run["eval"]["accuracy"] == pytest.approx(run["direct"]["accuracy"], abs=1e-9)
+    ref = runs["ref"]["eval"]
+    assert run["eval"]["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    assert run["eval"]["accuracy"] == ref["accuracy"]
