@@ -76,6 +76,22 @@ def _two_processes(arrays, **kwargs):
     return [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*shards, strict=True)]
 
 
+def _first_draw(example, rng):
+    return {**example, "draw": np.float64(rng.random())}
+
+
+def test_each_example_draws_from_its_own_stream():
+    # The epoch's permutation uses [seed, epoch]; numpy ignores trailing zero seed words, so an
+    # untagged [seed, epoch, 0] would hand example 0 the permutation's own stream.
+    loader = GrainLoader(ArraySource(_arrays(16)), 8, seed=3, transform=_first_draw)
+    draws = {}
+    for epoch in range(2):
+        for batch in loader.epoch(epoch):
+            draws.update(zip(batch["label"].tolist(), batch["draw"].tolist(), strict=True))
+        assert np.random.default_rng([3, epoch]).random() not in set(draws.values())
+    assert len(set(draws.values())) == len(draws) == 16
+
+
 def test_each_process_reads_its_rows_of_every_global_batch():
     arrays, transform = _arrays(), augment.parse(AUGMENT)
     whole = _batches(GrainLoader(ArraySource(arrays), 8, seed=2, transform=transform))

@@ -28,9 +28,8 @@ import math
 
 import numpy as np
 
-# The last word of a batch generator's seed: default_rng([seed, epoch, batch]) would be
-# default_rng([seed, epoch, index]) of example ``index == batch`` (and SeedSequence ignores
-# trailing zeros, so no zero tag would do), hence a fixed non-zero word ("mix").
+# The last word of a batch generator's seed, distinct from the other streams' (see
+# jaxtl.data.pipeline) and non-zero, since SeedSequence ignores trailing zero words ("mix").
 MIX_STREAM = 0x6D6978
 
 

@@ -3,10 +3,16 @@
 :class:`GrainLoader` reads a random-access source (``len`` + ``[i] -> dict of arrays``) in an
 order that is a pure function of ``(seed, epoch)``: the same permutation as
 :class:`~jaxtl.data.loader.ArrayLoader`, so both give the same run. Each example's augmentation
-draws from ``default_rng([seed, epoch, index])``, so the batches do not depend on the number of
-workers, and a run resumed at step ``k`` sees exactly the batches an uninterrupted run would.
-A batch-level transform (mixup / cutmix, :mod:`jaxtl.data.mixing`) runs on each batch after
-batching, with ``default_rng([seed, epoch, batch index, MIX_STREAM])``.
+draws from ``default_rng([seed, epoch, index, EXAMPLE_STREAM])``, so the batches do not depend
+on the number of workers, and a run resumed at step ``k`` sees exactly the batches an
+uninterrupted run would. A batch-level transform (mixup / cutmix, :mod:`jaxtl.data.mixing`)
+runs on each batch after batching, with ``default_rng([seed, epoch, batch index,
+MIX_STREAM])``.
+
+Every stream has its own seed words: the epoch's permutation ``[seed, epoch]``, the order of
+length-bucketed batches ``[seed, epoch, 1]``, examples and batches with a non-zero tag as the
+last word. numpy's SeedSequence ignores trailing zero words, so without the tags example 0's
+stream would be the permutation's, and example 1's the bucket order's.
 
 One grain iterator serves the whole run (worker processes start once, not every epoch). In a
 multi-process run each process reads only its own rows of every global batch.
@@ -21,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from jaxtl.data.mixing import MIX_STREAM
+
+EXAMPLE_STREAM = 0x6578  # "ex": the last seed word of an example's augmentation generator
 
 Example = dict[str, np.ndarray]
 Transform = Callable[[Example, np.random.Generator], Example]
@@ -115,7 +123,7 @@ class _Positions:
             keys = self.plan.token_keys
             example = {k: v[:width] if k in keys else v for k, v in example.items()}
         if self.transform is not None:
-            rng = np.random.default_rng([self.plan.seed, epoch, index])
+            rng = np.random.default_rng([self.plan.seed, epoch, index, EXAMPLE_STREAM])
             example = self.transform(dict(example), rng)
         return example
 
