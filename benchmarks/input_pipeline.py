@@ -8,13 +8,15 @@ with augmentation on) next to examples/s that the compiled `full` train step con
 their ratio (> 1: the pipeline keeps up). Also prints the padding waste of VADER's training
 batches with one padded length and with length buckets, and, with and without the feature
 cache, the wall time of a 10-epoch MiniLM linear probe and the epoch time of last_n(2) after
-its first epoch (MiniLM text, EfficientNet-Lite0 images). Record results in
-benchmarks/README.md.
+its first epoch (MiniLM-L6 text, a 12-layer text model of MiniLM-L12's shape, EfficientNet-Lite0
+images). Record results in benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 
 import jax
@@ -120,12 +122,50 @@ def cache_timing(model, data, recipe: str, epochs: int, batch: int) -> dict:
     return out
 
 
+def twelve_layer_text_model(directory: str):
+    """A 12-layer BERT of all-MiniLM-L12-v2's shape (hidden 384, FFN 1536, 12 heads) with
+    random weights, saved by transformers, with MiniLM-L6's tokenizer. Only 6-layer MiniLM
+    installs offline; the cache's speed-up depends on the depth, not on the weights' values."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from jaxtl.cli import default_model_dir
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+    )
+    transformers.BertModel(config).save_pretrained(directory)
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"):
+        shutil.copy(os.path.join(default_model_dir(), name), directory)
+    return jaxtl.load(directory, num_labels=2)
+
+
 def cache_lines(text_model, image_model, a) -> list[str]:
     """The feature-cache targets: the whole 10-epoch linear probe; last_n(2)'s epochs after
-    the first, on MiniLM-L6 text and EfficientNet-Lite0 images."""
+    the first, on MiniLM-L6 text, a 12-layer text model and EfficientNet-Lite0 images."""
+    deep = None
+    if a.last_n_epochs:
+        with tempfile.TemporaryDirectory() as directory:  # loaded into memory, then removed
+            deep = twelve_layer_text_model(directory)
     runs = [
         ("linear_probe", "MiniLM-L6 on VADER", text_model, vader(), a.cache_epochs, "total"),
         ("last_n(2)", "MiniLM-L6 on VADER", text_model, vader(), a.last_n_epochs, "later"),
+        (
+            "last_n(2)",
+            "12-layer MiniLM-L12 shape (random weights) on VADER",
+            deep,
+            vader(),
+            a.last_n_epochs,
+            "later",
+        ),
         (
             "last_n(2)",
             f"EfficientNet-Lite0 {a.image_size}px on digits",

@@ -46,8 +46,8 @@ def from_arrays(
     Args:
       inputs: texts (a list, tuple or array of ``str``); images as one numeric array
         ``[N, H, W]`` (grayscale) or ``[N, H, W, C]``, or a list of ``[H, W(, C)]`` arrays or
-        PIL images of different sizes (uint8 images are 0..255, float images already rescaled); or a dict of
-        such columns, e.g. ``{"image": x, "label": y}``.
+        PIL images of different sizes (uint8 images are 0..255, float images already
+        rescaled); or a dict of such columns, e.g. ``{"image": x, "label": y}``.
       labels: one per example: integer class ids or class-name strings (mapped to ids in sorted
         order), numbers for ``task="regression"``; ``None`` for ``task="causal_lm"``.
       input_column: for a dict, the inputs' key (default: the only key that is not the label).
@@ -217,9 +217,10 @@ def labels_for_head(
         ids = check_labels(values, task, where, fix_shape=fix_shape, fix_type=fix_type)
         if num_labels is None:
             if ids.min() < 0:
+                negative = sorted(set(ids[ids < 0].tolist()))[:5]
                 raise ValueError(
-                    f"Labels {where} include negative class ids {sorted(set(ids[ids < 0].tolist()))[:5]}; "
-                    "class ids run 0, 1, ..., num_labels - 1."
+                    f"Labels {where} include negative class ids {negative}; class ids run 0, 1, "
+                    "..., num_labels - 1."
                 )
             num_labels = len(names) if names else int(ids.max()) + 1
         ids, _ = encode_labels(ids.tolist(), max(num_labels, 1), task, where)

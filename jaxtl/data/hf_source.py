@@ -56,8 +56,8 @@ def load_from_disk(path: str, **options: Any) -> TextSplits | ImageSplits:
         data = datasets.load_from_disk(path)
     except FileNotFoundError as e:
         raise ValueError(
-            f"{path!r} is not a saved Hugging Face dataset (it holds {sorted(os.listdir(path))[:8]})"
-            ". Write one with Dataset.save_to_disk(DIR) or DatasetDict.save_to_disk(DIR); for "
+            f"{path!r} is not a saved Hugging Face dataset (it holds "
+            f"{sorted(os.listdir(path))[:8]}). Write one with Dataset.save_to_disk(DIR) or DatasetDict.save_to_disk(DIR); for "
             "an image folder pass the directory itself, without hf:."
         ) from e
     options.setdefault("name", PREFIX + os.path.basename(os.path.normpath(path)))

@@ -79,9 +79,10 @@ class TrainConfig:
         cross-entropy on the true labels, so it compares across runs with and without it.
       data_workers: grain worker processes that read and augment training batches (0: the
         training process itself). Batches do not depend on it.
-      prefetch: batches (training and evaluation) placed on the devices ahead of the step that reads them, so
-        the host's copy overlaps the running step (:func:`jaxtl.parallel.prefetch_to_device`);
-        0: each batch is placed when its step starts. Results do not depend on it.
+      prefetch: batches (training and evaluation) placed on the devices ahead of the step
+        that reads them, so the host's copy overlaps the running step
+        (:func:`jaxtl.parallel.prefetch_to_device`); 0: each batch is placed when its step
+        starts. Results do not depend on it.
       feature_cache: for a recipe with a frozen prefix (linear_probe, last_n(k)): compute the
         prefix's output once (the head's or the first trained block's input) and train from
         it (see :mod:`jaxtl.feature_cache`); ``"memory"`` or a directory for ``.npy`` files.
