@@ -44,7 +44,7 @@ import numpy as np
 
 from jaxtl.data.text import bucket_for, bucket_lengths, token_arrays
 from jaxtl.models.base import LoadedModel
-from jaxtl.models.common import batch_norm_paths
+from jaxtl.models.common import batch_norm_paths, forward_functions
 from jaxtl.rules import flatten, is_under
 
 _MEMORY: dict[str, np.ndarray] = {}
@@ -262,21 +262,7 @@ def tail_model(model: LoadedModel, at: str, pixels: jax.ShapeDtypeStruct | None)
                 params, batch_stats, inputs, train=train, rng=rng, bn_train=bn_train
             )
 
-    jitted = jax.jit(run, static_argnames=("train", "bn_train"))
-
-    def forward(params, batch_stats, batch, *, train=False, rng=None, bn_train=()):
-        if train and rng is None:
-            raise ValueError("forward(..., train=True) needs rng= (a PRNG key for dropout).")
-        return jitted(params, batch_stats, batch, train, rng, tuple(bn_train))
-
-    def traceable(params, batch_stats, batch, *, train=False, rng=None, bn_train=()):
-        return run(params, batch_stats, batch, train, rng, tuple(bn_train))
-
-    forward.traceable = traceable
-
-    def apply(params, batch, *, train=False, rng=None, batch_stats=None):
-        return forward(params, batch_stats or {}, batch, train=train, rng=rng)[0]
-
+    apply, forward = forward_functions(run, lambda batch: batch, bool(model.batch_stats))
     return dataclasses.replace(model, forward=forward, apply=apply)
 
 

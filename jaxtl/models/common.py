@@ -148,13 +148,29 @@ def make_apply(
             return outputs, updated["batch_stats"]
         return module.apply(variables, *inputs, train=train, bn_train=(), rngs=rngs), batch_stats
 
-    jitted = jax.jit(_forward, static_argnames=("train", "bn_train"))
-
     def _inputs(batch: Mapping[str, jax.Array]) -> tuple:
         first, *rest = input_keys
         if first not in batch:
             raise KeyError(f"The batch has no {first!r}; this model reads {input_keys}.")
         return (batch[first], *(batch.get(k) for k in rest))
+
+    return forward_functions(_forward, _inputs, has_batch_stats)
+
+
+def forward_functions(
+    run: Callable[..., tuple[jax.Array, Any]],
+    select: Callable[[Mapping[str, jax.Array]], Any],
+    has_batch_stats: bool,
+) -> tuple[Callable[..., jax.Array], Callable[..., tuple[jax.Array, Any]]]:
+    """``(apply, forward)`` (see :func:`make_apply`) around ``run(params, batch_stats,
+    select(batch), train, rng, bn_train) -> (outputs, batch_stats)``.
+
+    ``forward`` is jitted (``train`` and ``bn_train`` static); ``forward.traceable`` is the same
+    without its own jit, for callers that trace it inside theirs with flax method interceptors
+    (a jit cache must never hold an intercepted trace). ``select`` runs outside the jit: it
+    picks what enters it from a batch.
+    """
+    jitted = jax.jit(run, static_argnames=("train", "bn_train"))
 
     def forward(
         params: Mapping[str, Any],
@@ -167,12 +183,10 @@ def make_apply(
     ) -> tuple[jax.Array, Any]:
         if train and rng is None:
             raise ValueError("apply(..., train=True) needs rng= (a PRNG key for dropout).")
-        return jitted(params, batch_stats, _inputs(batch), train, rng, tuple(bn_train))
+        return jitted(params, batch_stats, select(batch), train, rng, tuple(bn_train))
 
     def traceable(params, batch_stats, batch, *, train=False, rng=None, bn_train=()):
-        """``forward`` without its own jit, for callers that trace it inside theirs with
-        flax method interceptors (a jit cache must never hold an intercepted trace)."""
-        return _forward(params, batch_stats, _inputs(batch), train, rng, tuple(bn_train))
+        return run(params, batch_stats, select(batch), train, rng, tuple(bn_train))
 
     forward.traceable = traceable
 
