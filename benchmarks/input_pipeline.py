@@ -23,7 +23,7 @@ import jax
 
 import jaxtl
 from jaxtl import parallel
-from jaxtl.data import augment, digits, vader
+from jaxtl.data import augment, digits, evaluation_loader, training_loader, vader
 from jaxtl.data.pipeline import ArraySource, GrainLoader
 from jaxtl.data.text import bucket_lengths
 from jaxtl.run import encode_splits
@@ -89,7 +89,7 @@ def cache_timing(model, data, recipe: str, epochs: int, batch: int) -> dict:
     """Epoch times of ``recipe`` on ``data``, uncached and with the feature cache (an empty one:
     the cached run's first epoch includes the extraction; both first epochs compile), and the
     FLOPs of one compiled train step as XLA counts them."""
-    from jaxtl import feature_cache, run
+    from jaxtl import feature_cache
 
     arrays, _ = encode_splits(model, data)
     plan = jaxtl.make_plan(recipe, model.structure)
@@ -102,12 +102,16 @@ def cache_timing(model, data, recipe: str, epochs: int, batch: int) -> dict:
         start = time.perf_counter()
         trained, split_arrays = model, arrays
         if cache:
-            trained, split_arrays = run.cached_features(model, plan, config, arrays, False)
+            trained, split_arrays = feature_cache.cached_run(model, plan, config, arrays, False)
         trainer = jaxtl.Trainer(trained, plan, config)
-        clock = _EpochClock(trainer.train_loader(split_arrays["train"]))
-        fit = trainer.fit(clock, split_arrays["validation"])
+        clock = _EpochClock(
+            training_loader(split_arrays["train"], config.data, trained, seed=config.seed)
+        )
+        val = evaluation_loader(split_arrays["validation"], config.data, devices=trainer.devices)
+        fit = trainer.fit(clock, val)
         ends = [start, *clock.starts[1:], time.perf_counter()]  # epoch boundaries
-        test = trainer.evaluate(fit.state, split_arrays["test"])
+        test_loader = evaluation_loader(split_arrays["test"], config.data, devices=trainer.devices)
+        test = trainer.evaluate(fit.state, test_loader)
         one = next(clock.loader.epoch(0))
         step, _ = jsteps.compile_steps(fit.state, trainer.mesh)
         cost = step.lower(fit.state, parallel.global_batch(one, trainer.mesh)).compile()
@@ -131,7 +135,7 @@ def twelve_layer_text_model(directory: str):
     import torch
     import transformers
 
-    from jaxtl.cli import default_model_dir
+    from jaxtl import default_model_dir
 
     torch.manual_seed(0)
     config = transformers.BertConfig(
@@ -215,8 +219,7 @@ def main() -> None:
     workers = [int(w) for w in a.workers.split(",")]
     rows = []
 
-    from jaxtl.cli import default_model_dir
-    from jaxtl.presets import efficientnet_lite0_path
+    from jaxtl import default_model_dir, efficientnet_lite0_path
 
     text_model = jaxtl.load(default_model_dir(), num_labels=2)
     text, _ = encode_splits(text_model, vader())

@@ -12,7 +12,7 @@ import argparse
 import numpy as np
 
 import jaxtl
-from jaxtl.cli import default_model_dir
+from jaxtl import default_model_dir
 
 
 def main() -> None:

@@ -121,8 +121,8 @@ class JaxtlSide:
 
         import jaxtl
         from jaxtl import parallel
-        from jaxtl.rules import count_params, flatten
         from jaxtl.train import steps
+        from jaxtl.transfer.trees import count_params, flatten
 
         self._jax = jax
         # Loaded per recipe, so every recipe starts from the checkpoint's own buffers (the

@@ -4,15 +4,15 @@
     python examples/finetune_text.py --model DIR --data my.csv --recipes "last_n(2),full"
 
 Expected on 2 CPU cores with the defaults: each recipe prints its plan table, trains for one
-epoch, and the final table shows test accuracy per recipe (linear probe ~0.85 and
-last_n(2) ~0.9 on VADER).
+epoch at its own default learning rate (1e-3 for a linear probe, 5e-5 otherwise), and the final
+table shows test accuracy per recipe (linear probe ~0.85 and last_n(2) ~0.9 on VADER). The
+loop is jaxtl.experiment's, the one `jaxtl finetune` runs.
 """
 
 import argparse
 
 import jaxtl
-from jaxtl import report
-from jaxtl.cli import default_model_dir
+from jaxtl import experiment
 
 
 def main() -> None:
@@ -29,15 +29,14 @@ def main() -> None:
     args = p.parse_args()
 
     data = jaxtl.data.vader() if args.data is None else jaxtl.data.from_table(args.data)
-    results = []
-    for recipe in args.recipes.split(","):
-        model = jaxtl.load(args.model or default_model_dir(), num_labels=2)
-        lr = 1e-3 if recipe == "linear_probe" else 5e-5
-        config = jaxtl.TrainConfig(epochs=args.epochs, learning_rate=lr)
-        results.append(
-            jaxtl.finetune(model, recipe, data, config, f"{args.out}/{recipe}").to_dict()
-        )
-    print(report.format_table(*report.comparison_rows(results)))
+    path = args.model or jaxtl.default_model_dir()
+    arms = experiment.arms(args.recipes.split(","), scratch=False)
+    # A fresh model per arm: each recipe starts from the pretrained weights.
+    load = lambda arm: jaxtl.load(path, num_labels=2)  # noqa: E731
+    config = jaxtl.TrainConfig(epochs=args.epochs)
+    results = experiment.run_arms(args.out, arms, load, data, config)
+    table, plot = experiment.write_summary(args.out, results)
+    print(f"{table}\nplot: {plot}")
 
 
 if __name__ == "__main__":

@@ -8,25 +8,43 @@ Load a public pretrained checkpoint, declare what trains, fine-tune on a device 
     plan = jaxtl.make_plan("last_n(2)", model.structure)
     print(plan.table(model.params))
     result = jaxtl.finetune(model, plan, jaxtl.data.vader(), jaxtl.TrainConfig(epochs=1))
+
+The layers, bottom up (docs/architecture.md): ``transfer`` (param paths, rules, plans,
+optimizers, recipes) -> ``models`` (one family per file) -> ``weights`` (read, merge, load,
+export) -> ``data`` (sources, encoding, loaders) -> ``train`` (config, steps, Trainer) ->
+``run`` (one fine-tuning run) -> ``experiment`` (arms compared) -> ``cli``.
 """
 
 from jaxtl import data
 from jaxtl.adabn import adapt_batch_norm
-from jaxtl.exporting import export
-from jaxtl.loading import load
-from jaxtl.models.base import LoadedModel, Structure
+from jaxtl.models.base import LoadedModel
 from jaxtl.models.registry import list_models
 from jaxtl.run import RunResult, evaluate_run, finetune
-from jaxtl.strategies import Group, Plan, make_plan
-from jaxtl.train import EarlyStopping, FitResult, TrainConfig, Trainer, TrainState
+from jaxtl.train import (
+    CheckpointConfig,
+    DataConfig,
+    EarlyStopping,
+    FitResult,
+    OptimConfig,
+    TrainConfig,
+    Trainer,
+    TrainState,
+)
+from jaxtl.transfer import Group, Plan, Structure, make_optimizer, make_plan
+from jaxtl.weights.embedded import default_model_dir, efficientnet_lite0_path
+from jaxtl.weights.exporting import export
+from jaxtl.weights.loading import load
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointConfig",
+    "DataConfig",
     "EarlyStopping",
     "FitResult",
     "Group",
     "LoadedModel",
+    "OptimConfig",
     "Plan",
     "RunResult",
     "Structure",
@@ -35,10 +53,13 @@ __all__ = [
     "Trainer",
     "adapt_batch_norm",
     "data",
+    "default_model_dir",
+    "efficientnet_lite0_path",
     "evaluate_run",
     "export",
     "finetune",
     "list_models",
     "load",
+    "make_optimizer",
     "make_plan",
 ]

@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.common import batch_norm_paths
-from jaxtl.rules import flatten, unflatten
+from jaxtl.transfer.trees import flatten, unflatten
 
 
 def adapt_batch_norm(

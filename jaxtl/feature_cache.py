@@ -45,7 +45,9 @@ import numpy as np
 from jaxtl.data.text import bucket_for, bucket_lengths, token_arrays
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.common import batch_norm_paths, forward_functions
-from jaxtl.rules import flatten, is_under
+from jaxtl.train.config import TrainConfig
+from jaxtl.transfer.plan import Plan
+from jaxtl.transfer.trees import flatten, is_under
 
 _MEMORY: dict[str, np.ndarray] = {}
 
@@ -66,8 +68,8 @@ def boundary(model: LoadedModel, trainable: Mapping[str, bool]) -> str | None:
     return None
 
 
-def applies(model: LoadedModel, plan: Any) -> bool:
-    """Whether ``plan`` (a :class:`jaxtl.strategies.Plan`) leaves a frozen prefix to cache."""
+def applies(model: LoadedModel, plan: Plan) -> bool:
+    """Whether ``plan`` (a :class:`jaxtl.Plan`) leaves a frozen prefix to cache."""
     return boundary(model, flatten(plan.trainable_mask(model.params))) is not None
 
 
@@ -273,3 +275,55 @@ def split_inputs(arrays: Mapping[str, np.ndarray]) -> tuple[dict, jax.ShapeDtype
         return kept, None
     pixels = np.asarray(arrays[PIXELS])
     return kept, jax.ShapeDtypeStruct(pixels.shape[1:], pixels.dtype)
+
+
+def cached_run(
+    model: LoadedModel, plan: Plan, config: TrainConfig, arrays: dict, verbose: bool = True
+) -> tuple[LoadedModel, dict]:
+    """``config.data.feature_cache`` for one run: the model that reads cached activations at
+    the plan's first trained module and, per split, those activations in place of the inputs
+    only the frozen prefix reads. Refused where it would change the computation (see the
+    module docstring).
+
+    Args:
+      model: the run's model (its params are the frozen prefix's).
+      plan: the run's plan; its first trained module is the boundary.
+      config: the run's configuration (``data.feature_cache``: ``"memory"`` or a directory).
+      arrays: ``{split: arrays}`` from :func:`jaxtl.run.encode_splits`.
+      verbose: print what was computed or read from the cache.
+    """
+    data = config.data
+    if data.augment or data.mixup or data.cutmix:
+        raise ValueError(
+            "feature_cache (--feature-cache) computes the frozen prefix's output once, so it "
+            f"cannot see random augmentation (augment={data.augment!r}, mixup={data.mixup}, "
+            f"cutmix={data.cutmix}); drop one of the two."
+        )
+    if config.precise_bn:
+        raise ValueError(
+            "precise_bn recomputes BatchNorm statistics from the training images, which a "
+            "feature_cache (--feature-cache) run no longer feeds through the model; drop one of "
+            "the two."
+        )
+    trainable = flatten(plan.trainable_mask(model.params))
+    inputs = {s: {k: v for k, v in a.items() if k != "label"} for s, a in arrays.items()}
+    try:
+        at = check_prefix(model, trainable, inputs["train"], config.train_bn)
+    except ValueError as e:
+        raise ValueError(f"recipe {plan.name!r}: {e}") from None
+    cache_dir = None if data.feature_cache == "memory" else data.feature_cache
+    out, pixels = {}, None
+    for split, x in inputs.items():
+        # Twice the training batch: no gradients are kept, and on this CPU 64 beat 32 and 256
+        # (benchmarks/README.md).
+        feats, hit = features(
+            model, model.params, x, at, batch_size=2 * data.batch_size, cache_dir=cache_dir
+        )
+        out[split], pixels = split_inputs(x)
+        out[split]["features"] = feats
+        if "label" in arrays[split]:
+            out[split]["label"] = arrays[split]["label"]
+        if verbose:
+            how = "read from the cache" if hit else "computed"
+            print(f"feature cache: {split} {feats.shape} at {at} {how} ({data.feature_cache})")
+    return tail_model(model, at, pixels), out

@@ -52,13 +52,13 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda _: replicated(mesh), state)
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch size") -> None:
+def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size (--batch-size)") -> None:
     """Raise before compiling when a global batch does not split evenly over the mesh."""
     n = mesh.devices.size
     if batch_size % n:
         raise ValueError(
-            f"The {what} ({batch_size}) must be divisible by the number of devices ({n}) so "
-            f"each device gets the same share. Use a multiple of {n}, e.g. "
+            f"{what} = {batch_size} must be divisible by the number of devices ({n}) so each "
+            f"device gets the same share. Use a multiple of {n}, e.g. "
             f"{max(n, batch_size // n * n)}."
         )
 

@@ -95,7 +95,7 @@ def tree_summary(params, depth: int = 3) -> str:
     """Param counts and shapes aggregated by the first ``depth`` path components."""
     import numpy as np
 
-    from jaxtl.rules import flatten
+    from jaxtl.transfer.trees import flatten
 
     groups: dict[str, list] = {}
     for path, leaf in flatten(params).items():

@@ -11,16 +11,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any
 
 import numpy as np
 
-from jaxtl import feature_cache, report, strategies
+from jaxtl import feature_cache, report
 from jaxtl.data import images, sources, text
+from jaxtl.data.loader import evaluation_loader
+from jaxtl.data.pipeline import training_loader
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.preprocessing import ImagePreprocessing
-from jaxtl.rules import flatten
-from jaxtl.train import TrainConfig, Trainer
+from jaxtl.train import CheckpointConfig, TrainConfig, Trainer
+from jaxtl.transfer.plan import Plan
+from jaxtl.transfer.recipes import make_plan
 
 
 @dataclasses.dataclass
@@ -35,6 +39,8 @@ class RunResult:
     steps: int
     stopped_early: bool
     workdir: str | None
+    # Wall seconds: {"train", "evaluation", "checkpoints"} of the fit, and "test" evaluation.
+    seconds: dict = dataclasses.field(default_factory=dict)
     params: Any = dataclasses.field(repr=False, default=None)
     batch_stats: Any = dataclasses.field(repr=False, default=None)
 
@@ -93,56 +99,10 @@ def encode_splits(
     return out, {"length": int(length), "truncated": truncated, "sizes": data.sizes()}
 
 
-def cached_features(
-    model: LoadedModel, plan: strategies.Plan, config: TrainConfig, arrays: dict, verbose: bool
-) -> tuple[LoadedModel, dict]:
-    """``config.feature_cache``: the model that reads cached activations at the plan's first
-    trained module and, per split, those activations in place of the inputs only the frozen
-    prefix reads. Refused where it would change the computation (see jaxtl.feature_cache)."""
-    if config.augment or config.mixup or config.cutmix:
-        raise ValueError(
-            "feature_cache computes the frozen prefix's output once, so it cannot see random "
-            f"augmentation (augment={config.augment!r}, mixup={config.mixup}, cutmix="
-            f"{config.cutmix}); drop one of the two."
-        )
-    if config.precise_bn:
-        raise ValueError(
-            "precise_bn recomputes BatchNorm statistics from the training images, which a "
-            "feature_cache run no longer feeds through the model; drop one of the two."
-        )
-    trainable = flatten(plan.trainable_mask(model.params))
-    inputs = {s: {k: v for k, v in a.items() if k != "label"} for s, a in arrays.items()}
-    try:
-        at = feature_cache.check_prefix(model, trainable, inputs["train"], config.train_bn)
-    except ValueError as e:
-        raise ValueError(f"recipe {plan.name!r}: {e}") from None
-    cache_dir = None if config.feature_cache == "memory" else config.feature_cache
-    out, pixels = {}, None
-    for split, x in inputs.items():
-        # Twice the training batch: no gradients are kept, and on this CPU 64 beat 32 and 256
-        # (benchmarks/README.md).
-        feats, hit = feature_cache.features(
-            model,
-            model.params,
-            x,
-            at,
-            batch_size=2 * config.batch_size,
-            cache_dir=cache_dir,
-        )
-        out[split], pixels = feature_cache.split_inputs(x)
-        out[split]["features"] = feats
-        if "label" in arrays[split]:
-            out[split]["label"] = arrays[split]["label"]
-        if verbose:
-            how = "read from the cache" if hit else "computed"
-            print(f"feature cache: {split} {feats.shape} at {at} {how} ({config.feature_cache})")
-    return feature_cache.tail_model(model, at, pixels), out
-
-
 def finetune(
     model: LoadedModel,
-    recipe: str | strategies.Plan,
-    data: sources.TextSplits,
+    recipe: str | Plan,
+    data: sources.TextSplits | images.ImageSplits,
     config: TrainConfig | None = None,
     workdir: str | None = None,
     *,
@@ -173,7 +133,7 @@ def finetune(
       A :class:`RunResult` with test metrics, the best validation record and the final params.
     """
     config = config or TrainConfig()
-    plan = strategies.make_plan(recipe, model.structure)
+    plan = make_plan(recipe, model.structure)
     name = name or plan.name
     arrays, facts = encode_splits(model, data, long_texts)
     if verbose:
@@ -187,16 +147,16 @@ def finetune(
         )
         print(plan.table(model.params))
     trained = model
-    if config.feature_cache:
-        trained, arrays = cached_features(model, plan, config, arrays, verbose)
-        facts["feature_cache"] = config.feature_cache
+    if config.data.feature_cache:
+        trained, arrays = feature_cache.cached_run(model, plan, config, arrays, verbose)
+        facts["feature_cache"] = config.data.feature_cache
     trainer = Trainer(trained, plan, config, workdir)
-    train = trainer.train_loader(arrays["train"])
+    train = training_loader(arrays["train"], config.data, trained, seed=config.seed)
     waste = train.padding_waste()
     if waste is not None:
         facts["padding_waste"] = round(waste, 4)
         if verbose:
-            how = "length buckets" if config.bucket_by_length else "one padded length"
+            how = "length buckets" if config.data.bucket_by_length else "one padded length"
             print(f"padding: {100 * waste:.1f}% of the training token slots ({how})")
     if workdir:
         os.makedirs(workdir, exist_ok=True)
@@ -206,11 +166,18 @@ def finetune(
             "config": config.to_dict(),
             "data_facts": facts,
             "label_names": data.label_names,
+            "environment": environment(),
             **(describe or {}),
         }
         _write_json(os.path.join(workdir, "run.json"), run_info)
-    fit = trainer.fit(train, arrays["validation"], resume=resume, stop_at=stop_at)
-    test = trainer.evaluate(fit.state, arrays["test"])
+    val = evaluation_loader(arrays["validation"], config.data, devices=trainer.devices)
+    fit = trainer.fit(train, val, resume=resume, stop_at=stop_at)
+    t = time.perf_counter()
+    test_loader = evaluation_loader(arrays["test"], config.data, devices=trainer.devices)
+    test = trainer.evaluate(fit.state, test_loader)
+    seconds = {**fit.seconds, "test": round(time.perf_counter() - t, 3)}
+    if verbose:
+        print(f"test: {test} ({seconds['test']:.1f} s)")
     result = RunResult(
         name=name,
         recipe=plan.name,
@@ -220,6 +187,7 @@ def finetune(
         steps=fit.steps,
         stopped_early=fit.stopped_early,
         workdir=workdir,
+        seconds=seconds,
         params=fit.state.params,
         batch_stats=fit.state.batch_stats,
     )
@@ -229,6 +197,64 @@ def finetune(
     return result
 
 
+def environment() -> dict[str, Any]:
+    """What a rerun must match to reproduce a run bit for bit: the CPU, the cores the process
+    may use, the accelerator, and the versions of the numerical stack.
+
+    On one machine, a rerun with the same of all of these is bitwise equal (tested in
+    tests/test_reproducibility.py). XLA picks its CPU kernels for the CPU it runs on and splits
+    reductions by thread count, so another CPU, core count or jaxlib rounds differently; runs
+    that train BatchNorm networks then diverge (README.md, "Reproducibility").
+    """
+    import importlib.metadata
+    import platform
+
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if "model name" in ln), cpu)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    versions = {}
+    for package in ("jax", "jaxlib", "flax", "optax", "numpy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    devices = jax.devices()
+    return {
+        "cpu": cpu,
+        "cores": cores,
+        "devices": f"{len(devices)} x {devices[0].device_kind}",
+        "python": platform.python_version(),
+        **versions,
+    }
+
+
+def run_dirs(root: str) -> list[str]:
+    """``root`` if it is a run directory (it holds ``run.json``), else the run directories in it
+    (an experiment's ``--out``), sorted.
+
+    Raises:
+      FileNotFoundError: ``root`` does not exist or holds no run.
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"run directory not found: {root!r}")
+    if os.path.exists(os.path.join(root, "run.json")):
+        return [root]
+    dirs = sorted(
+        os.path.join(root, d)
+        for d in os.listdir(root)
+        if os.path.exists(os.path.join(root, d, "run.json"))
+    )
+    if not dirs:
+        raise FileNotFoundError(
+            f"{root!r} holds no jaxtl run (no run.json in it or its subdirectories)."
+        )
+    return dirs
+
+
 def evaluate_run(run_dir: str, which: str = "best") -> dict:
     """Re-score a finished run's checkpoint on its validation and test splits.
 
@@ -236,7 +262,7 @@ def evaluate_run(run_dir: str, which: str = "best") -> dict:
     """
     from jaxtl import checkpoint
     from jaxtl.data import resolve
-    from jaxtl.loading import load
+    from jaxtl.weights.loading import load
 
     info_path = os.path.join(run_dir, "run.json")
     if not os.path.isfile(info_path):
@@ -252,7 +278,9 @@ def evaluate_run(run_dir: str, which: str = "best") -> dict:
             "with in-memory data); evaluate it from Python with Trainer.evaluate instead."
         )
     m = info["model"]
-    config = TrainConfig(**{k: v for k, v in info["config"].items()})
+    # The run's optimizer and data options rebuild its checkpoint's tree; how it ranked its
+    # evaluations does not matter for re-scoring.
+    config = dataclasses.replace(TrainConfig(**info["config"]), checkpoint=CheckpointConfig())
     model = load(
         m["path"],
         task=m["task"],
@@ -265,7 +293,7 @@ def evaluate_run(run_dir: str, which: str = "best") -> dict:
     if "preprocessing" in m:  # the run's own image recipe (e.g. a preset's plain resize)
         model.extras["preprocessing"] = ImagePreprocessing.from_dict(m["preprocessing"])
     data = resolve(info["data"], num_labels=model.num_labels, task=model.task)
-    plan = strategies.make_plan(info["recipe"], model.structure)
+    plan = make_plan(info["recipe"], model.structure)
     arrays, _ = encode_splits(model, data)
     # A feature-cache run trained the same params as a plain run: score them without the cache.
     trainer = Trainer(model, plan, config)
@@ -276,7 +304,8 @@ def evaluate_run(run_dir: str, which: str = "best") -> dict:
     state = state.with_checkpoint_tree(tree)
     out = {"run": run_dir, "checkpoint": which, "step": int(tree["step"])}
     for split in ("validation", "test"):
-        out[split] = trainer.evaluate(state, arrays[split])
+        loader = evaluation_loader(arrays[split], config.data, devices=trainer.devices)
+        out[split] = trainer.evaluate(state, loader)
     return out
 
 

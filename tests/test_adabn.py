@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import jaxtl
-from jaxtl.rules import flatten
+from jaxtl.transfer.trees import flatten
 
 
 @pytest.fixture(scope="module")

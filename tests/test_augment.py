@@ -11,12 +11,12 @@ import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
 import jaxtl
-from jaxtl.data import augment, mixing
+from jaxtl.data import augment, mixing, randaugment
 from jaxtl.data.augment import Intensity
 from jaxtl.data.mixing import MixBatch
 from jaxtl.data.pipeline import ArraySource, GrainLoader
 from jaxtl.models.preprocessing import ImagePreprocessing
-from jaxtl.train import steps
+from jaxtl.train import losses
 
 # --- RandAugment ops on hand-made images (intensities in [0, 1]) -------------------------------
 
@@ -29,60 +29,60 @@ def _image(values, channels=1):
 
 def test_photometric_ops_do_what_they_say():
     x = _image([[0.1, 0.5], [0.9, 1.0]])
-    np.testing.assert_array_equal(augment.identity(x), x)
+    np.testing.assert_array_equal(randaugment.identity(x), x)
     # Solarize inverts at and above the threshold only.
     np.testing.assert_allclose(
-        augment.solarize(x, 0.5)[..., 0], [[0.1, 0.5], [0.1, 0.0]], atol=1e-7
+        randaugment.solarize(x, 0.5)[..., 0], [[0.1, 0.5], [0.1, 0.0]], atol=1e-7
     )
     # Posterize keeps the top bits of each 8-bit level: 255 -> 240, 130 -> 128, 7 -> 0 at 4 bits.
     levels = _image([[255, 130], [7, 64]]) / 255
     np.testing.assert_array_equal(
-        np.rint(augment.posterize(levels, 4) * 255)[..., 0], [[240, 128], [0, 64]]
+        np.rint(randaugment.posterize(levels, 4) * 255)[..., 0], [[240, 128], [0, 64]]
     )
-    np.testing.assert_array_equal(augment.posterize(levels, 8), levels)
+    np.testing.assert_array_equal(randaugment.posterize(levels, 8), levels)
     np.testing.assert_array_equal(
-        np.rint(augment.posterize(levels, 1) * 255)[..., 0], [[128, 128], [0, 0]]
+        np.rint(randaugment.posterize(levels, 1) * 255)[..., 0], [[128, 128], [0, 0]]
     )
     # Autocontrast stretches each channel to [0, 1]; a flat channel is left alone.
     two = np.stack([[[0.2, 0.4, 0.6]], [[0.3, 0.3, 0.3]]], axis=-1).astype(np.float32)  # [1, 3, 2]
-    np.testing.assert_allclose(augment.autocontrast(two)[..., 0], [[0.0, 0.5, 1.0]], atol=1e-6)
-    np.testing.assert_array_equal(augment.autocontrast(two)[..., 1], two[..., 1])
+    np.testing.assert_allclose(randaugment.autocontrast(two)[..., 0], [[0.0, 0.5, 1.0]], atol=1e-6)
+    np.testing.assert_array_equal(randaugment.autocontrast(two)[..., 1], two[..., 1])
     # Enhancement factors: 0 is the degenerate image, 1 the input, results stay in [0, 1].
     rgb = np.array([[[1.0, 0.0, 0.0], [0.0, 0.5, 1.0]]], np.float32)
-    np.testing.assert_array_equal(augment.brightness(rgb, 0.0), np.zeros_like(rgb))
-    np.testing.assert_array_equal(augment.brightness(rgb, 1.0), rgb)
-    assert augment.brightness(rgb, 1.9).max() == 1.0
+    np.testing.assert_array_equal(randaugment.brightness(rgb, 0.0), np.zeros_like(rgb))
+    np.testing.assert_array_equal(randaugment.brightness(rgb, 1.0), rgb)
+    assert randaugment.brightness(rgb, 1.9).max() == 1.0
     gray = np.array([0.299, 0.587 * 0.5 + 0.114], np.float32)  # the luma of each pixel
-    np.testing.assert_allclose(augment.color(rgb, 0.0), np.repeat(gray[None, :, None], 3, -1))
-    np.testing.assert_allclose(augment.color(rgb, 1.0), rgb)
-    np.testing.assert_allclose(augment.contrast(rgb, 0.0), np.full_like(rgb, gray.mean()))
+    np.testing.assert_allclose(randaugment.color(rgb, 0.0), np.repeat(gray[None, :, None], 3, -1))
+    np.testing.assert_allclose(randaugment.color(rgb, 1.0), rgb)
+    np.testing.assert_allclose(randaugment.contrast(rgb, 0.0), np.full_like(rgb, gray.mean()))
     # Sharpness 0 is PIL's SMOOTH of the interior (centre weight 5 of 13); borders unchanged.
     dot = np.zeros((3, 3, 1), np.float32)
     dot[1, 1] = 1.0
-    np.testing.assert_allclose(augment.sharpness(dot, 0.0)[1, 1, 0], 5 / 13, rtol=1e-6)
-    np.testing.assert_array_equal(augment.sharpness(dot, 0.0)[0], dot[0])
+    np.testing.assert_allclose(randaugment.sharpness(dot, 0.0)[1, 1, 0], 5 / 13, rtol=1e-6)
+    np.testing.assert_array_equal(randaugment.sharpness(dot, 0.0)[0], dot[0])
 
 
 def test_geometric_ops_move_a_known_pattern():
     x = np.arange(16, dtype=np.float32).reshape(4, 4, 1) / 16
-    np.testing.assert_array_equal(augment.rotate(x, 90), np.rot90(x))  # counter-clockwise
-    np.testing.assert_array_equal(augment.rotate(x, -90), np.rot90(x, -1))
-    np.testing.assert_array_equal(augment.rotate(x, 0), x)
+    np.testing.assert_array_equal(randaugment.rotate(x, 90), np.rot90(x))  # counter-clockwise
+    np.testing.assert_array_equal(randaugment.rotate(x, -90), np.rot90(x, -1))
+    np.testing.assert_array_equal(randaugment.rotate(x, 0), x)
     # A dot right of the centre of a 5x5 image goes above it.
     dot = np.zeros((5, 5, 1), np.float32)
     dot[2, 4] = 1
-    assert np.argwhere(augment.rotate(dot, 90)[..., 0] == 1).tolist() == [[0, 2]]
+    assert np.argwhere(randaugment.rotate(dot, 90)[..., 0] == 1).tolist() == [[0, 2]]
     # Translation moves whole pixels and fills with black.
-    moved = augment.translate_x(x, 1)
+    moved = randaugment.translate_x(x, 1)
     np.testing.assert_array_equal(moved[:, 1:], x[:, :-1])
     np.testing.assert_array_equal(moved[:, 0], 0)
-    np.testing.assert_array_equal(augment.translate_y(x, -2)[:2], x[2:])
+    np.testing.assert_array_equal(randaugment.translate_y(x, -2)[:2], x[2:])
     # Shear about the top edge: row y moves left by shear * (y + 1/2), rounded (0.3: 0, 0, 1, 1).
     columns = np.tile(np.arange(1, 7, dtype=np.float32), (4, 1))[..., None]
-    sheared = augment.shear_x(columns, 0.3)[..., 0]
+    sheared = randaugment.shear_x(columns, 0.3)[..., 0]
     assert sheared[:, 0].tolist() == [1, 1, 2, 2]
     np.testing.assert_array_equal(
-        augment.shear_y(columns.transpose(1, 0, 2), 0.3)[..., 0].T, sheared
+        randaugment.shear_y(columns.transpose(1, 0, 2), 0.3)[..., 0].T, sheared
     )
 
 
@@ -111,21 +111,21 @@ def test_ops_match_pil(channels):
     def ref(im):
         return np.asarray(im, np.float32).reshape(image.shape)
 
-    np.testing.assert_array_equal(np.rint(ours(augment.equalize)), ref(ImageOps.equalize(pil)))
+    np.testing.assert_array_equal(np.rint(ours(randaugment.equalize)), ref(ImageOps.equalize(pil)))
     np.testing.assert_array_equal(
-        np.rint(ours(augment.posterize, 3)), ref(ImageOps.posterize(pil, 3))
+        np.rint(ours(randaugment.posterize, 3)), ref(ImageOps.posterize(pil, 3))
     )
     np.testing.assert_allclose(
-        ours(augment.solarize, 128 / 255), ref(ImageOps.solarize(pil, 128)), atol=1e-4
+        ours(randaugment.solarize, 128 / 255), ref(ImageOps.solarize(pil, 128)), atol=1e-4
     )
     np.testing.assert_allclose(
-        ours(augment.autocontrast), ref(ImageOps.autocontrast(pil)), atol=1.0
+        ours(randaugment.autocontrast), ref(ImageOps.autocontrast(pil)), atol=1.0
     )
     enhancers = {
-        augment.color: ImageEnhance.Color,
-        augment.contrast: ImageEnhance.Contrast,
-        augment.brightness: ImageEnhance.Brightness,
-        augment.sharpness: ImageEnhance.Sharpness,
+        randaugment.color: ImageEnhance.Color,
+        randaugment.contrast: ImageEnhance.Contrast,
+        randaugment.brightness: ImageEnhance.Brightness,
+        randaugment.sharpness: ImageEnhance.Sharpness,
     }
     for op, enhancer in enhancers.items():
         for factor in (0.1, 0.73, 1.9):
@@ -134,22 +134,24 @@ def test_ops_match_pil(channels):
                 ours(op, factor), ref(enhancer(pil).enhance(factor)), atol=bound, err_msg=str(op)
             )
     for degrees in (90, 30, -17, 180):
-        np.testing.assert_array_equal(ours(augment.rotate, degrees), ref(pil.rotate(degrees)))
+        np.testing.assert_array_equal(ours(randaugment.rotate, degrees), ref(pil.rotate(degrees)))
     # Shears chosen clear of exact rounding ties (PIL's accumulated coordinates break ties its
     # own way); translations of whole pixels.
     for s in (0.09, -0.3, 0.27):
         np.testing.assert_array_equal(
-            ours(augment.shear_x, s), ref(pil.transform(pil.size, Image.AFFINE, (1, s, 0, 0, 1, 0)))
+            ours(randaugment.shear_x, s),
+            ref(pil.transform(pil.size, Image.AFFINE, (1, s, 0, 0, 1, 0))),
         )
         np.testing.assert_array_equal(
-            ours(augment.shear_y, s), ref(pil.transform(pil.size, Image.AFFINE, (1, 0, 0, s, 1, 0)))
+            ours(randaugment.shear_y, s),
+            ref(pil.transform(pil.size, Image.AFFINE, (1, 0, 0, s, 1, 0))),
         )
     np.testing.assert_array_equal(
-        ours(augment.translate_x, 3),
+        ours(randaugment.translate_x, 3),
         ref(pil.transform(pil.size, Image.AFFINE, (1, 0, -3, 0, 1, 0))),
     )
     np.testing.assert_array_equal(
-        ours(augment.translate_y, -2),
+        ours(randaugment.translate_y, -2),
         ref(pil.transform(pil.size, Image.AFFINE, (1, 0, 0, 0, 1, 2))),
     )
 
@@ -157,23 +159,25 @@ def test_ops_match_pil(channels):
 def test_magnitudes_follow_the_randaugment_scale():
     x = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8, 1)
     # Magnitude 30: solarize everything at or above 0; posterize to 4 bits; rotate 30 degrees.
-    np.testing.assert_allclose(augment.rand_augment_op("solarize", x, 30), 1 - x, atol=1e-7)
+    np.testing.assert_allclose(randaugment.rand_augment_op("solarize", x, 30), 1 - x, atol=1e-7)
     np.testing.assert_array_equal(
-        augment.rand_augment_op("posterize", x, 30), augment.posterize(x, 4)
+        randaugment.rand_augment_op("posterize", x, 30), randaugment.posterize(x, 4)
     )
-    np.testing.assert_array_equal(augment.rand_augment_op("rotate", x, 30), augment.rotate(x, 30))
     np.testing.assert_array_equal(
-        augment.rand_augment_op("rotate", x, 9, -1), augment.rotate(x, -9)
+        randaugment.rand_augment_op("rotate", x, 30), randaugment.rotate(x, 30)
     )
-    # Magnitude 0: every op leaves the image alone (or, for autocontrast/equalize, has no magnitude).
-    for name in augment.RAND_AUGMENT_OPS:
+    np.testing.assert_array_equal(
+        randaugment.rand_augment_op("rotate", x, 9, -1), randaugment.rotate(x, -9)
+    )
+    # Magnitude 0: every op leaves the image alone (autocontrast / equalize have no magnitude).
+    for name in randaugment.RAND_AUGMENT_OPS:
         if name not in ("autocontrast", "equalize", "solarize"):
             np.testing.assert_allclose(
-                augment.rand_augment_op(name, x, 0), x, atol=1e-7, err_msg=name
+                randaugment.rand_augment_op(name, x, 0), x, atol=1e-7, err_msg=name
             )  # float32 rounding of blend(x, ., 1.0)
     # Translation at magnitude 30 reaches 150/331 of the side: 3 of 8 pixels.
     np.testing.assert_array_equal(
-        augment.rand_augment_op("translate_x", x, 30), augment.translate_x(x, 3)
+        randaugment.rand_augment_op("translate_x", x, 30), randaugment.translate_x(x, 3)
     )
 
 
@@ -353,15 +357,15 @@ def test_soft_label_loss_and_accuracy_against_numpy():
     targets = MixBatch(5, label_smoothing=eps)({"label": labels}, rng)["label"]
     # Label smoothing: -sum((1 - eps) onehot + eps / C) * log_softmax), averaged over rows.
     expected = -(((1 - eps) * np.eye(5)[labels] + eps / 5) * _log_softmax(logits)).sum(-1).mean()
-    got = steps.mean_loss(jnp.asarray(logits), {"label": jnp.asarray(targets)}, "classification")
+    got = losses.mean_loss(jnp.asarray(logits), {"label": jnp.asarray(targets)}, "classification")
     np.testing.assert_allclose(float(got), expected, rtol=1e-6)
     # A one-hot soft label is the integer label; evaluation's integer labels give plain CE.
     plain = -_log_softmax(logits)[np.arange(8), labels].mean()
     for label in (labels, np.eye(5, dtype=np.float32)[labels]):
-        got = steps.mean_loss(jnp.asarray(logits), {"label": jnp.asarray(label)}, "classification")
+        got = losses.mean_loss(jnp.asarray(logits), {"label": jnp.asarray(label)}, "classification")
         np.testing.assert_allclose(float(got), plain, rtol=1e-6)
     # Accuracy counts the argmax of the target (the larger part of a mixed one).
     mixed = 0.3 * np.eye(5)[labels] + 0.7 * np.eye(5)[(labels + 1) % 5]
-    sums = steps.metric_sums(jnp.asarray(logits), {"label": jnp.asarray(mixed)}, "classification")
+    sums = losses.metric_sums(jnp.asarray(logits), {"label": jnp.asarray(mixed)}, "classification")
     expected_correct = (logits.argmax(-1) == (labels + 1) % 5).sum()
     assert float(sums["correct"]) == expected_correct and float(sums["count"]) == 8

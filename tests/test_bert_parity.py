@@ -10,8 +10,8 @@ import torch
 import transformers
 from _tiny import tiny_config
 
-from jaxtl.loading import load
 from jaxtl.models.bert import mean_pool
+from jaxtl.weights.loading import load
 
 TOL = 1e-5  # float32 end to end; never loosened to make a test pass
 

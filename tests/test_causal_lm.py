@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from _tiny import evaluate, fit, read_json
 from test_gpt2 import PAD, tiny_gpt2_config
 
 import jaxtl
@@ -46,7 +47,7 @@ def test_lm_evaluation_counts_every_real_target_token_once(tmp_path):
     data = _padded_set(7, seed=2)  # eval batches of 4: the last one has a padding row
     config = jaxtl.TrainConfig(eval_batch_size=4, progress=False)
     trainer = Trainer(model, jaxtl.make_plan("full", model.structure), config)
-    ours = trainer.evaluate(trainer.init_state(1), data)
+    ours = evaluate(trainer, trainer.init_state(1), data)
 
     ids = torch.from_numpy(data["input_ids"]).long()
     mask = torch.from_numpy(data["attention_mask"]).long()
@@ -71,7 +72,7 @@ def _fit(model, recipe: str, arrays: dict, steps: int):
     config = jaxtl.TrainConfig(
         max_steps=steps, batch_size=4, learning_rate=1e-2, schedule="constant", progress=False
     )
-    return Trainer(model, jaxtl.make_plan(recipe, model.structure), config).fit(arrays)
+    return fit(Trainer(model, jaxtl.make_plan(recipe, model.structure), config), arrays)
 
 
 def test_lm_fine_tuning_ignores_padding_and_learns_the_sequences(tmp_path):
@@ -152,7 +153,7 @@ def test_cli_fine_tunes_a_causal_lm_and_reports_perplexity(tmp_path, capsys):
     assert cli.main([*argv, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "test perplexity" in printed
-    summary = json.load(open(out / "summary.json"))
+    summary = read_json(out / "summary.json")
     by_name = {r["name"]: r["test"] for r in summary["results"]}
     assert set(by_name) == {"pretrained full", "pretrained last_n(1)", "scratch full"}
     for name, test in by_name.items():
@@ -167,3 +168,32 @@ def test_cli_fine_tunes_a_causal_lm_and_reports_perplexity(tmp_path, capsys):
     assert cli.main(["evaluate", str(run_dir)]) == 0
     rescored = capsys.readouterr().out
     assert "perplexity" in rescored
+
+
+def test_lm_early_stopping_ranks_by_loss_like_the_best_checkpoint(tmp_path):
+    # Every target is token 7: once the LM predicts it, token accuracy is 1.0 at every
+    # evaluation while the loss keeps falling. The one rule for a causal LM is the loss, so
+    # patience 1 must not stop the run on the tied accuracies.
+    _save_lm(tmp_path / "lm", seed=4)
+    model = jaxtl.load(tmp_path / "lm", task="causal_lm")
+    constant = {
+        "input_ids": np.full((8, 6), 7, np.int32),
+        "attention_mask": np.ones((8, 6), np.int32),
+    }
+    config = jaxtl.TrainConfig(
+        max_steps=12,
+        batch_size=4,
+        learning_rate=3e-2,
+        schedule="constant",
+        eval_every=3,
+        early_stopping=jaxtl.EarlyStopping(patience=1),
+        progress=False,
+    )
+    trainer = Trainer(model, jaxtl.make_plan("full", model.structure), config, str(tmp_path / "r"))
+    result = fit(trainer, constant, constant)
+    losses = [h["val_loss"] for h in result.history]
+    accuracies = [h["val_accuracy"] for h in result.history]
+    assert accuracies[-2:] == [1.0, 1.0]  # a tie that an accuracy rule would stop on
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
+    assert not result.stopped_early and result.steps == 12
+    assert result.best["step"] == 12  # the best checkpoint ranks by the same loss

@@ -2,10 +2,11 @@
 
 import json
 import os
+import re
 import shutil
 
 import pytest
-from _tiny import make_tiny_bert, minilm_dir
+from _tiny import make_tiny_bert, minilm_dir, read_json
 
 from jaxtl import cli
 
@@ -153,7 +154,7 @@ def test_finetune_then_evaluate(capsys, tmp_path, tiny_dir, csv_data):
     printed = capsys.readouterr().out
     assert "pretrained full" in printed and "scratch full" in printed and "run directory" in printed
     assert os.path.exists(os.path.join(out, "comparison.png"))
-    summary = json.load(open(os.path.join(out, "summary.json")))
+    summary = read_json(os.path.join(out, "summary.json"))
     assert [r["name"] for r in summary["results"]] == [
         "pretrained full",
         "pretrained linear_probe",
@@ -171,3 +172,27 @@ def test_finetune_then_evaluate(capsys, tmp_path, tiny_dir, csv_data):
     shutil.rmtree(os.path.join(out, "scratch-full"))
     assert cli.main([*argv, "--resume"]) == 0
     assert "already finished" in capsys.readouterr().out
+
+
+def test_finetune_help_says_each_default_once(capsys):
+    # Options whose help already states the default must not get argparse's "(default: ...)"
+    # appended too, and an unset option never shows "(default: None)".
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    assert not re.search(r"\(default[^()]*\)\s*\(default", text), text
+    assert "(default: 0.01)" in text  # --weight-decay: argparse's default line, once
+
+
+@pytest.mark.slow
+def test_probe_alias_trains_at_the_linear_probe_learning_rate(capsys, tmp_path, tiny_dir, csv_data):
+    # `probe` is linear_probe: its default peak LR is linear_probe's 1e-3, not full's 5e-5.
+    out = tmp_path / "probe"
+    argv = ["finetune", "--model", tiny_dir, "--data", csv_data, "--text-column", "word"]
+    argv += ["--label-column", "sentiment", "--recipe", "probe", "--no-scratch"]
+    argv += ["--max-steps", "2", "--schedule", "constant", "--out", str(out)]
+    assert cli.main(argv) == 0
+    with open(out / "pretrained-probe" / "metrics.jsonl") as f:
+        lrs = {json.loads(line)["lr"] for line in f if '"train"' in line}
+    assert len(lrs) == 1 and lrs.pop() == pytest.approx(1e-3, rel=1e-6)  # float32 schedule

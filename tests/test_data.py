@@ -87,7 +87,7 @@ def test_texts_longer_than_the_model_are_truncated_and_counted_or_refused(tmp_pa
     from _tiny import make_tiny_bert
 
     from jaxtl import cli
-    from jaxtl.loading import tokenizer
+    from jaxtl.weights.loading import tokenizer
 
     tok = tokenizer(make_tiny_bert(str(tmp_path / "bert")))
     texts = ["short one", "a much longer text " * 20, "another long one " * 30]

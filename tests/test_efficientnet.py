@@ -22,7 +22,7 @@ from efficientnet_lite_pytorch import EfficientNet
 
 import jaxtl
 from jaxtl.models import efficientnet
-from jaxtl.rules import flatten
+from jaxtl.transfer.trees import flatten
 from jaxtl.weights.state_dict import read_state_dict
 
 TOL = 1e-4  # float32, never loosened
@@ -227,7 +227,8 @@ def test_lite4_features_match_reference_at_odd_sizes(lite4_file, lite4_features)
     assert out.shape == (2, 1280)
     diff = np.abs(out - expected).max()
     print(
-        f"lite4 random 72x72 features max |diff| = {diff:.3g} (values up to {np.abs(expected).max():.3g})"
+        f"lite4 random 72x72 features max |diff| = {diff:.3g} "
+        f"(values up to {np.abs(expected).max():.3g})"
     )
     assert diff <= TOL, f"max |features - reference| = {diff:.2e}"
 

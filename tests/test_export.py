@@ -7,7 +7,6 @@ test_resnet.py, test_efficientnet.py).
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -15,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from _tiny import tiny_config
+from _tiny import read_json, tiny_config
 
 import jaxtl
-from jaxtl.rules import flatten, unflatten
+from jaxtl.transfer.trees import flatten, unflatten
 
 TOL = 1e-5  # float32, as in the parity tests
 
@@ -56,7 +55,7 @@ def test_bert_classifier_round_trip(tmp_path):
     tuned = perturbed(model.params)
     out = jaxtl.export(model, tmp_path / "out", tuned)
 
-    config = json.load(open(os.path.join(out, "config.json")))
+    config = read_json(os.path.join(out, "config.json"))
     assert config["architectures"] == ["BertForSequenceClassification"]
     assert config["num_labels"] == 3
     reference = transformers.BertForSequenceClassification.from_pretrained(out).eval()
@@ -81,7 +80,7 @@ def test_bert_mean_pooled_head_exports_encoder_and_head(tmp_path):
     model = jaxtl.load(tmp_path / "s", num_labels=2, pooling="mean")
     tuned = perturbed(model.params)
     out = jaxtl.export(model, tmp_path / "out", tuned)
-    assert json.load(open(os.path.join(out, "config.json")))["architectures"] == ["BertModel"]
+    assert read_json(os.path.join(out, "config.json"))["architectures"] == ["BertModel"]
 
     encoder = transformers.BertModel.from_pretrained(out, add_pooling_layer=False).eval()
     features = jaxtl.load(out, task="features")

@@ -7,8 +7,9 @@ import pytest
 import torch
 import transformers
 
-from jaxtl.loading import load
-from jaxtl.models.gpt2 import causal_lm_loss, convert_hf_checkpoint, greedy_generate
+from jaxtl.models.gpt2 import convert_hf_checkpoint, greedy_generate
+from jaxtl.train.losses import mean_loss
+from jaxtl.weights.loading import load
 
 TOL = 1e-5  # float32 end to end; never loosened to make a test pass
 PAD = 0
@@ -98,6 +99,14 @@ def test_random_gpt2_for_sequence_classification_logits_match_pytorch(tmp_path):
     diff = float(np.abs(np.asarray(ours) - theirs.numpy()).max())
     print(f"random GPT2ForSequenceClassification logits max |diff| = {diff:.3g}")
     assert diff <= TOL
+
+
+def causal_lm_loss(logits, input_ids, attention_mask=None):
+    """The trainer's next-token loss (jaxtl.train.losses.mean_loss), on a batch of these."""
+    batch = {"input_ids": input_ids}
+    if attention_mask is not None:
+        batch["attention_mask"] = attention_mask
+    return mean_loss(logits, batch, "causal_lm")
 
 
 def test_causal_lm_loss_matches_pytorch_and_ignores_padding(tmp_path):

@@ -12,7 +12,7 @@ import sys
 import datasets
 import numpy as np
 import pytest
-from _tiny import make_tiny_bert, small_vader
+from _tiny import make_tiny_bert, read_json, small_vader
 from PIL import Image
 
 from jaxtl import cli
@@ -291,9 +291,9 @@ def test_cli_fine_tunes_from_a_saved_text_dataset(tiny_bert, vader_dict, tmp_pat
     argv += ["--recipe", "full", "--no-scratch", "--max-steps", "4", "--batch-size", "16"]
     argv += ["--lr", "1e-3", "--out", str(out)]
     assert cli.main(argv) == 0
-    (result,) = json.load(open(out / "summary.json"))["results"]
+    (result,) = read_json(out / "summary.json")["results"]
     assert result["steps"] == 4 and result["test"]["examples"] == 32
-    run = json.load(open(out / "pretrained-full" / "run.json"))
+    run = read_json(out / "pretrained-full" / "run.json")
     assert run["data"]["kind"] == "hf" and run["label_names"] == ["negative", "positive"]
     # The run directory alone rebuilds the data: the re-scored test set is the same 32 words.
     assert cli.main(["evaluate", str(out / "pretrained-full")]) == 0
@@ -316,9 +316,9 @@ def test_cli_fine_tunes_an_image_model_from_a_saved_image_dataset(digit_images, 
     argv += ["--num-labels", "10", "--in-channels", "1", "--image-size", "16", "--recipe", "full"]
     argv += ["--no-scratch", "--max-steps", "3", "--batch-size", "16", "--out", str(out)]
     assert cli.main(argv) == 0
-    (result,) = json.load(open(out / "summary.json"))["results"]
+    (result,) = read_json(out / "summary.json")["results"]
     assert result["steps"] == 3 and result["test"]["examples"] == 6
-    run = json.load(open(out / "pretrained-full" / "run.json"))
+    run = read_json(out / "pretrained-full" / "run.json")
     assert run["data"]["kind"] == "hf" and run["data"]["modality"] == "image"
 
 

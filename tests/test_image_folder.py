@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import skimage.data
+from _tiny import read_json
 from PIL import Image
 
 from jaxtl.data import from_folder
@@ -90,7 +91,6 @@ def test_text_model_refuses_an_image_folder(tmp_path, minilm_dir):
 
 @pytest.mark.slow
 def test_cli_fine_tunes_an_image_model_on_a_folder(tmp_path, capsys):
-    import json
 
     import torch
     import transformers
@@ -111,9 +111,9 @@ def test_cli_fine_tunes_an_image_model_on_a_folder(tmp_path, capsys):
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "1 corrupt skipped" in printed
-    (result,) = json.load(open(out / "summary.json"))["results"]
+    (result,) = read_json(out / "summary.json")["results"]
     assert result["steps"] == 6 and result["test"]["examples"] == 3
-    run = json.load(open(out / "pretrained-full" / "run.json"))
+    run = read_json(out / "pretrained-full" / "run.json")
     assert run["model"]["image_size"] == 32 and run["data"]["kind"] == "folder"
     assert run["config"]["augment"] == "random_resized_crop(0.5),hflip"
     assert cli.main(["evaluate", str(out / "pretrained-full")]) == 0

@@ -22,7 +22,7 @@ from _seeded_weights import seeded_state_dict
 import jaxtl
 from jaxtl.models import inception
 from jaxtl.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
-from jaxtl.rules import flatten
+from jaxtl.transfer.trees import flatten
 from jaxtl.weights.state_dict import read_state_dict
 
 FIXTURE = "tests/fixtures/torchvision/inception_v3.npz"

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from _tiny import evaluate, fit
 
 import jaxtl
-from jaxtl.data import ArrayLoader, augment, digits
+from jaxtl.data import ArrayLoader, augment, digits, training_loader
 from jaxtl.data.mixing import MIX_STREAM, MixBatch
 from jaxtl.data.pipeline import ArraySource, GrainLoader
 from jaxtl.models.preprocessing import ImagePreprocessing
@@ -137,7 +138,7 @@ def _fit(model, arrays, workdir, **kwargs):
     }
     config = jaxtl.TrainConfig(**{**options, **kwargs.pop("config", {})})
     trainer = Trainer(model, jaxtl.make_plan("full", model.structure), config, str(workdir))
-    return trainer.fit(arrays["train"], arrays["validation"], **kwargs)
+    return fit(trainer, arrays["train"], arrays["validation"], **kwargs)
 
 
 @pytest.mark.slow
@@ -216,7 +217,7 @@ def test_augmenting_text_inputs_is_refused(tmp_path):
     with pytest.raises(
         ValueError, match="transforms images, but this model reads \\['input_ids'\\]"
     ):
-        trainer.train_loader(text)
+        training_loader(text, trainer.config.data, trainer.model, seed=trainer.config.seed)
 
 
 def _texts(n=100, length=40, seed=0):
@@ -276,7 +277,7 @@ def test_bucketed_evaluation_equals_one_padded_length(tmp_path):
     for bucketed in (False, True):
         config = jaxtl.TrainConfig(eval_batch_size=16, bucket_by_length=bucketed, progress=False)
         trainer = Trainer(model, plan, config)
-        results[bucketed] = trainer.evaluate(trainer.init_state(1), arrays)
+        results[bucketed] = evaluate(trainer, trainer.init_state(1), arrays)
     assert results[True]["examples"] == results[False]["examples"] == 50
     assert results[True]["loss"] == pytest.approx(results[False]["loss"], rel=1e-6)
     assert results[True]["accuracy"] == results[False]["accuracy"]

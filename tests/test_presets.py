@@ -4,11 +4,11 @@ run directory and table. One epoch per run keeps it to a few minutes on 2 cores.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
+from _tiny import read_json
 
 from jaxtl import cli
 from jaxtl.data import digits
@@ -35,7 +35,10 @@ def test_preset_digits_prints_its_table(tmp_path, capsys):
     assert table[0].split("|")[1].strip() == "train set"
     runs = [r.split("|")[2].strip() for r in table[2:]]
     assert runs == ["pretrained full", "pretrained linear_probe", "scratch full"] * 2
-    summary = json.load(open(out / "summary.json"))
+    # What a rerun reproduces, and the facts of this machine it depends on.
+    assert "Reproducibility: a rerun on the same CPU model" in printed
+    assert "This machine: " in printed and "jaxlib" in printed
+    summary = read_json(out / "summary.json")
     assert len(summary["results"]) == 6
     for r in summary["results"]:
         assert r["test"]["examples"] == 360

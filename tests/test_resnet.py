@@ -27,9 +27,9 @@ import transformers
 from _seeded_weights import seeded_state_dict
 
 import jaxtl
-from jaxtl.loading import load
 from jaxtl.models.resnet import convert_checkpoint, detect
-from jaxtl.rules import flatten, unflatten
+from jaxtl.transfer.trees import flatten, unflatten
+from jaxtl.weights.loading import load
 
 TOL = 1e-4  # float32 end to end; never loosened to make a test pass
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "torchvision")

@@ -9,20 +9,17 @@ import pytest
 from flax.core import FrozenDict
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
-from jaxtl.rules import (
+from jaxtl.transfer.rules import (
     REQUIRED,
     InvalidRuleError,
     UnmatchedParamsError,
-    count_params,
-    flatten,
     match,
-    path_str,
     prefix_pattern,
     rule_usage,
-    tree_bytes,
     tree_from_rules,
     unused_rules,
 )
+from jaxtl.transfer.trees import count_params, flatten, path_str, tree_bytes
 
 
 def _params():

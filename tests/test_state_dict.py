@@ -22,7 +22,8 @@ class _WritesAFile:
         self.target = target
 
     def __reduce__(self):
-        return (builtins.exec, (f"open({self.target!r}, 'w').write('pwned')",))
+        code = f"with open({self.target!r}, 'w') as f: f.write('pwned')"
+        return (builtins.exec, (code,))
 
 
 def _plant(path, target):

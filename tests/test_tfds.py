@@ -4,14 +4,13 @@ data, read through ``tfds.data_source`` (array_record) and through TensorFlow (t
 from __future__ import annotations
 
 import collections
-import json
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from _tiny import make_tiny_bert
+from _tiny import make_tiny_bert, read_json
 
 from jaxtl import cli
 from jaxtl.data import digits, tfds_builders, tfds_source, vader
@@ -122,10 +121,10 @@ def test_cli_fine_tunes_from_a_local_tfds_dataset(data_dir, tmp_path, capsys):
     argv += ["--bucket-by-length"]
     assert cli.main(argv) == 0
     assert "of the training token slots (length buckets)" in capsys.readouterr().out
-    summary = json.load(open(out / "summary.json"))
+    summary = read_json(out / "summary.json")
     (result,) = summary["results"]
     assert result["steps"] == 20 and result["test"]["examples"] == 300
-    run = json.load(open(out / "pretrained-full" / "run.json"))
+    run = read_json(out / "pretrained-full" / "run.json")
     assert run["data"]["kind"] == "tfds" and run["data"]["data_dir"] == data_dir
     assert run["label_names"] == ["negative", "positive"]
     assert 0 <= run["data_facts"]["padding_waste"] < 0.5

@@ -1,17 +1,19 @@
 """The Trainer on a real (tiny, transformers-built) BERT and real VADER text: exact resume,
 early stopping with restore-best, freezing under real training, and the run directory."""
 
+import dataclasses
 import json
 import os
 
 import jax
 import numpy as np
 import pytest
-from _tiny import make_tiny_bert, small_vader
+from _tiny import evaluate, fit, make_tiny_bert, small_vader
 
 import jaxtl
-from jaxtl import checkpoint, rules
+from jaxtl import checkpoint
 from jaxtl.run import encode_splits
+from jaxtl.transfer import trees
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +42,15 @@ def _leaves(tree):
 def test_stopped_and_resumed_run_is_bitwise_identical(tiny_dir, arrays, tmp_path, stop_at):
     # 10 steps per epoch, 2 epochs; dropout on, so the per-step RNG matters too.
     full = _trainer(tiny_dir, "full", str(tmp_path / "a"), epochs=2, warmup_steps=3)
-    ref = full.fit(arrays["train"], arrays["validation"])
+    ref = fit(full, arrays["train"], arrays["validation"])
     assert ref.steps == 20
 
     first = _trainer(tiny_dir, "full", str(tmp_path / "b"), epochs=2, warmup_steps=3)
-    part = first.fit(arrays["train"], arrays["validation"], stop_at=stop_at)
+    part = fit(first, arrays["train"], arrays["validation"], stop_at=stop_at)
     assert part.steps == stop_at
     # A fresh trainer and model, as a new process would build them.
     second = _trainer(tiny_dir, "full", str(tmp_path / "b"), epochs=2, warmup_steps=3)
-    resumed = second.fit(arrays["train"], arrays["validation"], resume=True)
+    resumed = fit(second, arrays["train"], arrays["validation"], resume=True)
     assert resumed.steps == 20
     for a, b in zip(_leaves(ref.state.params), _leaves(resumed.state.params), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -63,8 +65,8 @@ def test_stopped_and_resumed_run_is_bitwise_identical(tiny_dir, arrays, tmp_path
 
 def test_last_n_freezes_under_real_training(tiny_dir, arrays):
     trainer = _trainer(tiny_dir, "last_n(1)", None, epochs=1, restore_best=False)
-    before = rules.flatten(jax.device_get(trainer.model.params))
-    after = rules.flatten(jax.device_get(trainer.fit(arrays["train"]).state.params))
+    before = trees.flatten(jax.device_get(trainer.model.params))
+    after = trees.flatten(jax.device_get(fit(trainer, arrays["train"]).state.params))
     frozen = [p for p in before if p.startswith(("bert/embeddings", "bert/encoder/layer_0/"))]
     trained = [p for p in before if p.startswith(("bert/encoder/layer_1/", "classifier"))]
     assert frozen and trained
@@ -85,7 +87,7 @@ def test_early_stopping_restores_best(tiny_dir, arrays, tmp_path):
         eval_every=2,
         early_stopping=jaxtl.EarlyStopping(metric="val_accuracy", patience=2),
     )
-    res = trainer.fit(arrays["train"], arrays["validation"])
+    res = fit(trainer, arrays["train"], arrays["validation"])
     assert res.stopped_early
     assert res.steps == 6  # evaluations at 2 (best), 4 and 6 (no improvement twice)
     assert res.best["step"] == 2
@@ -118,12 +120,12 @@ def test_finetune_writes_a_complete_run_directory(tiny_dir, tmp_path):
 def test_training_leaves_the_models_params_usable(tiny_dir, arrays):
     # The step donates its state; the model's own arrays must survive for the next run.
     trainer = _trainer(tiny_dir, "full", None, max_steps=2, restore_best=False)
-    trainer.fit(arrays["train"])
+    fit(trainer, arrays["train"])
     assert all(not x.is_deleted() for x in jax.tree.leaves(trainer.model.params))
     again = jaxtl.Trainer(
         trainer.model, jaxtl.make_plan("linear_probe", trainer.model.structure), trainer.config
     )
-    assert again.fit(arrays["train"]).steps == 2
+    assert fit(again, arrays["train"]).steps == 2
 
 
 def test_prefetch_places_batches_ahead_in_order():
@@ -151,8 +153,92 @@ def test_prefetch_places_batches_ahead_in_order():
 
 def test_prefetch_does_not_change_the_run(tiny_dir, arrays):
     runs = [
-        _trainer(tiny_dir, "full", None, max_steps=6, prefetch=n).fit(arrays["train"])
+        fit(_trainer(tiny_dir, "full", None, max_steps=6, prefetch=n), arrays["train"])
         for n in (0, 3)
     ]
     for a, b in zip(_leaves(runs[0].state.params), _leaves(runs[1].state.params), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_patience_works_for_regression(tiny_dir, arrays, tmp_path):
+    # Regression reports val_loss (no accuracy): early stopping and the best checkpoint both
+    # rank by it. A vanishing learning rate cannot improve it by min_delta, so patience runs out.
+    model = jaxtl.load(tiny_dir, task="regression")
+    config = jaxtl.TrainConfig(
+        epochs=5,
+        batch_size=16,
+        learning_rate=1e-12,
+        eval_every=2,
+        early_stopping=jaxtl.EarlyStopping(patience=2, min_delta=1e-3),
+        progress=False,
+    )
+    regression = {s: dict(a, label=a["label"].astype(np.float32)) for s, a in arrays.items()}
+    trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), config, str(tmp_path))
+    res = fit(trainer, regression["train"], regression["validation"])
+    assert res.stopped_early and res.steps == 6
+    assert res.best["step"] == 2 and "val_accuracy" not in res.best
+    assert trainer.monitor == ("val_loss", "min")
+
+
+def test_an_early_stopping_metric_the_task_does_not_report_is_refused(tiny_dir):
+    model = jaxtl.load(tiny_dir, task="regression")
+    config = jaxtl.TrainConfig(early_stopping=jaxtl.EarlyStopping(metric="val_accuracy"))
+    with pytest.raises(ValueError, match=r"val_accuracy.*\['val_loss', 'val_examples'\]"):
+        jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), config)
+    with pytest.raises(ValueError, match="two improvement rules"):
+        jaxtl.TrainConfig(
+            best_metric="val_loss", early_stopping=jaxtl.EarlyStopping(metric="val_accuracy")
+        ).checkpoint.monitor("classification")
+
+
+def _counting_forward(model, seen: list):
+    """``model`` whose forward records the batch rows of every program it is traced into: a
+    jitted step traces once per input shape, so ``seen`` lists the shapes compiled."""
+    forward = model.forward
+
+    def counted(params, batch_stats, batch, **kwargs):
+        seen.append(int(batch["input_ids"].shape[0]))
+        return forward(params, batch_stats, batch, **kwargs)
+
+    return dataclasses.replace(model, forward=counted)
+
+
+def test_evaluation_computes_only_the_rows_a_small_split_needs(tiny_dir, arrays):
+    # A 4-example split is one batch of 4 rows, not eval_batch_size (256) rows of padding.
+    seen = []
+    model = _counting_forward(jaxtl.load(tiny_dir, num_labels=2), seen)
+    trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), jaxtl.TrainConfig())
+    state = trainer.init_state(1)
+    four = {k: v[:4] for k, v in arrays["test"].items()}
+    assert evaluate(trainer, state, four)["examples"] == 4
+    assert seen == [4]
+
+    # 21 examples in batches of at most 16: a full batch, then 5 examples padded only to 8.
+    seen.clear()
+    trainer.config.data.eval_batch_size = 16
+    split = {k: v[:21] for k, v in arrays["validation"].items()}
+    metrics = evaluate(trainer, state, split)
+    assert seen == [16, 8] and metrics["examples"] == 21
+    logits = np.asarray(model.apply(jax.device_get(state.params), split))
+    nll = -np.asarray(jax.nn.log_softmax(logits))[np.arange(21), split["label"]]
+    assert metrics["loss"] == pytest.approx(float(nll.mean()), rel=1e-5)
+    assert metrics["accuracy"] == float((logits.argmax(-1) == split["label"]).mean())
+
+
+def test_a_short_epoch_is_evaluated_once_and_the_time_split_is_recorded(tiny_dir, tmp_path, capsys):
+    # 6 steps per epoch and 4 evaluations asked per epoch: never more often than
+    # min_eval_interval steps (capped at one epoch), so once per epoch.
+    model = jaxtl.load(tiny_dir, num_labels=2)
+    work = str(tmp_path / "run")
+    config = jaxtl.TrainConfig(epochs=2, batch_size=16, learning_rate=1e-3, evals_per_epoch=4)
+    res = jaxtl.finetune(model, "linear_probe", small_vader(96, 8, 8), config, work)
+    with open(os.path.join(work, "metrics.jsonl")) as f:
+        evals = [json.loads(line)["step"] for line in f if '"val"' in line]
+    assert evals == [6, 12]
+    assert set(res.seconds) == {"train", "evaluation", "checkpoints", "test"}
+    assert all(v >= 0 for v in res.seconds.values()) and res.seconds["evaluation"] > 0
+    assert res.train_seconds == pytest.approx(
+        res.seconds["train"] + res.seconds["evaluation"] + res.seconds["checkpoints"], abs=0.01
+    )
+    err = capsys.readouterr().err
+    assert "time: train" in err and "evaluation" in err and "checkpoints" in err

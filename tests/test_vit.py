@@ -18,8 +18,8 @@ import torch
 import transformers
 
 import jaxtl
-from jaxtl.loading import load
 from jaxtl.models import vit
+from jaxtl.weights.loading import load
 
 TOL = 1e-5  # float32 end to end; never loosened to make a test pass
 NUM_LABELS = 3

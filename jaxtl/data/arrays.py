@@ -195,7 +195,7 @@ def labels_for_head(
     where: str,
     *,
     label_names: Sequence[str] | None = None,
-    fix_shape: str = "name the label column with --label-column",
+    fix_shape: str = "name the label column with label_column= (--label-column)",
     fix_type: str = "store them as a ClassLabel feature",
 ) -> tuple[np.ndarray, list[str] | None]:
     """Labels checked against the head: ``(int32 class ids, label names)``, or float32 values

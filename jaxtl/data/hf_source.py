@@ -57,7 +57,8 @@ def load_from_disk(path: str, **options: Any) -> TextSplits | ImageSplits:
     except FileNotFoundError as e:
         raise ValueError(
             f"{path!r} is not a saved Hugging Face dataset (it holds "
-            f"{sorted(os.listdir(path))[:8]}). Write one with Dataset.save_to_disk(DIR) or DatasetDict.save_to_disk(DIR); for "
+            f"{sorted(os.listdir(path))[:8]}). Write one with Dataset.save_to_disk(DIR) or "
+            "DatasetDict.save_to_disk(DIR); for "
             "an image folder pass the directory itself, without hf:."
         ) from e
     options.setdefault("name", PREFIX + os.path.basename(os.path.normpath(path)))
@@ -182,7 +183,7 @@ def select_splits(data: Mapping, splits: Sequence[str] | None, seed: int = 0) ->
         if len(part) == 0:
             raise ValueError(
                 f"The {role} split {expr!r} is empty ({sizes} examples per split); name "
-                "non-empty splits with --splits TRAIN,VALIDATION,TEST."
+                "non-empty splits with splits= (--splits TRAIN,VALIDATION,TEST)."
             )
         parts.append(part)
     return parts
@@ -317,7 +318,7 @@ def _labels(parts, label, feature, task, num_labels, names, title):
         found = [SPLITS[i] for i, p in enumerate(parts) if -1 in _column(p, label)]
         raise ValueError(
             f"Labels {where} are -1 (unlabeled) in the {', '.join(found)} split(s); pick "
-            "labeled splits with --splits TRAIN,VALIDATION,TEST."
+            "labeled splits with splits= (--splits TRAIN,VALIDATION,TEST)."
         )
     return arrays.labels_for_head(
         raw,

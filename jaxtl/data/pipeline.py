@@ -22,11 +22,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from jaxtl.data import augment, mixing
+from jaxtl.data.loader import buckets_for, check_same_data
 from jaxtl.data.mixing import MIX_STREAM
+
+if TYPE_CHECKING:
+    from jaxtl.data.config import DataConfig
+    from jaxtl.models.base import LoadedModel
 
 EXAMPLE_STREAM = 0x6578  # "ex": the last seed word of an example's augmentation generator
 
@@ -144,7 +150,8 @@ class _BatchStep:
 
 
 class GrainLoader:
-    """Training batches of ``source`` through grain, for :class:`jaxtl.train.Trainer`.
+    """Training batches of ``source`` through grain, for :class:`jaxtl.train.Trainer` (a
+    :class:`jaxtl.data.loader.Loader`; each process reads only its rows, ``process_local``).
 
     Args:
       source: random-access examples (e.g. :class:`ArraySource`).
@@ -160,6 +167,8 @@ class GrainLoader:
       length_buckets: padded lengths for text batches (see :class:`_EpochPlan`); None: every
         batch keeps the arrays' one padded length.
     """
+
+    process_local = True
 
     def __init__(
         self,
@@ -182,14 +191,14 @@ class GrainLoader:
         if self.num_examples == 0:
             raise ValueError("The dataset is empty: there is nothing to batch.")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+            raise ValueError(f"batch_size (--batch-size) must be >= 1, got {batch_size}.")
         if self.num_examples < batch_size:
             raise ValueError(
                 f"The training split has {self.num_examples} examples, fewer than one batch of "
-                f"{batch_size}; lower --batch-size."
+                f"{batch_size}; lower batch_size (--batch-size)."
             )
         if workers < 0:
-            raise ValueError(f"workers must be >= 0, got {workers}.")
+            raise ValueError(f"workers (--data-workers) must be >= 0, got {workers}.")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.transform, self.workers = transform, workers
         self.batch_transform = batch_transform
@@ -197,7 +206,8 @@ class GrainLoader:
         self.process_count = jax.process_count() if process_count is None else process_count
         if batch_size % self.process_count:
             raise ValueError(
-                f"batch_size {batch_size} does not split over {self.process_count} processes."
+                f"batch_size (--batch-size) {batch_size} does not split over "
+                f"{self.process_count} processes."
             )
         # Fail here, not in a worker: transforms that can tell check the first example.
         if hasattr(transform, "check"):
@@ -219,12 +229,10 @@ class GrainLoader:
         self._iterator: Iterator[Example] | None = None
         self._position: int | None = None  # global step the iterator yields next
 
-    @property
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The un-augmented arrays (for exact BatchNorm statistics); ArraySource only."""
-        if not isinstance(self.source, ArraySource):
-            raise AttributeError("arrays is only available for an ArraySource.")
-        return self.source.arrays
+    def examples(self, n: int) -> dict[str, np.ndarray]:
+        """The first ``n`` examples in source order, unaugmented (exact BatchNorm statistics)."""
+        rows = [self.source[i] for i in range(min(n, self.num_examples))]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
     @property
     def steps_per_epoch(self) -> int:
@@ -258,17 +266,7 @@ class GrainLoader:
 
     def check_state(self, saved: Mapping[str, Any] | None) -> None:
         """Refuses to resume a run whose batches would differ from the checkpointed run's."""
-        if not saved:
-            return
-        now = self.state()
-        diff = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
-        if diff:
-            changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(
-                f"The training data changed since the checkpoint ({changes}); a resumed run "
-                "would not see the batches the interrupted one would have. Resume with the "
-                "same data, batch size, seed and augmentation, or start a new run directory."
-            )
+        check_same_data(saved, self.state())
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Example]:
         """This process's rows of every batch of ``epoch`` from batch ``start`` on."""
@@ -321,3 +319,43 @@ def _grain_flags() -> None:
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+def training_loader(
+    arrays: Mapping[str, np.ndarray], config: DataConfig, model: LoadedModel, *, seed: int = 0
+) -> GrainLoader:
+    """Shuffled, optionally augmented (per example) and mixed (per batch, with smoothed
+    targets) training batches through grain (see :mod:`jaxtl.data.mixing`); in a multi-process
+    run, this process's rows of each.
+
+    Args:
+      arrays: the training split's model inputs and labels, examples on axis 0.
+      config: a :class:`jaxtl.DataConfig`, e.g. ``TrainConfig.data``.
+      model: the model the batches feed (its preprocessing, task and label count).
+      seed: the data seed (order, augmentation, mixing), e.g. ``TrainConfig.seed``.
+
+    Raises:
+      ValueError: augmentation asked for a model that does not read images, or bad options.
+    """
+    if config.augment and "pixel_values" not in arrays:
+        raise ValueError(
+            f"augment={config.augment!r} (--augment) transforms images, but this model reads "
+            f"{sorted(k for k in arrays if k != 'label')}; drop the augmentation."
+        )
+    return GrainLoader(
+        ArraySource(arrays),
+        config.batch_size,
+        shuffle=True,
+        seed=seed,
+        transform=augment.parse(config.augment, model.extras.get("preprocessing")),
+        batch_transform=mixing.for_training(
+            config.mixup,
+            config.cutmix,
+            config.label_smoothing,
+            task=model.task,
+            num_classes=model.num_labels,
+            inputs=arrays,
+        ),
+        workers=config.data_workers,
+        length_buckets=buckets_for(arrays, config.bucket_by_length),
+    )

@@ -48,7 +48,7 @@ def default_splits(available: Sequence[str]) -> tuple[str, str, str]:
     if "train" not in available:
         raise ValueError(
             f"The dataset has no 'train' split (it has {list(available)}); name the splits "
-            "with --splits TRAIN,VALIDATION,TEST."
+            "with splits= (--splits TRAIN,VALIDATION,TEST)."
         )
     has_val = "validation" in available
     has_test = "test" in available
@@ -186,7 +186,7 @@ def _check_columns(where: str, columns, text_column: str, label_column: str | No
     if missing:
         raise ValueError(
             f"{where} has no column(s) {missing}; found {list(columns)}. "
-            "Name the columns with --text-column / --label-column."
+            "Name the columns with text_column= / label_column= (--text-column / --label-column)."
         )
 
 
@@ -211,9 +211,10 @@ def encode_labels(raw: Sequence, num_labels: int, task: str, where: str = "data"
     bad = (ints < 0) | (ints >= num_labels)
     if bad.any():
         found = sorted(set(ints[bad].tolist()))[:10]
+        need = int(ints.max()) + 1
         raise ValueError(
             f"Labels in {where} must be in [0, {num_labels}) for a {num_labels}-way head; found "
-            f"{found}. Pass --num-labels {int(ints.max()) + 1} or fix the labels."
+            f"{found}. Pass num_labels={need} (--num-labels {need}) or fix the labels."
         )
     return ints.astype(np.int32), names
 
@@ -223,7 +224,7 @@ def check_labels(
     task: str,
     where: str,
     *,
-    fix_shape: str = "name the label feature with --label-column",
+    fix_shape: str = "name the label feature with label_key= (--label-column)",
     fix_type: str = "store them as a ClassLabel feature",
 ) -> np.ndarray:
     """Labels as a typed source (TFDS, Hugging Face, arrays) holds them, checked: one value per
@@ -252,7 +253,7 @@ def check_label_count(names: Sequence[str] | None, num_labels: int | None, where
     if names is not None and num_labels is not None and len(names) != num_labels:
         raise ValueError(
             f"{where} has {len(names)} distinct labels {list(names)[:10]} but the head has "
-            f"{num_labels} outputs. Pass --num-labels {len(names)}."
+            f"{num_labels} outputs. Pass num_labels={len(names)} (--num-labels {len(names)})."
         )
 
 

@@ -46,7 +46,7 @@ def encode(
         raise ValueError(
             f"{len(over)} text(s) exceed the model's {max_length} positions (the longest has "
             f"{longest} tokens), e.g. text {over[0]}: {example!r}... Shorten them, or let jaxtl "
-            "truncate them (counted): --long-texts truncate."
+            "truncate them (counted): long_texts='truncate' (--long-texts truncate)."
         )
     if length is None:
         length = min(max_length, -(-longest // pad_multiple) * pad_multiple)

@@ -80,7 +80,8 @@ def _not_found(name: TfdsName, data_dir: str | None) -> str:
     listing = f" Prepared there: {', '.join(found)}." if found else " Nothing is prepared there."
     return (
         f"No prepared TFDS dataset {str(name)!r} in {where}.{listing} jaxtl reads datasets that "
-        "are already prepared (it never downloads): pass --data-dir with the directory that "
+        "are already prepared (it never downloads): pass data_dir= (--data-dir) with the directory "
+        "that "
         "holds NAME/VERSION/, or prepare it first (tfds build NAME --file_format=array_record)."
     )
 
@@ -190,7 +191,12 @@ def load(
     f = tfds.features
     what = {"text": "text", "image": "image"}.get(modality, "text or image") + " input"
     key = pick_column(
-        features, input_key, lambda x: _is_input(x, modality), what, "--text-column", "feature"
+        features,
+        input_key,
+        lambda x: _is_input(x, modality),
+        what,
+        "input_key= (--text-column)",
+        "feature",
     )
     is_text = isinstance(features[key], f.Text)
     label_names = None
@@ -200,7 +206,7 @@ def load(
             label_key,
             lambda x: isinstance(x, f.ClassLabel),
             "label",
-            "--label-column",
+            "label_key= (--label-column)",
             "feature",
         )
         if isinstance(features[label_key], f.ClassLabel):

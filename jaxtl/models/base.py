@@ -12,30 +12,12 @@ from typing import Any
 
 import jax
 
+from jaxtl.transfer.structure import Structure
+
 Params = Mapping[str, Any]
 Batch = Mapping[str, jax.Array]
 
-
-@dataclasses.dataclass(frozen=True)
-class Structure:
-    """Where the parts of a param tree live, as "/"-joined path prefixes.
-
-    Recipes are written against this, not against a family's names: ``last_n(2)`` trains
-    ``blocks[-2:]`` + ``neck`` + ``head`` whatever the family calls them.
-
-    Attributes:
-      blocks: the repeated blocks in input-to-output order, e.g.
-        ``("bert/encoder/layer_0", ..., "bert/encoder/layer_5")``.
-      head: the task head(s), new for every task, e.g. ``("classifier",)``.
-      neck: parts between the last block and the head that a "last n blocks" recipe also
-        trains, e.g. ``("bert/pooler",)``; empty when the model has none.
-      stem: parts before the first block (embeddings, stem conv).
-    """
-
-    blocks: tuple[str, ...]
-    head: tuple[str, ...]
-    neck: tuple[str, ...] = ()
-    stem: tuple[str, ...] = ()
+__all__ = ["Batch", "LoadedModel", "Params", "Structure"]
 
 
 @dataclasses.dataclass

@@ -19,16 +19,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtl.models.base import Structure
 from jaxtl.models.common import (
     ACTIVATIONS,
     abstract_params,
     flat_numpy,
-    hf_export_config,
+    hf_exporter,
     init_normal_leaf,
     make_apply,
 )
+from jaxtl.models.layers import dense, dot_product_attention, layer_norm, split_heads
 from jaxtl.models.registry import ModelSpec
+from jaxtl.transfer.structure import Structure
 
 POOLINGS = ("cls", "mean")
 
@@ -81,25 +82,7 @@ class BertConfig:
 
 
 def _dense(config: BertConfig, features: int, name: str, dtype: Any) -> nn.Dense:
-    # BERT init (transformers' _init_weights): normal(std=initializer_range) kernels, zero bias.
-    return nn.Dense(
-        features,
-        kernel_init=nn.initializers.normal(config.initializer_range),
-        dtype=dtype,
-        param_dtype=dtype,
-        name=name,
-    )
-
-
-def _layer_norm(config: BertConfig, dtype: Any) -> nn.LayerNorm:
-    # use_fast_variance=False: E[x^2]-E[x]^2 loses precision against PyTorch's two-pass variance.
-    return nn.LayerNorm(
-        epsilon=config.layer_norm_eps,
-        use_fast_variance=False,
-        dtype=dtype,
-        param_dtype=dtype,
-        name="LayerNorm",
-    )
+    return dense(features, name, dtype, std=config.initializer_range)
 
 
 class _BertModule(nn.Module):
@@ -133,7 +116,7 @@ class BertEmbeddings(_BertModule):
             jnp.arange(input_ids.shape[-1])[None, :]
         )
         types = embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
-        x = _layer_norm(c, self.dtype)(words + types + positions)
+        x = layer_norm(c.layer_norm_eps, "LayerNorm", self.dtype)(words + types + positions)
         return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=not train)
 
 
@@ -143,22 +126,19 @@ class BertSelfAttention(_BertModule):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None, *, train: bool) -> jax.Array:
         c = self.config
-        heads, head_dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
-        split = lambda y: y.reshape(*y.shape[:-1], heads, head_dim)  # noqa: E731
-        q = split(_dense(c, c.hidden_size, "query", self.dtype)(x))
-        k = split(_dense(c, c.hidden_size, "key", self.dtype)(x))
-        v = split(_dense(c, c.hidden_size, "value", self.dtype)(x))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * head_dim**-0.5
-        # Softmax in at least float32: bf16 exponentials lose too much.
-        scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
-        if mask is not None:
-            # HF adds finfo.min to padded keys; any finite score + finfo.min rounds to finfo.min, so
-            # `where` gives the same result without the overflow to -inf that adding can hit.
-            scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=not train)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        return out.reshape(*out.shape[:-2], c.hidden_size)
+        q, k, v = (
+            split_heads(_dense(c, c.hidden_size, name, self.dtype)(x), c.num_attention_heads)
+            for name in ("query", "key", "value")
+        )
+        return dot_product_attention(
+            q,
+            k,
+            v,
+            None if mask is None else mask[:, None, None, :],  # padded keys, for every query
+            dropout_rate=c.attention_probs_dropout_prob,
+            deterministic=not train,
+            dtype=self.dtype,
+        )
 
 
 class BertAddNorm(_BertModule):
@@ -169,7 +149,7 @@ class BertAddNorm(_BertModule):
         c = self.config
         x = _dense(c, c.hidden_size, "dense", self.dtype)(x)
         x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=not train)
-        return _layer_norm(c, self.dtype)(x + residual)
+        return layer_norm(c.layer_norm_eps, "LayerNorm", self.dtype)(x + residual)
 
 
 class BertAttention(_BertModule):
@@ -301,8 +281,8 @@ def init_leaf(path: str, leaf: jax.ShapeDtypeStruct, seed: int, *, config: BertC
     """Initializes one param the way transformers' ``BertPreTrainedModel._init_weights`` does.
 
     Dense kernels and embeddings ~ normal(std=initializer_range), biases 0, LayerNorm scales 1:
-    the same rule the modules' own initializers encode. Each param draws from its own stream,
-    seeded by ``(seed, crc32(path))``, so a head's init does not depend on the rest of the tree
+    the same rule the modules' own initializers encode. Each param draws from its own stream
+    (:func:`jaxtl.models.common.leaf_rng`), so a head's init does not depend on the rest of the tree
     and is identical whether or not the body came from a checkpoint.
     """
     return init_normal_leaf(path, leaf, seed, config.initializer_range, "BERT")
@@ -348,9 +328,12 @@ def convert_hf_checkpoint(tensors: Mapping[str, np.ndarray]) -> dict[str, np.nda
     return out
 
 
-def export_hf_checkpoint(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def export_hf_checkpoint(
+    params: Mapping[str, Any], batch_stats: Mapping[str, Any] | None = None
+) -> dict[str, np.ndarray]:
     """The inverse of :func:`convert_hf_checkpoint`: HF names (``bert.`` prefixed) and torch
     layouts (Linear weights ``(out, in)``)."""
+    del batch_stats  # BERT has no BatchNorm
     out: dict[str, np.ndarray] = {}
     for path, array in flat_numpy(params).items():
         *module, leaf = path.split("/")
@@ -376,8 +359,8 @@ def build(
 ) -> ModelSpec:
     """Builds the BERT module, initializer, converter and structure for one checkpoint.
 
-    Called by :func:`jaxtl.loading.load` through the registry; ``task`` and ``num_labels`` are
-    already validated there.
+    Called by :func:`jaxtl.weights.loading.load` through the registry; ``task`` and
+    ``num_labels`` are already validated there.
     """
     config = BertConfig.from_hf(raw_config, os.path.join(directory, "config.json"))
     pooling = "cls" if pooling is None else pooling  # classic BERT: [CLS] through the pooler
@@ -394,12 +377,6 @@ def build(
     # HF's BertForSequenceClassification classifies from the pooler ([CLS]); a mean-pooled head
     # has no HF class, so it is exported beside a plain BertModel (jaxtl.load reads it back).
     architecture = "BertForSequenceClassification" if has_head and pooling == "cls" else "BertModel"
-
-    def export(params, batch_stats):
-        del batch_stats
-        return export_hf_checkpoint(params), hf_export_config(
-            raw_config, architecture, num_labels, task
-        )
 
     structure = Structure(
         stem=("bert/embeddings",),
@@ -422,5 +399,5 @@ def build(
         forward=forward,
         structure=structure,
         extras=extras,
-        export=export,
+        export=hf_exporter(export_hf_checkpoint, raw_config, architecture, num_labels, task),
     )

@@ -1,7 +1,12 @@
-"""Pieces the families share: activation names, initializers, BatchNorm modes and ``apply``."""
+"""What the families' ``build`` functions share: activation names, initializers, ``apply`` /
+``forward``, abstract shapes, input-channel adaptation and the ``export`` wiring.
+
+The Flax layers they share are in :mod:`jaxtl.models.layers`.
+"""
 
 from __future__ import annotations
 
+import numbers
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -10,8 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from jaxtl.rules import is_under
 
 # Hugging Face activation names -> functions. "gelu" is the exact erf form in PyTorch; the tanh
 # approximation ("gelu_new", GPT-2's) differs by up to ~1e-3, far above parity tolerance.
@@ -30,12 +33,7 @@ def init_normal_leaf(
     path: str, leaf: jax.ShapeDtypeStruct, seed: int, std: float, family: str
 ) -> jax.Array:
     """transformers' ``_init_weights`` rule for one param: kernels and embeddings ~ normal(std),
-    biases 0, LayerNorm scales 1.
-
-    Each param draws from its own numpy stream seeded by ``(seed, crc32(path))``: a new head's
-    init does not depend on the rest of the tree, needs no per-shape XLA compilation, and is
-    stable across platforms.
-    """
+    biases 0, LayerNorm scales 1; drawn from :func:`leaf_rng`."""
     name = path.rsplit("/", 1)[-1]
     if name == "bias":
         return jnp.zeros(leaf.shape, leaf.dtype)
@@ -43,9 +41,38 @@ def init_normal_leaf(
         return jnp.ones(leaf.shape, leaf.dtype)
     if name not in ("kernel", "embedding"):
         raise ValueError(f"No {family} initializer for param {path!r}.")
-    rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
-    wide = np.float64 if jnp.dtype(leaf.dtype) == jnp.float64 else np.float32
-    return jnp.asarray(rng.standard_normal(leaf.shape, dtype=wide) * std, dtype=leaf.dtype)
+    wide = host_dtype(leaf)
+    return jnp.asarray(
+        leaf_rng(seed, path).standard_normal(leaf.shape, dtype=wide) * std, dtype=leaf.dtype
+    )
+
+
+def leaf_rng(seed: int, path: str) -> np.random.Generator:
+    """The numpy stream one param draws its initial values from, seeded by
+    ``(seed, crc32(path))``: every family's ``init_leaf`` uses it, so a new head's init does not
+    depend on the rest of the tree, needs no per-shape XLA compilation, and is stable across
+    platforms."""
+    return np.random.default_rng([seed, zlib.crc32(path.encode())])
+
+
+def host_dtype(leaf: jax.ShapeDtypeStruct) -> type[np.floating]:
+    """The numpy dtype a param's initial values are computed in: float64 for a float64 param,
+    float32 for every other (bfloat16 included)."""
+    return np.float64 if jnp.dtype(leaf.dtype) == jnp.float64 else np.float32
+
+
+def trunc_normal(
+    rng: np.random.Generator, shape: tuple[int, ...], std: float, bound: float = 2.0
+) -> np.ndarray:
+    """torch's ``trunc_normal_(std=std, a=-bound, b=bound)`` in float64: normal(0, std) draws,
+    redrawn (torch's inverse-CDF sampler never lands outside, so no clipping) until all lie in
+    ``[-bound, bound]``. torch's bounds are absolute values, not multiples of ``std``."""
+    values = rng.standard_normal(shape) * std
+    outside = np.abs(values) > bound
+    while outside.any():
+        values[outside] = rng.standard_normal(int(outside.sum())) * std
+        outside = np.abs(values) > bound
+    return values
 
 
 def abstract_params(module: nn.Module, max_positions: int) -> Any:
@@ -58,40 +85,6 @@ def abstract_params(module: nn.Module, max_positions: int) -> Any:
     return jax.eval_shape(lambda r, x: module.init({"params": r}, x, x), jax.random.key(0), ids)[
         "params"
     ]
-
-
-def bn_trains(module: nn.Module, name: str, train: bool, bn_train: tuple[str, ...]) -> bool:
-    """Whether the BatchNorm child ``name`` of ``module`` normalizes with batch statistics.
-
-    Transfer needs a per-layer answer: a frozen BatchNorm must keep using the running statistics
-    it was pretrained with (a frozen backbone is a fixed function), while a BatchNorm in a trained
-    block updates them. ``bn_train`` lists the "/"-joined paths (or path prefixes) of the layers
-    in training mode; it is static, so each distinct set compiles once.
-    """
-    path = "/".join((*module.path, name))
-    return train and any(is_under(path, p) for p in bn_train)
-
-
-def batch_norm(
-    module: nn.Module,
-    name: str,
-    *,
-    train: bool,
-    bn_train: tuple[str, ...],
-    epsilon: float = 1e-5,
-    torch_momentum: float = 0.1,
-    dtype: Any = jnp.float32,
-) -> nn.BatchNorm:
-    """A PyTorch-equivalent ``nn.BatchNorm`` child in inference or training mode per
-    :func:`bn_trains`. PyTorch's ``momentum`` weighs the new batch; Flax's the old average."""
-    return nn.BatchNorm(
-        use_running_average=not bn_trains(module, name, train, bn_train),
-        momentum=1.0 - torch_momentum,
-        epsilon=epsilon,
-        dtype=dtype,
-        param_dtype=dtype,
-        name=name,
-    )
 
 
 def batch_norm_paths(batch_stats: Mapping[str, Any]) -> tuple[str, ...]:
@@ -208,6 +201,14 @@ def forward_functions(
     return apply, forward
 
 
+def abstract_variables(module: nn.Module, inputs: jax.ShapeDtypeStruct) -> Any:
+    """An image module's abstract variables (``params``, and ``batch_stats`` where it has
+    BatchNorm) from one trace of ``module(inputs, train=False)``, without compiling."""
+    return jax.eval_shape(
+        lambda r, x: module.init({"params": r}, x, train=False), jax.random.key(0), inputs
+    )
+
+
 def abstract_variables_in_order(module: nn.Module, inputs: jax.ShapeDtypeStruct):
     """``(variables, order)``: the module's abstract params and BatchNorm statistics from one
     trace (no compile), and the paths of the modules holding params in creation order (the
@@ -255,25 +256,91 @@ def adapt_input_channels(kernel: np.ndarray, in_channels: int, axis: int = -2) -
     return tiled[tuple(index)] * (have / in_channels)
 
 
+# config.json entries that describe the file read, not the one an export writes.
+_SOURCE_ONLY = ("_name_or_path", "transformers_version", "torch_dtype")
+
+
 def hf_export_config(
-    raw_config: Mapping[str, Any], architecture: str, num_labels: int, task: str
+    raw_config: Mapping[str, Any],
+    architecture: str,
+    num_labels: int,
+    task: str,
+    **updates: Any,
 ) -> dict[str, Any]:
-    """The source config.json updated for an exported head: architectures, label count, problem
-    type. Everything else (sizes, activation, token ids) is kept as the checkpoint declared it."""
-    config = {k: v for k, v in raw_config.items() if k not in ("id2label", "label2id")}
-    config["architectures"] = [architecture]
+    """The source config.json updated for an export: ``architectures``, the head, ``updates``.
+
+    A classification or regression head sets ``num_labels``, ``id2label`` / ``label2id`` and
+    ``problem_type``. Label names are the source's when the head has the source's label count
+    (its own classes, as a pretrained head keeps them), else ``LABEL_i``. ``updates`` are the
+    family's own changes (e.g. a resized ViT's ``image_size``). Everything else (sizes,
+    activation, token ids) is kept as the checkpoint declared it.
+
+    Example:
+      >>> hf_export_config({"id2label": {"0": "cat", "1": "dog"}}, "X", 2, "classification")[
+      ...     "label2id"]
+      {'cat': 0, 'dog': 1}
+    """
+    config = {k: v for k, v in raw_config.items() if k not in _SOURCE_ONLY}
+    config.update(updates, architectures=[architecture])
     if task in ("classification", "regression"):
-        config["num_labels"] = num_labels
-        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
-        config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
-        config["problem_type"] = (
-            "regression" if task == "regression" else "single_label_classification"
+        old = raw_config.get("id2label") or {}
+        keep = len(old) == num_labels
+        id2label = {
+            str(i): (old.get(str(i)) if keep else None) or f"LABEL_{i}" for i in range(num_labels)
+        }
+        config.update(
+            num_labels=num_labels,
+            id2label=id2label,
+            label2id={name: int(i) for i, name in id2label.items()},
+            problem_type="regression" if task == "regression" else "single_label_classification",
         )
     return config
 
 
+def hf_exporter(
+    state_dict: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, np.ndarray]],
+    raw_config: Mapping[str, Any],
+    architecture: str,
+    num_labels: int,
+    task: str,
+    **updates: Any,
+) -> Callable[..., tuple[dict[str, np.ndarray], dict[str, Any]]]:
+    """A Hugging Face family's ``ModelSpec.export``: ``export(params, batch_stats) ->
+    (state_dict(params, batch_stats), config.json)``, the config from :func:`hf_export_config`."""
+    raw_config = dict(raw_config)  # the config as loaded, whatever the caller does to its dict
+
+    def export(params: Mapping[str, Any], batch_stats: Mapping[str, Any]):
+        config = hf_export_config(raw_config, architecture, num_labels, task, **updates)
+        return state_dict(params, batch_stats), config
+
+    return export
+
+
+def state_dict_exporter(
+    state_dict: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, np.ndarray]],
+) -> Callable[..., tuple[dict[str, np.ndarray], None]]:
+    """A state-dict family's ``ModelSpec.export``: ``export(params, batch_stats) ->
+    (state_dict(params, batch_stats), None)``; a bare state dict has no config.json."""
+
+    def export(params: Mapping[str, Any], batch_stats: Mapping[str, Any]):
+        return state_dict(params, batch_stats), None
+
+    return export
+
+
+def check_in_channels(in_channels: int | None) -> int | None:
+    """The ``in_channels=`` load option of an image family, checked: ``None`` or an int >= 1."""
+    if in_channels is None:
+        return None
+    # numbers.Integral takes numpy ints too; bool is an int but never a channel count.
+    integral = isinstance(in_channels, numbers.Integral) and not isinstance(in_channels, bool)
+    if not integral or in_channels < 1:
+        raise ValueError(f"in_channels must be an integer >= 1, got {in_channels!r}.")
+    return int(in_channels)
+
+
 def flat_numpy(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """``{"/"-joined path: np.ndarray}`` of a (possibly device-resident) param tree."""
-    from jaxtl.rules import flatten  # local: rules imports nothing from models, keep it so
+    from jaxtl.transfer.rules import flatten  # local: rules imports nothing from models, keep it so
 
     return {p: np.asarray(jax.device_get(v)) for p, v in flatten(tree).items()}

@@ -24,8 +24,7 @@ import functools
 import math
 import os
 import re
-import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -33,11 +32,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtl.models.base import Structure
-from jaxtl.models.common import adapt_input_channels, batch_norm, make_apply
+from jaxtl.models import torch_layers as tl
+from jaxtl.models.common import (
+    abstract_variables,
+    adapt_input_channels,
+    check_in_channels,
+    host_dtype,
+    leaf_rng,
+    make_apply,
+    state_dict_exporter,
+)
+from jaxtl.models.layers import batch_norm, check_nhwc
 from jaxtl.models.preprocessing import ImagePreprocessing
 from jaxtl.models.registry import ModelSpec
-from jaxtl.rules import flatten
+from jaxtl.transfer.structure import Structure
+from jaxtl.transfer.trees import flatten
 
 # (width_coefficient, depth_coefficient, resolution, dropout_rate), from Google's
 # efficientnet_lite_builder.efficientnet_lite_params (the reference copies the same table).
@@ -142,7 +151,8 @@ class EfficientNetConfig:
         arch = raw.get("arch", "efficientnet-lite0")
         if arch not in LITE_PARAMS:
             raise ValueError(
-                f"EfficientNet arch {arch!r} is not supported; jaxtl implements {sorted(LITE_PARAMS)}."
+                f"EfficientNet arch {arch!r} is not supported; jaxtl implements "
+                f"{sorted(LITE_PARAMS)}."
             )
         _, _, resolution, dropout = LITE_PARAMS[arch]
         return cls(
@@ -169,6 +179,21 @@ def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any, groups
     )
 
 
+def _batch_norm(
+    module: nn.Module, config: EfficientNetConfig, train: bool, bn_train: tuple[str, ...]
+) -> Callable[[str], nn.BatchNorm]:
+    """``bn(name)``: the reference's BatchNorm (eps and momentum from ``config``) in ``module``."""
+    return functools.partial(
+        batch_norm,
+        module,
+        train=train,
+        bn_train=bn_train,
+        epsilon=config.batch_norm_epsilon,
+        torch_momentum=config.batch_norm_momentum,
+        dtype=module.dtype,
+    )
+
+
 class MBConvBlock(nn.Module):
     """Inverted residual: [1x1 expand, BN, ReLU6], depthwise, BN, ReLU6, 1x1 project, BN."""
 
@@ -179,16 +204,8 @@ class MBConvBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, bn_train: tuple[str, ...]) -> jax.Array:
-        b, c = self.block, self.config
-        bn = functools.partial(
-            batch_norm,
-            self,
-            train=train,
-            bn_train=bn_train,
-            epsilon=c.batch_norm_epsilon,
-            torch_momentum=c.batch_norm_momentum,
-            dtype=self.dtype,
-        )
+        b = self.block
+        bn = _batch_norm(self, self.config, train, bn_train)
         inputs = x
         hidden = b.in_channels * b.expand_ratio
         if b.expand_ratio != 1:
@@ -241,16 +258,8 @@ class EfficientNetLite(nn.Module):
         self, pixel_values: jax.Array, *, train: bool = False, bn_train: tuple[str, ...] = ()
     ) -> jax.Array:
         c = self.config
-        bn = functools.partial(
-            batch_norm,
-            self,
-            train=train,
-            bn_train=bn_train,
-            epsilon=c.batch_norm_epsilon,
-            torch_momentum=c.batch_norm_momentum,
-            dtype=self.dtype,
-        )
-        _check_pixels(pixel_values, self.in_channels)
+        bn = _batch_norm(self, c, train, bn_train)
+        check_nhwc(pixel_values, self.in_channels)
         x = jnp.asarray(pixel_values, self.dtype)
         x = nn.relu6(bn("bn0")(_conv(STEM_CHANNELS, 3, 2, "conv_stem", self.dtype)(x)))
         x = _Blocks(c, self.dtype, name="blocks")(x, train=train, bn_train=bn_train)
@@ -264,26 +273,11 @@ class EfficientNetLite(nn.Module):
         )
 
 
-def _check_pixels(pixel_values: jax.Array, channels: int) -> None:
-    # Shapes are static: this fails at trace time, on the host, before any compile.
-    shape = tuple(pixel_values.shape)
-    if len(shape) == 4 and shape[-1] == channels:
-        return
-    hint = ""
-    if len(shape) == 4 and shape[1] == channels:
-        hint = " It looks like NCHW (PyTorch's layout): transpose to NHWC with x.transpose(0, 2, 3, 1)."
-    raise ValueError(
-        f"pixel_values must be NHWC [batch, height, width, {channels}], got shape {shape}.{hint} "
-        "For another channel count, load the model with in_channels=."
-    )
-
-
 # --- checkpoint names ---------------------------------------------------------------------------
 
 _BLOCK_NAME = re.compile(r"^_blocks\.(\d+)\.(_\w+)\.(\w+)$")
 _TOP_NAME = re.compile(r"^(_conv_stem|_bn0|_conv_head|_bn1|_fc)\.(\w+)$")
 _BN_LEAVES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
-STATS = "batch_stats/"
 
 
 def detect(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | None:
@@ -405,37 +399,26 @@ def convert_state_dict(
     out: dict[str, np.ndarray] = {}
     for name, array in tensors.items():
         parsed = _model_path(name)
-        if parsed is None:
-            out[name] = array
-            continue
-        module, leaf = parsed
-        if leaf == "num_batches_tracked":
+        if parsed is not None and parsed[1] == "num_batches_tracked":
             continue  # PyTorch's step counter: unused in eval, and momentum-based updates
-        if module.rsplit("/", 1)[-1].startswith("bn"):
-            path = f"{module}/{_BN_LEAVES[leaf]}"
-            out[STATS + path if leaf.startswith("running") else path] = array
-        elif leaf == "weight" and array.ndim == 4:
-            kernel = np.transpose(array, (2, 3, 1, 0))
-            if module == "conv_stem":
-                kernel = adapt_input_channels(kernel, in_channels)
-            out[f"{module}/kernel"] = kernel
-        elif leaf == "weight" and array.ndim == 2:
-            out[f"{module}/kernel"] = array.T
-        else:
-            out[f"{module}/{leaf}"] = array
+        placed = None if parsed is None else tl.to_flax(*parsed, array)
+        path, array = placed if placed is not None else (name, array)
+        out[path] = array
+    if "conv_stem/kernel" in out:
+        out["conv_stem/kernel"] = adapt_input_channels(out["conv_stem/kernel"], in_channels)
     return out
 
 
 def export_state_dict(
     params: Mapping[str, Any], batch_stats: Mapping[str, Any], *, arch: str
-) -> tuple[dict[str, np.ndarray], None]:
+) -> dict[str, np.ndarray]:
     """The inverse of :func:`convert_state_dict`: a lukemelas state dict in the reference's order.
 
     float32 tensors in PyTorch layouts, with ``num_batches_tracked`` int64 zeros as the source
     files have; ``_fc`` only when the model has a head. Loads with
     ``efficientnet_lite_pytorch.EfficientNet.load_state_dict`` (strict).
     """
-    flat = {**flatten(params), **{STATS + p: v for p, v in flatten(batch_stats).items()}}
+    flat = {**flatten(params), **{tl.STATS + p: v for p, v in flatten(batch_stats).items()}}
     stem = np.asarray(flat["conv_stem/kernel"])
     head = flat.get("fc/kernel")
     num_labels = 0 if head is None else int(np.shape(head)[-1])
@@ -450,12 +433,12 @@ def export_state_dict(
         elif kind == "linear":
             value = np.asarray(flat[f"{module}/kernel"], np.float32).T
         elif kind == "stat":
-            value = np.asarray(flat[f"{STATS}{module}/{_BN_LEAVES[leaf]}"], np.float32)
+            value = np.asarray(flat[f"{tl.STATS}{module}/{_BN_LEAVES[leaf]}"], np.float32)
         else:
             key = _BN_LEAVES[leaf] if kind == "bn" else leaf
             value = np.asarray(flat[f"{module}/{key}"], np.float32)
         state[torch_name] = np.array(value, np.float32, order="C")  # owned and writable
-    return state, None
+    return state
 
 
 # --- init, class names, build -------------------------------------------------------------------
@@ -468,8 +451,7 @@ def init_leaf(
 
     Conv and Linear: ``kaiming_uniform_(a=sqrt(5))``, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and
     the Linear bias from the same range; BatchNorm scale 1, bias 0. Each param draws from its own
-    numpy stream seeded by ``(seed, crc32(path))``, like
-    :func:`jaxtl.models.common.init_normal_leaf`, so a new head does not depend on the rest of
+    stream (:func:`jaxtl.models.common.leaf_rng`), so a new head does not depend on the rest of
     the tree.
     """
     module, name = path.rsplit("/", 1)
@@ -479,9 +461,8 @@ def init_leaf(
     if name not in ("kernel", "bias"):
         raise ValueError(f"No EfficientNet initializer for param {path!r}.")
     bound = 1.0 / math.sqrt(fan_in[module])
-    rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
-    wide = np.float64 if jnp.dtype(leaf.dtype) == jnp.float64 else np.float32
-    return jnp.asarray(rng.uniform(-bound, bound, leaf.shape).astype(wide), dtype=leaf.dtype)
+    values = leaf_rng(seed, path).uniform(-bound, bound, leaf.shape)
+    return jnp.asarray(values.astype(host_dtype(leaf)), dtype=leaf.dtype)
 
 
 @functools.cache
@@ -527,34 +508,21 @@ def build(
 ) -> ModelSpec:
     """Builds the EfficientNet-Lite module, converter and structure for one checkpoint.
 
-    Called by :func:`jaxtl.loading.load` through the registry with ``detect``'s raw config.
-    ``image_size`` only changes the preprocessing and the shapes the model is traced at (the
+    Called by :func:`jaxtl.weights.loading.load` through the registry with ``detect``'s raw
+    config. ``image_size`` only changes the preprocessing and the shapes the model is traced at (the
     convolutions take any size); ``in_channels`` adapts the stem kernel.
     """
     del directory  # a state-dict file: everything comes from detect's raw config
     config = EfficientNetConfig.from_raw(raw_config)
-    channels = 3 if in_channels is None else int(in_channels)
-    if channels < 1:
-        raise ValueError(f"in_channels must be >= 1, got {in_channels}.")
-    preprocessing = default_preprocessing(config)
-    if image_size is not None:
-        preprocessing = preprocessing.with_size(image_size)
-    if channels != 3:
-        preprocessing = preprocessing.with_channels(channels)
+    channels = check_in_channels(in_channels) or 3
+    preprocessing = default_preprocessing(config).with_inputs(image_size, channels)
 
     module = EfficientNetLite(config, task, num_labels, dtype, channels)
     height, width = preprocessing.size
     pixels = jax.ShapeDtypeStruct((1, height, width, channels), jnp.float32)
-    # One trace, no compile: params and BatchNorm statistics together.
-    variables = jax.eval_shape(
-        lambda r, x: module.init({"params": r}, x, train=False), jax.random.key(0), pixels
-    )
+    variables = abstract_variables(module, pixels)  # params and BatchNorm statistics, one trace
     abstract = variables["params"]
-    fan_in = {
-        path.rsplit("/", 1)[0]: math.prod(leaf.shape[:-1])
-        for path, leaf in flatten(abstract).items()
-        if path.endswith("/kernel")
-    }
+    fan_in = tl.fan_ins(abstract)
     apply, forward = make_apply(module, ("pixel_values",), has_batch_stats=True)
 
     has_head = task != "features"
@@ -585,5 +553,5 @@ def build(
         structure=structure,
         extras=extras,
         abstract_batch_stats=variables["batch_stats"],
-        export=functools.partial(export_state_dict, arch=config.arch),
+        export=state_dict_exporter(functools.partial(export_state_dict, arch=config.arch)),
     )

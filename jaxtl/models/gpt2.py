@@ -22,16 +22,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtl.models.base import LoadedModel, Structure
+from jaxtl.models.base import LoadedModel
 from jaxtl.models.common import (
     ACTIVATIONS,
     abstract_params,
     flat_numpy,
-    hf_export_config,
+    hf_exporter,
     init_normal_leaf,
     make_apply,
 )
+from jaxtl.models.layers import dense, dot_product_attention, layer_norm, split_heads
 from jaxtl.models.registry import ModelSpec
+from jaxtl.transfer.structure import Structure
 
 TASKS = ("classification", "regression", "features", "causal_lm")
 
@@ -81,31 +83,14 @@ class GPT2Config:
 
 
 def _dense(config: GPT2Config, features: int, name: str, dtype: Any, bias: bool = True):
-    return nn.Dense(
-        features,
-        use_bias=bias,
-        kernel_init=nn.initializers.normal(config.initializer_range),
-        dtype=dtype,
-        param_dtype=dtype,
-        name=name,
-    )
+    # HF's Conv1D computes x @ W + b with W stored (in, out): a Dense, kernel unchanged.
+    return dense(features, name, dtype, std=config.initializer_range, bias=bias)
 
 
 def _embed(config: GPT2Config, num: int, name: str, dtype: Any) -> nn.Embed:
     init = nn.initializers.normal(config.initializer_range)
     return nn.Embed(
         num, config.n_embd, embedding_init=init, dtype=dtype, param_dtype=dtype, name=name
-    )
-
-
-def _layer_norm(config: GPT2Config, name: str, dtype: Any) -> nn.LayerNorm:
-    # use_fast_variance=False: E[x^2]-E[x]^2 loses precision against PyTorch's two-pass variance.
-    return nn.LayerNorm(
-        epsilon=config.layer_norm_epsilon,
-        use_fast_variance=False,
-        dtype=dtype,
-        param_dtype=dtype,
-        name=name,
     )
 
 
@@ -124,19 +109,21 @@ class GPT2Attention(_GPT2Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
         c = self.config
-        heads, head_dim = c.n_head, c.n_embd // c.n_head
         qkv = _dense(c, 3 * c.n_embd, "c_attn", self.dtype)(x)
-        q, k, v = (y.reshape(*y.shape[:-1], heads, head_dim) for y in jnp.split(qkv, 3, -1))
-        scale = head_dim**-0.5 if c.scale_attn_weights else 1.0
+        q, k, v = (split_heads(y, c.n_head) for y in jnp.split(qkv, 3, -1))
+        scale = (c.n_embd // c.n_head) ** -0.5 if c.scale_attn_weights else 1.0
         if c.scale_attn_by_inverse_layer_idx:
             scale /= self.layer_idx + 1
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
-        # Softmax in at least float32 (what HF's reorder_and_upcast_attn does; a no-op in float32).
-        scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
-        scores = jnp.where(mask[:, None], scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        probs = nn.Dropout(c.attn_pdrop)(probs, deterministic=not train)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(*x.shape[:-1], c.n_embd)
+        out = dot_product_attention(
+            q,
+            k,
+            v,
+            mask[:, None],  # [B or 1, Tq, Tk]: one causal-and-padding mask for every head
+            dropout_rate=c.attn_pdrop,
+            deterministic=not train,
+            dtype=self.dtype,
+            scale=scale,
+        )
         out = _dense(c, c.n_embd, "c_proj", self.dtype)(out)
         return nn.Dropout(c.resid_pdrop)(out, deterministic=not train)
 
@@ -161,8 +148,9 @@ class GPT2Block(_GPT2Module):
     def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
         c, dt = self.config, self.dtype
         attn = GPT2Attention(c, dt, self.layer_idx, name="attn")
-        x = x + attn(_layer_norm(c, "ln_1", dt)(x), mask, train=train)
-        return x + GPT2MLP(c, dt, name="mlp")(_layer_norm(c, "ln_2", dt)(x), train=train)
+        eps = c.layer_norm_epsilon
+        x = x + attn(layer_norm(eps, "ln_1", dt)(x), mask, train=train)
+        return x + GPT2MLP(c, dt, name="mlp")(layer_norm(eps, "ln_2", dt)(x), train=train)
 
 
 class GPT2Model(_GPT2Module):
@@ -186,7 +174,7 @@ class GPT2Model(_GPT2Module):
             mask = mask & attention_mask.astype(bool)[:, None, :]
         for i in range(c.n_layer):
             x = GPT2Block(c, self.dtype, i, name=f"h_{i}")(x, mask, train=train)
-        x = _layer_norm(c, "ln_f", self.dtype)(x)
+        x = layer_norm(c.layer_norm_epsilon, "ln_f", self.dtype)(x)
         return x, (wte.attend(x) if self.lm_logits else None)
 
 
@@ -240,28 +228,6 @@ class GPT2ForTask(_GPT2Module):
         return _dense(c, self.num_labels, "score", self.dtype, bias=False)(last)
 
 
-def causal_lm_loss(
-    logits: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None = None
-) -> jax.Array:
-    """Mean next-token cross-entropy, with padded targets left out of sum and count.
-
-    Position ``t`` predicts token ``t + 1``, as in transformers' ``GPT2LMHeadModel(labels=...)``
-    with padded labels set to -100.
-
-    Example:
-      >>> logits = jnp.zeros((1, 3, 4))  # uniform over 4 tokens
-      >>> round(float(causal_lm_loss(logits, jnp.array([[1, 2, 3]]))), 4) == round(math.log(4), 4)
-      True
-    """
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    targets = input_ids[:, 1:]
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    if attention_mask is None:
-        return nll.mean()
-    weights = attention_mask[:, 1:].astype(jnp.float32)
-    return (nll * weights).sum() / jnp.maximum(weights.sum(), 1.0)
-
-
 def greedy_generate(
     model: LoadedModel, params: Mapping[str, Any], input_ids: jax.Array, max_new_tokens: int
 ) -> jax.Array:
@@ -309,8 +275,9 @@ def init_leaf(path: str, leaf: jax.ShapeDtypeStruct, seed: int, *, config: GPT2C
 
     Kernels and embeddings ~ normal(std=initializer_range), except residual projections
     (``*/c_proj/kernel``) whose std is divided by sqrt(2 * n_layer) (GPT-2 paper, section 2.3);
-    biases 0, LayerNorm scales 1. Each param draws from its own stream, seeded by
-    ``(seed, crc32(path))``, so a head's init does not depend on the rest of the tree.
+    biases 0, LayerNorm scales 1. Each param draws from its own stream
+    (:func:`jaxtl.models.common.leaf_rng`), so a head's init does not depend on the rest of the
+    tree.
     """
     std = config.initializer_range
     if path.endswith("c_proj/kernel"):
@@ -367,10 +334,13 @@ def convert_hf_checkpoint(tensors: Mapping[str, np.ndarray]) -> dict[str, np.nda
     return out
 
 
-def export_hf_checkpoint(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def export_hf_checkpoint(
+    params: Mapping[str, Any], batch_stats: Mapping[str, Any] | None = None
+) -> dict[str, np.ndarray]:
     """The inverse of :func:`convert_hf_checkpoint`: ``transformer.``-prefixed HF names; Conv1D
     kernels stay ``(in, out)``, the ``score`` Linear goes back to ``(out, in)``. The tied
     ``lm_head`` is not written (transformers re-ties it to ``wte``)."""
+    del batch_stats  # GPT-2 has no BatchNorm
     out: dict[str, np.ndarray] = {}
     for path, array in flat_numpy(params).items():
         *module, leaf = path.split("/")
@@ -406,8 +376,8 @@ def build(
 ) -> ModelSpec:
     """Builds the GPT-2 module, initializer, converter and structure for one checkpoint.
 
-    Called by :func:`jaxtl.loading.load` through the registry. ``pooling`` must be ``None`` or
-    ``"last"``: GPT-2 classifies from the last real token, as HF does.
+    Called by :func:`jaxtl.weights.loading.load` through the registry. ``pooling`` must be
+    ``None`` or ``"last"``: GPT-2 classifies from the last real token, as HF does.
     """
     config = GPT2Config.from_hf(raw_config, os.path.join(directory, "config.json"))
     if task not in TASKS:
@@ -446,12 +416,6 @@ def build(
         "vocab_size": config.vocab_size,
     }
 
-    def export(params, batch_stats):
-        del batch_stats
-        return export_hf_checkpoint(params), hf_export_config(
-            raw_config, _ARCHITECTURES[task], num_labels, task
-        )
-
     return ModelSpec(
         config=config,
         module=module,
@@ -462,5 +426,7 @@ def build(
         forward=forward,
         structure=structure,
         extras=extras,
-        export=export,
+        export=hf_exporter(
+            export_hf_checkpoint, raw_config, _ARCHITECTURES[task], num_labels, task
+        ),
     )

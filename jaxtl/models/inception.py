@@ -15,7 +15,7 @@ Numerics follow torchvision's eval forward:
   stride 1, padding 1 with ``count_include_pad=True`` (torch's default: border windows divide
   by 9, zeros included).
 * BatchNorm runs in inference mode unless its path is under ``bn_train`` (see
-  :func:`jaxtl.models.common.bn_trains`); the running-variance caveat in
+  :func:`jaxtl.models.layers.bn_trains`); the running-variance caveat in
   :mod:`jaxtl.models.resnet` (biased vs unbiased batch variance) applies here too.
 * Dropout (p=0.5) before ``fc`` in training only.
 
@@ -50,7 +50,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,16 +58,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtl.models.base import Structure
+from jaxtl.models import torch_layers as tl
 from jaxtl.models.common import (
     abstract_variables_in_order,
     adapt_input_channels,
-    batch_norm,
+    check_in_channels,
+    host_dtype,
+    leaf_rng,
     make_apply,
+    state_dict_exporter,
+    trunc_normal,
 )
+from jaxtl.models.layers import batch_norm, check_nhwc
 from jaxtl.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, torchvision_imagenet
 from jaxtl.models.registry import ModelSpec
-from jaxtl.rules import flatten
+from jaxtl.transfer.structure import Structure
 
 EPSILON = 1e-3  # torchvision's BasicConv2d: nn.BatchNorm2d(out_channels, eps=0.001)
 FEATURES = 2048
@@ -112,9 +116,7 @@ class InceptionConfig:
     @classmethod
     def from_raw(cls, raw: Mapping[str, Any], in_channels: int | None = None) -> InceptionConfig:
         """Reads :func:`detect`'s raw config; ``in_channels`` overrides the checkpoint's."""
-        channels = int(raw.get("in_channels", 3) if in_channels is None else in_channels)
-        if channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {channels}.")
+        channels = check_in_channels(in_channels) or int(raw.get("in_channels", 3))
         config = cls(
             num_channels=channels,
             transform_input=bool(raw.get("transform_input", True)),
@@ -178,11 +180,6 @@ class BasicConv2d(nn.Module):
         return nn.relu(bn(x))
 
 
-def _max_pool(x: jax.Array) -> jax.Array:
-    # F.max_pool2d(kernel_size=3, stride=2): no padding, floor mode.
-    return nn.max_pool(x, (3, 3), strides=(2, 2))
-
-
 def _avg_pool(x: jax.Array) -> jax.Array:
     # F.avg_pool2d(kernel_size=3, stride=1, padding=1), count_include_pad=True by default.
     return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=True)
@@ -230,7 +227,7 @@ class InceptionB(_Block):
         bd = self.conv("branch3x3dbl_1", 64, 1)(x, **mode)
         bd = self.conv("branch3x3dbl_2", 96, 3, padding=(1, 1))(bd, **mode)
         bd = self.conv("branch3x3dbl_3", 96, 3, stride=2)(bd, **mode)
-        return jnp.concatenate([b3, bd, _max_pool(x)], axis=-1)
+        return jnp.concatenate([b3, bd, tl.max_pool(x, 3, 2)], axis=-1)
 
 
 class InceptionC(_Block):
@@ -268,7 +265,7 @@ class InceptionD(_Block):
         b7 = self.conv("branch7x7x3_2", 192, row, padding=_pad(row))(b7, **mode)
         b7 = self.conv("branch7x7x3_3", 192, col, padding=_pad(col))(b7, **mode)
         b7 = self.conv("branch7x7x3_4", 192, 3, stride=2)(b7, **mode)
-        return jnp.concatenate([b3, b7, _max_pool(x)], axis=-1)
+        return jnp.concatenate([b3, b7, tl.max_pool(x, 3, 2)], axis=-1)
 
 
 class InceptionE(_Block):
@@ -317,22 +314,14 @@ _BLOCK_LAYOUT: tuple[tuple[type[_Block], dict[str, int]], ...] = (
 
 
 def _check_pixels(pixel_values: jax.Array, channels: int) -> None:
-    if pixel_values.ndim == 4 and pixel_values.shape[-1] == channels:
-        height, width = pixel_values.shape[1:3]
-        if min(height, width) >= MIN_SIZE:
-            return
+    check_nhwc(pixel_values, channels)
+    height, width = pixel_values.shape[1:3]
+    if min(height, width) < MIN_SIZE:
         raise ValueError(
             f"Inception-v3 needs inputs of at least {MIN_SIZE}x{MIN_SIZE} pixels (its stride-2 "
             f"layers leave nothing smaller), got {height}x{width}. Resize the images (its "
             "pretrained size is 299)."
         )
-    hint = ""
-    if pixel_values.ndim == 4 and pixel_values.shape[1] == channels:
-        hint = " It looks NCHW (PyTorch's layout): pass x.transpose(0, 2, 3, 1)."
-    raise ValueError(
-        f"pixel_values must be NHWC [batch, height, width, {channels}], got shape "
-        f"{tuple(pixel_values.shape)}.{hint} For another channel count load with in_channels=."
-    )
 
 
 class Inception3(nn.Module):
@@ -363,10 +352,10 @@ class Inception3(nn.Module):
         x = conv(32, (3, 3), stride=2, name="Conv2d_1a_3x3")(x, **mode)
         x = conv(32, (3, 3), name="Conv2d_2a_3x3")(x, **mode)
         x = conv(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x, **mode)
-        x = _max_pool(x)
+        x = tl.max_pool(x, 3, 2)
         x = conv(80, (1, 1), name="Conv2d_3b_1x1")(x, **mode)
         x = conv(192, (3, 3), name="Conv2d_4a_3x3")(x, **mode)
-        x = _max_pool(x)
+        x = tl.max_pool(x, 3, 2)
         for name, (block, kwargs) in zip(BLOCKS, _BLOCK_LAYOUT, strict=True):
             x = block(dtype=self.dtype, name=name, **kwargs)(x, **mode)
         pooled = x.mean(axis=(1, 2))  # AdaptiveAvgPool2d(1) + flatten
@@ -414,7 +403,6 @@ def detect(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | None:
 
 
 _OURS = (*STEM, *BLOCKS, "fc")
-_LEAVES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 
 
 def convert_state_dict(
@@ -437,58 +425,15 @@ def convert_state_dict(
     out: dict[str, np.ndarray] = {}
     for name, array in tensors.items():
         *module, leaf = name.split(".")
-        if not module or module[0] not in _OURS:
-            out[name] = array
-            continue
-        path = "/".join(module)
-        if leaf == "num_batches_tracked":
-            continue  # a step counter, not a weight
-        if leaf == "weight" and array.ndim == 4:
-            out[f"{path}/kernel"] = np.transpose(array, (2, 3, 1, 0))
-        elif leaf == "weight" and array.ndim == 2:
-            out[f"{path}/kernel"] = array.T  # torch Linear stores (out, in)
-        elif leaf in ("running_mean", "running_var"):
-            out[f"batch_stats/{path}/{_LEAVES[leaf]}"] = array
-        elif leaf in _LEAVES:
-            out[f"{path}/{_LEAVES[leaf]}"] = array
-        else:
-            out[name] = array
+        ours = bool(module) and module[0] in _OURS
+        if ours and leaf == "num_batches_tracked":
+            continue  # a step counter, not a weight (AuxLogits' stay: they are unexpected)
+        placed = tl.to_flax("/".join(module), leaf, array) if ours else None
+        path, array = placed if placed is not None else (name, array)
+        out[path] = array
     if in_channels is not None and STEM_KERNEL in out:
         out[STEM_KERNEL] = adapt_input_channels(out[STEM_KERNEL], in_channels, axis=-2)
     return out
-
-
-def export_state_dict(
-    params: Mapping[str, Any], batch_stats: Mapping[str, Any], *, modules: tuple[str, ...]
-) -> tuple[dict[str, np.ndarray], None]:
-    """The inverse of :func:`convert_state_dict`: a torchvision state dict, in its order.
-
-    ``modules`` lists the leaf module paths in creation order, which is torchvision's
-    registration (= ``state_dict()``) order. BatchNorm layers get ``num_batches_tracked`` as an
-    int64 zero (the count is not tracked here). No ``AuxLogits`` (see the module docstring).
-    """
-    flat_params = flatten(params)
-    flat_stats = flatten(batch_stats)
-    state: dict[str, np.ndarray] = {}
-
-    def put(name: str, value: Any, layout: tuple[int, ...] | None = None) -> None:
-        value = np.asarray(jax.device_get(value), np.float32)
-        state[name] = np.ascontiguousarray(value if layout is None else value.transpose(layout))
-
-    for module in modules:
-        name = module.replace("/", ".")
-        if f"{module}/kernel" in flat_params:
-            kernel = flat_params[f"{module}/kernel"]
-            put(f"{name}.weight", kernel, (3, 2, 0, 1) if kernel.ndim == 4 else (1, 0))
-        if f"{module}/scale" in flat_params:
-            put(f"{name}.weight", flat_params[f"{module}/scale"])
-        if f"{module}/bias" in flat_params:
-            put(f"{name}.bias", flat_params[f"{module}/bias"])
-        if f"{module}/mean" in flat_stats:
-            put(f"{name}.running_mean", flat_stats[f"{module}/mean"])
-            put(f"{name}.running_var", flat_stats[f"{module}/var"])
-            state[f"{name}.num_batches_tracked"] = np.zeros((), np.int64)
-    return state, None
 
 
 def init_leaf(path: str, leaf: jax.ShapeDtypeStruct, seed: int) -> jax.Array:
@@ -497,18 +442,13 @@ def init_leaf(path: str, leaf: jax.ShapeDtypeStruct, seed: int) -> jax.Array:
     Conv and ``fc`` kernels ~ ``trunc_normal_(std=0.1, a=-2, b=2)`` (the bounds are absolute,
     20 standard deviations out, so no draw is cut in practice but they are honoured); BatchNorm
     scale 1, bias 0; the ``fc`` bias, which ``init_weights`` leaves alone, keeps ``nn.Linear``'s
-    U(+-1/sqrt(2048)). Each param draws from its own numpy stream seeded by
-    ``(seed, crc32(path))``, like :func:`jaxtl.models.common.init_normal_leaf`.
+    U(+-1/sqrt(2048)). Each param draws from its own stream
+    (:func:`jaxtl.models.common.leaf_rng`).
     """
     module, name = path.rsplit("/", 1)
-    rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
-    wide = np.float64 if jnp.dtype(leaf.dtype) == jnp.float64 else np.float32
+    rng = leaf_rng(seed, path)
     if name == "kernel":
-        values = rng.standard_normal(leaf.shape) * 0.1
-        outside = np.abs(values) > 2.0
-        while outside.any():  # trunc_normal_ redraws, it does not clip
-            values[outside] = rng.standard_normal(int(outside.sum())) * 0.1
-            outside = np.abs(values) > 2.0
+        values = trunc_normal(rng, leaf.shape, 0.1)
     elif module == "fc" and name == "bias":
         bound = 1.0 / math.sqrt(FEATURES)
         values = rng.uniform(-bound, bound, leaf.shape)
@@ -516,7 +456,7 @@ def init_leaf(path: str, leaf: jax.ShapeDtypeStruct, seed: int) -> jax.Array:
         values = np.full(leaf.shape, 1.0 if name == "scale" else 0.0)
     else:
         raise ValueError(f"No Inception-v3 initializer for param {path!r}.")
-    return jnp.asarray(values.astype(wide), dtype=leaf.dtype)
+    return jnp.asarray(values.astype(host_dtype(leaf)), dtype=leaf.dtype)
 
 
 def build(
@@ -531,23 +471,21 @@ def build(
 ) -> ModelSpec:
     """Builds the Inception-v3 module, initializer, converters and structure for a state dict.
 
-    Called by :func:`jaxtl.loading.load` through the registry with :func:`detect`'s raw config.
-    ``image_size`` only changes the preprocessing (the network takes any size of at least
+    Called by :func:`jaxtl.weights.loading.load` through the registry with :func:`detect`'s raw
+    config. ``image_size`` only changes the preprocessing (the network takes any size of at least
     75x75); ``in_channels`` changes the stem, whose checkpoint kernel is adapted on load, and
     the input transform (see the module docstring).
     """
     del directory  # a state-dict file: everything comes from detect's raw config
     config = InceptionConfig.from_raw(raw_config, in_channels)
     # torchvision's Inception_V3_Weights transforms: ImageClassification(crop 299, resize 342).
-    preprocessing = torchvision_imagenet(crop=299, resize=342)
-    if image_size is not None:
-        preprocessing = preprocessing.with_size(image_size)
-        if min(preprocessing.size) < MIN_SIZE:
-            raise ValueError(
-                f"image_size={image_size}: Inception-v3 needs at least {MIN_SIZE}x{MIN_SIZE}."
-            )
-    if config.num_channels != 3:
-        preprocessing = preprocessing.with_channels(config.num_channels)
+    preprocessing = torchvision_imagenet(crop=299, resize=342).with_inputs(
+        image_size, config.num_channels
+    )
+    if min(preprocessing.size) < MIN_SIZE:
+        raise ValueError(
+            f"image_size={image_size}: Inception-v3 needs at least {MIN_SIZE}x{MIN_SIZE}."
+        )
 
     module = Inception3(config, task, num_labels, dtype)
     pixels = jax.ShapeDtypeStruct((1, *preprocessing.size, config.num_channels), dtype)
@@ -571,5 +509,5 @@ def build(
             "transform_input": config.transform_input,
             "arch": config.arch,
         },
-        export=functools.partial(export_state_dict, modules=tuple(order)),
+        export=state_dict_exporter(functools.partial(tl.export_state_dict, modules=tuple(order))),
     )

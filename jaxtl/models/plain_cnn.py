@@ -3,8 +3,8 @@
 Both networks are ``features`` (an ``nn.Sequential`` of convs, ReLUs and max pools) ->
 ``AdaptiveAvgPool2d`` -> flatten -> ``classifier`` (an ``nn.Sequential`` of Linear, ReLU and
 Dropout). :class:`SequentialCNN` takes the two layer lists and names every layer by its index in
-the torch ``Sequential``, so the Flax tree is ``features/0/kernel`` ... ``classifier/6/bias`` and the
-checkpoint map is :func:`jaxtl.models.torch_layers.convert_state_dict`. The family files
+the torch ``Sequential``, so the Flax tree is ``features/0/kernel`` ... ``classifier/6/bias`` and
+the checkpoint map is :func:`jaxtl.models.torch_layers.convert_state_dict`. The family files
 (``vgg.py``, ``alexnet.py``) hold only their layer tables, ``detect`` and ``build``.
 """
 
@@ -19,10 +19,17 @@ import jax
 import jax.numpy as jnp
 
 from jaxtl.models import torch_layers as tl
-from jaxtl.models.base import Structure
-from jaxtl.models.common import adapt_input_channels, make_apply
+from jaxtl.models.common import (
+    abstract_variables_in_order,
+    adapt_input_channels,
+    check_in_channels,
+    make_apply,
+    state_dict_exporter,
+)
+from jaxtl.models.layers import check_nhwc
 from jaxtl.models.preprocessing import ImagePreprocessing
 from jaxtl.models.registry import ModelSpec
+from jaxtl.transfer.structure import Structure
 
 # Layer specs, in torch Sequential order: ("conv", out, kernel, stride, padding), ("relu",),
 # ("pool", kernel, stride), ("linear", out), ("dropout", rate).
@@ -71,9 +78,11 @@ class SequentialCNN(nn.Module):
     task: str = "classification"
     num_labels: int = 2
     dtype: Any = jnp.float32
+    in_channels: int = 3
 
     @nn.compact
     def __call__(self, pixel_values: jax.Array, *, train: bool = False) -> jax.Array:
+        check_nhwc(pixel_values, self.in_channels)
         x = _Sequential(self.features, self.dtype, name="features")(
             pixel_values.astype(self.dtype), train=train
         )
@@ -107,7 +116,7 @@ def build_sequential(
     min_size: int,
 ) -> ModelSpec:
     """The :class:`ModelSpec` of a VGG/AlexNet-style network (see the family files)."""
-    channels = in_channels or 3
+    channels = check_in_channels(in_channels) or 3
     if image_size is not None:
         size = image_size if isinstance(image_size, int) else min(image_size)
         if size < min_size:
@@ -115,12 +124,11 @@ def build_sequential(
                 f"image_size={image_size} is too small for {raw_config['arch']}: its pools "
                 f"need at least {min_size}x{min_size} pixels."
             )
-        preprocessing = preprocessing.with_size(image_size)
-    module = SequentialCNN(features, classifier, pool_size, task, num_labels, dtype)
+    preprocessing = preprocessing.with_inputs(image_size, channels)
+    module = SequentialCNN(features, classifier, pool_size, task, num_labels, dtype, channels)
     dummy = jax.ShapeDtypeStruct((1, min_size, min_size, channels), dtype)
-    abstract = jax.eval_shape(lambda r, x: module.init({"params": r}, x), jax.random.key(0), dummy)[
-        "params"
-    ]
+    variables, order = abstract_variables_in_order(module, dummy)
+    abstract = variables["params"]
     apply, forward = make_apply(module, ("pixel_values",))
 
     layers = [f"features/{i}" for i in linear_indices(features)]
@@ -139,9 +147,6 @@ def build_sequential(
             out[stem_kernel] = adapt_input_channels(out[stem_kernel], channels)
         return out
 
-    def export(params, batch_stats):
-        return tl.export_state_dict(params, batch_stats), None
-
     return ModelSpec(
         config=dict(raw_config),
         module=module,
@@ -154,13 +159,13 @@ def build_sequential(
         forward=forward,
         structure=structure,
         extras={
-            "preprocessing": preprocessing.with_channels(channels),
+            "preprocessing": preprocessing,
             "stem_kernel": stem_kernel,
             "feature_size": _penultimate_width(classifier),
             "arch": raw_config["arch"],
             "family": family,
         },
-        export=export,
+        export=state_dict_exporter(functools.partial(tl.export_state_dict, modules=tuple(order))),
     )
 
 

@@ -84,14 +84,19 @@ class ImagePreprocessing:
         )
 
     def with_channels(self, channels: int) -> ImagePreprocessing:
-        """The same recipe for ``channels`` inputs: grayscale uses the mean of the RGB values."""
+        """The same recipe for ``channels`` inputs, matching how
+        :func:`jaxtl.models.common.adapt_input_channels` adapts the stem kernel: grayscale uses
+        the mean of the per-channel values, other counts cycle them."""
         if channels == self.channels:
             return self
-        if channels != 1:
-            raise ValueError(f"Only 1 or {self.channels} channels are supported, got {channels}.")
-        return dataclasses.replace(
-            self, mean=(float(np.mean(self.mean)),), std=(float(np.mean(self.std)),)
-        )
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}.")
+        if channels == 1:
+            return dataclasses.replace(
+                self, mean=(float(np.mean(self.mean)),), std=(float(np.mean(self.std)),)
+            )
+        cycle = lambda v: tuple(v[i % len(v)] for i in range(channels))  # noqa: E731
+        return dataclasses.replace(self, mean=cycle(self.mean), std=cycle(self.std))
 
     def with_size(self, size: int | tuple[int, int]) -> ImagePreprocessing:
         """The same recipe at another input size (the resize keeps its ratio to the crop)."""
@@ -102,6 +107,14 @@ class ImagePreprocessing:
         elif resize is not None:
             resize = size
         return dataclasses.replace(self, size=size, resize=resize)
+
+    def with_inputs(
+        self, image_size: int | tuple[int, int] | None, in_channels: int | None
+    ) -> ImagePreprocessing:
+        """The recipe for a model loaded with ``image_size=`` / ``in_channels=`` (``None``
+        keeps the recipe's own)."""
+        recipe = self if image_size is None else self.with_size(image_size)
+        return recipe if in_channels is None else recipe.with_channels(in_channels)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Preprocesses ``[N, H, W, C]`` or ``[N, H, W]`` (or one ``[H, W, C]``) images, or a

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxtl.models.base import Params, Structure
+from jaxtl.models.base import Params
+from jaxtl.transfer.structure import Structure
 
 TASKS = ("classification", "regression", "features")
 # Every task some family offers; load() checks the family's own list once the family is known.
@@ -29,7 +30,7 @@ KNOWN_TASKS = (*TASKS, "causal_lm")
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """What a family's ``build`` returns: everything :func:`jaxtl.loading.load` needs.
+    """What a family's ``build`` returns: everything :func:`jaxtl.weights.loading.load` needs.
 
     Attributes:
       config: the family's config dataclass.

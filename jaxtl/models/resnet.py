@@ -20,7 +20,7 @@ Numerics follow PyTorch, tested against transformers' PyTorch ResNet and torchvi
 * transformers applies ``config.hidden_act`` only after the stem and after each residual sum;
   the convolutions inside a block always use ReLU (``ResNetConvLayer``'s default). Mirrored here.
 * BatchNorm uses ``epsilon=1e-5`` and runs in inference mode unless its path is under
-  ``bn_train`` (see :func:`jaxtl.models.common.bn_trains`). In training mode both frameworks
+  ``bn_train`` (see :func:`jaxtl.models.layers.bn_trains`). In training mode both frameworks
   normalize with the biased batch variance, but the running average they keep differs:
   PyTorch updates ``running_var`` with the *unbiased* batch variance (times ``n / (n - 1)``,
   ``n = batch * height * width``), Flax's ``nn.BatchNorm`` with the biased one. Running means
@@ -36,7 +36,6 @@ import functools
 import itertools
 import math
 import os
-import zlib
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -45,17 +44,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtl.models.base import Structure
+from jaxtl.models import torch_layers as tl
 from jaxtl.models.common import (
     ACTIVATIONS,
     abstract_variables_in_order,
     adapt_input_channels,
-    batch_norm,
+    check_in_channels,
+    hf_exporter,
+    host_dtype,
+    leaf_rng,
     make_apply,
+    state_dict_exporter,
 )
+from jaxtl.models.layers import batch_norm, check_nhwc
 from jaxtl.models.preprocessing import for_checkpoint, torchvision_imagenet
 from jaxtl.models.registry import ModelSpec
-from jaxtl.rules import flatten
+from jaxtl.transfer.structure import Structure
 
 BLOCKS = ("basic", "bottleneck")
 EPSILON = 1e-5  # torch.nn.BatchNorm2d's default, used by both sources
@@ -227,23 +231,6 @@ def _linear(features: int, fan_in: int, name: str, dtype: Any) -> nn.Dense:
     )
 
 
-def _max_pool(x: jax.Array) -> jax.Array:
-    # nn.MaxPool2d(3, 2, 1): flax pads max pooling with -inf, as torch does.
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-
-
-def _check_pixels(pixel_values: jax.Array, channels: int) -> None:
-    if pixel_values.ndim == 4 and pixel_values.shape[-1] == channels:
-        return
-    hint = ""
-    if pixel_values.ndim == 4 and pixel_values.shape[1] == channels:
-        hint = " It looks NCHW (PyTorch's layout): pass x.transpose(0, 2, 3, 1)."
-    raise ValueError(
-        f"pixel_values must be NHWC [batch, height, width, {channels}], got shape "
-        f"{tuple(pixel_values.shape)}.{hint} For another channel count load with in_channels=."
-    )
-
-
 class _ResNetModule(nn.Module):
     """Fields every ResNet submodule shares: the config and the param/compute dtype."""
 
@@ -329,12 +316,12 @@ class TorchvisionResNet(_ResNetModule):
         self, pixel_values: jax.Array, *, train: bool = False, bn_train: tuple[str, ...] = ()
     ) -> jax.Array:
         c = self.config
-        _check_pixels(pixel_values, c.num_channels)
+        check_nhwc(pixel_values, c.num_channels)
         x = _conv(Conv(c.stem_width, 7, 2), "conv1", self.dtype)(pixel_values.astype(self.dtype))
         x = batch_norm(
             self, "bn1", train=train, bn_train=bn_train, epsilon=EPSILON, dtype=self.dtype
         )(x)
-        x = _max_pool(nn.relu(x))
+        x = tl.max_pool(nn.relu(x), 3, 2, 1)
         for s, depth in enumerate(c.depths):
             blocks = tuple(
                 functools.partial(TorchvisionBlock, c, self.dtype, s, i) for i in range(depth)
@@ -395,7 +382,7 @@ class HFEmbeddings(_ResNetModule):
     def __call__(self, x: jax.Array, *, train: bool, bn_train: tuple[str, ...]) -> jax.Array:
         c = self.config
         stem = ConvBN(Conv(c.stem_width, 7, 2), c.hidden_act, dtype=self.dtype, name="embedder")
-        return _max_pool(stem(x, train=train, bn_train=bn_train))
+        return tl.max_pool(stem(x, train=train, bn_train=bn_train), 3, 2, 1)
 
 
 class HFEncoder(_ResNetModule):
@@ -446,7 +433,7 @@ class HFResNet(_ResNetModule):
         self, pixel_values: jax.Array, *, train: bool = False, bn_train: tuple[str, ...] = ()
     ) -> jax.Array:
         c = self.config
-        _check_pixels(pixel_values, c.num_channels)
+        check_nhwc(pixel_values, c.num_channels)
         x = HFModel(c, self.dtype, name="resnet")(
             pixel_values.astype(self.dtype), train=train, bn_train=bn_train
         )
@@ -514,9 +501,6 @@ def _arch_name(block: str, layers: list[int], inner: int, groups: int) -> str:
     return f"resnet{depth}"
 
 
-_STATS = {"running_mean": "mean", "running_var": "var"}
-
-
 def convert_checkpoint(
     tensors: Mapping[str, np.ndarray],
     *,
@@ -546,26 +530,16 @@ def convert_checkpoint(
             module = ["resnet", *module]
         if leaf == "num_batches_tracked":
             continue  # a step counter, not a weight
-        if not module or not _ours(module[0], source):
-            out[name] = array
-            continue
-        path = "/".join(module)
-        if leaf in _STATS:
-            out[f"batch_stats/{path}/{_STATS[leaf]}"] = array
-        elif leaf == "weight" and array.ndim == 4:
-            out[f"{path}/kernel"] = np.transpose(array, (2, 3, 1, 0))  # OIHW -> HWIO
-        elif leaf == "weight" and array.ndim == 2:
-            out[f"{path}/kernel"] = array.T  # torch Linear stores (out, in)
-        elif leaf in ("weight", "bias"):
-            out[f"{path}/{'scale' if leaf == 'weight' else 'bias'}"] = array
-        else:
-            out[name] = array
+        placed = tl.to_flax("/".join(module), leaf, array) if _ours(module, source) else None
+        path, array = placed if placed is not None else (name, array)
+        out[path] = array
     if in_channels is not None and stem_kernel in out:
         out[stem_kernel] = adapt_input_channels(out[stem_kernel], in_channels, axis=-2)
     return out
 
 
-def _ours(root: str, source: str) -> bool:
+def _ours(module: list[str], source: str) -> bool:
+    root = module[0] if module else ""
     if source == "hf":
         return root in ("resnet", "classifier")
     return root in ("conv1", "bn1", "fc") or (root.startswith("layer") and root[5:].isdigit())
@@ -579,12 +553,11 @@ def init_leaf(
 
     Conv kernels ~ kaiming normal (fan_out, ReLU gain), BatchNorm scale 1 and bias 0, Linear
     kernel and bias ~ U(+-1/sqrt(fan_in)) (torch's default). Each param draws from its own
-    stream seeded by ``(seed, crc32(path))``, like :func:`jaxtl.models.common.init_normal_leaf`.
+    stream (:func:`jaxtl.models.common.leaf_rng`).
     ``dense_fan_in`` maps each Linear module's path to its input width.
     """
     module, name = path.rsplit("/", 1)
-    rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
-    wide = np.float64 if jnp.dtype(leaf.dtype) == jnp.float64 else np.float32
+    rng, wide = leaf_rng(seed, path), host_dtype(leaf)
     if module in dense_fan_in and name in ("kernel", "bias"):
         bound = 1.0 / math.sqrt(dense_fan_in[module])
         values = rng.uniform(-bound, bound, leaf.shape)
@@ -596,57 +569,6 @@ def init_leaf(
     else:
         raise ValueError(f"No ResNet initializer for param {path!r}.")
     return jnp.asarray(values.astype(wide), dtype=leaf.dtype)
-
-
-def export_checkpoint(
-    params: Mapping[str, Any], batch_stats: Mapping[str, Any], *, modules: tuple[str, ...]
-) -> dict[str, np.ndarray]:
-    """The inverse of :func:`convert_checkpoint`: a PyTorch state dict, in torch's order.
-
-    ``modules`` lists the model's module paths in creation order, which both source
-    implementations share with their ``state_dict()`` order. BatchNorm layers get
-    ``num_batches_tracked`` (int64 zero: the count is not tracked here).
-    """
-    flat_params = {k: np.asarray(v) for k, v in flatten(params).items()}
-    flat_stats = {k: np.asarray(v) for k, v in flatten(batch_stats).items()}
-    out: dict[str, np.ndarray] = {}
-    for module in modules:
-        name = module.replace("/", ".")
-        kernel = flat_params.get(f"{module}/kernel")
-        if kernel is not None:
-            layout = (3, 2, 0, 1) if kernel.ndim == 4 else (1, 0)  # HWIO -> OIHW; (in, out) -> T
-            out[f"{name}.weight"] = np.ascontiguousarray(np.transpose(kernel, layout))
-        if f"{module}/scale" in flat_params:
-            out[f"{name}.weight"] = flat_params[f"{module}/scale"]
-        if f"{module}/bias" in flat_params:
-            out[f"{name}.bias"] = flat_params[f"{module}/bias"]
-        if f"{module}/mean" in flat_stats:
-            out[f"{name}.running_mean"] = flat_stats[f"{module}/mean"]
-            out[f"{name}.running_var"] = flat_stats[f"{module}/var"]
-            out[f"{name}.num_batches_tracked"] = np.zeros((), np.int64)
-    return out
-
-
-def _hf_config(
-    raw: Mapping[str, Any], config: ResNetConfig, task: str, num_labels: int
-) -> dict[str, Any]:
-    """config.json for the exported weights: the source's, with this model's head and inputs."""
-    out = {**raw, "model_type": "resnet", "num_channels": config.num_channels}
-    if task == "features":
-        out["architectures"] = ["ResNetModel"]
-        return out
-    labels = raw.get("id2label") or {}
-    if len(labels) != num_labels:
-        labels = {str(i): f"LABEL_{i}" for i in range(num_labels)}
-    out.update(
-        architectures=["ResNetForImageClassification"],
-        id2label=labels,
-        label2id={v: int(k) for k, v in labels.items()},
-        num_labels=num_labels,
-    )
-    if task == "regression":
-        out["problem_type"] = "regression"
-    return out
 
 
 def build(
@@ -661,13 +583,12 @@ def build(
 ) -> ModelSpec:
     """Builds the ResNet module, initializer, converters and structure for one checkpoint.
 
-    Called by :func:`jaxtl.loading.load` through the registry. ``raw_config`` is a Hugging Face
-    config.json (``model_type: resnet``) or the dict :func:`detect` made from a torchvision
-    state dict. ``image_size`` only changes the preprocessing (the network is size-agnostic);
-    ``in_channels`` changes the stem, whose checkpoint kernel is adapted on load.
+    Called by :func:`jaxtl.weights.loading.load` through the registry. ``raw_config`` is a
+    Hugging Face config.json (``model_type: resnet``) or the dict :func:`detect` made from a
+    torchvision state dict. ``image_size`` only changes the preprocessing (the network is
+    size-agnostic); ``in_channels`` changes the stem, whose checkpoint kernel is adapted on load.
     """
-    if in_channels is not None and (isinstance(in_channels, bool) or in_channels < 1):
-        raise ValueError(f"in_channels must be an integer >= 1, got {in_channels!r}.")
+    in_channels = check_in_channels(in_channels)
     torchvision = raw_config.get("format") == "torchvision"
     if torchvision:
         config = ResNetConfig.from_torchvision(raw_config)
@@ -697,17 +618,22 @@ def build(
         )
         stem_kernel, dense = "resnet/embedder/embedder/convolution/kernel", "classifier/1"
         preprocessing = for_checkpoint(directory, torchvision_imagenet())
-    if image_size is not None:
-        preprocessing = preprocessing.with_size(image_size)
-    if in_channels is not None:
-        preprocessing = preprocessing.with_channels(in_channels)
+    preprocessing = preprocessing.with_inputs(image_size, in_channels)
     structure = Structure(stem=stem, blocks=blocks, head=head if has_head else ())
 
-    def export(params: Mapping[str, Any], batch_stats: Mapping[str, Any]):
-        state = export_checkpoint(params, batch_stats, modules=tuple(order))
-        if torchvision:
-            return state, None
-        return state, _hf_config(raw_config, config, task, num_labels)
+    state_dict = functools.partial(tl.export_state_dict, modules=tuple(order))
+    if torchvision:
+        export = state_dict_exporter(state_dict)
+    else:
+        export = hf_exporter(
+            state_dict,
+            raw_config,
+            "ResNetForImageClassification" if has_head else "ResNetModel",
+            num_labels,
+            task,
+            model_type="resnet",
+            num_channels=config.num_channels,
+        )
 
     return ModelSpec(
         config=config,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,10 +26,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.models import preprocessing
-from jaxtl.models.base import Structure
-from jaxtl.models.common import ACTIVATIONS, adapt_input_channels, make_apply
+from jaxtl.models.common import (
+    ACTIVATIONS,
+    abstract_variables,
+    adapt_input_channels,
+    check_in_channels,
+    hf_exporter,
+    leaf_rng,
+    make_apply,
+    trunc_normal,
+)
+from jaxtl.models.layers import check_nhwc, dense, dot_product_attention, layer_norm, split_heads
 from jaxtl.models.registry import ModelSpec
-from jaxtl.rules import flatten
+from jaxtl.transfer.structure import Structure
+from jaxtl.transfer.trees import flatten
 
 STEM_KERNEL = "vit/embeddings/patch_embeddings/projection/kernel"
 POSITIONS = "vit/embeddings/position_embeddings"
@@ -117,26 +126,7 @@ class ViTConfig:
 
 
 def _dense(config: ViTConfig, features: int, name: str, dtype: Any, bias: bool = True):
-    # Module initializers only shape the tree here; jaxtl initializes values with init_leaf.
-    return nn.Dense(
-        features,
-        use_bias=bias,
-        kernel_init=nn.initializers.normal(config.initializer_range),
-        dtype=dtype,
-        param_dtype=dtype,
-        name=name,
-    )
-
-
-def _layer_norm(config: ViTConfig, name: str, dtype: Any) -> nn.LayerNorm:
-    # use_fast_variance=False: E[x^2]-E[x]^2 loses precision against PyTorch's two-pass variance.
-    return nn.LayerNorm(
-        epsilon=config.layer_norm_eps,
-        use_fast_variance=False,
-        dtype=dtype,
-        param_dtype=dtype,
-        name=name,
-    )
+    return dense(features, name, dtype, std=config.initializer_range, bias=bias)
 
 
 class _ViTModule(nn.Module):
@@ -188,23 +178,25 @@ class ViTSelfAttention(_ViTModule):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         c = self.config
-        heads = c.num_attention_heads
-        head_dim = c.attention_dim // heads
-        split = lambda y: y.reshape(*y.shape[:-1], heads, head_dim)  # noqa: E731
-        q = split(_dense(c, c.attention_dim, "query", self.dtype, c.qkv_bias)(x))
-        k = split(_dense(c, c.attention_dim, "key", self.dtype, c.qkv_bias)(x))
-        v = split(_dense(c, c.attention_dim, "value", self.dtype, c.qkv_bias)(x))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * head_dim**-0.5
-        # Softmax in at least float32, as HF does: bf16 exponentials lose too much.
-        scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=not train)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        return out.reshape(*out.shape[:-2], c.attention_dim)
+        q, k, v = (
+            split_heads(
+                _dense(c, c.attention_dim, name, self.dtype, c.qkv_bias)(x), c.num_attention_heads
+            )
+            for name in ("query", "key", "value")
+        )
+        return dot_product_attention(
+            q,
+            k,
+            v,
+            dropout_rate=c.attention_probs_dropout_prob,
+            deterministic=not train,
+            dtype=self.dtype,
+        )
 
 
 class ViTDenseDropout(_ViTModule):
-    """Dense then dropout: HF's ``attention.output`` and ``output`` (residual added by the layer)."""
+    """Dense then dropout: HF's ``attention.output`` and ``output`` (the layer adds the
+    residual)."""
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -236,10 +228,10 @@ class ViTLayer(_ViTModule):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         c, dtype = self.config, self.dtype
-        h = _layer_norm(c, "layernorm_before", dtype)(x)
+        h = layer_norm(c.layer_norm_eps, "layernorm_before", dtype)(x)
         x = x + ViTAttention(c, dtype, name="attention")(h, train=train)
         h = ViTIntermediate(c, dtype, name="intermediate")(
-            _layer_norm(c, "layernorm_after", dtype)(x)
+            layer_norm(c.layer_norm_eps, "layernorm_after", dtype)(x)
         )
         return x + ViTDenseDropout(c, dtype, name="output")(h, train=train)
 
@@ -262,7 +254,7 @@ class ViTModel(_ViTModule):
     def __call__(self, pixel_values: jax.Array, *, train: bool = False) -> jax.Array:
         x = ViTEmbeddings(self.config, self.dtype, name="embeddings")(pixel_values, train=train)
         x = ViTEncoder(self.config, self.dtype, name="encoder")(x, train=train)
-        return _layer_norm(self.config, "layernorm", self.dtype)(x)
+        return layer_norm(self.config.layer_norm_eps, "layernorm", self.dtype)(x)
 
 
 class ViTForTask(_ViTModule):
@@ -279,14 +271,7 @@ class ViTForTask(_ViTModule):
     @nn.compact
     def __call__(self, pixel_values: jax.Array, *, train: bool = False) -> jax.Array:
         c = self.config
-        expected = (*c.image_size, c.num_channels)
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-            # Shapes are static: this fails at trace time, before anything compiles.
-            raise ValueError(
-                f"pixel_values must be NHWC [B, {', '.join(map(str, expected))}], got "
-                f"{tuple(pixel_values.shape)}. Preprocess with model.extras['preprocessing'], or "
-                "load with image_size= / in_channels= for other inputs."
-            )
+        check_nhwc(pixel_values, c.num_channels, c.image_size)  # one size: position embeddings
         cls = ViTModel(c, self.dtype, name="vit")(pixel_values, train=train)[:, 0]
         if self.task == "features":
             return cls
@@ -299,9 +284,9 @@ def init_leaf(path: str, leaf: jax.ShapeDtypeStruct, seed: int, *, config: ViTCo
     Kernels, ``cls_token`` and ``position_embeddings`` ~ ``trunc_normal_(std=initializer_range,
     a=-2, b=2)``; biases 0; LayerNorm scales 1. torch's bounds are absolute, not in stds, so at
     ViT's std 0.02 this equals the plain normal that transformers >= 5 uses for Linear/Conv
-    kernels. Each param draws from its own numpy stream seeded by ``(seed, crc32(path))``, like
-    :func:`jaxtl.models.common.init_normal_leaf`: a head's init does not depend on the rest of
-    the tree and needs no XLA compilation.
+    kernels. Each param draws from its own stream
+    (:func:`jaxtl.models.common.leaf_rng`): a head's init does not depend on the rest of the
+    tree and needs no XLA compilation.
     """
     name = path.rsplit("/", 1)[-1]
     if name == "bias":
@@ -310,12 +295,7 @@ def init_leaf(path: str, leaf: jax.ShapeDtypeStruct, seed: int, *, config: ViTCo
         return jnp.ones(leaf.shape, leaf.dtype)
     if name not in ("kernel", "cls_token", "position_embeddings"):
         raise ValueError(f"No ViT initializer for param {path!r}.")
-    rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
-    values = rng.standard_normal(leaf.shape) * config.initializer_range
-    outside = np.abs(values) > 2.0
-    while outside.any():  # redraw, as torch's inverse-CDF sampler never lands outside [a, b]
-        values[outside] = rng.standard_normal(int(outside.sum())) * config.initializer_range
-        outside = np.abs(values) > 2.0
+    values = trunc_normal(leaf_rng(seed, path), leaf.shape, config.initializer_range)
     return jnp.asarray(values, dtype=leaf.dtype)
 
 
@@ -442,21 +422,14 @@ def _adapt_inputs(out: dict[str, np.ndarray], source: ViTConfig, target: ViTConf
 
 
 def export_hf_checkpoint(
-    params: Mapping[str, Any],
-    batch_stats: Mapping[str, Any] | None = None,
-    *,
-    config: ViTConfig,
-    raw_config: Mapping[str, Any],
-    task: str,
-    num_labels: int,
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The inverse of :func:`convert_hf_checkpoint`: params -> an HF state dict + config.json.
+    params: Mapping[str, Any], batch_stats: Mapping[str, Any] | None = None, *, task: str
+) -> dict[str, np.ndarray]:
+    """The inverse of :func:`convert_hf_checkpoint`: an HF state dict, float32 numpy arrays.
 
     Names and layouts are ``ViTForImageClassification``'s (``ViTModel``'s, without the ``vit.``
-    prefix, for ``task="features"``), as float32 numpy arrays; the config is the checkpoint's,
-    updated with the model's ``image_size``, ``num_channels``, ``architectures`` and head.
-    Write both with ``safetensors.numpy.save_file`` and ``json.dump`` and
-    ``transformers.ViTForImageClassification.from_pretrained`` reads the directory.
+    prefix, for ``task="features"``). Written with ``safetensors.numpy.save_file`` beside
+    :func:`export_hf_config`'s config.json, the directory loads in
+    ``transformers.ViTForImageClassification.from_pretrained``.
     """
     del batch_stats  # ViT has no BatchNorm
     base = [] if task == "features" else ["vit"]  # ViTModel's own names have no prefix
@@ -474,33 +447,20 @@ def export_hf_checkpoint(
             leaf = "weight"
             array = array.T if array.ndim == 2 else array.transpose(3, 2, 0, 1)
         state[".".join([*module, leaf])] = np.ascontiguousarray(array)
+    return state
 
-    hf = {
-        k: v
-        for k, v in raw_config.items()
-        if k not in ("_name_or_path", "transformers_version", "torch_dtype")
-    }
+
+def export_hf_config(config: ViTConfig) -> dict[str, Any]:
+    """What the exported config.json changes besides the head: the model's own input size and
+    channels (after ``image_size=`` / ``in_channels=``), and the float32 of
+    :func:`export_hf_checkpoint`'s arrays."""
     square = config.image_size[0] == config.image_size[1]
-    hf.update(
-        model_type="vit",
-        image_size=config.image_size[0] if square else list(config.image_size),
-        num_channels=config.num_channels,
-        dtype="float32",
-        architectures=["ViTModel" if task == "features" else "ViTForImageClassification"],
-    )
-    if task != "features":
-        old = raw_config.get("id2label") or {}
-        keep = len(old) == num_labels
-        id2label = {
-            str(i): (old.get(str(i)) if keep else None) or f"LABEL_{i}" for i in range(num_labels)
-        }
-        hf.update(
-            num_labels=num_labels,
-            id2label=id2label,
-            label2id={v: int(k) for k, v in id2label.items()},
-            problem_type="regression" if task == "regression" else "single_label_classification",
-        )
-    return state, hf
+    return {
+        "model_type": "vit",
+        "image_size": config.image_size[0] if square else list(config.image_size),
+        "num_channels": config.num_channels,
+        "dtype": "float32",
+    }
 
 
 def default_preprocessing(config: ViTConfig) -> preprocessing.ImagePreprocessing:
@@ -517,16 +477,6 @@ def default_preprocessing(config: ViTConfig) -> preprocessing.ImagePreprocessing
     )
 
 
-def _adapted_preprocessing(recipe, image_size, in_channels):
-    if image_size is not None:
-        recipe = recipe.with_size(image_size)
-    if in_channels is None or in_channels in (1, recipe.channels):
-        return recipe if in_channels is None else recipe.with_channels(in_channels)
-    # Other counts: cycle the per-channel statistics the way adapt_input_channels cycles kernels.
-    cycle = lambda v: tuple(v[i % len(v)] for i in range(in_channels))  # noqa: E731
-    return dataclasses.replace(recipe, mean=cycle(recipe.mean), std=cycle(recipe.std))
-
-
 def build(
     directory: str,
     raw_config: Mapping[str, Any],
@@ -539,27 +489,25 @@ def build(
 ) -> ModelSpec:
     """Builds the ViT module, initializer, converter, exporter and structure for one checkpoint.
 
-    Called by :func:`jaxtl.loading.load` through the registry; ``task`` and ``num_labels`` are
-    already validated there. ``image_size`` builds the model for another input size (position
-    embeddings interpolated at load, as HF's ``interpolate_pos_encoding=True`` does per call);
-    ``in_channels`` adapts the patch projection to that many input channels.
+    Called by :func:`jaxtl.weights.loading.load` through the registry; ``task`` and
+    ``num_labels`` are already validated there. ``image_size`` builds the model for another
+    input size (position embeddings interpolated at load, as HF's
+    ``interpolate_pos_encoding=True`` does per call); ``in_channels`` adapts the patch
+    projection to that many input channels.
     """
     config_path = os.path.join(directory, "config.json") if directory else "config.json"
     source = ViTConfig.from_hf(raw_config, config_path)
     config = source
     if image_size is not None:
         config = config.resized(image_size, "jaxtl.load(image_size=...)")
+    in_channels = check_in_channels(in_channels)
     if in_channels is not None:
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f"in_channels must be an integer >= 1, got {in_channels!r}.")
         config = dataclasses.replace(config, num_channels=in_channels)
     num_labels = 0 if task == "features" else num_labels
     module = ViTForTask(config, dtype, task, num_labels)
 
     pixels = jax.ShapeDtypeStruct((1, *config.image_size, config.num_channels), dtype)
-    abstract = jax.eval_shape(
-        lambda r, x: module.init({"params": r}, x, train=False), jax.random.key(0), pixels
-    )["params"]
+    abstract = abstract_variables(module, pixels)["params"]
     apply, forward = make_apply(module, ("pixel_values",))
 
     structure = Structure(
@@ -570,7 +518,7 @@ def build(
     )
     recipe = preprocessing.for_checkpoint(directory, default_preprocessing(source))
     extras = {
-        "preprocessing": _adapted_preprocessing(recipe, image_size, in_channels),
+        "preprocessing": recipe.with_inputs(image_size, in_channels),
         "image_size": config.image_size,
         "hidden_size": config.hidden_size,
         "stem_kernel": STEM_KERNEL,
@@ -585,11 +533,12 @@ def build(
         forward=forward,
         structure=structure,
         extras=extras,
-        export=functools.partial(
-            export_hf_checkpoint,
-            config=config,
-            raw_config=dict(raw_config),
-            task=task,
-            num_labels=num_labels,
+        export=hf_exporter(
+            functools.partial(export_hf_checkpoint, task=task),
+            raw_config,
+            "ViTModel" if task == "features" else "ViTForImageClassification",
+            num_labels,
+            task,
+            **export_hf_config(config),
         ),
     )

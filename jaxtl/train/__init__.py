@@ -1,15 +1,26 @@
-"""Training: state, compiled steps, the Trainer loop and its configuration."""
+"""Training: configuration, state, losses, compiled steps, the Trainer loop and its tracker."""
 
-from jaxtl.train.config import EarlyStopping, TrainConfig
+from jaxtl.train.config import (
+    CheckpointConfig,
+    DataConfig,
+    EarlyStopping,
+    OptimConfig,
+    TrainConfig,
+)
 from jaxtl.train.state import TrainState
 from jaxtl.train.steps import compile_steps, eval_step, pmap_steps, train_step
+from jaxtl.train.tracker import Tracker
 from jaxtl.train.trainer import FitResult, Trainer
 
 __all__ = [
+    "CheckpointConfig",
+    "DataConfig",
     "EarlyStopping",
     "FitResult",
+    "OptimConfig",
     "TrainConfig",
     "TrainState",
+    "Tracker",
     "Trainer",
     "compile_steps",
     "eval_step",

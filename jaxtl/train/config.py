@@ -1,161 +1,124 @@
-"""Training configuration: the knobs of :class:`jaxtl.train.Trainer`, as plain dataclasses."""
+"""Training configuration: the knobs of :class:`jaxtl.train.Trainer`, in three sections.
+
+- :class:`OptimConfig`: how params move (optimizer, learning rate and schedule, decay, clipping);
+- :class:`~jaxtl.data.config.DataConfig`: what each step sees (batch sizes, augmentation,
+  mixing, loading), defined by the data layer that reads it;
+- :class:`CheckpointConfig`: when to evaluate and save, which evaluation is best, when to stop.
+
+:class:`TrainConfig` holds the three plus the run's budget, seed and BatchNorm mode. Every knob
+has one home, so ``TrainConfig`` also takes the sections' fields by name and routes each to its
+section: ``TrainConfig(epochs=2, learning_rate=1e-3, batch_size=16)`` is
+``TrainConfig(epochs=2, optim=OptimConfig(learning_rate=1e-3), data=DataConfig(batch_size=16))``.
+
+Example:
+  >>> config = TrainConfig(epochs=2, learning_rate=1e-3, batch_size=16)
+  >>> config.optim.learning_rate, config.data.batch_size, config.checkpoint.max_to_keep
+  (0.001, 16, 2)
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import optax
+
+from jaxtl.data.config import DataConfig
+
+__all__ = [
+    "CheckpointConfig",
+    "DataConfig",
+    "EarlyStopping",
+    "OptimConfig",
+    "TrainConfig",
+]
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def _at_least(obj: Any, names: tuple[str, ...], low: int) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < low:
+            flag = name.replace("_", "-")
+            raise ValueError(f"{name} (--{flag}) must be >= {low}, got {value}.")
 
 
 @dataclasses.dataclass
 class EarlyStopping:
-    """Stop when ``metric`` has not improved by ``min_delta`` for ``patience`` evaluations.
+    """Stop when the run's improvement metric has not improved by ``min_delta`` for
+    ``patience`` evaluations.
 
-    ``restore_best`` puts the best evaluation's params back at the end of training.
+    The metric is the run's one improvement rule, shared with the best checkpoint
+    (:meth:`CheckpointConfig.monitor`): ``val_accuracy`` (higher is better) for classification,
+    ``val_loss`` (lower is better) for regression and causal LM, unless a metric is named here or
+    as ``CheckpointConfig.best_metric`` (naming two different ones is an error).
+
+    Attributes:
+      patience: evaluations without improvement before stopping (>= 1).
+      min_delta: how much better than the best so far counts as an improvement.
+      restore_best: put the best evaluation's params back at the end of training.
+      metric: a validation metric the task reports (e.g. ``"val_loss"``); None: the rule above.
+      mode: ``"max"`` or ``"min"``; None: ``"min"`` for losses and perplexity, else ``"max"``.
     """
 
-    metric: str = "val_accuracy"
-    mode: str = "max"
     patience: int = 3
     min_delta: float = 0.0
     restore_best: bool = True
+    metric: str | None = None
+    mode: str | None = None
 
     def __post_init__(self):
-        if self.mode not in ("max", "min"):
+        if self.mode not in (None, "max", "min"):
             raise ValueError(f"EarlyStopping.mode must be 'max' or 'min', got {self.mode!r}.")
         if self.patience < 1:
-            raise ValueError(f"EarlyStopping.patience must be >= 1, got {self.patience}.")
-
-    def improved(self, value: float, best: float | None) -> bool:
-        if best is None:
-            return True
-        if self.mode == "max":
-            return value > best + self.min_delta
-        return value < best - self.min_delta
+            raise ValueError(
+                f"EarlyStopping.patience (--patience) must be >= 1, got {self.patience}."
+            )
 
 
 @dataclasses.dataclass
-class TrainConfig:
-    """How long, how fast and how safely to train.
+class OptimConfig:
+    """How params move.
 
     Attributes:
-      epochs: passes over the training split (ignored when ``max_steps`` is set).
-      max_steps: total optimizer steps; the LR schedule spans exactly these.
-      batch_size: global batch size (split over devices; must divide by the device count).
-      eval_batch_size: global evaluation batch size (rounded up to a multiple of the devices).
+      optimizer: an optax optimizer by name (``"adamw"``, ``"sgd"``, ``"lion"``,
+        ``"adafactor"``, ...; see :func:`jaxtl.transfer.available_optimizers`).
+      optimizer_options: its own keyword arguments, e.g. ``{"momentum": 0.9}`` for SGD.
       learning_rate: peak learning rate (recipes scale it per group with ``lr_mult``).
       schedule: ``"constant"``, ``"linear"`` (decay to 0, BERT's) or ``"cosine"``.
       warmup_steps: linear warmup from 0; ``warmup_ratio`` of the total when 0.
-      weight_decay: AdamW decoupled weight decay on trainable matrices.
+      warmup_ratio: warmup as a fraction of the total steps.
+      weight_decay: decay of trainable matrices (decoupled for AdamW; see
+        :mod:`jaxtl.transfer.optimizer` for the other optimizers).
       clip_norm: clip the global norm of the trainable gradients; ``None`` disables.
-      eval_every: evaluate every N steps; ``None`` evaluates at the end of every epoch.
-      checkpoint_every: save every N steps besides each evaluation; ``None``: at evaluations.
-      max_to_keep: recent checkpoints kept for resume.
-      best_metric / best_mode: what the "best" checkpoint and restore-best rank by; ``None``:
-        ``val_accuracy`` (max) for classification, ``val_loss`` (min) for regression.
-      restore_best: end training with the best-evaluated params (needs a validation split).
-      early_stopping: stop early on a stalled validation metric.
-      seed: seeds params of new heads, dropout (``fold_in(seed key, step)``) and data order.
-      log_every: steps between metric records in ``metrics.jsonl``.
-      progress: show a progress bar; ``None``: only when stdout is a terminal.
-      train_bn: every BatchNorm layer normalizes with batch statistics and updates its running
-        averages, frozen or not. Off (the default), a BatchNorm layer trains only when the plan
-        trains its scale/bias; frozen ones run in inference mode with their running statistics.
-      precise_bn: before every evaluation, replace the training BatchNorm layers' running
-        averages by their exact statistics over the first ``precise_bn`` examples of the training
-        split under the current weights ("precise BN", Wu & Johnson 2021). Running averages lag
-        weights that move fast; with a small momentum (EfficientNet's 0.01) and a short
-        fine-tuning budget they stay near the pretrained values and evaluation suffers. 0: off.
-      augment: per-example image augmentation of the training inputs, e.g.
-        ``"random_resized_crop(0.35),hflip"`` or ``"rand_augment(2, 9),hflip"`` (see
-        :mod:`jaxtl.data.augment`); ``None``: off.
-      mixup: image classification: blend each training image with another,
-        ``lam ~ Beta(mixup, mixup)``, and their targets alike (0.2 is common); 0: off.
-      cutmix: image classification: paste a box of another training image, ``lam ~
-        Beta(cutmix, cutmix)`` (1.0 is common); 0: off. With ``mixup`` also on, each batch
-        uses one of the two, at even odds (timm's convention). See :mod:`jaxtl.data.mixing`.
-      label_smoothing: classification: train on targets ``(1 - e) * one_hot + e / classes``; in
-        ``[0, 1)``, 0: off. Training loss only: evaluation (``val_loss``) stays plain
-        cross-entropy on the true labels, so it compares across runs with and without it.
-      data_workers: grain worker processes that read and augment training batches (0: the
-        training process itself). Batches do not depend on it.
-      prefetch: batches (training and evaluation) placed on the devices ahead of the step
-        that reads them, so the host's copy overlaps the running step
-        (:func:`jaxtl.parallel.prefetch_to_device`); 0: each batch is placed when its step
-        starts. Results do not depend on it.
-      feature_cache: for a recipe with a frozen prefix (linear_probe, last_n(k)): compute the
-        prefix's output once (the head's or the first trained block's input) and train from
-        it (see :mod:`jaxtl.feature_cache`); ``"memory"`` or a directory for ``.npy`` files.
-        ``None``: off.
-      bucket_by_length: text: batch texts of similar length together and pad each batch to
-        the smallest of a few lengths (8, 16, 32, ... up to the padded length) that holds it,
-        so short texts do not pay for long padding and jit compiles only those shapes.
     """
 
-    epochs: int = 3
-    max_steps: int | None = None
-    batch_size: int = 32
-    eval_batch_size: int = 256
+    optimizer: str = "adamw"
+    optimizer_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     learning_rate: float = 5e-5
     schedule: str = "linear"
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     weight_decay: float = 0.01
     clip_norm: float | None = 1.0
-    eval_every: int | None = None
-    checkpoint_every: int | None = None
-    max_to_keep: int = 2
-    best_metric: str | None = None
-    best_mode: str = "max"
-    restore_best: bool = True
-    early_stopping: EarlyStopping | None = None
-    seed: int = 0
-    log_every: int = 20
-    progress: bool | None = None
-    train_bn: bool = False
-    precise_bn: int = 0
-    augment: str | None = None
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    label_smoothing: float = 0.0
-    data_workers: int = 0
-    prefetch: int = 2
-    bucket_by_length: bool = False
-    feature_cache: str | None = None
 
     def __post_init__(self):
-        if isinstance(self.early_stopping, dict):
-            self.early_stopping = EarlyStopping(**self.early_stopping)
-        if self.data_workers < 0:
-            raise ValueError(f"data_workers must be >= 0, got {self.data_workers}.")
-        if self.prefetch < 0:
-            raise ValueError(f"prefetch must be >= 0 batches, got {self.prefetch}.")
-        from jaxtl.data import augment, mixing
+        from jaxtl.transfer.optimizer import optimizer_factory
 
-        augment.parse(self.augment)  # a bad spec fails here, before anything compiles
-        mixing.check_options(self.mixup, self.cutmix, self.label_smoothing)
-        if self.schedule not in ("constant", "linear", "cosine"):
+        optimizer_factory(self.optimizer)  # an unknown name fails here, listing the valid ones
+        if self.schedule not in SCHEDULES:
             raise ValueError(
-                f"schedule must be 'constant', 'linear' or 'cosine', got {self.schedule!r}."
+                f"schedule (--schedule) must be one of {SCHEDULES}, got {self.schedule!r}."
             )
-        for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}.")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
-
-    def best(self, task: str) -> tuple[str, str]:
-        """``(metric, mode)`` that ranks evaluations for this task."""
-        if self.best_metric is not None:
-            return self.best_metric, self.best_mode
-        if task in ("regression", "causal_lm"):
-            return "val_loss", "min"
-        return "val_accuracy", "max"
-
-    def total_steps(self, steps_per_epoch: int) -> int:
-        return self.max_steps if self.max_steps is not None else self.epochs * steps_per_epoch
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate (--lr) must be > 0, got {self.learning_rate}.")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(
+                f"warmup_ratio (--warmup-ratio) must be in [0, 1], got {self.warmup_ratio}."
+            )
+        _at_least(self, ("warmup_steps",), 0)
 
     def lr_schedule(self, total_steps: int) -> optax.Schedule:
         """Warmup (linear from 0) then constant, linear decay to 0, or cosine decay to 0."""
@@ -176,5 +139,199 @@ class TrainConfig:
             return after
         return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    """When to evaluate and save, which evaluation is the best, and when to stop.
+
+    Every evaluation saves the latest checkpoint (and the best one when it improves).
+
+    Attributes:
+      eval_every: evaluate every N steps exactly; ``None``: ``evals_per_epoch`` decides.
+      evals_per_epoch: evaluations per epoch when ``eval_every`` is None, but never more often
+        than every ``min_eval_interval`` steps (a tiny dataset's epoch of 4 steps is evaluated
+        once, not 4 times). The last step is always evaluated.
+      min_eval_interval: the fewest steps between two evaluations that ``evals_per_epoch``
+        asks for (at most one epoch).
+      checkpoint_every: save every N steps besides each evaluation; ``None``: at evaluations.
+      max_to_keep: recent checkpoints kept for resume.
+      best_metric: the validation metric that ranks evaluations (the best checkpoint,
+        restore-best and early stopping); ``None``: ``val_accuracy`` for classification,
+        ``val_loss`` for regression and causal LM.
+      best_mode: ``"max"`` or ``"min"``; ``None``: ``"min"`` for losses and perplexity, else
+        ``"max"``.
+      restore_best: end training with the best-evaluated params (needs a validation split).
+      early_stopping: stop early on a stalled improvement metric.
+    """
+
+    eval_every: int | None = None
+    evals_per_epoch: int = 1
+    min_eval_interval: int = 20
+    checkpoint_every: int | None = None
+    max_to_keep: int = 2
+    best_metric: str | None = None
+    best_mode: str | None = None
+    restore_best: bool = True
+    early_stopping: EarlyStopping | None = None
+
+    def __post_init__(self):
+        if isinstance(self.early_stopping, Mapping):
+            self.early_stopping = EarlyStopping(**self.early_stopping)
+        if self.best_mode not in (None, "max", "min"):
+            raise ValueError(f"best_mode must be 'max' or 'min', got {self.best_mode!r}.")
+        _at_least(self, ("eval_every", "evals_per_epoch", "min_eval_interval"), 1)
+        _at_least(self, ("checkpoint_every", "max_to_keep"), 1)
+
+    def eval_interval(self, steps_per_epoch: int) -> int:
+        """Steps between evaluations.
+
+        Example:
+          >>> c = CheckpointConfig(evals_per_epoch=4)
+          >>> c.eval_interval(187), c.eval_interval(4)  # VADER's epoch; a 38-image folder's
+          (46, 4)
+        """
+        if self.eval_every is not None:
+            return self.eval_every
+        asked = max(1, steps_per_epoch // self.evals_per_epoch)
+        return max(asked, min(self.min_eval_interval, steps_per_epoch))
+
+    def monitor(self, task: str) -> tuple[str, str]:
+        """``(metric, mode)``: the one improvement rule of a run on ``task``, shared by the
+        best checkpoint, restore-best and early stopping.
+
+        Raises:
+          ValueError: two different metrics named (here and in ``early_stopping``), or a
+            metric the task does not report (the message lists those it does).
+
+        Example:
+          >>> CheckpointConfig().monitor("regression")
+          ('val_loss', 'min')
+          >>> CheckpointConfig(early_stopping=EarlyStopping(metric="val_loss")).monitor(
+          ...     "classification")
+          ('val_loss', 'min')
+        """
+        from jaxtl.train.losses import reported_metrics
+
+        es = self.early_stopping
+        named = {m for m in (self.best_metric, es.metric if es else None) if m is not None}
+        if len(named) > 1:
+            raise ValueError(
+                f"best_metric={self.best_metric!r} (--best-metric) and early_stopping.metric="
+                f"{es.metric!r} name two improvement rules; a run ranks its evaluations by one. "
+                "Name one of them (or the same metric twice)."
+            )
+        default = "val_accuracy" if task == "classification" else "val_loss"
+        metric = named.pop() if named else default
+        reported = reported_metrics(task)
+        if metric not in reported:
+            raise ValueError(
+                f"best_metric / early_stopping.metric (--best-metric) {metric!r} is not reported "
+                f"for task={task!r}; its validation metrics are {list(reported)}."
+            )
+        modes = {m for m in (self.best_mode, es.mode if es else None) if m is not None}
+        if len(modes) > 1:
+            raise ValueError(
+                f"best_mode={self.best_mode!r} and early_stopping.mode={es.mode!r} disagree; "
+                "name one of them."
+            )
+        lower = metric.endswith(("loss", "perplexity"))
+        mode = modes.pop() if modes else ("min" if lower else "max")
+        return metric, mode
+
+
+_SECTIONS = {"optim": OptimConfig, "data": DataConfig, "checkpoint": CheckpointConfig}
+_OWNER = {f.name: section for section, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+@dataclasses.dataclass(init=False)
+class TrainConfig:
+    """How long, how fast and how safely to train.
+
+    Attributes:
+      epochs: passes over the training split (ignored when ``max_steps`` is set).
+      max_steps: total optimizer steps; the LR schedule spans exactly these.
+      seed: seeds params of new heads, dropout (``fold_in(seed key, step)``) and data order.
+      log_every: steps between metric records in ``metrics.jsonl``.
+      progress: show a progress bar; ``None``: only when stdout is a terminal.
+      train_bn: every BatchNorm layer normalizes with batch statistics and updates its running
+        averages, frozen or not. Off (the default), a BatchNorm layer trains only when the plan
+        trains its scale/bias; frozen ones run in inference mode with their running statistics.
+      precise_bn: before every evaluation, replace the training BatchNorm layers' running
+        averages by their exact statistics over the first ``precise_bn`` examples of the training
+        split under the current weights ("precise BN", Wu & Johnson 2021). Running averages lag
+        weights that move fast; with a small momentum (EfficientNet's 0.01) and a short
+        fine-tuning budget they stay near the pretrained values and evaluation suffers. 0: off.
+      optim: :class:`OptimConfig`.
+      data: :class:`DataConfig`.
+      checkpoint: :class:`CheckpointConfig`.
+
+    Any field of the three sections may also be given by name (see the module docstring);
+    a section given as a dict (as :meth:`to_dict` writes it) is rebuilt.
+    """
+
+    epochs: int
+    max_steps: int | None
+    seed: int
+    log_every: int
+    progress: bool | None
+    train_bn: bool
+    precise_bn: int
+    optim: OptimConfig
+    data: DataConfig
+    checkpoint: CheckpointConfig
+
+    _DEFAULTS = {
+        "epochs": 3,
+        "max_steps": None,
+        "seed": 0,
+        "log_every": 20,
+        "progress": None,
+        "train_bn": False,
+        "precise_bn": 0,
+    }
+
+    def __init__(self, **options: Any):
+        routed: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+        for key in list(options):
+            if key in _OWNER:
+                routed[_OWNER[key]][key] = options.pop(key)
+        for name, cls in _SECTIONS.items():
+            section = options.pop(name, None)
+            if isinstance(section, Mapping):
+                section = cls(**section)
+            section = cls() if section is None else section
+            if not isinstance(section, cls):
+                raise TypeError(f"TrainConfig {name}= must be a {cls.__name__}, got {section!r}.")
+            setattr(self, name, dataclasses.replace(section, **routed[name]))
+        unknown = sorted(set(options) - set(self._DEFAULTS))
+        if unknown:
+            valid = sorted([*self._DEFAULTS, *_OWNER, *_SECTIONS])
+            raise TypeError(
+                f"TrainConfig got an unknown option {unknown[0]!r}; valid options: {valid}."
+            )
+        for key, default in self._DEFAULTS.items():
+            setattr(self, key, options.get(key, default))
+        _at_least(self, ("epochs", "log_every", "max_steps"), 1)
+        _at_least(self, ("precise_bn",), 0)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        return self.max_steps if self.max_steps is not None else self.epochs * steps_per_epoch
+
+    def lr_schedule(self, total_steps: int) -> optax.Schedule:
+        """The optimizer's learning rate per step (see :meth:`OptimConfig.lr_schedule`)."""
+        return self.optim.lr_schedule(total_steps)
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every option under its own name, as ``run.json`` records it: the sections' fields
+        side by side with the run's (names are unique across sections), so that a run directory
+        reads the same whatever section an option lives in. ``TrainConfig(**d)`` rebuilds it.
+
+        Example:
+          >>> d = TrainConfig(epochs=2, learning_rate=1e-3).to_dict()
+          >>> d["epochs"], d["learning_rate"], d["batch_size"], TrainConfig(**d).optim.learning_rate
+          (2, 0.001, 32, 0.001)
+        """
+        out = {key: getattr(self, key) for key in self._DEFAULTS}
+        for name in _SECTIONS:
+            out.update(dataclasses.asdict(getattr(self, name)))
+        return out

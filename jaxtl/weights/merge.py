@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtl.rules import flatten, is_under, unflatten
+from jaxtl.transfer.rules import matcher, prefix_pattern, search_only
+from jaxtl.transfer.trees import flatten, is_under, unflatten
 
 
 class Mismatch(NamedTuple):
@@ -123,9 +124,12 @@ def merge_checkpoint(
         names that are not model paths (e.g. unconverted pretraining heads) count as unexpected.
       head: path prefixes of the task head. A head may be absent from the checkpoint (then it
         stays initialized) or have other shapes (then the whole head is re-initialized).
-      ignore_mismatched: regexes (``re.search`` on the path) of non-head params allowed to keep
-        their initialization when the checkpoint shape differs.
-      allow_missing: regexes of non-head params allowed to be absent from the checkpoint.
+      ignore_mismatched: patterns of non-head params allowed to keep their initialization when
+        the checkpoint shape differs. The rule language's dialect
+        (:func:`jaxtl.transfer.rules.matcher`): each pattern must match a whole "/"-joined path
+        (``re.fullmatch``), e.g. ``prefix_pattern("bert/pooler")`` or ``r".*/query/kernel"``.
+      allow_missing: patterns (the same dialect) of non-head params allowed to be absent from
+        the checkpoint.
       initializer: ``initializer(path, placeholder) -> array`` for placeholder leaves.
       source: where the checkpoint came from, for the report.
 
@@ -145,8 +149,8 @@ def merge_checkpoint(
     """
     model = flatten(init_params)
     in_head = _prefix_matcher(head)
-    mismatch_ok = _regex_matcher(ignore_mismatched)
-    missing_ok = _regex_matcher(allow_missing)
+    mismatch_ok = matcher(ignore_mismatched, "ignore_mismatched")
+    missing_ok = matcher(allow_missing, "allow_missing")
 
     report = LoadReport(source=source)
     errors: list[Mismatch] = []
@@ -165,9 +169,11 @@ def merge_checkpoint(
         else:
             report.loaded.append(path)
     if errors:
-        raise ValueError(_mismatch_message(errors, head))
+        hint = _substring_hint(ignore_mismatched, [m.path for m in errors], "ignore_mismatched")
+        raise ValueError(_mismatch_message(errors, head) + hint)
     if missing:
-        raise ValueError(_missing_message(missing, checkpoint, model, head))
+        hint = _substring_hint(allow_missing, missing, "allow_missing")
+        raise ValueError(_missing_message(missing, checkpoint, model, head) + hint)
 
     # A head is one unit: if any of its params mismatched, a half-loaded head (say a 3-label bias
     # next to a fresh 2-label kernel) is meaningless, so every param under it is re-initialized.
@@ -196,11 +202,17 @@ def _prefix_matcher(prefixes: Sequence[str]):
     return lambda path: any(is_under(path, p) for p in prefixes)
 
 
-def _regex_matcher(patterns: Sequence[str]):
-    if isinstance(patterns, str):  # a bare string would otherwise be read as one-char patterns
-        patterns = (patterns,)
-    compiled = [re.compile(p) for p in patterns]
-    return lambda path: any(r.search(path) for r in compiled)
+def _substring_hint(patterns: Sequence[str], paths: Sequence[str], option: str) -> str:
+    """Names the patterns that were written as substrings (``re.search`` style): they match
+    inside these paths but not a whole path, which is what the rule language requires."""
+    near = search_only(patterns, paths)
+    if not near:
+        return ""
+    fixes = ", ".join(f"{p!r} -> {'.*' + p.strip('^$') + '.*'!r}" for p in near)
+    return (
+        f'\nNote: {option} patterns must match a whole "/"-joined path (re.fullmatch, as in '
+        f"every jaxtl rule); these only match part of one: {fixes}."
+    )
 
 
 def _mismatch_message(errors: list[Mismatch], head: Sequence[str]) -> str:
@@ -214,7 +226,8 @@ def _mismatch_message(errors: list[Mismatch], head: Sequence[str]) -> str:
     example = "|".join(re.escape(m.path) for m in errors[:3])
     lines.append(
         "This usually means config.json does not describe these weights. To start these params "
-        f"from random init instead, pass ignore_mismatched=(r'^({example})$',)."
+        f"from random init instead, pass ignore_mismatched=(r'{example}',) (patterns match "
+        "whole param paths)."
     )
     return "\n".join(lines)
 
@@ -236,6 +249,6 @@ def _missing_message(
     prefix = "/".join(missing[0].split("/")[:2])
     lines.append(
         "Loading would leave these params at random init. If that is intended, pass "
-        f"allow_missing=(r'^{re.escape(prefix)}/',) (regexes over these paths)."
+        f"allow_missing=(r'{prefix_pattern(prefix)}',) (patterns match whole param paths)."
     )
     return "\n".join(lines)

@@ -71,7 +71,8 @@ def _read_pickle(path: str) -> Mapping[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError (or RuntimeError on older versions)
         raise UnsafeCheckpointError(
-            f"Refused to load {path}: torch.load(weights_only=True) rejected it ({_reason(e)}). The file "
+            f"Refused to load {path}: torch.load(weights_only=True) rejected it ({_reason(e)}). "
+            "The file "
             "holds objects other than tensors, and unpickling them could run arbitrary code, so "
             "jaxtl does not fall back to full unpickling. Get the weights as .safetensors, or, "
             "only if you trust the file's origin, re-save just its state dict yourself."

@@ -3,8 +3,8 @@
 Every "which params does X apply to" question in jaxtl (freezing, LR multipliers, LoRA targets,
 sharding) is answered the same way, after big_vision's ``(regex, value)`` tables:
 
-1. each leaf of a pytree gets a path, its keys joined with ``"/"``
-   (``{"bert": {"encoder": {"layer_0": {"kernel": x}}}}`` -> ``"bert/encoder/layer_0/kernel"``);
+1. each leaf of a pytree gets a path, its keys joined with ``"/"`` (:mod:`jaxtl.transfer.trees`:
+   ``{"bert": {"encoder": {"layer_0": {"kernel": x}}}}`` -> ``"bert/encoder/layer_0/kernel"``);
 2. the rules are tried in order and the first whose pattern :func:`re.fullmatch` es the whole
    path gives the leaf's value;
 3. a leaf that no rule matches is an error (:class:`UnmatchedParamsError`) unless the caller
@@ -23,24 +23,23 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import numpy as np
+
+from jaxtl.transfer.trees import flatten, paths_and_leaves
 
 __all__ = [
     "REQUIRED",
     "InvalidRuleError",
     "Rules",
     "UnmatchedParamsError",
-    "count_params",
-    "flatten",
     "match",
-    "path_str",
+    "matcher",
+    "search_only",
     "prefix_pattern",
     "rule_usage",
-    "tree_bytes",
     "tree_from_rules",
     "unused_rules",
 ]
@@ -88,92 +87,6 @@ class UnmatchedParamsError(ValueError):
             '(prefix_pattern("enc") matches "enc" and everything below it), '
             "or pass default=<value>."
         )
-
-
-def path_str(keypath: Iterable[Any]) -> str:
-    """Joins a jax key path (from ``jax.tree_util.tree_flatten_with_path``) with ``"/"``.
-
-    Args:
-      keypath: a sequence of ``DictKey``, ``GetAttrKey``, ``SequenceKey`` or
-        ``FlattenedIndexKey`` entries.
-
-    Returns:
-      e.g. ``"enc/layer_0/kernel"``; list and tuple indices appear as numbers (``"blocks/0/w"``).
-
-    Example:
-      >>> from jax.tree_util import DictKey, SequenceKey
-      >>> path_str((DictKey("enc"), SequenceKey(0), DictKey("kernel")))
-      'enc/0/kernel'
-    """
-    parts = []
-    for k in keypath:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(k.key))
-        else:  # A custom key type: its str() is the best name we have.
-            parts.append(str(k))
-    return "/".join(parts)
-
-
-def _paths_and_leaves(tree: Any) -> tuple[list[str], list[Any], Any]:
-    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    paths = [path_str(kp) for kp, _ in leaves_with_path]
-    return paths, [leaf for _, leaf in leaves_with_path], treedef
-
-
-def flatten(tree: Any) -> dict[str, Any]:
-    """Maps each leaf's "/"-joined path to the leaf, in tree order.
-
-    Raises:
-      ValueError: two leaves share a path (e.g. a key ``"a/b"`` beside ``{"a": {"b": ...}}``),
-        which would make rules ambiguous.
-
-    Example:
-      >>> flatten({"b": {"x": 1}, "a": [2, 3]})
-      {'a/0': 2, 'a/1': 3, 'b/x': 1}
-    """
-    paths, leaves, _ = _paths_and_leaves(tree)
-    out = dict(zip(paths, leaves, strict=True))
-    if len(out) != len(paths):
-        seen: set[str] = set()
-        dupes = sorted({p for p in paths if p in seen or seen.add(p)})
-        raise ValueError(
-            f"Several leaves share the path(s) {dupes}: a key contains '/'. "
-            "Rename the key so that every leaf has its own '/'-joined path."
-        )
-    return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested dicts from ``{"a/b/c": leaf}``: the inverse of :func:`flatten` for dict trees.
-
-    Example:
-      >>> unflatten({"enc/kernel": 1, "enc/bias": 0})
-      {'enc': {'kernel': 1, 'bias': 0}}
-    """
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
-
-
-def is_under(path: str, prefix: str) -> bool:
-    """Whether ``path`` is ``prefix`` itself or lies below it (at a ``"/"`` boundary).
-
-    Example:
-      >>> is_under("enc/layer_1/kernel", "enc/layer_1"), is_under("enc/layer_10", "enc/layer_1")
-      (True, False)
-    """
-    return path == prefix or path.startswith(prefix.rstrip("/") + "/")
 
 
 def prefix_pattern(prefix: str) -> str:
@@ -278,7 +191,7 @@ def tree_from_rules(tree: Any, rules: Rules, default: Any = REQUIRED) -> Any:
       {'a': False, 'b': {'c': True}}
     """
     compiled = _compile(rules)
-    paths, _, treedef = _paths_and_leaves(tree)
+    paths, _, treedef = paths_and_leaves(tree)
     values, unmatched = [], []
     for path in paths:
         i = _first_match(compiled, path)
@@ -324,34 +237,48 @@ def unused_rules(tree: Any, rules: Rules) -> list[tuple[str, Any]]:
     ]
 
 
-def _leaf_size(leaf: Any) -> int:
-    # ShapeDtypeStruct has .shape but no array protocol; Python scalars have neither.
-    shape = leaf.shape if hasattr(leaf, "shape") else np.shape(leaf)
-    return int(np.prod(shape, dtype=np.int64))
+def matcher(patterns: str | Sequence[str], what: str = "patterns") -> Callable[[str], bool]:
+    """A predicate ``path -> bool``: whether any of ``patterns`` fully matches the path.
 
+    The same dialect as the rule tables (:func:`re.fullmatch`), for options that name a set of
+    params without values, e.g. :func:`jaxtl.load`'s ``allow_missing`` and
+    ``ignore_mismatched``. A bare string is one pattern, not a sequence of characters.
 
-def _leaf_bytes(leaf: Any) -> int:
-    dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
-    return _leaf_size(leaf) * np.dtype(dtype).itemsize
-
-
-def count_params(tree: Any) -> int:
-    """Total number of elements over the leaves (arrays or ``jax.ShapeDtypeStruct``).
+    Raises:
+      InvalidRuleError: a pattern is not a valid regular expression (``what`` names the option).
 
     Example:
-      >>> import numpy as np
-      >>> count_params({"w": np.zeros((3, 4)), "b": np.zeros(4)})
-      16
+      >>> allowed = matcher([prefix_pattern("bert/pooler")])
+      >>> allowed("bert/pooler/dense/kernel"), allowed("bert/embeddings/word_embeddings")
+      (True, False)
     """
-    return sum(_leaf_size(x) for x in jax.tree.leaves(tree))
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except (re.error, TypeError) as e:
+            raise InvalidRuleError(
+                f"{what}: {pattern!r} is not a valid regular expression ({e}); patterns are "
+                'matched against whole "/"-joined param paths with re.fullmatch.'
+            ) from e
+    return lambda path: any(r.fullmatch(path) for r in compiled)
 
 
-def tree_bytes(tree: Any) -> int:
-    """Total bytes of the leaves (arrays, scalars or ``jax.ShapeDtypeStruct``).
+def search_only(patterns: str | Sequence[str], paths: Sequence[str]) -> list[str]:
+    """The patterns that fully match none of ``paths`` but would match inside one
+    (:func:`re.search`): a hint that the caller wrote a substring, not a whole-path pattern.
 
     Example:
-      >>> import numpy as np
-      >>> tree_bytes({"w": np.zeros((3, 4), np.float32), "step": np.int32(0)})
-      52
+      >>> search_only(["pooler/", "enc(/.*)?"], ["enc/kernel", "bert/pooler/dense/kernel"])
+      ['pooler/']
     """
-    return sum(_leaf_bytes(x) for x in jax.tree.leaves(tree))
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    out = []
+    for pattern in patterns:
+        regex = re.compile(pattern)
+        if not any(regex.fullmatch(p) for p in paths) and any(regex.search(p) for p in paths):
+            out.append(pattern)
+    return out

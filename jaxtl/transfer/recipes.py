@@ -1,15 +1,18 @@
 """Transfer recipes: which params train, at what learning rate, as a :class:`Plan`.
 
-A recipe is a function ``(Structure, *args) -> Plan``. A :class:`Plan` is an ordered rule table
-(:mod:`jaxtl.rules`: "/"-joined path regex -> group name) plus the :class:`Group` each name
-stands for. From it come the label tree, the trainable mask, a printed table, and one optax
-transformation built with ``optax.partition``: frozen groups get no optimizer state and no
-update, each trainable group gets AdamW at ``learning_rate * lr_mult``.
+A recipe is a function ``(Structure, *args) -> Plan``, one per recipe in this file, reachable
+by name through :data:`RECIPES` and :func:`make_plan`. A :class:`~jaxtl.transfer.plan.Plan` is
+an ordered rule table (:mod:`jaxtl.transfer.rules`: "/"-joined path regex -> group name) plus
+the :class:`~jaxtl.transfer.plan.Group` each name stands for. From it come the label tree, the
+trainable mask, a printed table, and one optax transformation
+(:mod:`jaxtl.transfer.optimizer`): frozen groups get no optimizer state and no update, each
+trainable group its optimizer (AdamW by default) at ``learning_rate * lr_mult``.
 
 Example:
   >>> import numpy as np
-  >>> from jaxtl.models.base import Structure
-  >>> params = {"enc": {"layer_0": {"kernel": np.ones((2, 2))}, "layer_1": {"kernel": np.ones((2, 2))}},
+  >>> from jaxtl.transfer.structure import Structure
+  >>> block = lambda: {"kernel": np.ones((2, 2))}
+  >>> params = {"enc": {"layer_0": block(), "layer_1": block()},
   ...           "classifier": {"kernel": np.ones((2, 3)), "bias": np.zeros(3)}}
   >>> structure = Structure(blocks=("enc/layer_0", "enc/layer_1"), head=("classifier",))
   >>> plan = make_plan("last_n(1)", structure)
@@ -28,10 +31,13 @@ Where later recipes go (each is a new function plus a ``RECIPES`` entry; the Pla
   re-initialises the optimizer state of newly unfrozen groups (and recompiles the step once per
   stage). The alternative, one Plan whose ``lr_mult`` becomes a step schedule that is 0 until
   the group's stage, compiles once but holds moments for every group from the start.
-- **LoRA**: the adapter adds params, so the recipe also names a new collection (e.g. a
-  ``collections: dict[str, Rules]`` field saying which kernels get adapters); the base params
-  go to a frozen group and the adapter paths (``.../lora_a``, ``.../lora_b``) to a trainable
-  one, with the same rule language.
+- **LoRA**: the adapter adds params, so it is a file of its own beside this one
+  (``jaxtl/transfer/lora.py``: target rules -> adapter params, merge, export) whose recipe
+  returns a Plan here: base params frozen, ``.../lora_a`` and ``.../lora_b`` trainable, with
+  the same rule language.
+- **LP-FT** (Kumar et al. 2022): two stages, linear_probe then full, like gradual unfreezing.
+- **L2-SP** (Li et al. 2018): full fine-tuning plus a penalty toward the pretrained params: an
+  optimizer term (``jaxtl/transfer/optimizer.py``) over the trainable groups.
 """
 
 from __future__ import annotations
@@ -42,21 +48,19 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from jaxtl.models.base import Structure
-from jaxtl.plan import Group, GroupRow, Plan
-from jaxtl.rules import prefix_pattern
+from jaxtl.transfer.plan import Group, Plan
+from jaxtl.transfer.rules import prefix_pattern
+from jaxtl.transfer.structure import Structure
 
 __all__ = [
     "RECIPES",
-    "Group",
-    "GroupRow",
-    "Plan",
     "bitfit",
     "full",
     "last_n",
     "layerwise_lr_decay",
     "linear_probe",
     "make_plan",
+    "recipe_name",
 ]
 
 
@@ -213,6 +217,25 @@ def _parse(spec: str) -> tuple[str, list[Any], dict[str, Any]]:
     if len(kwargs) != len(node.keywords):
         raise ValueError(f"recipe {spec!r}: '**' arguments are not supported.")
     return node.func.id, args, kwargs
+
+
+def recipe_name(spec: str | Plan) -> str:
+    """The registered name of a recipe spec, aliases and shorthands resolved.
+
+    Example:
+      >>> recipe_name("probe"), recipe_name("last2"), recipe_name("llrd(0.8)")
+      ('linear_probe', 'last_n', 'layerwise_lr_decay')
+
+    Raises:
+      ValueError: an unparsable spec or an unknown recipe (the message lists the valid ones).
+    """
+    if isinstance(spec, Plan):
+        return spec.name
+    name, _, _ = _parse(spec)
+    name = _ALIASES.get(name, name)
+    if name not in RECIPES:
+        raise ValueError(f"unknown transfer recipe {name!r} in {spec!r}; {_usage()}")
+    return name
 
 
 def make_plan(spec: str | Plan | Callable[[Structure], Plan], structure: Structure) -> Plan:

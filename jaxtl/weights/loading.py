@@ -20,7 +20,7 @@ import tokenizers
 from jaxtl.models import registry
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.common import init_stat_leaf
-from jaxtl.rules import flatten, unflatten
+from jaxtl.transfer.trees import flatten, unflatten
 from jaxtl.weights.merge import merge_checkpoint
 from jaxtl.weights.safetensors_io import INDEX_FILE, find_weight_files, read_safetensors_dir
 from jaxtl.weights.state_dict import read_state_dict
@@ -300,7 +300,8 @@ def _check_directory(path: str | os.PathLike) -> str:
     if not os.path.isfile(os.path.join(directory, "config.json")):
         found = sorted(os.listdir(directory))
         raise FileNotFoundError(
-            f"No config.json in {directory} (found: {found[:12]}{' ...' if len(found) > 12 else ''}). "
+            f"No config.json in {directory} "
+            f"(found: {found[:12]}{' ...' if len(found) > 12 else ''}). "
             "jaxtl.load needs the Hugging Face config.json that describes the architecture; "
             "point path at the directory that holds it."
         )

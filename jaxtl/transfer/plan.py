@@ -1,10 +1,10 @@
-"""The transfer plan: an ordered rule table -> groups -> one optax transformation.
+"""The transfer plan: an ordered rule table -> groups -> labels, masks and the plan table.
 
-A :class:`Plan` maps every param (by its "/"-joined path, :mod:`jaxtl.rules`) to a named
-:class:`Group`. From it come the label tree, the trainable mask, the printed plan table and an
-``optax.partition`` optimizer: frozen groups get no update and no optimizer state, each
-trainable group AdamW at ``learning_rate * lr_mult``. Recipes that build plans live in
-:mod:`jaxtl.strategies`.
+A :class:`Plan` maps every param (by its "/"-joined path, :mod:`jaxtl.transfer.rules`) to a
+named :class:`Group`. From it come the label tree, the trainable mask, the printed plan table and
+(:mod:`jaxtl.transfer.optimizer`) an ``optax.partition`` optimizer: frozen groups get no update
+and no optimizer state, each trainable group its optimizer at ``learning_rate * lr_mult``.
+Recipes that build plans live in :mod:`jaxtl.transfer.recipes`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from jaxtl.rules import count_params, flatten, tree_bytes, tree_from_rules
-from jaxtl.rules import unused_rules as _unused_rules
+from jaxtl.transfer.optimizer import DEFAULT_OPTIMIZER, make_optimizer
+from jaxtl.transfer.rules import tree_from_rules
+from jaxtl.transfer.rules import unused_rules as _unused_rules
+from jaxtl.transfer.trees import count_params, flatten, tree_bytes
 
 __all__ = ["Group", "GroupRow", "Plan"]
 
@@ -66,37 +67,6 @@ class GroupRow:
     opt_state_bytes: int | None
 
 
-def _freeze() -> optax.GradientTransformation:
-    """``optax.set_to_zero()`` with ``-0.0`` instead of ``+0.0``.
-
-    ``p + (-0.0) == p`` bit for bit for every float, but ``(-0.0) + (+0.0)`` is ``+0.0``, so
-    ``set_to_zero`` flips the sign bit of frozen entries that are ``-0.0``. Stateless like it.
-    """
-
-    def init_fn(params):
-        del params
-        return optax.EmptyState()
-
-    def update_fn(updates, state, params=None):
-        del params
-        return jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _decay_mask(tree: Any) -> Any:
-    # BERT practice (Devlin et al. 2019): no decay on biases and LayerNorm scales, i.e. ndim < 2.
-    return jax.tree.map(lambda x: x.ndim >= 2, tree)
-
-
-def _scaled(learning_rate: float | optax.Schedule, mult: float) -> float | optax.Schedule:
-    if mult == 1.0:
-        return learning_rate
-    if callable(learning_rate):
-        return lambda count: learning_rate(count) * mult
-    return learning_rate * mult
-
-
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """An ordered rule table ``(path regex, group name)`` and the groups it names.
@@ -135,7 +105,7 @@ class Plan:
         """A tree like ``params`` holding each leaf's group name.
 
         Raises:
-          jaxtl.rules.UnmatchedParamsError: a param matches no rule.
+          jaxtl.transfer.rules.UnmatchedParamsError: a param matches no rule.
         """
         return tree_from_rules(params, self.rules)
 
@@ -151,30 +121,14 @@ class Plan:
         self,
         learning_rate: float | optax.Schedule,
         *,
+        name: str = DEFAULT_OPTIMIZER,
         weight_decay: float = 0.01,
         clip_norm: float | None = 1.0,
-        b1: float = 0.9,
-        b2: float = 0.999,
-        eps: float = 1e-8,
+        **options: Any,
     ) -> optax.GradientTransformation:
-        """AdamW per trainable group, nothing for frozen groups, global-norm clipping.
-
-        The transformation computes labels from the tree optax passes to ``init``/``update``
-        (``optax.partition`` accepts a label function), so it needs no params to build and
-        works on params, gradients and ``jax.eval_shape`` structs alike. A param no rule
-        matches fails at ``init``; call :meth:`labels` or :meth:`table` to check earlier.
-
-        Args:
-          learning_rate: base learning rate or optax schedule; each group uses it times
-            ``lr_mult``.
-          weight_decay: decoupled (AdamW) decay for trainable leaves with ``ndim >= 2``; biases
-            and norm scales are never decayed, frozen leaves never touched.
-          clip_norm: clip by the global norm of the *trainable* gradients; None disables.
-          b1, b2, eps: Adam hyperparameters.
-
-        Returns:
-          An optax transformation; its Adam state is ``2 x`` the trainable params' bytes plus
-          one int32 step count per trainable group (and one per group for a schedule).
+        """This plan's optimizer: :func:`jaxtl.transfer.optimizer.make_optimizer` (AdamW by
+        default, or any optax optimizer by ``name``) per trainable group, nothing for frozen
+        groups, clipping of the trainable gradients' global norm.
 
         Example:
           >>> import jax.numpy as jnp
@@ -188,30 +142,14 @@ class Plan:
           >>> bool((new["body"]["w"] == 1).all()), bool((new["head"]["w"] < 1).all())
           (True, True)
         """
-        transforms = {}
-        for g in self.groups.values():
-            if not g.trainable:
-                transforms[g.name] = _freeze()
-                continue
-            wd = weight_decay if g.weight_decay is None else g.weight_decay
-            transforms[g.name] = optax.adamw(
-                _scaled(learning_rate, g.lr_mult),
-                b1=b1,
-                b2=b2,
-                eps=eps,
-                weight_decay=wd,
-                mask=_decay_mask,
-            )
-        chain = []
-        if clip_norm is not None:
-            # The global norm must not see frozen grads: one large frozen grad would otherwise
-            # shrink every trainable step. Zero them first (stateless), then clip.
-            if any(not g.trainable for g in self.groups.values()):
-                frozen = lambda tree: jax.tree.map(lambda t: not t, self.trainable_mask(tree))  # noqa: E731
-                chain.append(optax.masked(optax.set_to_zero(), frozen))
-            chain.append(optax.clip_by_global_norm(clip_norm))
-        chain.append(optax.partition(transforms, self.labels))
-        return optax.chain(*chain)
+        return make_optimizer(
+            self,
+            learning_rate,
+            name=name,
+            weight_decay=weight_decay,
+            clip_norm=clip_norm,
+            **options,
+        )
 
     def _measure(self, params: Any, optimizer: optax.GradientTransformation | None):
         labels = flatten(self.labels(params))
@@ -260,7 +198,8 @@ class Plan:
         Example:
           >>> import numpy as np
           >>> plan = Plan(((".*", "all"),), [Group("all", True)], name="full")
-          >>> print(plan.table({"w": np.zeros((2, 2), np.float32)}))  # doctest: +NORMALIZE_WHITESPACE
+          >>> w = {"w": np.zeros((2, 2), np.float32)}
+          >>> print(plan.table(w))  # doctest: +NORMALIZE_WHITESPACE
           Transfer plan full
           group  rules  trains  lr_mult  weight_decay  params  opt_state
           all    .*     yes     1        default       4       36 B
@@ -303,6 +242,3 @@ def _fmt_bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
-
-
-# ----------------------------------------------------------------------------- recipes

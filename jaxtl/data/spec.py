@@ -1,0 +1,178 @@
+"""A data source as a JSON spec: what a run directory records so that ``jaxtl evaluate`` can
+rebuild the very splits a run trained and was scored on.
+
+:func:`describe` turns the user's options (a name or path, and where to find columns and
+splits) into a spec; :func:`resolve` turns a spec back into splits.
+
+Example:
+  >>> describe("vader")
+  {'kind': 'vader'}
+  >>> describe("tfds:mnist", splits="train[:90%],train[90%:],test")["splits"]
+  ['train[:90%]', 'train[90%:]', 'test']
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from jaxtl.data.images import ImageSplits, digits, from_folder
+from jaxtl.data.sources import TextSplits, from_table, vader
+
+__all__ = ["describe", "resolve"]
+
+
+def describe(
+    data: str,
+    *,
+    data_dir: str | None = None,
+    splits: str | Sequence[str] | None = None,
+    input_column: str | None = None,
+    label_column: str | None = None,
+    skip_corrupt: bool = False,
+    modality: str = "text",
+) -> dict:
+    """The JSON spec of a data source (see :func:`resolve`).
+
+    Args:
+      data: ``"vader"`` (embedded), a .csv / .jsonl file, an image folder
+        ``DIR/<class>/<images>``, ``"tfds:NAME[/CONFIG][:VERSION]"`` or ``"hf:DIR"`` (a Hugging
+        Face dataset saved with ``save_to_disk``) (``--data``).
+      data_dir: where a TFDS dataset is prepared (``--data-dir``; tfds only).
+      splits: train, validation and test split expressions, as a list or one comma-separated
+        string (``--splits``; tfds and hf only).
+      input_column: the text (or image) column (``--text-column``).
+      label_column: the label column (``--label-column``).
+      skip_corrupt: image folders: skip undecodable files instead of stopping
+        (``--skip-corrupt``).
+      modality: what the model reads, ``"text"`` or ``"image"``.
+
+    Raises:
+      ValueError: options that do not apply to this kind of source, or a directory given to a
+        text model.
+    """
+    split_list = _split_list(splits)
+    if data == "vader":
+        return {"kind": "vader"}
+    if data.startswith("tfds:"):
+        return {
+            "kind": "tfds",
+            "name": data,
+            "data_dir": os.path.abspath(data_dir) if data_dir else None,
+            "splits": split_list,
+            "input_key": input_column,
+            "label_key": label_column,
+            "modality": modality,
+        }
+    if data.startswith("hf:"):
+        path = data[len("hf:") :]
+        if not path or data_dir:
+            raise ValueError(
+                "--data hf:DIR names the directory that Dataset.save_to_disk or "
+                "DatasetDict.save_to_disk wrote (data='hf:DIR'; data_dir / --data-dir applies "
+                "to tfds:NAME only)."
+            )
+        return {
+            "kind": "hf",
+            "path": os.path.abspath(path),
+            "splits": split_list,
+            "input_column": input_column,
+            "label_column": label_column,
+            "seed": 0,
+            "modality": modality,
+        }
+    if data_dir or splits:
+        raise ValueError(
+            "data_dir / --data-dir applies to --data tfds:NAME only, and splits / --splits to "
+            "tfds:NAME or hf:DIR."
+        )
+    if os.path.isdir(data):
+        if modality != "image":
+            raise ValueError(
+                f"{data!r} is a directory (an image folder), but the model reads text; pass an "
+                "image model (--model), or a .csv / .jsonl file (--data)."
+            )
+        return {
+            "kind": "folder",
+            "path": os.path.abspath(data),
+            "seed": 0,
+            "skip_corrupt": skip_corrupt,
+        }
+    return {
+        "kind": "table",
+        "path": os.path.abspath(data),
+        "text_column": input_column or "text",
+        "label_column": label_column or "label",
+        "seed": 0,
+    }
+
+
+def _split_list(splits: str | Sequence[str] | None) -> list[str] | None:
+    if not splits:
+        return None
+    out = [s.strip() for s in splits.split(",")] if isinstance(splits, str) else list(splits)
+    if len(out) != 3:
+        raise ValueError(
+            f"splits (--splits) takes three comma-separated split expressions "
+            f"(train, validation, test); got {splits!r}."
+        )
+    return out
+
+
+def resolve(spec: dict, *, num_labels: int, task: str) -> TextSplits | ImageSplits:
+    """Rebuild a dataset from the JSON spec that a run directory records.
+
+    ``{"kind": "vader"}``, ``{"kind": "digits", "per_class": 10 or None, "seed": 0}`` or
+    ``{"kind": "table", "path": ..., "text_column": ..., "label_column": ..., "seed": 0}`` or
+    ``{"kind": "tfds", "name": "tfds:NAME", "data_dir": ..., "splits": [...] or None, ...}`` or
+    ``{"kind": "folder", "path": ..., "seed": 0, "skip_corrupt": False}`` or
+    ``{"kind": "hf", "path": ..., "splits": [...] or None, "input_column": ..., "seed": 0, ...}``
+    (a Hugging Face dataset saved with ``save_to_disk``).
+    """
+    kind = spec.get("kind")
+    if kind == "digits":
+        return digits(spec.get("per_class"), seed=spec.get("seed", 0))
+    if kind == "vader":
+        return vader(spec.get("path"))
+    if kind == "table":
+        return from_table(
+            spec["path"],
+            text_column=spec.get("text_column", "text"),
+            label_column=spec.get("label_column", "label"),
+            num_labels=num_labels,
+            task=task,
+            seed=spec.get("seed", 0),
+        )
+    if kind == "folder":
+        return from_folder(
+            spec["path"], seed=spec.get("seed", 0), skip_corrupt=spec.get("skip_corrupt", False)
+        )
+    if kind == "tfds":
+        from jaxtl.data import tfds_source
+
+        return tfds_source.load(
+            spec["name"],
+            data_dir=spec.get("data_dir"),
+            splits=spec.get("splits"),
+            input_key=spec.get("input_key"),
+            label_key=spec.get("label_key"),
+            task=task,
+            modality=spec.get("modality"),
+        )
+    if kind == "hf":
+        from jaxtl.data import hf_source
+
+        return hf_source.load_from_disk(
+            spec["path"],
+            input_column=spec.get("input_column"),
+            label_column=spec.get("label_column"),
+            splits=spec.get("splits"),
+            seed=spec.get("seed", 0),
+            task=task,
+            num_labels=num_labels,
+            modality=spec.get("modality"),
+        )
+    raise ValueError(
+        f"Unknown data kind {kind!r}: expected 'vader', 'digits', 'table', 'folder', 'tfds' "
+        "or 'hf'."
+    )

@@ -1,0 +1,348 @@
+"""Experiments: several runs (arms) of one model on one dataset, compared in one table.
+
+An :class:`Arm` is a recipe on the pretrained model or on the same architecture from random
+init (the scratch baseline), at a learning rate (by default the recipe's own,
+:func:`default_learning_rate`). :func:`run_arms` runs each arm into ``OUT/<arm>/`` through
+:func:`jaxtl.run.finetune`, keeps the arms a resumed experiment already finished, and applies
+a feature cache to the pretrained arms that have a frozen prefix. :func:`write_summary` writes
+``OUT/summary.json`` and ``OUT/comparison.png``. ``jaxtl finetune``, ``--preset digits``
+(:mod:`jaxtl.presets`) and ``examples/`` are all this loop with other arms and data.
+
+Example (the demo, from Python)::
+
+    import jaxtl
+    from jaxtl import experiment
+
+    path = jaxtl.default_model_dir()
+    pretrained = jaxtl.load(path, num_labels=2)
+    load = lambda arm: pretrained if arm.pretrained else jaxtl.load(path, pretrained=False)
+    arms = experiment.arms(["full", "linear_probe"], scratch=True)
+    config = jaxtl.TrainConfig(epochs=1, evals_per_epoch=4)
+    results = experiment.run_arms("runs/demo", arms, load, jaxtl.data.vader(), config)
+    table, plot = experiment.write_summary("runs/demo", results)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from jaxtl import feature_cache, report
+from jaxtl.models.base import LoadedModel
+from jaxtl.run import finetune
+from jaxtl.train import TrainConfig
+from jaxtl.transfer.recipes import make_plan, recipe_name
+
+__all__ = [
+    "DEFAULT_LR",
+    "DEMO_REFERENCE",
+    "FULL_LR",
+    "Arm",
+    "Comparison",
+    "arms",
+    "default_learning_rate",
+    "check_recipes",
+    "compare",
+    "demo_reference",
+    "experiment_dir",
+    "run_arms",
+    "write_summary",
+]
+
+# Peak learning rates of the reference recipes when none is given: a head alone trains best far
+# faster than a whole pretrained network.
+FULL_LR = 5e-5
+DEFAULT_LR = {"linear_probe": 1e-3}
+
+# transformers + PyTorch on the same VADER split, batch 32, AdamW, 3 epochs (issue #2).
+DEMO_REFERENCE = {
+    "pretrained full": "95.6%",
+    "pretrained linear_probe": "88.6%",
+    "scratch full": "85.2%",
+}
+
+
+def default_learning_rate(recipe: str) -> float:
+    """The peak learning rate for ``recipe`` when the user names none, by the *parsed* recipe:
+    ``"probe"`` is ``linear_probe`` and gets its 1e-3.
+
+    Example:
+      >>> default_learning_rate("probe"), default_learning_rate("last_n(2)")
+      (0.001, 5e-05)
+    """
+    return DEFAULT_LR.get(recipe_name(recipe), FULL_LR)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One run of an experiment.
+
+    Attributes:
+      name: how tables and directories name it, e.g. ``"pretrained full"``.
+      recipe: the transfer recipe (``"full"``, ``"linear_probe"``, ``"last_n(2)"``, ...).
+      pretrained: the pretrained weights (True) or the same architecture from random init.
+      learning_rate: peak learning rate; None: :func:`default_learning_rate` of the recipe.
+    """
+
+    name: str
+    recipe: str
+    pretrained: bool
+    learning_rate: float | None = None
+
+    @property
+    def dirname(self) -> str:
+        """The arm's directory name: ``"pretrained full"`` -> ``"pretrained-full"``."""
+        return self.name.replace(" ", "-").replace("(", "").replace(")", "")
+
+
+def arms(
+    recipes: Sequence[str], *, scratch: bool = True, learning_rate: float | None = None
+) -> list[Arm]:
+    """``pretrained <recipe>`` for each recipe, then (with ``scratch``) ``scratch full``, the
+    same architecture from random init on the same budget.
+
+    Example:
+      >>> [a.name for a in arms(["full", "probe"])]
+      ['pretrained full', 'pretrained probe', 'scratch full']
+    """
+    out = [Arm(f"pretrained {r}", r, True, learning_rate) for r in recipes]
+    if scratch:
+        out.append(Arm("scratch full", "full", False, learning_rate))
+    return out
+
+
+def run_arms(
+    out: str,
+    arms: Sequence[Arm],
+    load_model: Callable[[Arm], LoadedModel],
+    data: Any,
+    config: TrainConfig,
+    *,
+    group: str | None = None,
+    resume: bool = False,
+    describe: Callable[[Arm, LoadedModel], dict] | dict | None = None,
+    long_texts: str = "truncate",
+    verbose: bool = True,
+) -> list[dict]:
+    """Runs every arm into ``out/<arm.dirname>`` and returns their ``results.json`` dicts.
+
+    Args:
+      out: the experiment directory.
+      arms: the runs, in order.
+      load_model: the model of an arm (called once per arm that runs; return the same
+        pretrained model for several arms to load it once).
+      data: the splits (e.g. :func:`jaxtl.data.vader`).
+      config: the runs' configuration; each arm sets its own learning rate, and
+        ``config.data.feature_cache`` applies only to pretrained arms with a frozen prefix.
+      group: a label shared by these arms (e.g. a training-set size): run names become
+        ``"<group> <arm>"`` and each result records it as ``"group"``.
+      resume: keep the arms that already finished (their ``results.json``) and resume the
+        unfinished one from its latest checkpoint.
+      describe: JSON facts each ``run.json`` records so that ``jaxtl evaluate`` can rebuild the
+        model and data, as a dict or per arm.
+      long_texts: texts longer than the model's positions: ``"truncate"`` or ``"error"``.
+      verbose: print plan tables and progress.
+
+    Raises:
+      ValueError: an unknown or malformed recipe, before the first arm starts.
+    """
+    results = []
+    for arm in arms:
+        name = f"{group} {arm.name}" if group else arm.name
+        workdir = os.path.join(out, arm.dirname)
+        done = os.path.join(workdir, "results.json")
+        if resume and os.path.exists(done):
+            with open(done) as f:
+                results.append(_grouped(json.load(f), group))
+            print(f"{name}: already finished in {workdir}, kept.")
+            continue
+        model = load_model(arm)
+        lr = arm.learning_rate or default_learning_rate(arm.recipe)
+        arm_config = dataclasses.replace(
+            config,
+            optim=dataclasses.replace(config.optim, learning_rate=lr),
+            data=dataclasses.replace(config.data, feature_cache=_cache_for(arm, model, config)),
+        )
+        facts = describe(arm, model) if callable(describe) else describe
+        result = finetune(
+            model,
+            arm.recipe,
+            data,
+            arm_config,
+            workdir,
+            name=name,
+            resume=resume,
+            describe=facts,
+            long_texts=long_texts,
+            verbose=verbose,
+        )
+        results.append(_grouped(result.to_dict(), group))
+    return results
+
+
+def experiment_dir(out: str | None, prefix: str, *, resume: bool = False) -> str:
+    """``out``, or ``runs/<prefix>-<timestamp>`` when None; with ``resume`` it must exist.
+
+    Raises:
+      ValueError: ``resume`` without an existing directory.
+    """
+    if out is None:
+        if resume:
+            raise ValueError(
+                "resume (--resume) needs the experiment directory to continue (--out)."
+            )
+        return os.path.join("runs", time.strftime(f"{prefix}-%Y%m%d-%H%M%S"))
+    if resume and not os.path.isdir(out):
+        raise ValueError(
+            f"resume (--resume) needs an existing experiment directory (--out); {out!r} "
+            "does not exist."
+        )
+    return out
+
+
+def check_recipes(recipes: Sequence[str], model: LoadedModel) -> None:
+    """Fails on a bad recipe before any arm runs (the message lists the valid ones)."""
+    for r in recipes:
+        make_plan(r, model.structure)
+
+
+def _grouped(result: dict, group: str | None) -> dict:
+    return {**result, "group": group} if group else result
+
+
+def _cache_for(arm: Arm, model: LoadedModel, config: TrainConfig) -> str | None:
+    """The feature cache applies to pretrained arms whose recipe leaves a frozen prefix."""
+    cache = config.data.feature_cache
+    if not cache or not arm.pretrained:
+        return None
+    if not feature_cache.applies(model, make_plan(arm.recipe, model.structure)):
+        print(f"{arm.name}: trains from the stem on, so --feature-cache does not apply to it.")
+        return None
+    return cache
+
+
+def demo_reference(
+    config: TrainConfig, *, demo_data: bool, learning_rate_given: bool
+) -> dict | None:
+    """:data:`DEMO_REFERENCE` when the run is the demo under the reference recipe (embedded
+    model and data, 3 epochs, batch 32, no step limit, default learning rates), else None:
+    other budgets are not comparable with it."""
+    same = (config.epochs, config.data.batch_size, config.max_steps) == (3, 32, None)
+    return DEMO_REFERENCE if demo_data and same and not learning_rate_given else None
+
+
+def write_summary(
+    out: str,
+    results: Sequence[dict],
+    *,
+    reference: Mapping[str, str] | None = None,
+    table: str | None = None,
+    **facts: Any,
+) -> tuple[str, str]:
+    """``out/summary.json`` (the results, the reference and ``facts``) and ``out/comparison.png``
+    (every arm's curves).
+
+    Returns:
+      ``(table, plot path)``: ``table`` as given, or the comparison table of the results.
+    """
+    if table is None:
+        table = report.format_table(*report.comparison_rows(results, reference))
+    plot = report.plot_curves(
+        [r["workdir"] for r in results],
+        os.path.join(out, "comparison.png"),
+        [r["name"] for r in results],
+    )
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump({**facts, "results": list(results), "reference": reference}, f, indent=2)
+    return table, plot
+
+
+@dataclasses.dataclass
+class Comparison:
+    """What :func:`compare` returns."""
+
+    table: str  # the printed comparison table
+    results: list[dict]  # every arm's results.json
+    plot: str  # OUT/comparison.png
+    reference: dict | None  # the reference numbers the table shows, if comparable
+    directory: str
+
+
+def compare(
+    model: LoadedModel,
+    data_spec: dict,
+    recipes: Sequence[str],
+    config: TrainConfig,
+    out: str,
+    *,
+    load_options: Mapping[str, Any],
+    scratch: bool = True,
+    learning_rate: float | None = None,
+    resume: bool = False,
+    long_texts: str = "truncate",
+    demo: bool = False,
+) -> Comparison:
+    """``jaxtl finetune``: each recipe on the pretrained ``model`` and (with ``scratch``) the same
+    architecture from random init, on the data of ``data_spec``, compared in one table.
+
+    Args:
+      model: the pretrained model (:func:`jaxtl.load` of ``model.path`` with ``load_options``).
+      data_spec: the JSON description of the data (:func:`jaxtl.data.resolve`), recorded in
+        every run directory so that ``jaxtl evaluate`` can rebuild it.
+      recipes: the recipes to run on the pretrained model.
+      config: the runs' configuration (each arm sets its learning rate).
+      out: the experiment directory.
+      load_options: the :func:`jaxtl.load` options of ``model`` (task, num_labels, pooling,
+        image_size, in_channels); the scratch arm is loaded with the same.
+      scratch: add the from-scratch baseline (``full``, random init, same budget).
+      learning_rate: every arm's peak learning rate; None: each recipe's default.
+      resume: keep finished arms, resume the unfinished one.
+      long_texts: ``"truncate"`` or ``"error"`` for texts longer than the model's positions.
+      demo: the embedded model and data, whose reference numbers the table may show.
+
+    Raises:
+      ValueError: a bad recipe, a data source that does not fit the model, ... before any
+        arm starts.
+    """
+    from jaxtl.data import resolve
+    from jaxtl.weights.loading import load
+
+    data = resolve(data_spec, num_labels=model.num_labels, task=model.task)
+    check_recipes(recipes, model)
+    describe = {
+        "model": {
+            "path": os.path.abspath(model.path),
+            "task": model.task,
+            "num_labels": model.num_labels,
+            "pooling": model.extras.get("pooling"),
+            "image_size": load_options.get("image_size"),
+            "in_channels": load_options.get("in_channels"),
+        },
+        "data": data_spec,
+    }
+    options = {**load_options, "pooling": model.extras.get("pooling")}
+
+    def load_model(arm: Arm) -> LoadedModel:
+        if arm.pretrained:
+            return model
+        return load(model.path, **options, pretrained=False, seed=config.seed)
+
+    results = run_arms(
+        out,
+        arms(recipes, scratch=scratch, learning_rate=learning_rate),
+        load_model,
+        data,
+        config,
+        resume=resume,
+        describe=describe,
+        long_texts=long_texts,
+    )
+    reference = demo_reference(
+        config, demo_data=demo, learning_rate_given=learning_rate is not None
+    )
+    table, plot = write_summary(out, results, reference=reference)
+    return Comparison(table, results, plot, reference, out)

@@ -1,0 +1,174 @@
+"""The layers several model families share, one copy each.
+
+Each family keeps its own module tree and param names (checkpoint name maps and parity tests
+depend on them); what lives here is the arithmetic under those names, written once so that a
+numerics fix reaches every family:
+
+* :func:`dense` and :func:`layer_norm`: transformers' ``nn.Linear`` and PyTorch's
+  ``nn.LayerNorm`` (BERT, GPT-2, ViT);
+* :func:`dot_product_attention`: the masked softmax-attention core of BERT, GPT-2 and ViT, after
+  each family's own q/k/v projections (:func:`split_heads` gives it their shape);
+* :func:`batch_norm`: PyTorch's ``BatchNorm2d``, in inference or training mode per layer
+  (:func:`bn_trains`), for ResNet, Inception and EfficientNet;
+* :func:`check_nhwc`: the pixel-layout contract of every image family, checked while tracing.
+
+The builders create their Flax modules in the caller's scope (they must be called inside a
+``@nn.compact`` method), so a module built here has the path and PRNG stream it had when each
+family built its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxtl.transfer.trees import is_under
+
+
+def dense(features: int, name: str, dtype: Any, *, std: float, bias: bool = True) -> nn.Dense:
+    """transformers' ``nn.Linear`` as its ``_init_weights`` draws it: kernel ~ normal(std), zero
+    bias. (Loading initializes values with the family's ``init_leaf``; the module initializer
+    matters only to a direct ``module.init``.)"""
+    return nn.Dense(
+        features,
+        use_bias=bias,
+        kernel_init=nn.initializers.normal(std),
+        dtype=dtype,
+        param_dtype=dtype,
+        name=name,
+    )
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """``[..., T, H * D]`` projections -> ``[..., T, H, D]`` heads for
+    :func:`dot_product_attention`."""
+    return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    dropout_rate: float,
+    deterministic: bool,
+    dtype: Any,
+    scale: float | None = None,
+) -> jax.Array:
+    """Multi-head softmax attention of ``q [B, Tq, H, D]`` over ``k, v [B, Tk, H, D]``.
+
+    Computes transformers' eager attention: ``softmax(q k^T * scale)`` over the keys, dropout on
+    the probabilities, then the weighted sum of ``v``.
+
+    Args:
+      q, k, v: queries, keys and values, split into heads (:func:`split_heads`).
+      mask: ``True`` where a query may attend to a key, broadcastable to the scores
+        ``[B, H, Tq, Tk]`` (e.g. ``padding[:, None, None, :]``, ``causal[:, None]``); ``None``
+        attends everywhere.
+      dropout_rate: attention-probability dropout (transformers' ``attention_probs_dropout_prob``
+        / ``attn_pdrop``). Its ``nn.Dropout`` is created in the calling module, as that
+        module's next ``Dropout_<n>``: a submodule of its own would move it to another PRNG
+        stream and change every dropout mask.
+      deterministic: no dropout (inference).
+      dtype: the dtype the probabilities are cast back to before meeting ``v``.
+      scale: multiplies the scores; default ``D ** -0.5``.
+
+    Returns:
+      The context ``[B, Tq, H * D]``, heads merged back in order.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    # Softmax in at least float32, as transformers upcasts: bf16 exponentials lose too much.
+    scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+    if mask is not None:
+        # transformers adds finfo.min to masked scores; any finite score + finfo.min rounds to
+        # finfo.min, so `where` gives the same result without the overflow to -inf adding can hit.
+        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    probs = nn.Dropout(dropout_rate)(probs, deterministic=deterministic)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return out.reshape(*out.shape[:-2], out.shape[-2] * out.shape[-1])
+
+
+def layer_norm(epsilon: float, name: str, dtype: Any) -> nn.LayerNorm:
+    """PyTorch's ``nn.LayerNorm(eps=epsilon)`` over the last axis, params in ``dtype``."""
+    # use_fast_variance=False: E[x^2]-E[x]^2 loses precision against PyTorch's two-pass variance.
+    return nn.LayerNorm(
+        epsilon=epsilon,
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=dtype,
+        name=name,
+    )
+
+
+def bn_trains(module: nn.Module, name: str, train: bool, bn_train: tuple[str, ...]) -> bool:
+    """Whether the BatchNorm child ``name`` of ``module`` normalizes with batch statistics.
+
+    Transfer needs a per-layer answer: a frozen BatchNorm must keep using the running statistics
+    it was pretrained with (a frozen backbone is a fixed function), while a BatchNorm in a trained
+    block updates them. ``bn_train`` lists the "/"-joined paths (or path prefixes) of the layers
+    in training mode; it is static, so each distinct set compiles once.
+    """
+    path = "/".join((*module.path, name))
+    return train and any(is_under(path, p) for p in bn_train)
+
+
+def batch_norm(
+    module: nn.Module,
+    name: str,
+    *,
+    train: bool,
+    bn_train: tuple[str, ...],
+    epsilon: float = 1e-5,
+    torch_momentum: float = 0.1,
+    dtype: Any = jnp.float32,
+) -> nn.BatchNorm:
+    """A PyTorch-equivalent ``nn.BatchNorm`` child in inference or training mode per
+    :func:`bn_trains`. PyTorch's ``momentum`` weighs the new batch; Flax's the old average."""
+    return nn.BatchNorm(
+        use_running_average=not bn_trains(module, name, train, bn_train),
+        momentum=1.0 - torch_momentum,
+        epsilon=epsilon,
+        dtype=dtype,
+        param_dtype=dtype,
+        name=name,
+    )
+
+
+def check_nhwc(pixel_values: jax.Array, channels: int, size: tuple[int, int] | None = None) -> None:
+    """Raises a ``ValueError`` that names the fix unless ``pixel_values`` is NHWC.
+
+    Shapes are static, so a wrong input fails while tracing, on the host, before anything
+    compiles (instead of as a kernel-shape error deep inside the first conv).
+
+    Args:
+      pixel_values: the model's input.
+      channels: the channel count the model was built for.
+      size: ``(height, width)`` for models that take only one size (ViT's position
+        embeddings); ``None`` for models that take any.
+    """
+    shape = tuple(pixel_values.shape)
+    if len(shape) == 4 and shape[-1] == channels and (size is None or shape[1:3] == tuple(size)):
+        return
+    dims = "height, width" if size is None else f"{size[0]}, {size[1]}"
+    hint = ""
+    if len(shape) == 4 and shape[1] == channels and shape[-1] != channels:
+        hint = (
+            " It looks like NCHW (PyTorch's layout): transpose it to NHWC with "
+            "x.transpose(0, 2, 3, 1)."
+        )
+    other = (
+        "load the model with in_channels= for another channel count"
+        if size is None
+        else "load the model with image_size= / in_channels= for other inputs"
+    )
+    raise ValueError(
+        f"pixel_values must be NHWC [batch, {dims}, {channels}], got shape {shape}.{hint} "
+        f"Preprocess images with model.extras['preprocessing'], or {other}."
+    )

@@ -1,0 +1,147 @@
+"""What a step scores: the loss of each task, its metric sums, and what evaluation reports.
+
+One copy of each, shared by the train step, the eval step and the tests: cross-entropy for
+classification (class ids, or per-class probabilities from mixup / cutmix / label smoothing),
+squared error for regression, and next-token cross-entropy for a causal LM (position ``t``
+predicts token ``t + 1``; padded targets are weighted out, as transformers does with
+``labels == -100``).
+
+Batches are dicts: the model's inputs plus ``label`` (not for a causal LM: its targets are its
+inputs) and, for evaluation, ``weight`` (1 for a real example, 0 for padding, so a padded last
+batch counts every example exactly once).
+
+Example:
+  >>> import math, jax.numpy as jnp
+  >>> logits = jnp.zeros((1, 3, 4))  # uniform over 4 tokens
+  >>> loss = mean_loss(logits, {"input_ids": jnp.array([[1, 2, 3]])}, "causal_lm")
+  >>> round(float(loss), 4) == round(math.log(4), 4)
+  True
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = [
+    "TASKS",
+    "mean_loss",
+    "metric_sums",
+    "per_example_loss",
+    "reported_metrics",
+    "summarize",
+    "train_metrics",
+]
+
+TASKS = ("classification", "regression", "causal_lm")
+
+
+def _targets(outputs: jax.Array, batch: dict, task: str):
+    """``(predictions, targets, weights)``: what each loss term compares, padding weighted 0.
+
+    Classification and regression score one prediction per row (``weight`` is 0 for the padding
+    rows of a last eval batch). A causal LM scores every next token: position ``t`` predicts
+    token ``t + 1``, and targets that are padding (``attention_mask == 0``) are weighted out.
+    """
+    weight = batch.get("weight")
+    if weight is None:
+        weight = jnp.ones(outputs.shape[0], jnp.float32)
+    weight = weight.astype(jnp.float32)
+    if task == "causal_lm":
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        mask = jnp.ones_like(ids) if mask is None else mask
+        return outputs[:, :-1], ids[:, 1:], mask[:, 1:].astype(jnp.float32) * weight[:, None]
+    return outputs, batch["label"], weight
+
+
+def _soft(outputs: jax.Array, labels: jax.Array, task: str) -> bool:
+    """Whether ``labels`` are per-class probabilities (``[B, C]``) rather than class ids."""
+    return task == "classification" and labels.ndim == outputs.ndim
+
+
+def per_example_loss(outputs: jax.Array, labels: jax.Array, task: str) -> jax.Array:
+    """Cross-entropy for classification (integer or soft labels) and causal LM (per token);
+    squared error for regression (``num_labels == 1``)."""
+    if task == "regression":
+        return jnp.square(outputs[..., 0].astype(jnp.float32) - labels.astype(jnp.float32))
+    logits = outputs.astype(jnp.float32)
+    if _soft(outputs, labels, task):
+        return optax.softmax_cross_entropy(logits, labels.astype(jnp.float32))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _correct(preds: jax.Array, targets: jax.Array, weight: jax.Array, task: str) -> jax.Array:
+    if _soft(preds, targets, task):  # a mixed target's larger part counts as the answer
+        targets = jnp.argmax(targets, axis=-1)
+    return jnp.sum((jnp.argmax(preds, axis=-1) == targets).astype(jnp.float32) * weight)
+
+
+def metric_sums(outputs: jax.Array, batch: dict, task: str) -> dict:
+    """Weighted sums (not means) so that batches, devices and hosts add up exactly.
+
+    ``count`` is the number of scored predictions: examples, or target tokens for a causal LM
+    (which also reports ``examples``, its real rows).
+    """
+    preds, targets, weight = _targets(outputs, batch, task)
+    sums = {
+        "loss_sum": jnp.sum(per_example_loss(preds, targets, task) * weight),
+        "count": jnp.sum(weight),
+    }
+    if task != "regression":
+        sums["correct"] = _correct(preds, targets, weight, task)
+    if task == "causal_lm":
+        sums["examples"] = jnp.sum(batch.get("weight", jnp.ones(preds.shape[0], jnp.float32)))
+    return sums
+
+
+def mean_loss(outputs: jax.Array, batch: dict, task: str) -> jax.Array:
+    """The training objective: the weighted mean of :func:`per_example_loss` over the batch
+    (over its non-padding target tokens for a causal LM)."""
+    preds, targets, weight = _targets(outputs, batch, task)
+    total = jnp.sum(per_example_loss(preds, targets, task) * weight)
+    return total / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def train_metrics(loss: jax.Array, outputs: jax.Array, batch: dict, task: str) -> dict:
+    """A train step's metrics: its loss and (not for regression) its accuracy."""
+    metrics = {"loss": loss}
+    if task != "regression":  # the loss is already computed: only count the right answers
+        preds, targets, weight = _targets(outputs, batch, task)
+        correct = _correct(preds, targets, weight, task)
+        metrics["accuracy"] = correct / jnp.maximum(jnp.sum(weight), 1.0)
+    return metrics
+
+
+def summarize(sums: dict) -> dict:
+    """Metric sums (from :func:`metric_sums`, added over batches) -> the reported means."""
+    count = float(sums["count"])
+    loss = float(sums["loss_sum"]) / count
+    out = {"loss": loss, "examples": int(round(float(sums.get("examples", count))))}
+    if "correct" in sums:
+        out["accuracy"] = float(sums["correct"]) / count
+    if "examples" in sums:  # a causal LM: per-token metrics
+        out["tokens"] = int(round(count))
+        out["perplexity"] = math.exp(min(loss, 700.0))
+    return out
+
+
+def reported_metrics(task: str) -> tuple[str, ...]:
+    """The names :func:`summarize` reports for ``task``, as a validation record has them
+    (``val_`` prefixed): what early stopping and the best checkpoint can rank by.
+
+    Example:
+      >>> reported_metrics("regression")
+      ('val_loss', 'val_examples')
+    """
+    names = {
+        "classification": ("loss", "accuracy", "examples"),
+        "regression": ("loss", "examples"),
+        "causal_lm": ("loss", "accuracy", "perplexity", "tokens", "examples"),
+    }
+    if task not in names:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
+    return tuple(f"val_{n}" for n in names[task])

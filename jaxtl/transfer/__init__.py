@@ -1,0 +1,55 @@
+"""The transfer layer: which params train, and how, decided by rules over param paths.
+
+One language serves every "which params does X apply to" question (freezing, LR multipliers,
+and next LoRA targets and sharding):
+
+- :mod:`~jaxtl.transfer.trees`: param trees as "/"-joined paths (flatten, prefixes, sizes);
+- :mod:`~jaxtl.transfer.rules`: ordered ``(regex, value)`` pairs, first ``re.fullmatch`` wins;
+- :mod:`~jaxtl.transfer.structure`: where stem, blocks, neck and head live in a family's tree;
+- :mod:`~jaxtl.transfer.plan`: rules -> groups -> labels, trainable mask, the plan table;
+- :mod:`~jaxtl.transfer.optimizer`: the plan's ``optax.partition`` optimizer (AdamW or any
+  optax optimizer by name);
+- :mod:`~jaxtl.transfer.recipes`: named recipes (``full``, ``linear_probe``, ``last_n(k)``,
+  ``bitfit``, ``layerwise_lr_decay(d)``) -> a Plan.
+"""
+
+from jaxtl.transfer.optimizer import available_optimizers, make_optimizer
+from jaxtl.transfer.plan import Group, GroupRow, Plan
+from jaxtl.transfer.recipes import RECIPES, make_plan, recipe_name
+from jaxtl.transfer.rules import (
+    REQUIRED,
+    InvalidRuleError,
+    Rules,
+    UnmatchedParamsError,
+    match,
+    matcher,
+    prefix_pattern,
+    tree_from_rules,
+)
+from jaxtl.transfer.structure import Structure
+from jaxtl.transfer.trees import count_params, flatten, is_under, tree_bytes, unflatten
+
+__all__ = [
+    "RECIPES",
+    "REQUIRED",
+    "Group",
+    "GroupRow",
+    "InvalidRuleError",
+    "Plan",
+    "Rules",
+    "Structure",
+    "UnmatchedParamsError",
+    "available_optimizers",
+    "count_params",
+    "flatten",
+    "is_under",
+    "make_optimizer",
+    "make_plan",
+    "match",
+    "matcher",
+    "prefix_pattern",
+    "recipe_name",
+    "tree_bytes",
+    "tree_from_rules",
+    "unflatten",
+]

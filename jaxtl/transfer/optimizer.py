@@ -1,0 +1,214 @@
+"""The optimizer of a transfer plan: one optax transformation from a :class:`~jaxtl.transfer.Plan`.
+
+Frozen groups get no update and no optimizer state (``optax.partition`` with a stateless
+freeze); each trainable group gets the named optax optimizer at ``learning_rate * lr_mult``.
+AdamW is the default. Any optax optimizer whose first argument is ``learning_rate`` works by
+name (``"sgd"``, ``"lion"``, ``"adafactor"``, ``"lamb"``, ...), with its own keyword arguments.
+
+Weight decay follows the optimizer: where it declares a decay argument (``adamw``'s and
+``lion``'s decoupled ``weight_decay``, ``adafactor``'s ``weight_decay_rate``), that is what
+``weight_decay`` sets; for the others (``sgd``, ``adam``, ``rmsprop``, ...) it is added to the
+gradient as L2, the meaning of PyTorch's ``weight_decay`` for those optimizers. Either way, only
+trainable leaves with ``ndim >= 2`` decay: biases and norm scales never do (BERT practice,
+Devlin et al. 2019), frozen leaves are never touched.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from jaxtl.transfer.plan import Group, Plan
+  >>> plan = Plan(((r"head/.*", "head"), (".*", "frozen")),
+  ...             [Group("head", True), Group("frozen", False)])
+  >>> tx = make_optimizer(plan, 0.1, name="sgd", momentum=0.9)
+  >>> params = {"head": {"w": jnp.ones((2, 2))}, "body": {"w": jnp.ones((2, 2))}}
+  >>> updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  >>> bool((updates["body"]["w"] == 0).all()), bool((updates["head"]["w"] < 0).all())
+  (True, True)
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = [
+    "DEFAULT_OPTIMIZER",
+    "Grouped",
+    "available_optimizers",
+    "make_optimizer",
+    "optimizer_factory",
+]
+
+DEFAULT_OPTIMIZER = "adamw"
+
+# optax functions whose first argument is learning_rate but that are not optimizers to pick by
+# name: building blocks and a line-search method that needs the loss at every step.
+_NOT_OPTIMIZERS = frozenset({"lbfgs", "scale_by_learning_rate", "scale_by_rprop"})
+
+# (decay argument, its mask argument) as optax's optimizers name them.
+_DECAY_ARGS = (("weight_decay", "mask"), ("weight_decay", "weight_decay_mask"),
+               ("weight_decay_rate", "weight_decay_mask"))  # fmt: skip
+
+
+class Grouped(Protocol):
+    """What the optimizer needs of a plan (:class:`jaxtl.transfer.plan.Plan` is one): its
+    groups (``trainable``, ``lr_mult``, ``weight_decay``) and the labels of any param tree."""
+
+    groups: Mapping[str, Any]
+
+    def labels(self, params: Any) -> Any: ...
+
+    def trainable_mask(self, params: Any) -> Any: ...
+
+
+def available_optimizers() -> list[str]:
+    """The optax optimizer names that :func:`make_optimizer` accepts.
+
+    Example:
+      >>> {"adamw", "sgd", "lion", "adafactor"} <= set(available_optimizers())
+      True
+    """
+    names = []
+    for name in dir(optax):
+        fn = getattr(optax, name)
+        if name.startswith("_") or name in _NOT_OPTIMIZERS or isinstance(fn, type):
+            continue
+        if not callable(fn):
+            continue
+        try:
+            params = list(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            continue
+        if params[:1] == ["learning_rate"]:
+            names.append(name)
+    return sorted(names)
+
+
+def optimizer_factory(name: str) -> Callable[..., optax.GradientTransformation]:
+    """The optax function ``name(learning_rate, ...)``.
+
+    Raises:
+      ValueError: ``name`` is not an optax optimizer; the message lists the valid names.
+    """
+    names = available_optimizers()
+    if name not in names:
+        raise ValueError(
+            f"optimizer {name!r} (--optimizer) is not an optax optimizer; expected one of "
+            f"{', '.join(names)}."
+        )
+    return getattr(optax, name)
+
+
+def _decay_mask(tree: Any) -> Any:
+    # BERT practice (Devlin et al. 2019): no decay on biases and LayerNorm scales, i.e. ndim < 2.
+    return jax.tree.map(lambda x: x.ndim >= 2, tree)
+
+
+def _freeze() -> optax.GradientTransformation:
+    """``optax.set_to_zero()`` with ``-0.0`` instead of ``+0.0``.
+
+    ``p + (-0.0) == p`` bit for bit for every float, but ``(-0.0) + (+0.0)`` is ``+0.0``, so
+    ``set_to_zero`` flips the sign bit of frozen entries that are ``-0.0``. Stateless like it.
+    """
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _scaled(learning_rate: float | optax.Schedule, mult: float) -> float | optax.Schedule:
+    if mult == 1.0:
+        return learning_rate
+    if callable(learning_rate):
+        return lambda count: learning_rate(count) * mult
+    return learning_rate * mult
+
+
+def _group_optimizer(
+    factory: Callable[..., optax.GradientTransformation],
+    learning_rate: float | optax.Schedule,
+    weight_decay: float,
+    options: dict[str, Any],
+) -> optax.GradientTransformation:
+    accepted = inspect.signature(factory).parameters
+    for decay, mask in _DECAY_ARGS:
+        if decay in accepted:
+            extra = {mask: _decay_mask} if mask in accepted else {}
+            return factory(learning_rate, **{decay: weight_decay, **extra, **options})
+    tx = factory(learning_rate, **options)
+    if not weight_decay:
+        return tx
+    # No decay argument: L2 on the gradient, as PyTorch's weight_decay for SGD / Adam / RMSprop.
+    return optax.chain(optax.add_decayed_weights(weight_decay, _decay_mask), tx)
+
+
+def make_optimizer(
+    plan: Grouped,
+    learning_rate: float | optax.Schedule,
+    *,
+    name: str = DEFAULT_OPTIMIZER,
+    weight_decay: float = 0.01,
+    clip_norm: float | None = 1.0,
+    **options: Any,
+) -> optax.GradientTransformation:
+    """The named optimizer per trainable group of ``plan``, nothing for frozen groups, and
+    global-norm clipping of the trainable gradients.
+
+    The transformation computes labels from the tree optax passes to ``init``/``update``
+    (``optax.partition`` accepts a label function), so it needs no params to build and works on
+    params, gradients and ``jax.eval_shape`` structs alike. A param no rule matches fails at
+    ``init``; call ``plan.labels`` or ``plan.table`` to check earlier.
+
+    Args:
+      plan: what trains, in which group, at which ``lr_mult`` (and group weight decay).
+      learning_rate: base learning rate or optax schedule; each group uses it times ``lr_mult``.
+      name: an optax optimizer (see :func:`available_optimizers`); ``"adamw"`` by default.
+      weight_decay: decay of trainable leaves with ``ndim >= 2`` (see the module docstring for
+        what it means per optimizer); a group's own ``weight_decay`` overrides it.
+      clip_norm: clip by the global norm of the *trainable* gradients; None disables.
+      **options: the optimizer's own keyword arguments, e.g. ``b1``, ``b2``, ``eps`` for AdamW or
+        ``momentum`` for SGD.
+
+    Returns:
+      An optax transformation. With AdamW its state is ``2 x`` the trainable params' bytes plus
+      one int32 step count per trainable group (and one per group for a schedule).
+
+    Raises:
+      ValueError: unknown optimizer name, or options it does not take.
+    """
+    factory = optimizer_factory(name)
+    accepted = inspect.signature(factory).parameters
+    unknown = sorted(k for k in options if k not in accepted)
+    if unknown:
+        raise ValueError(
+            f"optimizer {name!r} takes no option(s) {unknown}; it accepts "
+            f"{[p for p in accepted if p != 'learning_rate']}."
+        )
+    transforms = {}
+    for g in plan.groups.values():
+        if not g.trainable:
+            transforms[g.name] = _freeze()
+            continue
+        wd = weight_decay if g.weight_decay is None else g.weight_decay
+        transforms[g.name] = _group_optimizer(
+            factory, _scaled(learning_rate, g.lr_mult), wd, options
+        )
+    chain = []
+    if clip_norm is not None:
+        # The global norm must not see frozen grads: one large frozen grad would otherwise
+        # shrink every trainable step. Zero them first (stateless), then clip.
+        if any(not g.trainable for g in plan.groups.values()):
+            frozen = lambda tree: jax.tree.map(lambda t: not t, plan.trainable_mask(tree))  # noqa: E731
+            chain.append(optax.masked(optax.set_to_zero(), frozen))
+        chain.append(optax.clip_by_global_norm(clip_norm))
+    chain.append(optax.partition(transforms, plan.labels))
+    return optax.chain(*chain)
