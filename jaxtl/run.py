@@ -177,7 +177,8 @@ def finetune(
     test = trainer.evaluate(fit.state, test_loader)
     seconds = {**fit.seconds, "test": round(time.perf_counter() - t, 3)}
     if verbose:
-        print(f"test: {test} ({seconds['test']:.1f} s)")
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
+        print(f"test: {shown} on {test['examples']} examples ({seconds['test']:.1f} s)")
     result = RunResult(
         name=name,
         recipe=plan.name,
