@@ -14,6 +14,7 @@ from jaxtl.transfer.rules import (
     InvalidRuleError,
     UnmatchedParamsError,
     match,
+    matcher,
     prefix_pattern,
     rule_usage,
     tree_from_rules,
@@ -148,6 +149,11 @@ def test_bad_regex_names_the_pattern():
         tree_from_rules({}, [("[", 1)])
     with pytest.raises(InvalidRuleError):
         match([("*", 1)], "a")
+    # Options that name params without values (jaxtl.load's allow_missing) share the dialect
+    # and its error, which names the option.
+    with pytest.raises(InvalidRuleError, match=r"allow_missing pattern 'bert/\(' .*fullmatch"):
+        matcher(["bert/("], "allow_missing")
+    assert matcher("enc/.*")("enc/kernel") and not matcher("enc")("enc/kernel")
 
 
 def test_malformed_rules_are_explained():

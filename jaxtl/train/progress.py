@@ -7,6 +7,7 @@ Nothing here touches the device per step: train-step metrics stay on the device 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -59,8 +60,14 @@ class Clock:
         self.start = time.perf_counter()
         self.spent = dict.fromkeys(self.PARTS, 0.0)
 
+    @contextlib.contextmanager
     def timing(self, part: str):
-        return _Timing(self, part)
+        """Adds the wall time of the ``with`` block to ``part``."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent[part] += time.perf_counter() - t
 
     def seconds(self) -> dict[str, float]:
         """``{"train": s, "evaluation": s, "checkpoints": s}`` so far."""
@@ -73,17 +80,6 @@ class Clock:
         total = max(sum(seconds.values()), 1e-9)
         parts = [f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in seconds.items()]
         return "time: " + ", ".join(parts)
-
-
-class _Timing:
-    def __init__(self, clock: Clock, part: str):
-        self.clock, self.part = clock, part
-
-    def __enter__(self):
-        self.t = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.clock.spent[self.part] += time.perf_counter() - self.t
 
 
 class TrainMetrics:

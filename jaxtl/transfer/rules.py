@@ -126,15 +126,20 @@ def _compile(rules: Rules) -> list[tuple[str, re.Pattern[str], Any]]:
                 f"rule #{i} is {item!r}; expected a (pattern: str, value) pair{hint}."
             )
         pattern, value = item
-        try:
-            regex = re.compile(pattern)
-        except re.error as e:
-            raise InvalidRuleError(
-                f"rule #{i} pattern {pattern!r} is not a valid regular expression: {e}. "
-                r"Escape literal characters (re.escape, or prefix_pattern() for a subtree)."
-            ) from e
-        compiled.append((pattern, regex, value))
+        compiled.append((pattern, _regex(pattern, f"rule #{i}"), value))
     return compiled
+
+
+def _regex(pattern: str, where: str) -> re.Pattern[str]:
+    """``pattern`` compiled, or an error that names where it came from (a rule, an option)."""
+    try:
+        return re.compile(pattern)
+    except (re.error, TypeError) as e:
+        raise InvalidRuleError(
+            f"{where} pattern {pattern!r} is not a valid regular expression: {e}. Patterns match "
+            'whole "/"-joined param paths (re.fullmatch); escape literal characters '
+            "(re.escape, or prefix_pattern() for a subtree)."
+        ) from e
 
 
 def _first_match(compiled: list[tuple[str, re.Pattern[str], Any]], path: str) -> int | None:
@@ -237,7 +242,7 @@ def unused_rules(tree: Any, rules: Rules) -> list[tuple[str, Any]]:
     ]
 
 
-def matcher(patterns: str | Sequence[str], what: str = "patterns") -> Callable[[str], bool]:
+def matcher(patterns: str | Sequence[str], what: str = "a") -> Callable[[str], bool]:
     """A predicate ``path -> bool``: whether any of ``patterns`` fully matches the path.
 
     The same dialect as the rule tables (:func:`re.fullmatch`), for options that name a set of
@@ -254,15 +259,7 @@ def matcher(patterns: str | Sequence[str], what: str = "patterns") -> Callable[[
     """
     if isinstance(patterns, str):
         patterns = (patterns,)
-    compiled = []
-    for pattern in patterns:
-        try:
-            compiled.append(re.compile(pattern))
-        except (re.error, TypeError) as e:
-            raise InvalidRuleError(
-                f"{what}: {pattern!r} is not a valid regular expression ({e}); patterns are "
-                'matched against whole "/"-joined param paths with re.fullmatch.'
-            ) from e
+    compiled = [_regex(pattern, what) for pattern in patterns]
     return lambda path: any(r.fullmatch(path) for r in compiled)
 
 
@@ -278,7 +275,7 @@ def search_only(patterns: str | Sequence[str], paths: Sequence[str]) -> list[str
         patterns = (patterns,)
     out = []
     for pattern in patterns:
-        regex = re.compile(pattern)
+        regex = _regex(pattern, "a")
         if not any(regex.fullmatch(p) for p in paths) and any(regex.search(p) for p in paths):
             out.append(pattern)
     return out
