@@ -15,7 +15,7 @@ export) -> ``data`` (sources, encoding, loaders) -> ``train`` (config, steps, Tr
 ``run`` (one fine-tuning run) -> ``experiment`` (arms compared) -> ``cli``.
 """
 
-from jaxtl import data
+from jaxtl import data, parallel, sharding
 from jaxtl.adabn import adapt_batch_norm
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.registry import list_models
@@ -26,6 +26,7 @@ from jaxtl.train import (
     EarlyStopping,
     FitResult,
     OptimConfig,
+    ScaleConfig,
     TrainConfig,
     Trainer,
     TrainState,
@@ -47,6 +48,7 @@ __all__ = [
     "OptimConfig",
     "Plan",
     "RunResult",
+    "ScaleConfig",
     "Structure",
     "TrainConfig",
     "TrainState",
@@ -62,4 +64,6 @@ __all__ = [
     "load",
     "make_optimizer",
     "make_plan",
+    "parallel",
+    "sharding",
 ]

@@ -118,6 +118,33 @@ _FINETUNE = {
         ("--seed", "seed of new heads, scratch init, dropout, data order and augmentation",
          dict(type=int, default=0)),
     ],
+    "devices and memory": [
+        ("--mesh", "device mesh axis sizes, e.g. 'fsdp=8' or 'data=2,fsdp=2,tensor=2': data "
+         "and fsdp split the batch, fsdp shards params and optimizer state, tensor splits "
+         "attention and MLP matrices; the sizes multiply to the device count, and data takes "
+         "the devices the others leave (default: every device on data, params replicated)", {}),
+        ("--shard-rule", "a sharding rule PATH_REGEX=SPEC tried before the family's defaults "
+         "(repeat the flag for more; first full match wins). SPEC: 'fsdp' (largest divisible "
+         "dim), 'replicated', or one entry per dim, e.g. 'fsdp,tensor', 'none,fsdp', "
+         "'data+fsdp,none'", dict(action="append", default=[], metavar="REGEX=SPEC")),
+        ("--grad-accum", "microbatches per optimizer step, summed inside one step: the step of "
+         "the whole --batch-size, in 1/K of the activation memory (--batch-size must divide by "
+         "data x fsdp x K)", dict(type=int, default=1)),
+        ("--remat", "recompute each transformer block's activations in the backward pass "
+         "instead of storing them: full (keep block inputs only), dots_saveable (keep matmul "
+         "outputs), dots_with_no_batch_dims_saveable (default: off)",
+         dict(choices=["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])),
+        ("--precision", "compute dtype: bf16 runs matmuls and activations in bfloat16 while "
+         "master params, optimizer state, gradients, softmax, LayerNorm and the loss stay "
+         "float32 (a backend without bf16 warns and uses float32)",
+         dict(choices=["float32", "bf16"], default="float32")),
+        ("--frozen-bf16", "store frozen params in bfloat16 (half their memory)",
+         dict(action="store_true")),
+        ("--distributed", "join a multi-process run (a TPU pod slice, SLURM srun, or the "
+         "JAXTL_COORDINATOR / JAXTL_NUM_PROCESSES / JAXTL_PROCESS_ID variables) before any "
+         "device is used: the mesh spans every process's devices; needs --out on a filesystem "
+         "every process sees. See docs/pods.md", dict(action="store_true")),
+    ],
     "evaluation and checkpoints": [
         ("--evals-per-epoch", "validation evaluations per epoch, each saving the latest "
          "checkpoint (and the best when it improves), but never more often than every "
@@ -186,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("model_dir", nargs="?", help="(default: the embedded MiniLM-L6)")
     ins.add_argument("--recipe", default="full", help="recipe whose plan table to print")
     ins.add_argument("--depth", type=int, default=3, help="path depth of the param tree summary")
+    ins.add_argument(
+        "--mesh",
+        help="also show what one device holds of each group on this mesh, e.g. 'fsdp=64' or "
+        "'data=4,fsdp=8,tensor=2' (any size: the devices need not be here; data defaults to 1)",
+    )
     _add_model_args(ins)
     return parser
 
@@ -196,6 +228,7 @@ def _finetune(args) -> int:
 
     if args.preset == "digits":
         return _finetune_digits(args)
+    check_devices(args)
     model_path = args.model or jaxtl.default_model_dir()
     options = {
         "task": args.task,
@@ -242,6 +275,22 @@ def _finetune(args) -> int:
     return 0
 
 
+def check_devices(args) -> None:
+    """``--mesh``, ``--batch-size`` and ``--grad-accum`` against this machine's devices, before
+    any model is read or step compiled."""
+    import jax
+
+    from jaxtl import parallel
+    from jaxtl.train import ScaleConfig
+
+    sizes = parallel.parse_mesh(args.mesh, jax.device_count())
+    shards = sizes["data"] * sizes["fsdp"]
+    if args.grad_accum < 1:
+        raise ValueError(f"grad_accum (--grad-accum) must be >= 1, got {args.grad_accum}.")
+    parallel.check_batch_size(args.batch_size, shards, grad_accum=args.grad_accum)
+    ScaleConfig(sharding_rules=[shard_rule(r) for r in args.shard_rule])  # axis names
+
+
 def train_config(args, epochs: int):
     """The :class:`jaxtl.TrainConfig` that ``jaxtl finetune``'s flags describe."""
     import jaxtl
@@ -268,7 +317,39 @@ def train_config(args, epochs: int):
         data_workers=args.data_workers,
         bucket_by_length=args.bucket_by_length,
         feature_cache=args.feature_cache,
+        mesh=args.mesh,
+        sharding_rules=[shard_rule(r) for r in args.shard_rule],
+        grad_accum=args.grad_accum,
+        remat=args.remat,
+        precision=args.precision,
+        frozen_bf16=args.frozen_bf16,
     )
+
+
+def shard_rule(text: str) -> tuple[str, object]:
+    """``--shard-rule 'REGEX=SPEC'`` -> ``(regex, spec)`` for :class:`jaxtl.ScaleConfig`.
+
+    Example:
+      >>> shard_rule(r".*/kernel=fsdp,none"), shard_rule("classifier/.*=replicated")
+      (('.*/kernel', ('fsdp', None)), ('classifier/.*', 'replicated'))
+      >>> shard_rule("x=data+fsdp")
+      ('x', (('data', 'fsdp'),))
+    """
+    pattern, sep, spec = text.rpartition("=")
+    if not sep or not pattern or not spec:
+        raise SystemExit(
+            f"error: --shard-rule {text!r} is not PATH_REGEX=SPEC, e.g. '.*/kernel=fsdp,none'."
+        )
+    if spec in ("fsdp", "replicated"):
+        return pattern, spec
+    entries: list = []
+    for entry in spec.split(","):
+        axes = tuple(a.strip() for a in entry.split("+") if a.strip())
+        if not axes or axes == ("none",) or axes == ("None",):
+            entries.append(None)
+        else:
+            entries.append(axes[0] if len(axes) == 1 else axes)
+    return pattern, tuple(entries)
 
 
 def data_spec(args, modality: str) -> dict:
@@ -358,7 +439,19 @@ def _inspect(args) -> int:
         f"neck={list(s.neck)} head={list(s.head)}"
     )
     plan = jaxtl.make_plan(args.recipe, model.structure)
-    print(plan.table(model.params))
+    pieces = None
+    if args.mesh:
+        from jaxtl import parallel, sharding
+
+        try:
+            sizes = parallel.parse_mesh(args.mesh, None)  # a mesh planned, not this machine's
+            pieces = sharding.piece_counter(model.params, sizes, structure=model.structure)
+            pieces(model.params)  # a dimension that does not divide fails here
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        devices = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
+        print(f"mesh: {args.mesh} = {sizes} ({devices} devices)")
+    print(plan.table(model.params, pieces=pieces))
     return 0
 
 
@@ -380,6 +473,16 @@ def main(argv: list[str] | None = None) -> int:
     enable_compilation_cache()
     handler = {"finetune": _finetune, "evaluate": _evaluate, "inspect": _inspect}[args.command]
     try:
+        if getattr(args, "distributed", False):
+            if not args.out:
+                raise ValueError(
+                    "distributed (--distributed) needs --out: every process must write the "
+                    "same run directory (on a filesystem they all see), and a default "
+                    "timestamped name could differ between them."
+                )
+            from jaxtl import distributed
+
+            distributed.initialize()
         return handler(args)
     except (FileNotFoundError, ValueError, ImportError) as e:
         # Expected user errors: one clear line, no traceback. Bugs still raise.

@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from jaxtl import feature_cache, report
+from jaxtl.distributed import is_primary
 from jaxtl.models.base import LoadedModel
 from jaxtl.run import finetune
 from jaxtl.train import TrainConfig
@@ -251,6 +252,9 @@ def write_summary(
     """
     if table is None:
         table = report.format_table(*report.comparison_rows(results, reference))
+    plot = os.path.join(out, "comparison.png")
+    if not is_primary():  # shared files have one writer: process 0
+        return table, plot
     plot = report.plot_curves(
         [r["workdir"] for r in results],
         os.path.join(out, "comparison.png"),

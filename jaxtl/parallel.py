@@ -1,9 +1,11 @@
 """Device mesh, shardings and global batches: the one place that knows about devices.
 
-The jit path shards the batch over a ``data`` mesh axis and replicates params (FSDP comes later:
-it only changes :func:`state_shardings`). The same code runs on one CPU, 8 fake CPU devices
-(``XLA_FLAGS=--xla_force_host_platform_device_count=8``) or every host of a pod, because batches
-are built with ``jax.make_array_from_process_local_data`` from each process's own rows.
+The mesh has three named axes (:data:`AXES`): ``data`` and ``fsdp`` split every batch, ``fsdp``
+and ``tensor`` split params and optimizer state by the rules of :mod:`jaxtl.sharding`. The
+default mesh puts every device on ``data``: params replicated, pure data parallelism. The same
+code runs on one CPU, 8 fake CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``)
+or every host of a pod, because batches are built with ``jax.make_array_from_process_local_data``
+from each process's own rows.
 
 A ``pmap`` helper pair (:func:`replicate` / :func:`unreplicate`) serves users whose code is still
 pmap-based; ``jax.device_put_replicated`` is gone from jax, so replication is done here.
@@ -12,6 +14,8 @@ pmap-based; ``jax.device_put_replicated`` is gone from jax, so replication is do
 from __future__ import annotations
 
 import collections
+import math
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -20,26 +24,103 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
+
+MeshShape = str | Mapping[str, int] | None
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D ``data`` mesh over ``devices`` (default: every device of every process).
+def parse_mesh(shape: MeshShape, num_devices: int | None) -> dict[str, int]:
+    """``"data=2,fsdp=4"`` (or ``{"data": 2, "fsdp": 4}``) -> sizes of all three axes.
 
-    Axis type is Auto, not jax's newer Explicit default: the models are written without
-    sharding-in-types annotations, and Auto lets XLA propagate the batch sharding through them.
+    An axis left out has size 1, except ``data`` which takes the devices the others leave
+    (``"fsdp=4"`` on 8 devices is ``data=2,fsdp=4,tensor=1``). ``None`` or ``""``: every device
+    on ``data``. ``num_devices=None`` plans a mesh for devices that are not here: ``data``
+    left out is 1 and nothing is checked against a device count.
+
+    Raises:
+      ValueError: an unknown axis, a size below 1, or sizes whose product is not
+        ``num_devices``; the message says what would fit (``mesh=`` / ``--mesh``).
+
+    Example:
+      >>> parse_mesh("fsdp=4", 8), parse_mesh(None, 8)
+      ({'data': 2, 'fsdp': 4, 'tensor': 1}, {'data': 8, 'fsdp': 1, 'tensor': 1})
     """
+    given: dict[str, int] = {}
+    if isinstance(shape, str):
+        for part in filter(None, (p.strip() for p in shape.split(","))):
+            m = re.fullmatch(r"(\w+)\s*=\s*(-?\d+)", part)
+            if not m:
+                raise ValueError(
+                    f"mesh (--mesh) {shape!r}: {part!r} is not AXIS=SIZE; write e.g. "
+                    f"'data=2,fsdp=4' (axes {list(AXES)})."
+                )
+            given[m.group(1)] = int(m.group(2))
+    elif shape is not None:
+        given = {str(k): int(v) for k, v in dict(shape).items()}
+    for axis, size in given.items():
+        if axis not in AXES:
+            raise ValueError(
+                f"mesh (--mesh) names axis {axis!r}; the axes are {list(AXES)}, e.g. "
+                f"'data=2,fsdp=4'."
+            )
+        if size < 1:
+            raise ValueError(f"mesh (--mesh) axis {axis}={size}: sizes must be >= 1.")
+    sizes = {a: given.get(a, 1) for a in AXES}
+    if num_devices is None:
+        return sizes
+    if "data" not in given:
+        rest = math.prod(sizes[a] for a in AXES if a != "data")
+        if num_devices % rest:
+            raise ValueError(
+                f"mesh (--mesh) {_show(given)} needs a multiple of {rest} devices; there are "
+                f"{num_devices}. Use axis sizes whose product divides {num_devices}."
+            )
+        sizes["data"] = num_devices // rest
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(
+            f"mesh (--mesh) {_show(sizes)} has {math.prod(sizes.values())} devices, but there "
+            f"are {num_devices}: the axis sizes must multiply to the device count (leave data "
+            f"out and it takes the devices the other axes leave)."
+        )
+    return sizes
+
+
+def _show(sizes: Mapping[str, int]) -> str:
+    return ",".join(f"{a}={n}" for a, n in sizes.items()) or "''"
+
+
+def make_mesh(shape: MeshShape = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: every device of every process).
+
+    Args:
+      shape: axis sizes, see :func:`parse_mesh`; default every device on ``data``.
+      devices: the devices, in order; a list of devices as the first argument is accepted too.
+
+    Axis types are Auto, not jax's newer Explicit default: the models are written without
+    sharding-in-types annotations, and Auto lets XLA propagate shardings through them.
+    """
+    if devices is None and isinstance(shape, Sequence) and not isinstance(shape, str):
+        shape, devices = None, shape
     devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh(shape, len(devices))
     return jax.make_mesh(
-        (len(devices),),
-        (DATA_AXIS,),
-        axis_types=(jax.sharding.AxisType.Auto,),
+        tuple(sizes[a] for a in AXES),
+        AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
         devices=devices,
     )
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many pieces a batch is split into: ``data`` x ``fsdp``."""
+    return math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over the ``data`` axis."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    """Leading (batch) dimension split over ``data`` x ``fsdp`` (the axes the mesh has)."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+    return NamedSharding(mesh, PartitionSpec(axes))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -47,19 +128,31 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def state_shardings(state: Any, mesh: Mesh) -> Any:
-    """Shardings for a train state: replicated for now (data parallelism)."""
-    return jax.tree.map(lambda _: replicated(mesh), state)
+def shardings(specs: Any, mesh: Mesh) -> Any:
+    """A tree of ``PartitionSpec`` s -> the same tree of ``NamedSharding`` s on ``mesh``."""
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size (--batch-size)") -> None:
-    """Raise before compiling when a global batch does not split evenly over the mesh."""
-    n = mesh.devices.size
+def check_batch_size(
+    batch_size: int,
+    mesh: Mesh | int,
+    what: str = "batch_size (--batch-size)",
+    grad_accum: int = 1,
+) -> None:
+    """Raise before compiling when a global batch does not split evenly over the mesh's batch
+    axes (``data`` x ``fsdp``; or ``mesh`` is that number) and, with gradient accumulation,
+    into its microbatches."""
+    shards = mesh if isinstance(mesh, int) else batch_shards(mesh)
+    n = shards * grad_accum
     if batch_size % n:
+        parts = f"data x fsdp = {shards} batch shards"
+        if grad_accum > 1:
+            parts += f" x grad_accum (--grad-accum) = {grad_accum} microbatches"
         raise ValueError(
-            f"{what} = {batch_size} must be divisible by the number of devices ({n}) so each "
-            f"device gets the same share. Use a multiple of {n}, e.g. "
-            f"{max(n, batch_size // n * n)}."
+            f"{what} = {batch_size} must be divisible by {parts} = {n}, so each device gets "
+            f"the same share. Use a multiple of {n}, e.g. {max(n, batch_size // n * n)}."
         )
 
 
@@ -111,6 +204,26 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh))
 
 
+def to_host(tree: Any) -> Any:
+    """``jax.device_get`` of a tree that may be sharded over several processes' devices: such
+    leaves are gathered from every process (``process_allgather``; all processes must call
+    this together), so each gets the whole value, which plain ``device_get`` refuses."""
+
+    from jax.experimental import multihost_utils
+
+    def whole(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return jax.device_get(x)
+
+    return jax.tree.map(whole, tree)
+
+
+def put_like(tree: Any, like: Any) -> Any:
+    """Place a host pytree where the same-shaped device tree ``like`` lives (its shardings)."""
+    return jax.device_put(tree, jax.tree.map(lambda x: x.sharding, like))
+
+
 # --- pmap compatibility -----------------------------------------------------------------------
 
 
@@ -128,7 +241,7 @@ def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
 
 
 def _put_stacked(stacked: np.ndarray, devices: list[jax.Device]) -> jax.Array:
-    mesh = make_mesh(devices)
+    mesh = make_mesh(devices=devices)
     return jax.device_put(stacked, batch_sharding(mesh))
 
 

@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from jaxtl import feature_cache, report
+from jaxtl import feature_cache, parallel, report, sharding
 from jaxtl.data import images, sources, text
 from jaxtl.data.loader import evaluation_loader
 from jaxtl.data.pipeline import training_loader
+from jaxtl.distributed import is_primary
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.preprocessing import ImagePreprocessing
-from jaxtl.train import CheckpointConfig, TrainConfig, Trainer
+from jaxtl.train import CheckpointConfig, ScaleConfig, TrainConfig, Trainer
 from jaxtl.transfer.plan import Plan
 from jaxtl.transfer.recipes import make_plan
 
@@ -145,7 +146,7 @@ def finetune(
         print(
             f"\n== {name}: {model.family} ({model.path}) on {data.name} {facts['sizes']}, {shape}"
         )
-        print(plan.table(model.params))
+        print(plan.table(model.params, pieces=_pieces(model, config.scale)))
     trained = model
     if config.data.feature_cache:
         trained, arrays = feature_cache.cached_run(model, plan, config, arrays, verbose)
@@ -169,7 +170,8 @@ def finetune(
             "environment": environment(),
             **(describe or {}),
         }
-        _write_json(os.path.join(workdir, "run.json"), run_info)
+        if is_primary():  # shared files: one writer (every process keeps its own stderr)
+            _write_json(os.path.join(workdir, "run.json"), run_info)
     val = evaluation_loader(arrays["validation"], config.data, devices=trainer.devices)
     fit = trainer.fit(train, val, resume=resume, stop_at=stop_at)
     t = time.perf_counter()
@@ -192,10 +194,27 @@ def finetune(
         params=fit.state.params,
         batch_stats=fit.state.batch_stats,
     )
-    if workdir and stop_at is None:  # a preempted run is not finished: no results yet
+    # A preempted run is not finished: no results yet. Shared files have one writer.
+    if workdir and stop_at is None and is_primary():
         _write_json(os.path.join(workdir, "results.json"), result.to_dict())
         report.plot_curves([workdir], os.path.join(workdir, "curve.png"), [name])
     return result
+
+
+def _pieces(model: LoadedModel, scale: ScaleConfig):
+    """The plan table's per-device layout when ``scale.mesh`` shards params, else None."""
+    import jax
+
+    sizes = parallel.parse_mesh(scale.mesh, jax.device_count())
+    if sizes["fsdp"] == sizes["tensor"] == 1:
+        return None
+    return sharding.piece_counter(
+        model.params,
+        sizes,
+        scale.sharding_rules,
+        structure=model.structure,
+        min_shard_size=scale.min_shard_size,
+    )
 
 
 def environment() -> dict[str, Any]:

@@ -1,9 +1,17 @@
 """One process of a data-parallel fit of a tiny BERT; prints what it read and its results as JSON.
 
 Usage: python _distributed_run.py MODEL_DIR OUT_DIR PROCESS_ID NUM_PROCESSES PORT WORKERS
+       [MESH NAME]
 
-With NUM_PROCESSES > 1 the process joins a ``jax.distributed`` run whose coordinator listens on
-``127.0.0.1:PORT``; with 1 it is a plain single-process run (the reference). The CPU device
+MESH (e.g. ``fsdp=8``) shards params and optimizer state over the global mesh, kernels
+included (``min_shard_size=256``), and the run checkpoints into ``OUT_DIR/NAME``; a run whose
+``OUT_DIR/NAME`` already holds the final checkpoint restores it (``resume``) and trains no
+further, on whatever mesh it has. Params go to ``params_<NAME>_<PROCESS_ID>.npz`` then.
+
+With NUM_PROCESSES > 1 the process joins a ``jax.distributed`` run through
+``jaxtl.distributed.initialize()``: from SLURM's variables when the parent set them, else from
+``JAXTL_COORDINATOR=127.0.0.1:PORT`` and ``JAXTL_NUM_PROCESSES`` / ``JAXTL_PROCESS_ID``, set
+here from the arguments. With 1 it is a plain single-process run (the reference). The CPU device
 count per process comes from the parent's ``XLA_FLAGS``. Final params go to
 ``OUT_DIR/params_<PROCESS_ID>of<NUM_PROCESSES>.npz``; the last stdout line is the JSON summary.
 
@@ -58,23 +66,30 @@ class RecordingLoader:
 def main() -> None:
     model_dir, out_dir = sys.argv[1], sys.argv[2]
     pid, nproc, port, workers = (int(a) for a in sys.argv[3:7])
+    mesh, name = (sys.argv[7], sys.argv[8]) if len(sys.argv) > 8 else (None, None)
+
+    if nproc > 1:
+        from jaxtl import distributed
+
+        if "SLURM_JOB_ID" not in os.environ:
+            os.environ.update(
+                JAXTL_COORDINATOR=f"127.0.0.1:{port}",
+                JAXTL_NUM_PROCESSES=str(nproc),
+                JAXTL_PROCESS_ID=str(pid),
+            )
+        joined = distributed.initialize(timeout_s=60)
+        expected = "slurm" if "SLURM_JOB_ID" in os.environ else "jaxtl"
+        assert joined["source"] == expected, joined
 
     import jax
 
-    if nproc > 1:
-        jax.distributed.initialize(
-            coordinator_address=f"127.0.0.1:{port}",
-            num_processes=nproc,
-            process_id=pid,
-            initialization_timeout=60,
-            heartbeat_timeout_seconds=30,
-        )
     assert jax.process_count() == nproc and jax.process_index() == pid
 
     from _distributed_run import IndexedSource  # the importable name, for grain's workers
     from _tiny import small_vader
 
     import jaxtl
+    from jaxtl import parallel
     from jaxtl.data import evaluation_loader, training_loader
     from jaxtl.run import encode_splits
     from jaxtl.transfer.trees import flatten
@@ -89,21 +104,27 @@ def main() -> None:
         restore_best=False,  # the final params are the last step's
         data_workers=workers,
         progress=False,
+        **({"mesh": mesh, "min_shard_size": 256} if mesh else {}),
     )
-    trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), config)
+    workdir = os.path.join(out_dir, name) if name else None
+    plan = jaxtl.make_plan("full", model.structure)
+    trainer = jaxtl.Trainer(model, plan, config, workdir)
     loader = training_loader(arrays["train"], config.data, model, seed=config.seed)
     assert (loader.process_index, loader.process_count) == (pid, nproc)
     loader.source = IndexedSource(arrays["train"])
     train = RecordingLoader(loader)
     initial = {k: np.array(v) for k, v in flatten(jax.device_get(model.params)).items()}
     result = trainer.fit(
-        train, evaluation_loader(arrays["validation"], config.data, devices=trainer.devices)
+        train,
+        evaluation_loader(arrays["validation"], config.data, devices=trainer.devices),
+        resume=workdir is not None,
     )
 
     state = result.state
-    params = {k: np.asarray(v) for k, v in flatten(jax.device_get(state.params)).items()}
+    params = {k: np.asarray(v) for k, v in flatten(parallel.to_host(state.params)).items()}
     moved = max(float(np.max(np.abs(params[k] - initial[k]))) for k in params)
-    np.savez(os.path.join(out_dir, f"params_{pid}of{nproc}.npz"), **params)
+    tag = f"{name}_{pid}" if name else f"{pid}of{nproc}"
+    np.savez(os.path.join(out_dir, f"params_{tag}.npz"), **params)
 
     val = arrays["validation"]
     evaluated = trainer.evaluate(
@@ -111,7 +132,7 @@ def main() -> None:
     )
     # The same metrics computed directly: all examples at once, on this host.
     inputs = {k: v for k, v in val.items() if k != "label"}
-    logits = np.asarray(model.apply(jax.device_get(state.params), inputs))
+    logits = np.asarray(model.apply(parallel.to_host(state.params), inputs))
     nll = -np.asarray(jax.nn.log_softmax(logits))[np.arange(len(val["label"])), val["label"]]
     direct = {
         "loss": float(nll.mean()),
@@ -123,6 +144,11 @@ def main() -> None:
         "devices": jax.device_count(),
         "local_devices": jax.local_device_count(),
         "mesh": [int(d.process_index) for d in trainer.mesh.devices.flat],
+        "mesh_shape": dict(trainer.mesh.shape),
+        "held": {  # the largest fraction of each param that one of this process's devices holds
+            k: max(s.data.size for s in v.addressable_shards) / v.size
+            for k, v in flatten(state.params).items()
+        },
         "steps": result.steps,
         "params_moved": moved,
         "steps_per_epoch": loader.steps_per_epoch,

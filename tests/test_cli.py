@@ -119,6 +119,32 @@ def test_unknown_recipe(capsys, tiny_dir, csv_data):
     assert "everything" in err and "linear_probe" in err
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--mesh", "fsdp=2"], "mesh (--mesh) fsdp=2 needs a multiple of 2 devices; there are 1"),
+        (["--mesh", "model=1"], "names axis 'model'"),
+        (["--batch-size", "32", "--grad-accum", "3"], "grad_accum (--grad-accum) = 3"),
+        (["--shard-rule", ".*/kernel=model"], "names mesh axis 'model'"),
+    ],
+)
+def test_bad_mesh_batch_and_sharding_flags_fail_before_training(
+    capsys, tmp_path, tiny_dir, flags, message
+):
+    out = tmp_path / "o"
+    err = _err(capsys, ["finetune", "--model", tiny_dir, "--out", str(out), *flags])
+    assert message in err
+    assert not os.path.exists(out / "pretrained-full" / "checkpoints")  # nothing trained
+
+
+def test_inspect_shows_per_device_bytes_of_a_planned_mesh(capsys):
+    assert cli.main(["inspect", minilm_dir(), "--mesh", "fsdp=8"]) == 0
+    out = capsys.readouterr().out
+    assert "'fsdp': 8" in out and "params/device" in out
+    # MiniLM's 86 MiB of params: about 1/8 per device (biases and norms stay whole).
+    assert re.search(r"per device: params 1[01]\.\d MiB", out), out
+
+
 def test_inspect_prints_the_plan(capsys):
     assert cli.main(["inspect", minilm_dir(), "--recipe", "last_n(2)"]) == 0
     out = capsys.readouterr().out
@@ -196,3 +222,19 @@ def test_probe_alias_trains_at_the_linear_probe_learning_rate(capsys, tmp_path, 
     with open(out / "pretrained-probe" / "metrics.jsonl") as f:
         lrs = {json.loads(line)["lr"] for line in f if '"train"' in line}
     assert len(lrs) == 1 and lrs.pop() == pytest.approx(1e-3, rel=1e-6)  # float32 schedule
+
+
+def test_the_launch_commands_in_docs_pods_md_parse():
+    """Every `jaxtl finetune` command in docs/pods.md uses flags that exist, with valid values."""
+    import shlex
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "pods.md")
+    with open(path) as f:
+        text = f.read()
+    commands = re.findall(r"jaxtl finetune ((?:[^\n]*\\\n)*[^\n']*)", text)
+    assert len(commands) == 2
+    parser = cli.build_parser()
+    for command in commands:
+        args = parser.parse_args(["finetune", *shlex.split(command.replace("\\\n", " "))])
+        assert args.distributed and args.out and args.mesh
+    assert cli.shard_rule("bert/embeddings/.*=replicated") == ("bert/embeddings/.*", "replicated")

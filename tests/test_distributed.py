@@ -108,18 +108,49 @@ def _run_all(procs: list[_Proc], timeout: float) -> list[dict]:
     return [json.loads(p.output()[0].strip().splitlines()[-1]) for p in procs]
 
 
+def _slurm_env(local_devices: int, job_port: int, procid: int) -> dict:
+    """What ``srun --ntasks 2`` on one node sets, for jax's SLURM detection: it takes the
+    coordinator from the node list and its port from the job id."""
+    env = _env(local_devices)
+    env.update(
+        SLURM_JOB_ID=str(job_port - SLURM_PORT_BASE),
+        SLURM_STEP_NODELIST="localhost",
+        SLURM_NTASKS=str(PROCESSES),
+        SLURM_PROCID=str(procid),
+        SLURM_LOCALID=str(procid),
+    )
+    return env
+
+
+SLURM_PORT_BASE = 65535 - 2**12 + 1  # jax's SLURM port: base + job id % 4096
+
+
+def _free_slurm_port() -> int:
+    """A free port that jax's SLURM rule maps a job id to."""
+    for port in np.random.default_rng().permutation(np.arange(SLURM_PORT_BASE, 65536)):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", int(port)))
+            except OSError:
+                continue
+            return int(port)
+    raise RuntimeError("no free port in jax's SLURM range")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """All three processes at once: the 2-process distributed run and the 1-process reference."""
+    """All three processes at once: the 2-process distributed run, launched as SLURM would
+    launch it (``jaxtl.distributed.initialize`` reads SLURM's variables), and the 1-process
+    reference."""
     base = tmp_path_factory.mktemp("dist")
     model_dir = make_tiny_bert(str(base / "bert"), layers=1, dropout=0.1)
     out = str(base)
-    port = _free_port()
+    port = _free_slurm_port()
     procs = [
         _Proc(
             f"process{i}",
             [model_dir, out, i, PROCESSES, port, WORKERS],
-            _env(LOCAL_DEVICES),
+            _slurm_env(LOCAL_DEVICES, port, i),
             out,
         )
         for i in range(PROCESSES)
@@ -226,3 +257,80 @@ def test_evaluation_counts_every_example_once(runs, name):
     ref = runs["ref"]["eval"]
     assert run["eval"]["loss"] == pytest.approx(ref["loss"], rel=1e-5)
     assert run["eval"]["accuracy"] == ref["accuracy"]
+
+
+@pytest.mark.slow
+def test_fsdp_over_two_processes_matches_one_process_and_restores_on_four_devices(tmp_path):
+    """2 processes x 4 devices with ``fsdp=8`` (params and optimizer state split across the
+    processes) end with the params of 1 process x 8 devices on the same mesh; the checkpoint
+    the 2 processes wrote (each its own shards) restores in 1 process x 4 devices on
+    ``fsdp=4``."""
+    model_dir = make_tiny_bert(str(tmp_path / "bert"), layers=1, dropout=0.1)
+    out, port = str(tmp_path), _free_port()
+    procs = [
+        _Proc(f"fsdp{i}", [model_dir, out, i, 2, port, 0, "fsdp=8", "two"], _env(4), out)
+        for i in range(2)
+    ]
+    procs.append(_Proc("fsdp-ref", [model_dir, out, 0, 1, 0, 0, "fsdp=8", "one"], _env(8), out))
+
+    def params(tag):
+        with np.load(os.path.join(out, f"params_{tag}.npz")) as f:
+            return {k: f[k] for k in f.files}
+
+    *dist, ref = _run_all(procs, TIMEOUT_S)
+    p0, p1, one = params("two_0"), params("two_1"), params("one_0")
+    restored = _run_all(
+        [_Proc("restore", [model_dir, out, 0, 1, 0, 0, "fsdp=4", "two"], _env(4), out)], TIMEOUT_S
+    )[0]
+    back = params("two_0")  # written by the restoring run
+    assert dist[0]["mesh_shape"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert dist[0]["mesh"] == [0, 0, 0, 0, 1, 1, 1, 1]
+    # The word embedding and the kernels are split 8 ways across both processes.
+    embedding = "bert/embeddings/word_embeddings/embedding"
+    assert dist[0]["held"][embedding] == dist[1]["held"][embedding] == 1 / 8
+    kernels = [k for k in dist[0]["held"] if k.endswith("kernel") and "classifier" not in k]
+    assert kernels and all(dist[0]["held"][k] == 1 / 8 for k in kernels)
+    assert restored["mesh_shape"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert restored["held"][embedding] == 1 / 4
+    for run in (*dist, ref):
+        assert run["steps"] == STEPS and run["params_moved"] > 1e-3
+    for k in one:
+        np.testing.assert_array_equal(p0[k], p1[k], err_msg=k)  # one state, gathered whole
+        np.testing.assert_allclose(p0[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        np.testing.assert_array_equal(back[k], p0[k], err_msg=k)  # restored exactly
+    assert restored["steps"] == STEPS
+
+
+def test_no_coordinator_is_an_error_that_lists_what_was_looked_for():
+    from jaxtl import distributed
+
+    with pytest.raises(ValueError) as e:
+        distributed.find_cluster({})
+    for name in (*distributed.EXPLICIT, *distributed.SLURM, *distributed.TPU):
+        assert name in str(e.value)
+    assert "docs/pods.md" in str(e.value)
+    with pytest.raises(ValueError, match=r"JAXTL_PROCESS_ID not set"):
+        distributed.find_cluster({"JAXTL_COORDINATOR": "h:1", "JAXTL_NUM_PROCESSES": "2"})
+    with pytest.raises(ValueError, match=r"'h' is not host:port"):
+        distributed.find_cluster(
+            {"JAXTL_COORDINATOR": "h", "JAXTL_NUM_PROCESSES": "2", "JAXTL_PROCESS_ID": "0"}
+        )
+    with pytest.raises(ValueError, match=r"JAXTL_PROCESS_ID=2 must be in \[0, "):
+        distributed.find_cluster(
+            {"JAXTL_COORDINATOR": "h:1", "JAXTL_NUM_PROCESSES": "2", "JAXTL_PROCESS_ID": "2"}
+        )
+    slurm = {name: "1" for name in distributed.SLURM}
+    assert distributed.find_cluster(slurm) == {"source": "slurm"}
+
+
+def test_cli_distributed_needs_out_and_a_coordinator(capsys, tmp_path, monkeypatch):
+    from jaxtl import cli, distributed
+
+    for name in (*distributed.EXPLICIT, *distributed.SLURM, *distributed.TPU):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(["finetune", "--distributed"]) == 2
+    assert "needs --out" in capsys.readouterr().err
+    assert cli.main(["finetune", "--distributed", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "no multi-process run found" in err and "SLURM_PROCID" in err
+    assert not os.path.exists(tmp_path / "o")

@@ -27,11 +27,27 @@ from jaxtl.models.common import (
     init_normal_leaf,
     make_apply,
 )
-from jaxtl.models.layers import dense, dot_product_attention, layer_norm, split_heads
+from jaxtl.models.layers import (
+    block,
+    dense,
+    dot_product_attention,
+    layer_norm,
+    shard_batch,
+    split_heads,
+)
 from jaxtl.models.registry import ModelSpec
 from jaxtl.transfer.structure import Structure
 
 POOLINGS = ("cls", "mean")
+
+# Megatron's split of each encoder layer (see jaxtl.sharding): q/k/v and the MLP's first layer by
+# output column (whole heads per device), the attention output and the MLP's second by input row.
+TENSOR_PARALLEL = (
+    (r"bert/encoder/layer_\d+/attention/self/(query|key|value)", "column"),
+    (r"bert/encoder/layer_\d+/attention/output/dense", "row"),
+    (r"bert/encoder/layer_\d+/intermediate/dense", "column"),
+    (r"bert/encoder/layer_\d+/output/dense", "row"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +68,8 @@ class BertConfig:
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
+    # jaxtl's, not config.json's: rematerialize each block under this policy (layers.block).
+    remat: str | None = None
 
     @classmethod
     def from_hf(cls, raw: Mapping[str, Any], source: str = "config.json") -> BertConfig:
@@ -174,7 +192,7 @@ class BertLayer(_BertModule):
     """One post-LayerNorm transformer block."""
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None, train: bool) -> jax.Array:
         x = BertAttention(self.config, self.dtype, name="attention")(x, mask, train=train)
         h = BertIntermediate(self.config, self.dtype, name="intermediate")(x)
         return BertAddNorm(self.config, self.dtype, name="output")(h, x, train=train)
@@ -185,8 +203,11 @@ class BertEncoder(_BertModule):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None, *, train: bool) -> jax.Array:
+        layer = block(BertLayer, self.config.remat, train_argnum=3)
         for i in range(self.config.num_hidden_layers):
-            x = BertLayer(self.config, self.dtype, name=f"layer_{i}")(x, mask, train=train)
+            x = shard_batch(
+                layer(self.config, self.dtype, name=f"layer_{i}")(shard_batch(x), mask, train)
+            )
         return x
 
 
@@ -383,6 +404,7 @@ def build(
         blocks=tuple(f"bert/encoder/layer_{i}" for i in range(config.num_hidden_layers)),
         neck=("bert/pooler",) if has_head and pooling == "cls" else (),
         head=("classifier",) if has_head else (),
+        tensor_parallel=TENSOR_PARALLEL,
     )
     extras = {
         "pooling": pooling,

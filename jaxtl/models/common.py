@@ -6,6 +6,7 @@ The Flax layers they share are in :mod:`jaxtl.models.layers`.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import zlib
 from collections.abc import Callable, Mapping
@@ -147,7 +148,45 @@ def make_apply(
             raise KeyError(f"The batch has no {first!r}; this model reads {input_keys}.")
         return (batch[first], *(batch.get(k) for k in rest))
 
-    return forward_functions(_forward, _inputs, has_batch_stats)
+    apply, forward = forward_functions(_forward, _inputs, has_batch_stats)
+    # The same wiring around another configuration of the module (jaxtl.models.common.recompute).
+    forward.rebuild = lambda other: make_apply(other, input_keys, has_batch_stats)
+    return apply, forward
+
+
+def recompute(model: Any, *, remat: str | None = None, dtype: Any = None) -> Any:
+    """``model`` (a :class:`~jaxtl.models.base.LoadedModel`) with its blocks rematerialized under
+    ``remat`` and/or its computation in ``dtype``: the same params, the same param paths, a new
+    module and forward. ``None`` keeps what the model has.
+
+    Raises:
+      ValueError: the family has no per-block remat, or the model's forward cannot be rebuilt
+        (a feature-cache tail model); the message names the option.
+    """
+    rebuild = getattr(model.forward, "rebuild", None)
+    if rebuild is None:
+        raise ValueError(
+            "remat (--remat) and precision (--precision) rebuild the model's forward; this "
+            "model's forward (e.g. a feature-cache tail model) cannot be rebuilt. Run without "
+            "the feature cache, or without those options."
+        )
+    module, config = model.module, model.config
+    if remat is not None:
+        if not (dataclasses.is_dataclass(config) and hasattr(config, "remat")):
+            raise ValueError(
+                f"remat (--remat) is available for the transformer families (bert, gpt2, vit); "
+                f"{model.family!r} blocks are not rematerialized yet. Drop remat, or use "
+                "grad_accum (--grad-accum) to cut activation memory."
+            )
+        from jaxtl.models.layers import remat_policy
+
+        remat_policy(remat)  # an unknown policy fails here
+        config = dataclasses.replace(config, remat=remat)
+        module = module.clone(config=config)
+    if dtype is not None:
+        module = module.clone(dtype=dtype)
+    apply, forward = rebuild(module)
+    return dataclasses.replace(model, config=config, module=module, apply=apply, forward=forward)
 
 
 def forward_functions(

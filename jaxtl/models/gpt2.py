@@ -31,11 +31,28 @@ from jaxtl.models.common import (
     init_normal_leaf,
     make_apply,
 )
-from jaxtl.models.layers import dense, dot_product_attention, layer_norm, split_heads
+from jaxtl.models.layers import (
+    block,
+    dense,
+    dot_product_attention,
+    layer_norm,
+    shard_batch,
+    split_heads,
+)
 from jaxtl.models.registry import ModelSpec
 from jaxtl.transfer.structure import Structure
 
 TASKS = ("classification", "regression", "features", "causal_lm")
+
+# Megatron's split of each block (see jaxtl.sharding). c_attn holds q, k and v side by side, so
+# its column split does not fall on head boundaries: correct (XLA moves what it needs) but with
+# more traffic than BERT's separate q/k/v.
+TENSOR_PARALLEL = (
+    (r"transformer/h_\d+/attn/c_attn", "column"),
+    (r"transformer/h_\d+/attn/c_proj", "row"),
+    (r"transformer/h_\d+/mlp/c_fc", "column"),
+    (r"transformer/h_\d+/mlp/c_proj", "row"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +75,8 @@ class GPT2Config:
     scale_attn_by_inverse_layer_idx: bool = False
     pad_token_id: int | None = None
     eos_token_id: int | None = None
+    # jaxtl's, not config.json's: rematerialize each block under this policy (layers.block).
+    remat: str | None = None
 
     @property
     def inner_size(self) -> int:
@@ -145,7 +164,7 @@ class GPT2Block(_GPT2Module):
     layer_idx: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
         c, dt = self.config, self.dtype
         attn = GPT2Attention(c, dt, self.layer_idx, name="attn")
         eps = c.layer_norm_epsilon
@@ -172,8 +191,9 @@ class GPT2Model(_GPT2Module):
         mask = jnp.tril(jnp.ones((length, length), bool))[None]  # [1, Tq, Tk]
         if attention_mask is not None:
             mask = mask & attention_mask.astype(bool)[:, None, :]
+        layer = block(GPT2Block, c.remat, train_argnum=3)
         for i in range(c.n_layer):
-            x = GPT2Block(c, self.dtype, i, name=f"h_{i}")(x, mask, train=train)
+            x = shard_batch(layer(c, self.dtype, i, name=f"h_{i}")(shard_batch(x), mask, train))
         x = layer_norm(c.layer_norm_epsilon, "ln_f", self.dtype)(x)
         return x, (wte.attend(x) if self.lm_logits else None)
 
@@ -408,6 +428,7 @@ def build(
         blocks=tuple(f"transformer/h_{i}" for i in range(config.n_layer)),
         neck=neck,
         head=head,
+        tensor_parallel=TENSOR_PARALLEL,
     )
     extras = {
         "pooling": "last" if has_head else None,

@@ -10,7 +10,9 @@ numerics fix reaches every family:
   each family's own q/k/v projections (:func:`split_heads` gives it their shape);
 * :func:`batch_norm`: PyTorch's ``BatchNorm2d``, in inference or training mode per layer
   (:func:`bn_trains`), for ResNet, Inception and EfficientNet;
-* :func:`check_nhwc`: the pixel-layout contract of every image family, checked while tracing.
+* :func:`check_nhwc`: the pixel-layout contract of every image family, checked while tracing;
+* :func:`block`: a block class, rematerialized (``jax.checkpoint``) under a named policy;
+* :func:`shard_batch`: the activations between blocks pinned to a batch split over the mesh.
 
 The builders create their Flax modules in the caller's scope (they must be called inside a
 ``@nn.compact`` method), so a module built here has the path and PRNG stream it had when each
@@ -40,6 +42,52 @@ def dense(features: int, name: str, dtype: Any, *, std: float, bias: bool = True
         param_dtype=dtype,
         name=name,
     )
+
+
+# Named jax.checkpoint policies for --remat: what a block keeps from its forward pass for the
+# backward pass; everything else is recomputed.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the block's input
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # every matmul output
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def block(cls: type[nn.Module], remat: str | None, train_argnum: int) -> type[nn.Module]:
+    """``cls`` itself, or with ``remat`` (a :data:`REMAT_POLICIES` name) the same block under
+    ``nn.remat``: same param paths and dropout streams, activations recomputed in the backward
+    pass instead of stored. ``train_argnum`` is the position of the block's ``train`` flag in
+    its ``__call__`` (``self`` is 0), which must stay a Python bool.
+    """
+    if remat is None:
+        return cls
+    return nn.remat(cls, policy=remat_policy(remat), static_argnums=(train_argnum,))
+
+
+def remat_policy(name: str):
+    """The ``jax.checkpoint`` policy named ``name``, or an error listing the names."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(
+            f"remat (--remat) {name!r} is not a policy; choose one of {list(REMAT_POLICIES)}."
+        )
+    return REMAT_POLICIES[name]
+
+
+def shard_batch(x: jax.Array) -> jax.Array:
+    """``x`` with its leading (batch) dimension split over the ``data`` and ``fsdp`` axes of the
+    mesh the step is traced under (:func:`jaxtl.train.steps.compile_steps` sets it), the rest
+    whole; unchanged when there is none (``model.apply``, evaluation outside a Trainer).
+
+    FSDP needs this: with params split over ``fsdp`` and nothing said about activations, XLA
+    prefers to keep each weight where it is and gather the *activations* of the whole batch
+    to every device (3x the temporaries of the replicated step on BERT-large), where FSDP
+    gathers each layer's weights and keeps every device on its own rows.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:

@@ -36,13 +36,29 @@ from jaxtl.models.common import (
     make_apply,
     trunc_normal,
 )
-from jaxtl.models.layers import check_nhwc, dense, dot_product_attention, layer_norm, split_heads
+from jaxtl.models.layers import (
+    block,
+    check_nhwc,
+    dense,
+    dot_product_attention,
+    layer_norm,
+    shard_batch,
+    split_heads,
+)
 from jaxtl.models.registry import ModelSpec
 from jaxtl.transfer.structure import Structure
 from jaxtl.transfer.trees import flatten
 
 STEM_KERNEL = "vit/embeddings/patch_embeddings/projection/kernel"
 POSITIONS = "vit/embeddings/position_embeddings"
+
+# Megatron's split of each encoder layer (see jaxtl.sharding), as BERT's.
+TENSOR_PARALLEL = (
+    (r"vit/encoder/layer_\d+/attention/attention/(query|key|value)", "column"),
+    (r"vit/encoder/layer_\d+/attention/output/dense", "row"),
+    (r"vit/encoder/layer_\d+/intermediate/dense", "column"),
+    (r"vit/encoder/layer_\d+/output/dense", "row"),
+)
 
 
 def _pair(value: int | tuple[int, int] | list[int], what: str, source: str) -> tuple[int, int]:
@@ -77,6 +93,8 @@ class ViTConfig:
     num_channels: int = 3
     qkv_bias: bool = True
     head_dim: int | None = None
+    # jaxtl's, not config.json's: rematerialize each block under this policy (layers.block).
+    remat: str | None = None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -226,7 +244,7 @@ class ViTLayer(_ViTModule):
     """One pre-LayerNorm transformer block."""
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         c, dtype = self.config, self.dtype
         h = layer_norm(c.layer_norm_eps, "layernorm_before", dtype)(x)
         x = x + ViTAttention(c, dtype, name="attention")(h, train=train)
@@ -241,8 +259,11 @@ class ViTEncoder(_ViTModule):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        layer = block(ViTLayer, self.config.remat, train_argnum=2)
         for i in range(self.config.num_hidden_layers):
-            x = ViTLayer(self.config, self.dtype, name=f"layer_{i}")(x, train=train)
+            x = shard_batch(
+                layer(self.config, self.dtype, name=f"layer_{i}")(shard_batch(x), train)
+            )
         return x
 
 
@@ -515,6 +536,7 @@ def build(
         blocks=tuple(f"vit/encoder/layer_{i}" for i in range(config.num_hidden_layers)),
         neck=("vit/layernorm",),
         head=("classifier",) if task != "features" else (),
+        tensor_parallel=TENSOR_PARALLEL,
     )
     recipe = preprocessing.for_checkpoint(directory, default_preprocessing(source))
     extras = {

@@ -5,6 +5,7 @@ from jaxtl.train.config import (
     DataConfig,
     EarlyStopping,
     OptimConfig,
+    ScaleConfig,
     TrainConfig,
 )
 from jaxtl.train.state import TrainState
@@ -18,6 +19,7 @@ __all__ = [
     "EarlyStopping",
     "FitResult",
     "OptimConfig",
+    "ScaleConfig",
     "TrainConfig",
     "TrainState",
     "Tracker",

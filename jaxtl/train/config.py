@@ -1,11 +1,13 @@
-"""Training configuration: the knobs of :class:`jaxtl.train.Trainer`, in three sections.
+"""Training configuration: the knobs of :class:`jaxtl.train.Trainer`, in four sections.
 
 - :class:`OptimConfig`: how params move (optimizer, learning rate and schedule, decay, clipping);
 - :class:`~jaxtl.data.config.DataConfig`: what each step sees (batch sizes, augmentation,
   mixing, loading), defined by the data layer that reads it;
-- :class:`CheckpointConfig`: when to evaluate and save, which evaluation is best, when to stop.
+- :class:`CheckpointConfig`: when to evaluate and save, which evaluation is best, when to stop;
+- :class:`ScaleConfig`: how a step is laid out over devices and memory (mesh, sharding rules,
+  gradient accumulation, remat, precision).
 
-:class:`TrainConfig` holds the three plus the run's budget, seed and BatchNorm mode. Every knob
+:class:`TrainConfig` holds the four plus the run's budget, seed and BatchNorm mode. Every knob
 has one home, so ``TrainConfig`` also takes the sections' fields by name and routes each to its
 section: ``TrainConfig(epochs=2, learning_rate=1e-3, batch_size=16)`` is
 ``TrainConfig(epochs=2, optim=OptimConfig(learning_rate=1e-3), data=DataConfig(batch_size=16))``.
@@ -31,6 +33,7 @@ __all__ = [
     "DataConfig",
     "EarlyStopping",
     "OptimConfig",
+    "ScaleConfig",
     "TrainConfig",
 ]
 
@@ -239,7 +242,85 @@ class CheckpointConfig:
         return metric, mode
 
 
-_SECTIONS = {"optim": OptimConfig, "data": DataConfig, "checkpoint": CheckpointConfig}
+@dataclasses.dataclass
+class ScaleConfig:
+    """How a step is laid out over devices and memory.
+
+    Attributes:
+      mesh: axis sizes of the device mesh, ``"data=2,fsdp=4"`` or ``{"fsdp": 8}``
+        (:func:`jaxtl.parallel.parse_mesh`); ``None``: every device on ``data`` (params
+        replicated). ``fsdp`` shards params and optimizer state, ``tensor`` splits attention and
+        MLP matrices Megatron-style; both ``data`` and ``fsdp`` split the batch.
+      sharding_rules: ``(path regex, spec)`` pairs tried before the family's defaults
+        (:mod:`jaxtl.sharding`); a spec is a tuple of mesh axes per dimension (``("fsdp",
+        None)``), ``"fsdp"`` (largest divisible dimension) or ``"replicated"``.
+      min_shard_size: leaves with fewer elements stay whole under the ``"fsdp"`` rule.
+      grad_accum: microbatches per optimizer step, summed inside the one jitted step (the step
+        of the whole batch, ``batch_size`` rows); ``batch_size`` must divide by
+        ``data x fsdp x grad_accum``.
+      remat: rematerialize each transformer block (``jax.checkpoint``) under this policy:
+        ``"full"`` (keep only block inputs), ``"dots_saveable"`` (keep matmul outputs),
+        ``"dots_with_no_batch_dims_saveable"``; ``None``: store every activation.
+      precision: ``"float32"`` or ``"bf16"`` compute (:mod:`jaxtl.train.precision`: master
+        params, optimizer state, gradients, softmax, LayerNorm and loss stay float32).
+      frozen_bf16: store the frozen groups' params in bfloat16 (half their memory).
+    """
+
+    mesh: str | dict[str, int] | None = None
+    sharding_rules: tuple[tuple[str, Any], ...] = ()
+    min_shard_size: int = 2**16
+    grad_accum: int = 1
+    remat: str | None = None
+    precision: str = "float32"
+    frozen_bf16: bool = False
+
+    def __post_init__(self):
+        from jaxtl.models.layers import remat_policy
+        from jaxtl.train.precision import PRECISIONS
+
+        if self.remat is not None:
+            remat_policy(self.remat)
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision (--precision) must be one of {PRECISIONS}, got {self.precision!r}."
+            )
+        _at_least(self, ("grad_accum",), 1)
+        _at_least(self, ("min_shard_size",), 0)
+        rules = self.sharding_rules
+        rules = list(rules.items() if isinstance(rules, Mapping) else rules)
+        for i, rule in enumerate(rules):
+            if not (isinstance(rule, tuple | list) and len(rule) == 2 and isinstance(rule[0], str)):
+                raise ValueError(
+                    f"sharding_rules[{i}] is {rule!r}; expected a (path regex, spec) pair, "
+                    'e.g. (".*/kernel", ("fsdp", None)).'
+                )
+        # Specs as plain tuples (a PartitionSpec is not JSON): run.json records and rebuilds them.
+        self.sharding_rules = tuple((p, _plain_spec(v)) for p, v in rules)
+        from jaxtl.parallel import AXES
+
+        for pattern, spec in self.sharding_rules:
+            if isinstance(spec, tuple):
+                for entry in spec:
+                    for axis in entry if isinstance(entry, tuple) else (entry,):
+                        if axis is not None and axis not in AXES:
+                            raise ValueError(
+                                f"sharding rule ({pattern!r}, {spec!r}) (--shard-rule) names "
+                                f"mesh axis {axis!r}; the mesh's axes are {list(AXES)}."
+                            )
+
+
+def _plain_spec(value: Any) -> Any:
+    if isinstance(value, str) or value is None:
+        return value
+    return tuple(tuple(e) if isinstance(e, list) else e for e in value)
+
+
+_SECTIONS = {
+    "optim": OptimConfig,
+    "data": DataConfig,
+    "checkpoint": CheckpointConfig,
+    "scale": ScaleConfig,
+}
 _OWNER = {f.name: section for section, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
 
 
@@ -264,8 +345,9 @@ class TrainConfig:
       optim: :class:`OptimConfig`.
       data: :class:`DataConfig`.
       checkpoint: :class:`CheckpointConfig`.
+      scale: :class:`ScaleConfig`.
 
-    Any field of the three sections may also be given by name (see the module docstring);
+    Any field of the four sections may also be given by name (see the module docstring);
     a section given as a dict (as :meth:`to_dict` writes it) is rebuilt.
     """
 
@@ -279,6 +361,7 @@ class TrainConfig:
     optim: OptimConfig
     data: DataConfig
     checkpoint: CheckpointConfig
+    scale: ScaleConfig
 
     _DEFAULTS = {
         "epochs": 3,

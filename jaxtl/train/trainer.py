@@ -11,19 +11,22 @@ metrics are fetched once per ``log_every`` steps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from jaxtl import parallel
+from jaxtl import parallel, sharding
 from jaxtl.adabn import adapt_batch_norm
 from jaxtl.checkpoint import Checkpointer
 from jaxtl.data.loader import Loader
+from jaxtl.distributed import is_primary
 from jaxtl.models.base import LoadedModel
-from jaxtl.models.common import batch_norm_paths
-from jaxtl.train import steps
+from jaxtl.models.common import batch_norm_paths, recompute
+from jaxtl.train import precision, steps
 from jaxtl.train.config import TrainConfig
 from jaxtl.train.losses import TASKS, summarize
 from jaxtl.train.progress import Clock, MetricsLog, TrainMetrics, progress_bar
@@ -58,11 +61,14 @@ class Trainer:
       config: a :class:`TrainConfig`.
       workdir: run directory for ``metrics.jsonl`` and ``checkpoints/``; ``None`` keeps
         everything in memory (no resume).
-      mesh: device mesh; default all devices on a ``data`` axis.
+      mesh: device mesh; default ``config.scale.mesh`` over every device
+        (:func:`jaxtl.parallel.make_mesh`).
 
     Raises:
-      ValueError: a task the Trainer cannot fit, a batch size that does not split over the
-        devices, or an improvement metric the task does not report; all before compiling.
+      ValueError: a task the Trainer cannot fit, a mesh that does not fit the devices, a batch
+        size that does not split over the batch shards and microbatches, or an improvement
+        metric the task does not report; all before compiling. A sharding rule that cannot
+        place a param fails in :meth:`init_state`, also before compiling.
     """
 
     def __init__(
@@ -79,27 +85,54 @@ class Trainer:
                 f"was loaded with task={model.task!r}. Load it with task='classification' (or "
                 f"'regression', or 'causal_lm' for a family with an LM head)."
             )
+        scale = config.scale
+        self.mesh = mesh if mesh is not None else parallel.make_mesh(scale.mesh)
+        dtype = precision.compute_dtype(scale.precision, self.mesh.devices.flat[0])
+        if scale.remat is not None or dtype != jnp.float32:
+            model = recompute(model, remat=scale.remat, dtype=dtype)
         self.model = model
         self.plan = plan
         self.config = config
         self.workdir = workdir
-        self.mesh = mesh if mesh is not None else parallel.make_mesh()
-        parallel.check_batch_size(config.data.batch_size, self.mesh)
+        parallel.check_batch_size(
+            config.data.batch_size, self.mesh, grad_accum=config.scale.grad_accum
+        )
         self.monitor = config.checkpoint.monitor(model.task)
         if workdir:
             os.makedirs(workdir, exist_ok=True)
-        self.log = MetricsLog(os.path.join(workdir, "metrics.jsonl") if workdir else None)
+        # metrics.jsonl is shared: process 0 writes it (the metrics are global in every process).
+        self.log = MetricsLog(
+            os.path.join(workdir, "metrics.jsonl") if workdir and is_primary() else None
+        )
         self._compiled = None
 
     @property
     def devices(self) -> int:
-        """Devices of the mesh: evaluation batches split over them."""
-        return self.mesh.devices.size
+        """The mesh's batch shards (``data`` x ``fsdp``): evaluation batches split over them."""
+        return parallel.batch_shards(self.mesh)
 
     # --- setup ---------------------------------------------------------------------------
 
     def init_state(self, total_steps: int) -> TrainState:
-        """A fresh state: the model's params, and the plan's optimizer over the LR schedule."""
+        """A fresh state: the model's params, and the plan's optimizer over the LR schedule,
+        each leaf placed on the mesh by the sharding rules."""
+        shapes = self.abstract_state(total_steps)
+        placed = jax.tree.map(lambda s: s.sharding, shapes)
+        params = jax.device_put(self._stored_params(), placed.params, may_alias=False)
+        batch_stats = jax.device_put(self.model.batch_stats, placed.batch_stats, may_alias=False)
+        # The optimizer state is born sharded: no device ever holds a whole copy of it.
+        return jax.jit(self._create, out_shardings=placed)(params, batch_stats)
+
+    def abstract_state(self, total_steps: int) -> TrainState:
+        """The state :meth:`init_state` builds, as ``jax.ShapeDtypeStruct`` s carrying their
+        shardings: nothing is allocated, so a step can be lowered and its memory measured
+        (``compile_steps(...)[0].lower(state, batch).compile().memory_analysis()``) for a model
+        too large for this machine. Sets :attr:`specs` and :attr:`schedule`.
+
+        Raises:
+          jaxtl.transfer.rules.UnmatchedParamsError: the plan leaves a param out.
+          jaxtl.sharding.ShardingError: a sharding rule cannot place a param.
+        """
         optim = self.config.optim
         self.schedule = optim.lr_schedule(total_steps)
         self._compiled = None  # steps compiled for an earlier state hold its optimizer
@@ -111,16 +144,46 @@ class Trainer:
             clip_norm=optim.clip_norm,
             **optim.optimizer_options,
         )
-        state = TrainState.create(
+        create = functools.partial(
+            TrainState.create,
             apply_fn=self.model.forward,
-            params=self.model.params,
             tx=tx,
             seed=self.config.seed,
             task=self.model.task,
-            batch_stats=self.model.batch_stats,
             bn_train=self.bn_train(),
         )
-        return steps.place_state(state, self.mesh)
+        self._create = lambda p, b: create(params=p, batch_stats=b)
+        shapes = jax.eval_shape(self._create, self._stored_params(), self.model.batch_stats)
+        self.specs = self.state_specs(shapes)  # a rule that cannot place a param fails here
+        placed = steps.state_shardings(shapes, self.mesh, self.specs)
+        return jax.tree.map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, placed
+        )
+
+    def _stored_params(self) -> Any:
+        """The model's params as the state stores them (``frozen_bf16``: frozen ones in bf16)."""
+        params = self.model.params
+        if self.config.scale.frozen_bf16:
+            params = precision.cast_frozen(params, self.plan.trainable_mask(params))
+        return params
+
+    def pieces(self, params: Any):
+        """``count(tree) -> tree of ints``: the pieces this run's mesh and rules cut each leaf
+        of ``params`` (or of param-shaped state) into, for :meth:`jaxtl.Plan.table`."""
+        return sharding.piece_counter(params, self.mesh, **self._layout())
+
+    def state_specs(self, state: Any) -> Any:
+        """Where each leaf of ``state`` (arrays or shapes) lives: ``config.scale``'s sharding
+        rules, then the family's defaults (:func:`jaxtl.sharding.train_state_specs`)."""
+        return sharding.train_state_specs(state, self.mesh, **self._layout())
+
+    def _layout(self) -> dict[str, Any]:
+        scale = self.config.scale
+        return {
+            "rules": scale.sharding_rules,
+            "structure": self.model.structure,
+            "min_shard_size": scale.min_shard_size,
+        }
 
     def bn_train(self) -> tuple[str, ...]:
         """The BatchNorm layers that train: those whose scale/bias the plan trains, or every one
@@ -143,8 +206,8 @@ class Trainer:
         stats = adapt_batch_norm(
             self.model,
             train.examples(n)["pixel_values"],
-            params=jax.device_get(state.params),
-            batch_stats=jax.device_get(state.batch_stats),
+            params=parallel.to_host(state.params),
+            batch_stats=parallel.to_host(state.batch_stats),
             batch_size=self.config.data.eval_batch_size,
         )
         frozen = [p for p in batch_norm_paths(stats) if p not in state.bn_train]
@@ -153,7 +216,9 @@ class Trainer:
 
     def _steps(self, state: TrainState):
         if self._compiled is None:
-            self._compiled = steps.compile_steps(state, self.mesh)
+            self._compiled = steps.compile_steps(
+                state, self.mesh, self.specs, grad_accum=self.config.scale.grad_accum
+            )
         return self._compiled
 
     # --- evaluation ----------------------------------------------------------------------
@@ -314,7 +379,7 @@ class _Run:
             improved = self.tracker.record(rec)
             trainer.log.write(rec)
             if improved and self.ckpt is None and self.cfg.checkpoint.restore_best:
-                self.best_host = jax.device_get((state.params, state.batch_stats))
+                self.best_host = parallel.to_host((state.params, state.batch_stats))
         if self.ckpt is not None:
             # Only an improvement reaches the best manager, so it holds exactly the tracker's
             # best (orbax alone would keep the newest of tied scores).
@@ -342,7 +407,9 @@ class _Run:
                 tree, _ = ckpt.restore_best(state.checkpoint_tree())
                 state = state.replace(params=tree["params"], batch_stats=tree["batch_stats"])
             elif self.best_host is not None:
-                params, batch_stats = parallel.put_replicated(self.best_host, self.trainer.mesh)
+                params, batch_stats = parallel.put_like(
+                    self.best_host, (state.params, state.batch_stats)
+                )
                 state = state.replace(params=params, batch_stats=batch_stats)
         if ckpt is not None:
             ckpt.close()

@@ -65,6 +65,9 @@ class GroupRow:
     num_params: int
     param_bytes: int
     opt_state_bytes: int | None
+    # Bytes one device holds when the leaves are cut into pieces (``Plan.summary(pieces=)``).
+    param_bytes_per_device: int | None = None
+    opt_state_bytes_per_device: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,21 +154,28 @@ class Plan:
             **options,
         )
 
-    def _measure(self, params: Any, optimizer: optax.GradientTransformation | None):
+    def _measure(self, params: Any, optimizer: optax.GradientTransformation | None, pieces=None):
         labels = flatten(self.labels(params))
         flat = flatten(params)
         if optimizer is None:
             optimizer = self.optimizer(1e-3)
         state = jax.eval_shape(optimizer.init, params)
+        # Per device: each leaf's bytes divided by the pieces it is cut into.
+        split = lambda tree: _split_bytes(tree, pieces(tree))  # noqa: E731
         by_group: dict[str, int] = {}
+        by_group_device: dict[str, int] = {}
         is_part = lambda x: isinstance(x, optax.PartitionState)  # noqa: E731
         for node in jax.tree.leaves(state, is_leaf=is_part):
             if is_part(node):
                 for name, inner in node.inner_states.items():
                     by_group[name] = by_group.get(name, 0) + tree_bytes(inner)
+                    if pieces is not None:
+                        by_group_device[name] = by_group_device.get(name, 0) + split(inner)
+        param_split = flatten(pieces(params)) if pieces is not None else {}
         rows = []
         for name, g in self.groups.items():
-            leaves = [flat[p] for p, label in labels.items() if label == name]
+            paths = [p for p, label in labels.items() if label == name]
+            leaves = [flat[p] for p in paths]
             rows.append(
                 GroupRow(
                     group=name,
@@ -176,12 +186,18 @@ class Plan:
                     num_params=count_params(leaves),
                     param_bytes=tree_bytes(leaves),
                     opt_state_bytes=by_group.get(name),
+                    param_bytes_per_device=(
+                        sum(tree_bytes(flat[p]) // param_split[p] for p in paths)
+                        if pieces is not None
+                        else None
+                    ),
+                    opt_state_bytes_per_device=by_group_device.get(name),
                 )
             )
-        return rows, tree_bytes(state)
+        return rows, tree_bytes(state), (split(state) if pieces is not None else None)
 
     def summary(
-        self, params: Any, optimizer: optax.GradientTransformation | None = None
+        self, params: Any, optimizer: optax.GradientTransformation | None = None, *, pieces=None
     ) -> list[GroupRow]:
         """One :class:`GroupRow` per group, in ``groups`` order.
 
@@ -189,11 +205,18 @@ class Plan:
           params: the param tree (arrays or ``jax.ShapeDtypeStruct``).
           optimizer: whose state to measure (``jax.eval_shape(optimizer.init, params)``, no
             memory allocated); None measures ``self.optimizer(<float lr>)``.
+          pieces: ``pieces(tree) -> tree of ints``, how many pieces a sharded layout cuts each
+            leaf of the params or of (part of) the optimizer state into
+            (:func:`jaxtl.sharding.piece_counter`); fills the per-device byte counts.
         """
-        return self._measure(params, optimizer)[0]
+        return self._measure(params, optimizer, pieces)[0]
 
-    def table(self, params: Any, optimizer: optax.GradientTransformation | None = None) -> str:
-        """The plan as a printable table: one line per group, a total line, and notes.
+    def table(
+        self, params: Any, optimizer: optax.GradientTransformation | None = None, *, pieces=None
+    ) -> str:
+        """The plan as a printable table: one line per group, a total line, and notes. With
+        ``pieces`` (see :meth:`summary`) it also shows what one device holds of each group's
+        params and optimizer state.
 
         Example:
           >>> import numpy as np
@@ -205,8 +228,10 @@ class Plan:
           all    .*     yes     1        default       4       36 B
           total: 4 trainable + 0 frozen = 4 params; optimizer state 36 B
         """
-        rows, total_bytes = self._measure(params, optimizer)
+        rows, total_bytes, device_bytes = self._measure(params, optimizer, pieces)
         header = ("group", "rules", "trains", "lr_mult", "weight_decay", "params", "opt_state")
+        if pieces is not None:
+            header += ("params/device", "opt_state/device")
         lines: list[tuple[str, ...]] = []
         for r in rows:
             state = "?" if r.opt_state_bytes is None else _fmt_bytes(r.opt_state_bytes)
@@ -218,8 +243,12 @@ class Plan:
             mult = f"{r.lr_mult:g}" if r.trainable else "-"
             first, *more = r.rules or ("(none)",)
             trains = "yes" if r.trainable else "no"
-            lines.append((r.group, first, trains, mult, wd, f"{r.num_params:,}", state))
-            lines.extend(("", rule, "", "", "", "", "") for rule in more)
+            line = (r.group, first, trains, mult, wd, f"{r.num_params:,}", state)
+            if pieces is not None:
+                per = r.opt_state_bytes_per_device
+                line += (_fmt_bytes(r.param_bytes_per_device or 0), _fmt_bytes(per or 0))
+            lines.append(line)
+            lines.extend(("", rule, *[""] * (len(header) - 2)) for rule in more)
         widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header))]
         fmt = lambda cols: "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()  # noqa: E731
         trainable = sum(r.num_params for r in rows if r.trainable)
@@ -229,12 +258,26 @@ class Plan:
             f"total: {trainable:,} trainable + {frozen:,} frozen = {trainable + frozen:,} params; "
             f"optimizer state {_fmt_bytes(total_bytes)}"
         )
+        if pieces is not None:
+            params_device = sum(r.param_bytes_per_device or 0 for r in rows)
+            out.append(
+                f"per device: params {_fmt_bytes(params_device)} + optimizer state "
+                f"{_fmt_bytes(device_bytes)}"
+            )
         outside = total_bytes - sum(r.opt_state_bytes or 0 for r in rows)
         if outside:
             out.append(f"note: {_fmt_bytes(outside)} of optimizer state belong to no group")
         for pattern, group in self.unused_rules(params):
             out.append(f"note: rule {pattern!r} -> {group} labels no param")
         return "\n".join(out)
+
+
+def _split_bytes(tree: Any, pieces: Any) -> int:
+    """Bytes of ``tree`` that one device holds when each leaf is cut into ``pieces``."""
+    return sum(
+        tree_bytes(leaf) // n
+        for leaf, n in zip(jax.tree.leaves(tree), jax.tree.leaves(pieces), strict=True)
+    )
 
 
 def _fmt_bytes(n: int) -> str:

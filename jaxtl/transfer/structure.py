@@ -26,9 +26,14 @@ class Structure:
       neck: parts between the last block and the head that a "last n blocks" recipe also
         trains, e.g. ``("bert/pooler",)``; empty when the model has none.
       stem: parts before the first block (embeddings, stem conv).
+      tensor_parallel: ``(layer path regex, "column" | "row")`` pairs naming the Dense layers
+        that a ``tensor`` mesh axis splits Megatron-style (:mod:`jaxtl.sharding`): a block's
+        input projections (attention q/k/v, the MLP's first layer) by output column, its output
+        projections by input row. Empty: the family has no tensor-parallel layout.
     """
 
     blocks: tuple[str, ...]
     head: tuple[str, ...]
     neck: tuple[str, ...] = ()
     stem: tuple[str, ...] = ()
+    tensor_parallel: tuple[tuple[str, str], ...] = ()

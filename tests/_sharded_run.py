@@ -1,0 +1,97 @@
+"""Fine-tune a tiny BERT, GPT-2 or ViT on N CPU devices with a given mesh; print what happened.
+
+Usage: python _sharded_run.py FAMILY MODEL_DIR DEVICES MESH STEPS OUT [options]
+  FAMILY: bert | gpt2 | vit; MODEL_DIR: a transformers checkpoint made by test_sharding.py
+  MESH: e.g. 'fsdp=8', 'data=2,fsdp=2,tensor=2', or '-' for the default (all on data)
+  OUT: the run directory (checkpoints, metrics.jsonl, params.npz)
+  --grad-accum K --batch B --stop-at S --resume
+
+Runs in its own process because the CPU device count is fixed when jax starts. The last stdout
+line is JSON: the loss of every step, and for every param and optimizer-state leaf the fraction
+of its elements that each device actually holds (from ``addressable_shards``).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+parser = argparse.ArgumentParser()
+for name in ("family", "model_dir", "devices", "mesh", "steps", "out"):
+    parser.add_argument(name)
+parser.add_argument("--grad-accum", type=int, default=1)
+parser.add_argument("--batch", type=int, default=16)
+parser.add_argument("--stop-at", type=int)
+parser.add_argument("--resume", action="store_true")
+args = parser.parse_args()
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+sys.path.insert(0, os.path.dirname(__file__))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxtl  # noqa: E402
+from jaxtl.data import training_loader  # noqa: E402
+from jaxtl.transfer.trees import flatten, path_str  # noqa: E402
+
+assert jax.device_count() == int(args.devices), jax.devices()
+N = 64  # training examples: 4 batches of 16 per epoch
+
+
+def data(model):
+    rng = np.random.default_rng(0)
+    if args.family == "vit":
+        pixels = rng.standard_normal((N, 32, 32, 3)).astype(np.float32)
+        return {"pixel_values": pixels, "label": rng.integers(0, 3, N).astype(np.int32)}
+    ids = rng.integers(1, 128, (N, 16)).astype(np.int32)
+    lengths = rng.integers(6, 17, N)
+    mask = (np.arange(16)[None] < lengths[:, None]).astype(np.int32)
+    batch = {"input_ids": ids * mask, "attention_mask": mask}
+    if args.family == "bert":
+        batch["token_type_ids"] = np.zeros_like(ids)
+        batch["label"] = (ids[:, 0] % 2).astype(np.int32)
+    return batch
+
+
+def held_fractions(tree) -> dict:
+    """path -> the largest fraction of the leaf's elements that any one device holds."""
+    out = {}
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if leaf.size == 0:
+            continue
+        held = max(s.data.size for s in leaf.addressable_shards)
+        out[path_str(keypath)] = held / leaf.size
+    return out
+
+
+task = {"bert": "classification", "gpt2": "causal_lm", "vit": "classification"}[args.family]
+model = jaxtl.load(args.model_dir, task=task, **({} if task == "causal_lm" else {"num_labels": 3}))
+config = jaxtl.TrainConfig(
+    batch_size=args.batch,
+    learning_rate=1e-3,
+    max_steps=int(args.steps),
+    log_every=1,
+    progress=False,
+    mesh=None if args.mesh == "-" else args.mesh,
+    grad_accum=args.grad_accum,
+    min_shard_size=512,  # the tiny models' kernels shard, their biases and norms stay whole
+)
+trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), config, args.out)
+loader = training_loader(data(model), config.data, model, seed=0)
+result = trainer.fit(loader, resume=args.resume, stop_at=args.stop_at)
+state = result.state
+params = jax.device_get(state.params)
+np.savez(os.path.join(args.out, "params.npz"), **flatten(params))
+with open(os.path.join(args.out, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+losses = [r["loss"] for r in records if r.get("split") == "train"]
+summary = {
+    "losses": losses,
+    "steps": result.steps,
+    "mesh": dict(trainer.mesh.shape),
+    "params_held": held_fractions(state.params),
+    "opt_held": held_fractions(state.opt_state),
+    "specs": {p: str(s) for p, s in flatten(trainer.specs.params).items()},
+    "sizes": {p: int(np.size(v)) for p, v in flatten(params).items()},
+}
+print(json.dumps(summary))

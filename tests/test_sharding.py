@@ -1,0 +1,421 @@
+"""Sharding over a (data, fsdp, tensor) mesh and gradient accumulation.
+
+The rule resolution and every bad-input error are checked in this process from axis sizes
+alone. What the devices actually hold, and that a sharded run trains like the replicated one,
+is checked on 8 CPU devices (``--xla_force_host_platform_device_count=8``) in subprocesses
+(``_sharded_run.py``): tiny BERT, GPT-2 (causal LM) and ViT saved by transformers, fitted with
+``Trainer.fit``, the shard sizes read from each leaf's ``addressable_shards``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from _tiny import make_tiny_bert, small_vader
+from jax.sharding import AbstractMesh, PartitionSpec
+
+import jaxtl
+from jaxtl import parallel, sharding
+from jaxtl.transfer.rules import InvalidRuleError, UnmatchedParamsError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BERT_LIKE = {
+    "bert": {
+        "embeddings": {"word_embeddings": {"embedding": np.zeros((30522, 768), np.float32)}},
+        "encoder": {
+            "layer_0": {
+                "attention": {
+                    "self": {
+                        "query": {"kernel": np.zeros((768, 768)), "bias": np.zeros(768)},
+                    },
+                    "output": {"dense": {"kernel": np.zeros((768, 768)), "bias": np.zeros(768)}},
+                },
+                "intermediate": {"dense": {"kernel": np.zeros((768, 3072))}},
+                "output": {"LayerNorm": {"scale": np.zeros(768)}},
+            }
+        },
+    },
+    "classifier": {"kernel": np.zeros((768, 3)), "bias": np.zeros(3)},
+}
+
+
+def _structure():
+    from jaxtl.models import bert
+
+    return jaxtl.Structure(blocks=(), head=("classifier",), tensor_parallel=bert.TENSOR_PARALLEL)
+
+
+def _specs(sizes, rules=None, **kw):
+    from jaxtl.transfer.trees import flatten
+
+    specs = sharding.param_specs(BERT_LIKE, sizes, rules, structure=_structure(), **kw)
+    return flatten(specs)
+
+
+# --- rules -> specs, from axis sizes ----------------------------------------------------------
+
+
+def test_default_rules_shard_large_leaves_over_fsdp_and_megatron_layers_over_tensor():
+    specs = _specs({"data": 1, "fsdp": 4, "tensor": 2})
+    layer = "bert/encoder/layer_0"
+    # Column-parallel in, row-parallel out; the other dim over fsdp.
+    assert specs[f"{layer}/attention/self/query/kernel"] == PartitionSpec("fsdp", "tensor")
+    assert specs[f"{layer}/attention/self/query/bias"] == PartitionSpec("tensor")
+    assert specs[f"{layer}/attention/output/dense/kernel"] == PartitionSpec("tensor", "fsdp")
+    assert specs[f"{layer}/attention/output/dense/bias"] == PartitionSpec()
+    assert specs[f"{layer}/intermediate/dense/kernel"] == PartitionSpec("fsdp", "tensor")
+    # The FSDP rule: the largest dim that divides by fsdp (30522 = 2 x 15261 does not).
+    assert specs["bert/embeddings/word_embeddings/embedding"] == PartitionSpec(None, "fsdp")
+    # Small leaves stay whole: norms, biases, the classifier (2,304 elements < 2**16).
+    assert specs[f"{layer}/output/LayerNorm/scale"] == PartitionSpec()
+    assert specs["classifier/kernel"] == PartitionSpec()
+
+
+def test_the_default_mesh_replicates_everything():
+    specs = _specs({"data": 8})
+    assert all(sharding.shard_count(s, {"data": 8}) == 1 for s in specs.values())
+
+
+def test_user_rules_come_first_and_the_table_still_covers_every_param():
+    rules = [(r"bert/embeddings/.*", ("tensor", None)), ("classifier/.*", "replicated")]
+    specs = _specs({"fsdp": 2, "tensor": 2}, rules, min_shard_size=0)
+    assert specs["bert/embeddings/word_embeddings/embedding"] == PartitionSpec("tensor", None)
+    assert specs["classifier/kernel"] == PartitionSpec()
+    # min_shard_size=0: the FSDP rule now splits the LayerNorm scale too.
+    assert specs["bert/encoder/layer_0/output/LayerNorm/scale"] == PartitionSpec("fsdp")
+
+
+def test_optimizer_state_follows_its_params_and_per_device_bytes_shrink():
+    sizes = {"data": 1, "fsdp": 8, "tensor": 1}
+    params = {"w": np.zeros((1024, 256), np.float32), "b": np.zeros(256, np.float32)}
+    specs = sharding.param_specs(params, sizes)
+    tx = jaxtl.make_plan("full", jaxtl.Structure(blocks=(), head=())).optimizer(1e-3)
+    state = jax.eval_shape(tx.init, params)
+    opt = sharding.state_specs(state, params, specs, sizes)
+    from jaxtl.transfer.trees import flatten
+
+    flat = flatten(opt)
+    moments = {p: s for p, s in flat.items() if p.endswith("/w")}
+    assert len(moments) == 2 and all(s == PartitionSpec("fsdp") for s in moments.values())
+    assert all(s == PartitionSpec() for p, s in flat.items() if p.endswith("count"))
+    whole = sharding.per_device_bytes(params, jax.tree.map(lambda _: PartitionSpec(), params), {})
+    assert sharding.per_device_bytes(params, specs, sizes) == (1024 * 256 // 8 + 256) * 4
+    assert whole == (1024 * 256 + 256) * 4
+
+
+# --- bad input: clear errors, before anything compiles ---------------------------------------
+
+
+def test_a_rule_naming_an_unknown_axis_is_an_error_that_lists_the_axes():
+    with pytest.raises(sharding.ShardingError, match=r"names mesh axis 'model'.*'data', 'fsdp'"):
+        _specs({"fsdp": 2}, [(".*/kernel", ("model", None))])
+
+
+def test_a_dim_that_does_not_divide_names_the_param_the_dim_the_axis_and_what_fits():
+    with pytest.raises(sharding.ShardingError) as e:
+        _specs({"data": 1, "fsdp": 4, "tensor": 5})
+    msg = str(e.value)
+    assert "'bert/encoder/layer_0/attention/output/dense/kernel'" in msg
+    assert "dim 0 has size 768, not divisible by axis tensor = 5" in msg
+    assert "divides over fsdp=4" in msg and "--shard-rule" in msg and "'replicated'" in msg
+
+
+def test_a_spec_longer_than_the_leaf_and_a_malformed_rule_are_errors():
+    with pytest.raises(sharding.ShardingError, match=r"3 dims.*shape \(3,\)"):
+        _specs({"fsdp": 2}, [("classifier/bias", ("fsdp", None, None))])
+    with pytest.raises(InvalidRuleError, match="not a PartitionSpec"):
+        _specs({"fsdp": 2}, [("classifier/bias", 3)])
+    with pytest.raises(InvalidRuleError, match="not a valid regular expression"):
+        _specs({"fsdp": 2}, [("classifier/(", "fsdp")])
+
+
+def test_rules_alone_must_cover_every_param_when_they_replace_the_defaults():
+    with pytest.raises(UnmatchedParamsError, match="classifier/kernel"):
+        sharding.param_specs(BERT_LIKE, {"fsdp": 2}, [("bert/.*", "fsdp")], defaults=False)
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ("data=2,fsdp=2", r"data=2,fsdp=2,tensor=1 has 4 devices, but there are 8"),
+        ("fsdp=3", r"needs a multiple of 3 devices; there are 8"),
+        ("model=2", r"names axis 'model'; the axes are \['data', 'fsdp', 'tensor'\]"),
+        ("fsdp:8", r"'fsdp:8' is not AXIS=SIZE"),
+        ("fsdp=0", r"fsdp=0: sizes must be >= 1"),
+    ],
+)
+def test_a_mesh_that_does_not_fit_the_devices_is_an_error(shape, message):
+    with pytest.raises(ValueError, match=message):
+        parallel.parse_mesh(shape, 8)
+
+
+def test_mesh_sizes_default_data_to_the_devices_the_others_leave():
+    assert parallel.parse_mesh("tensor=2,fsdp=2", 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert parallel.parse_mesh({"fsdp": 8}, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+
+
+def test_a_batch_that_does_not_split_over_data_fsdp_and_microbatches_is_an_error():
+    mesh = AbstractMesh((2, 2, 2), parallel.AXES)
+    parallel.check_batch_size(16, mesh, grad_accum=4)  # 16 = 2 x 2 x 4: fine
+    with pytest.raises(ValueError, match=r"= 24 must be divisible by data x fsdp = 4 batch "):
+        parallel.check_batch_size(24, mesh, grad_accum=4)
+    with pytest.raises(ValueError, match=r"grad_accum \(--grad-accum\) = 4 microbatches = 16"):
+        parallel.check_batch_size(24, mesh, grad_accum=4)
+
+
+def test_the_trainer_refuses_a_bad_rule_before_compiling(tmp_path):
+    with pytest.raises(ValueError, match="names mesh axis 'model'"):
+        jaxtl.TrainConfig(sharding_rules=[(".*/kernel", ("model",))])
+    model = jaxtl.load(make_tiny_bert(str(tmp_path / "bert")), num_labels=2)
+    # A spec longer than a param is known only from the params: init_state, before compiling.
+    config = jaxtl.TrainConfig(sharding_rules=[("classifier/bias", ("fsdp", None))], max_steps=1)
+    trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), config)
+    with pytest.raises(sharding.ShardingError, match="'classifier/bias' gives"):
+        trainer.init_state(1)
+    with pytest.raises(ValueError, match=r"grad_accum \(--grad-accum\) must be >= 1"):
+        jaxtl.TrainConfig(grad_accum=0)
+    with pytest.raises(ValueError, match=r"sharding_rules\[0\] is '.\*'"):
+        jaxtl.TrainConfig(sharding_rules=[".*"])
+
+
+def test_scale_options_survive_run_json():
+    config = jaxtl.TrainConfig(
+        mesh="fsdp=8", sharding_rules=[("a/.*", PartitionSpec("fsdp", None))], grad_accum=2
+    )
+    again = jaxtl.TrainConfig(**json.loads(json.dumps(config.to_dict())))
+    assert again.scale == config.scale
+    assert again.scale.sharding_rules == (("a/.*", ("fsdp", None)),)
+
+
+# --- gradient accumulation ---------------------------------------------------------------------
+
+
+def test_grad_accum_four_microbatches_of_8_is_one_step_of_32(tmp_path):
+    from jaxtl.run import encode_splits
+
+    model = jaxtl.load(make_tiny_bert(str(tmp_path / "bert"), dropout=0.0), num_labels=2)
+    arrays, _ = encode_splits(model, small_vader(n_train=96, n_val=8, n_test=8))
+    results = {}
+    for k in (1, 4):
+        config = jaxtl.TrainConfig(batch_size=32, learning_rate=1e-3, max_steps=3, grad_accum=k)
+        trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), config)
+        state = trainer.init_state(3)
+        step, _ = trainer._steps(state)
+        losses = []
+        for i in range(3):
+            batch = {key: v[32 * i : 32 * (i + 1)] for key, v in arrays["train"].items()}
+            state, metrics = step(state, parallel.global_batch(batch, trainer.mesh))
+            losses.append(float(metrics["loss"]))
+        results[k] = losses, jax.device_get(state.params)
+    assert results[1][0][0] != results[1][0][-1]  # it trained
+    # Only the order of the float32 sums differs.
+    np.testing.assert_allclose(results[4][0], results[1][0], rtol=2e-6)
+    for a, b in zip(jax.tree.leaves(results[4][1]), jax.tree.leaves(results[1][1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --- 8 CPU devices --------------------------------------------------------------------------------
+
+
+def _run(family, model_dir, devices, mesh, out, *extra, steps=4):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(HERE, "_sharded_run.py"),
+            family,
+            model_dir,
+            str(devices),
+            mesh,
+            str(steps),
+            str(out),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    with np.load(os.path.join(out, "params.npz")) as f:
+        result["params"] = {k: f[k] for k in f.files}
+    return result
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny random checkpoints saved by transformers, sized so that every mesh axis divides."""
+    import torch
+    import transformers
+
+    base = tmp_path_factory.mktemp("sharded-models")
+    torch.manual_seed(0)
+    made = {
+        "bert": transformers.BertForSequenceClassification(
+            transformers.BertConfig(
+                vocab_size=128,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                max_position_embeddings=32,
+                num_labels=3,
+            )
+        ),
+        "gpt2": transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                vocab_size=128,
+                n_embd=64,
+                n_layer=2,
+                n_head=4,
+                n_positions=32,
+                bos_token_id=None,
+                eos_token_id=None,
+            )
+        ),
+        "vit": transformers.ViTForImageClassification(
+            transformers.ViTConfig(
+                image_size=32,
+                patch_size=8,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                num_labels=3,
+                hidden_dropout_prob=0.1,
+            )
+        ),
+    }
+    # Dropout masks are drawn per microbatch, so accumulation is compared without dropout.
+    made["bert_nodrop"] = transformers.BertForSequenceClassification(
+        transformers.BertConfig.from_dict(
+            {**made["bert"].config.to_dict(), "hidden_dropout_prob": 0.0},
+            attention_probs_dropout_prob=0.0,
+        )
+    )
+    for name, model in made.items():
+        model.save_pretrained(base / name)
+    return {name: str(base / name) for name in made}
+
+
+MIN = 512  # _sharded_run.py's min_shard_size
+
+
+def _check_held(run: dict, expected) -> None:
+    """Every leaf's largest per-device shard is what the mesh should give it, from the devices'
+    own shards; optimizer moments hold the same share as their params."""
+    for path, held in run["params_held"].items():
+        want = expected(path, run["sizes"][path])
+        assert held == pytest.approx(want), (path, held, want, run["specs"][path])
+    moments = {p: h for p, h in run["opt_held"].items() if "/mu/" in p or "/nu/" in p}
+    assert len(moments) == 2 * len(run["params_held"])
+    for path, held in moments.items():
+        param = path.split("/mu/" if "/mu/" in path else "/nu/")[1]
+        assert held == run["params_held"][param], path
+
+
+def _megatron(path: str) -> str | None:
+    layer = path.rsplit("/", 1)[0]
+    for pattern, role in (
+        (r".*/(query|key|value|c_attn|c_fc)", "column"),
+        (r".*layer_\d+/intermediate/dense", "column"),
+        (r".*(attention/output/dense|attn/c_proj|mlp/c_proj)", "row"),
+        (r".*layer_\d+/output/dense", "row"),
+    ):
+        if re.fullmatch(pattern, layer):
+            return role
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["bert", "gpt2", "vit"])
+def test_fsdp_and_3d_meshes_train_like_the_replicated_run(family, models, tmp_path):
+    ref = _run(family, models[family], 8, "-", tmp_path / "replicated")
+    fsdp = _run(family, models[family], 8, "fsdp=8", tmp_path / "fsdp")
+    cube = _run(family, models[family], 8, "data=2,fsdp=2,tensor=2", tmp_path / "cube")
+    assert len(ref["losses"]) == 4 and ref["losses"][0] != ref["losses"][-1]
+    for run in (fsdp, cube):
+        # Only the reduction order differs (partial sums per device): float32 rounding.
+        np.testing.assert_allclose(run["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
+        for path, value in ref["params"].items():
+            np.testing.assert_allclose(run["params"][path], value, rtol=1e-4, atol=1e-5)
+
+    _check_held(ref, lambda path, size: 1.0)
+    _check_held(fsdp, lambda path, size: 1 / 8 if size >= MIN else 1.0)
+
+    def cube_share(path, size):
+        role, leaf = _megatron(path), path.rsplit("/", 1)[1]
+        if role is not None and leaf == "kernel":
+            return 1 / 4  # tensor x fsdp
+        if role == "column" and leaf == "bias":
+            return 1 / 2  # tensor
+        return 1 / 2 if size >= MIN else 1.0  # the FSDP rule
+
+    _check_held(cube, cube_share)
+    # Most of the model is in sharded leaves: each device holds about 1/8 of the whole.
+    total = sum(ref["sizes"].values())
+    held = sum(fsdp["params_held"][p] * n for p, n in fsdp["sizes"].items())
+    assert held / total < 0.2
+
+
+@pytest.mark.slow
+def test_grad_accum_under_fsdp_matches_the_replicated_whole_batch(models, tmp_path):
+    bert = models["bert_nodrop"]
+    ref = _run("bert", bert, 8, "-", tmp_path / "ref", "--batch", "32")
+    accum = _run("bert", bert, 8, "fsdp=8", tmp_path / "acc", "--batch", "32", "--grad-accum", "4")
+    np.testing.assert_allclose(accum["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
+    for path, value in ref["params"].items():
+        np.testing.assert_allclose(accum["params"][path], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_saved_on_fsdp8_resumes_on_other_meshes_and_device_counts(models, tmp_path):
+    bert = models["bert"]
+    whole = _run("bert", bert, 8, "fsdp=8", tmp_path / "whole")
+    _run("bert", bert, 8, "fsdp=8", tmp_path / "stopped", "--stop-at", "2")
+    resumed = {}
+    for name, devices, mesh in (
+        ("same", 8, "fsdp=8"),
+        ("data8", 8, "data=8"),
+        ("fsdp4", 4, "fsdp=4"),
+        ("one", 1, "-"),
+    ):
+        out = tmp_path / name
+        shutil.copytree(tmp_path / "stopped", out)
+        resumed[name] = _run("bert", bert, devices, mesh, out, "--resume")
+    # The same mesh continues bit for bit: the same math on the same machine.
+    assert resumed["same"]["losses"] == whole["losses"]
+    for k, v in whole["params"].items():
+        np.testing.assert_array_equal(resumed["same"]["params"][k], v)
+    # Other meshes restore the same state; only the float32 reduction order of later steps differs.
+    for name in ("data8", "fsdp4", "one"):
+        run = resumed[name]
+        assert run["steps"] == 4 and len(run["losses"]) == 4
+        assert run["losses"][:2] == whole["losses"][:2]  # the metrics log kept steps 1-2
+        np.testing.assert_allclose(run["losses"], whole["losses"], rtol=1e-5, atol=1e-6)
+        for k, v in whole["params"].items():
+            np.testing.assert_allclose(run["params"][k], v, rtol=1e-4, atol=1e-5)
+    assert resumed["fsdp4"]["params_held"]["bert/embeddings/word_embeddings/embedding"] == 0.25
+
+
+def test_the_plan_table_shows_what_one_device_holds():
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32), BERT_LIKE)
+    sizes = {"data": 1, "fsdp": 8, "tensor": 1}
+    pieces = sharding.piece_counter(params, sizes, structure=_structure())
+    plan = jaxtl.make_plan("linear_probe", _structure())
+    rows = {r.group: r for r in plan.summary(params, pieces=pieces)}
+    frozen, head = rows["frozen"], rows["head"]
+    # The frozen body's large leaves split 8 ways (its LayerNorm and biases stay whole)...
+    small = (768 + 768 + 768) * 4
+    assert frozen.param_bytes_per_device == (frozen.param_bytes - small) // 8 + small
+    # ... it has no optimizer state, and the small head's state stays whole.
+    assert not frozen.opt_state_bytes and head.opt_state_bytes_per_device == head.opt_state_bytes
+    table = plan.table(params, pieces=pieces)
+    assert "params/device" in table and "per device: params " in table
