@@ -5,6 +5,8 @@ Usage: python _sharded_run.py FAMILY MODEL_DIR DEVICES MESH STEPS OUT [options]
   MESH: e.g. 'fsdp=8', 'data=2,fsdp=2,tensor=2', or '-' for the default (all on data)
   OUT: the run directory (checkpoints, metrics.jsonl, params.npz)
   --grad-accum K --batch B --stop-at S --resume
+  --export: also write the fine-tuned model with jaxtl.export (from the sharded params) to
+    OUT/export
 
 Runs in its own process because the CPU device count is fixed when jax starts. The last stdout
 line is JSON: the loss of every step, and for every param and optimizer-state leaf the fraction
@@ -23,6 +25,7 @@ parser.add_argument("--grad-accum", type=int, default=1)
 parser.add_argument("--batch", type=int, default=16)
 parser.add_argument("--stop-at", type=int)
 parser.add_argument("--resume", action="store_true")
+parser.add_argument("--export", action="store_true")
 args = parser.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 sys.path.insert(0, os.path.dirname(__file__))
@@ -82,6 +85,8 @@ result = trainer.fit(loader, resume=args.resume, stop_at=args.stop_at)
 state = result.state
 params = jax.device_get(state.params)
 np.savez(os.path.join(args.out, "params.npz"), **flatten(params))
+if args.export:
+    jaxtl.export(model, os.path.join(args.out, "export"), state.params)
 with open(os.path.join(args.out, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
 losses = [r["loss"] for r in records if r.get("split") == "train"]

@@ -176,6 +176,13 @@ def test_frozen_bf16_halves_the_frozen_params_and_keeps_the_trained_ones_float32
     assert tree_bytes(frozen) * 2 == tree_bytes(flatten(model.params)) - tree_bytes(
         {p: v for p, v in flatten(model.params).items() if p.startswith("classifier")}
     )
+    # An export writes the model's own dtype: the frozen params as float32 again (their bf16
+    # values, exactly), the trained head as trained.
+    out = jaxtl.export(model, tmp_path / "export", state.params)
+    back = flatten(jaxtl.load(out, num_labels=2).params)
+    for p, v in flat.items():
+        assert back[p].dtype == np.float32, p
+        np.testing.assert_array_equal(np.asarray(back[p]), np.asarray(v, np.float32), err_msg=p)
 
 
 @dataclasses.dataclass

@@ -25,6 +25,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 import jaxtl
 from jaxtl import parallel, sharding
 from jaxtl.transfer.rules import InvalidRuleError, UnmatchedParamsError
+from jaxtl.transfer.trees import flatten
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BERT_LIKE = {
@@ -54,8 +55,6 @@ def _structure():
 
 
 def _specs(sizes, rules=None, **kw):
-    from jaxtl.transfer.trees import flatten
-
     specs = sharding.param_specs(BERT_LIKE, sizes, rules, structure=_structure(), **kw)
     return flatten(specs)
 
@@ -100,8 +99,6 @@ def test_optimizer_state_follows_its_params_and_per_device_bytes_shrink():
     tx = jaxtl.make_plan("full", jaxtl.Structure(blocks=(), head=())).optimizer(1e-3)
     state = jax.eval_shape(tx.init, params)
     opt = sharding.state_specs(state, params, specs, sizes)
-    from jaxtl.transfer.trees import flatten
-
     flat = flatten(opt)
     moments = {p: s for p, s in flat.items() if p.endswith("/w")}
     assert len(moments) == 2 and all(s == PartitionSpec("fsdp") for s in moments.values())
@@ -338,7 +335,7 @@ def _megatron(path: str) -> str | None:
 @pytest.mark.parametrize("family", ["bert", "gpt2", "vit"])
 def test_fsdp_and_3d_meshes_train_like_the_replicated_run(family, models, tmp_path):
     ref = _run(family, models[family], 8, "-", tmp_path / "replicated")
-    fsdp = _run(family, models[family], 8, "fsdp=8", tmp_path / "fsdp")
+    fsdp = _run(family, models[family], 8, "fsdp=8", tmp_path / "fsdp", "--export")
     cube = _run(family, models[family], 8, "data=2,fsdp=2,tensor=2", tmp_path / "cube")
     assert len(ref["losses"]) == 4 and ref["losses"][0] != ref["losses"][-1]
     for run in (fsdp, cube):
@@ -346,6 +343,13 @@ def test_fsdp_and_3d_meshes_train_like_the_replicated_run(family, models, tmp_pa
         np.testing.assert_allclose(run["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
         for path, value in ref["params"].items():
             np.testing.assert_allclose(run["params"][path], value, rtol=1e-4, atol=1e-5)
+
+    # jaxtl.export from the sharded run writes the fine-tuned params, read back by jaxtl.load.
+    task = {"gpt2": {"task": "causal_lm"}}.get(family, {"num_labels": 3})
+    exported = flatten(jaxtl.load(str(tmp_path / "fsdp" / "export"), **task).params)
+    assert exported.keys() == fsdp["params"].keys()
+    for path, value in fsdp["params"].items():
+        np.testing.assert_array_equal(np.asarray(exported[path]), value, err_msg=path)
 
     _check_held(ref, lambda path, size: 1.0)
     _check_held(fsdp, lambda path, size: 1 / 8 if size >= MIN else 1.0)

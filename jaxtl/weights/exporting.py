@@ -16,9 +16,12 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 import safetensors.numpy
 
+from jaxtl import parallel
+from jaxtl.distributed import is_primary
 from jaxtl.models.base import LoadedModel
 
 # Files a Hugging Face directory carries besides weights and config, copied verbatim.
@@ -54,6 +57,10 @@ def export(
       overwrite: replace existing weights at ``out``; without it an existing export is an error,
         so nothing saved is lost by accident.
 
+    Params sharded over a mesh are gathered first; in a multi-process run call this on every
+    process (each contributes its shards) and process 0 writes. Leaves stored in another dtype
+    during training (``frozen_bf16``) are written in the model's own dtype.
+
     Returns:
       The path written (the directory, or the safetensors file).
 
@@ -70,12 +77,16 @@ def export(
     params = model.params if params is None else params
     batch_stats = model.batch_stats if batch_stats is None else batch_stats
     _check_same_tree(model.params, params)
+    params, batch_stats = parallel.to_host((params, batch_stats))
+    params = jax.tree.map(lambda x, like: np.asarray(x).astype(like.dtype), params, model.params)
     state_dict, config = model.export_fn(params, batch_stats)
     out = os.path.abspath(os.fspath(out))
     if config is None and out.endswith(".safetensors"):
         target, directory = out, os.path.dirname(out)
     else:
         directory, target = out, os.path.join(out, "model.safetensors")
+    if not is_primary():  # one writer per export
+        return target if config is None else directory
     if os.path.exists(target) and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it.")
     os.makedirs(directory, exist_ok=True)
