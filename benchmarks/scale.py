@@ -343,6 +343,7 @@ def main() -> None:
         times = {}
         for arm in ("replicated", "fsdp=8"):
             command = [sys.executable, __file__, "--arm", arm, "--rounds", str(args.rounds)]
+            command += ["--length", str(args.length)]
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             times.update(json.loads(out.strip().splitlines()[-1]))
     else:

@@ -128,8 +128,8 @@ _FINETUNE = {
          "dim), 'replicated', or one entry per dim, e.g. 'fsdp,tensor', 'none,fsdp', "
          "'data+fsdp,none'", dict(action="append", default=[], metavar="REGEX=SPEC")),
         ("--grad-accum", "microbatches per optimizer step, summed inside one step: the step of "
-         "the whole --batch-size, in 1/K of the activation memory (--batch-size must divide by "
-         "data x fsdp x K)", dict(type=int, default=1)),
+         "the whole --batch-size with the activations of one microbatch at a time "
+         "(--batch-size must divide by data x fsdp x K)", dict(type=int, default=1)),
         ("--remat", "recompute each transformer block's activations in the backward pass "
          "instead of storing them: full (keep block inputs only), dots_saveable (keep matmul "
          "outputs), dots_with_no_batch_dims_saveable (default: off)",
@@ -283,12 +283,21 @@ def check_devices(args) -> None:
     from jaxtl import parallel
     from jaxtl.train import ScaleConfig
 
+    # Axis names in the rules, grad_accum >= 1, a known remat policy and precision:
+    ScaleConfig(
+        sharding_rules=[shard_rule(r) for r in args.shard_rule],
+        grad_accum=args.grad_accum,
+        remat=args.remat,
+        precision=args.precision,
+    )
     sizes = parallel.parse_mesh(args.mesh, jax.device_count())
     shards = sizes["data"] * sizes["fsdp"]
-    if args.grad_accum < 1:
-        raise ValueError(f"grad_accum (--grad-accum) must be >= 1, got {args.grad_accum}.")
     parallel.check_batch_size(args.batch_size, shards, grad_accum=args.grad_accum)
-    ScaleConfig(sharding_rules=[shard_rule(r) for r in args.shard_rule])  # axis names
+    if args.feature_cache and (args.remat or args.precision != "float32"):
+        raise ValueError(
+            "--feature-cache trains a tail model whose forward cannot be rebuilt for --remat "
+            "or --precision; drop one of them."
+        )
 
 
 def train_config(args, epochs: int):
@@ -446,7 +455,6 @@ def _inspect(args) -> int:
         try:
             sizes = parallel.parse_mesh(args.mesh, None)  # a mesh planned, not this machine's
             pieces = sharding.piece_counter(model.params, sizes, structure=model.structure)
-            pieces(model.params)  # a dimension that does not divide fails here
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
         devices = sizes["data"] * sizes["fsdp"] * sizes["tensor"]

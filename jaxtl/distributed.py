@@ -30,7 +30,7 @@ __all__ = ["CLUSTER_VARIABLES", "find_cluster", "initialize", "is_primary"]
 EXPLICIT = ("JAXTL_COORDINATOR", "JAXTL_NUM_PROCESSES", "JAXTL_PROCESS_ID")
 SLURM = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 TPU = ("TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE")
-TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")
+TPU_DEVICE_FILES = ("/dev/accel0",)
 CLUSTER_VARIABLES = {"jaxtl": EXPLICIT, "slurm": SLURM, "tpu": TPU}
 
 
@@ -40,6 +40,7 @@ def find_cluster(
     coordinator: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    tpu_files: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """What :func:`initialize` would join, without joining: ``{"source": "jaxtl" | "slurm" |
     "tpu", ...}`` with the explicit coordinator, count and id for ``"jaxtl"``.
@@ -54,6 +55,7 @@ def find_cluster(
       {'source': 'jaxtl', 'coordinator': '10.0.0.1:1234', 'num_processes': 4, 'process_id': 2}
     """
     env = os.environ if environ is None else environ
+    tpu_files = TPU_DEVICE_FILES if tpu_files is None else tpu_files
     given = {
         "JAXTL_COORDINATOR": coordinator if coordinator is not None else env.get(EXPLICIT[0]),
         "JAXTL_NUM_PROCESSES": num_processes if num_processes is not None else env.get(EXPLICIT[1]),
@@ -94,12 +96,12 @@ def find_cluster(
         }
     if all(v in env for v in SLURM):
         return {"source": "slurm"}
-    if any(env.get(v) for v in TPU) or any(os.path.exists(f) for f in TPU_DEVICE_FILES):
+    if any(env.get(v) for v in TPU) or any(os.path.exists(f) for f in tpu_files):
         return {"source": "tpu"}
     looked = "; ".join(f"{name}: {', '.join(names)}" for name, names in CLUSTER_VARIABLES.items())
     raise ValueError(
         "distributed (--distributed): no multi-process run found in the environment. Looked "
-        f"for {looked}; and for TPU device files {', '.join(TPU_DEVICE_FILES)}. Launch under "
+        f"for {looked}; and for TPU device files {', '.join(tpu_files)}. Launch under "
         "srun or on a TPU VM, or set the three JAXTL_* variables on every process (see "
         "docs/pods.md)."
     )

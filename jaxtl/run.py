@@ -23,7 +23,7 @@ from jaxtl.data.pipeline import training_loader
 from jaxtl.distributed import is_primary
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.preprocessing import ImagePreprocessing
-from jaxtl.train import CheckpointConfig, ScaleConfig, TrainConfig, Trainer
+from jaxtl.train import CheckpointConfig, ScaleConfig, TrainConfig, Trainer, precision
 from jaxtl.transfer.plan import Plan
 from jaxtl.transfer.recipes import make_plan
 
@@ -134,6 +134,13 @@ def finetune(
       A :class:`RunResult` with test metrics, the best validation record and the final params.
     """
     config = config or TrainConfig()
+    if config.data.feature_cache and (
+        config.scale.remat is not None or config.scale.precision != "float32"
+    ):
+        raise ValueError(
+            "feature_cache (--feature-cache) trains a tail model whose forward cannot be "
+            "rebuilt for remat (--remat) or precision (--precision); drop one of them."
+        )
     plan = make_plan(recipe, model.structure)
     name = name or plan.name
     arrays, facts = encode_splits(model, data, long_texts)
@@ -146,7 +153,10 @@ def finetune(
         print(
             f"\n== {name}: {model.family} ({model.path}) on {data.name} {facts['sizes']}, {shape}"
         )
-        print(plan.table(model.params, pieces=_pieces(model, config.scale)))
+        stored = model.params
+        if config.scale.frozen_bf16:  # the table shows what the state will hold
+            stored = precision.cast_frozen(stored, plan.trainable_mask(stored))
+        print(plan.table(stored, pieces=_pieces(model, config.scale)))
     trained = model
     if config.data.feature_cache:
         trained, arrays = feature_cache.cached_run(model, plan, config, arrays, verbose)
@@ -300,7 +310,11 @@ def evaluate_run(run_dir: str, which: str = "best") -> dict:
     m = info["model"]
     # The run's optimizer and data options rebuild its checkpoint's tree; how it ranked its
     # evaluations does not matter for re-scoring.
-    config = dataclasses.replace(TrainConfig(**info["config"]), checkpoint=CheckpointConfig())
+    config = TrainConfig(**info["config"])
+    # Scored on this machine's devices, whatever mesh it was trained on (a checkpoint restores
+    # onto any mesh); evaluation has no microbatches.
+    scale = dataclasses.replace(config.scale, mesh=None, grad_accum=1)
+    config = dataclasses.replace(config, checkpoint=CheckpointConfig(), scale=scale)
     model = load(
         m["path"],
         task=m["task"],

@@ -44,6 +44,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from jaxtl.parallel import AXES
 from jaxtl.transfer.rules import InvalidRuleError, Rules, tree_from_rules
 from jaxtl.transfer.structure import Structure
 from jaxtl.transfer.trees import flatten, path_str, paths_and_leaves
@@ -63,7 +64,6 @@ __all__ = [
     "train_state_specs",
 ]
 
-AXES = ("data", "fsdp", "tensor")
 FSDP = "fsdp"
 REPLICATED = "replicated"
 # Leaves smaller than this (elements) stay whole under the FSDP rule: biases, norms, small heads.
@@ -96,9 +96,11 @@ def _roles(structure: Structure | None) -> list[tuple[str, Any]]:
     return rules
 
 
-def default_rules(structure: Structure | None = None) -> list[tuple[str, Any]]:
-    """The family's tensor-parallel rules, then ``(".*", FSDP)``: what follows a user's rules."""
-    return [*_roles(structure), (".*", FSDP)]
+def default_rules(structure: Structure | None = None, tensor: int = 2) -> list[tuple[str, Any]]:
+    """What follows a user's rules: the family's tensor-parallel rules when the ``tensor`` axis
+    has more than one device, then ``(".*", FSDP)``. With ``tensor=1`` the Megatron layers
+    fall to the FSDP rule too, with its fallbacks (a dim that does not divide, a small leaf)."""
+    return [*(_roles(structure) if tensor > 1 else []), (".*", FSDP)]
 
 
 def _axis_sizes(mesh: Any) -> dict[str, int]:
@@ -128,7 +130,7 @@ def _as_spec(value: Any, where: str) -> PartitionSpec | str:
     )
 
 
-def _auto(path: str, shape: tuple[int, ...], sizes: dict[str, int], min_size: int):
+def _auto(shape: tuple[int, ...], sizes: dict[str, int], min_size: int):
     """The FSDP rule: the largest dimension divisible by ``fsdp`` (the last such on ties)."""
     n = sizes["fsdp"]
     if n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
@@ -171,19 +173,20 @@ def _check(path: str, shape: tuple[int, ...], spec: PartitionSpec, sizes: dict[s
                 f"Param {path!r} (shape {shape}): dim {dim} has size {shape[dim]}, not divisible "
                 f"by axis {'x'.join(axes)} = {n} in {spec}. Dim {dim} divides over "
                 f"{_fits(shape[dim], sizes)}; choose a mesh (--mesh) whose sizes divide "
-                f"{shape[dim]}, or put a rule first in sharding_rules (--shard-rule) that "
-                f"shards another dim or keeps it whole: ({re.escape(path)!r}, 'replicated')."
+                f"{shape[dim]}, or put a rule first in sharding_rules (jaxtl finetune "
+                f"--shard-rule) that shards another dim or keeps it whole: "
+                f"({re.escape(path)!r}, 'replicated')."
             )
 
 
 def _resolve(flat: dict[str, Any], rules: Rules, sizes: dict, min_size: int) -> dict:
     values = tree_from_rules(flat, rules)
     out = {}
-    for i, (path, leaf) in enumerate(flat.items()):
+    for path, leaf in flat.items():
         shape = tuple(np.shape(leaf))
-        spec = _as_spec(values[path], f"sharding rule for {path!r} (#{i})")
+        spec = _as_spec(values[path], f"the sharding rule for {path!r}")
         if spec == FSDP:
-            spec = _auto(path, shape, sizes, min_size)
+            spec = _auto(shape, sizes, min_size)
         elif spec == REPLICATED:
             spec = PartitionSpec()
         _check(path, shape, spec, sizes)
@@ -191,10 +194,10 @@ def _resolve(flat: dict[str, Any], rules: Rules, sizes: dict, min_size: int) -> 
     return out
 
 
-def _checked_rules(rules: Rules | None, structure: Structure | None) -> list[tuple[str, Any]]:
+def _user_rules(rules: Rules | None) -> list[tuple[str, Any]]:
     user = list(rules.items() if isinstance(rules, Mapping) else rules or ())
     tree_from_rules({}, user)  # malformed rules and bad regexes fail here
-    return [*user, *default_rules(structure)]
+    return user
 
 
 def param_specs(
@@ -226,7 +229,9 @@ def param_specs(
     sizes = _axis_sizes(mesh)
     paths, leaves, treedef = paths_and_leaves(params)
     flat = dict(zip(paths, leaves, strict=True))
-    table = _checked_rules(rules, structure) if defaults else _checked_rules(rules, None)[:-1]
+    table = _user_rules(rules)
+    if defaults:
+        table += default_rules(structure, sizes["tensor"])
     specs = _resolve(flat, table, sizes, min_shard_size)
     return jax.tree_util.tree_unflatten(treedef, [specs[p] for p in paths])
 
@@ -251,7 +256,7 @@ def state_specs(
             if tail in shapes and shapes[tail] == shape:
                 spec = flat_specs[tail]
                 break
-        out.append(spec if spec is not None else _auto("", shape, sizes, min_shard_size))
+        out.append(spec if spec is not None else _auto(shape, sizes, min_shard_size))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -125,6 +125,11 @@ def main() -> None:
     moved = max(float(np.max(np.abs(params[k] - initial[k]))) for k in params)
     tag = f"{name}_{pid}" if name else f"{pid}of{nproc}"
     np.savez(os.path.join(out_dir, f"params_{tag}.npz"), **params)
+    if name:  # every process takes part (its shards); process 0 writes
+        exported = jaxtl.export(
+            model, os.path.join(out_dir, f"export_{name}"), state.params, overwrite=True
+        )
+        assert exported == os.path.join(out_dir, f"export_{name}"), exported
 
     val = arrays["validation"]
     evaluated = trainer.evaluate(

@@ -8,6 +8,7 @@ import shutil
 import pytest
 from _tiny import make_tiny_bert, minilm_dir, read_json
 
+import jaxtl
 from jaxtl import cli
 
 
@@ -126,6 +127,7 @@ def test_unknown_recipe(capsys, tiny_dir, csv_data):
         (["--mesh", "model=1"], "names axis 'model'"),
         (["--batch-size", "32", "--grad-accum", "3"], "grad_accum (--grad-accum) = 3"),
         (["--shard-rule", ".*/kernel=model"], "names mesh axis 'model'"),
+        (["--feature-cache", "memory", "--remat", "full"], "--feature-cache trains a tail"),
     ],
 )
 def test_bad_mesh_batch_and_sharding_flags_fail_before_training(
@@ -134,7 +136,7 @@ def test_bad_mesh_batch_and_sharding_flags_fail_before_training(
     out = tmp_path / "o"
     err = _err(capsys, ["finetune", "--model", tiny_dir, "--out", str(out), *flags])
     assert message in err
-    assert not os.path.exists(out / "pretrained-full" / "checkpoints")  # nothing trained
+    assert not os.path.exists(out)  # refused before any run started
 
 
 def test_inspect_shows_per_device_bytes_of_a_planned_mesh(capsys):
@@ -234,7 +236,15 @@ def test_the_launch_commands_in_docs_pods_md_parse():
     commands = re.findall(r"jaxtl finetune ((?:[^\n]*\\\n)*[^\n']*)", text)
     assert len(commands) == 2
     parser = cli.build_parser()
+    from jaxtl import parallel
+
     for command in commands:
         args = parser.parse_args(["finetune", *shlex.split(command.replace("\\\n", " "))])
         assert args.distributed and args.out and args.mesh
-    assert cli.shard_rule("bert/embeddings/.*=replicated") == ("bert/embeddings/.*", "replicated")
+        # The mesh is well formed and the global batch splits over its batch axes.
+        sizes = parallel.parse_mesh(args.mesh, None)
+        parallel.check_batch_size(args.batch_size, sizes["data"] * sizes["fsdp"])
+    # The --shard-rule examples in the text are valid rules.
+    examples = re.findall(r"--shard-rule '([^']+)'", text)
+    assert examples
+    jaxtl.TrainConfig(sharding_rules=[cli.shard_rule(r) for r in examples])

@@ -22,6 +22,8 @@ import pytest
 from _distributed_run import BATCH, EPOCHS, N_TRAIN, N_VAL
 from _tiny import make_tiny_bert
 
+from jaxtl.transfer.trees import flatten
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SCRIPT = os.path.join(HERE, "_distributed_run.py")
@@ -38,7 +40,12 @@ def _free_port() -> int:
 
 def _env(local_devices: int) -> dict:
     # No proxy variables: jax warns that they can hang distributed.initialize on loopback.
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    # No cluster variables either: a test run inside a SLURM job must not join it.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if "proxy" not in k.lower() and not k.startswith(("SLURM_", "JAXTL_", "TPU_"))
+    }
     env.update(
         XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
         JAX_PLATFORMS="cpu",
@@ -279,6 +286,10 @@ def test_fsdp_over_two_processes_matches_one_process_and_restores_on_four_device
 
     *dist, ref = _run_all(procs, TIMEOUT_S)
     p0, p1, one = params("two_0"), params("two_1"), params("one_0")
+    # jaxtl.export from the 2-process run: both processes gathered the shards, process 0 wrote.
+    import jaxtl
+
+    exported = flatten(jaxtl.load(os.path.join(out, "export_two"), num_labels=2).params)
     restored = _run_all(
         [_Proc("restore", [model_dir, out, 0, 1, 0, 0, "fsdp=4", "two"], _env(4), out)], TIMEOUT_S
     )[0]
@@ -299,13 +310,15 @@ def test_fsdp_over_two_processes_matches_one_process_and_restores_on_four_device
         np.testing.assert_allclose(p0[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
         np.testing.assert_array_equal(back[k], p0[k], err_msg=k)  # restored exactly
     assert restored["steps"] == STEPS
+    for k in one:
+        np.testing.assert_array_equal(np.asarray(exported[k]), p0[k], err_msg=k)
 
 
 def test_no_coordinator_is_an_error_that_lists_what_was_looked_for():
     from jaxtl import distributed
 
     with pytest.raises(ValueError) as e:
-        distributed.find_cluster({})
+        distributed.find_cluster({}, tpu_files=())
     for name in (*distributed.EXPLICIT, *distributed.SLURM, *distributed.TPU):
         assert name in str(e.value)
     assert "docs/pods.md" in str(e.value)
@@ -328,6 +341,7 @@ def test_cli_distributed_needs_out_and_a_coordinator(capsys, tmp_path, monkeypat
 
     for name in (*distributed.EXPLICIT, *distributed.SLURM, *distributed.TPU):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed, "TPU_DEVICE_FILES", ())  # on a TPU host, there are some
     assert cli.main(["finetune", "--distributed"]) == 2
     assert "needs --out" in capsys.readouterr().err
     assert cli.main(["finetune", "--distributed", "--out", str(tmp_path / "o")]) == 2

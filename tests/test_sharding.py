@@ -423,3 +423,73 @@ def test_the_plan_table_shows_what_one_device_holds():
     assert not frozen.opt_state_bytes and head.opt_state_bytes_per_device == head.opt_state_bytes
     table = plan.table(params, pieces=pieces)
     assert "params/device" in table and "per device: params " in table
+
+
+def test_batchnorm_under_grad_accum_normalizes_per_microbatch_and_averages_the_updates(tmp_path):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"
+    )
+    transformers.ResNetModel(config).save_pretrained(tmp_path / "resnet")
+    model = jaxtl.load(str(tmp_path / "resnet"), num_labels=3)
+    rng = np.random.default_rng(0)
+    batch = {
+        "pixel_values": (2.0 * rng.standard_normal((8, 16, 16, 3)) + 1.0).astype(np.float32),
+        "label": rng.integers(0, 3, 8).astype(np.int32),
+    }
+    train = jaxtl.TrainConfig(batch_size=8, max_steps=1, grad_accum=2)
+    trainer = jaxtl.Trainer(model, jaxtl.make_plan("last_n(1)", model.structure), train)
+    state = trainer.init_state(1)
+    assert state.bn_train and len(state.bn_train) < len(flatten(model.batch_stats)) // 2
+    old = flatten(jax.device_get(state.batch_stats))
+    step, _ = trainer._steps(state)
+    new, _ = step(state, parallel.global_batch(batch, trainer.mesh))
+    new = flatten(jax.device_get(new.batch_stats))
+    # What each microbatch (rows 0, 2, 4, 6 and 1, 3, 5, 7) alone makes of the statistics.
+    changes = []
+    for i in range(2):
+        micro = {k: v[i::2] for k, v in batch.items()}
+        _, stats = model.forward(
+            model.params,
+            model.batch_stats,
+            micro,
+            train=True,
+            rng=jax.random.PRNGKey(0),
+            bn_train=state.bn_train,
+        )
+        changes.append({p: v - old[p] for p, v in flatten(jax.device_get(stats)).items()})
+    trained = [p for p in old if p.rsplit("/", 1)[0] in state.bn_train]
+    assert trained
+    for path in old:
+        if path in trained:
+            expected = old[path] + (changes[0][path] + changes[1][path]) / 2
+            np.testing.assert_allclose(new[path], expected, rtol=1e-6, atol=1e-7, err_msg=path)
+            assert not np.array_equal(new[path], old[path]), path
+        else:  # frozen BatchNorm: its running statistics, bit for bit
+            np.testing.assert_array_equal(new[path], old[path], err_msg=path)
+
+
+def test_a_run_trained_on_another_mesh_is_rescored_on_this_machines_devices(tmp_path):
+    """``jaxtl evaluate`` on a run whose run.json records ``fsdp=8`` and ``grad_accum=4``: this
+    machine has fewer devices, and evaluation uses them (a checkpoint restores onto any mesh)."""
+    from jaxtl import cli
+    from jaxtl.run import evaluate_run
+
+    model_dir = make_tiny_bert(str(tmp_path / "bert"))
+    argv = ["finetune", "--model", model_dir, "--no-scratch", "--max-steps", "2"]
+    assert cli.main([*argv, "--out", str(tmp_path / "out")]) == 0
+    run_dir = tmp_path / "out" / "pretrained-full"
+    with open(run_dir / "run.json") as f:
+        info = json.load(f)
+    assert jax.device_count() < 8
+    info["config"].update(mesh="fsdp=8", grad_accum=4)
+    with open(run_dir / "run.json", "w") as f:
+        json.dump(info, f)
+    with open(run_dir / "results.json") as f:
+        reported = json.load(f)["test"]
+    rescored = evaluate_run(str(run_dir), which="latest")["test"]
+    assert rescored["examples"] == reported["examples"]
+    assert rescored["loss"] == pytest.approx(reported["loss"], rel=1e-5)

@@ -27,6 +27,7 @@ from typing import Any
 import optax
 
 from jaxtl.data.config import DataConfig
+from jaxtl.sharding import MIN_SHARD_SIZE
 
 __all__ = [
     "CheckpointConfig",
@@ -268,7 +269,7 @@ class ScaleConfig:
 
     mesh: str | dict[str, int] | None = None
     sharding_rules: tuple[tuple[str, Any], ...] = ()
-    min_shard_size: int = 2**16
+    min_shard_size: int = MIN_SHARD_SIZE
     grad_accum: int = 1
     remat: str | None = None
     precision: str = "float32"
@@ -285,7 +286,8 @@ class ScaleConfig:
                 f"precision (--precision) must be one of {PRECISIONS}, got {self.precision!r}."
             )
         _at_least(self, ("grad_accum",), 1)
-        _at_least(self, ("min_shard_size",), 0)
+        if self.min_shard_size < 0:
+            raise ValueError(f"min_shard_size must be >= 0, got {self.min_shard_size}.")
         rules = self.sharding_rules
         rules = list(rules.items() if isinstance(rules, Mapping) else rules)
         for i, rule in enumerate(rules):

@@ -6,7 +6,9 @@ update is applied in float32), the gradients and their accumulation over microba
 are gradients of the float32 params), the attention softmax (:mod:`jaxtl.models.layers`
 upcasts the scores), LayerNorm statistics (Flax reduces in float32) and the loss
 (:mod:`jaxtl.train.losses` upcasts the logits). ``frozen_bf16`` also stores the frozen groups'
-params in bfloat16, halving their memory; they hold no optimizer state, so nothing else changes.
+params in bfloat16, halving their memory. They hold no optimizer state. Their values are rounded
+to bf16, so the frozen part of the forward pass uses the rounded weights even when computing in
+float32, and an export writes those rounded values (as float32).
 
 float32 is the default everywhere. A backend without bf16 arithmetic gets a warning and
 float32.

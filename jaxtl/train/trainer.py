@@ -86,6 +86,12 @@ class Trainer:
                 f"'regression', or 'causal_lm' for a family with an LM head)."
             )
         scale = config.scale
+        if mesh is not None and tuple(mesh.axis_names) != parallel.AXES:
+            raise ValueError(
+                f"mesh= has axes {tuple(mesh.axis_names)}; the Trainer places state and batches "
+                f"on {parallel.AXES}. Build it with jaxtl.parallel.make_mesh('data=...,fsdp=...') "
+                "or pass TrainConfig(mesh=...) instead."
+            )
         self.mesh = mesh if mesh is not None else parallel.make_mesh(scale.mesh)
         dtype = precision.compute_dtype(scale.precision, self.mesh.devices.flat[0])
         if scale.remat is not None or dtype != jnp.float32:
@@ -116,18 +122,20 @@ class Trainer:
     def init_state(self, total_steps: int) -> TrainState:
         """A fresh state: the model's params, and the plan's optimizer over the LR schedule,
         each leaf placed on the mesh by the sharding rules."""
-        shapes = self.abstract_state(total_steps)
+        stored = self._stored_params()
+        shapes = self.abstract_state(total_steps, stored)
         placed = jax.tree.map(lambda s: s.sharding, shapes)
-        params = jax.device_put(self._stored_params(), placed.params, may_alias=False)
+        params = jax.device_put(stored, placed.params, may_alias=False)
         batch_stats = jax.device_put(self.model.batch_stats, placed.batch_stats, may_alias=False)
         # The optimizer state is born sharded: no device ever holds a whole copy of it.
         return jax.jit(self._create, out_shardings=placed)(params, batch_stats)
 
-    def abstract_state(self, total_steps: int) -> TrainState:
+    def abstract_state(self, total_steps: int, params: Any = None) -> TrainState:
         """The state :meth:`init_state` builds, as ``jax.ShapeDtypeStruct`` s carrying their
         shardings: nothing is allocated, so a step can be lowered and its memory measured
         (``compile_steps(...)[0].lower(state, batch).compile().memory_analysis()``) for a model
-        too large for this machine. Sets :attr:`specs` and :attr:`schedule`.
+        too large for this machine. ``params``: the params as stored (default: the model's,
+        ``frozen_bf16`` applied). Sets :attr:`specs` and :attr:`schedule`.
 
         Raises:
           jaxtl.transfer.rules.UnmatchedParamsError: the plan leaves a param out.
@@ -153,7 +161,8 @@ class Trainer:
             bn_train=self.bn_train(),
         )
         self._create = lambda p, b: create(params=p, batch_stats=b)
-        shapes = jax.eval_shape(self._create, self._stored_params(), self.model.batch_stats)
+        params = self._stored_params() if params is None else params
+        shapes = jax.eval_shape(self._create, params, self.model.batch_stats)
         self.specs = self.state_specs(shapes)  # a rule that cannot place a param fails here
         placed = steps.state_shardings(shapes, self.mesh, self.specs)
         return jax.tree.map(
@@ -167,23 +176,17 @@ class Trainer:
             params = precision.cast_frozen(params, self.plan.trainable_mask(params))
         return params
 
-    def pieces(self, params: Any):
-        """``count(tree) -> tree of ints``: the pieces this run's mesh and rules cut each leaf
-        of ``params`` (or of param-shaped state) into, for :meth:`jaxtl.Plan.table`."""
-        return sharding.piece_counter(params, self.mesh, **self._layout())
-
     def state_specs(self, state: Any) -> Any:
         """Where each leaf of ``state`` (arrays or shapes) lives: ``config.scale``'s sharding
         rules, then the family's defaults (:func:`jaxtl.sharding.train_state_specs`)."""
-        return sharding.train_state_specs(state, self.mesh, **self._layout())
-
-    def _layout(self) -> dict[str, Any]:
         scale = self.config.scale
-        return {
-            "rules": scale.sharding_rules,
-            "structure": self.model.structure,
-            "min_shard_size": scale.min_shard_size,
-        }
+        return sharding.train_state_specs(
+            state,
+            self.mesh,
+            scale.sharding_rules,
+            structure=self.model.structure,
+            min_shard_size=scale.min_shard_size,
+        )
 
     def bn_train(self) -> tuple[str, ...]:
         """The BatchNorm layers that train: those whose scale/bias the plan trains, or every one

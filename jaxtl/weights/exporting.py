@@ -77,6 +77,11 @@ def export(
     params = model.params if params is None else params
     batch_stats = model.batch_stats if batch_stats is None else batch_stats
     _check_same_tree(model.params, params)
+    guess = os.path.abspath(os.fspath(out))
+    if not guess.endswith(".safetensors"):
+        guess = os.path.join(guess, "model.safetensors")
+    if os.path.exists(guess) and not overwrite:  # every process, before any gathering
+        raise FileExistsError(f"{guess} exists; pass overwrite=True to replace it.")
     params, batch_stats = parallel.to_host((params, batch_stats))
     params = jax.tree.map(lambda x, like: np.asarray(x).astype(like.dtype), params, model.params)
     state_dict, config = model.export_fn(params, batch_stats)
