@@ -9,6 +9,7 @@ jaxtl inspect MODEL_DIR         param tree summary and what a recipe would freez
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -291,7 +292,7 @@ def check_devices(args) -> None:
         precision=args.precision,
     )
     sizes = parallel.parse_mesh(args.mesh, jax.device_count())
-    shards = sizes["data"] * sizes["fsdp"]
+    shards = parallel.batch_shards(sizes)
     parallel.check_batch_size(args.batch_size, shards, grad_accum=args.grad_accum)
     if args.feature_cache and (args.remat or args.precision != "float32"):
         raise ValueError(
@@ -457,8 +458,7 @@ def _inspect(args) -> int:
             pieces = sharding.piece_counter(model.params, sizes, structure=model.structure)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
-        devices = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
-        print(f"mesh: {args.mesh} = {sizes} ({devices} devices)")
+        print(f"mesh: {args.mesh} = {sizes} ({math.prod(sizes.values())} devices)")
     print(plan.table(model.params, pieces=pieces))
     return 0
 

@@ -255,11 +255,7 @@ def write_summary(
     plot = os.path.join(out, "comparison.png")
     if not is_primary():  # shared files have one writer: process 0
         return table, plot
-    plot = report.plot_curves(
-        [r["workdir"] for r in results],
-        os.path.join(out, "comparison.png"),
-        [r["name"] for r in results],
-    )
+    plot = report.plot_curves([r["workdir"] for r in results], plot, [r["name"] for r in results])
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump({**facts, "results": list(results), "reference": reference}, f, indent=2)
     return table, plot

@@ -111,9 +111,11 @@ def make_mesh(shape: MeshShape = None, devices: Sequence[jax.Device] | None = No
     )
 
 
-def batch_shards(mesh: Mesh) -> int:
-    """How many pieces a batch is split into: ``data`` x ``fsdp``."""
-    return math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+def batch_shards(mesh: Mesh | Mapping[str, int]) -> int:
+    """How many pieces a batch is split into: ``data`` x ``fsdp`` (of a mesh, or of axis sizes
+    from :func:`parse_mesh`)."""
+    sizes = mesh if isinstance(mesh, Mapping) else mesh.shape
+    return math.prod(sizes.get(a, 1) for a in BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -47,7 +47,7 @@ from jax.sharding import PartitionSpec
 from jaxtl.parallel import AXES
 from jaxtl.transfer.rules import InvalidRuleError, Rules, tree_from_rules
 from jaxtl.transfer.structure import Structure
-from jaxtl.transfer.trees import flatten, path_str, paths_and_leaves
+from jaxtl.transfer.trees import flatten, path_str, paths_and_leaves, tree_bytes
 
 __all__ = [
     "AXES",
@@ -55,6 +55,7 @@ __all__ = [
     "MIN_SHARD_SIZE",
     "REPLICATED",
     "ShardingError",
+    "check_axes",
     "default_rules",
     "param_specs",
     "per_device_bytes",
@@ -149,21 +150,31 @@ def _fits(d: int, sizes: dict[str, int]) -> str:
     return ", ".join(ok) if ok else "none of this mesh's axes"
 
 
+def check_axes(spec: Any, where: str) -> None:
+    """Raise when a spec (a PartitionSpec or tuple of entries) names an axis the mesh never
+    has; ``where`` says which rule, in the user's terms."""
+    if isinstance(spec, str) or spec is None:
+        return
+    for entry in spec:
+        for axis in _entry_axes(entry):
+            if axis not in AXES:
+                raise ShardingError(
+                    f"{where} names mesh axis {axis!r}; the mesh's axes are {list(AXES)} "
+                    "(--mesh data=...,fsdp=...,tensor=...)."
+                )
+
+
 def _check(path: str, shape: tuple[int, ...], spec: PartitionSpec, sizes: dict[str, int]):
     if len(spec) > len(shape):
         raise ShardingError(
             f"Sharding rule for {path!r} gives {spec} ({len(spec)} dims) but the param has "
             f"shape {shape} ({len(shape)} dims). Give at most {len(shape)} entries."
         )
+    check_axes(spec, f"Sharding rule for {path!r}")
     used: list[str] = []
     for dim, entry in enumerate(spec):
         axes = _entry_axes(entry)
         for a in axes:
-            if a not in sizes:
-                raise ShardingError(
-                    f"Sharding rule for {path!r} names mesh axis {a!r}; the mesh's axes are "
-                    f"{list(sizes)} (--mesh data=...,fsdp=...,tensor=...)."
-                )
             if a in used:
                 raise ShardingError(f"Sharding rule for {path!r} uses axis {a!r} twice: {spec}.")
             used.append(a)
@@ -314,11 +325,8 @@ def shard_count(spec: PartitionSpec, mesh: Any) -> int:
 
 def per_device_bytes(tree: Any, specs: Any, mesh: Any) -> int:
     """Bytes of ``tree`` that each device holds when its leaves are placed by ``specs``."""
-    total = 0
-    for leaf, spec in zip(jax.tree.leaves(tree), _spec_leaves(specs), strict=True):
-        size = int(np.prod(np.shape(leaf), dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
-        total += size // shard_count(spec, mesh)
-    return total
+    leaves = zip(jax.tree.leaves(tree), _spec_leaves(specs), strict=True)
+    return sum(tree_bytes(leaf) // shard_count(spec, mesh) for leaf, spec in leaves)
 
 
 def _spec_leaves(specs: Any) -> Sequence[PartitionSpec]:

@@ -27,7 +27,7 @@ from typing import Any
 import optax
 
 from jaxtl.data.config import DataConfig
-from jaxtl.sharding import MIN_SHARD_SIZE
+from jaxtl.sharding import MIN_SHARD_SIZE, check_axes
 
 __all__ = [
     "CheckpointConfig",
@@ -277,14 +277,11 @@ class ScaleConfig:
 
     def __post_init__(self):
         from jaxtl.models.layers import remat_policy
-        from jaxtl.train.precision import PRECISIONS
+        from jaxtl.train.precision import check_precision
 
         if self.remat is not None:
             remat_policy(self.remat)
-        if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"precision (--precision) must be one of {PRECISIONS}, got {self.precision!r}."
-            )
+        check_precision(self.precision)
         _at_least(self, ("grad_accum",), 1)
         if self.min_shard_size < 0:
             raise ValueError(f"min_shard_size must be >= 0, got {self.min_shard_size}.")
@@ -298,17 +295,8 @@ class ScaleConfig:
                 )
         # Specs as plain tuples (a PartitionSpec is not JSON): run.json records and rebuilds them.
         self.sharding_rules = tuple((p, _plain_spec(v)) for p, v in rules)
-        from jaxtl.parallel import AXES
-
         for pattern, spec in self.sharding_rules:
-            if isinstance(spec, tuple):
-                for entry in spec:
-                    for axis in entry if isinstance(entry, tuple) else (entry,):
-                        if axis is not None and axis not in AXES:
-                            raise ValueError(
-                                f"sharding rule ({pattern!r}, {spec!r}) (--shard-rule) names "
-                                f"mesh axis {axis!r}; the mesh's axes are {list(AXES)}."
-                            )
+            check_axes(spec, f"sharding rule ({pattern!r}, {spec!r}) (--shard-rule)")
 
 
 def _plain_spec(value: Any) -> Any:

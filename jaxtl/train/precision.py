@@ -45,6 +45,12 @@ def bf16_unsupported(device: Any) -> str | None:
     return None
 
 
+def check_precision(precision: str) -> None:
+    """Raise unless ``precision`` is one of :data:`PRECISIONS`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision (--precision) must be one of {PRECISIONS}, got {precision!r}.")
+
+
 def compute_dtype(precision: str, device: Any) -> Any:
     """The dtype a step computes in for ``precision`` on ``device``'s backend.
 
@@ -54,8 +60,7 @@ def compute_dtype(precision: str, device: Any) -> Any:
     Warns:
       UserWarning: bf16 asked where it is not supported; the step computes in float32.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision (--precision) must be one of {PRECISIONS}, got {precision!r}.")
+    check_precision(precision)
     if precision == "float32":
         return jnp.float32
     why = bf16_unsupported(device)
