@@ -15,11 +15,11 @@ export) -> ``data`` (sources, encoding, loaders) -> ``train`` (config, steps, Tr
 ``run`` (one fine-tuning run) -> ``experiment`` (arms compared) -> ``cli``.
 """
 
-from jaxtl import data, parallel, sharding
+from jaxtl import data, lora, parallel, sharding
 from jaxtl.adabn import adapt_batch_norm
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.registry import list_models
-from jaxtl.run import RunResult, evaluate_run, finetune
+from jaxtl.run import RunResult, evaluate_run, export_run, finetune
 from jaxtl.train import (
     CheckpointConfig,
     DataConfig,
@@ -59,9 +59,11 @@ __all__ = [
     "efficientnet_lite0_path",
     "evaluate_run",
     "export",
+    "export_run",
     "finetune",
     "list_models",
     "load",
+    "lora",
     "make_optimizer",
     "make_plan",
     "parallel",

@@ -3,6 +3,7 @@
 jaxtl finetune [options]        fine-tune (default: the embedded MiniLM + VADER demo)
 jaxtl finetune --preset digits  EfficientNet-Lite0 (ImageNet) -> handwritten digits
 jaxtl evaluate RUN_DIR          re-score a finished run's best checkpoint
+jaxtl export RUN_DIR OUT        write a run's model in its source format (or --adapters: PEFT)
 jaxtl inspect MODEL_DIR         param tree summary and what a recipe would freeze
 """
 
@@ -14,6 +15,7 @@ import os
 import sys
 
 from jaxtl.experiment import DEFAULT_LR, FULL_LR
+from jaxtl.transfer.recipes import split_recipes
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -47,6 +49,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 # jaxtl finetune's options by group: (flag, help, argparse keywords). Help that names no default
 # gets argparse's "(default: X)" (see _HelpFormatter).
+def l2_sp_pair(text: str) -> tuple[float, float]:
+    """``--l2-sp ALPHA,BETA`` as two floats >= 0."""
+    try:
+        alpha, beta = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected ALPHA,BETA (two numbers >= 0, e.g. 0.01,0.01), got {text!r}"
+        ) from None
+    if alpha < 0 or beta < 0:
+        raise argparse.ArgumentTypeError(f"ALPHA and BETA must be >= 0, got {text!r}")
+    return alpha, beta
+
+
 _FINETUNE = {
     "what to run": [
         ("--preset", "a packaged experiment instead of --model/--data: 'digits' = "
@@ -56,7 +71,10 @@ _FINETUNE = {
         ("--model", "Hugging Face model directory or torchvision-style state dict file "
          "(default: the embedded MiniLM-L6)", {}),
         ("--recipe", "comma-separated recipes for the pretrained model: full, linear_probe "
-         "(probe), last_n(N), bitfit, layerwise_lr_decay(D)", dict(default="full,linear_probe")),
+         "(probe), last_n(N), bitfit, layerwise_lr_decay(D), lora(RANK) with options "
+         "lora(8, alpha=16, targets=['.*/query', '.*/value'], dropout=0.1) (targets: regexes "
+         "over module paths; default the family's, e.g. query and value)",
+         dict(default="full,linear_probe")),
         ("--no-scratch", "skip the from-scratch baseline (same architecture, random init, full)",
          dict(action="store_true")),
     ],
@@ -116,6 +134,10 @@ _FINETUNE = {
          dict(type=float, default=0.01)),
         ("--clip-norm", "clip the global norm of the trainable gradients; 0 disables",
          dict(type=float, default=1.0)),
+        ("--l2-sp", "ALPHA,BETA: L2-SP (Li et al. 2018), with any recipe: a pull "
+         "ALPHA/2*||w - w0||^2 of the trained backbone toward its pretrained weights w0, and "
+         "BETA/2*||w||^2 on the head (e.g. 0.01,0.01); off by default",
+         dict(type=l2_sp_pair, metavar="ALPHA,BETA")),
         ("--seed", "seed of new heads, scratch init, dropout, data order and augmentation",
          dict(type=int, default=0)),
     ],
@@ -205,6 +227,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="the best-validation checkpoint, or the last one saved",
     )
 
+    ex = sub.add_parser(
+        "export",
+        help="write a finished run's model in its source format, or a LoRA run's adapters",
+        description="Write the best checkpoint of a run directory written by `jaxtl finetune` "
+        "to OUT in the model's source format: a Hugging Face directory that transformers "
+        "loads, or a torchvision-style state dict (a LoRA run's adapters merged into the "
+        "kernels). With --adapters, a LoRA run's adapters and head alone in the Hugging Face "
+        "PEFT layout (adapter_config.json + adapter_model.safetensors) for "
+        "peft.PeftModel.from_pretrained.",
+    )
+    ex.add_argument("run_dir", help="one run directory (OUT/<run> of jaxtl finetune)")
+    ex.add_argument("out", help="the directory (or .safetensors file) to write")
+    ex.add_argument(
+        "--adapters", action="store_true", help="a LoRA run's adapters alone, in PEFT's layout"
+    )
+    ex.add_argument(
+        "--checkpoint",
+        choices=["best", "latest"],
+        default="best",
+        help="the best-validation checkpoint, or the last one saved",
+    )
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing export at OUT")
+
     ins = sub.add_parser(
         "inspect",
         help="summarize a model's params and what a recipe freezes",
@@ -243,7 +288,7 @@ def _finetune(args) -> int:
     spec = data_spec(args, modality="image" if "preprocessing" in model.extras else "text")
     config = train_config(args, epochs=args.epochs or 1)
     out = experiment.experiment_dir(args.out, "finetune", resume=args.resume)
-    recipes = [r.strip() for r in args.recipe.split(",") if r.strip()]
+    recipes = split_recipes(args.recipe)
     demo = args.data == "vader" and args.model is None
     done = experiment.compare(
         model,
@@ -315,6 +360,7 @@ def train_config(args, epochs: int):
         warmup_ratio=args.warmup_ratio,
         weight_decay=args.weight_decay,
         clip_norm=args.clip_norm or None,
+        l2_sp=args.l2_sp,
         eval_every=args.eval_every,
         evals_per_epoch=args.evals_per_epoch,
         min_eval_interval=args.min_eval_interval,
@@ -430,9 +476,25 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from jaxtl import run
+
+    written = run.export_run(
+        args.run_dir,
+        args.out,
+        which=args.checkpoint,
+        adapters=args.adapters,
+        overwrite=args.overwrite,
+    )
+    what = "LoRA adapters (PEFT layout)" if args.adapters else "model (source format)"
+    print(f"wrote the {what} of {args.run_dir} ({args.checkpoint} checkpoint) to {written}")
+    return 0
+
+
 def _inspect(args) -> int:
     import jaxtl
     from jaxtl import report
+    from jaxtl.run import with_adapters
 
     model_dir = args.model_dir or jaxtl.default_model_dir()
     num_labels = 1 if args.task == "regression" else args.num_labels
@@ -449,6 +511,7 @@ def _inspect(args) -> int:
         f"neck={list(s.neck)} head={list(s.head)}"
     )
     plan = jaxtl.make_plan(args.recipe, model.structure)
+    model = with_adapters(model, plan, seed=0)  # a LoRA recipe's table shows its adapters
     pieces = None
     if args.mesh:
         from jaxtl import parallel, sharding
@@ -479,7 +542,12 @@ def enable_compilation_cache() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     enable_compilation_cache()
-    handler = {"finetune": _finetune, "evaluate": _evaluate, "inspect": _inspect}[args.command]
+    handler = {
+        "finetune": _finetune,
+        "evaluate": _evaluate,
+        "export": _export,
+        "inspect": _inspect,
+    }[args.command]
     try:
         if getattr(args, "distributed", False):
             if not args.out:
@@ -492,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
 
             distributed.initialize()
         return handler(args)
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         # Expected user errors: one clear line, no traceback. Bugs still raise.
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -36,6 +36,7 @@ from jaxtl.distributed import is_primary
 from jaxtl.models.base import LoadedModel
 from jaxtl.run import finetune
 from jaxtl.train import TrainConfig
+from jaxtl.transfer.lora import targets as lora_targets
 from jaxtl.transfer.recipes import make_plan, recipe_name
 
 __all__ = [
@@ -57,7 +58,8 @@ __all__ = [
 # Peak learning rates of the reference recipes when none is given: a head alone trains best far
 # faster than a whole pretrained network.
 FULL_LR = 5e-5
-DEFAULT_LR = {"linear_probe": 1e-3}
+# Adapters and a new head start from zero or random values and train few params: a larger step.
+DEFAULT_LR = {"linear_probe": 1e-3, "lora": 1e-3}
 
 # transformers + PyTorch on the same VADER split, batch 32, AdamW, 3 epochs (issue #2).
 DEMO_REFERENCE = {
@@ -208,7 +210,9 @@ def experiment_dir(out: str | None, prefix: str, *, resume: bool = False) -> str
 def check_recipes(recipes: Sequence[str], model: LoadedModel) -> None:
     """Fails on a bad recipe before any arm runs (the message lists the valid ones)."""
     for r in recipes:
-        make_plan(r, model.structure)
+        plan = make_plan(r, model.structure)
+        if plan.adapters is not None:  # LoRA: its targets must name kernels of this model
+            lora_targets(model.params, plan.adapters)
 
 
 def _grouped(result: dict, group: str | None) -> dict:
@@ -220,7 +224,11 @@ def _cache_for(arm: Arm, model: LoadedModel, config: TrainConfig) -> str | None:
     cache = config.data.feature_cache
     if not cache or not arm.pretrained:
         return None
-    if not feature_cache.applies(model, make_plan(arm.recipe, model.structure)):
+    plan = make_plan(arm.recipe, model.structure)
+    if plan.adapters is not None:
+        print(f"{arm.name}: its adapters sit in every block, so --feature-cache does not apply.")
+        return None
+    if not feature_cache.applies(model, plan):
         print(f"{arm.name}: trains from the stem on, so --feature-cache does not apply to it.")
         return None
     return cache

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxtl import feature_cache, parallel, report, sharding
+from jaxtl import feature_cache, lora, parallel, report, sharding
 from jaxtl.data import images, sources, text
 from jaxtl.data.loader import evaluation_loader
 from jaxtl.data.pipeline import training_loader
@@ -44,12 +44,15 @@ class RunResult:
     seconds: dict = dataclasses.field(default_factory=dict)
     params: Any = dataclasses.field(repr=False, default=None)
     batch_stats: Any = dataclasses.field(repr=False, default=None)
+    # The model that trained: for a LoRA recipe the adapted one, whose tree ``params`` has
+    # (what jaxtl.export and jaxtl.lora.export_adapters take with them).
+    model: LoadedModel | None = dataclasses.field(repr=False, default=None)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("params")
-        d.pop("batch_stats")
-        return d
+        skip = ("params", "batch_stats", "model")
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip
+        }
 
 
 def encode_splits(
@@ -143,6 +146,12 @@ def finetune(
         )
     plan = make_plan(recipe, model.structure)
     name = name or plan.name
+    if config.data.feature_cache and plan.adapters is not None:
+        raise ValueError(
+            f"feature_cache (--feature-cache) caches a frozen prefix, but {plan.name} puts "
+            "adapters in every block from the first; drop one of them."
+        )
+    model = with_adapters(model, plan, config.seed)
     arrays, facts = encode_splits(model, data, long_texts)
     if verbose:
         shape = (
@@ -203,12 +212,28 @@ def finetune(
         seconds=seconds,
         params=fit.state.params,
         batch_stats=fit.state.batch_stats,
+        model=model,
     )
     # A preempted run is not finished: no results yet. Shared files have one writer.
     if workdir and stop_at is None and is_primary():
         _write_json(os.path.join(workdir, "results.json"), result.to_dict())
         report.plot_curves([workdir], os.path.join(workdir, "curve.png"), [name])
     return result
+
+
+def with_adapters(model: LoadedModel, plan: Plan, seed: int) -> LoadedModel:
+    """``model`` with the LoRA adapters ``plan`` trains (a ``lora(r)`` recipe), drawn from
+    ``seed``; ``model`` itself for every other plan, or when it already has them."""
+    if plan.adapters is None:
+        return model
+    if lora.is_adapted(model):
+        if model.extras["lora"] != plan.adapters.resolve(model.structure):
+            raise ValueError(
+                f"the model is adapted with {model.extras['lora'].describe()} but the recipe "
+                f"is {plan.name}; pass the base model (jaxtl.lora.base_model(model))."
+            )
+        return model
+    return lora.adapt(model, plan, seed=seed)
 
 
 def _pieces(model: LoadedModel, scale: ScaleConfig):
@@ -285,23 +310,35 @@ def run_dirs(root: str) -> list[str]:
     return dirs
 
 
-def evaluate_run(run_dir: str, which: str = "best") -> dict:
-    """Re-score a finished run's checkpoint on its validation and test splits.
+@dataclasses.dataclass
+class RestoredRun:
+    """A finished run reopened from its directory (:func:`restore_run`)."""
 
-    Needs the ``run.json`` that the CLI writes (model path, task and data source).
+    run_dir: str
+    info: dict
+    config: TrainConfig
+    model: LoadedModel
+    plan: Plan
+    trainer: Trainer
+    state: Any
+    step: int
+
+
+def restore_run(run_dir: str, which: str = "best") -> RestoredRun:
+    """Rebuild a run's model (with its LoRA adapters, if it trained some), plan and Trainer
+    from ``run.json``, and restore a checkpoint (``"best"`` or ``"latest"``) onto this
+    machine's devices, whatever mesh trained it.
+
+    Raises:
+      FileNotFoundError: ``run_dir`` has no ``run.json``.
+      ValueError: ``run.json`` does not record the model and data (a run made from Python
+        with in-memory data).
     """
     from jaxtl import checkpoint
-    from jaxtl.data import resolve
     from jaxtl.weights.loading import load
 
     info_path = os.path.join(run_dir, "run.json")
-    if not os.path.isfile(info_path):
-        raise FileNotFoundError(
-            f"{run_dir!r} is not a jaxtl run directory (no run.json). Pass a directory written by "
-            "`jaxtl finetune` (one of its per-run subdirectories, or the parent to score them all)."
-        )
-    with open(info_path) as f:
-        info = json.load(f)
+    info = read_run_info(run_dir)
     if "model" not in info or "data" not in info:
         raise ValueError(
             f"{info_path} does not record the model and data source (it was written from Python "
@@ -311,8 +348,8 @@ def evaluate_run(run_dir: str, which: str = "best") -> dict:
     # The run's optimizer and data options rebuild its checkpoint's tree; how it ranked its
     # evaluations does not matter for re-scoring.
     config = TrainConfig(**info["config"])
-    # Scored on this machine's devices, whatever mesh it was trained on (a checkpoint restores
-    # onto any mesh); evaluation has no microbatches.
+    # Restored onto this machine's devices, whatever mesh it was trained on (a checkpoint
+    # restores onto any mesh); evaluation has no microbatches.
     scale = dataclasses.replace(config.scale, mesh=None, grad_accum=1)
     config = dataclasses.replace(config, checkpoint=CheckpointConfig(), scale=scale)
     model = load(
@@ -326,21 +363,75 @@ def evaluate_run(run_dir: str, which: str = "best") -> dict:
     )
     if "preprocessing" in m:  # the run's own image recipe (e.g. a preset's plain resize)
         model.extras["preprocessing"] = ImagePreprocessing.from_dict(m["preprocessing"])
-    data = resolve(info["data"], num_labels=model.num_labels, task=model.task)
     plan = make_plan(info["recipe"], model.structure)
-    arrays, _ = encode_splits(model, data)
-    # A feature-cache run trained the same params as a plain run: score them without the cache.
+    model = with_adapters(model, plan, config.seed)
+    # A feature-cache run trained the same params as a plain run: restored without the cache.
     trainer = Trainer(model, plan, config)
     state = trainer.init_state(1)
-    tree, meta = checkpoint.restore_params(
+    tree, _ = checkpoint.restore_params(
         os.path.join(run_dir, "checkpoints"), state.checkpoint_tree(), which
     )
     state = state.with_checkpoint_tree(tree)
-    out = {"run": run_dir, "checkpoint": which, "step": int(tree["step"])}
+    return RestoredRun(run_dir, info, config, model, plan, trainer, state, int(tree["step"]))
+
+
+def evaluate_run(run_dir: str, which: str = "best") -> dict:
+    """Re-score a finished run's checkpoint on its validation and test splits.
+
+    Needs the ``run.json`` that the CLI writes (model path, task and data source).
+    """
+    from jaxtl.data import resolve
+
+    run = restore_run(run_dir, which)
+    data = resolve(run.info["data"], num_labels=run.model.num_labels, task=run.model.task)
+    arrays, _ = encode_splits(run.model, data)
+    out = {"run": run_dir, "checkpoint": which, "step": run.step}
     for split in ("validation", "test"):
-        loader = evaluation_loader(arrays[split], config.data, devices=trainer.devices)
-        out[split] = trainer.evaluate(state, loader)
+        loader = evaluation_loader(arrays[split], run.config.data, devices=run.trainer.devices)
+        out[split] = run.trainer.evaluate(run.state, loader)
     return out
+
+
+def export_run(
+    run_dir: str, out: str, *, which: str = "best", adapters: bool = False, overwrite: bool = False
+) -> str:
+    """Export a finished run's checkpoint: the model in its source format (a LoRA run's
+    adapters merged into the kernels), or with ``adapters=True`` a LoRA run's adapters alone
+    in the PEFT layout (:func:`jaxtl.lora.export_adapters`).
+
+    Returns:
+      The path written.
+
+    Raises:
+      ValueError: ``adapters=True`` for a run that trained no adapters.
+      FileExistsError: ``out`` holds an export and ``overwrite`` is False.
+    """
+    if adapters:
+        recipe = str(read_run_info(run_dir).get("recipe", ""))
+        if not recipe.startswith("lora"):
+            raise ValueError(
+                f"{run_dir} trained recipe {recipe!r}, which has no LoRA adapters; "
+                "export it without --adapters (the whole model in its source format)."
+            )
+    run = restore_run(run_dir, which)
+    params, stats = run.state.params, run.state.batch_stats
+    if adapters:
+        return lora.export_adapters(run.model, out, params, overwrite=overwrite)
+    from jaxtl.weights.exporting import export
+
+    return export(run.model, out, params, stats, overwrite=overwrite)
+
+
+def read_run_info(run_dir: str) -> dict:
+    """A run directory's ``run.json``, or an error that says what a run directory is."""
+    path = os.path.join(run_dir, "run.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{run_dir!r} is not a jaxtl run directory (no run.json). Pass a directory written by "
+            "`jaxtl finetune` (one of its per-run subdirectories, or the parent to score them all)."
+        )
+    with open(path) as f:
+        return json.load(f)
 
 
 def _write_json(path: str, obj: dict) -> None:

@@ -18,9 +18,10 @@ The rules a run uses are the user's (first), then the family's tensor-parallel r
 row-parallel), then ``(".*", FSDP)``. On the default mesh (every device on ``data``) all of
 them are full copies: today's data parallelism.
 
-Optimizer state follows its params: a moment whose path ends with a param's path and has its
-shape gets the param's spec; any other state leaf (a step count, Adafactor's factored moments)
-gets the :data:`FSDP` rule on its own shape.
+LoRA adapters follow their kernels (``lora_a`` the kernel's input dims, ``lora_b`` its output
+dim), whatever the rules say. Optimizer state follows its params: a moment whose path ends
+with a param's path and has its shape gets the param's spec; any other state leaf (a step
+count, Adafactor's factored moments) gets the :data:`FSDP` rule on its own shape.
 
 Everything here is decided from shapes and axis sizes, before anything compiles, and every bad
 input (an unknown axis, a spec longer than the leaf, a dimension that does not divide) is an
@@ -45,6 +46,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from jaxtl.parallel import AXES
+from jaxtl.transfer.lora import LORA_A, LORA_B
 from jaxtl.transfer.rules import InvalidRuleError, Rules, tree_from_rules
 from jaxtl.transfer.structure import Structure
 from jaxtl.transfer.trees import flatten, path_str, paths_and_leaves, tree_bytes
@@ -243,8 +245,25 @@ def param_specs(
     table = _user_rules(rules)
     if defaults:
         table += default_rules(structure, sizes["tensor"])
-    specs = _resolve(flat, table, sizes, min_shard_size)
+    adapters = {p for p in paths if p.rpartition("/")[2] in (LORA_A, LORA_B)}
+    specs = _resolve(
+        {p: x for p, x in flat.items() if p not in adapters}, table, sizes, min_shard_size
+    )
+    for path in adapters:
+        module, _, name = path.rpartition("/")
+        kernel = f"{module}/kernel"
+        specs[path] = _adapter_spec(specs[kernel], np.ndim(flat[kernel]), name)
     return jax.tree_util.tree_unflatten(treedef, [specs[p] for p in paths])
+
+
+def _adapter_spec(kernel: PartitionSpec, kernel_ndim: int, name: str) -> PartitionSpec:
+    """A LoRA adapter's spec, from its kernel's: ``lora_a`` (kernel's input dims, rank) splits
+    its input dims as the kernel does, ``lora_b`` (rank, output) its output dim; the rank
+    stays whole. So ``x A`` needs no more communication than ``x W``."""
+    full = (*kernel, *([None] * (kernel_ndim - len(kernel))))
+    if name == LORA_A:
+        return PartitionSpec(*full[:-1], None)
+    return PartitionSpec(None, full[-1])
 
 
 def state_specs(

@@ -4,7 +4,7 @@ Usage: python _sharded_run.py FAMILY MODEL_DIR DEVICES MESH STEPS OUT [options]
   FAMILY: bert | gpt2 | vit; MODEL_DIR: a transformers checkpoint made by test_sharding.py
   MESH: e.g. 'fsdp=8', 'data=2,fsdp=2,tensor=2', or '-' for the default (all on data)
   OUT: the run directory (checkpoints, metrics.jsonl, params.npz)
-  --grad-accum K --batch B --stop-at S --resume
+  --grad-accum K --batch B --stop-at S --resume --recipe R (default full; lora(r) adapts first)
   --export: also write the fine-tuned model with jaxtl.export (from the sharded params) to
     OUT/export
 
@@ -26,6 +26,7 @@ parser.add_argument("--batch", type=int, default=16)
 parser.add_argument("--stop-at", type=int)
 parser.add_argument("--resume", action="store_true")
 parser.add_argument("--export", action="store_true")
+parser.add_argument("--recipe", default="full")
 args = parser.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 sys.path.insert(0, os.path.dirname(__file__))
@@ -79,7 +80,10 @@ config = jaxtl.TrainConfig(
     grad_accum=args.grad_accum,
     min_shard_size=512,  # the tiny models' kernels shard, their biases and norms stay whole
 )
-trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), config, args.out)
+plan = jaxtl.make_plan(args.recipe, model.structure)
+if plan.adapters is not None:
+    model = jaxtl.lora.adapt(model, plan, seed=0)
+trainer = jaxtl.Trainer(model, plan, config, args.out)
 loader = training_loader(data(model), config.data, model, seed=0)
 result = trainer.fit(loader, resume=args.resume, stop_at=args.stop_at)
 state = result.state

@@ -38,7 +38,7 @@ def _err(capsys, argv):
     return err
 
 
-@pytest.mark.parametrize("command", [[], ["finetune"], ["evaluate"], ["inspect"]])
+@pytest.mark.parametrize("command", [[], ["finetune"], ["evaluate"], ["inspect"], ["export"]])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([*command, "--help"])
@@ -248,3 +248,55 @@ def test_the_launch_commands_in_docs_pods_md_parse():
     examples = re.findall(r"--shard-rule '([^']+)'", text)
     assert examples
     jaxtl.TrainConfig(sharding_rules=[cli.shard_rule(r) for r in examples])
+
+
+@pytest.mark.slow
+def test_a_lora_run_exports_merged_and_as_peft_adapters_that_agree(capsys, tmp_path, tiny_dir):
+    """`jaxtl finetune --recipe 'lora(...)'`, then `jaxtl export` both ways: transformers loads
+    the merged model, peft loads the adapters onto the base, and the two give the same logits
+    (and the plan table printed the adapters against full fine-tuning)."""
+    import warnings
+
+    import numpy as np
+    import peft
+    import torch
+    import transformers
+
+    out = tmp_path / "lora"
+    argv = ["finetune", "--model", tiny_dir, "--recipe", "lora(2, alpha=4)", "--no-scratch"]
+    argv += ["--max-steps", "2", "--batch-size", "16", "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "vs full fine-tuning: trainable" in printed and "lora_a|lora_b" in printed
+    (run_dir,) = [d for d in out.iterdir() if d.is_dir()]
+    assert cli.main(["export", str(run_dir), str(tmp_path / "merged")]) == 0
+    assert cli.main(["export", str(run_dir), str(tmp_path / "adapter"), "--adapters"]) == 0
+    assert "PEFT layout" in capsys.readouterr().out
+    err = _err(capsys, ["export", str(run_dir), str(tmp_path / "adapter"), "--adapters"])
+    assert "exists" in err and "--overwrite" in err  # nothing saved is lost
+
+    ids = torch.tensor([[101, 2204, 3185, 102, 0], [101, 6659, 102, 0, 0]])
+    mask = (ids != 0).long()
+    merged = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "merged")
+    base = transformers.BertForSequenceClassification.from_pretrained(tiny_dir, num_labels=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+        adapted = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    with torch.no_grad():
+        a = merged.eval()(input_ids=ids, attention_mask=mask).logits.numpy()
+        b = adapted.eval()(input_ids=ids, attention_mask=mask).logits.numpy()
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_export_adapters_of_a_run_without_lora_is_refused(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"recipe": "full"}))
+    err = _err(capsys, ["export", str(run), str(tmp_path / "out"), "--adapters"])
+    assert "no LoRA adapters" in err and "without --adapters" in err
+
+
+def test_inspect_shows_a_lora_plan_against_full_fine_tuning(capsys):
+    assert cli.main(["inspect", minilm_dir(), "--recipe", "lora(8)"]) == 0
+    out = capsys.readouterr().out
+    assert "lora_a|lora_b" in out and "vs full fine-tuning: trainable" in out

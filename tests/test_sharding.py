@@ -370,6 +370,31 @@ def test_fsdp_and_3d_meshes_train_like_the_replicated_run(family, models, tmp_pa
 
 
 @pytest.mark.slow
+def test_lora_on_a_3d_mesh_trains_like_replicated_with_adapters_split_like_their_kernels(
+    models, tmp_path
+):
+    ref = _run("bert", models["bert"], 8, "-", tmp_path / "replicated", "--recipe", "lora(4)")
+    cube = _run("bert", models["bert"], 8, "data=2,fsdp=2,tensor=2", tmp_path / "cube",
+                "--recipe", "lora(4)")  # fmt: skip
+    assert ref["losses"][0] != ref["losses"][-1]
+    np.testing.assert_allclose(cube["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
+    for path, value in ref["params"].items():
+        np.testing.assert_allclose(cube["params"][path], value, rtol=1e-4, atol=1e-5)
+    adapters = {p: h for p, h in cube["params_held"].items() if "/lora_" in p}
+    assert len(adapters) == 2 * 2 * 2  # lora_a, lora_b on query and value of 2 layers
+    for path, held in adapters.items():
+        # query/value are column-parallel, P(fsdp, tensor): lora_a (in, r) is split over
+        # fsdp like the kernel's input dim, lora_b (r, out) over tensor like its output dim.
+        assert cube["specs"][path] == ("P('fsdp', None)" if path.endswith("lora_a")
+                                       else "P(None, 'tensor')"), path  # fmt: skip
+        assert held == 0.5, path
+    # The frozen base holds no optimizer state; the adapters' moments are split like them.
+    moments = {p for p in cube["opt_held"] if "/mu/" in p}
+    assert moments and all("/lora_" in p or p.split("/mu/")[1].startswith("classifier")
+                           for p in moments)  # fmt: skip
+
+
+@pytest.mark.slow
 def test_grad_accum_under_fsdp_matches_the_replicated_whole_batch(models, tmp_path):
     bert = models["bert_nodrop"]
     ref = _run("bert", bert, 8, "-", tmp_path / "ref", "--batch", "32")

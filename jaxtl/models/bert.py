@@ -50,6 +50,10 @@ TENSOR_PARALLEL = (
 )
 
 
+# LoRA's default targets (Hu et al. 2021 adapt the query and value projections).
+LORA_TARGETS = (r"bert/encoder/layer_\d+/attention/self/(query|value)",)
+
+
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
     """The config.json fields the encoder uses (names as in ``transformers.BertConfig``)."""
@@ -405,6 +409,7 @@ def build(
         neck=("bert/pooler",) if has_head and pooling == "cls" else (),
         head=("classifier",) if has_head else (),
         tensor_parallel=TENSOR_PARALLEL,
+        lora_targets=LORA_TARGETS,
     )
     extras = {
         "pooling": pooling,

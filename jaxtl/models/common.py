@@ -221,6 +221,8 @@ def forward_functions(
         return run(params, batch_stats, select(batch), train, rng, tuple(bn_train))
 
     forward.traceable = traceable
+    # The pieces, for wrappers that trace the same run differently (jaxtl.lora.adapt).
+    forward.run, forward.select = run, select
 
     def apply(
         params: Mapping[str, Any],

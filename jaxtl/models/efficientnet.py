@@ -119,6 +119,12 @@ def lite_blocks(arch: str) -> tuple[BlockArgs, ...]:
     return tuple(blocks)
 
 
+# LoRA's default targets: the 1x1 expand and project convolutions of every block. The depthwise
+# convolutions are left out: a low-rank update of a grouped kernel is not of its form, so it
+# could not be merged back (jaxtl.transfer.lora refuses them with that reason).
+LORA_TARGETS = (r"blocks/\d+/(expand_conv|project_conv)",)
+
+
 @dataclasses.dataclass(frozen=True)
 class EfficientNetConfig:
     """An EfficientNet-Lite variant; every field but ``num_classes_in_checkpoint`` follows ``arch``.
@@ -531,6 +537,7 @@ def build(
         blocks=tuple(f"blocks/{i}" for i in range(len(config.blocks))),
         neck=("conv_head", "bn1"),
         head=("fc",) if has_head else (),
+        lora_targets=LORA_TARGETS,
     )
     imagenet_head = (
         task == "classification" and num_labels == 1000 and config.num_classes_in_checkpoint == 1000

@@ -55,6 +55,10 @@ TENSOR_PARALLEL = (
 )
 
 
+# LoRA's default targets: the fused q/k/v projection (PEFT's default for GPT-2).
+LORA_TARGETS = (r"transformer/h_\d+/attn/c_attn",)
+
+
 @dataclasses.dataclass(frozen=True)
 class GPT2Config:
     """The config.json fields the decoder uses (names as in ``transformers.GPT2Config``)."""
@@ -429,6 +433,7 @@ def build(
         neck=neck,
         head=head,
         tensor_parallel=TENSOR_PARALLEL,
+        lora_targets=LORA_TARGETS,
     )
     extras = {
         "pooling": "last" if has_head else None,

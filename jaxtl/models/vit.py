@@ -61,6 +61,10 @@ TENSOR_PARALLEL = (
 )
 
 
+# LoRA's default targets: the attention query and value projections, as for BERT.
+LORA_TARGETS = (r"vit/encoder/layer_\d+/attention/attention/(query|value)",)
+
+
 def _pair(value: int | tuple[int, int] | list[int], what: str, source: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
@@ -379,6 +383,32 @@ _V5_NAMES = {
 }
 
 
+def in_memory_name(name: str) -> str:
+    """The module an on-disk name (``vit.encoder.layer.0.attention.attention.query``) is in the
+    installed transformers' model: renamed by transformers >= 5 (``vit.layers.0.attention.
+    q_proj``), the same before. PEFT adapters name in-memory modules."""
+    parts = name.split(".")
+    start = 1 if parts[:1] == ["vit"] else 0
+    if parts[start : start + 2] != ["encoder", "layer"] or _transformers_major() < 5:
+        return name
+    index, rest = parts[start + 2], tuple(parts[start + 3 :])
+    inverse = {v: k for k, v in _V5_NAMES.items()}
+    for old, new in inverse.items():
+        if rest[: len(old)] == old:
+            rest = (*new, *rest[len(old) :])
+            break
+    return ".".join([*parts[:start], "layers", index, *rest])
+
+
+def _transformers_major() -> int:
+    from importlib import metadata
+
+    try:
+        return int(metadata.version("transformers").split(".")[0])
+    except metadata.PackageNotFoundError:
+        return 5  # the current major, for an export read elsewhere
+
+
 def convert_hf_checkpoint(
     tensors: Mapping[str, np.ndarray],
     source: ViTConfig | None = None,
@@ -537,6 +567,7 @@ def build(
         neck=("vit/layernorm",),
         head=("classifier",) if task != "features" else (),
         tensor_parallel=TENSOR_PARALLEL,
+        lora_targets=LORA_TARGETS,
     )
     recipe = preprocessing.for_checkpoint(directory, default_preprocessing(source))
     extras = {
@@ -544,6 +575,7 @@ def build(
         "image_size": config.image_size,
         "hidden_size": config.hidden_size,
         "stem_kernel": STEM_KERNEL,
+        "in_memory_name": in_memory_name,  # for the PEFT layout (jaxtl.lora)
     }
     return ModelSpec(
         config=config,

@@ -97,6 +97,9 @@ class OptimConfig:
       weight_decay: decay of trainable matrices (decoupled for AdamW; see
         :mod:`jaxtl.transfer.optimizer` for the other optimizers).
       clip_norm: clip the global norm of the trainable gradients; ``None`` disables.
+      l2_sp: ``(alpha, beta)``: L2-SP (Li et al. 2018), the penalty
+        ``alpha / 2 * ||w - w0||^2`` toward the pretrained weights ``w0`` on the trained
+        backbone and ``beta / 2 * ||w||^2`` on the head, with any recipe; ``None``: off.
     """
 
     optimizer: str = "adamw"
@@ -107,10 +110,20 @@ class OptimConfig:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.01
     clip_norm: float | None = 1.0
+    l2_sp: tuple[float, float] | None = None
 
     def __post_init__(self):
         from jaxtl.transfer.optimizer import optimizer_factory
 
+        if self.l2_sp is not None:  # JSON (run.json) gives a list
+            values = tuple(self.l2_sp) if isinstance(self.l2_sp, list | tuple) else ()
+            if len(values) != 2 or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in values
+            ):
+                raise ValueError(
+                    f"l2_sp (--l2-sp ALPHA,BETA) must be two numbers >= 0, got {self.l2_sp!r}."
+                )
+            self.l2_sp = (float(values[0]), float(values[1]))
         optimizer_factory(self.optimizer)  # an unknown name fails here, listing the valid ones
         if self.schedule not in SCHEDULES:
             raise ValueError(

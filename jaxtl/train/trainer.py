@@ -150,6 +150,7 @@ class Trainer:
             name=optim.optimizer,
             weight_decay=optim.weight_decay,
             clip_norm=optim.clip_norm,
+            l2_sp=optim.l2_sp,
             **optim.optimizer_options,
         )
         create = functools.partial(

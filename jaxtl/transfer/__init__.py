@@ -1,7 +1,7 @@
 """The transfer layer: which params train, and how, decided by rules over param paths.
 
 One language serves every "which params does X apply to" question (freezing, LR multipliers,
-and next LoRA targets and sharding):
+LoRA targets and sharding):
 
 - :mod:`~jaxtl.transfer.trees`: param trees as "/"-joined paths (flatten, prefixes, sizes);
 - :mod:`~jaxtl.transfer.rules`: ordered ``(regex, value)`` pairs, first ``re.fullmatch`` wins;
@@ -10,7 +10,8 @@ and next LoRA targets and sharding):
 - :mod:`~jaxtl.transfer.optimizer`: the plan's ``optax.partition`` optimizer (AdamW or any
   optax optimizer by name);
 - :mod:`~jaxtl.transfer.recipes`: named recipes (``full``, ``linear_probe``, ``last_n(k)``,
-  ``bitfit``, ``layerwise_lr_decay(d)``) -> a Plan.
+  ``bitfit``, ``layerwise_lr_decay(d)``, ``lora(r)``) -> a Plan;
+- :mod:`~jaxtl.transfer.lora`: LoRA adapters on param trees (targets, init, merge).
 """
 
 from jaxtl.transfer.optimizer import available_optimizers, make_optimizer

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +36,10 @@ import optax
 
 __all__ = [
     "DEFAULT_OPTIMIZER",
+    "AnchorState",
     "Grouped",
     "available_optimizers",
+    "l2_sp_transform",
     "make_optimizer",
     "optimizer_factory",
 ]
@@ -151,6 +153,55 @@ def _group_optimizer(
     return optax.chain(optax.add_decayed_weights(weight_decay, _decay_mask), tx)
 
 
+class AnchorState(NamedTuple):
+    """The values the regularized leaves started from (the pretrained weights)."""
+
+    anchor: Any
+
+
+def _toward_start(alpha: float) -> optax.GradientTransformation:
+    """Adds ``alpha * (w - w0)`` to the gradient, ``w0`` the params at ``init``: the gradient
+    of ``alpha / 2 * ||w - w0||^2``. The anchor lives in the optimizer state, so it is
+    checkpointed, resumed and sharded with the moments."""
+
+    def init_fn(params):
+        return AnchorState(jax.tree.map(jnp.asarray, params))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("L2-SP needs the params in tx.update(grads, state, params).")
+        out = jax.tree.map(
+            lambda g, p, p0: g + alpha * (p - p0).astype(g.dtype), updates, params, state.anchor
+        )
+        return out, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def l2_sp_transform(plan: Grouped, alpha: float, beta: float) -> optax.GradientTransformation:
+    """L2-SP (Li et al. 2018) as gradient terms: ``alpha * (w - w0)`` on every trainable param
+    outside the ``"head"`` group (the gradient of ``alpha / 2 * ||w - w0||^2`` toward the
+    pretrained ``w0``), ``beta * w`` on the head (of ``beta / 2 * ||w||^2``), nothing on
+    frozen params. Only the regularized leaves' ``w0`` is kept (in the optimizer state)."""
+    for value, what in ((alpha, "ALPHA"), (beta, "BETA")):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            raise ValueError(f"l2_sp (--l2-sp ALPHA,BETA): {what} must be >= 0, got {value!r}.")
+
+    def masks(head: bool):
+        def mask(tree):
+            labels = plan.labels(tree)
+            return jax.tree.map(
+                lambda g: plan.groups[g].trainable and ((g == "head") == head), labels
+            )
+
+        return mask
+
+    return optax.chain(
+        optax.masked(_toward_start(float(alpha)), masks(head=False)),
+        optax.masked(optax.add_decayed_weights(float(beta)), masks(head=True)),
+    )
+
+
 def make_optimizer(
     plan: Grouped,
     learning_rate: float | optax.Schedule,
@@ -158,6 +209,7 @@ def make_optimizer(
     name: str = DEFAULT_OPTIMIZER,
     weight_decay: float = 0.01,
     clip_norm: float | None = 1.0,
+    l2_sp: tuple[float, float] | None = None,
     **options: Any,
 ) -> optax.GradientTransformation:
     """The named optimizer per trainable group of ``plan``, nothing for frozen groups, and
@@ -175,6 +227,8 @@ def make_optimizer(
       weight_decay: decay of trainable leaves with ``ndim >= 2`` (see the module docstring for
         what it means per optimizer); a group's own ``weight_decay`` overrides it.
       clip_norm: clip by the global norm of the *trainable* gradients; None disables.
+      l2_sp: ``(alpha, beta)``: add L2-SP's gradient terms (:func:`l2_sp_transform`) before
+        clipping, as a penalty added to the loss would be; None: no L2-SP.
       **options: the optimizer's own keyword arguments, e.g. ``b1``, ``b2``, ``eps`` for AdamW or
         ``momentum`` for SGD.
 
@@ -209,6 +263,9 @@ def make_optimizer(
         if any(not g.trainable for g in plan.groups.values()):
             frozen = lambda tree: jax.tree.map(lambda t: not t, plan.trainable_mask(tree))  # noqa: E731
             chain.append(optax.masked(optax.set_to_zero(), frozen))
+    if l2_sp is not None:
+        chain.append(l2_sp_transform(plan, *l2_sp))
+    if clip_norm is not None:
         chain.append(optax.clip_by_global_norm(clip_norm))
     chain.append(optax.partition(transforms, plan.labels))
     return optax.chain(*chain)

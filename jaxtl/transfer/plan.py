@@ -79,11 +79,14 @@ class Plan:
         "/"-joined path wins and every param must match one (end with ``(".*", ...)``).
       groups: group name -> :class:`Group` (a sequence of Groups is accepted too).
       name: how the plan is shown, e.g. ``"last_n(2)"``.
+      adapters: the :class:`~jaxtl.transfer.lora.LoRA` options when the plan trains LoRA
+        adapters, which a run adds to the model first (:func:`jaxtl.lora.adapt`); else None.
     """
 
     rules: tuple[tuple[str, str], ...]
     groups: dict[str, Group]
     name: str = "custom"
+    adapters: Any = None
 
     def __post_init__(self):
         groups = self.groups
@@ -127,6 +130,7 @@ class Plan:
         name: str = DEFAULT_OPTIMIZER,
         weight_decay: float = 0.01,
         clip_norm: float | None = 1.0,
+        l2_sp: tuple[float, float] | None = None,
         **options: Any,
     ) -> optax.GradientTransformation:
         """This plan's optimizer: :func:`jaxtl.transfer.optimizer.make_optimizer` (AdamW by
@@ -151,6 +155,7 @@ class Plan:
             name=name,
             weight_decay=weight_decay,
             clip_norm=clip_norm,
+            l2_sp=l2_sp,
             **options,
         )
 
@@ -264,12 +269,33 @@ class Plan:
                 f"per device: params {_fmt_bytes(params_device)} + optimizer state "
                 f"{_fmt_bytes(device_bytes)}"
             )
+        if frozen or self.adapters is not None:
+            out.append(self._against_full(params, trainable, total_bytes))
         outside = total_bytes - sum(r.opt_state_bytes or 0 for r in rows)
         if outside:
             out.append(f"note: {_fmt_bytes(outside)} of optimizer state belong to no group")
         for pattern, group in self.unused_rules(params):
             out.append(f"note: rule {pattern!r} -> {group} labels no param")
         return "\n".join(out)
+
+    def _against_full(self, params: Any, trainable: int, state_bytes: int) -> str:
+        """One line: this plan's trainable params and optimizer state as a share of full
+        fine-tuning's (every param of the base model, without adapters, under AdamW)."""
+        from jaxtl.transfer.lora import base_params  # lora builds on plans; imported late
+
+        base = base_params(params)
+        full = Plan(((".*", "all"),), [Group("all", True)], name="full").optimizer(1e-3)
+        full_params = count_params(base)
+        full_bytes = tree_bytes(jax.eval_shape(full.init, base))
+        return (
+            f"vs full fine-tuning: trainable {_pct(trainable, full_params)} of its "
+            f"{full_params:,} params; optimizer state {_pct(state_bytes, full_bytes)} of its "
+            f"{_fmt_bytes(full_bytes)} (AdamW)"
+        )
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.2f}%" if whole else "-"
 
 
 def _split_bytes(tree: Any, pieces: Any) -> int:

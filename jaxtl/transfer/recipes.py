@@ -31,10 +31,9 @@ Where later recipes go (each is a new function plus a ``RECIPES`` entry; the Pla
   re-initialises the optimizer state of newly unfrozen groups (and recompiles the step once per
   stage). The alternative, one Plan whose ``lr_mult`` becomes a step schedule that is 0 until
   the group's stage, compiles once but holds moments for every group from the start.
-- **LoRA**: the adapter adds params, so it is a file of its own beside this one
-  (``jaxtl/transfer/lora.py``: target rules -> adapter params, merge, export) whose recipe
-  returns a Plan here: base params frozen, ``.../lora_a`` and ``.../lora_b`` trainable, with
-  the same rule language.
+- **LoRA** (:func:`lora` below): the adapters add params, so their tree side is
+  :mod:`jaxtl.transfer.lora` and the model side :mod:`jaxtl.lora`; the recipe returns a Plan
+  with ``adapters`` set: base frozen, ``.../lora_a`` and ``.../lora_b`` and the head trained.
 - **LP-FT** (Kumar et al. 2022): two stages, linear_probe then full, like gradual unfreezing.
 - **L2-SP** (Li et al. 2018): full fine-tuning plus a penalty toward the pretrained params: an
   optimizer term (``jaxtl/transfer/optimizer.py``) over the trainable groups.
@@ -43,11 +42,13 @@ Where later recipes go (each is a new function plus a ``RECIPES`` entry; the Pla
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from jaxtl.transfer import lora as _lora
 from jaxtl.transfer.plan import Group, Plan
 from jaxtl.transfer.rules import prefix_pattern
 from jaxtl.transfer.structure import Structure
@@ -59,8 +60,10 @@ __all__ = [
     "last_n",
     "layerwise_lr_decay",
     "linear_probe",
+    "lora",
     "make_plan",
     "recipe_name",
+    "split_recipes",
 ]
 
 
@@ -166,6 +169,39 @@ def layerwise_lr_decay(structure: Structure, decay: float) -> Plan:
     return Plan(tuple(rules), groups, name=f"layerwise_lr_decay({decay:g})")
 
 
+def lora(
+    structure: Structure,
+    rank: int,
+    alpha: float | None = None,
+    targets: Iterable[str] | None = None,
+    dropout: float = 0.0,
+) -> Plan:
+    """LoRA (Hu et al. 2021): rank-``rank`` adapters on the target kernels train with the head;
+    the base model is frozen and holds no optimizer state (:mod:`jaxtl.transfer.lora`).
+
+    Args:
+      rank: the adapters' rank.
+      alpha: the update is ``alpha / rank * B A``; None: ``alpha = rank``.
+      targets: regexes over module paths; None: the family's defaults (query and value for
+        BERT and ViT, ``c_attn`` for GPT-2, the non-depthwise convolutions of the blocks for
+        CNNs).
+      dropout: dropout on the adapters' inputs while training.
+
+    Example:
+      >>> s = Structure(blocks=("enc/layer_0",), head=("cls",), lora_targets=(".*/query",))
+      >>> p = lora(s, 8, alpha=16)
+      >>> p.name, p.rules[1]
+      ('lora(8, alpha=16)', ('(.*/)?(lora_a|lora_b)', 'lora'))
+    """
+    _need_head(structure, "lora")
+    if targets is not None and not isinstance(targets, str):
+        targets = tuple(targets)
+    spec = _lora.LoRA(rank, alpha, targets, dropout)
+    # The name keeps only what was given: "lora(8)" re-parses to the family's default targets.
+    named = _lora.plan(structure, spec)
+    return dataclasses.replace(named, name=spec.describe())
+
+
 # ----------------------------------------------------------------------------- registry
 
 # name -> recipe. Add an entry to make a new recipe reachable from strings (CLI, configs).
@@ -175,6 +211,7 @@ RECIPES: dict[str, Callable[..., Plan]] = {
     "last_n": last_n,
     "bitfit": bitfit,
     "layerwise_lr_decay": layerwise_lr_decay,
+    "lora": lora,
 }
 _ALIASES = {"probe": "linear_probe", "llrd": "layerwise_lr_decay"}
 
@@ -217,6 +254,31 @@ def _parse(spec: str) -> tuple[str, list[Any], dict[str, Any]]:
     if len(kwargs) != len(node.keywords):
         raise ValueError(f"recipe {spec!r}: '**' arguments are not supported.")
     return node.func.id, args, kwargs
+
+
+def split_recipes(text: str) -> list[str]:
+    """A comma-separated list of recipes, split only at top-level commas (a recipe's own
+    arguments may hold commas).
+
+    Example:
+      >>> split_recipes("full, lora(8, alpha=16, targets=['.*/query', '.*/value']),probe")
+      ['full', "lora(8, alpha=16, targets=['.*/query', '.*/value'])", 'probe']
+    """
+    out, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append(text[start:i])
+            start = i + 1
+    out.append(text[start:])
+    return [r.strip() for r in out if r.strip()]
 
 
 def recipe_name(spec: str | Plan) -> str:

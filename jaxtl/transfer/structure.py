@@ -30,6 +30,9 @@ class Structure:
         that a ``tensor`` mesh axis splits Megatron-style (:mod:`jaxtl.sharding`): a block's
         input projections (attention q/k/v, the MLP's first layer) by output column, its output
         projections by input row. Empty: the family has no tensor-parallel layout.
+      lora_targets: regexes over module paths naming the layers a LoRA recipe adapts by
+        default (:mod:`jaxtl.transfer.lora`), e.g. attention query and value; empty: every
+        kernel inside the blocks.
     """
 
     blocks: tuple[str, ...]
@@ -37,3 +40,4 @@ class Structure:
     neck: tuple[str, ...] = ()
     stem: tuple[str, ...] = ()
     tensor_parallel: tuple[tuple[str, str], ...] = ()
+    lora_targets: tuple[str, ...] = ()

@@ -10,6 +10,7 @@ safetensors state dict in the source naming, which ``torch.nn.Module.load_state_
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -148,3 +149,65 @@ def _check_same_tree(expected: Any, given: Any) -> None:
             "params do not match the model's param tree (different names or shapes); export the "
             "params of the model they were trained from."
         )
+
+
+def source_names(model: LoadedModel, paths: list[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Where params land in the source format: ``{path: (source key, perm)}`` such that the
+    exported tensor is ``np.transpose(param, perm)``.
+
+    Derived from the family's own exporter (the one source of truth for names and layouts), by
+    exporting marker trees: every other leaf zero, the asked-for leaves first each a distinct
+    constant (which key holds it), then each a position pattern (which axis went where).
+
+    Raises:
+      ValueError: the family cannot export, or a path's tensor is not one exported key.
+    """
+    if model.export_fn is None:
+        raise ValueError(f"The {model.family!r} family cannot export yet.")
+    from jaxtl.transfer.trees import flatten, unflatten
+
+    flat = {p: np.shape(x) for p, x in flatten(model.params).items()}
+    unknown = [p for p in paths if p not in flat]
+    if unknown:
+        raise ValueError(f"{unknown} are not params of this {model.family} model.")
+    stats = jax.tree.map(lambda x: np.zeros(np.shape(x), np.float32), model.batch_stats)
+
+    def exported(fill) -> dict[str, np.ndarray]:
+        tree = {p: fill(p, shape) for p, shape in flat.items()}
+        state, _ = model.export_fn(unflatten(tree), stats)
+        return {k: np.asarray(v) for k, v in state.items()}
+
+    marks = {p: float(i + 1) for i, p in enumerate(paths)}
+    state = exported(lambda p, s: np.full(s, marks.get(p, 0.0), np.float32))
+    keys: dict[str, str] = {}
+    for key, value in state.items():
+        if value.size and value.dtype.kind == "f":
+            first = float(value.flat[0])
+            for p, mark in marks.items():
+                if first == mark and (value == mark).all():
+                    if p in keys:
+                        raise ValueError(f"{p!r} is exported under two keys, {keys[p]} and {key}.")
+                    keys[p] = key
+    missing = [p for p in paths if p not in keys]
+    if missing:
+        raise ValueError(f"cannot find the source names of {missing} in the {model.family} export.")
+    # 65521 is prime and below 2**24: the pattern survives float32 and repeats no short period.
+    pattern = lambda s: (np.arange(int(np.prod(s))) % 65521 + 1).reshape(s).astype(np.float32)  # noqa: E731
+    wanted = set(paths)
+    state = exported(lambda p, s: pattern(s) if p in wanted else np.zeros(s, np.float32))
+    out = {}
+    for p in paths:
+        source, mine = state[keys[p]], pattern(flat[p])
+        perm = next(
+            (
+                perm
+                for perm in itertools.permutations(range(mine.ndim))
+                if np.transpose(mine, perm).shape == source.shape
+                and np.array_equal(np.transpose(mine, perm), source)
+            ),
+            None,
+        )
+        if perm is None:
+            raise ValueError(f"{p!r} is exported as {keys[p]} in a layout that is no transpose.")
+        out[p] = (keys[p], tuple(perm))
+    return out
