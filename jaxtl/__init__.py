@@ -17,6 +17,7 @@ export) -> ``data`` (sources, encoding, loaders) -> ``train`` (config, steps, Tr
 
 from jaxtl import data, lora, parallel, sharding
 from jaxtl.adabn import adapt_batch_norm
+from jaxtl.ensembles import soup, wise_ft
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.registry import list_models
 from jaxtl.run import RunResult, evaluate_run, export_run, finetune
@@ -68,4 +69,6 @@ __all__ = [
     "make_plan",
     "parallel",
     "sharding",
+    "soup",
+    "wise_ft",
 ]

@@ -4,6 +4,8 @@ jaxtl finetune [options]        fine-tune (default: the embedded MiniLM + VADER 
 jaxtl finetune --preset digits  EfficientNet-Lite0 (ImageNet) -> handwritten digits
 jaxtl evaluate RUN_DIR          re-score a finished run's best checkpoint
 jaxtl export RUN_DIR OUT        write a run's model in its source format (or --adapters: PEFT)
+jaxtl wise-ft RUN_DIR           WiSE-FT: the best mix of pretrained and fine-tuned weights
+jaxtl soup RUN_DIR...           uniform and greedy model soups of runs of one model
 jaxtl inspect MODEL_DIR         param tree summary and what a recipe would freeze
 """
 
@@ -73,9 +75,17 @@ _FINETUNE = {
         ("--recipe", "comma-separated recipes for the pretrained model: full, linear_probe "
          "(probe), last_n(N), bitfit, layerwise_lr_decay(D), lora(RANK) with options "
          "lora(8, alpha=16, targets=['.*/query', '.*/value'], dropout=0.1) (targets: regexes "
-         "over module paths; default the family's, e.g. query and value)",
-         dict(default="full,linear_probe")),
+         "over module paths; default the family's, e.g. query and value) (default: "
+         "full,linear_probe)", {}),
+        ("--rules", "a TOML rules file in place of --recipe: [[group]] tables (name, match "
+         "regexes, trainable, lr_mult, weight_decay, wd_mult), an optional [lora] table and "
+         "[[shard]] sharding rules; checked for coverage and unused patterns, its plan table "
+         "printed before training (format: jaxtl/transfer/rules_file.py)", {}),
         ("--no-scratch", "skip the from-scratch baseline (same architecture, random init, full)",
+         dict(action="store_true")),
+        ("--fail-on-negative-transfer", "exit with status 3 (after writing every result) when a "
+         "pretrained arm's test accuracy is below the scratch baseline's by more than 2 standard "
+         "errors of the difference (the warning is printed and in summary.json either way)",
          dict(action="store_true")),
     ],
     "data": [
@@ -190,6 +200,15 @@ _FINETUNE = {
 }  # fmt: skip
 
 
+def _checkpoint_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint",
+        choices=["best", "latest"],
+        default="best",
+        help="the best-validation checkpoint, or the last one saved",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxtl", description="Transfer learning in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -220,12 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out directory (all its runs).",
     )
     ev.add_argument("run_dir")
-    ev.add_argument(
-        "--checkpoint",
-        choices=["best", "latest"],
-        default="best",
-        help="the best-validation checkpoint, or the last one saved",
-    )
+    _checkpoint_arg(ev)
 
     ex = sub.add_parser(
         "export",
@@ -242,13 +256,40 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--adapters", action="store_true", help="a LoRA run's adapters alone, in PEFT's layout"
     )
-    ex.add_argument(
-        "--checkpoint",
-        choices=["best", "latest"],
-        default="best",
-        help="the best-validation checkpoint, or the last one saved",
-    )
+    _checkpoint_arg(ex)
     ex.add_argument("--overwrite", action="store_true", help="replace an existing export at OUT")
+
+    wf = sub.add_parser(
+        "wise-ft",
+        help="interpolate a run's pretrained and fine-tuned weights, keep the best mix",
+        description="WiSE-FT (Wortsman et al. 2022): score (1 - alpha) * pretrained + alpha * "
+        "fine-tuned on the validation split for each --alphas (test shown, never used to "
+        "choose), keep the best by validation, and write the table, OUT/wise_ft.png (metric "
+        "against alpha) and the chosen model as a run directory OUT that `jaxtl evaluate` and "
+        "`jaxtl export` read. A new head keeps its fine-tuned weights at every alpha.",
+    )
+    wf.add_argument("run_dir", help="one run directory (OUT/<run> of jaxtl finetune)")
+    wf.add_argument(
+        "--alphas",
+        type=_floats,
+        default=",".join(f"{a:g}" for a in (i / 10 for i in range(11))),
+        help="comma-separated mixing weights in [0, 1]",
+    )
+    wf.add_argument("--out", help="where the chosen model goes (default: RUN_DIR/wise-ft)")
+    _checkpoint_arg(wf)
+
+    so = sub.add_parser(
+        "soup",
+        help="average runs fine-tuned from one pretrained model (uniform and greedy soups)",
+        description="Model soups (Wortsman et al. 2022) of runs of one pretrained model, head "
+        "and recipe: the uniform soup (every run) and the greedy soup (best validation first; "
+        "each next run kept only if validation does not get worse). Prints each run and both "
+        "soups on validation and test, and writes the better soup (by validation) as a run "
+        "directory OUT with soup.json.",
+    )
+    so.add_argument("run_dirs", nargs="+", help="two or more run directories")
+    so.add_argument("--out", help="where the chosen soup goes (default: soup/ beside the first)")
+    _checkpoint_arg(so)
 
     ins = sub.add_parser(
         "inspect",
@@ -288,7 +329,10 @@ def _finetune(args) -> int:
     spec = data_spec(args, modality="image" if "preprocessing" in model.extras else "text")
     config = train_config(args, epochs=args.epochs or 1)
     out = experiment.experiment_dir(args.out, "finetune", resume=args.resume)
-    recipes = split_recipes(args.recipe)
+    if args.rules:
+        recipes = [f"rules({os.path.abspath(args.rules)!r})"]
+    else:
+        recipes = split_recipes(args.recipe or "full,linear_probe")
     demo = args.data == "vader" and args.model is None
     done = experiment.compare(
         model,
@@ -318,6 +362,10 @@ def _finetune(args) -> int:
             "jaxtl finetune --epochs 3 --schedule constant --clip-norm 0  (results in README.md)"
         )
     print(f"\nrun directory: {os.path.abspath(out)}\n  plot: {done.plot}")
+    if done.negative_transfer and args.fail_on_negative_transfer:
+        names = ", ".join(c["arm"] for c in done.negative_transfer)
+        print(f"negative transfer in {names}: exiting with status 3", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -331,7 +379,7 @@ def check_devices(args) -> None:
 
     # Axis names in the rules, grad_accum >= 1, a known remat policy and precision:
     ScaleConfig(
-        sharding_rules=[shard_rule(r) for r in args.shard_rule],
+        sharding_rules=sharding_rules(args),
         grad_accum=args.grad_accum,
         remat=args.remat,
         precision=args.precision,
@@ -374,12 +422,24 @@ def train_config(args, epochs: int):
         bucket_by_length=args.bucket_by_length,
         feature_cache=args.feature_cache,
         mesh=args.mesh,
-        sharding_rules=[shard_rule(r) for r in args.shard_rule],
+        sharding_rules=sharding_rules(args),
         grad_accum=args.grad_accum,
         remat=args.remat,
         precision=args.precision,
         frozen_bf16=args.frozen_bf16,
     )
+
+
+def sharding_rules(args) -> list[tuple[str, object]]:
+    """The ``--shard-rule`` flags, then a ``--rules`` file's ``[[shard]]`` rules."""
+    rules = [shard_rule(r) for r in args.shard_rule]
+    if getattr(args, "rules", None):
+        from jaxtl.transfer.rules_file import read_rules_file
+
+        if args.recipe:
+            raise ValueError("give --rules FILE or --recipe, not both (the file is the recipe).")
+        rules += list(read_rules_file(args.rules).sharding)
+    return rules
 
 
 def shard_rule(text: str) -> tuple[str, object]:
@@ -491,6 +551,29 @@ def _export(args) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _wise_ft(args) -> int:
+    from jaxtl import ensembles
+
+    ensembles.wise_ft(args.run_dir, args.alphas, out=args.out, which=args.checkpoint)
+    return 0
+
+
+def _soup(args) -> int:
+    from jaxtl import ensembles
+
+    ensembles.soup(args.run_dirs, out=args.out, which=args.checkpoint)
+    return 0
+
+
 def _inspect(args) -> int:
     import jaxtl
     from jaxtl import report
@@ -510,7 +593,7 @@ def _inspect(args) -> int:
         f"structure: stem={list(s.stem)} blocks={len(s.blocks)} ({s.blocks[0]} .. {s.blocks[-1]}) "
         f"neck={list(s.neck)} head={list(s.head)}"
     )
-    plan = jaxtl.make_plan(args.recipe, model.structure)
+    plan = jaxtl.make_plan(args.recipe or "full", model.structure)
     model = with_adapters(model, plan, seed=0)  # a LoRA recipe's table shows its adapters
     pieces = None
     if args.mesh:
@@ -546,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
         "finetune": _finetune,
         "evaluate": _evaluate,
         "export": _export,
+        "wise-ft": _wise_ft,
+        "soup": _soup,
         "inspect": _inspect,
     }[args.command]
     try:

@@ -27,7 +27,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -47,6 +49,7 @@ __all__ = [
     "Comparison",
     "arms",
     "default_learning_rate",
+    "negative_transfer",
     "check_recipes",
     "compare",
     "demo_reference",
@@ -98,8 +101,19 @@ class Arm:
 
     @property
     def dirname(self) -> str:
-        """The arm's directory name: ``"pretrained full"`` -> ``"pretrained-full"``."""
-        return self.name.replace(" ", "-").replace("(", "").replace(")", "")
+        """The arm's directory name: ``"pretrained full"`` -> ``"pretrained-full"``; any
+        character a path would read as a separator or quote (a rules file's path) becomes
+        ``-``, and a name longer than 100 characters is cut, with a hash of the whole.
+
+        Example:
+          >>> Arm("pretrained rules('/a/b.toml')", "rules('/a/b.toml')", True).dirname
+          'pretrained-rules--a-b.toml-'
+        """
+        name = self.name.replace(" ", "-").replace("(", "").replace(")", "")
+        name = re.sub(r"[^A-Za-z0-9._=,+-]", "-", name)
+        if len(name) > 100:
+            name = f"{name[:90]}-{zlib.crc32(self.name.encode()):08x}"
+        return name
 
 
 def arms(
@@ -269,6 +283,54 @@ def write_summary(
     return table, plot
 
 
+# The negative-transfer rule: a pretrained arm is flagged when the from-scratch arm's test
+# accuracy is higher by more than this many standard errors of the difference of two
+# accuracies on n test examples, sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n) (about a 95% band).
+NEGATIVE_TRANSFER_SE = 2.0
+
+
+def negative_transfer(results: Sequence[dict]) -> list[dict]:
+    """The pretrained arms that did worse than training from scratch, beyond the noise of the
+    test set (:data:`NEGATIVE_TRANSFER_SE` standard errors of the accuracy difference).
+
+    Returns one record per pretrained arm compared (``flagged`` True or False), or an empty
+    list when there is no scratch arm or no accuracy to compare (regression, language models:
+    a loss has no binomial noise estimate here, so the rule is not applied).
+
+    Example:
+      >>> rs = [{"name": "pretrained full", "test": {"accuracy": 0.70, "examples": 400}},
+      ...       {"name": "scratch full", "test": {"accuracy": 0.80, "examples": 400}}]
+      >>> [(r["arm"], r["flagged"]) for r in negative_transfer(rs)]
+      [('pretrained full', True)]
+    """
+    scratch = [r for r in results if r["name"].startswith("scratch") and "accuracy" in r["test"]]
+    if not scratch:
+        return []
+    base = scratch[0]
+    p_s, n = base["test"]["accuracy"], base["test"]["examples"]
+    out = []
+    for r in results:
+        if r is base or not r["name"].startswith("pretrained") or "accuracy" not in r["test"]:
+            continue
+        p = r["test"]["accuracy"]
+        se = (p_s * (1 - p_s) / n + p * (1 - p) / r["test"]["examples"]) ** 0.5
+        margin = NEGATIVE_TRANSFER_SE * se
+        out.append(
+            {
+                "arm": r["name"],
+                "against": base["name"],
+                "accuracy": p,
+                "scratch_accuracy": p_s,
+                "difference": p - p_s,
+                "noise": margin,
+                "flagged": p_s - p > margin,
+                "rule": f"flagged when scratch - pretrained > {NEGATIVE_TRANSFER_SE:g} standard "
+                "errors of the difference of two test accuracies",
+            }
+        )
+    return out
+
+
 @dataclasses.dataclass
 class Comparison:
     """What :func:`compare` returns."""
@@ -278,6 +340,13 @@ class Comparison:
     plot: str  # OUT/comparison.png
     reference: dict | None  # the reference numbers the table shows, if comparable
     directory: str
+    # negative_transfer(results): one record per pretrained arm against scratch.
+    transfer_checks: list[dict] = dataclasses.field(default_factory=list)
+
+    @property
+    def negative_transfer(self) -> list[dict]:
+        """The flagged arms: pretrained worse than scratch beyond the test set's noise."""
+        return [c for c in self.transfer_checks if c["flagged"]]
 
 
 def compare(
@@ -352,5 +421,16 @@ def compare(
     reference = demo_reference(
         config, demo_data=demo, learning_rate_given=learning_rate is not None
     )
-    table, plot = write_summary(out, results, reference=reference)
-    return Comparison(table, results, plot, reference, out)
+    checks = negative_transfer(results)
+    table, plot = write_summary(out, results, reference=reference, negative_transfer=checks)
+    for c in checks:
+        if c["flagged"]:
+            print(
+                f"WARNING: negative transfer: {c['arm']} reached {100 * c['accuracy']:.1f}% "
+                f"test accuracy, {100 * -c['difference']:.1f} points below {c['against']} "
+                f"({100 * c['scratch_accuracy']:.1f}%), more than the test set's noise "
+                f"({100 * c['noise']:.1f} points: {NEGATIVE_TRANSFER_SE:g} standard errors). "
+                "The pretrained weights hurt on this task; check the data, the learning rate, "
+                "or prefer training from scratch."
+            )
+    return Comparison(table, results, plot, reference, out, checks)

@@ -26,6 +26,7 @@ from jaxtl.models.preprocessing import ImagePreprocessing
 from jaxtl.train import CheckpointConfig, ScaleConfig, TrainConfig, Trainer, precision
 from jaxtl.transfer.plan import Plan
 from jaxtl.transfer.recipes import make_plan
+from jaxtl.transfer.rules_file import check_used
 
 
 @dataclasses.dataclass
@@ -152,6 +153,8 @@ def finetune(
             "adapters in every block from the first; drop one of them."
         )
     model = with_adapters(model, plan, config.seed)
+    if plan.source is not None:  # a rules file: each of its patterns must label a param
+        check_used(plan, model.params, plan.source)
     arrays, facts = encode_splits(model, data, long_texts)
     if verbose:
         shape = (

@@ -68,6 +68,20 @@ def make_tiny_bert(
     return path
 
 
+def write_vader_csv(path, n: int, label_names: tuple[str, ...] | None = ("neg", "pos")) -> str:
+    """The first ``n`` real VADER training words as a CSV (``word,sentiment``), the labels as
+    names, or as integers when ``label_names`` is None."""
+    from jaxtl.data import sources
+
+    texts, labels = sources.vader().train
+    with open(path, "w") as f:
+        f.write("word,sentiment\n")
+        for t, y in list(zip(texts, labels, strict=True))[:n]:
+            label = int(y) if label_names is None else label_names[int(y)]
+            f.write(f'"{t.replace(chr(34), chr(34) * 2)}",{label}\n')
+    return str(path)
+
+
 def small_vader(n_train: int = 256, n_val: int = 64, n_test: int = 64):
     """The first examples of each real VADER split."""
     from jaxtl.data import sources

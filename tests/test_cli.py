@@ -6,7 +6,7 @@ import re
 import shutil
 
 import pytest
-from _tiny import make_tiny_bert, minilm_dir, read_json
+from _tiny import make_tiny_bert, minilm_dir, read_json, write_vader_csv
 
 import jaxtl
 from jaxtl import cli
@@ -19,16 +19,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def csv_data(tmp_path_factory):
-    from jaxtl.data import sources
-
-    d = sources.vader()
-    p = tmp_path_factory.mktemp("data") / "words.csv"
-    texts, labels = d.train
-    with open(p, "w") as f:
-        f.write("word,sentiment\n")
-        for t, y in list(zip(texts, labels, strict=True))[:200]:
-            f.write(f'"{t.replace(chr(34), chr(34) * 2)}",{["neg", "pos"][int(y)]}\n')
-    return str(p)
+    return write_vader_csv(tmp_path_factory.mktemp("data") / "words.csv", 200)
 
 
 def _err(capsys, argv):
@@ -188,6 +179,12 @@ def test_finetune_then_evaluate(capsys, tmp_path, tiny_dir, csv_data):
         "pretrained linear_probe",
         "scratch full",
     ]
+    # The negative-transfer guard compared each pretrained arm with scratch, by its rule.
+    checks = summary["negative_transfer"]
+    assert [c["arm"] for c in checks] == ["pretrained full", "pretrained linear_probe"]
+    for c in checks:
+        assert c["flagged"] == (c["scratch_accuracy"] - c["accuracy"] > c["noise"])
+        assert ("WARNING: negative transfer: " + c["arm"] in printed) == c["flagged"]
 
     assert cli.main(["evaluate", out]) == 0
     table = capsys.readouterr().out

@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from _tiny import make_tiny_bert
+from _tiny import make_tiny_bert, write_vader_csv
 
 import jaxtl
 from jaxtl import checkpoint
@@ -48,17 +48,9 @@ def _finetune_cmd(model_dir, data, out, *extra):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from jaxtl.data import sources
-
     base = tmp_path_factory.mktemp("fault")
     model_dir = make_tiny_bert(str(base / "bert"))
-    d = sources.vader()
-    data = base / "words.csv"
-    with open(data, "w") as f:
-        f.write("word,sentiment\n")
-        for t, y in list(zip(*d.train, strict=True))[:150]:
-            f.write(f'"{t.replace(chr(34), chr(34) * 2)}",{int(y)}\n')
-    return model_dir, str(data)
+    return model_dir, write_vader_csv(base / "words.csv", 150, label_names=None)
 
 
 def _final_params(run_dir, model_dir):

@@ -11,7 +11,8 @@ LoRA targets and sharding):
   optax optimizer by name);
 - :mod:`~jaxtl.transfer.recipes`: named recipes (``full``, ``linear_probe``, ``last_n(k)``,
   ``bitfit``, ``layerwise_lr_decay(d)``, ``lora(r)``) -> a Plan;
-- :mod:`~jaxtl.transfer.lora`: LoRA adapters on param trees (targets, init, merge).
+- :mod:`~jaxtl.transfer.lora`: LoRA adapters on param trees (targets, init, merge);
+- :mod:`~jaxtl.transfer.rules_file`: groups, LoRA and sharding rules from one TOML file.
 """
 
 from jaxtl.transfer.optimizer import available_optimizers, make_optimizer

@@ -57,7 +57,8 @@ _DECAY_ARGS = (("weight_decay", "mask"), ("weight_decay", "weight_decay_mask"),
 
 class Grouped(Protocol):
     """What the optimizer needs of a plan (:class:`jaxtl.transfer.plan.Plan` is one): its
-    groups (``trainable``, ``lr_mult``, ``weight_decay``) and the labels of any param tree."""
+    groups (``trainable``, ``lr_mult``, ``weight_decay``, ``wd_mult``) and the labels of any
+    param tree."""
 
     groups: Mapping[str, Any]
 
@@ -252,7 +253,7 @@ def make_optimizer(
         if not g.trainable:
             transforms[g.name] = _freeze()
             continue
-        wd = weight_decay if g.weight_decay is None else g.weight_decay
+        wd = (weight_decay if g.weight_decay is None else g.weight_decay) * g.wd_mult
         transforms[g.name] = _group_optimizer(
             factory, _scaled(learning_rate, g.lr_mult), wd, options
         )

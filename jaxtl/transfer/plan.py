@@ -34,17 +34,23 @@ class Group:
       trainable: False freezes the group: no update, no optimizer state.
       lr_mult: multiplies the learning rate (and so the decoupled weight decay, as in AdamW).
       weight_decay: overrides the optimizer's ``weight_decay`` for this group; None keeps it.
+      wd_mult: multiplies the group's weight decay (the override, or the optimizer's).
     """
 
     name: str
     trainable: bool
     lr_mult: float = 1.0
     weight_decay: float | None = None
+    wd_mult: float = 1.0
 
     def __post_init__(self):
         if not (math.isfinite(self.lr_mult) and self.lr_mult >= 0):
             raise ValueError(
                 f"Group {self.name!r}: lr_mult must be finite and >= 0, got {self.lr_mult}."
+            )
+        if not (math.isfinite(self.wd_mult) and self.wd_mult >= 0):
+            raise ValueError(
+                f"Group {self.name!r}: wd_mult must be finite and >= 0, got {self.wd_mult}."
             )
         if self.weight_decay is not None and not self.weight_decay >= 0:
             raise ValueError(
@@ -81,12 +87,15 @@ class Plan:
       name: how the plan is shown, e.g. ``"last_n(2)"``.
       adapters: the :class:`~jaxtl.transfer.lora.LoRA` options when the plan trains LoRA
         adapters, which a run adds to the model first (:func:`jaxtl.lora.adapt`); else None.
+      source: the rules file the plan was read from (:mod:`jaxtl.transfer.rules_file`), whose
+        every pattern must label a param; None for a recipe's plan.
     """
 
     rules: tuple[tuple[str, str], ...]
     groups: dict[str, Group]
     name: str = "custom"
     adapters: Any = None
+    source: str | None = None
 
     def __post_init__(self):
         groups = self.groups
@@ -245,6 +254,9 @@ class Plan:
                 if not r.trainable
                 else ("default" if r.weight_decay is None else f"{r.weight_decay:g}")
             )
+            wd_mult = self.groups[r.group].wd_mult
+            if r.trainable and wd_mult != 1.0:
+                wd += f" x{wd_mult:g}"
             mult = f"{r.lr_mult:g}" if r.trainable else "-"
             first, *more = r.rules or ("(none)",)
             trains = "yes" if r.trainable else "no"

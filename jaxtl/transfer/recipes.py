@@ -63,6 +63,7 @@ __all__ = [
     "lora",
     "make_plan",
     "recipe_name",
+    "rules",
     "split_recipes",
 ]
 
@@ -202,6 +203,15 @@ def lora(
     return dataclasses.replace(named, name=spec.describe())
 
 
+def rules(structure: Structure, path: str) -> Plan:
+    """The plan of a TOML rules file (:mod:`jaxtl.transfer.rules_file`): its groups with their
+    LR and weight-decay multipliers, and its LoRA adapters if it has a ``[lora]`` table.
+    ``jaxtl finetune --rules FILE`` is this recipe plus the file's sharding rules."""
+    from jaxtl.transfer.rules_file import read_rules_file
+
+    return read_rules_file(path).plan(structure)
+
+
 # ----------------------------------------------------------------------------- registry
 
 # name -> recipe. Add an entry to make a new recipe reachable from strings (CLI, configs).
@@ -212,6 +222,7 @@ RECIPES: dict[str, Callable[..., Plan]] = {
     "bitfit": bitfit,
     "layerwise_lr_decay": layerwise_lr_decay,
     "lora": lora,
+    "rules": rules,
 }
 _ALIASES = {"probe": "linear_probe", "llrd": "layerwise_lr_decay"}
 
