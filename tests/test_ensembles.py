@@ -13,6 +13,8 @@ import jaxtl
 from jaxtl import cli, ensembles
 from jaxtl.transfer.trees import flatten
 
+pytestmark = pytest.mark.slow  # three real fine-tuning runs, then their ensembles
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

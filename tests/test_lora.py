@@ -296,6 +296,7 @@ def test_training_moves_only_adapters_and_head(tmp_path):
         assert moved == (path.startswith("classifier") or tl.LORA_A in path or tl.LORA_B in path)
 
 
+@pytest.mark.slow
 def test_efficientnet_lora_adapts_its_1x1_convolutions_and_refuses_depthwise_ones():
     """The real ImageNet Lite0: the default targets are the expand/project convolutions; a
     depthwise one is refused with the reason, while tracing, before anything compiles.
