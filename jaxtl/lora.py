@@ -332,8 +332,8 @@ def load_adapters(model: LoadedModel, directory: str | os.PathLike) -> LoadedMod
                 adapters.setdefault(module, {})[part[1:7]] = value
                 break
         else:
-            if name.endswith(".base_layer.weight") or ".modules_to_save." in name:
-                name = name.replace(".modules_to_save.default", "")
+            # A saved head (modules_to_save): plain names, or older peft's wrapper names.
+            name = name.replace(".modules_to_save.default", "").replace(".modules_to_save", "")
             path = head_by_key.get(name)
             if path is None:
                 raise LoRAError(
