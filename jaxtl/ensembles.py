@@ -69,13 +69,18 @@ class _Scorer:
         self.loaders = {s: evaluation_loader(arrays[s], config, devices=devices) for s in arrays}
         self.metric: str | None = None
 
-    def score(self, params: Any, batch_stats: Any, splits=("validation", "test")) -> dict:
+    def _state(self, params: Any, batch_stats: Any) -> Any:
+        """The restored state holding ``params`` and ``batch_stats`` (host trees), in the
+        state's dtypes and placed where its own leaves live."""
         state = self.run.state
         cast = jax.tree.map(lambda x, like: jnp.asarray(x, like.dtype), params, state.params)
-        state = state.replace(
+        return state.replace(
             params=parallel.put_like(cast, state.params),
             batch_stats=parallel.put_like(batch_stats, state.batch_stats),
         )
+
+    def score(self, params: Any, batch_stats: Any, splits=("validation", "test")) -> dict:
+        state = self._state(params, batch_stats)
         out = {s: self.run.trainer.evaluate(state, self.loaders[s]) for s in splits}
         if self.metric is None:
             self.metric = report.headline_metric(out[splits[0]])
@@ -87,12 +92,7 @@ class _Scorer:
         from jaxtl.checkpoint import Checkpointer
 
         os.makedirs(out, exist_ok=True)
-        state = self.run.state
-        cast = jax.tree.map(lambda x, like: jnp.asarray(x, like.dtype), params, state.params)
-        state = state.replace(
-            params=parallel.put_like(cast, state.params),
-            batch_stats=parallel.put_like(batch_stats, state.batch_stats),
-        )
+        state = self._state(params, batch_stats)
         info = {**self.run.info, **record}
         if is_primary():
             with open(os.path.join(out, "run.json"), "w") as f:

@@ -156,14 +156,6 @@ class LoRA:
             args.append(f"dropout={self.dropout:g}")
         return f"lora({', '.join(args)})"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "targets": None if self.targets is None else list(self.targets),
-            "dropout": self.dropout,
-        }
-
 
 def default_targets(structure: Structure) -> tuple[str, ...]:
     """The family's LoRA targets (:attr:`Structure.lora_targets`, e.g. query and value for
