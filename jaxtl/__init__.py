@@ -15,7 +15,7 @@ export) -> ``data`` (sources, encoding, loaders) -> ``train`` (config, steps, Tr
 ``run`` (one fine-tuning run) -> ``experiment`` (arms compared) -> ``cli``.
 """
 
-from jaxtl import data, lora, parallel, sharding
+from jaxtl import data, lora, parallel, sharding, surgery
 from jaxtl.adabn import adapt_batch_norm
 from jaxtl.ensembles import soup, wise_ft
 from jaxtl.models.base import LoadedModel
@@ -70,5 +70,6 @@ __all__ = [
     "parallel",
     "sharding",
     "soup",
+    "surgery",
     "wise_ft",
 ]

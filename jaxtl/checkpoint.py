@@ -73,13 +73,7 @@ class Checkpointer:
             self.best.save(step, args=self._args(tree, meta), metrics=metrics, force=True)
 
     def _restore(self, manager, step, like: Any) -> tuple[Any, dict]:
-        out = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(like)), meta=ocp.args.JsonRestore()
-            ),
-        )
-        return out["state"], out["meta"]
+        return _restore(manager, step, like)
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
@@ -112,7 +106,8 @@ class Checkpointer:
 
 
 def restore_params(directory: str, like: Any, which: str = "best") -> tuple[Any, dict]:
-    """Restore a state tree from a finished run's ``checkpoints/{best,latest}`` (for evaluation)."""
+    """Restore a state tree from a finished run's ``checkpoints/{best,latest}`` (for evaluation).
+    ``like``: the tree to restore into, or a function from the checkpoint's metadata to it."""
     sub = os.path.join(os.path.abspath(directory), which)
     if not os.path.isdir(sub):
         raise FileNotFoundError(f"No {which!r} checkpoints under {directory!r}.")
@@ -123,12 +118,22 @@ def restore_params(directory: str, like: Any, which: str = "best") -> tuple[Any,
             step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"The checkpoint directory {sub!r} holds no checkpoint.")
-        out = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(like)), meta=ocp.args.JsonRestore()
-            ),
-        )
+        return _restore(manager, step, like)
     finally:
         manager.close()
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, like: Any) -> tuple[Any, dict]:
+    """``(state tree, meta)`` of ``step``. ``like``: the tree to restore into, or a function
+    from the checkpoint's metadata to it (a staged run's optimizer state depends on the stage
+    the checkpoint was saved in)."""
+    if callable(like):
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        like = like(meta["meta"])
+    out = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(like)), meta=ocp.args.JsonRestore()
+        ),
+    )
     return out["state"], out["meta"]

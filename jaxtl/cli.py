@@ -44,8 +44,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-labels", type=int, default=2, help="classes of the new head")
     g.add_argument(
         "--pooling",
-        choices=["mean", "cls"],
-        help="sentence pooling (default: the checkpoint's 1_Pooling/config.json, else cls)",
+        choices=["mean", "cls", "max", "attention"],
+        help="text encoders: how tokens are pooled for the head (default: the checkpoint's "
+        "1_Pooling/config.json, else cls through BERT's pooler); max and attention (a learned "
+        "query) put a new head on the features (model surgery, jaxtl/surgery.py)",
+    )
+    g.add_argument(
+        "--head",
+        help="a new head on the backbone's features: 'linear' or 'mlp(WIDTH)' / "
+        "'mlp([W1, W2], dropout=0.1, activation=\"gelu\")' (default: the family's own head)",
+    )
+    g.add_argument(
+        "--drop-blocks",
+        type=int,
+        default=0,
+        metavar="K",
+        help="build the model without its top K blocks (bert, gpt2, vit; resnet within its "
+        "last stage)",
     )
 
 
@@ -75,7 +90,10 @@ _FINETUNE = {
         ("--recipe", "comma-separated recipes for the pretrained model: full, linear_probe "
          "(probe), last_n(N), bitfit, layerwise_lr_decay(D), lora(RANK) with options "
          "lora(8, alpha=16, targets=['.*/query', '.*/value'], dropout=0.1) (targets: regexes "
-         "over module paths; default the family's, e.g. query and value) (default: "
+         "over module paths; default the family's, e.g. query and value), gradual(every=1) "
+         "(ULMFiT: the head, then one more block from the top every EVERY epochs; "
+         "unit='steps'), lp_ft(PROBE_EPOCHS, probe_lr=1e-3) (a linear probe, then full "
+         "fine-tuning with a fresh optimizer and schedule; --epochs counts both) (default: "
          "full,linear_probe)", {}),
         ("--rules", "a TOML rules file in place of --recipe: [[group]] tables (name, match "
          "regexes, trainable, lr_mult, weight_decay, wd_mult), an optional [lora] table and "
@@ -309,9 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _surgery_options(args) -> dict:
+    """--head and --drop-blocks as :func:`jaxtl.surgery.load_model` options."""
+    out = {"head": args.head} if args.head else {}
+    if args.drop_blocks:
+        out["drop_blocks"] = args.drop_blocks
+    return out
+
+
 def _finetune(args) -> int:
     import jaxtl
-    from jaxtl import experiment
+    from jaxtl import experiment, surgery
 
     if args.preset == "digits":
         return _finetune_digits(args)
@@ -322,9 +348,10 @@ def _finetune(args) -> int:
         "num_labels": 1 if args.task == "regression" else args.num_labels,
         "image_size": args.image_size,
         "in_channels": args.in_channels,
+        **_surgery_options(args),
     }
     # Everything a user can get wrong is checked before the first compilation.
-    model = jaxtl.load(model_path, pooling=args.pooling, **options)
+    model = surgery.load_model(model_path, pooling=args.pooling, **options)
     print(model.report)
     spec = data_spec(args, modality="image" if "preprocessing" in model.extras else "text")
     config = train_config(args, epochs=args.epochs or 1)
@@ -576,12 +603,18 @@ def _soup(args) -> int:
 
 def _inspect(args) -> int:
     import jaxtl
-    from jaxtl import report
+    from jaxtl import report, surgery
     from jaxtl.run import with_adapters
 
     model_dir = args.model_dir or jaxtl.default_model_dir()
     num_labels = 1 if args.task == "regression" else args.num_labels
-    model = jaxtl.load(model_dir, task=args.task, num_labels=num_labels, pooling=args.pooling)
+    model = surgery.load_model(
+        model_dir,
+        task=args.task,
+        num_labels=num_labels,
+        pooling=args.pooling,
+        **_surgery_options(args),
+    )
     print(
         f"{model.family} from {model_dir}: task={model.task}, num_labels={model.num_labels}, "
         f"pooling={model.extras.get('pooling')}"

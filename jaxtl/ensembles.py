@@ -112,19 +112,11 @@ def _host(tree: Any) -> dict[str, np.ndarray]:
 
 def _start(scorer: _Scorer) -> tuple[dict, dict]:
     """``theta_0`` (params, BatchNorm statistics) of a restored run, per the module docstring."""
-    from jaxtl.run import with_adapters
+    from jaxtl.run import load_recorded, with_adapters
     from jaxtl.transfer.recipes import make_plan
-    from jaxtl.weights.loading import load
 
     m = scorer.run.info["model"]
-    pretrained = load(
-        m["path"],
-        task=m["task"],
-        num_labels=m["num_labels"],
-        pooling=m.get("pooling"),
-        image_size=m.get("image_size"),
-        in_channels=m.get("in_channels"),
-    )
+    pretrained = load_recorded(m)
     new = set(pretrained.report.initialized) | {x.path for x in pretrained.report.mismatched}
     plan = make_plan(scorer.run.info["recipe"], pretrained.structure)
     start = with_adapters(pretrained, plan, scorer.run.config.seed)

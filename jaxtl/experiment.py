@@ -385,8 +385,8 @@ def compare(
       ValueError: a bad recipe, a data source that does not fit the model, ... before any
         arm starts.
     """
+    from jaxtl import surgery
     from jaxtl.data import resolve
-    from jaxtl.weights.loading import load
 
     data = resolve(data_spec, num_labels=model.num_labels, task=model.task)
     check_recipes(recipes, model)
@@ -398,15 +398,16 @@ def compare(
             "pooling": model.extras.get("pooling"),
             "image_size": load_options.get("image_size"),
             "in_channels": load_options.get("in_channels"),
+            **surgery.recorded(model),
         },
         "data": data_spec,
     }
-    options = {**load_options, "pooling": model.extras.get("pooling")}
+    options = {**load_options, **surgery.recorded(model), "pooling": model.extras.get("pooling")}
 
     def load_model(arm: Arm) -> LoadedModel:
         if arm.pretrained:
             return model
-        return load(model.path, **options, pretrained=False, seed=config.seed)
+        return surgery.load_model(model.path, **options, pretrained=False, seed=config.seed)
 
     results = run_arms(
         out,

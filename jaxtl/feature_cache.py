@@ -69,7 +69,9 @@ def boundary(model: LoadedModel, trainable: Mapping[str, bool]) -> str | None:
 
 
 def applies(model: LoadedModel, plan: Plan) -> bool:
-    """Whether ``plan`` (a :class:`jaxtl.Plan`) leaves a frozen prefix to cache."""
+    """Whether ``plan`` (a :class:`jaxtl.Plan`) leaves a frozen prefix to cache; for a staged
+    plan, its first stage (the one the cache serves: LP-FT's probe, gradual's head stage)."""
+    plan = plan.stages[0].plan if plan.stages else plan
     return boundary(model, flatten(plan.trainable_mask(model.params))) is not None
 
 
@@ -79,13 +81,34 @@ def _after(model: LoadedModel, at: str) -> tuple[str, ...]:
     return parts[parts.index(at) :]
 
 
+def _outermost(act):
+    """A method interceptor that calls ``act(next_fun, args, kwargs, path, method)`` for the
+    outermost call at each module path only: a module sharing its parent's scope (a new head's
+    inner module, :mod:`jaxtl.surgery`) runs at the parent's path, inside the parent's call."""
+    active: set[str] = set()
+
+    def intercept(next_fun, args, kwargs, context):
+        path = "/".join(context.module.path)
+        if path in active:
+            return next_fun(*args, **kwargs)
+        active.add(path)
+        try:
+            return act(next_fun, args, kwargs, path, context.method_name)
+        finally:
+            active.discard(path)
+
+    return intercept
+
+
 def call_order(model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> list[str]:
-    """The "/"-joined path of every module method call of one forward pass, in order (one
-    abstract trace, no compile)."""
+    """The "/"-joined path of every module call (``__call__``) of one forward pass, in order
+    (one abstract trace, no compile); calls nested at their caller's path are the caller's."""
     calls: list[str] = []
 
-    def record(next_fun, args, kwargs, context):
-        calls.append("/".join(context.module.path))
+    @_outermost
+    def record(next_fun, args, kwargs, path, method):
+        if method == "__call__":
+            calls.append(path)
         return next_fun(*args, **kwargs)
 
     one = {k: np.asarray(v)[:1] for k, v in inputs.items()}
@@ -193,8 +216,9 @@ def _boundary_input(params, batch_stats, batch, *, traceable, at: str):
     One jit for every split and run of a model: the chunks share their shapes."""
     seen = []
 
-    def capture(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and "/".join(context.module.path) == at:
+    @_outermost
+    def capture(next_fun, args, kwargs, path, method):
+        if method == "__call__" and path == at:
             seen.append(args[0])
         return next_fun(*args, **kwargs)
 
@@ -254,8 +278,9 @@ def tail_model(model: LoadedModel, at: str, pixels: jax.ShapeDtypeStruct | None)
         if pixels is not None:  # only the discarded prefix reads them
             inputs[PIXELS] = jnp.zeros((feats.shape[0], *pixels.shape), pixels.dtype)
 
-        def swap(next_fun, args, kwargs, context):
-            if context.method_name == "__call__" and "/".join(context.module.path) == at:
+        @_outermost
+        def swap(next_fun, args, kwargs, path, method):
+            if method == "__call__" and path == at:
                 args = (feats.astype(args[0].dtype), *args[1:])
             return next_fun(*args, **kwargs)
 

@@ -24,6 +24,7 @@ from jaxtl.distributed import is_primary
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.preprocessing import ImagePreprocessing
 from jaxtl.train import CheckpointConfig, ScaleConfig, TrainConfig, Trainer, precision
+from jaxtl.transfer import stages
 from jaxtl.transfer.plan import Plan
 from jaxtl.transfer.recipes import make_plan
 from jaxtl.transfer.rules_file import check_used
@@ -167,13 +168,19 @@ def finetune(
         )
         stored = model.params
         if config.scale.frozen_bf16:  # the table shows what the state will hold
-            stored = precision.cast_frozen(stored, plan.trainable_mask(stored))
+            stored = precision.cast_frozen(stored, stages.trained_anywhere(plan, stored))
         print(plan.table(stored, pieces=_pieces(model, config.scale)))
-    trained = model
-    if config.data.feature_cache:
+    trained, stage_models, cached = model, {}, None
+    if config.data.feature_cache and plan.stages:
+        # A staged plan's first stage (LP-FT's probe) reads cached features; later stages
+        # train the whole model on its inputs, from the same step counter and run directory.
+        first = plan.stages[0].plan
+        stage_models[0], cached = feature_cache.cached_run(model, first, config, arrays, verbose)
+        facts["feature_cache"] = f"{config.data.feature_cache} (stage 0)"
+    elif config.data.feature_cache:
         trained, arrays = feature_cache.cached_run(model, plan, config, arrays, verbose)
         facts["feature_cache"] = config.data.feature_cache
-    trainer = Trainer(trained, plan, config, workdir)
+    trainer = Trainer(trained, plan, config, workdir, stage_models=stage_models)
     train = training_loader(arrays["train"], config.data, trained, seed=config.seed)
     waste = train.padding_waste()
     if waste is not None:
@@ -195,9 +202,17 @@ def finetune(
         if is_primary():  # shared files: one writer (every process keeps its own stderr)
             _write_json(os.path.join(workdir, "run.json"), run_info)
     val = evaluation_loader(arrays["validation"], config.data, devices=trainer.devices)
-    fit = trainer.fit(train, val, resume=resume, stop_at=stop_at)
+    stage_data = {}
+    if cached is not None:
+        stage_data[0] = (
+            training_loader(cached["train"], config.data, stage_models[0], seed=config.seed),
+            evaluation_loader(cached["validation"], config.data, devices=trainer.devices),
+        )
+    fit = trainer.fit(train, val, resume=resume, stop_at=stop_at, stage_data=stage_data)
     t = time.perf_counter()
-    test_loader = evaluation_loader(arrays["test"], config.data, devices=trainer.devices)
+    # A run that ended inside its cached stage scores with that stage's model and features.
+    test_arrays = cached if trainer.stage in stage_models else arrays
+    test_loader = evaluation_loader(test_arrays["test"], config.data, devices=trainer.devices)
     test = trainer.evaluate(fit.state, test_loader)
     seconds = {**fit.seconds, "test": round(time.perf_counter() - t, 3)}
     if verbose:
@@ -338,7 +353,6 @@ def restore_run(run_dir: str, which: str = "best") -> RestoredRun:
         with in-memory data).
     """
     from jaxtl import checkpoint
-    from jaxtl.weights.loading import load
 
     info_path = os.path.join(run_dir, "run.json")
     info = read_run_info(run_dir)
@@ -355,27 +369,39 @@ def restore_run(run_dir: str, which: str = "best") -> RestoredRun:
     # restores onto any mesh); evaluation has no microbatches.
     scale = dataclasses.replace(config.scale, mesh=None, grad_accum=1)
     config = dataclasses.replace(config, checkpoint=CheckpointConfig(), scale=scale)
-    model = load(
-        m["path"],
-        task=m["task"],
-        num_labels=m["num_labels"],
-        pooling=m.get("pooling"),
-        pretrained=False,  # the checkpoint holds every param, cached run or not
-        image_size=m.get("image_size"),
-        in_channels=m.get("in_channels"),
-    )
+    model = load_recorded(m, pretrained=False)  # the checkpoint holds every param
     if "preprocessing" in m:  # the run's own image recipe (e.g. a preset's plain resize)
         model.extras["preprocessing"] = ImagePreprocessing.from_dict(m["preprocessing"])
     plan = make_plan(info["recipe"], model.structure)
     model = with_adapters(model, plan, config.seed)
     # A feature-cache run trained the same params as a plain run: restored without the cache.
     trainer = Trainer(model, plan, config)
-    state = trainer.init_state(1)
-    tree, _ = checkpoint.restore_params(
-        os.path.join(run_dir, "checkpoints"), state.checkpoint_tree(), which
+    # Restored into the state of the stage the checkpoint was saved in (a staged recipe's
+    # optimizer changes from stage to stage); nothing else is allocated.
+    tree, meta = checkpoint.restore_params(
+        os.path.join(run_dir, "checkpoints"), trainer.checkpoint_like, which
     )
+    state = trainer.abstract_state(1, stage=int(meta.get("stage", 0)))
     state = state.with_checkpoint_tree(tree)
     return RestoredRun(run_dir, info, config, model, plan, trainer, state, int(tree["step"]))
+
+
+def load_recorded(m: dict, *, pretrained: bool = True) -> LoadedModel:
+    """The model ``run.json``'s ``"model"`` facts describe, with its surgery (dropped blocks,
+    a built-in head): :func:`jaxtl.surgery.load_model`."""
+    from jaxtl.surgery import load_model
+
+    return load_model(
+        m["path"],
+        task=m["task"],
+        num_labels=m["num_labels"],
+        pooling=m.get("pooling"),
+        pretrained=pretrained,
+        image_size=m.get("image_size"),
+        in_channels=m.get("in_channels"),
+        head=m.get("head"),
+        **({"drop_blocks": m["drop_blocks"]} if m.get("drop_blocks") else {}),
+    )
 
 
 def evaluate_run(run_dir: str, which: str = "best") -> dict:

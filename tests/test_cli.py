@@ -297,3 +297,27 @@ def test_inspect_shows_a_lora_plan_against_full_fine_tuning(capsys):
     assert cli.main(["inspect", minilm_dir(), "--recipe", "lora(8)"]) == 0
     out = capsys.readouterr().out
     assert "lora_a|lora_b" in out and "vs full fine-tuning: trainable" in out
+
+
+def test_negative_transfer_exits_3_after_writing_every_result(tiny_dir, tmp_path, capsys):
+    # A task scratch learns at once (the label is which of two words the text is), against a
+    # "pretrained" arm whose rules freeze everything: its untrained head stays at chance, far
+    # more than 2 standard errors below scratch.
+    rows = [("alpha", 0), ("omega", 1)] * 400
+    csv = tmp_path / "two.csv"
+    csv.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    rules = tmp_path / "frozen.toml"
+    rules.write_text('[[group]]\nname = "frozen"\nmatch = [".*"]\ntrainable = false\n')
+    out = str(tmp_path / "out")
+    argv = ["finetune", "--model", tiny_dir, "--data", str(csv), "--rules", str(rules),
+            "--epochs", "3", "--batch-size", "16", "--lr", "1e-3", "--out", out]  # fmt: skip
+    assert cli.main(argv) == 0  # without the flag: a warning, exit 0
+    assert "WARNING: negative transfer" in capsys.readouterr().out
+    shutil.rmtree(out)
+    code = cli.main([*argv, "--fail-on-negative-transfer"])
+    captured = capsys.readouterr()
+    assert code == 3, captured.err
+    assert "exiting with status 3" in captured.err
+    summary = read_json(os.path.join(out, "summary.json"))
+    assert [c["flagged"] for c in summary["negative_transfer"]] == [True]
+    assert len(summary["results"]) == 2  # every result was written first

@@ -24,9 +24,8 @@ from jaxtl.transfer.trees import flatten, is_under
 
 
 def _config(**kwargs):
-    return jaxtl.TrainConfig(
-        epochs=2, batch_size=16, learning_rate=1e-2, progress=False, eval_every=None, **kwargs
-    )
+    base = dict(epochs=2, batch_size=16, learning_rate=1e-2, progress=False, eval_every=None)
+    return jaxtl.TrainConfig(**{**base, **kwargs})
 
 
 def _assert_same_run(cached, plain):
@@ -79,6 +78,27 @@ def test_cached_last_n_trains_the_same_blocks_text(bert, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_lp_ft_probes_on_cached_features_then_fine_tunes_the_whole_model(bert, tmp_path, capsys):
+    # 6 steps per epoch: the probe (epoch 1) reads cached features, fine-tuning (epoch 2) the
+    # tokens, in one run directory; stopped inside the probe and resumed, it is the same run.
+    data = small_vader(n_train=96, n_val=32, n_test=48)
+    recipe = "lp_ft(1, probe_lr=0.01)"
+    base = dict(learning_rate=1e-3, restore_best=False)  # the final step's params, both runs
+    plain = finetune(bert, recipe, data, _config(**base), verbose=False)
+    config = _config(**base, feature_cache="memory")
+    work = str(tmp_path / "run")
+    finetune(bert, recipe, data, config, work, stop_at=4)
+    out = capsys.readouterr().out
+    assert "feature cache: train (96, 32) at classifier" in out  # (an earlier test's features)
+    cached = finetune(bert, recipe, data, config, work, resume=True)
+    _assert_same_run(cached, plain)
+    before, after = flatten(bert.params), flatten(cached.params)
+    moved = [p for p in before if not np.array_equal(before[p], after[p])]
+    assert any(is_under(p, "bert/embeddings") for p in moved)
+    with open(f"{work}/run.json") as f:
+        assert json.load(f)["data_facts"]["feature_cache"] == "memory (stage 0)"
+
+
 def test_cached_runs_train_the_same_params_batchnorm_cnn(tmp_path):
     torch.manual_seed(0)
     config = transformers.ResNetConfig(

@@ -403,3 +403,30 @@ def test_frozen_bf16_keeps_the_base_in_bf16_and_the_adapters_in_float32(tmp_path
     for path, dtype in dtypes.items():
         trains = path.startswith("classifier") or tl.LORA_A in path or tl.LORA_B in path
         assert dtype == (jnp.float32 if trains else jnp.bfloat16), path
+
+
+def test_lora_trains_under_bf16_compute_and_remat(tmp_path):
+    # The adapters ride on forward.rebuild: bf16 compute with remat'd blocks still adds them,
+    # so they train (their gradient is not zero) while the base stays frozen.
+    import _tiny
+
+    model = jaxtl.load(_tiny.make_tiny_bert(str(tmp_path / "bert")), num_labels=2)
+    config = jaxtl.TrainConfig(
+        batch_size=8, max_steps=3, learning_rate=1e-2, precision="bf16", remat="full"
+    )
+    result = jaxtl.finetune(model, "lora(2, alpha=4)", _tiny.small_vader(24, 8, 8), config,
+                            verbose=False)  # fmt: skip
+    before, after = flatten(result.model.params), flatten(result.params)
+    moved = {p for p in after if not np.array_equal(np.asarray(after[p]), np.asarray(before[p]))}
+    assert any(tl.LORA_B in p for p in moved) and any(tl.LORA_A in p for p in moved)
+    assert all(p.startswith("classifier") or tl.LORA_A in p or tl.LORA_B in p for p in moved)
+    assert all(np.asarray(after[p]).dtype == np.float32 for p in moved)
+
+
+def test_lora_with_the_feature_cache_is_refused_with_the_reason(tmp_path):
+    import _tiny
+
+    model = jaxtl.load(_tiny.make_tiny_bert(str(tmp_path / "bert")), num_labels=2)
+    config = jaxtl.TrainConfig(max_steps=1, feature_cache="memory")
+    with pytest.raises(ValueError, match=r"feature_cache \(--feature-cache\).*adapters"):
+        jaxtl.finetune(model, "lora(2)", _tiny.small_vader(24, 8, 8), config, verbose=False)

@@ -85,6 +85,9 @@ class Family:
       detect: ``"module:function"`` mapping a state dict's ``{name: shape}`` to a raw config, or
         ``None`` when the names are not this family's; for checkpoints without config.json.
       modality: ``"text"`` or ``"image"``: what the model reads.
+      depth: the raw config keys that hold the number of blocks, for families whose top blocks
+        can be dropped at load (:func:`truncated_config`): an int (layers of a transformer) or
+        a list of blocks per stage (ResNet). Empty: the family cannot drop blocks.
     """
 
     name: str
@@ -97,6 +100,7 @@ class Family:
     options: tuple[str, ...] = ()
     detect: str | None = None
     modality: str = "text"
+    depth: tuple[str, ...] = ()
 
     def build(self, *args: Any, **kwargs: Any) -> ModelSpec:
         """Imports the family's builder and calls it."""
@@ -106,6 +110,47 @@ class Family:
     def detect_config(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | None:
         """The raw config for a state dict with these ``{name: shape}``, or None if not ours."""
         return _resolve(self.detect)(shapes) if self.detect else None
+
+
+def truncated_config(family: Family, raw: Mapping[str, Any], k: int, source: str) -> dict:
+    """``raw`` with the top ``k`` blocks dropped (``jaxtl.load(drop_blocks=k)``).
+
+    Raises:
+      ValueError: the family cannot drop blocks, or ``k`` is not in ``0 .. blocks - 1``.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"drop_blocks (--drop-blocks) must be an int >= 0, got {k!r}.")
+    raw = dict(raw)
+    if not k:
+        return raw
+    if not family.depth:
+        able = ", ".join(f.name for f in _FAMILIES if f.depth)
+        raise ValueError(
+            f"drop_blocks (--drop-blocks) applies to the {able} families, whose blocks are a "
+            f"stack of one shape; the {family.name!r} family's change shape from block to block. "
+            "Freeze the top instead (recipe last_n) or load another family."
+        )
+    key = next((key for key in family.depth if key in raw), None)
+    if key is None:
+        raise ValueError(f"{source}: no {' or '.join(family.depth)} to drop blocks from.")
+    depth = raw[key]
+    blocks = sum(depth) if isinstance(depth, list | tuple) else int(depth)
+    if k >= blocks:
+        raise ValueError(
+            f"drop_blocks={k} (--drop-blocks {k}): the model has {blocks} blocks, so at most "
+            f"{blocks - 1} can be dropped (one must stay)."
+        )
+    if isinstance(depth, list | tuple):
+        if k >= depth[-1]:
+            raise ValueError(
+                f"drop_blocks={k} (--drop-blocks {k}): the last stage has {depth[-1]} blocks; "
+                f"dropping a whole stage changes the width the head reads, so drop at most "
+                f"{depth[-1] - 1}."
+            )
+        raw[key] = [*depth[:-1], depth[-1] - k]
+    else:
+        raw[key] = blocks - k
+    return raw
 
 
 def _resolve(target: str) -> Callable[..., Any]:
@@ -122,6 +167,7 @@ _FAMILIES: tuple[Family, ...] = (
     Family(
         name="bert",
         builder="jaxtl.models.bert:build",
+        depth=("num_hidden_layers",),
         model_types=("bert",),
         architecture_prefixes=("Bert",),
         description="BERT-style text encoders (BERT, MiniLM, sentence-transformers BERTs)",
@@ -130,6 +176,7 @@ _FAMILIES: tuple[Family, ...] = (
     Family(
         name="gpt2",
         builder="jaxtl.models.gpt2:build",
+        depth=("n_layer",),
         model_types=("gpt2",),
         architecture_prefixes=("GPT2",),
         tasks=(*TASKS, "causal_lm"),
@@ -139,6 +186,7 @@ _FAMILIES: tuple[Family, ...] = (
     Family(
         name="vit",
         builder="jaxtl.models.vit:build",
+        depth=("num_hidden_layers",),
         model_types=("vit",),
         architecture_prefixes=("ViT",),
         description="Vision Transformers (ViTModel, ViTForImageClassification)",
@@ -148,6 +196,7 @@ _FAMILIES: tuple[Family, ...] = (
     Family(
         name="resnet",
         builder="jaxtl.models.resnet:build",
+        depth=("depths", "layers"),
         model_types=("resnet",),
         architecture_prefixes=("ResNet",),
         formats=("safetensors", *STATE_DICT_FORMATS),

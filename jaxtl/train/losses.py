@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -80,15 +81,28 @@ def _correct(preds: jax.Array, targets: jax.Array, weight: jax.Array, task: str)
     return jnp.sum((jnp.argmax(preds, axis=-1) == targets).astype(jnp.float32) * weight)
 
 
-def metric_sums(outputs: jax.Array, batch: dict, task: str) -> dict:
+def _losses(preds, targets, batch, task, loss):
+    if loss is None:
+        return per_example_loss(preds, targets, task)
+    values = loss(preds, batch)
+    if values.shape != preds.shape[:1]:
+        raise ValueError(
+            f"a custom loss must return one value per example, shape {preds.shape[:1]}; it "
+            f"returned shape {values.shape}."
+        )
+    return values.astype(jnp.float32)
+
+
+def metric_sums(outputs: jax.Array, batch: dict, task: str, loss: Any = None) -> dict:
     """Weighted sums (not means) so that batches, devices and hosts add up exactly.
 
     ``count`` is the number of scored predictions: examples, or target tokens for a causal LM
-    (which also reports ``examples``, its real rows).
+    (which also reports ``examples``, its real rows). ``loss``: a custom
+    ``loss(outputs, batch) -> [B]`` per-example loss in place of the task's (``Trainer(loss=)``).
     """
     preds, targets, weight = _targets(outputs, batch, task)
     sums = {
-        "loss_sum": jnp.sum(per_example_loss(preds, targets, task) * weight),
+        "loss_sum": jnp.sum(_losses(preds, targets, batch, task, loss) * weight),
         "count": jnp.sum(weight),
     }
     if task != "regression":
@@ -98,11 +112,12 @@ def metric_sums(outputs: jax.Array, batch: dict, task: str) -> dict:
     return sums
 
 
-def mean_loss(outputs: jax.Array, batch: dict, task: str) -> jax.Array:
-    """The training objective: the weighted mean of :func:`per_example_loss` over the batch
-    (over its non-padding target tokens for a causal LM)."""
+def mean_loss(outputs: jax.Array, batch: dict, task: str, loss: Any = None) -> jax.Array:
+    """The training objective: the weighted mean of :func:`per_example_loss` (or of a custom
+    ``loss(outputs, batch) -> [B]``) over the batch (over its non-padding target tokens for a
+    causal LM)."""
     preds, targets, weight = _targets(outputs, batch, task)
-    total = jnp.sum(per_example_loss(preds, targets, task) * weight)
+    total = jnp.sum(_losses(preds, targets, batch, task, loss) * weight)
     return total / jnp.maximum(jnp.sum(weight), 1.0)
 
 

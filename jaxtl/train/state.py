@@ -34,6 +34,8 @@ class TrainState:
     task: str = struct.field(pytree_node=False, default="classification")
     batch_stats: Any = struct.field(default_factory=dict)
     bn_train: tuple[str, ...] = struct.field(pytree_node=False, default=())
+    # A custom ``loss(outputs, batch) -> [B]`` per-example loss; None: the task's own.
+    loss: Callable[..., Any] | None = struct.field(pytree_node=False, default=None)
 
     @classmethod
     def create(
@@ -46,6 +48,7 @@ class TrainState:
         task: str = "classification",
         batch_stats: Any = None,
         bn_train: tuple[str, ...] = (),
+        loss: Callable[..., Any] | None = None,
     ) -> TrainState:
         return cls(
             step=jnp.zeros((), jnp.int32),
@@ -57,6 +60,7 @@ class TrainState:
             task=task,
             batch_stats=batch_stats if batch_stats is not None else {},
             bn_train=tuple(bn_train),
+            loss=loss,
         )
 
     def checkpoint_tree(self) -> dict[str, Any]:

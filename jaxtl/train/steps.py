@@ -41,7 +41,7 @@ def _loss_and_grads(state: TrainState, batch: dict) -> tuple[jax.Array, Any, Any
         outputs, batch_stats = state.apply_fn(
             params, state.batch_stats, batch, train=True, rng=rng, bn_train=state.bn_train
         )
-        loss = mean_loss(outputs, batch, state.task)
+        loss = mean_loss(outputs, batch, state.task, state.loss)
         return loss, (outputs, batch_stats)
 
     (loss, (outputs, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -107,7 +107,7 @@ def _accumulated_step(state: TrainState, batch: dict, k: int, placed: Any, param
             rng=jax.random.fold_in(rng, i),
             bn_train=state.bn_train,
         )
-        sums = metric_sums(outputs, micro, state.task)
+        sums = metric_sums(outputs, micro, state.task, state.loss)
         return sums["loss_sum"], (sums, stats)
 
     def body(carry, xs):
@@ -140,7 +140,14 @@ def _accumulated_step(state: TrainState, batch: dict, k: int, placed: Any, param
 
 def eval_step(state: TrainState, batch: dict) -> dict:
     """Weighted metric sums of one batch; padding rows have ``weight == 0``."""
-    return _scores(state.params, state.batch_stats, batch, apply_fn=state.apply_fn, task=state.task)
+    return _scores(
+        state.params,
+        state.batch_stats,
+        batch,
+        apply_fn=state.apply_fn,
+        task=state.task,
+        loss=state.loss,
+    )
 
 
 def state_shardings(state: TrainState, mesh: Mesh, specs: Any = None) -> TrainState:
@@ -180,7 +187,10 @@ def compile_steps(state: TrainState, mesh: Mesh, specs: Any = None, *, grad_accu
     # Evaluation reads params and BatchNorm statistics only: handing it the optimizer state too
     # cost ~4 ms of dispatch per call (2x params' leaves), more than a 4-example forward pass.
     scored = jax.jit(
-        _under(mesh, functools.partial(_scores, apply_fn=state.apply_fn, task=state.task)),
+        _under(
+            mesh,
+            functools.partial(_scores, apply_fn=state.apply_fn, task=state.task, loss=state.loss),
+        ),
         in_shardings=(state_sh.params, state_sh.batch_stats, batch_sh),
         out_shardings=rep,
     )
@@ -203,10 +213,10 @@ def _under(mesh: Mesh, fn):
     return traced
 
 
-def _scores(params, batch_stats, batch, *, apply_fn, task) -> dict:
+def _scores(params, batch_stats, batch, *, apply_fn, task, loss=None) -> dict:
     """:func:`eval_step` on the parts of the state it reads."""
     outputs, _ = apply_fn(params, batch_stats, batch, train=False)
-    return metric_sums(outputs, batch, task)
+    return metric_sums(outputs, batch, task, loss)
 
 
 def place_state(state: TrainState, mesh: Mesh, specs: Any = None) -> TrainState:

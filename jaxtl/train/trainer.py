@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import os
 import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -32,6 +33,7 @@ from jaxtl.train.losses import TASKS, summarize
 from jaxtl.train.progress import Clock, MetricsLog, TrainMetrics, progress_bar
 from jaxtl.train.state import TrainState
 from jaxtl.train.tracker import Tracker
+from jaxtl.transfer import stages
 from jaxtl.transfer.plan import Plan
 from jaxtl.transfer.trees import flatten, unflatten
 
@@ -63,6 +65,14 @@ class Trainer:
         everything in memory (no resume).
       mesh: device mesh; default ``config.scale.mesh`` over every device
         (:func:`jaxtl.parallel.make_mesh`).
+      stage_models: for a staged plan, ``{stage: model}`` for stages that run another forward
+        over the same params (a feature-cache stage's
+        :func:`jaxtl.feature_cache.tail_model`); :meth:`fit` then takes their loaders as
+        ``stage_data``.
+      loss: a custom objective ``loss(outputs, batch) -> [B]`` (one value per example,
+        ``outputs`` the model's and ``batch`` holding ``label`` and the inputs), used in
+        training and as the evaluations' ``loss``; classification still reports accuracy.
+        None: the task's own (cross-entropy, squared error).
 
     Raises:
       ValueError: a task the Trainer cannot fit, a mesh that does not fit the devices, a batch
@@ -78,6 +88,9 @@ class Trainer:
         config: TrainConfig,
         workdir: str | None = None,
         mesh: jax.sharding.Mesh | None = None,
+        *,
+        stage_models: Mapping[int, LoadedModel] | None = None,
+        loss: Callable[..., Any] | None = None,
     ):
         if model.task not in TASKS:
             raise ValueError(
@@ -85,6 +98,12 @@ class Trainer:
                 f"was loaded with task={model.task!r}. Load it with task='classification' (or "
                 f"'regression', or 'causal_lm' for a family with an LM head)."
             )
+        if loss is not None and (not callable(loss) or model.task == "causal_lm"):
+            raise ValueError(
+                "loss= must be a function loss(outputs, batch) -> one loss per example, for a "
+                f"classification or regression model (this one: task={model.task!r})."
+            )
+        self.loss = loss
         scale = config.scale
         if mesh is not None and tuple(mesh.axis_names) != parallel.AXES:
             raise ValueError(
@@ -98,6 +117,12 @@ class Trainer:
             model = recompute(model, remat=scale.remat, dtype=dtype)
         self.model = model
         self.plan = plan
+        self.stage_models = dict(stage_models or {})
+        for k, m in self.stage_models.items():
+            if not 0 <= k < len(stages.plans(plan)):
+                raise ValueError(f"stage_models: {plan.name} has no stage {k}.")
+            if jax.tree.structure(m.params) != jax.tree.structure(model.params):
+                raise ValueError(f"stage_models[{k}] does not have the model's param tree.")
         self.config = config
         self.workdir = workdir
         parallel.check_batch_size(
@@ -111,6 +136,8 @@ class Trainer:
             os.path.join(workdir, "metrics.jsonl") if workdir and is_primary() else None
         )
         self._compiled = None
+        self._schedules = None  # (total steps, stage start steps, each stage's LR schedule)
+        self.stage = 0  # the stage of a staged plan the steps are compiled for
 
     @property
     def devices(self) -> int:
@@ -119,34 +146,68 @@ class Trainer:
 
     # --- setup ---------------------------------------------------------------------------
 
-    def init_state(self, total_steps: int) -> TrainState:
-        """A fresh state: the model's params, and the plan's optimizer over the LR schedule,
-        each leaf placed on the mesh by the sharding rules."""
+    def init_state(self, total_steps: int, *, stage: int = 0) -> TrainState:
+        """A fresh state: the model's params, and the plan's optimizer (of ``stage``, for a
+        staged plan) over the LR schedule, each leaf placed on the mesh by the sharding
+        rules."""
         stored = self._stored_params()
-        shapes = self.abstract_state(total_steps, stored)
+        shapes = self.abstract_state(total_steps, stored, stage=stage)
         placed = jax.tree.map(lambda s: s.sharding, shapes)
         params = jax.device_put(stored, placed.params, may_alias=False)
         batch_stats = jax.device_put(self.model.batch_stats, placed.batch_stats, may_alias=False)
         # The optimizer state is born sharded: no device ever holds a whole copy of it.
         return jax.jit(self._create, out_shardings=placed)(params, batch_stats)
 
-    def abstract_state(self, total_steps: int, params: Any = None) -> TrainState:
+    def abstract_state(self, total_steps: int, params: Any = None, *, stage: int = 0) -> TrainState:
         """The state :meth:`init_state` builds, as ``jax.ShapeDtypeStruct`` s carrying their
         shardings: nothing is allocated, so a step can be lowered and its memory measured
         (``compile_steps(...)[0].lower(state, batch).compile().memory_analysis()``) for a model
         too large for this machine. ``params``: the params as stored (default: the model's,
-        ``frozen_bf16`` applied). Sets :attr:`specs` and :attr:`schedule`.
+        ``frozen_bf16`` applied). ``stage``: which stage of a staged plan
+        (:mod:`jaxtl.transfer.stages`). Makes ``stage`` the current one: sets :attr:`specs`
+        and :attr:`schedule`, and the steps compile for it.
 
         Raises:
           jaxtl.transfer.rules.UnmatchedParamsError: the plan leaves a param out.
           jaxtl.sharding.ShardingError: a sharding rule cannot place a param.
         """
-        optim = self.config.optim
-        self.schedule = optim.lr_schedule(total_steps)
+        if self._schedules is None or self._schedules[0] != total_steps:
+            self._set_schedules(total_steps, None)
+        shapes, self.specs, self._create = self._stage_state(stage, params)
+        self.stage = stage
         self._compiled = None  # steps compiled for an earlier state hold its optimizer
-        self.plan.labels(self.model.params)  # unmatched params fail here, before compiling
-        tx = self.plan.optimizer(
-            self.schedule,
+        return shapes
+
+    def _set_schedules(self, total_steps: int, steps_per_epoch: int | None) -> None:
+        """Each stage's LR schedule and :attr:`schedule` (the run's LR at a global step).
+        Without ``steps_per_epoch`` (a state built only to restore a checkpoint into), the
+        stages are placed one step apart: their schedules do not matter there."""
+        n = len(stages.plans(self.plan))
+        if steps_per_epoch is None:
+            starts, total = list(range(n)), max(total_steps, n)
+        else:
+            starts, total = stages.starts(self.plan, steps_per_epoch), total_steps
+        optim = self.config.optim
+
+        def segment_schedule(steps: int, peak: float | None):
+            config = optim if peak is None else dataclasses.replace(optim, learning_rate=peak)
+            return config.lr_schedule(steps)
+
+        per_stage, self.schedule = stages.stage_schedules(
+            self.plan, starts, total, segment_schedule
+        )
+        self._schedules = (total_steps, starts, per_stage)
+
+    def _stage_state(self, stage: int, params: Any = None):
+        """``(abstract state, its specs, create(params, batch_stats))`` of ``stage``, with no
+        side effect."""
+        optim = self.config.optim
+        if self._schedules is None:
+            self._set_schedules(1, None)
+        plan = stages.stage_of(self.plan, stage).plan
+        plan.labels(self.model.params)  # unmatched params fail here, before compiling
+        tx = plan.optimizer(
+            self._schedules[2][stage],
             name=optim.optimizer,
             weight_decay=optim.weight_decay,
             clip_norm=optim.clip_norm,
@@ -155,26 +216,67 @@ class Trainer:
         )
         create = functools.partial(
             TrainState.create,
-            apply_fn=self.model.forward,
+            apply_fn=self.stage_models.get(stage, self.model).forward,
             tx=tx,
             seed=self.config.seed,
             task=self.model.task,
-            bn_train=self.bn_train(),
+            bn_train=self.bn_train(plan),
+            loss=self.loss,
         )
-        self._create = lambda p, b: create(params=p, batch_stats=b)
+        make = lambda p, b: create(params=p, batch_stats=b)  # noqa: E731
         params = self._stored_params() if params is None else params
-        shapes = jax.eval_shape(self._create, params, self.model.batch_stats)
-        self.specs = self.state_specs(shapes)  # a rule that cannot place a param fails here
-        placed = steps.state_shardings(shapes, self.mesh, self.specs)
-        return jax.tree.map(
+        shapes = jax.eval_shape(make, params, self.model.batch_stats)
+        specs = self.state_specs(shapes)  # a rule that cannot place a param fails here
+        placed = steps.state_shardings(shapes, self.mesh, specs)
+        shapes = jax.tree.map(
             lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, placed
         )
+        return shapes, specs, make
+
+    def checkpoint_like(self, meta: dict) -> dict:
+        """The tree a checkpoint with ``meta`` restores into (shapes with shardings): the state
+        of the stage it was saved in."""
+        return self._template(meta).checkpoint_tree()
+
+    def _template(self, meta: dict) -> TrainState:
+        return self._stage_state(int(meta.get("stage", 0)))[0]
+
+    def _enter_stage(self, state: TrainState, stage: int, total_steps: int) -> TrainState:
+        """``state`` moved into ``stage``: its optimizer, with the state of unchanged groups
+        carried over (:func:`jaxtl.transfer.stages.carry_state`), compiled once."""
+        st = stages.stage_of(self.plan, stage)
+        shapes = self.abstract_state(total_steps, stage=stage)
+        placed = jax.tree.map(lambda s: s.sharding, shapes)
+        # Fresh optimizer state comes from the pretrained params (L2-SP's anchors); the moments
+        # are zeros whatever they are.
+        pretrained = jax.device_put(self._stored_params(), placed.params, may_alias=False)
+        first, _ = stages.segment(self.plan, stage, self._schedules[1], total_steps)
+        carried: list[str] = []
+
+        def switch(old: TrainState, pretrained: Any) -> TrainState:
+            fresh = self._create(pretrained, old.batch_stats)
+            opt, names = stages.carry_state(
+                old.opt_state, fresh.opt_state, restart=st.restart, count=old.step - first
+            )
+            carried[:] = names
+            return fresh.replace(step=old.step, params=old.params, rng=old.rng, opt_state=opt)
+
+        new = jax.jit(switch, out_shardings=placed, donate_argnums=0)(state, pretrained)
+        trains = [g for g, v in st.plan.groups.items() if v.trainable]
+        kept = f"; optimizer state kept for {', '.join(carried)}" if carried else ""
+        print(
+            f"stage {stage} of {self.plan.name} at step {int(new.step)}: trains "
+            f"{', '.join(trains)}{kept}",
+            file=sys.stderr,
+        )
+        return new
 
     def _stored_params(self) -> Any:
-        """The model's params as the state stores them (``frozen_bf16``: frozen ones in bf16)."""
+        """The model's params as the state stores them (``frozen_bf16``: the params no stage
+        trains in bf16)."""
         params = self.model.params
         if self.config.scale.frozen_bf16:
-            params = precision.cast_frozen(params, self.plan.trainable_mask(params))
+            params = precision.cast_frozen(params, stages.trained_anywhere(self.plan, params))
         return params
 
     def state_specs(self, state: Any) -> Any:
@@ -189,14 +291,16 @@ class Trainer:
             min_shard_size=scale.min_shard_size,
         )
 
-    def bn_train(self) -> tuple[str, ...]:
-        """The BatchNorm layers that train: those whose scale/bias the plan trains, or every one
-        with ``config.train_bn``. The rest run in inference mode with their running statistics,
-        so a frozen BatchNorm backbone is the same fixed function it was when pretrained."""
+    def bn_train(self, plan: Plan | None = None) -> tuple[str, ...]:
+        """The BatchNorm layers that train: those whose scale/bias ``plan`` (default: the
+        current stage's) trains, or every one with ``config.train_bn``. The rest run in
+        inference mode with their running statistics, so a frozen BatchNorm backbone is the
+        same fixed function it was when pretrained."""
         layers = batch_norm_paths(self.model.batch_stats)
         if self.config.train_bn:
             return layers
-        mask = flatten(self.plan.trainable_mask(self.model.params))
+        plan = plan or stages.stage_of(self.plan, self.stage).plan
+        mask = flatten(plan.trainable_mask(self.model.params))
         return tuple(
             p for p in layers if any(mask.get(f"{p}/{leaf}", False) for leaf in ("scale", "bias"))
         )
@@ -248,6 +352,7 @@ class Trainer:
         *,
         resume: bool = False,
         stop_at: int | None = None,
+        stage_data: Mapping[int, tuple[Loader, Loader | None]] | None = None,
     ) -> FitResult:
         """Train; evaluate on ``val`` every ``config.checkpoint.eval_interval`` steps.
 
@@ -258,32 +363,52 @@ class Trainer:
           resume: continue from the latest checkpoint in ``workdir`` if there is one.
           stop_at: stop after this global step, checkpointed, as if preempted: the LR schedule
             and data order still follow the full run, so a later ``resume`` finishes it exactly.
+          stage_data: ``{stage: (train, val)}`` for the stages of ``stage_models``: the same
+            examples in the same order, as those stages' models read them.
         """
         cfg = self.config
         spe = train.steps_per_epoch
+        data = dict(stage_data or {})
+        if sorted(data) != sorted(self.stage_models):
+            raise ValueError(
+                f"stage_data covers stages {sorted(data)} but stage_models "
+                f"{sorted(self.stage_models)}."
+            )
+        for k, (t, _) in data.items():
+            if t.steps_per_epoch != spe or t.num_examples != train.num_examples:
+                raise ValueError(f"stage_data[{k}] does not hold the training examples of train.")
+        loaders = lambda k: data.get(k, (train, val))  # noqa: E731
         total = cfg.total_steps(spe)
+        self._set_schedules(total, spe)  # a staged plan's stages that collide fail here
+        starts = self._schedules[1]
         state = self.init_state(total)
-        train_step, _ = self._steps(state)
         tracker = Tracker(*self.monitor, cfg.checkpoint.early_stopping if val else None)
         ckpt = self._checkpointer(has_val=val is not None)
-        state = self._resume(state, ckpt, train, tracker) if resume else state
+        state = self._resume(state, ckpt, loaders, tracker, total) if resume else state
         if self.workdir and not resume:
             self.log.truncate_after(-1)
-        run = _Run(self, train, val, tracker, ckpt, total)
+        run = _Run(self, loaders, tracker, ckpt, total)
         step = int(state.step)
         interval = cfg.checkpoint.eval_interval(spe)
         every = cfg.checkpoint.checkpoint_every
+        due = lambda: self.stage + 1 < len(starts) and step >= starts[self.stage + 1]  # noqa: E731
         run.start(step)
         try:
             while step < total and not tracker.stopped:
+                while due():
+                    state = self._enter_stage(state, self.stage + 1, total)
+                train_step, _ = self._steps(state)
+                run.use(self.stage)
                 epoch, start = divmod(step, spe)
                 batches = parallel.prefetch_to_device(
-                    train.epoch(epoch, start),
+                    run.train.epoch(epoch, start),
                     self.mesh,
                     cfg.data.prefetch,
-                    whole=not train.process_local,
+                    whole=not run.train.process_local,
                 )
                 for batch in batches:
+                    if due():  # the next stage: its optimizer (and data) from this step on
+                        break
                     state, metrics = train_step(state, batch)
                     step += 1
                     run.metrics.add(metrics)
@@ -318,14 +443,18 @@ class Trainer:
             best_mode=mode,
         )
 
-    def _resume(self, state, ckpt, train: Loader, tracker: Tracker) -> TrainState:
-        """The latest checkpoint's state and tracker, if ``workdir`` has one."""
+    def _resume(self, state, ckpt, loaders, tracker: Tracker, total: int) -> TrainState:
+        """The latest checkpoint's state (in the stage it was saved in) and tracker, if
+        ``workdir`` has one."""
         if ckpt is None or ckpt.latest_step() is None:
             self.log.truncate_after(-1)
             return state
-        tree, meta = ckpt.restore_latest(state.checkpoint_tree())
+        tree, meta = ckpt.restore_latest(self.checkpoint_like)
+        stage = int(meta.get("stage", 0))
+        if stage != self.stage:
+            state = self.abstract_state(total, stage=stage)
         state = state.with_checkpoint_tree(tree)
-        train.check_state(meta.get("data"))
+        loaders(stage)[0].check_state(meta.get("data"))
         tracker.restore(meta)
         self.log.truncate_after(int(state.step))
         print(f"Resumed from step {int(state.step)} in {self.workdir}", file=sys.stderr)
@@ -335,8 +464,9 @@ class Trainer:
 class _Run:
     """One fit's moving parts around the loop: metrics, clock, evaluation, saving, finishing."""
 
-    def __init__(self, trainer: Trainer, train: Loader, val, tracker, ckpt, total: int):
-        self.trainer, self.train, self.val = trainer, train, val
+    def __init__(self, trainer: Trainer, loaders, tracker, ckpt, total: int):
+        self.trainer, self.loaders = trainer, loaders
+        self.train, self.val = loaders(trainer.stage)
         self.tracker, self.ckpt, self.total = tracker, ckpt, total
         self.cfg = trainer.config
         self.clock: Clock
@@ -355,6 +485,10 @@ class _Run:
             self.bar,
         )
 
+    def use(self, stage: int) -> None:
+        """Read ``stage``'s batches from now on (its own when its model reads other inputs)."""
+        self.train, self.val = self.loaders(stage)
+
     def close_bar(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -362,6 +496,7 @@ class _Run:
     def meta(self) -> dict:
         return {
             **self.tracker.state(),
+            "stage": self.trainer.stage,
             "steps_per_epoch": self.train.steps_per_epoch,
             "data": self.train.state(),
         }
@@ -408,7 +543,7 @@ class _Run:
                 ckpt.wait()
         if restore and best is not None and best["step"] != step:
             if ckpt is not None and ckpt.best_step() is not None:
-                tree, _ = ckpt.restore_best(state.checkpoint_tree())
+                tree, _ = ckpt.restore_best(self.trainer.checkpoint_like)
                 state = state.replace(params=tree["params"], batch_stats=tree["batch_stats"])
             elif self.best_host is not None:
                 params, batch_stats = parallel.put_like(

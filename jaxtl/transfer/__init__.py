@@ -10,7 +10,10 @@ LoRA targets and sharding):
 - :mod:`~jaxtl.transfer.optimizer`: the plan's ``optax.partition`` optimizer (AdamW or any
   optax optimizer by name);
 - :mod:`~jaxtl.transfer.recipes`: named recipes (``full``, ``linear_probe``, ``last_n(k)``,
-  ``bitfit``, ``layerwise_lr_decay(d)``, ``lora(r)``) -> a Plan;
+  ``bitfit``, ``layerwise_lr_decay(d)``, ``lora(r)``, ``gradual(every)``, ``lp_ft(epochs)``)
+  -> a Plan;
+- :mod:`~jaxtl.transfer.stages`: staged plans (what trains changes during a run) and the
+  optimizer state carried between stages;
 - :mod:`~jaxtl.transfer.lora`: LoRA adapters on param trees (targets, init, merge);
 - :mod:`~jaxtl.transfer.rules_file`: groups, LoRA and sharding rules from one TOML file.
 """

@@ -20,6 +20,7 @@ import optax
 from jaxtl.transfer.optimizer import DEFAULT_OPTIMIZER, make_optimizer
 from jaxtl.transfer.rules import tree_from_rules
 from jaxtl.transfer.rules import unused_rules as _unused_rules
+from jaxtl.transfer.stages import check_stages, describe
 from jaxtl.transfer.trees import count_params, flatten, tree_bytes
 
 __all__ = ["Group", "GroupRow", "Plan"]
@@ -89,6 +90,9 @@ class Plan:
         adapters, which a run adds to the model first (:func:`jaxtl.lora.adapt`); else None.
       source: the rules file the plan was read from (:mod:`jaxtl.transfer.rules_file`), whose
         every pattern must label a param; None for a recipe's plan.
+      stages: for a staged recipe (``gradual``, ``lp_ft``), its
+        :class:`~jaxtl.transfer.stages.Stage` s in order; the plan's own rules and groups are
+        then its last stage's (:mod:`jaxtl.transfer.stages`). Empty: one plan for the run.
     """
 
     rules: tuple[tuple[str, str], ...]
@@ -96,6 +100,7 @@ class Plan:
     name: str = "custom"
     adapters: Any = None
     source: str | None = None
+    stages: tuple = ()
 
     def __post_init__(self):
         groups = self.groups
@@ -115,6 +120,8 @@ class Plan:
             )
         object.__setattr__(self, "groups", dict(groups))
         object.__setattr__(self, "rules", rules)
+        object.__setattr__(self, "stages", tuple(self.stages))
+        check_stages(self.stages, self.name)
 
     def labels(self, params: Any) -> Any:
         """A tree like ``params`` holding each leaf's group name.
@@ -270,7 +277,9 @@ class Plan:
         fmt = lambda cols: "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()  # noqa: E731
         trainable = sum(r.num_params for r in rows if r.trainable)
         frozen = sum(r.num_params for r in rows if not r.trainable)
-        out = [f"Transfer plan {self.name}", fmt(header), *(fmt(x) for x in lines)]
+        out = [describe(self, params)] if self.stages else []
+        last = " (its last stage)" if self.stages else ""
+        out += [f"Transfer plan {self.name}{last}", fmt(header), *(fmt(x) for x in lines)]
         out.append(
             f"total: {trainable:,} trainable + {frozen:,} frozen = {trainable + frozen:,} params; "
             f"optimizer state {_fmt_bytes(total_bytes)}"

@@ -26,15 +26,12 @@ Where later recipes go (each is a new function plus a ``RECIPES`` entry; the Pla
 - **Layer-wise LR decay** (ELECTRA, BEiT): one group per block with ``lr_mult = decay**depth``;
   :func:`layerwise_lr_decay` below.
 - **BitFit** (Ben Zaken et al. 2022): head + every ``.../bias`` trainable; :func:`bitfit` below.
-- **Gradual unfreezing** (ULMFiT): a recipe returning ``stages: tuple[(start_step, Plan), ...]``
-  that the trainer switches between. Frozen groups hold no Adam moments, so a stage change
-  re-initialises the optimizer state of newly unfrozen groups (and recompiles the step once per
-  stage). The alternative, one Plan whose ``lr_mult`` becomes a step schedule that is 0 until
-  the group's stage, compiles once but holds moments for every group from the start.
-- **LoRA** (:func:`lora` below): the adapters add params, so their tree side is
-  :mod:`jaxtl.transfer.lora` and the model side :mod:`jaxtl.lora`; the recipe returns a Plan
-  with ``adapters`` set: base frozen, ``.../lora_a`` and ``.../lora_b`` and the head trained.
-- **LP-FT** (Kumar et al. 2022): two stages, linear_probe then full, like gradual unfreezing.
+- **Gradual unfreezing** (ULMFiT) and **LP-FT** (Kumar et al. 2022): :func:`gradual` and
+  :func:`lp_ft` return a Plan with ``stages`` (:mod:`jaxtl.transfer.stages`) that the Trainer
+  switches between: each stage recompiles the step once, groups unfrozen at a stage start with
+  fresh optimizer state, and groups already training keep theirs (LP-FT restarts them all).
+  The alternative, one Plan whose ``lr_mult`` becomes a step schedule that is 0 until the
+  group's stage, compiles once but holds moments for every group from the start.
 - **L2-SP** (Li et al. 2018): full fine-tuning plus a penalty toward the pretrained params: an
   optimizer term (``jaxtl/transfer/optimizer.py``) over the trainable groups.
 """
@@ -51,16 +48,19 @@ from typing import Any
 from jaxtl.transfer import lora as _lora
 from jaxtl.transfer.plan import Group, Plan
 from jaxtl.transfer.rules import prefix_pattern
+from jaxtl.transfer.stages import UNITS, Stage
 from jaxtl.transfer.structure import Structure
 
 __all__ = [
     "RECIPES",
     "bitfit",
     "full",
+    "gradual",
     "last_n",
     "layerwise_lr_decay",
     "linear_probe",
     "lora",
+    "lp_ft",
     "make_plan",
     "recipe_name",
     "rules",
@@ -203,6 +203,102 @@ def lora(
     return dataclasses.replace(named, name=spec.describe())
 
 
+def _positive(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{what} must be a number > 0, got {value!r}.")
+    return value
+
+
+def _unit(unit: Any, recipe: str) -> str:
+    if unit not in UNITS:
+        raise ValueError(f"{recipe}: unit must be one of {UNITS}, got {unit!r}.")
+    return unit
+
+
+def gradual(
+    structure: Structure, every: float = 1, stages: int | None = None, unit: str = "epochs"
+) -> Plan:
+    """Gradual unfreezing (ULMFiT, Howard and Ruder 2018): train the head (and neck) first, then
+    unfreeze one more block from the top every ``every`` epochs (or steps), and the stem last.
+
+    Each block trains in a group of its own, so a block keeps its optimizer state from stage to
+    stage and a newly unfrozen one starts fresh (:mod:`jaxtl.transfer.stages`). All stages
+    share the run's LR schedule. A run shorter than the stages reaches only the first ones.
+
+    Args:
+      every: the length of each stage, in ``unit``.
+      stages: how many stages, the head-only one included; None: every block, then the stem
+        (``blocks + 2``).
+      unit: ``"epochs"`` or ``"steps"``.
+
+    Example:
+      >>> p = gradual(Structure(blocks=("b0", "b1", "b2"), head=("cls",)), every=1, stages=3)
+      >>> p.name, [st.start for st in p.stages], sorted(p.groups)
+      ('gradual(every=1, stages=3)', [0, 1, 2], ['block_1', 'block_2', 'frozen', 'head'])
+    """
+    _need_head(structure, "gradual")
+    every = _positive(every, "gradual(every=...)")
+    unit = _unit(unit, "gradual")
+    blocks = structure.blocks
+    most = len(blocks) + 2
+    if stages is None:
+        stages = most
+    if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= most:
+        raise ValueError(
+            f"gradual(stages={stages!r}): this model has {len(blocks)} blocks, so gradual "
+            f"unfreezing has at most {most} stages (the head, then one block at a time from the "
+            f"top, then the stem); pass stages between 1 and {most}, or leave it out."
+        )
+    out = []
+    for k in range(stages):
+        unfrozen = list(range(len(blocks) - 1, len(blocks) - 1 - min(k, len(blocks)), -1))
+        rules = [*_patterns(structure.head, "head"), *_patterns(structure.neck, "neck")]
+        groups = [Group("head", True)] + ([Group("neck", True)] if structure.neck else [])
+        for i in unfrozen:
+            rules.append((prefix_pattern(blocks[i]), f"block_{i}"))
+            groups.append(Group(f"block_{i}", True))
+        stem = k == len(blocks) + 1
+        rules.append((".*", "stem" if stem else "frozen"))
+        groups.append(Group("stem", True) if stem else Group("frozen", False))
+        plan = Plan(tuple(rules), groups, name=f"gradual stage {k}")
+        out.append(Stage(plan, k * every, unit))
+    shown = [f"every={every:g}"] + ([f"stages={stages}"] if stages != most else [])
+    shown += [f"unit={unit!r}"] if unit != "epochs" else []
+    last = out[-1].plan
+    return Plan(last.rules, last.groups, name=f"gradual({', '.join(shown)})", stages=tuple(out))
+
+
+def lp_ft(
+    structure: Structure, probe_epochs: float = 1, probe_lr: float = 1e-3, unit: str = "epochs"
+) -> Plan:
+    """LP-FT (Kumar et al. 2022): a linear probe for ``probe_epochs`` at ``probe_lr``, then full
+    fine-tuning from the probed head, in one run. The fine-tuning stage starts its optimizer
+    state and LR schedule (warmup, decay) afresh at the run's learning rate. The probe's epochs
+    count toward the run's ``epochs``.
+
+    Args:
+      probe_epochs: the probe stage's length, in ``unit``.
+      probe_lr: the probe stage's peak learning rate.
+      unit: ``"epochs"`` or ``"steps"``.
+
+    Example:
+      >>> p = lp_ft(Structure(blocks=("b0",), head=("cls",)), 2)
+      >>> p.name, [(st.plan.name, st.start, st.restart) for st in p.stages]
+      ('lp_ft(2)', [('linear_probe', 0, False), ('full', 2, True)])
+    """
+    probe_epochs = _positive(probe_epochs, "lp_ft(probe_epochs=...)")
+    probe_lr = _positive(probe_lr, "lp_ft(probe_lr=...)")
+    unit = _unit(unit, "lp_ft")
+    probe, tune = linear_probe(structure), full(structure)
+    stages = (
+        Stage(probe, 0, unit, learning_rate=float(probe_lr)),
+        Stage(tune, probe_epochs, unit, restart=True),
+    )
+    shown = [f"{probe_epochs:g}"] + ([f"probe_lr={probe_lr:g}"] if probe_lr != 1e-3 else [])
+    shown += [f"unit={unit!r}"] if unit != "epochs" else []
+    return Plan(tune.rules, tune.groups, name=f"lp_ft({', '.join(shown)})", stages=stages)
+
+
 def rules(structure: Structure, path: str) -> Plan:
     """The plan of a TOML rules file (:mod:`jaxtl.transfer.rules_file`): its groups with their
     LR and weight-decay multipliers, and its LoRA adapters if it has a ``[lora]`` table.
@@ -222,6 +318,8 @@ RECIPES: dict[str, Callable[..., Plan]] = {
     "bitfit": bitfit,
     "layerwise_lr_decay": layerwise_lr_decay,
     "lora": lora,
+    "gradual": gradual,
+    "lp_ft": lp_ft,
     "rules": rules,
 }
 _ALIASES = {"probe": "linear_probe", "llrd": "layerwise_lr_decay"}

@@ -39,6 +39,7 @@ def load(
     *,
     image_size: int | tuple[int, int] | None = None,
     in_channels: int | None = None,
+    drop_blocks: int = 0,
 ) -> LoadedModel:
     """Loads a local checkpoint for a task: a Hugging Face directory or a state dict file.
 
@@ -66,6 +67,10 @@ def load(
         checkpoint's (ViT interpolates its position embeddings).
       in_channels: vision models only: input channels when not 3 (the stem's RGB kernels are
         summed for 1 channel, as timm does).
+      drop_blocks: build the model without its top ``k`` blocks (model surgery: a shallower
+        network, e.g. for features from a middle layer or a cheaper fine-tune); their
+        checkpoint tensors are reported as unexpected. BERT, GPT-2, ViT, and ResNet within its
+        last stage (:func:`jaxtl.models.registry.truncated_config`). ``--drop-blocks K``.
 
     Returns:
       A :class:`LoadedModel`; ``report`` says what was loaded, initialized, unused or mismatched.
@@ -108,6 +113,7 @@ def load(
         raise ValueError(
             f"The {family.name!r} family has no {task!r} head; it supports {family.tasks}."
         )
+    raw_config = registry.truncated_config(family, raw_config, drop_blocks, source=source)
     options = _family_options(
         family, directory, pooling=pooling, image_size=image_size, in_channels=in_channels
     )
@@ -146,6 +152,8 @@ def load(
         batch_stats = _initialize(spec.abstract_batch_stats, init_stat)
         report = None
     extras = dict(spec.extras)
+    if drop_blocks:
+        extras["drop_blocks"] = drop_blocks
     if family.modality == "text":
         extras.update(_tokenizer_extras(directory))
     return LoadedModel(
