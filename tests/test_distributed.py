@@ -27,6 +27,7 @@ from jaxtl.transfer.trees import flatten
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SCRIPT = os.path.join(HERE, "_distributed_run.py")
+SAVES = os.path.join(HERE, "_checkpoint_saves.py")
 TIMEOUT_S = 300
 PROCESSES, LOCAL_DEVICES, WORKERS = 2, 2, 2
 STEPS = EPOCHS * (N_TRAIN // BATCH)
@@ -58,13 +59,13 @@ def _env(local_devices: int) -> dict:
 class _Proc:
     """A child in its own process group (its grain workers die with it), output in files."""
 
-    def __init__(self, name, args, env, logdir):
+    def __init__(self, name, args, env, logdir, script=SCRIPT):
         self.name = name
         self.out_path = os.path.join(logdir, f"{name}.out")
         self.err_path = os.path.join(logdir, f"{name}.err")
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
             self.popen = subprocess.Popen(
-                [sys.executable, SCRIPT, *map(str, args)],
+                [sys.executable, script, *map(str, args)],
                 stdout=out,
                 stderr=err,
                 env=env,
@@ -312,6 +313,26 @@ def test_fsdp_over_two_processes_matches_one_process_and_restores_on_four_device
     assert restored["steps"] == STEPS
     for k in one:
         np.testing.assert_array_equal(np.asarray(exported[k]), p0[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_latest_and_best_saved_back_to_back_from_two_processes(tmp_path):
+    """Both managers save every step from 2 processes with nothing in between. Before each
+    manager had barrier names of its own (``checkpoint._own_barriers``), their background
+    threads met at the same orbax barrier and every such run died ("Barrier ... is already
+    ongoing"); CI once lost the FSDP test above to it."""
+    port, saves = _free_port(), 12
+    procs = [
+        _Proc(f"saver{i}", [tmp_path / "ckpt", i, port, saves], _env(2), str(tmp_path), SAVES)
+        for i in range(2)
+    ]
+    for summary in _run_all(procs, 120):  # a regression hangs: fail sooner than TIMEOUT_S
+        assert summary == {
+            "latest_step": saves,
+            "best_step": saves,
+            "latest_equal": True,
+            "best_equal": True,
+        }
 
 
 def test_no_coordinator_is_an_error_that_lists_what_was_looked_for():
