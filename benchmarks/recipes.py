@@ -1,17 +1,18 @@
 """Recipe quality on the demo task: test accuracy over seeds, trainable params, optimizer bytes
 and time per epoch, each recipe against jaxtl's own full fine-tune on the same split.
 
-    python benchmarks/recipes.py [--arms 'full@5e-5,lora(8)@1e-3'] [--seeds 0,1,2] [--epochs 3]
+    python benchmarks/recipes.py [--arms 'full@5e-5,lora(8)@1e-3,lp_ft(1)@5e-5@4'] [--seeds 0,1,2]
+                                 [--epochs 3]
                                  [--json /tmp/recipes.json]
 
 Every arm fine-tunes the embedded MiniLM-L6 (pretrained) on the embedded VADER split with
 jaxtl's defaults (AdamW, batch 32, linear decay with warm-up, clipping at 1.0, the best
 validation checkpoint restored for the test score), one run per seed; an arm is
-``RECIPE@LEARNING_RATE``. It prints one line per run and a table: mean +- std of the test
-accuracy, and for each recipe its trainable params and optimizer-state bytes as a share of
-full fine-tuning's, and its train seconds per epoch against full's (same process, runs in
-turn). The transformers + PyTorch reference for full fine-tuning is 95.6%, for the linear
-probe 88.6% (README).
+``RECIPE@LEARNING_RATE`` or ``RECIPE@LEARNING_RATE@EPOCHS``. It prints one line per run and a
+table: mean +- std of the test accuracy, and for each recipe its trainable params and
+optimizer-state bytes as a share of full fine-tuning's, and its train seconds per epoch against
+full's (same process, runs in turn). The transformers + PyTorch reference for full fine-tuning
+is 95.6%, for the linear probe 88.6% (README).
 """
 
 from __future__ import annotations
@@ -30,11 +31,15 @@ from jaxtl.experiment import default_learning_rate
 from jaxtl.transfer.recipes import split_recipes
 
 
-def parse_arms(text: str) -> list[tuple[str, float]]:
+def parse_arms(text: str) -> list[tuple[str, float, int | None]]:
+    """``RECIPE[@LR[@EPOCHS]]`` items: the learning rate defaults to the recipe's, the epochs
+    to ``--epochs``."""
     arms = []
     for item in split_recipes(text):
-        recipe, _, lr = item.rpartition("@") if "@" in item else (item, "", "")
-        arms.append((recipe, float(lr) if lr else default_learning_rate(recipe)))
+        recipe, *rest = item.split("@")
+        lr = float(rest[0]) if rest and rest[0] else default_learning_rate(recipe)
+        epochs = int(rest[1]) if len(rest) > 1 else None
+        arms.append((recipe, lr, epochs))
     return arms
 
 
@@ -54,6 +59,7 @@ def measure(recipe: str, lr: float, seed: int, epochs: int, data) -> dict:
         "trainable_params": sum(r.num_params for r in rows if r.trainable),
         "opt_state_bytes": sum(r.opt_state_bytes or 0 for r in rows),
         "steps": result.steps,
+        "epochs": epochs,
     }
 
 
@@ -62,14 +68,16 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--arms", default="full@5e-5,lora(8)@1e-3", help="RECIPE@LR, comma-separated")
+    p.add_argument(
+        "--arms", default="full@5e-5,lora(8)@1e-3", help="RECIPE@LR[@EPOCHS], comma-separated"
+    )
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--json", help="also write every run and the table here")
     a = p.parse_args(argv)
     arms = parse_arms(a.arms)
     if arms[0][0] != "full":
-        arms.insert(0, ("full", default_learning_rate("full")))  # the baseline every row cites
+        arms.insert(0, ("full", default_learning_rate("full"), None))  # every row cites it
     seeds = [int(s) for s in a.seeds.split(",")]
     data = jaxtl.data.vader()
     print(
@@ -80,9 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     runs = []
     t0 = time.perf_counter()
-    for recipe, lr in arms:
+    for recipe, lr, epochs in arms:
         for seed in seeds:
-            r = measure(recipe, lr, seed, a.epochs, data)
+            r = measure(recipe, lr, seed, epochs or a.epochs, data)
             runs.append(r)
             print(
                 f"{recipe} lr {lr:g} seed {seed}: test {100 * r['test_accuracy']:.2f}%, "
@@ -91,22 +99,23 @@ def main(argv: list[str] | None = None) -> None:
             )
     by = {}
     for r in runs:
-        by.setdefault((r["recipe"], r["lr"]), []).append(r)
-    full = by[arms[0]]
+        by.setdefault((r["recipe"], r["lr"], r["epochs"]), []).append(r)
+    full = by[(arms[0][0], arms[0][1], arms[0][2] or a.epochs)]
     full_params, full_bytes = full[0]["trainable_params"], full[0]["opt_state_bytes"]
     full_epoch = statistics.mean(r["seconds_per_epoch"] for r in full)
     table = []
     print(
-        "\n| recipe | lr | test accuracy (mean +- std) | trainable vs full "
-        "| optimizer bytes vs full | s/epoch (vs full) |\n|---|---|---|---|---|---|"
+        "\n| recipe | lr | epochs | test accuracy (mean +- std) | trainable vs full "
+        "| optimizer bytes vs full | s/epoch (vs full) |\n|---|---|---|---|---|---|---|"
     )
-    for (recipe, lr), rs in by.items():
+    for (recipe, lr, epochs), rs in by.items():
         accs = [100 * r["test_accuracy"] for r in rs]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         epoch = statistics.mean(r["seconds_per_epoch"] for r in rs)
         row = {
             "recipe": recipe,
             "lr": lr,
+            "epochs": epochs,
             "mean": statistics.mean(accs),
             "std": std,
             "trainable_share": rs[0]["trainable_params"] / full_params,
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         table.append(row)
         print(
-            f"| {recipe} | {lr:g} | {row['mean']:.2f} +- {std:.2f}% | "
+            f"| {recipe} | {lr:g} | {epochs} | {row['mean']:.2f} +- {std:.2f}% | "
             f"{100 * row['trainable_share']:.2f}% ({rs[0]['trainable_params']:,}) | "
             f"{100 * row['opt_share']:.2f}% | {epoch:.1f} ({row['epoch_vs_full']:.2f}) |"
         )

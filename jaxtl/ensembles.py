@@ -41,7 +41,16 @@ __all__ = ["DEFAULT_ALPHAS", "soup", "wise_ft"]
 
 DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 # What identifies "the same pretrained model and head" in a run.json's model record.
-_SAME = ("path", "task", "num_labels", "pooling", "image_size", "in_channels")
+_SAME = (
+    "path",
+    "task",
+    "num_labels",
+    "pooling",
+    "image_size",
+    "in_channels",
+    "head",
+    "drop_blocks",
+)
 
 
 def _mode(metric: str) -> str:
@@ -99,7 +108,10 @@ class _Scorer:
                 json.dump(info, f, indent=2, default=str)
         ckpt = Checkpointer(os.path.join(out, "checkpoints"), best_metric="score")
         try:
-            ckpt.save(int(state.step), state.checkpoint_tree(), record, metrics={"score": 0.0})
+            # The stage of the restored run's state: a staged run's optimizer state is that
+            # stage's, and a restore builds its template from this (Trainer.checkpoint_like).
+            meta = {**record, "stage": self.run.trainer.stage}
+            ckpt.save(int(state.step), state.checkpoint_tree(), meta, metrics={"score": 0.0})
             ckpt.wait()
         finally:
             ckpt.close()
@@ -299,8 +311,8 @@ def soup(
         if d == run_dirs[0]:
             tree = scorer.run.state.checkpoint_tree()
         else:
-            tree, _ = checkpoint.restore_params(
-                os.path.join(d, "checkpoints"), scorer.run.state.checkpoint_tree(), which
+            tree, _ = checkpoint.restore_params(  # each run in the stage it was saved in
+                os.path.join(d, "checkpoints"), scorer.run.trainer.checkpoint_like, which
             )
         params, stats = _host(tree["params"]), _host(tree["batch_stats"])
         scores = scorer.score(unflatten(params), unflatten(stats))

@@ -2,12 +2,16 @@
 
 - :func:`with_head` puts any Flax module on top of a backbone loaded with
   ``task="features"``: the built-in :class:`MLPHead` (layers with dropout), or the user's own.
-  Token features (text encoders, ``[B, T, H]``) are pooled first: ``"cls"`` (the first token),
+  Token features (text models, ``[B, T, H]``) are pooled first: ``"cls"`` (the first token),
+  ``"last"`` (the last real token: what a causal decoder such as GPT-2 has seen everything by),
   ``"mean"`` or ``"max"`` over the attention mask, or ``"attention"`` (a learned query,
-  :class:`AttentionPool`). The head's params live under ``head/...`` in the same tree as the
-  backbone's, whose paths do not change, so every recipe (``linear_probe`` trains the new head,
-  ``lora(r)`` adapts the backbone), the feature cache, checkpoints, resume and evaluation work
-  as for any model. The Trainer also takes a custom loss (``Trainer(..., loss=fn)``).
+  :class:`AttentionPool`). The default is the checkpoint's own (a sentence-transformers
+  declaration, GPT-2's last token), else ``"cls"``. The head's params live under ``head/...``
+  in the same tree as the backbone's, whose paths do not change, so every recipe
+  (``linear_probe`` trains the new head, ``lora(r)`` adapts the backbone), the feature cache,
+  ``--precision bf16`` and ``--remat`` (which rebuild the backbone), checkpoints, resume and
+  evaluation work as for any model. The Trainer also takes a custom loss
+  (``Trainer(..., loss=fn)``). Exporting to the source format needs the family's own head.
 - Dropping the top blocks happens at load: ``jaxtl.load(path, drop_blocks=k)``
   (``--drop-blocks K``; :func:`jaxtl.models.registry.truncated_config`).
 - From the command line, ``--head 'mlp(256, dropout=0.1)'`` and ``--pooling max|attention``
@@ -47,7 +51,7 @@ __all__ = [
     "with_head",
 ]
 
-POOLINGS = ("cls", "mean", "max", "attention")
+POOLINGS = ("cls", "mean", "max", "attention", "last")
 _ACTIVATIONS = {"gelu": nn.gelu, "relu": nn.relu, "tanh": jnp.tanh, "silu": nn.silu}
 
 
@@ -94,6 +98,9 @@ def _pool(x: jax.Array, mask: jax.Array | None, how: str) -> jax.Array:
     if how == "cls":
         return x[:, 0]
     m = jnp.ones(x.shape[:2], x.dtype) if mask is None else mask.astype(x.dtype)
+    if how == "last":  # right padding: the last real token is at (number of real tokens) - 1
+        last = jnp.maximum(m.sum(1).astype(jnp.int32) - 1, 0)
+        return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     if how == "mean":
         return (x * m[..., None]).sum(1) / jnp.maximum(m.sum(1, keepdims=True), 1.0)
     return jnp.where(m[..., None] > 0, x, jnp.finfo(x.dtype).min).max(axis=1)  # max
@@ -123,21 +130,34 @@ class _Head(nn.Module):
 
 
 class _Headed(nn.Module):
-    """The backbone (its scope shared, so its param paths are unchanged) and ``head``."""
+    """The backbone (its scope shared, so its param paths are unchanged) and ``head``.
+
+    ``config`` and ``dtype``, when set (:func:`jaxtl.models.common.recompute` clones the module
+    with them for remat and another compute dtype), rebuild the backbone with them."""
 
     body: nn.Module
     head: _Head
     mask_index: int | None
     batch_norm: bool
+    config: Any = None
+    dtype: Any = None
 
     def setup(self):
-        nn.share_scope(self, self.body)
+        updates = {"config": self.config, "dtype": self.dtype}
+        self.backbone = self.body.clone(**{k: v for k, v in updates.items() if v is not None})
+        nn.share_scope(self, self.backbone)
 
     def __call__(self, *inputs, train: bool = False, bn_train: tuple[str, ...] = ()):
         kwargs = {"bn_train": bn_train} if self.batch_norm else {}
-        features = self.body(*inputs, train=train, **kwargs)
+        features = self.backbone(*inputs, train=train, **kwargs)
         mask = None if self.mask_index is None else inputs[self.mask_index]
         return self.head(features, mask, train=train)
+
+
+def _causal(family: str) -> bool:
+    from jaxtl.models.registry import FAMILIES
+
+    return family in FAMILIES and "causal_lm" in FAMILIES[family].tasks
 
 
 def _example(model: LoadedModel) -> dict[str, np.ndarray]:
@@ -188,15 +208,23 @@ def with_head(
         raise ValueError("with_head: put the head on the base model, then adapt it with LoRA.")
     if pooling is not None and pooling not in POOLINGS:
         raise ValueError(f"pooling (--pooling) must be one of {POOLINGS}, got {pooling!r}.")
+    text = "preprocessing" not in model.extras
+    if pooling is not None and not text:
+        raise ValueError(
+            f"pooling (--pooling {pooling}) applies to text models; the {model.family!r} "
+            "backbone already pools its image features. Leave pooling out."
+        )
+    if text and pooling is None:
+        own = model.extras.get("pooling")
+        pooling = own if own in POOLINGS else "last" if _causal(model.family) else "cls"
     if task not in ("classification", "regression"):
         raise ValueError(f"with_head: task must be 'classification' or 'regression', not {task!r}.")
     num_labels = num_labels if num_labels is not None else getattr(head, "num_labels", None)
     if num_labels is None:
         raise ValueError("with_head: pass num_labels= (the head's output width).")
-    text = "preprocessing" not in model.extras
     wrapper = _Headed(
         body=model.module,
-        head=_Head(head, (pooling or "cls") if text else None),
+        head=_Head(head, pooling),
         mask_index=1 if text else None,
         batch_norm=bool(model.batch_stats),
     )
@@ -204,7 +232,6 @@ def with_head(
     if rebuild is None:
         raise ValueError("with_head: this model's forward cannot be rebuilt around a new head.")
     apply, forward = rebuild(wrapper)
-    forward.rebuild = None  # remat / precision clone a family's module, not this wrapper
     example = _example(model)
     features = jax.eval_shape(
         lambda p, s: model.forward(p, s, example)[0], model.params, model.batch_stats
@@ -228,12 +255,12 @@ def with_head(
             report, initialized=[*report.initialized, *new], sizes={**report.sizes, **new}
         )
     if text:
-        extras["pooling"] = pooling or "cls"
+        extras["pooling"] = pooling
     return dataclasses.replace(
         model,
         module=wrapper,
         params=params,
-        structure=dataclasses.replace(model.structure, head=("head",), neck=()),
+        structure=dataclasses.replace(model.structure, head=("head",)),
         task=task,
         num_labels=1 if task == "regression" else num_labels,
         apply=apply,
@@ -250,7 +277,7 @@ def parse_head(spec: str) -> dict:
 
     Example:
       >>> parse_head("mlp([512, 256], dropout=0.2)")
-      {'hidden': [512, 256], 'dropout': 0.2}
+      {'dropout': 0.2, 'hidden': [512, 256]}
     """
     usage = (
         "--head takes 'linear' or 'mlp(WIDTH)' / 'mlp([W1, W2], dropout=0.1, activation=\"gelu\")'"
@@ -270,15 +297,20 @@ def parse_head(spec: str) -> dict:
         raise ValueError(f"--head {spec!r}: arguments must be literals; {usage}.") from None
     if len(args) > 1 or set(kwargs) - {"dropout", "activation", "hidden"}:
         raise ValueError(f"--head {spec!r}: {usage}.")
-    out = {}
-    if args:
-        out["hidden"] = [args[0]] if isinstance(args[0], int) else list(args[0])
-    out.update(kwargs)
-    hidden = out.get("hidden", [256])
-    if not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in hidden):
-        raise ValueError(f"--head {spec!r}: widths must be positive ints, got {hidden}.")
-    if not 0 <= out.get("dropout", 0.1) < 1:
-        raise ValueError(f"--head {spec!r}: dropout must be in [0, 1).")
+    if args and "hidden" in kwargs:
+        raise ValueError(f"--head {spec!r}: give the widths once (positionally or hidden=).")
+    out = dict(kwargs)
+    widths = args[0] if args else kwargs.get("hidden", [256])
+    out["hidden"] = [widths] if isinstance(widths, int) else widths
+    hidden = out["hidden"]
+    if not isinstance(hidden, list | tuple) or not all(
+        isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in hidden
+    ):
+        raise ValueError(f"--head {spec!r}: widths must be positive ints, got {widths!r}.")
+    out["hidden"] = list(hidden)
+    dropout = out.get("dropout", 0.1)
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        raise ValueError(f"--head {spec!r}: dropout must be a number in [0, 1), got {dropout!r}.")
     if out.get("activation", "gelu") not in _ACTIVATIONS:
         raise ValueError(f"--head {spec!r}: activation must be one of {sorted(_ACTIVATIONS)}.")
     return out

@@ -119,3 +119,24 @@ def test_a_soup_of_different_recipes_models_or_heads_is_refused_with_the_reason(
         ensembles.soup([runs["a"]])
     with pytest.raises(ValueError, match=r"alphas \(--alphas\) must be numbers in \[0, 1\]"):
         ensembles.wise_ft(runs["a"], [1.5])
+
+
+def test_a_soup_of_staged_runs_restores_each_in_its_stage_and_rescores(tmp_path, capsys):
+    # lp_ft runs whose checkpoints hold the fine-tuning stage's optimizer state: the soup and
+    # jaxtl evaluate of it build that stage's template from each checkpoint's metadata.
+    model = make_tiny_bert(str(tmp_path / "bert"))
+    csv = write_vader_csv(tmp_path / "words.csv", 160)
+    dirs = []
+    for seed in (0, 1):
+        argv = ["finetune", "--model", model, "--data", csv, "--text-column", "word",
+                "--label-column", "sentiment", "--recipe", "lp_ft(2, unit='steps')",
+                "--no-scratch", "--lr", "1e-3", "--max-steps", "5", "--batch-size", "16",
+                "--seed", str(seed), "--out", str(tmp_path / f"r{seed}")]  # fmt: skip
+        assert cli.main(argv) == 0
+        (run,) = [p for p in (tmp_path / f"r{seed}").iterdir() if p.is_dir()]
+        dirs.append(str(run))
+    out = tmp_path / "soup"
+    assert cli.main(["soup", *dirs, "--out", str(out)]) == 0
+    result = read_json(out / "soup.json")
+    again = jaxtl.evaluate_run(str(out))
+    assert again["validation"] == result[result["chosen"]]["validation"]

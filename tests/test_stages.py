@@ -72,6 +72,12 @@ def test_gradual_compiles_once_per_stage_and_unfreezes_from_the_top(tiny_dir, ar
     changed = _changed(before, part.state.params)
     assert changed and all(p.startswith(("classifier", "bert/pooler")) for p in changed)
     assert len(seen) == 1
+    # Stage 1 (steps 5..9) adds the top block, and only it.
+    trainer = _trainer(tiny_dir, "gradual(every=5, unit='steps')", model=model, restore_best=False)
+    part = fit(trainer, arrays["train"], stop_at=9)
+    changed = _changed(before, part.state.params)
+    assert any(p.startswith("bert/encoder/layer_1/") for p in changed)
+    assert not any(p.startswith(("bert/encoder/layer_0/", "bert/embeddings")) for p in changed)
 
     seen.clear()
     trainer = _trainer(tiny_dir, "gradual(every=5, unit='steps')", model=model, restore_best=False)
@@ -81,15 +87,11 @@ def test_gradual_compiles_once_per_stage_and_unfreezes_from_the_top(tiny_dir, ar
     changed = _changed(before, res.state.params)
     for prefix in ("classifier", "bert/encoder/layer_1", "bert/encoder/layer_0", "bert/embed"):
         assert any(p.startswith(prefix) for p in changed), prefix
-    # Layer 0 trained 10 steps, layer 1 fifteen: a later stage never reaches back.
-    stage = trainer.stage
-    assert stage == 3 and sorted(trainer.plan.stages[stage].plan.groups) == [
-        "block_0",
-        "block_1",
-        "head",
-        "neck",
-        "stem",
-    ]
+    # Adam's step count per group: the head trained all 20 steps, layer_1 from step 5 (its
+    # state carried through later stages), layer_0 from 10, the embeddings from 15.
+    assert trainer.stage == 3
+    counts = _adam_counts(res.state.opt_state)
+    assert counts == {"head": 20, "neck": 20, "block_1": 15, "block_0": 10, "stem": 5}
 
 
 @pytest.mark.parametrize("stop_at", [7, 10])  # mid-stage; exactly at a stage start + eval
@@ -132,6 +134,8 @@ def test_lp_ft_probes_then_fine_tunes_with_a_fresh_schedule(tiny_dir, arrays, tm
     assert lr[2] == pytest.approx(0.005) and lr[12] == pytest.approx(5e-4)
     assert lr[3] == pytest.approx(0.01) and lr[13] == pytest.approx(1e-3)
     assert lr[10] == pytest.approx(0.01 / 8) and lr[20] == pytest.approx(1e-3 / 8)
+    # The optimizer restarted at step 10: every group's Adam state counts the 10 steps since.
+    assert _adam_counts(res.state.opt_state) == {"head": 10, "body": 10}
 
 
 def test_carry_state_keeps_unchanged_groups_and_starts_new_ones_fresh():
@@ -171,6 +175,17 @@ def test_carry_state_keeps_unchanged_groups_and_starts_new_ones_fresh():
         ).inner_states["head"]
     )
     assert int(adam.count) == 0 and int(sched.count) == 0
+
+
+def _adam_counts(opt_state) -> dict:
+    part = stages._partition(jax.device_get(opt_state))
+    out = {}
+    for name, inner in part.inner_states.items():
+        is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+        adam = [x for x in jax.tree.leaves(inner, is_leaf=is_adam) if is_adam(x)]
+        if adam:
+            out[name] = int(adam[0].count)
+    return out
 
 
 def _states(inner):

@@ -75,6 +75,8 @@ def test_each_pooling_computes_its_definition(bert_dir, pooling):
         pooled = np.stack([h[m].mean(0) for h, m in zip(hidden, mask, strict=True)])
     elif pooling == "max":
         pooled = np.stack([h[m].max(0) for h, m in zip(hidden, mask, strict=True)])
+    elif pooling == "last":
+        pooled = np.stack([h[m][-1] for h, m in zip(hidden, mask, strict=True)])
     else:
         q = np.asarray(model.params["head"]["attention_pool"]["query"])
         rows = []
@@ -197,6 +199,7 @@ def test_cli_surgery_runs_rebuild_from_run_json(bert_dir, tmp_path, capsys):
         (["--drop-blocks", "3"], r"at most 2 can be dropped"),
         (["--head", "mlp(0)"], r"--head 'mlp\(0\)': widths must be positive"),
         (["--head", "deep"], r"unknown --head 'deep'"),
+        (["--head", "mlp(16.5)"], r"widths must be positive ints, got 16.5"),
     ],
 )
 def test_cli_bad_surgery_is_refused_before_training(bert_dir, tmp_path, capsys, flags, message):
@@ -207,3 +210,22 @@ def test_cli_bad_surgery_is_refused_before_training(bert_dir, tmp_path, capsys, 
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err
+    assert not (tmp_path / "o").exists()  # refused before any run started
+
+
+def test_image_backbones_refuse_a_pooling_and_gpt2_pools_its_last_real_token(tmp_path):
+    base = jaxtl.load(jaxtl.efficientnet_lite0_path(), task="features", image_size=32)
+    with pytest.raises(ValueError, match=r"--pooling max\) applies to text models"):
+        surgery.with_head(base, _dense_head(), pooling="max")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=99, n_positions=64)
+    torch.manual_seed(0)
+    transformers.GPT2Model(cfg).save_pretrained(tmp_path / "gpt2")
+    gpt2 = jaxtl.load(str(tmp_path / "gpt2"), task="features")
+    model = surgery.with_head(gpt2, _dense_head())
+    assert model.extras["pooling"] == "last"
+    ids = np.array([[5, 6, 7, 8], [9, 10, 0, 0]])
+    batch = {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int32)}
+    hidden = np.asarray(gpt2.apply(gpt2.params, batch))
+    w = model.params["head"]["out"]
+    expected = np.stack([hidden[0, 3], hidden[1, 1]]) @ w["kernel"] + w["bias"]
+    np.testing.assert_allclose(model.apply(model.params, batch), expected, rtol=1e-5, atol=1e-5)

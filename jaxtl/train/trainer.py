@@ -199,8 +199,8 @@ class Trainer:
         self._schedules = (total_steps, starts, per_stage)
 
     def _stage_state(self, stage: int, params: Any = None):
-        """``(abstract state, its specs, create(params, batch_stats))`` of ``stage``, with no
-        side effect."""
+        """``(abstract state, its specs, create(params, batch_stats))`` of ``stage``; it changes
+        no attribute but the LR schedules, which it sets (for templates) when none are."""
         optim = self.config.optim
         if self._schedules is None:
             self._set_schedules(1, None)
@@ -381,6 +381,14 @@ class Trainer:
         total = cfg.total_steps(spe)
         self._set_schedules(total, spe)  # a staged plan's stages that collide fail here
         starts = self._schedules[1]
+        late = [i for i, s in enumerate(starts) if s >= total]
+        if late:
+            print(
+                f"warning: {self.plan.name} has {len(starts)} stages but the run's {total} steps "
+                f"reach only {len(starts) - len(late)}: stage {late[0]} would start at step "
+                f"{starts[late[0]]}. Give it more --epochs / --max-steps, or shorter stages.",
+                file=sys.stderr,
+            )
         state = self.init_state(total)
         tracker = Tracker(*self.monitor, cfg.checkpoint.early_stopping if val else None)
         ckpt = self._checkpointer(has_val=val is not None)

@@ -113,6 +113,13 @@ def check_stages(stages: Sequence[Stage], name: str) -> None:
                 f"Plan {name!r}: stage plan {st.plan.name!r} adds LoRA adapters; staged recipes "
                 "(gradual, lp_ft) train the model's own params. Use lora(r) as its own recipe."
             )
+    for i, st in enumerate(stages[1:], 1):
+        if st.learning_rate is not None and not st.restart:
+            raise ValueError(
+                f"Plan {name!r}: stage {i} sets learning_rate but does not restart; a stage "
+                "continues the schedule it is in, so only the first stage and restarting "
+                "stages set one."
+            )
     if stages[0].start != 0:
         raise ValueError(f"Plan {name!r}: the first stage must start at 0, not {stages[0].start}.")
     units = {s.unit for s in stages}
