@@ -5,7 +5,7 @@
 or a list of ``[H, W(, C)]`` arrays of different sizes) into
 :class:`~jaxtl.data.images.ImageSplits`, split 80/10/10 with
 :func:`~jaxtl.data.sources.split_indices` like the CSV / JSONL sources. What is wrong with the
-arrays (lengths, ranks, label types) is an error here, before anything compiles.
+arrays (lengths, ranks, layouts, NaN, label types) is an error here, before anything compiles.
 """
 
 from __future__ import annotations
@@ -16,15 +16,8 @@ from typing import Any
 import numpy as np
 
 from jaxtl.data.images import ImageSplits, pil_arrays
-from jaxtl.data.sources import (
-    TextSplits,
-    check_label_count,
-    check_labels,
-    encode_labels,
-    pick_column,
-    split,
-    split_indices,
-)
+from jaxtl.data.labels import check_finite, labels_for_head
+from jaxtl.data.sources import TextSplits, check_split_sizes, pick_column, split, split_indices
 
 _RANKS = "texts (a list of str) or images ([N, H, W] or [N, H, W, C] numbers)"
 
@@ -47,9 +40,11 @@ def from_arrays(
       inputs: texts (a list, tuple or array of ``str``); images as one numeric array
         ``[N, H, W]`` (grayscale) or ``[N, H, W, C]``, or a list of ``[H, W(, C)]`` arrays or
         PIL images of different sizes (uint8 images are 0..255, float images already
-        rescaled); or a dict of such columns, e.g. ``{"image": x, "label": y}``.
-      labels: one per example: integer class ids or class-name strings (mapped to ids in sorted
-        order), numbers for ``task="regression"``; ``None`` for ``task="causal_lm"``.
+        rescaled, e.g. to 0..1; any size: the model's preprocessing resizes them); or a dict of
+        such columns, e.g. ``{"image": x, "label": y}``.
+      labels: one per example: integer class ids (whole floats such as 1.0 too) or class-name
+        strings (mapped to ids in sorted order), finite numbers for ``task="regression"``;
+        ``None`` for ``task="causal_lm"``.
       input_column: for a dict, the inputs' key (default: the only key that is not the label).
       label_column: for a dict, the labels' key (default ``"label"``).
       seed: the split's permutation (:func:`~jaxtl.data.sources.split_indices`).
@@ -59,8 +54,10 @@ def from_arrays(
       name: the dataset's name in reports.
 
     Raises:
-      ValueError: inputs neither texts nor images, inputs and labels of different lengths,
-        labels that are not one class id per example, or too few examples to split.
+      ValueError: inputs neither texts nor images, channels-first images, NaN or inf in
+        them, inputs and labels of different lengths, labels that are not one class id per
+        example (a fraction, a one-hot row, a missing or out-of-range id), NaN or inf targets,
+        or too few examples to split; each names the first bad example.
 
     Example:
       >>> import numpy as np
@@ -153,6 +150,8 @@ def as_inputs(inputs: Any, name: str = "inputs") -> tuple[str, list[str] | np.nd
     if array.ndim == 3:
         array = array[..., None]
     _check_channels_last(array.shape, name)
+    if array.dtype.kind == "f":
+        check_finite(array, f"{name}: images")
     return "image", array
 
 
@@ -173,63 +172,27 @@ def _image_list(items: list[np.ndarray], name: str) -> np.ndarray:
                 "shape [H, W] or [H, W, C]."
             )
         out[i] = image[..., None] if image.ndim == 2 else image
+        _check_channels_last(out[i].shape, name, item=i)
+        if image.dtype.kind == "f":
+            check_finite(image[None], f"{name}: images", [f"image {i}"])
     if len({(x.shape, x.dtype) for x in out}) == 1:
         return np.stack(list(out))
     return out
 
 
-def _check_channels_last(shape: tuple[int, ...], name: str) -> None:
+def _check_channels_last(shape: tuple[int, ...], name: str, item: int | None = None) -> None:
     # NCHW is the torch habit; without this check a [N, 3, 32, 32] array would read as 32x3
     # images with 32 channels and fail later, in preprocessing, with a less useful message.
-    if shape[-1] > 4 and shape[1] in (1, 3):
+    if shape[-1] > 4 and shape[-3] in (1, 3, 4):
+        if item is None:
+            raise ValueError(
+                f"{name}: images of shape {shape} look channels-first [N, C, H, W]; jaxtl reads "
+                "[N, H, W, C]: pass np.moveaxis(images, 1, -1)."
+            )
         raise ValueError(
-            f"{name}: images of shape {shape} look channels-first [N, C, H, W]; jaxtl reads "
-            "[N, H, W, C]: pass np.moveaxis(images, 1, -1)."
+            f"{name}: image {item} of shape {shape} looks channels-first [C, H, W]; jaxtl reads "
+            "[H, W, C]: pass np.moveaxis(image, 0, -1) for each image."
         )
-
-
-def labels_for_head(
-    raw: Any,
-    task: str,
-    num_labels: int | None,
-    where: str,
-    *,
-    label_names: Sequence[str] | None = None,
-    fix_shape: str = "name the label column with label_column= (--label-column)",
-    fix_type: str = "store them as a ClassLabel feature",
-) -> tuple[np.ndarray, list[str] | None]:
-    """Labels checked against the head: ``(int32 class ids, label names)``, or float32 values
-    for regression.
-
-    Class-name strings become ids in sorted order (as in CSV files); integer ids must lie in
-    ``[0, num_labels)``, where ``num_labels`` defaults to the number of names or the largest
-    id + 1. ``where`` (``"'label' of NAME"``) places the labels in error messages.
-    """
-    values = np.asarray(raw)
-    if task == "regression":
-        return check_labels(values, task, where, fix_shape=fix_shape, fix_type=fix_type), None
-    names = None if label_names is None else list(label_names)
-    if values.ndim == 1 and (values.dtype.kind in "US" or _all_str(values)):
-        found = sorted({str(x) for x in values.tolist()})
-        ids, strings = encode_labels(values.tolist(), num_labels or len(found), task, where)
-        names = strings if strings is not None else names
-    else:
-        ids = check_labels(values, task, where, fix_shape=fix_shape, fix_type=fix_type)
-        if num_labels is None:
-            if ids.min() < 0:
-                negative = sorted(set(ids[ids < 0].tolist()))[:5]
-                raise ValueError(
-                    f"Labels {where} include negative class ids {negative}; class ids run 0, 1, "
-                    "..., num_labels - 1."
-                )
-            num_labels = len(names) if names else int(ids.max()) + 1
-        ids, _ = encode_labels(ids.tolist(), max(num_labels, 1), task, where)
-    check_label_count(names, num_labels, f"Label column {where}")
-    return ids, names
-
-
-def _all_str(values: np.ndarray) -> bool:
-    return values.dtype == object and all(isinstance(x, str) for x in values.tolist())
 
 
 def split_examples(
@@ -241,18 +204,13 @@ def split_examples(
     name: str = "arrays",
 ) -> TextSplits | ImageSplits:
     """Checked inputs (:func:`as_inputs`) and labels split 80/10/10 with ``split_indices``."""
-    n = len(inputs)
-    if n == 0:
-        raise ValueError(f"The dataset {name!r} is empty: there is nothing to train on.")
-    train, val, test = split_indices(n, seed)
-    if min(len(train), len(val), len(test)) == 0:
-        raise ValueError(
-            f"The dataset {name!r} has {n} examples, too few to split 80/10/10 (a split would be "
-            "empty); pass at least 10, or your own train / validation / test splits."
-        )
     names = None if label_names is None else list(label_names)
     if isinstance(inputs, list):
         return split(inputs, labels, seed=seed, label_names=names, name=name)
+    if len(inputs) == 0:
+        raise ValueError(f"The dataset {name!r} is empty: there is nothing to train on.")
+    check_split_sizes(len(inputs), name)
+    train, val, test = split_indices(len(inputs), seed)
     return ImageSplits(
         train=(inputs[train], labels[train]),
         validation=(inputs[val], labels[val]),

@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxtl.data import arrays
 from jaxtl.data.images import ImageSplits, pil_arrays
+from jaxtl.data.labels import labels_for_head
 from jaxtl.data.sources import SPLITS, TextSplits, default_splits, pick_column
 
 PREFIX = "hf:"
@@ -320,7 +321,7 @@ def _labels(parts, label, feature, task, num_labels, names, title):
             f"Labels {where} are -1 (unlabeled) in the {', '.join(found)} split(s); pick "
             "labeled splits with splits= (--splits TRAIN,VALIDATION,TEST)."
         )
-    return arrays.labels_for_head(
+    return labels_for_head(
         raw,
         task,
         num_labels,

@@ -190,11 +190,48 @@ def encode(
     for split in ("train", "validation", "test"):
         images, labels = getattr(data, split)
         if len(labels) == 0:
-            raise ValueError(f"The {split} split of {data.name!r} is empty.")
+            raise ValueError(
+                f"The {split} split of {data.name!r} is empty (sizes {data.sizes()}); every "
+                "split needs examples: add images."
+            )
         if len(images) != len(labels):
             raise ValueError(
                 f"The {split} split has {len(images)} images but {len(labels)} labels."
             )
+        check_pixels(images, preprocessing.rescale, f"The {split} split of {data.name!r}")
         out[split] = {"pixel_values": preprocessing(images), "label": np.asarray(labels)}
     facts = {"sizes": data.sizes(), "image_size": list(preprocessing.size)}
     return out, facts
+
+
+def check_pixels(images: np.ndarray, rescale: float, where: str) -> None:
+    """Pixel values in the range the preprocessing reads them in: integers as 8-bit 0..255,
+    floats as already rescaled (0..1 for the usual ``rescale`` of 1/255).
+
+    Images outside it would train, silently, on inputs hundreds of times too bright (0..255
+    floats) or normalized twice; ``images`` is ``[N, H, W, C]`` or an object array of images.
+    """
+    ragged = isinstance(images, list | tuple) or images.dtype == object
+    for image in map(np.asarray, images if ragged else [images]):
+        if image.dtype == np.uint8:
+            continue
+        lo, hi = float(image.min()), float(image.max())
+        if image.dtype.kind in "iu" and (lo < 0 or hi > 255):
+            raise ValueError(
+                f"{where}: {image.dtype} images hold values {lo:g} to {hi:g}, but integer images "
+                "are read as 8-bit pixels 0..255. Scale them to uint8 0..255, or to floats in "
+                f"[0, {255 * rescale:g}]."
+            )
+        top = 255 * rescale  # where uint8 pixels land: float images are read as already there
+        if image.dtype.kind == "f" and (hi > 1.5 * top or lo < -0.5 * top):
+            fix = (
+                "they look normalized already: pass the raw pixels, which the model's "
+                "preprocessing normalizes"
+                if lo < -0.5 * top
+                else f"they look like 0..255 pixels: pass them as uint8 (images.astype(np.uint8)) "
+                f"or divide them by {1 / rescale:g}"
+            )
+            raise ValueError(
+                f"{where}: float images are read as already rescaled to [0, {top:g}], but these "
+                f"run from {lo:g} to {hi:g}; {fix}."
+            )

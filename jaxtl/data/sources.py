@@ -1,7 +1,9 @@
 """Labeled text sources: the embedded VADER lexicon and user CSV / JSONL files.
 
 A source returns a :class:`TextSplits`: train / validation / test lists of texts with labels.
-Validation of what a user handed us happens here, on the host, before anything compiles.
+Validation of what a user handed us happens here (a file's rows) and in
+:mod:`jaxtl.data.labels` (its labels), on the host, before anything compiles; errors name the
+file and line.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from jaxtl.data.labels import check_label_count, encode_labels, show_value
 
 SPLITS = ("train", "validation", "test")  # every source's three splits, in this order
 
@@ -36,9 +40,27 @@ class TextSplits:
 def split_indices(n: int, seed: int = 0, fractions=(0.8, 0.1)) -> tuple[np.ndarray, ...]:
     """Permute ``range(n)`` with ``default_rng(seed)``: first 80% train, next 10% val, rest test."""
     perm = np.random.default_rng(seed).permutation(n)
-    a = int(n * fractions[0])
-    b = a + int(n * fractions[1])
-    return perm[:a], perm[a:b], perm[b:]
+    a, b, _ = split_sizes(n, fractions)
+    return perm[:a], perm[a : a + b], perm[a + b :]
+
+
+def split_sizes(n: int, fractions=(0.8, 0.1)) -> tuple[int, int, int]:
+    """How many of ``n`` examples :func:`split_indices` puts in train, validation and test."""
+    a, b = int(n * fractions[0]), int(n * fractions[1])
+    return a, b, n - a - b
+
+
+def check_split_sizes(n: int, name: str, unit: str = "examples") -> None:
+    """Refuse ``n`` examples too few for every 80/10/10 split to hold one, saying how many it
+    takes (``unit``: what the user counts, e.g. a file's ``"rows"``)."""
+    empty = [s for s, k in zip(SPLITS, split_sizes(n), strict=True) if k == 0]
+    if empty:
+        need = next(m for m in range(1, 1000) if min(split_sizes(m)) > 0)
+        raise ValueError(
+            f"The dataset {name!r} has {n} {unit}, too few to split 80/10/10: the "
+            f"{' and '.join(empty)} split would be empty. It takes at least {need} {unit}: "
+            f"add {unit}."
+        )
 
 
 def default_splits(available: Sequence[str]) -> tuple[str, str, str]:
@@ -98,6 +120,7 @@ def split(texts, labels=None, *, seed=0, label_names=None, name="data") -> TextS
     labels = None if labels is None else np.asarray(labels)
     if len(texts) == 0:
         raise ValueError(f"The dataset {name!r} is empty: there is nothing to train on.")
+    check_split_sizes(len(texts), name)
     tr, va, te = split_indices(len(texts), seed)
     return TextSplits(
         train=_take(texts, labels, tr),
@@ -150,35 +173,129 @@ def read_table(
     path: str, text_column: str = "text", label_column: str | None = "label"
 ) -> tuple[list[str], list | None]:
     """Read texts and raw labels from a ``.csv`` or ``.jsonl``/``.json`` file with named columns
-    (``label_column=None``: texts only, labels ``None``)."""
+    (``label_column=None``: texts only, labels ``None``).
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: what is wrong with the file, at its line: a quote left open, a row with more
+        or fewer fields than the header, a column named twice, a line that is no JSON object,
+        a missing column, or a text that is not a string.
+    """
+    texts, labels, _ = _read_table(path, text_column, label_column)
+    return texts, labels
+
+
+def _read_table(path: str, text_column: str, label_column: str | None):
+    """Texts, raw labels and where each row is (``"line 7"``), for errors about its label."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"Data file not found: {path!r}. Pass an existing .csv or .jsonl file."
         )
     ext = os.path.splitext(path)[1].lower()
     if ext == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            _check_columns(path, columns, text_column, label_column)
-            rows = list(reader)
+        records = _csv_records(path, text_column, label_column)
     elif ext in (".jsonl", ".json"):
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n}: not a JSON object per line ({e}).") from e
-        for n, row in enumerate(rows, 1):
-            _check_columns(f"{path} (record {n})", list(row), text_column, label_column)
+        records = _jsonl_records(path)
+        for n, row in records:
+            _check_columns(f"{path}, line {n}", list(row), text_column, label_column)
     else:
         raise ValueError(f"Unsupported data file type {ext!r} for {path!r}: use .csv or .jsonl.")
-    if not rows:
+    if not records:
         raise ValueError(f"The data file {path!r} has no rows: there is nothing to train on.")
-    texts = [str(r[text_column]) for r in rows]
-    return texts, None if label_column is None else [r[label_column] for r in rows]
+    for n, row in records:
+        if not isinstance(row[text_column], str):
+            raise ValueError(
+                f"{path}, line {n}: the text column {text_column!r} holds "
+                f"{show_value(row[text_column])}, not a string. Write the text as a string, drop "
+                "the row, or name another column with text_column= (--text-column)."
+            )
+    texts = [row[text_column] for _, row in records]
+    labels = None if label_column is None else [row[label_column] for _, row in records]
+    return texts, labels, [f"line {n}" for n, _ in records]
+
+
+_CSV_FIX = (
+    'Quote a field that holds a comma or a line break ("a, b"), and write a quote inside a '
+    'quoted field as two ("").'
+)
+
+
+def _csv_records(path: str, text_column: str, label_column: str | None):
+    """``[(line, {column: field})]``: every row checked against the header at its line.
+
+    The reader is strict: without it a quote left open swallows the rest of the file into one
+    field, and the run fails later, far from the cause (an empty validation split).
+    """
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, strict=True)
+        rows, start = [], 1
+        try:
+            for row in reader:
+                if row:  # a blank line
+                    rows.append((start, reader.line_num, row))
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise ValueError(
+                f"{path}, line {start}: a quoted field that starts here does not end where it "
+                f"should (csv: {e}; read through line {reader.line_num}). A field that starts "
+                f"with a quote must end with one right before a comma or the line's end. "
+                f"{_CSV_FIX}"
+            ) from e
+    header = rows[0][2] if rows else []
+    _check_columns(path, header, text_column, label_column)
+    for column in (text_column, label_column):
+        at = [i + 1 for i, c in enumerate(header) if c == column]
+        if len(at) > 1:
+            raise ValueError(
+                f"{path}, line {rows[0][0]}: the header names column {column!r} {len(at)} "
+                f"times (columns {at}), so which one to read is ambiguous. Rename the others."
+            )
+    for start, end, row in rows[1:]:
+        if len(row) != len(header):
+            spans = (
+                f" The row runs on to line {end}: a quote opened on line {start} may be left open."
+                if end > start
+                else ""
+            )
+            raise ValueError(
+                f"{path}, line {start}: {len(row)} field(s), but the header (line {rows[0][0]}) "
+                f"has {len(header)}: {header}.{spans} Give every row one field per column. "
+                f"{_CSV_FIX}"
+            )
+    return [(start, dict(zip(header, row, strict=True))) for start, _, row in rows[1:]]
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+_JSONL_FIX = 'Each line must hold one JSON object, such as {"text": "...", "label": 0}.'
+
+
+def _jsonl_records(path: str) -> list[tuple[int, dict]]:
+    """``[(line, record)]`` of a JSON Lines file, blank lines skipped."""
+    records = []
+    with open(path, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            # A .json file written by json.dump is one array, not JSON Lines.
+            first = not records and line.lstrip()[:1] == "["
+            array = (
+                " The file looks like one JSON array: write one object per line." if first else ""
+            )
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}). "
+                    f"{_JSONL_FIX}{array} Fix or remove the line."
+                ) from e
+            if not isinstance(record, dict):
+                kind = _JSON_TYPES.get(type(record), "number")
+                raise ValueError(
+                    f"{path}, line {n}: a JSON {kind} ({show_value(record)}), not an object. "
+                    f"{_JSONL_FIX}{array}"
+                )
+            records.append((n, record))
+    return records
 
 
 def _check_columns(where: str, columns, text_column: str, label_column: str | None) -> None:
@@ -190,82 +307,18 @@ def _check_columns(where: str, columns, text_column: str, label_column: str | No
         )
 
 
-def encode_labels(raw: Sequence, num_labels: int, task: str, where: str = "data"):
-    """Raw labels -> array, with the label names for string labels; checked against the head.
-
-    Integer-like labels must lie in ``[0, num_labels)``. String labels are mapped to integers in
-    sorted order. Regression labels must be numbers.
-    """
-    if task == "regression":
-        try:
-            return np.asarray([float(x) for x in raw], np.float32), None
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"Regression labels in {where} must be numbers ({e}).") from e
-    try:
-        ints = np.asarray([int(str(x).strip()) for x in raw], np.int64)
-        names = None
-    except ValueError:
-        names = sorted({str(x) for x in raw})
-        index = {n: i for i, n in enumerate(names)}
-        ints = np.asarray([index[str(x)] for x in raw], np.int64)
-    bad = (ints < 0) | (ints >= num_labels)
-    if bad.any():
-        found = sorted(set(ints[bad].tolist()))[:10]
-        need = int(ints.max()) + 1
-        raise ValueError(
-            f"Labels in {where} must be in [0, {num_labels}) for a {num_labels}-way head; found "
-            f"{found}. Pass num_labels={need} (--num-labels {need}) or fix the labels."
-        )
-    return ints.astype(np.int32), names
-
-
-def check_labels(
-    raw,
-    task: str,
-    where: str,
-    *,
-    fix_shape: str = "name the label feature with label_key= (--label-column)",
-    fix_type: str = "store them as a ClassLabel feature",
-) -> np.ndarray:
-    """Labels as a typed source (TFDS, Hugging Face, arrays) holds them, checked: one value per
-    example, integer class ids (int32) or, for regression, numbers (float32).
-
-    ``where`` names them in errors (``"'label' of split 'train'"``); ``fix_shape`` and
-    ``fix_type`` say what to do about labels of the wrong shape or type.
-    """
-    values = np.asarray(raw)
-    if values.ndim != 1:
-        raise ValueError(
-            f"Labels {where} are not one value per example (each has shape "
-            f"{values.shape[1:]}); {fix_shape}."
-        )
-    if task == "regression":
-        if not np.issubdtype(values.dtype, np.number):
-            raise ValueError(f"Regression labels {where} are not numbers.")
-        return values.astype(np.float32)
-    if not np.issubdtype(values.dtype, np.integer):
-        raise ValueError(f"Labels {where} are {values.dtype}, not integer class ids; {fix_type}.")
-    return values.astype(np.int32)
-
-
-def check_label_count(names: Sequence[str] | None, num_labels: int | None, where: str) -> None:
-    """Named classes must match the head's width (no check when either is unknown)."""
-    if names is not None and num_labels is not None and len(names) != num_labels:
-        raise ValueError(
-            f"{where} has {len(names)} distinct labels {list(names)[:10]} but the head has "
-            f"{num_labels} outputs. Pass num_labels={len(names)} (--num-labels {len(names)})."
-        )
-
-
 def from_table(
     path, *, text_column="text", label_column="label", num_labels=2, task="classification", seed=0
 ) -> TextSplits:
     """A user file split 80/10/10 like the embedded data; ``task="causal_lm"`` reads only the
     text column."""
+    name = os.path.basename(path)
     if task == "causal_lm":
-        texts, _ = read_table(path, text_column, None)
-        return split(texts, None, seed=seed, name=os.path.basename(path))
-    texts, raw = read_table(path, text_column, label_column)
-    labels, names = encode_labels(raw, num_labels, task, where=path)
+        texts, _, _ = _read_table(path, text_column, None)
+        check_split_sizes(len(texts), path, "rows")
+        return split(texts, None, seed=seed, name=name)
+    texts, raw, places = _read_table(path, text_column, label_column)
+    labels, names = encode_labels(raw, num_labels, task, f"in {path}", places)
     check_label_count(names, num_labels, path)
-    return split(texts, labels, seed=seed, label_names=names, name=os.path.basename(path))
+    check_split_sizes(len(texts), path, "rows")
+    return split(texts, labels, seed=seed, label_names=names, name=name)

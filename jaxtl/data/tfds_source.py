@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from jaxtl.data.images import ImageSplits
-from jaxtl.data.sources import SPLITS, TextSplits, check_labels, default_splits, pick_column
+from jaxtl.data.labels import check_labels
+from jaxtl.data.sources import SPLITS, TextSplits, default_splits, pick_column
 
 PREFIX = "tfds:"
 _SPEC = re.compile(r"^(?P<name>[a-z0-9_]+)(?:/(?P<config>[\w.-]+))?(?::(?P<version>[\w.*]+))?$")

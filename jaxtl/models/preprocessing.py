@@ -135,8 +135,8 @@ class ImagePreprocessing:
             raise ValueError(f"Expected images [N, H, W, C], got shape {images.shape}.")
         if images.shape[-1] != self.channels:
             raise ValueError(
-                f"Images have {images.shape[-1]} channels, the model expects {self.channels}; "
-                "load the model with in_channels= to adapt its stem, or convert the images."
+                f"Images have {images.shape[-1]} channels, the model expects {self.channels}"
+                f"{self._channels_fix(images.shape[-1], images.shape[1])}"
             )
         out = np.stack([self._one(im) for im in images])
         return out[0] if single else out
@@ -146,10 +146,23 @@ class ImagePreprocessing:
             image = image[..., None]
         if image.ndim != 3 or image.shape[-1] != self.channels:
             raise ValueError(
-                f"Image {i} has shape {image.shape}; the model expects [H, W, {self.channels}]. "
-                "Load the model with in_channels= to adapt its stem, or convert the images."
+                f"Image {i} has shape {image.shape}; the model expects [H, W, {self.channels}]"
+                f"{self._channels_fix(image.shape[-1], image.shape[0] if image.ndim == 3 else 0)}"
             )
         return self._one(image)
+
+    def _channels_fix(self, channels: int, first: int) -> str:
+        """What to do about images with ``channels`` (their last axis; ``first``: their first
+        pixel axis, which holds the channels of a channels-first array)."""
+        if first == self.channels:
+            return (
+                ". They look channels-first; jaxtl reads channels last: np.moveaxis(images, 1, -1) "
+                "(one image: np.moveaxis(image, 0, -1))."
+            )
+        return (
+            f"; load the model with in_channels={channels} (--in-channels {channels}) to adapt "
+            "its stem, or convert the images."
+        )
 
     def _one(self, image: np.ndarray) -> np.ndarray:
         h, w = image.shape[:2]
