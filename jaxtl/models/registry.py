@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from jaxtl.models.base import Params
@@ -102,14 +104,99 @@ class Family:
     modality: str = "text"
     depth: tuple[str, ...] = ()
 
-    def build(self, *args: Any, **kwargs: Any) -> ModelSpec:
-        """Imports the family's builder and calls it."""
-        module_name, function = self.builder.split(":")
-        return _resolve(self.builder)(*args, **kwargs)
+    def build(
+        self, directory: str, raw_config: Mapping[str, Any], *, source: str, **kwargs: Any
+    ) -> ModelSpec:
+        """Imports the family's builder and calls it, refusing a model no real checkpoint has.
+
+        Every family is built here, so the size checks live here: each size key of
+        ``raw_config`` before the builder traces anything (:func:`check_sizes`), then the bytes
+        of the param tree it describes, before anything is allocated.
+
+        Args:
+          directory: the checkpoint directory, passed on to the builder.
+          raw_config: the parsed config.json (or a state dict's detected config).
+          source: the file ``raw_config`` came from, for messages.
+          **kwargs: the builder's keyword arguments (task, num_labels, dtype, options).
+
+        Raises:
+          ValueError: a size out of bounds, or a model over ``MAX_PARAM_BYTES``.
+        """
+        check_sizes(raw_config, source)
+        spec = _resolve(self.builder)(directory, raw_config, **kwargs)
+        leaves = jax.tree.leaves((spec.abstract_params, spec.abstract_batch_stats))
+        count = sum(math.prod(leaf.shape) for leaf in leaves)
+        size = sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in leaves)
+        if size > MAX_PARAM_BYTES:
+            raise ValueError(
+                f"{source} describes a {self.name!r} model of {count:,} params "
+                f"({size / 2**30:,.0f} GiB), over the {MAX_PARAM_BYTES // 2**30} GiB that "
+                "jaxtl.load builds on one device. Its sizes are corrupt or were not written for "
+                "these weights: restore config.json from the checkpoint's source."
+            )
+        return spec
 
     def detect_config(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | None:
         """The raw config for a state dict with these ``{name: shape}``, or None if not ours."""
         return _resolve(self.detect)(shapes) if self.detect else None
+
+
+# Bounds on config.json's size keys, checked before a family builds anything: a corrupt or
+# forged config (vocab_size 10**12, 10**6 layers) would otherwise become an allocation or a
+# trace of a million blocks before any error. Each bound is ~10x the largest value a published
+# model uses, so no real checkpoint meets one; MAX_PARAM_BYTES then bounds their product.
+# Keys that hold a list (ResNet's per-stage depths and widths) are checked element by element.
+_WIDTH = (1, 2**17, "the widest published layers have ~74k units (PaLM-540B's MLP)")
+_DEPTH = (1, 2**11, "the deepest published networks stack ~1,000 blocks (DeepNet)")
+_HEADS = (1, 2**12, "published models use up to 128 heads")
+_POSITIONS = (1, 2**20, "learned position tables hold 512 to 16k positions")
+_PIXELS = (1, 2**15, "published vision models read up to ~4k pixels a side")
+_CHANNELS = (1, 2**10, "images have 1 to 4 channels, multispectral ones a few hundred bands")
+_BOUND_OF: dict[str, tuple[int, int, str]] = {
+    "vocab_size": (1, 2**22, "the largest published vocabularies have ~256k tokens"),
+    "type_vocab_size": (1, 2**10, "BERTs use 1 to 16 token types"),
+    **dict.fromkeys(("hidden_size", "n_embd", "intermediate_size", "n_inner"), _WIDTH),
+    **dict.fromkeys(("embedding_size", "hidden_sizes", "stem_width", "widths"), _WIDTH),
+    **dict.fromkeys(("inner_widths", "groups"), _WIDTH),
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "depths", "layers"), _DEPTH),
+    **dict.fromkeys(("num_attention_heads", "n_head"), _HEADS),
+    **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx"), _POSITIONS),
+    **dict.fromkeys(("image_size", "patch_size"), _PIXELS),
+    **dict.fromkeys(("num_channels", "in_channels"), _CHANNELS),
+}
+# jaxtl.load materializes every param on one device before training shards anything, and the
+# largest accelerators hold 141-192 GB (H200, MI300X, B200): a model over 256 GiB fits on none,
+# so it is refused at once instead of after minutes of reading and an out-of-memory crash.
+MAX_PARAM_BYTES = 256 * 2**30
+
+
+def check_sizes(raw: Mapping[str, Any], source: str) -> None:
+    """Refuses a config whose size keys are not integers in the bounds real models keep.
+
+    Args:
+      raw: a parsed config.json; keys that are absent or ``None`` (a default) are not checked.
+      source: the file it came from, for the message.
+
+    Raises:
+      ValueError: naming the file, the key, its value, the bound and its reason.
+
+    Example:
+      >>> check_sizes({"vocab_size": 10**12}, "config.json")
+      Traceback (most recent call last):
+      ValueError: config.json: vocab_size=1000000000000 is not a size a model has: expected an
+      integer in 1..4,194,304 (the largest published vocabularies have ~256k tokens). ...
+    """
+    for key, value in raw.items():
+        if key not in _BOUND_OF or value is None:
+            continue
+        low, high, why = _BOUND_OF[key]
+        for item in value if isinstance(value, list | tuple) else (value,):
+            if isinstance(item, bool) or not isinstance(item, int) or not low <= item <= high:
+                raise ValueError(
+                    f"{source}: {key}={repr(value):.60} is not a size a model has: expected an "
+                    f"integer in {low}..{high:,} ({why}). The file is corrupt or forged; "
+                    "restore config.json from the checkpoint's source."
+                )
 
 
 def truncated_config(family: Family, raw: Mapping[str, Any], k: int, source: str) -> dict:
@@ -133,6 +220,7 @@ def truncated_config(family: Family, raw: Mapping[str, Any], k: int, source: str
     key = next((key for key in family.depth if key in raw), None)
     if key is None:
         raise ValueError(f"{source}: no {' or '.join(family.depth)} to drop blocks from.")
+    check_sizes({key: raw[key]}, source)  # counted below, before build checks the rest
     depth = raw[key]
     blocks = sum(depth) if isinstance(depth, list | tuple) else int(depth)
     if k >= blocks:

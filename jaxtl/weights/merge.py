@@ -113,6 +113,7 @@ def merge_checkpoint(
     allow_missing: Sequence[str] = (),
     initializer: Callable[[str, Any], Any] | None = None,
     source: str | None = None,
+    described_model: str | None = None,
 ) -> tuple[dict[str, Any], LoadReport]:
     """Merges checkpoint tensors into freshly initialized params.
 
@@ -132,6 +133,8 @@ def merge_checkpoint(
         the checkpoint.
       initializer: ``initializer(path, placeholder) -> array`` for placeholder leaves.
       source: where the checkpoint came from, for the report.
+      described_model: what ``init_params`` are, for messages (e.g. "the 'bert' model that
+        DIR/config.json describes").
 
     Returns:
       ``(params, report)``: params in the init tree's structure, shapes and dtypes.
@@ -173,7 +176,8 @@ def merge_checkpoint(
         raise ValueError(_mismatch_message(errors, head) + hint)
     if missing:
         hint = _substring_hint(allow_missing, missing, "allow_missing")
-        raise ValueError(_missing_message(missing, checkpoint, model, head) + hint)
+        message = _missing_message(missing, checkpoint, model, head, source, described_model)
+        raise ValueError(message + hint)
 
     # A head is one unit: if any of its params mismatched, a half-loaded head (say a 3-label bias
     # next to a fresh 2-label kernel) is meaningless, so every param under it is re-initialized.
@@ -233,12 +237,28 @@ def _mismatch_message(errors: list[Mismatch], head: Sequence[str]) -> str:
 
 
 def _missing_message(
-    missing: list[str], checkpoint: Mapping[str, Any], model: Mapping[str, Any], head: Sequence[str]
+    missing: list[str],
+    checkpoint: Mapping[str, Any],
+    model: Mapping[str, Any],
+    head: Sequence[str],
+    source: str | None,
+    described_model: str | None,
 ) -> str:
     unused = [n for n in checkpoint if n not in model]
+    source = source or "the checkpoint"
+    described_model = described_model or "the model"
+    if checkpoint and len(unused) == len(checkpoint):
+        # Not one name in common: the weights are another architecture, and allow_missing would
+        # only start the whole model from random init, so it is not offered.
+        return (
+            f"None of the {len(checkpoint)} tensors in {source} is a param of {described_model}: "
+            f"it expects e.g. {missing[:3]}, the weights hold e.g. {unused[:3]}. The weights are "
+            "of another architecture than the config says (e.g. a GPT-2 model.safetensors beside "
+            "a BERT config.json): put the config.json saved with these weights beside them."
+        )
     lines = [
-        f"The checkpoint has no tensor for {len(missing)} of the model's {len(model)} params "
-        f"outside the head {tuple(head)}, e.g.:"
+        f"{source} has no tensor for {len(missing)} of the {len(model)} params of "
+        f"{described_model} outside the head {tuple(head)}, e.g.:"
     ]
     lines += [f"  {p}" for p in missing[:10]]
     if unused:

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import safetensors.numpy
+
+from jaxtl.weights.safetensors_io import read_safetensors_file
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -37,13 +38,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
       FileNotFoundError: no such file.
       ImportError: a pickle, and torch is not installed (nothing was unpickled).
       UnsafeCheckpointError: a pickle that ``torch.load(weights_only=True)`` refused.
-      ValueError: an unknown suffix, or a file that holds no tensors.
+      ValueError: an unknown suffix, a file that holds no tensors, or a safetensors header that
+        does not describe the file (:func:`jaxtl.weights.safetensors_io.read_header`).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"State dict file {path} does not exist.")
     if path.endswith(SAFETENSORS_SUFFIXES):
-        raw: Mapping[str, Any] = safetensors.numpy.load_file(path)
+        raw: Mapping[str, Any] = read_safetensors_file(path)
     elif path.endswith(PICKLE_SUFFIXES):
         raw = _read_pickle(path)
     else:
@@ -88,12 +90,17 @@ def _read_pickle(path: str) -> Mapping[str, Any]:
 
 
 def _reason(error: Exception) -> str:
-    """torch's one informative line (e.g. "Unsupported global: GLOBAL builtins.exec ...")."""
+    """torch's one informative line: the global it refused (e.g. "Unsupported global: GLOBAL
+    builtins.exec ..." or "... unsupported GLOBAL posix.system whose module posix is blocked"),
+    never its advice to retry with weights_only=False."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     for line in lines:
         if "WeightsUnpickler error" in line:
             return line.split("WeightsUnpickler error:", 1)[1].split(". Please use")[0].strip()
-    return lines[0] if lines else type(error).__name__
+    for line in lines:
+        if "GLOBAL" in line:
+            return line.rstrip(".")
+    return lines[0].split(". ")[0] if lines else type(error).__name__
 
 
 def _is_tensor(value: Any) -> bool:
