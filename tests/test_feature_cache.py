@@ -28,12 +28,25 @@ def _config(**kwargs):
     return jaxtl.TrainConfig(**{**base, **kwargs})
 
 
-def _assert_same_run(cached, plain):
+# Attention's key bias adds q . b_k to every score of a query alike, and softmax ignores a
+# constant shift: its exact gradient is 0. What reaches it is rounding noise, which Adam divides
+# by its own RMS into steps of ~lr * 1e-3; two graphs that round differently (cached vs not,
+# and one CPU vs another) move it differently. It is checked to stay at that noise, not
+# compared (on an AMD EPYC, cached and plain ended 6e-6 apart on values of 4e-6).
+_ZERO_GRADIENT = re.compile(r".*/attention/self/key/bias")
+
+
+def _assert_same_run(cached, plain, start=None):
     for tree in ("params", "batch_stats"):
-        a, b = jax.tree.leaves(getattr(cached, tree)), jax.tree.leaves(getattr(plain, tree))
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+        a, b = flatten(getattr(cached, tree)), flatten(getattr(plain, tree))
+        assert a.keys() == b.keys()
+        for path in a:
+            x, y = np.asarray(a[path]), np.asarray(b[path])
+            if tree == "params" and start is not None and _ZERO_GRADIENT.fullmatch(path):
+                x0 = np.asarray(flatten(start)[path])
+                assert np.abs(x - x0).max() < 1e-4 and np.abs(y - x0).max() < 1e-4, path
+                continue
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6, err_msg=path)
     assert cached.test["examples"] == plain.test["examples"]
     assert cached.test["loss"] == pytest.approx(plain.test["loss"], rel=1e-4)
     assert cached.test["accuracy"] == plain.test["accuracy"]
@@ -70,7 +83,7 @@ def test_cached_last_n_trains_the_same_blocks_text(bert, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "feature cache: train (96, 16, 32) at bert/encoder/layer_1 computed" in out
     assert len(list((tmp_path / "c").glob("*.npy"))) == 3
-    _assert_same_run(cached, plain)
+    _assert_same_run(cached, plain, start=bert.params)
     trained = ("bert/encoder/layer_1", "bert/encoder/layer_2", "bert/pooler", "classifier")
     before, after = flatten(bert.params), flatten(cached.params)
     moved = [p for p in after if not np.array_equal(after[p], before[p])]
