@@ -4,11 +4,22 @@ Two managers in one run directory, because "the latest" and "the best" are diffe
 ``checkpoints/latest`` keeps the last ``max_to_keep`` steps for ``resume``; ``checkpoints/best``
 keeps the single best step by the validation metric, for early stopping's restore-best and for
 ``jaxtl evaluate``. Saves are asynchronous; :meth:`Checkpointer.close` waits for them.
+
+What survives a crash: orbax writes each step into a temporary directory and renames it to the
+step number only when every file is written, so a process killed mid-save leaves a
+``<step>.orbax-checkpoint-tmp-*`` directory that no manager counts as a step; the next
+Checkpointer removes it. Old steps are deleted only after a newer one has committed. A
+committed step that cannot be read back (a file truncated, zeroed, deleted or edited since)
+raises :class:`CheckpointReadError`, which names the step, its directory and the steps that
+remain; nothing falls back to another step silently (``resume=STEP`` / ``--resume-from STEP``
+chooses one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from typing import Any
 
 import jax
@@ -37,6 +48,55 @@ def _own_barriers(name: str) -> ocp.options.MultiprocessingOptions:
     return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
 
 
+def _reason(cause: BaseException, width: int = 160) -> str:
+    """The gist of a storage error for a one-line message: tensorstore's name the path first
+    and the OS's reason ("File too large", "No space left on device") last, so a long one
+    keeps both ends."""
+    text = " ".join(str(cause).split())
+    return text if len(text) <= 2 * width else f"{text[:width]} ... {text[-width:]}"
+
+
+class CheckpointReadError(ValueError):
+    """A committed checkpoint that cannot be read back: ``step`` in ``directory``, with the
+    ``steps`` saved there, to resume from another (``resume=STEP`` / ``--resume-from STEP``)."""
+
+    def __init__(self, directory: str, step: int, steps: list[int], cause: BaseException):
+        self.directory, self.step, self.steps = directory, step, list(steps)
+        others = [s for s in self.steps if s != step]
+        fix = (
+            f"resume from an earlier one with resume={others[-1]} (--resume-from {others[-1]}); "
+            f"steps saved there: {others}"
+            if others
+            else "no other step is saved there: start the run again without --resume"
+        )
+        reason = _reason(cause)
+        super().__init__(
+            f"The checkpoint of step {step} in {os.path.join(directory, str(step))} cannot be "
+            f"read ({type(cause).__name__}: {reason}). Its files were damaged or changed after "
+            "it was saved, or this run's model or recipe differ from the run that saved it; "
+            f"{fix}."
+        )
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint save failed in the background; ``steps`` are those still committed (the
+    failed one is not among them: orbax renames a step into place only when it is whole)."""
+
+    def __init__(self, directory: str, steps: list[int], cause: BaseException):
+        self.directory, self.steps = directory, sorted(steps)
+        reason = _reason(cause)
+        kept = (
+            f"the last committed checkpoint, step {self.steps[-1]}, is intact"
+            if self.steps
+            else "no checkpoint had committed there yet"
+        )
+        super().__init__(
+            f"Saving a checkpoint under {directory} failed ({type(cause).__name__}: {reason}); "
+            f"{kept}. Free space on that disk or fix the directory's permissions, then continue "
+            "with resume=True (--resume)."
+        )
+
+
 class Checkpointer:
     """Save and restore ``(state tree, metadata)`` pairs under ``directory``.
 
@@ -58,11 +118,13 @@ class Checkpointer:
     ):
         self.directory = os.path.abspath(directory)
         self.best_metric = best_metric
+        _quiet_stray_reads()  # a failed background write prints them before anyone can look
         self.latest = ocp.CheckpointManager(
             os.path.join(self.directory, "latest"),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep,
                 create=True,
+                cleanup_tmp_directories=True,  # what a killed save left behind
                 multiprocessing_options=_own_barriers("latest"),
             ),
         )
@@ -77,6 +139,7 @@ class Checkpointer:
                     best_fn=lambda m: m[best_metric],
                     best_mode=best_mode,
                     create=True,
+                    cleanup_tmp_directories=True,
                     multiprocessing_options=_own_barriers("best"),
                 ),
             )
@@ -86,10 +149,16 @@ class Checkpointer:
         return ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
 
     def save(self, step: int, tree: Any, meta: dict, metrics: dict | None = None) -> None:
-        """Save to ``latest``; also to ``best`` when ``metrics`` holds the best metric."""
-        self.latest.save(step, args=self._args(tree, meta), force=True)
+        """Save to ``latest``; also to ``best`` when ``metrics`` holds the best metric.
+
+        Raises:
+          CheckpointWriteError: this save, or the previous one still finishing, failed.
+        """
+        with _writing(self.latest):
+            self.latest.save(step, args=self._args(tree, meta), force=True)
         if self.best is not None and metrics and self.best_metric in metrics:
-            self.best.save(step, args=self._args(tree, meta), metrics=metrics, force=True)
+            with _writing(self.best):
+                self.best.save(step, args=self._args(tree, meta), metrics=metrics, force=True)
 
     def _restore(self, manager, step, like: Any) -> tuple[Any, dict]:
         return _restore(manager, step, like)
@@ -97,11 +166,37 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
+    def steps(self) -> list[int]:
+        """The committed steps of ``latest``, oldest first."""
+        return sorted(self.latest.all_steps())
+
     def restore_latest(self, like: Any) -> tuple[Any, dict] | None:
         """The newest checkpoint as ``(tree shaped like ``like``, meta)``, or ``None``."""
         self.latest.wait_until_finished()
         step = self.latest.latest_step()
         return None if step is None else self._restore(self.latest, step, like)
+
+    def restore_step(self, step: int, like: Any) -> tuple[Any, dict]:
+        """``step`` of ``latest``, chosen by the caller (``--resume-from``), and every later step
+        of both managers deleted: they belong to the run this one replaces, and their numbers
+        are about to be saved again.
+
+        Raises:
+          ValueError: ``step`` is not saved; the message lists the steps that are.
+        """
+        self.wait()
+        if step not in self.steps():
+            raise ValueError(
+                f"resume_from={step} (--resume-from {step}): no checkpoint of step {step} in "
+                f"{self.latest.directory}; saved steps: {self.steps() or 'none'}."
+            )
+        out = self._restore(self.latest, step, like)
+        for manager in (self.latest, self.best):
+            for later in [s for s in (manager.all_steps() if manager else []) if s > step]:
+                print(f"resume from step {step}: deleting the later checkpoint {later} of "
+                      f"{manager.directory}", file=sys.stderr)  # fmt: skip
+                manager.delete(later)
+        return out
 
     def best_step(self) -> int | None:
         return None if self.best is None else self.best.best_step()
@@ -114,14 +209,63 @@ class Checkpointer:
         return None if step is None else self._restore(self.best, step, like)
 
     def wait(self) -> None:
-        self.latest.wait_until_finished()
-        if self.best is not None:
-            self.best.wait_until_finished()
+        """Block until every save has committed.
+
+        Raises:
+          CheckpointWriteError: one of them failed.
+        """
+        for manager in (self.latest, self.best):
+            if manager is not None:
+                with _writing(manager):
+                    manager.wait_until_finished()
+
+    def check(self) -> None:
+        """Raise now the error of a background save that failed (a full disk, a file too
+        large, a directory made read-only), instead of at the next save or at the end.
+
+        Cheap while a save is running (a flag is read); once it has finished, joining its
+        threads returns at once or raises what they raised.
+
+        Raises:
+          CheckpointWriteError: naming the directory, the cause and the last committed step.
+        """
+        for manager in (self.latest, self.best):
+            if manager is not None and not manager.is_saving_in_progress():
+                with _writing(manager):
+                    manager.wait_until_finished()
 
     def close(self) -> None:
-        self.latest.close()
-        if self.best is not None:
-            self.best.close()
+        """Wait for the saves in flight, then release the managers (both, whatever fails).
+
+        Raises:
+          CheckpointWriteError: a save failed.
+        """
+        try:
+            self.wait()
+        finally:
+            self.latest.close()
+            if self.best is not None:
+                self.best.close()
+
+
+def _committed(manager: ocp.CheckpointManager) -> list[int]:
+    """The steps on disk now: orbax's own list may already leave out a step it will delete
+    once the save in flight commits, which is the one a failed save leaves as the last."""
+    names = os.listdir(manager.directory) if os.path.isdir(manager.directory) else []
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+@contextlib.contextmanager
+def _writing(manager: ocp.CheckpointManager):
+    """Whatever the storage raises while ``manager`` saves, as a :class:`CheckpointWriteError`
+    that names the directory and the steps still committed."""
+    try:
+        yield
+    except CheckpointWriteError:
+        raise
+    except Exception as e:  # tensorstore, the filesystem and orbax raise their own types
+        _quiet_stray_reads()
+        raise CheckpointWriteError(str(manager.directory), _committed(manager), e) from e
 
 
 def restore_params(directory: str, like: Any, which: str = "best") -> tuple[Any, dict]:
@@ -145,14 +289,49 @@ def restore_params(directory: str, like: Any, which: str = "best") -> tuple[Any,
 def _restore(manager: ocp.CheckpointManager, step: int, like: Any) -> tuple[Any, dict]:
     """``(state tree, meta)`` of ``step``. ``like``: the tree to restore into, or a function
     from the checkpoint's metadata to it (a staged run's optimizer state depends on the stage
-    the checkpoint was saved in)."""
-    if callable(like):
+    the checkpoint was saved in).
+
+    Raises:
+      CheckpointReadError: the step's files cannot be read (truncated, zeroed, missing, not
+        JSON), naming the step and the others saved.
+    """
+    try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax, tensorstore and json each raise their own
+        _quiet_stray_reads()
+        raise CheckpointReadError(str(manager.directory), step, manager.all_steps(), e) from e
+    if not isinstance(meta.get("meta"), dict):
+        problem = ValueError(f"its metadata is {type(meta.get('meta')).__name__}, not an object")
+        raise CheckpointReadError(str(manager.directory), step, manager.all_steps(), problem)
+    if callable(like):
         like = like(meta["meta"])
-    out = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(like)), meta=ocp.args.JsonRestore()
-        ),
-    )
-    return out["state"], out["meta"]
+    try:
+        out = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(like)))
+        )
+    except Exception as e:
+        _quiet_stray_reads()
+        raise CheckpointReadError(str(manager.directory), step, manager.all_steps(), e) from e
+    return out["state"], meta["meta"]
+
+
+def _quiet_stray_reads() -> None:
+    """After a failed restore or save, drop the "Event loop is closed" errors of its strays.
+
+    When one of a restore's reads (or a save's writes) fails, orbax closes the asyncio loop
+    that awaited them while tensorstore still completes the others; each then calls back into
+    the closed loop and Python prints a ``RuntimeError: Event loop is closed`` traceback for
+    it, around the :class:`CheckpointReadError` / :class:`CheckpointWriteError` that says what
+    happened. They are noise, not further damage: only that one message is filtered, for the
+    rest of the process."""
+    hook = sys.unraisablehook
+    if getattr(hook, "_jaxtl_quiet", False):
+        return
+
+    def filtered(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            hook(unraisable)
+
+    filtered._jaxtl_quiet = True
+    sys.unraisablehook = filtered

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 
 from jaxtl.experiment import DEFAULT_LR, FULL_LR
@@ -168,6 +169,9 @@ _FINETUNE = {
          dict(type=l2_sp_pair, metavar="ALPHA,BETA")),
         ("--seed", "seed of new heads, scratch init, dropout, data order and augmentation",
          dict(type=int, default=0)),
+        ("--max-bad-steps", "a step whose loss or gradient is NaN/inf is skipped (params and "
+         "optimizer state unchanged) and counted in metrics.jsonl; after K such steps in a row "
+         "the run stops with an error naming them", dict(type=int, default=5, metavar="K")),
     ],
     "devices and memory": [
         ("--mesh", "device mesh axis sizes, e.g. 'fsdp=8' or 'data=2,fsdp=2,tensor=2': data "
@@ -213,7 +217,12 @@ _FINETUNE = {
          "off)", dict(type=int)),
         ("--out", "output directory (default: runs/finetune-TIMESTAMP)", {}),
         ("--resume", "continue an interrupted --out directory: finished runs are kept, the "
-         "unfinished one resumes from its latest checkpoint", dict(action="store_true")),
+         "unfinished one resumes from its latest checkpoint. SIGTERM or Ctrl-C during training "
+         "saves a checkpoint of the current step and prints this command",
+         dict(action="store_true")),
+        ("--resume-from", "like --resume, but from this step's checkpoint instead of the latest "
+         "(when the latest cannot be read: the error lists the steps saved); later checkpoints "
+         "of that run are deleted", dict(type=int, metavar="STEP")),
     ],
 }  # fmt: skip
 
@@ -338,7 +347,19 @@ def _surgery_options(args) -> dict:
 def _finetune(args) -> int:
     import jaxtl
     from jaxtl import experiment, surgery
+    from jaxtl.train.faults import Preempted
 
+    if args.resume_from is not None:
+        if args.resume_from < 1 or args.preset:
+            raise ValueError(
+                "--resume-from STEP takes a step >= 1 of one run's checkpoints"
+                + (
+                    " (with --preset, use --resume)."
+                    if args.preset
+                    else f", got {args.resume_from}."
+                )
+            )
+        args.resume = args.resume_from
     if args.preset == "digits":
         return _finetune_digits(args)
     check_devices(args)
@@ -361,19 +382,22 @@ def _finetune(args) -> int:
     else:
         recipes = split_recipes(args.recipe or "full,linear_probe")
     demo = args.data == "vader" and args.model is None
-    done = experiment.compare(
-        model,
-        spec,
-        recipes,
-        config,
-        out,
-        load_options=options,
-        scratch=not args.no_scratch,
-        learning_rate=args.lr,
-        resume=args.resume,
-        long_texts=args.long_texts,
-        demo=demo,
-    )
+    try:
+        done = experiment.compare(
+            model,
+            spec,
+            recipes,
+            config,
+            out,
+            load_options=options,
+            scratch=not args.no_scratch,
+            learning_rate=args.lr,
+            resume=args.resume,
+            long_texts=args.long_texts,
+            demo=demo,
+        )
+    except Preempted as e:
+        return preempted(e, args, out)
     print(f"\n{done.table}")
     if done.reference:
         print(
@@ -394,6 +418,34 @@ def _finetune(args) -> int:
         print(f"negative transfer in {names}: exiting with status 3", file=sys.stderr)
         return 3
     return 0
+
+
+def preempted(e, args, out: str) -> int:
+    """A run stopped by SIGTERM / Ctrl-C after checkpointing: say how to go on; exit 0."""
+    print(f"\n{e}", file=sys.stderr)
+    if e.workdir:
+        print(f"resume with: {resume_command(args.argv, out)}", file=sys.stderr)
+    return 0
+
+
+def resume_command(argv: list[str], out: str) -> str:
+    """The command line that continues ``argv``'s experiment in ``out``.
+
+    Example:
+      >>> resume_command(["finetune", "--epochs", "3", "--out", "a"], "a")
+      'jaxtl finetune --epochs 3 --out a --resume'
+      >>> resume_command(["finetune", "--resume", "--out=a"], "a")
+      'jaxtl finetune --out a --resume'
+    """
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif a != "--resume" and not a.startswith("--out="):
+            kept.append(a)
+    return shlex.join(["jaxtl", *kept, "--out", out, "--resume"])
 
 
 def check_devices(args) -> None:
@@ -429,6 +481,7 @@ def train_config(args, epochs: int):
         epochs=epochs,
         max_steps=args.max_steps,
         seed=args.seed,
+        max_bad_steps=args.max_bad_steps,
         optimizer=args.optimizer,
         batch_size=args.batch_size,
         schedule=args.schedule,
@@ -515,6 +568,7 @@ def data_spec(args, modality: str) -> dict:
 
 def _finetune_digits(args) -> int:
     from jaxtl import experiment, presets
+    from jaxtl.train.faults import Preempted
 
     if args.model or args.data != "vader":
         raise SystemExit(
@@ -524,9 +578,12 @@ def _finetune_digits(args) -> int:
         raise SystemExit("error: --preset digits reads 1-channel digits; drop --in-channels.")
     out = experiment.experiment_dir(args.out, "digits", resume=args.resume)
     image_size = args.image_size or 32
-    table, _ = presets.run_digits(
-        out, image_size=image_size, epochs=args.epochs, seed=args.seed, resume=args.resume
-    )
+    try:
+        table, _ = presets.run_digits(
+            out, image_size=image_size, epochs=args.epochs, seed=args.seed, resume=args.resume
+        )
+    except Preempted as e:
+        return preempted(e, args, out)
     print(f"\n{table}")
     print(
         "EfficientNet-Lite0 (ImageNet weights) -> scikit-learn digits, 1-channel stem, "
@@ -656,7 +713,9 @@ def enable_compilation_cache() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     enable_compilation_cache()
     handler = {
         "finetune": _finetune,
@@ -682,6 +741,15 @@ def main(argv: list[str] | None = None) -> int:
         # Expected user errors: one clear line, no traceback. Bugs still raise.
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from jaxtl.checkpoint import CheckpointWriteError
+        from jaxtl.train.faults import NonFiniteStepsError
+
+        # A run that diverged or could not save: what happened, what is kept, what to try.
+        if isinstance(e, NonFiniteStepsError | CheckpointWriteError):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

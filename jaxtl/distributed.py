@@ -113,9 +113,15 @@ def initialize(
     num_processes: int | None = None,
     process_id: int | None = None,
     timeout_s: int = 300,
+    heartbeat_s: int | None = None,
 ) -> dict[str, Any]:
     """Join the run :func:`find_cluster` finds (``jax.distributed.initialize``); call it before
     anything touches a device. Returns what was joined, with the process count and index.
+
+    ``heartbeat_s`` (default ``JAXTL_HEARTBEAT_S``, else jax's 100): how long the coordination
+    service waits for a silent process before it fails the run. A process that dies or stops
+    (SIGSTOP, a hung host) stops its heartbeats, and every other process then exits with an
+    error naming the lost task instead of waiting forever in the step's collectives.
 
     Raises:
       ValueError: nothing found to join (see :func:`find_cluster`).
@@ -127,6 +133,14 @@ def initialize(
         coordinator=coordinator, num_processes=num_processes, process_id=process_id
     )
     options: dict[str, Any] = {"initialization_timeout": timeout_s}
+    heartbeat = heartbeat_s if heartbeat_s is not None else os.environ.get("JAXTL_HEARTBEAT_S")
+    if heartbeat is not None:
+        if not str(heartbeat).isdigit() or int(heartbeat) < 1:
+            raise ValueError(
+                f"heartbeat_s (JAXTL_HEARTBEAT_S) must be a whole number of seconds >= 1, got "
+                f"{heartbeat!r}."
+            )
+        options["heartbeat_timeout_seconds"] = int(heartbeat)
     if found["source"] == "jaxtl":
         options.update(
             coordinator_address=found["coordinator"],

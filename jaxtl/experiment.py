@@ -140,7 +140,7 @@ def run_arms(
     config: TrainConfig,
     *,
     group: str | None = None,
-    resume: bool = False,
+    resume: bool | int = False,
     describe: Callable[[Arm, LoadedModel], dict] | dict | None = None,
     long_texts: str = "truncate",
     verbose: bool = True,
@@ -158,7 +158,8 @@ def run_arms(
       group: a label shared by these arms (e.g. a training-set size): run names become
         ``"<group> <arm>"`` and each result records it as ``"group"``.
       resume: keep the arms that already finished (their ``results.json``) and resume the
-        unfinished one from its latest checkpoint.
+        unfinished one from its latest checkpoint; a step number resumes it from that step's
+        checkpoint (``--resume-from``), and the arms after it as usual.
       describe: JSON facts each ``run.json`` records so that ``jaxtl evaluate`` can rebuild the
         model and data, as a dict or per arm.
       long_texts: texts longer than the model's positions: ``"truncate"`` or ``"error"``.
@@ -198,10 +199,11 @@ def run_arms(
             verbose=verbose,
         )
         results.append(_grouped(result.to_dict(), group))
+        resume = bool(resume)  # a step to resume from belongs to the first unfinished arm
     return results
 
 
-def experiment_dir(out: str | None, prefix: str, *, resume: bool = False) -> str:
+def experiment_dir(out: str | None, prefix: str, *, resume: bool | int = False) -> str:
     """``out``, or ``runs/<prefix>-<timestamp>`` when None; with ``resume`` it must exist.
 
     Raises:
@@ -359,7 +361,7 @@ def compare(
     load_options: Mapping[str, Any],
     scratch: bool = True,
     learning_rate: float | None = None,
-    resume: bool = False,
+    resume: bool | int = False,
     long_texts: str = "truncate",
     demo: bool = False,
 ) -> Comparison:
@@ -377,7 +379,7 @@ def compare(
         image_size, in_channels); the scratch arm is loaded with the same.
       scratch: add the from-scratch baseline (``full``, random init, same budget).
       learning_rate: every arm's peak learning rate; None: each recipe's default.
-      resume: keep finished arms, resume the unfinished one.
+      resume: keep finished arms, resume the unfinished one (from this step, for a number).
       long_texts: ``"truncate"`` or ``"error"`` for texts longer than the model's positions.
       demo: the embedded model and data, whose reference numbers the table may show.
 

@@ -113,7 +113,7 @@ def finetune(
     workdir: str | None = None,
     *,
     name: str | None = None,
-    resume: bool = False,
+    resume: bool | int = False,
     stop_at: int | None = None,
     describe: dict | None = None,
     verbose: bool = True,
@@ -128,7 +128,8 @@ def finetune(
       config: training configuration (defaults: 3 epochs, batch 32, lr 5e-5, linear decay).
       workdir: run directory; ``None`` trains in memory (no checkpoints, no resume).
       name: a label for tables (default: the recipe).
-      resume: continue from ``workdir``'s latest checkpoint.
+      resume: continue from ``workdir``'s latest checkpoint, or from this step's
+        (``--resume-from``; see :meth:`jaxtl.Trainer.fit`).
       stop_at: stop (checkpointed) after this step, as if preempted.
       describe: JSON facts that let ``jaxtl evaluate`` rebuild the model and data later.
       verbose: print the plan table and the data summary.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SCRIPT = os.path.join(HERE, "_distributed_run.py")
 SAVES = os.path.join(HERE, "_checkpoint_saves.py")
+PREEMPT = os.path.join(HERE, "_preempt_run.py")
 TIMEOUT_S = 300
 PROCESSES, LOCAL_DEVICES, WORKERS = 2, 2, 2
 STEPS = EPOCHS * (N_TRAIN // BATCH)
@@ -333,6 +335,77 @@ def test_latest_and_best_saved_back_to_back_from_two_processes(tmp_path):
             "latest_equal": True,
             "best_equal": True,
         }
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_checkpointed_step(tmp_path):
+    """A preemption notice reaches one host of a pod: jax's sync point has every process stop
+    after the same step, which both checkpoint (each its shards) before exiting 0; one process
+    then resumes it to the end."""
+    model_dir = make_tiny_bert(str(tmp_path / "bert"), layers=1)
+    run, port = str(tmp_path / "run"), _free_port()
+    procs = [
+        _Proc(f"preempt{i}", [model_dir, run, i, 2, port], _env(2), str(tmp_path), PREEMPT)
+        for i in range(2)
+    ]
+    deadline = time.monotonic() + TIMEOUT_S
+    latest = os.path.join(run, "checkpoints", "latest")
+    while time.monotonic() < deadline and all(p.popen.poll() is None for p in procs):
+        if os.path.isdir(os.path.join(latest, "10")):  # mid-run: 60 steps in all
+            break
+        time.sleep(0.05)
+    procs[1].popen.send_signal(signal.SIGTERM)
+    summaries = _run_all(procs, 120)
+    steps = {s["preempted"] for s in summaries}
+    assert len(steps) == 1, summaries
+    (step,) = steps
+    assert 10 <= step < 60 and all(s["signal"] == "SIGTERM" for s in summaries)
+    assert all(s["committed"][-1] == step for s in summaries)
+    (resumed,) = _run_all(
+        [_Proc("resume", [model_dir, run, 0, 1, 0], _env(4), str(tmp_path), PREEMPT)], TIMEOUT_S
+    )
+    assert resumed["finished"] == 60 and resumed["committed"][-1] == 60
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+def test_a_dead_or_stopped_peer_ends_the_other_process_within_the_heartbeat(tmp_path, fault):
+    """One of two processes dies (SIGKILL) or hangs (SIGSTOP: its heartbeats stop too) mid-run:
+    the other, blocked in the step's collectives, is ended by the coordination service within
+    the heartbeat timeout (``JAXTL_HEARTBEAT_S``), with an error naming the lost task, instead
+    of waiting forever; the checkpoints committed before stay whole."""
+    model_dir = make_tiny_bert(str(tmp_path / "bert"), layers=1)
+    run, port, heartbeat = str(tmp_path / "run"), _free_port(), 10
+    env = {**_env(2), "JAXTL_HEARTBEAT_S": str(heartbeat)}
+    procs = [
+        _Proc(f"peer{i}", [model_dir, run, i, 2, port], env, str(tmp_path), PREEMPT)
+        for i in range(2)
+    ]
+    try:
+        _wait_for_checkpoint(procs, os.path.join(run, "checkpoints", "latest", "10"))
+        os.kill(procs[1].popen.pid, getattr(signal, fault))
+        hit = time.monotonic()
+        procs[0].popen.wait(timeout=heartbeat + 60)
+        ended_after = time.monotonic() - hit
+    finally:
+        for p in procs:
+            p.kill()
+    err = procs[0].output()[1]
+    assert procs[0].popen.returncode != 0
+    assert ended_after < heartbeat + 60
+    # jax's words: "The following tasks are unhealthy (stopped sending heartbeats):\n1"
+    assert re.search(r"stopped sending heartbeats\):\s*1\b", err), err[-3000:]
+    steps = [int(n) for n in os.listdir(os.path.join(run, "checkpoints", "latest")) if n.isdigit()]
+    assert steps and max(steps) >= 10
+
+
+def _wait_for_checkpoint(procs, path: str) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline and all(p.popen.poll() is None for p in procs):
+        if os.path.isdir(path):
+            return
+        time.sleep(0.05)
+    pytest.fail(f"no checkpoint at {path} before the processes ended or {TIMEOUT_S} s passed")
 
 
 def test_no_coordinator_is_an_error_that_lists_what_was_looked_for():

@@ -8,6 +8,7 @@ from jaxtl.train.config import (
     ScaleConfig,
     TrainConfig,
 )
+from jaxtl.train.faults import NonFiniteStepsError, Preempted
 from jaxtl.train.state import TrainState
 from jaxtl.train.steps import compile_steps, eval_step, pmap_steps, train_step
 from jaxtl.train.tracker import Tracker
@@ -18,7 +19,9 @@ __all__ = [
     "DataConfig",
     "EarlyStopping",
     "FitResult",
+    "NonFiniteStepsError",
     "OptimConfig",
+    "Preempted",
     "ScaleConfig",
     "TrainConfig",
     "TrainState",

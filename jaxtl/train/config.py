@@ -340,6 +340,9 @@ class TrainConfig:
       train_bn: every BatchNorm layer normalizes with batch statistics and updates its running
         averages, frozen or not. Off (the default), a BatchNorm layer trains only when the plan
         trains its scale/bias; frozen ones run in inference mode with their running statistics.
+      max_bad_steps: stop with :class:`jaxtl.train.faults.NonFiniteStepsError` after this
+        many steps in a row whose loss or gradient was NaN/inf. Each such step's update is
+        skipped (params and optimizer state unchanged) and counted in ``metrics.jsonl``.
       precise_bn: before every evaluation, replace the training BatchNorm layers' running
         averages by their exact statistics over the first ``precise_bn`` examples of the training
         split under the current weights ("precise BN", Wu & Johnson 2021). Running averages lag
@@ -360,6 +363,7 @@ class TrainConfig:
     log_every: int
     progress: bool | None
     train_bn: bool
+    max_bad_steps: int
     precise_bn: int
     optim: OptimConfig
     data: DataConfig
@@ -373,6 +377,7 @@ class TrainConfig:
         "log_every": 20,
         "progress": None,
         "train_bn": False,
+        "max_bad_steps": 5,
         "precise_bn": 0,
     }
 
@@ -397,7 +402,7 @@ class TrainConfig:
             )
         for key, default in self._DEFAULTS.items():
             setattr(self, key, options.get(key, default))
-        _at_least(self, ("epochs", "log_every", "max_steps"), 1)
+        _at_least(self, ("epochs", "log_every", "max_steps", "max_bad_steps"), 1)
         _at_least(self, ("precise_bn",), 0)
 
     def total_steps(self, steps_per_epoch: int) -> int:

@@ -104,12 +104,19 @@ class TrainMetrics:
         if self.bar is not None:
             self.bar.update(1)
 
-    def flush(self, step: int) -> None:
+    def flush(self, step: int, skipped: int = 0) -> None:
+        """Write one record of the pending steps; ``skipped``: the run's non-finite steps so
+        far (recorded when any)."""
         if not self.pending:
             return
         host = jax.device_get(self.pending)
         now = time.perf_counter()
-        rec = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        # Skipped (non-finite) steps changed nothing: their NaN loss stays out of the means.
+        flags = [bool(m.pop("skipped", 0)) for m in host]
+        kept = [m for m, bad in zip(host, flags, strict=True) if not bad]
+        rec = {k: float(np.mean([m[k] for m in kept])) if kept else None for k in host[0]}
+        if skipped:
+            rec["skipped_steps"] = skipped
         rec.update(
             split="train",
             step=step,
@@ -118,7 +125,7 @@ class TrainMetrics:
             samples_per_s=len(host) * self.batch_size / max(now - self.t_last, 1e-9),
         )
         self.log.write(rec)
-        if self.bar is not None:
+        if self.bar is not None and rec["loss"] is not None:
             self.bar.set_postfix(loss=f"{rec['loss']:.4f}", samples_s=f"{rec['samples_per_s']:.0f}")
         self.pending, self.t_last = [], now
 

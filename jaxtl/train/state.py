@@ -36,6 +36,9 @@ class TrainState:
     bn_train: tuple[str, ...] = struct.field(pytree_node=False, default=())
     # A custom ``loss(outputs, batch) -> [B]`` per-example loss; None: the task's own.
     loss: Callable[..., Any] | None = struct.field(pytree_node=False, default=None)
+    # Which params train, in ``jax.tree.leaves(params)`` order: the step checks only their
+    # gradients for NaN/inf. None: every param's.
+    trainable: tuple[bool, ...] | None = struct.field(pytree_node=False, default=None)
 
     @classmethod
     def create(
@@ -49,7 +52,10 @@ class TrainState:
         batch_stats: Any = None,
         bn_train: tuple[str, ...] = (),
         loss: Callable[..., Any] | None = None,
+        trainable: Any = None,
     ) -> TrainState:
+        """A fresh state. ``trainable``: a tree of bools like ``params`` (a plan's
+        ``trainable_mask``), or None."""
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -61,6 +67,7 @@ class TrainState:
             batch_stats=batch_stats if batch_stats is not None else {},
             bn_train=tuple(bn_train),
             loss=loss,
+            trainable=None if trainable is None else tuple(map(bool, jax.tree.leaves(trainable))),
         )
 
     def checkpoint_tree(self) -> dict[str, Any]:

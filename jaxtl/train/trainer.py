@@ -22,13 +22,14 @@ import jax.numpy as jnp
 
 from jaxtl import parallel, sharding
 from jaxtl.adabn import adapt_batch_norm
-from jaxtl.checkpoint import Checkpointer
+from jaxtl.checkpoint import Checkpointer, CheckpointWriteError
 from jaxtl.data.loader import Loader
 from jaxtl.distributed import is_primary
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.common import batch_norm_paths, recompute
 from jaxtl.train import precision, steps
 from jaxtl.train.config import TrainConfig
+from jaxtl.train.faults import BadSteps, Preempted, StopSignals
 from jaxtl.train.losses import TASKS, summarize
 from jaxtl.train.progress import Clock, MetricsLog, TrainMetrics, progress_bar
 from jaxtl.train.state import TrainState
@@ -52,6 +53,7 @@ class FitResult:
     steps: int
     # Where the wall time went: {"train": s, "evaluation": s, "checkpoints": s}.
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    skipped_steps: int = 0  # steps whose NaN/inf loss or gradient left the state unchanged
 
 
 class Trainer:
@@ -222,6 +224,7 @@ class Trainer:
             task=self.model.task,
             bn_train=self.bn_train(plan),
             loss=self.loss,
+            trainable=plan.trainable_mask(self.model.params),
         )
         make = lambda p, b: create(params=p, batch_stats=b)  # noqa: E731
         params = self._stored_params() if params is None else params
@@ -350,7 +353,7 @@ class Trainer:
         train: Loader,
         val: Loader | None = None,
         *,
-        resume: bool = False,
+        resume: bool | int = False,
         stop_at: int | None = None,
         stage_data: Mapping[int, tuple[Loader, Loader | None]] | None = None,
     ) -> FitResult:
@@ -360,7 +363,9 @@ class Trainer:
           train: training batches (:func:`jaxtl.data.training_loader`).
           val: validation batches (:func:`jaxtl.data.evaluation_loader`); needed for early
             stopping and restore-best.
-          resume: continue from the latest checkpoint in ``workdir`` if there is one.
+          resume: continue from the latest checkpoint in ``workdir`` if there is one; a step
+            number continues from that step's checkpoint instead (``--resume-from``: when the
+            latest cannot be read), and deletes the checkpoints after it.
           stop_at: stop after this global step, checkpointed, as if preempted: the LR schedule
             and data order still follow the full run, so a later ``resume`` finishes it exactly.
           stage_data: ``{stage: (train, val)}`` for the stages of ``stage_models``: the same
@@ -392,50 +397,61 @@ class Trainer:
         state = self.init_state(total)
         tracker = Tracker(*self.monitor, cfg.checkpoint.early_stopping if val else None)
         ckpt = self._checkpointer(has_val=val is not None)
-        state = self._resume(state, ckpt, loaders, tracker, total) if resume else state
-        if self.workdir and not resume:
+        meta = {}
+        if resume is not False:
+            state, meta = self._resume(state, ckpt, loaders, tracker, total, resume)
+        if self.workdir and resume is False:
             self.log.truncate_after(-1)
-        run = _Run(self, loaders, tracker, ckpt, total)
+        run = _Run(self, loaders, tracker, ckpt, total, skipped=meta.get("skipped_steps", 0))
         step = int(state.step)
         interval = cfg.checkpoint.eval_interval(spe)
         every = cfg.checkpoint.checkpoint_every
         due = lambda: self.stage + 1 < len(starts) and step >= starts[self.stage + 1]  # noqa: E731
         run.start(step)
         try:
-            while step < total and not tracker.stopped:
-                while due():
-                    state = self._enter_stage(state, self.stage + 1, total)
-                train_step, _ = self._steps(state)
-                run.use(self.stage)
-                epoch, start = divmod(step, spe)
-                batches = parallel.prefetch_to_device(
-                    run.train.epoch(epoch, start),
-                    self.mesh,
-                    cfg.data.prefetch,
-                    whole=not run.train.process_local,
-                )
-                for batch in batches:
-                    if due():  # the next stage: its optimizer (and data) from this step on
-                        break
-                    state, metrics = train_step(state, batch)
-                    step += 1
-                    run.metrics.add(metrics)
-                    if step % cfg.log_every == 0:
-                        run.metrics.flush(step)
-                    if step % interval == 0 or step == total:
-                        state = run.evaluate_and_save(state, step)
-                    elif ckpt is not None and every and step % every == 0:
-                        run.save(state, step)
-                    if tracker.stopped or step >= total:
-                        break
-                    if stop_at is not None and step >= stop_at:
-                        run.metrics.flush(step)
-                        if ckpt is not None and ckpt.latest_step() != step:
+            with StopSignals() as signals:
+                while step < total and not tracker.stopped:
+                    while due():
+                        state = self._enter_stage(state, self.stage + 1, total)
+                    train_step, _ = self._steps(state)
+                    run.use(self.stage)
+                    epoch, start = divmod(step, spe)
+                    batches = parallel.prefetch_to_device(
+                        run.train.epoch(epoch, start),
+                        self.mesh,
+                        cfg.data.prefetch,
+                        whole=not run.train.process_local,
+                    )
+                    for batch in batches:
+                        if due():  # the next stage: its optimizer (and data) from this step on
+                            break
+                        state, metrics = train_step(state, batch)
+                        step += 1
+                        run.add(step, metrics)
+                        if ckpt is not None:
+                            ckpt.check()  # a failed background save stops the run here
+                        if step % cfg.log_every == 0:
+                            run.flush(step)
+                        if step % interval == 0 or step == total:
+                            state = run.evaluate_and_save(state, step)
+                        elif ckpt is not None and every and step % every == 0:
                             run.save(state, step)
-                        return run.finish(state, step, restore=False)
+                        if tracker.stopped or step >= total:
+                            break
+                        stop = signals.requested(step)
+                        if stop or (stop_at is not None and step >= stop_at):
+                            result = run.stop(state, step)
+                            if stop:
+                                raise Preempted(step, stop, self.workdir, result)
+                            return result
+            run.flush(step)
+        except Preempted:
+            raise
+        except BaseException as e:
+            run.abort(e)
+            raise
         finally:
             run.close_bar()
-        run.metrics.flush(step)
         es = cfg.checkpoint.early_stopping
         restore = val is not None and (cfg.checkpoint.restore_best or bool(es and es.restore_best))
         return run.finish(state, step, restore=restore)
@@ -451,13 +467,22 @@ class Trainer:
             best_mode=mode,
         )
 
-    def _resume(self, state, ckpt, loaders, tracker: Tracker, total: int) -> TrainState:
-        """The latest checkpoint's state (in the stage it was saved in) and tracker, if
-        ``workdir`` has one."""
-        if ckpt is None or ckpt.latest_step() is None:
+    def _resume(self, state, ckpt, loaders, tracker: Tracker, total: int, resume: bool | int):
+        """The checkpoint's state (in the stage it was saved in) and its metadata, with the
+        tracker restored: the latest (``resume=True``) if ``workdir`` has one, else
+        ``(state, {})``; or step ``resume``, which must exist."""
+        explicit = resume is not True
+        if explicit and (isinstance(resume, bool) or not isinstance(resume, int) or resume < 1):
+            raise ValueError(f"resume must be True, False or a step >= 1, got {resume!r}.")
+        if explicit and ckpt is None:
+            raise ValueError(f"resume={resume} (--resume-from) needs the run's workdir (--out).")
+        if ckpt is None or (not explicit and ckpt.latest_step() is None):
             self.log.truncate_after(-1)
-            return state
-        tree, meta = ckpt.restore_latest(self.checkpoint_like)
+            return state, {}
+        if explicit:
+            tree, meta = ckpt.restore_step(resume, self.checkpoint_like)
+        else:
+            tree, meta = ckpt.restore_latest(self.checkpoint_like)
         stage = int(meta.get("stage", 0))
         if stage != self.stage:
             state = self.abstract_state(total, stage=stage)
@@ -466,13 +491,13 @@ class Trainer:
         tracker.restore(meta)
         self.log.truncate_after(int(state.step))
         print(f"Resumed from step {int(state.step)} in {self.workdir}", file=sys.stderr)
-        return state
+        return state, meta
 
 
 class _Run:
     """One fit's moving parts around the loop: metrics, clock, evaluation, saving, finishing."""
 
-    def __init__(self, trainer: Trainer, loaders, tracker, ckpt, total: int):
+    def __init__(self, trainer: Trainer, loaders, tracker, ckpt, total: int, skipped: int = 0):
         self.trainer, self.loaders = trainer, loaders
         self.train, self.val = loaders(trainer.stage)
         self.tracker, self.ckpt, self.total = tracker, ckpt, total
@@ -481,6 +506,8 @@ class _Run:
         self.bar = None
         self.best_host = None  # the best params on the host, when there is no checkpoint dir
         self.metrics: TrainMetrics
+        self.bad = BadSteps(trainer.config.max_bad_steps, total=skipped)
+        self.closed = False  # the checkpointer was closed
 
     def start(self, step: int) -> None:
         self.clock = Clock()
@@ -492,6 +519,36 @@ class _Run:
             self.cfg.data.batch_size,
             self.bar,
         )
+
+    def add(self, step: int, metrics: dict) -> None:
+        """One step's metrics (still on the device)."""
+        self.bad.add(step, metrics["skipped"])
+        self.metrics.add(metrics)
+
+    def flush(self, step: int) -> None:
+        """Write the pending steps' metrics; a run of non-finite steps raises here."""
+        self.bad.check()
+        self.metrics.flush(step, skipped=self.bad.total)
+
+    def stop(self, state: TrainState, step: int) -> FitResult:
+        """End the fit at ``step`` as if preempted: checkpointed, committed, not altered."""
+        self.flush(step)
+        if self.ckpt is not None and self.ckpt.latest_step() != step:
+            self.save(state, step)
+        return self.finish(state, step, restore=False)
+
+    def abort(self, error: BaseException) -> None:
+        """After ``error``: let the saves already started commit (nothing saved is lost), then
+        release the checkpointer. A save failing here would hide ``error``: it is reported
+        (unless ``error`` is that failure) and dropped."""
+        if self.ckpt is None or self.closed:
+            return
+        self.closed = True
+        try:
+            self.ckpt.close()
+        except CheckpointWriteError as e:
+            if not isinstance(error, CheckpointWriteError):
+                print(f"while stopping: {e}", file=sys.stderr)
 
     def use(self, stage: int) -> None:
         """Read ``stage``'s batches from now on (its own when its model reads other inputs)."""
@@ -505,6 +562,7 @@ class _Run:
         return {
             **self.tracker.state(),
             "stage": self.trainer.stage,
+            "skipped_steps": self.bad.total,
             "steps_per_epoch": self.train.steps_per_epoch,
             "data": self.train.state(),
         }
@@ -515,7 +573,7 @@ class _Run:
 
     def evaluate_and_save(self, state: TrainState, step: int) -> TrainState:
         """Validation metrics, the tracker's verdict, and the checkpoints of this step."""
-        self.metrics.flush(step)  # also waits for the step, so evaluation's clock is its own
+        self.flush(step)  # also waits for the step, so evaluation's clock is its own
         trainer, spe = self.trainer, self.train.steps_per_epoch
         metrics, improved = {}, False
         if self.val is not None:
@@ -559,6 +617,7 @@ class _Run:
                 )
                 state = state.replace(params=params, batch_stats=batch_stats)
         if ckpt is not None:
+            self.closed = True
             ckpt.close()
         seconds = self.clock.seconds()
         if self.val is not None or ckpt is not None:
@@ -571,6 +630,7 @@ class _Run:
             train_seconds=sum(seconds.values()),
             steps=step,
             seconds={k: round(v, 3) for k, v in seconds.items()},
+            skipped_steps=self.bad.total,
         )
 
 

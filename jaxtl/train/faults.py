@@ -1,0 +1,162 @@
+"""What a fit does when a step or its machine fails, so that nothing saved is lost.
+
+- **Non-finite steps.** The jitted step skips an update whose loss or trainable gradient is
+  NaN/inf (params and optimizer state unchanged, :func:`jaxtl.train.steps.train_step`) and
+  returns ``skipped``. :class:`BadSteps` reads those flags as they become ready, without
+  stalling dispatch, and stops the run with :class:`NonFiniteStepsError` after
+  ``max_bad_steps`` skips in a row.
+- **Preemption.** :class:`StopSignals` turns SIGTERM (a scheduler's notice) and SIGINT (Ctrl-C)
+  into a request the loop honours after the current step: it saves a checkpoint of that step,
+  waits for it to commit, and raises :class:`Preempted`, which says how to resume. A second
+  Ctrl-C interrupts at once. In a multi-process run every process must save the same step, so
+  the step comes from jax's preemption sync point (the coordination service hears SIGTERM on
+  any process and picks the first step every process can still reach).
+"""
+
+from __future__ import annotations
+
+import collections
+import signal
+import sys
+import threading
+from typing import Any
+
+import jax
+
+__all__ = ["BadSteps", "NonFiniteStepsError", "Preempted", "StopSignals"]
+
+
+class NonFiniteStepsError(FloatingPointError):
+    """``max_bad_steps`` steps in a row had a NaN/inf loss or gradient. ``steps`` lists them
+    (global step numbers, counted from 1); their updates were skipped."""
+
+    def __init__(self, steps: list[int], limit: int):
+        self.steps = list(steps)
+        first, last = self.steps[0], self.steps[-1]
+        span = f"step {first}" if first == last else f"steps {first}-{last}"
+        super().__init__(
+            f"{span} ({len(self.steps)} in a row) had a non-finite loss or gradient, so the run "
+            f"stopped at max_bad_steps={limit} (--max-bad-steps). Their updates were skipped: "
+            f"the params are those after step {first - 1}, and every checkpoint saved so far "
+            "is intact. Lower the learning rate (learning_rate= / --lr), check the data for "
+            "NaN/inf values, or allow more bad steps in a row."
+        )
+
+
+class BadSteps:
+    """The steps a fit skipped, read from each step's ``skipped`` flag.
+
+    :meth:`add` keeps the flag on the device and reads only flags that are already computed,
+    so the host never waits on a step it just dispatched; :meth:`check` (at each metrics
+    flush and at the end) reads the rest. A run of ``limit`` skips raises
+    :class:`NonFiniteStepsError`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> bad = BadSteps(limit=2)
+      >>> bad.add(1, jnp.int32(1)); bad.add(2, jnp.int32(0)); bad.check()
+      >>> bad.total
+      1
+      >>> bad.add(3, jnp.int32(1)); bad.add(4, jnp.int32(1)); bad.check()
+      Traceback (most recent call last):
+        ...
+      jaxtl.train.faults.NonFiniteStepsError: steps 3-4 (2 in a row) had a non-finite loss ...
+    """
+
+    def __init__(self, limit: int, total: int = 0):
+        self.limit = limit
+        self.total = total  # skips so far in the run (a resumed run starts from its checkpoint's)
+        self._pending: collections.deque[tuple[int, Any]] = collections.deque()
+        self._run: list[int] = []
+
+    def add(self, step: int, skipped: Any) -> None:
+        self._pending.append((step, skipped))
+        self._read(block=False)
+
+    def check(self) -> None:
+        """Read every pending flag (waits for their steps)."""
+        self._read(block=True)
+
+    def _read(self, block: bool) -> None:
+        while self._pending:
+            step, flag = self._pending[0]
+            if not block and not flag.is_ready():
+                return
+            self._pending.popleft()
+            if int(jax.device_get(flag)):
+                self.total += 1
+                self._run.append(step)
+                if len(self._run) >= self.limit:
+                    raise NonFiniteStepsError(self._run, self.limit)
+            else:
+                self._run = []
+
+
+class Preempted(Exception):
+    """A fit stopped by a preemption signal after saving the state of ``step``.
+
+    Attributes:
+      step: the last step trained and checkpointed.
+      signal: ``"SIGTERM"`` or ``"SIGINT"``.
+      workdir: the run directory that holds the checkpoint (None: trained in memory, nothing
+        was saved).
+      result: the :class:`jaxtl.train.FitResult` up to ``step`` (its state included).
+    """
+
+    def __init__(self, step: int, signal_name: str, workdir: str | None, result: Any = None):
+        self.step, self.signal, self.workdir, self.result = step, signal_name, workdir, result
+        where = (
+            f"checkpoint of step {step} saved in {workdir}; resume with resume=True (--resume)"
+            if workdir
+            else "no workdir, so nothing was saved"
+        )
+        super().__init__(f"{signal_name}: stopped after step {step}; {where}.")
+
+
+class StopSignals:
+    """Within its ``with`` block, SIGTERM and SIGINT ask the fit to stop at a step boundary.
+
+    Single process: this process's handlers record the signal (a second SIGINT raises
+    ``KeyboardInterrupt`` at once); the previous handlers come back on exit. Several processes:
+    jax's preemption sync manager (started by ``jax.distributed.initialize``) already listens
+    for SIGTERM and agrees on a step with the other processes, so :meth:`requested` asks it;
+    SIGINT keeps its default there (one process cannot stop the others at a shared step).
+    Outside the main thread no handler can be installed, and only the multi-process sync point
+    is consulted.
+    """
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+        self._multi = jax.process_count() > 1
+
+    def __enter__(self) -> StopSignals:
+        if not self._multi and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.received == "SIGINT" and name == "SIGINT":
+            raise KeyboardInterrupt
+        self.received = self.received or name
+        print(
+            f"\n{name}: finishing the current step, then saving a checkpoint "
+            "(press Ctrl-C again to stop at once)",
+            file=sys.stderr,
+        )
+
+    def requested(self, step: int) -> str | None:
+        """The signal to stop for after ``step``, or None. Call after every step: in a
+        multi-process run every process must ask at every step for the sync point to agree."""
+        if self._multi:
+            from jax.experimental import multihost_utils
+
+            return "SIGTERM" if multihost_utils.reached_preemption_sync_point(step) else None
+        return self.received
