@@ -14,6 +14,10 @@ survives when
 - its final params are bitwise those of an uninterrupted run of the same command.
 
 It prints one line per trial and ``survived K/N``. ``tests/test_fault.py`` runs 5 trials.
+
+``--soak MINUTES`` draws the fault of each trial from every kind :func:`trial` knows (kill -9
+at random or mid-write, SIGTERM, a damaged newest checkpoint) until the time is up, and
+prints per kind how many were injected, survived and lost data (must be 0).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -115,65 +120,115 @@ def _env() -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
+KINDS = ("random", "write", "sigterm", "damaged")
+
+
 def trial(i: int, mode: str, rng: random.Random, inputs, ref, root) -> dict:
-    """One kill and resume; the facts that decide whether it survived.
+    """One fault and the recovery from it; the facts that decide whether it survived.
 
     The moment is chosen by the run's progress, not the clock (machines and their load
-    differ): a checkpoint step ``target`` drawn from the run's, then ``random`` waits until it
-    has committed and kills 0-400 ms later (anywhere up to a few steps on, often while the next
-    save is in flight), and ``write`` waits for the first save in flight after it and kills
-    0-50 ms into that write."""
+    differ): a checkpoint step ``target`` drawn from the run's; ``random``, ``sigterm`` and
+    ``damaged`` wait until it has committed and strike 0-400 ms later (up to a few steps on,
+    often while the next save is in flight), ``write`` waits for the first save in flight after
+    it and strikes 0-50 ms into that write. The faults:
+
+    - ``random``, ``write``: SIGKILL, then ``--resume``;
+    - ``sigterm``: SIGTERM, which must end the process with status 0 after saving the step it
+      was on, then ``--resume``;
+    - ``damaged``: SIGKILL, then every array file of the newest committed step zeroed; the
+      ``--resume`` must refuse, naming that step and the one before it, and ``--resume-from``
+      that one goes on.
+    """
     model_dir, data = inputs
     out = os.path.join(root, f"trial{i}")
     run_dir = os.path.join(out, "pretrained-full")
     cmd = command(model_dir, data, out)
-    target = rng.randrange(EVAL_EVERY, STEPS - EVAL_EVERY + 1, EVAL_EVERY)
-    delay = rng.uniform(0.0, 0.4) if mode == "random" else rng.uniform(0.0, 0.05)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
-    deadline = time.monotonic() + 600
-    while proc.poll() is None and time.monotonic() < deadline:
-        steps = committed(run_dir)
-        if steps and steps[-1] >= target and (mode == "random" or writing(run_dir)):
-            time.sleep(delay)
-            break
-        time.sleep(0.001)
-    if proc.poll() is not None:
-        return {"trial": i, "mode": mode, "killed": False}
-    proc.kill()
-    proc.wait()
+    first = 2 * EVAL_EVERY if mode == "damaged" else EVAL_EVERY  # damaged: one step to fall back to
+    target = rng.randrange(first, STEPS - EVAL_EVERY + 1, EVAL_EVERY)
+    delay = rng.uniform(0.0, 0.05) if mode == "write" else rng.uniform(0.0, 0.4)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "stderr.txt"), "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=_env())
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < deadline:
+            steps = committed(run_dir)
+            if steps and steps[-1] >= target and (mode != "write" or writing(run_dir)):
+                time.sleep(delay)
+                break
+            time.sleep(0.001)
+        if proc.poll() is not None:
+            return {"trial": i, "mode": mode, "killed": False}
+        proc.send_signal(signal.SIGTERM if mode == "sigterm" else signal.SIGKILL)
+        status = proc.wait(timeout=300)
+    with open(os.path.join(out, "stderr.txt")) as f:
+        said_at_stop = f.read()
+    facts = {"trial": i, "mode": mode, "killed": True, "after_step": target}
     saved = committed(run_dir)
-    mid_write = writing(run_dir)
-    said = run_to_end([*cmd, "--resume"])
+    facts.update(committed_at_kill=saved, save_in_flight=writing(run_dir))
+    clean = True
+    done = os.path.exists(os.path.join(run_dir, "results.json"))
+    if mode == "sigterm" and saved and saved[-1] == STEPS:
+        # Training had ended: SIGTERM in the test evaluation or the summary ends the process
+        # as usual (nothing there is saved state), and --resume redoes that part.
+        clean = status in (0, -signal.SIGTERM)
+    elif mode == "sigterm":  # a clean stop: status 0, the step it was on saved, the way on said
+        stopped = re.search(r"stopped after step (\d+); checkpoint of step \1 saved", said_at_stop)
+        clean = status == 0 and bool(stopped) and "resume with:" in said_at_stop
+        clean = clean and bool(saved) and saved[-1] == int(stopped.group(1))
+    if mode == "damaged" and (done or len(saved) < 2):
+        return {"trial": i, "mode": mode, "killed": False}  # nothing left to damage
+    if mode == "damaged":
+        _zero_arrays(os.path.join(run_dir, "checkpoints", "latest", str(saved[-1])))
+        refused = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=_env())
+        named = f"checkpoint of step {saved[-1]}" in refused.stderr
+        clean = refused.returncode == 2 and named and f"--resume-from {saved[-2]}" in refused.stderr
+        said = run_to_end([*cmd, "--resume-from", str(saved[-2])])
+        expected_from = saved[-2]
+    else:
+        said = run_to_end([*cmd, "--resume"])
+        expected_from = saved[-1] if saved else 0
     found = re.search(r"Resumed from step (\d+)", said)
-    # Killed after the run had finished (writing its summary): resume keeps it as it is.
+    # Stopped after the run had finished (writing its summary): resume keeps it as it is.
     finished = "already finished" in said
     resumed_from = int(found.group(1)) if found else (saved[-1] if finished and saved else 0)
     step, params = final_params(run_dir, model_dir)
     same = step == ref[0] and all(np.array_equal(a, b) for a, b in zip(ref[1], params, strict=True))
-    expected_from = saved[-1] if saved else 0
-    return {
-        "trial": i,
-        "mode": mode,
-        "killed": True,
-        "after_step": target,
-        "committed_at_kill": saved,
-        "save_in_flight": mid_write,
-        "resumed_from": resumed_from,
-        "final_step": step,
-        "bitwise_equal": same,
-        "survived": same and resumed_from == expected_from,
-    }
+    facts.update(
+        resumed_from=resumed_from,
+        final_step=step,
+        bitwise_equal=same,
+        stopped_cleanly=clean,
+        # Lost data: a committed step not resumed from, or other final params.
+        lost=not same or resumed_from != expected_from,
+    )
+    facts["survived"] = clean and not facts["lost"]
+    return facts
+
+
+def _zero_arrays(step_dir: str) -> None:
+    for path in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True):
+        size = os.path.getsize(path)
+        with open(path, "wb") as f:
+            f.write(bytes(size))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=20, help="kill-and-resume trials")
+    p.add_argument(
+        "--soak",
+        type=float,
+        metavar="MINUTES",
+        help="instead of --trials: faults of every kind (kill -9 at random or mid-write, "
+        "SIGTERM, a damaged checkpoint) drawn at random until MINUTES have passed; prints "
+        "per kind how many were injected, survived and lost data",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     p.add_argument("--workdir", help="where runs go (default: a temporary directory)")
     p.add_argument("--json", help="also write every trial here")
     a = p.parse_args(argv)
-    if a.trials < 1:
-        p.error("--trials must be >= 1")
+    if a.trials < 1 or (a.soak is not None and a.soak <= 0):
+        p.error("--trials must be >= 1 and --soak > 0")
     root = a.workdir or tempfile.mkdtemp(prefix="jaxtl-faults-")
     os.makedirs(root, exist_ok=True)
     inputs = make_inputs(root)
@@ -182,26 +237,35 @@ def main(argv: list[str] | None = None) -> int:
     ref = final_params(os.path.join(ref_dir, "pretrained-full"), inputs[0])
     print(f"reference run: {ref[0]} steps; runs in {root}")
     rng = random.Random(a.seed)
-    results, i = [], 0
-    while len(results) < a.trials:
+    results, i, missed = [], 0, 0
+    until = None if a.soak is None else time.monotonic() + 60 * a.soak
+    while (len(results) < a.trials) if until is None else (time.monotonic() < until):
         i += 1
-        mode = "write" if i % 2 == 0 else "random"
+        mode = rng.choice(KINDS) if until else ("write" if i % 2 == 0 else "random")
         r = trial(i, mode, rng, inputs, ref, root)
         if not r["killed"]:
-            print(f"trial {i} ({mode}): the run ended before the kill; drawn again")
-            if i >= 2 * a.trials:
-                raise RuntimeError("most runs ended before their kill: lengthen the run")
+            print(f"trial {i} ({mode}): the run ended before the fault; drawn again")
+            missed += 1
+            if missed == 10:
+                raise RuntimeError("10 runs in a row ended before their fault: lengthen the run")
             continue
+        missed = 0
         results.append(r)
-        verdict = "survived" if r["survived"] else "LOST"
+        verdict = "survived" if r["survived"] else ("LOST DATA" if r["lost"] else "FAILED")
         print(
-            f"trial {len(results)}/{a.trials} ({mode}): killed after step {r['after_step']}, "
+            f"trial {len(results)} ({mode}): struck after step {r['after_step']}, "
             f"committed {r['committed_at_kill'][-3:]}, save in flight: {r['save_in_flight']}, "
             f"resumed from {r['resumed_from']}, final step {r['final_step']}, bitwise equal: "
             f"{r['bitwise_equal']} -> {verdict}",
             flush=True,
         )
     survived = sum(r["survived"] for r in results)
+    if until is not None:
+        print("\n| fault | injected | survived | lost data |\n|---|---|---|---|")
+        for kind in KINDS:
+            rs = [r for r in results if r["mode"] == kind]
+            lost = sum(r["lost"] for r in rs)
+            print(f"| {kind} | {len(rs)} | {sum(r['survived'] for r in rs)} | {lost} |")
     print(f"survived {survived}/{len(results)}")
     if a.json:
         with open(a.json, "w") as f:
