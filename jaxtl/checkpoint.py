@@ -18,6 +18,8 @@ chooses one).
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import sys
 from typing import Any
@@ -85,15 +87,26 @@ class CheckpointWriteError(OSError):
     def __init__(self, directory: str, steps: list[int], cause: BaseException):
         self.directory, self.steps = directory, sorted(steps)
         reason = _reason(cause)
-        kept = (
-            f"the last committed checkpoint, step {self.steps[-1]}, is intact"
-            if self.steps
-            else "no checkpoint had committed there yet"
-        )
+        if not os.path.isdir(directory):
+            self.steps = []
+            outcome = (
+                f"{directory} no longer exists: it was deleted, moved or unmounted while the "
+                "run trained, and its checkpoints with it. Start the run again (workdir / --out)."
+            )
+        elif self.steps:
+            outcome = (
+                f"the last committed checkpoint, step {self.steps[-1]}, is intact. Free space "
+                "on that disk or fix the directory's permissions, then continue with "
+                "resume=True (--resume)."
+            )
+        else:
+            outcome = (
+                "no checkpoint had committed there yet. Free space on that disk or fix the "
+                "directory's permissions, then start the run again."
+            )
         super().__init__(
             f"Saving a checkpoint under {directory} failed ({type(cause).__name__}: {reason}); "
-            f"{kept}. Free space on that disk or fix the directory's permissions, then continue "
-            "with resume=True (--resume)."
+            f"{outcome}"
         )
 
 
@@ -224,13 +237,20 @@ class Checkpointer:
         large, a directory made read-only), instead of at the next save or at the end.
 
         Cheap while a save is running (a flag is read); once it has finished, joining its
-        threads returns at once or raises what they raised.
+        threads returns at once or raises what they raised. A checkpoint directory that no
+        longer exists (deleted, moved, unmounted) is an error at once, before orbax would
+        recreate it empty at the next save.
 
         Raises:
           CheckpointWriteError: naming the directory, the cause and the last committed step.
         """
         for manager in (self.latest, self.best):
-            if manager is not None and not manager.is_saving_in_progress():
+            if manager is None:
+                continue
+            if not os.path.isdir(manager.directory):  # one stat: deleted or unmounted mid-run
+                gone = FileNotFoundError(errno.ENOENT, "the directory disappeared mid-run")
+                raise CheckpointWriteError(str(manager.directory), [], gone)
+            if not manager.is_saving_in_progress():
                 with _writing(manager):
                     manager.wait_until_finished()
 
@@ -315,6 +335,13 @@ def _restore(manager: ocp.CheckpointManager, step: int, like: Any) -> tuple[Any,
     return out["state"], meta["meta"]
 
 
+class _StrayWrites(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        stray = "exception was never retrieved" in message.partition("\n")[0]
+        return not (stray and ".orbax-checkpoint-tmp" in message)
+
+
 def _quiet_stray_reads() -> None:
     """After a failed restore or save, drop the "Event loop is closed" errors of its strays.
 
@@ -327,6 +354,11 @@ def _quiet_stray_reads() -> None:
     hook = sys.unraisablehook
     if getattr(hook, "_jaxtl_quiet", False):
         return
+    # The writes of a failed save that were still queued fail too, each "never retrieved" by
+    # the loop orbax closed; asyncio logs a traceback per tensorstore write (25 for one save of
+    # a tiny BERT whose directory was deleted). Only those writes' are dropped: their message
+    # names an orbax temporary directory.
+    logging.getLogger("asyncio").addFilter(_StrayWrites())
 
     def filtered(unraisable):
         error = unraisable.exc_value

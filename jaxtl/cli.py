@@ -743,10 +743,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:
         from jaxtl.checkpoint import CheckpointWriteError
-        from jaxtl.train.faults import NonFiniteStepsError
+        from jaxtl.train.faults import NonFiniteStepsError, OutputWriteError
 
         # A run that diverged or could not save: what happened, what is kept, what to try.
-        if isinstance(e, NonFiniteStepsError | CheckpointWriteError):
+        if isinstance(e, NonFiniteStepsError | CheckpointWriteError | OutputWriteError):
             print(f"error: {e}", file=sys.stderr)
             return 1
         raise

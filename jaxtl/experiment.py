@@ -38,6 +38,7 @@ from jaxtl.distributed import is_primary
 from jaxtl.models.base import LoadedModel
 from jaxtl.run import finetune
 from jaxtl.train import TrainConfig
+from jaxtl.train.faults import writable_dir
 from jaxtl.transfer.lora import targets as lora_targets
 from jaxtl.transfer.recipes import make_plan, recipe_name
 
@@ -204,23 +205,25 @@ def run_arms(
 
 
 def experiment_dir(out: str | None, prefix: str, *, resume: bool | int = False) -> str:
-    """``out``, or ``runs/<prefix>-<timestamp>`` when None; with ``resume`` it must exist.
+    """``out``, or ``runs/<prefix>-<timestamp>`` when None, created; with ``resume`` it must
+    exist.
 
     Raises:
-      ValueError: ``resume`` without an existing directory.
+      ValueError: ``resume`` without an existing directory, or a directory that cannot be
+        written (checked here, before anything compiles).
     """
     if out is None:
         if resume:
             raise ValueError(
                 "resume (--resume) needs the experiment directory to continue (--out)."
             )
-        return os.path.join("runs", time.strftime(f"{prefix}-%Y%m%d-%H%M%S"))
+        return writable_dir(os.path.join("runs", time.strftime(f"{prefix}-%Y%m%d-%H%M%S")))
     if resume and not os.path.isdir(out):
         raise ValueError(
             f"resume (--resume) needs an existing experiment directory (--out); {out!r} "
             "does not exist."
         )
-    return out
+    return writable_dir(out, "out (--out)")
 
 
 def check_recipes(recipes: Sequence[str], model: LoadedModel) -> None:

@@ -24,6 +24,7 @@ from jaxtl.distributed import is_primary
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.preprocessing import ImagePreprocessing
 from jaxtl.train import CheckpointConfig, ScaleConfig, TrainConfig, Trainer, precision
+from jaxtl.train.faults import writable_dir
 from jaxtl.transfer import stages
 from jaxtl.transfer.plan import Plan
 from jaxtl.transfer.recipes import make_plan
@@ -190,7 +191,7 @@ def finetune(
             how = "length buckets" if config.data.bucket_by_length else "one padded length"
             print(f"padding: {100 * waste:.1f}% of the training token slots ({how})")
     if workdir:
-        os.makedirs(workdir, exist_ok=True)
+        writable_dir(workdir)
         run_info = {
             "name": name,
             "recipe": plan.name,

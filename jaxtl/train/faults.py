@@ -11,19 +11,77 @@
   Ctrl-C interrupts at once. In a multi-process run every process must save the same step, so
   the step comes from jax's preemption sync point (the coordination service hears SIGTERM on
   any process and picks the first step every process can still reach).
+- **Output that cannot be written.** :func:`writable_dir` refuses a read-only or otherwise
+  unwritable run directory before anything loads or compiles. Mid-run, a metrics write that
+  fails is an :class:`OutputWriteError` that says whether the directory is gone (deleted,
+  moved or unmounted: its checkpoints went with it) or only unwritable (a full disk, or
+  permissions: its checkpoints are kept for ``--resume``); a failed checkpoint save is a
+  :class:`jaxtl.checkpoint.CheckpointWriteError`.
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import signal
 import sys
+import tempfile
 import threading
 from typing import Any
 
 import jax
 
-__all__ = ["BadSteps", "NonFiniteStepsError", "Preempted", "StopSignals"]
+__all__ = [
+    "BadSteps",
+    "NonFiniteStepsError",
+    "OutputWriteError",
+    "Preempted",
+    "StopSignals",
+    "writable_dir",
+]
+
+
+def writable_dir(directory: str, what: str = "workdir (--out)") -> str:
+    """Create ``directory`` if needed and prove a file can be written in it, before a run
+    spends anything on loading or compiling; returns it.
+
+    Raises:
+      ValueError: it cannot be created or written (a read-only disk, permissions, a file of
+        that name), naming ``what`` (the argument and its flag) and the cause.
+    """
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"{what} {directory!r} cannot be written ({e.strerror or e}): a run directory "
+            "holds the checkpoints and metrics, so choose one on a writable disk or fix its "
+            "permissions."
+        ) from e
+    return directory
+
+
+class OutputWriteError(OSError):
+    """Writing ``path`` in the run directory ``workdir`` failed mid-run (``cause``); the
+    message says whether the directory still exists, and so whether its checkpoints do."""
+
+    def __init__(self, path: str, workdir: str, cause: BaseException):
+        self.path, self.workdir = path, workdir
+        reason = getattr(cause, "strerror", None) or cause
+        if os.path.isdir(workdir):
+            fix = (
+                "the disk is full or the directory was made read-only; the checkpoints saved "
+                "there are kept, so free space or fix its permissions, then continue with "
+                "resume=True (--resume)."
+            )
+        else:
+            fix = (
+                f"the run directory {workdir} no longer exists: it was deleted, moved or "
+                "unmounted while the run trained, and its checkpoints with it. Start the run "
+                "again (workdir / --out)."
+            )
+        super().__init__(f"Writing {path} failed ({type(cause).__name__}: {reason}); {fix}")
 
 
 class NonFiniteStepsError(FloatingPointError):

@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxtl.train.faults import OutputWriteError
+
 __all__ = ["Clock", "MetricsLog", "TrainMetrics", "progress_bar"]
 
 
@@ -37,9 +39,18 @@ class MetricsLog:
             f.writelines(keep)
 
     def write(self, record: dict) -> None:
+        """Append ``record``.
+
+        Raises:
+          OutputWriteError: the file cannot be written (its directory deleted, a full disk,
+            made read-only), saying which and what is kept.
+        """
         if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise OutputWriteError(self.path, os.path.dirname(self.path), e) from e
 
 
 class Clock:

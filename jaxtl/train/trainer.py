@@ -29,7 +29,7 @@ from jaxtl.models.base import LoadedModel
 from jaxtl.models.common import batch_norm_paths, recompute
 from jaxtl.train import precision, steps
 from jaxtl.train.config import TrainConfig
-from jaxtl.train.faults import BadSteps, Preempted, StopSignals
+from jaxtl.train.faults import BadSteps, Preempted, StopSignals, writable_dir
 from jaxtl.train.losses import TASKS, summarize
 from jaxtl.train.progress import Clock, MetricsLog, TrainMetrics, progress_bar
 from jaxtl.train.state import TrainState
@@ -132,7 +132,7 @@ class Trainer:
         )
         self.monitor = config.checkpoint.monitor(model.task)
         if workdir:
-            os.makedirs(workdir, exist_ok=True)
+            writable_dir(workdir)
         # metrics.jsonl is shared: process 0 writes it (the metrics are global in every process).
         self.log = MetricsLog(
             os.path.join(workdir, "metrics.jsonl") if workdir and is_primary() else None
