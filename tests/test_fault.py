@@ -149,6 +149,7 @@ class _SignalAt:
             yield batch
 
 
+@pytest.mark.timeout(600)
 def test_ctrl_c_in_a_notebook_saves_the_step_and_resumes_bitwise(tmp_path):
     """In-process (a notebook's interrupt): SIGINT during ``fit`` raises ``Preempted`` after
     checkpointing the step in flight, the previous handler is back, and ``resume=True``
@@ -182,6 +183,7 @@ def test_ctrl_c_in_a_notebook_saves_the_step_and_resumes_bitwise(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.timeout(60)
 def test_a_second_ctrl_c_interrupts_at_once():
     with StopSignals() as signals:
         os.kill(os.getpid(), signal.SIGINT)

@@ -14,6 +14,10 @@ PATHS = ["jaxtl", "tests", "benchmarks", "examples", "scripts"]
 @pytest.mark.parametrize("command", [["check"], ["format", "--check"]])
 def test_ruff(command):
     done = subprocess.run(
-        [sys.executable, "-m", "ruff", *command, *PATHS], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "ruff", *command, *PATHS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -67,7 +67,9 @@ def test_tfrecord_without_tensorflow_names_the_extra(data_dir, tmp_path):
         "from jaxtl.data import tfds_source\n"
         f"tfds_source.load('tfds:jaxtl_digits', data_dir={str(tmp_path)!r})\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode != 0
     assert "stored as tfrecord, which only TensorFlow reads" in proc.stderr
     assert "pip install 'jaxtl[tensorflow]'" in proc.stderr

@@ -27,6 +27,9 @@ from jaxtl.data import training_loader
 from jaxtl.run import encode_splits
 from jaxtl.train.faults import OutputWriteError
 
+# Each test strikes a fit in flight; a save or a wait that never returns fails it instead.
+pytestmark = pytest.mark.timeout(600)
+
 
 def _read_only(path: str, on: bool = True) -> None:
     """Make ``path`` and everything under it read-only (``on``) or writable again."""
