@@ -16,7 +16,7 @@ survives when
 It prints one line per trial and ``survived K/N``. ``tests/test_fault.py`` runs 5 trials.
 
 ``--soak MINUTES`` draws the fault of each trial from every kind :func:`trial` knows (kill -9
-at random or mid-write, SIGTERM, a damaged newest checkpoint) until the time is up, and
+at random or mid-write, SIGTERM, a damaged newest checkpoint, a full disk) until the time is up, and
 prints per kind how many were injected, survived and lost data (must be 0).
 """
 
@@ -28,6 +28,7 @@ import json
 import os
 import random
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -120,7 +121,7 @@ def _env() -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-KINDS = ("random", "write", "sigterm", "damaged")
+KINDS = ("random", "write", "sigterm", "damaged", "disk")
 
 
 def trial(i: int, mode: str, rng: random.Random, inputs, ref, root) -> dict:
@@ -137,7 +138,11 @@ def trial(i: int, mode: str, rng: random.Random, inputs, ref, root) -> dict:
       was on, then ``--resume``;
     - ``damaged``: SIGKILL, then every array file of the newest committed step zeroed; the
       ``--resume`` must refuse, naming that step and the one before it, and ``--resume-from``
-      that one goes on.
+      that one goes on;
+    - ``disk``: the running process's file-size limit drops to 64 KiB (``prlimit``), so its
+      next checkpoint write fails with EFBIG as a full disk fails with ENOSPC; it must exit
+      with status 1 naming the last committed step as intact, then ``--resume`` (with the limit
+      gone, as after freeing space).
     """
     model_dir, data = inputs
     out = os.path.join(root, f"trial{i}")
@@ -158,7 +163,10 @@ def trial(i: int, mode: str, rng: random.Random, inputs, ref, root) -> dict:
             time.sleep(0.001)
         if proc.poll() is not None:
             return {"trial": i, "mode": mode, "killed": False}
-        proc.send_signal(signal.SIGTERM if mode == "sigterm" else signal.SIGKILL)
+        if mode == "disk":  # CPython ignores SIGXFSZ: the write returns the error
+            resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+        else:
+            proc.send_signal(signal.SIGTERM if mode == "sigterm" else signal.SIGKILL)
         status = proc.wait(timeout=300)
     with open(os.path.join(out, "stderr.txt")) as f:
         said_at_stop = f.read()
@@ -175,6 +183,11 @@ def trial(i: int, mode: str, rng: random.Random, inputs, ref, root) -> dict:
         stopped = re.search(r"stopped after step (\d+); checkpoint of step \1 saved", said_at_stop)
         clean = status == 0 and bool(stopped) and "resume with:" in said_at_stop
         clean = clean and bool(saved) and saved[-1] == int(stopped.group(1))
+    elif mode == "disk":  # status 1, the save that failed named, the last committed kept
+        kept = f"the last committed checkpoint, step {saved[-1] if saved else -1}, is intact"
+        clean = status == 1 and (kept in said_at_stop or "saved there are kept" in said_at_stop)
+        if done:  # the final save had committed before the limit came
+            return {"trial": i, "mode": mode, "killed": False}
     if mode == "damaged" and (done or len(saved) < 2):
         return {"trial": i, "mode": mode, "killed": False}  # nothing left to damage
     if mode == "damaged":
@@ -220,8 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         metavar="MINUTES",
         help="instead of --trials: faults of every kind (kill -9 at random or mid-write, "
-        "SIGTERM, a damaged checkpoint) drawn at random until MINUTES have passed; prints "
-        "per kind how many were injected, survived and lost data",
+        "SIGTERM, a damaged checkpoint, a full disk) drawn at random until MINUTES have "
+        "passed; prints per kind how many were injected, survived and lost data",
+    )
+    p.add_argument(
+        "--kinds",
+        default=",".join(KINDS),
+        help=f"with --soak: the fault kinds to draw from (default: all, {','.join(KINDS)})",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     p.add_argument("--workdir", help="where runs go (default: a temporary directory)")
@@ -229,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.trials < 1 or (a.soak is not None and a.soak <= 0):
         p.error("--trials must be >= 1 and --soak > 0")
+    kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
+    if not kinds or set(kinds) - set(KINDS):
+        p.error(f"--kinds takes some of {','.join(KINDS)}; got {a.kinds!r}")
     root = a.workdir or tempfile.mkdtemp(prefix="jaxtl-faults-")
     os.makedirs(root, exist_ok=True)
     inputs = make_inputs(root)
@@ -241,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     until = None if a.soak is None else time.monotonic() + 60 * a.soak
     while (len(results) < a.trials) if until is None else (time.monotonic() < until):
         i += 1
-        mode = rng.choice(KINDS) if until else ("write" if i % 2 == 0 else "random")
+        mode = rng.choice(kinds) if until else ("write" if i % 2 == 0 else "random")
         r = trial(i, mode, rng, inputs, ref, root)
         if not r["killed"]:
             print(f"trial {i} ({mode}): the run ended before the fault; drawn again")
@@ -262,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     survived = sum(r["survived"] for r in results)
     if until is not None:
         print("\n| fault | injected | survived | lost data |\n|---|---|---|---|")
-        for kind in KINDS:
+        for kind in kinds:
             rs = [r for r in results if r["mode"] == kind]
             lost = sum(r["lost"] for r in rs)
             print(f"| {kind} | {len(rs)} | {sum(r['survived'] for r in rs)} | {lost} |")
