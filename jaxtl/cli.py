@@ -67,6 +67,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 # jaxtl finetune's options by group: (flag, help, argparse keywords). Help that names no default
 # gets argparse's "(default: X)" (see _HelpFormatter).
+def seed_list(text: str) -> list[int]:
+    """``--seeds 0,1,2`` as distinct whole numbers."""
+    from jaxtl.seeds import parse_seeds
+
+    try:
+        return parse_seeds(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def l2_sp_pair(text: str) -> tuple[float, float]:
     """``--l2-sp ALPHA,BETA`` as two floats >= 0."""
     try:
@@ -120,6 +130,10 @@ _FINETUNE = {
          "only Text feature / text or image column)", {}),
         ("--label-column", "label column of --data (default 'label'; tfds / hf: the only "
          "ClassLabel)", {}),
+        ("--shots", "classification: train on K examples of each class, drawn with --seed "
+         "(a larger K's subset holds a smaller one's); validation and test stay whole, so runs "
+         "with different K are scored on the same examples. A class with fewer than K "
+         "training examples is an error naming it", dict(type=int, metavar="K")),
         ("--image-size", "image models: the input size to build for (default: the "
          "checkpoint's; --preset digits: 32)", dict(type=int)),
         ("--in-channels", "image models: input channels when not 3 (1 sums the stem's RGB "
@@ -169,6 +183,10 @@ _FINETUNE = {
          dict(type=l2_sp_pair, metavar="ALPHA,BETA")),
         ("--seed", "seed of new heads, scratch init, dropout, data order and augmentation",
          dict(type=int, default=0)),
+        ("--seeds", "run every arm once per seed, e.g. 0,1,2 (in place of --seed, which still "
+         "draws the --shots subset): the table, summary.json and OUT/seeds.png give each "
+         "arm's mean, std and 95%% interval, and mark differences within the seed noise",
+         dict(type=seed_list, metavar="S1,S2,...")),
         ("--max-bad-steps", "a step whose loss or gradient is NaN/inf is skipped (params and "
          "optimizer state unchanged) and counted in metrics.jsonl; after K such steps in a row "
          "the run stops with an error naming them", dict(type=int, default=5, metavar="K")),
@@ -247,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Fine-tune a pretrained model, evaluate it on the held-out test split, and compare "
             "it with the same architecture trained from random init on the same budget. With "
             "no options: MiniLM-L6 on the VADER sentiment lexicon (the demo). Writes "
-            "OUT/<run>/{run.json,metrics.jsonl,checkpoints/,results.json,curve.png} and "
-            "OUT/{summary.json,comparison.png}."
+            "OUT/<run>/{run.json,metrics.jsonl,checkpoints/,results.json,curve.png} (and "
+            "confusion.png, reliability.png for classification) and "
+            "OUT/{summary.json,comparison.png} (and seeds.png with --seeds)."
         ),
         formatter_class=_HelpFormatter,
     )
@@ -395,6 +414,7 @@ def _finetune(args) -> int:
             resume=args.resume,
             long_texts=args.long_texts,
             demo=demo,
+            seeds=args.seeds,
         )
     except Preempted as e:
         return preempted(e, args, out)
@@ -550,10 +570,10 @@ def shard_rule(text: str) -> tuple[str, object]:
 
 def data_spec(args, modality: str) -> dict:
     """The JSON description of ``--data`` that a run directory records (jaxtl.data.describe)."""
-    from jaxtl.data import describe
+    from jaxtl.data import describe, with_shots
 
     try:
-        return describe(
+        spec = describe(
             args.data,
             data_dir=args.data_dir,
             splits=args.splits,
@@ -562,6 +582,7 @@ def data_spec(args, modality: str) -> dict:
             skip_corrupt=args.skip_corrupt,
             modality=modality,
         )
+        return with_shots(spec, args.shots, seed=args.seed)
     except ValueError as e:  # flags that contradict each other: refused before anything loads
         raise SystemExit(f"error: {e}") from None
 
@@ -576,6 +597,11 @@ def _finetune_digits(args) -> int:
         )
     if args.in_channels not in (None, 1):
         raise SystemExit("error: --preset digits reads 1-channel digits; drop --in-channels.")
+    if args.shots is not None:
+        raise SystemExit(
+            "error: --preset digits runs its own regimes (10 images per class and all); drop "
+            "--shots."
+        )
     out = experiment.experiment_dir(args.out, "digits", resume=args.resume)
     image_size = args.image_size or 32
     try:
@@ -599,9 +625,10 @@ def _evaluate(args) -> int:
     from jaxtl import report, run
 
     dirs = run.run_dirs(args.run_dir)
-    rows = []
+    rows, results = [], []
     for d in dirs:
         r = run.evaluate_run(d, args.checkpoint)
+        results.append(r)
         metric = report.headline_metric(r["test"])
         rows.append(
             [
@@ -617,6 +644,10 @@ def _evaluate(args) -> int:
             ["run", "step", f"val {metric}", f"test {metric}", "test examples"], rows
         )
     )
+    for d, r in zip(dirs, results, strict=True):
+        details = report.detail_table(r["test"])
+        if details:
+            print(f"\n{os.path.basename(d)}, test split:\n{details}")
     return 0
 
 

@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from jaxtl import feature_cache, report
+from jaxtl import seeds as seed_stats
 from jaxtl.distributed import is_primary
 from jaxtl.models.base import LoadedModel
 from jaxtl.run import finetune
@@ -93,12 +94,15 @@ class Arm:
       recipe: the transfer recipe (``"full"``, ``"linear_probe"``, ``"last_n(2)"``, ...).
       pretrained: the pretrained weights (True) or the same architecture from random init.
       learning_rate: peak learning rate; None: :func:`default_learning_rate` of the recipe.
+      seed: this run's seed (new heads, scratch init, dropout, data order), one of several
+        runs of the same arm; None: the config's.
     """
 
     name: str
     recipe: str
     pretrained: bool
     learning_rate: float | None = None
+    seed: int | None = None  # None: the config's seed (``--seed``); else one of ``--seeds``
 
     @property
     def dirname(self) -> str:
@@ -114,23 +118,32 @@ class Arm:
         name = re.sub(r"[^A-Za-z0-9._=,+-]", "-", name)
         if len(name) > 100:
             name = f"{name[:90]}-{zlib.crc32(self.name.encode()):08x}"
-        return name
+        return name if self.seed is None else f"{name}-seed{self.seed}"
 
 
 def arms(
-    recipes: Sequence[str], *, scratch: bool = True, learning_rate: float | None = None
+    recipes: Sequence[str],
+    *,
+    scratch: bool = True,
+    learning_rate: float | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> list[Arm]:
     """``pretrained <recipe>`` for each recipe, then (with ``scratch``) ``scratch full``, the
-    same architecture from random init on the same budget.
+    same architecture from random init on the same budget; with ``seeds``, one run of each arm
+    per seed (``--seeds``), an arm's seeds one after another.
 
     Example:
       >>> [a.name for a in arms(["full", "probe"])]
       ['pretrained full', 'pretrained probe', 'scratch full']
+      >>> [a.dirname for a in arms(["full"], scratch=False, seeds=[0, 1])]
+      ['pretrained-full-seed0', 'pretrained-full-seed1']
     """
     out = [Arm(f"pretrained {r}", r, True, learning_rate) for r in recipes]
     if scratch:
         out.append(Arm("scratch full", "full", False, learning_rate))
-    return out
+    if seeds is None:
+        return out
+    return [dataclasses.replace(a, seed=s) for a in out for s in seeds]
 
 
 def run_arms(
@@ -183,6 +196,7 @@ def run_arms(
         lr = arm.learning_rate or default_learning_rate(arm.recipe)
         arm_config = dataclasses.replace(
             config,
+            seed=config.seed if arm.seed is None else arm.seed,
             optim=dataclasses.replace(config.optim, learning_rate=lr),
             data=dataclasses.replace(config.data, feature_cache=_cache_for(arm, model, config)),
         )
@@ -205,8 +219,7 @@ def run_arms(
 
 
 def experiment_dir(out: str | None, prefix: str, *, resume: bool | int = False) -> str:
-    """``out``, or ``runs/<prefix>-<timestamp>`` when None, created; with ``resume`` it must
-    exist.
+    """``out``, or ``runs/<prefix>-<timestamp>`` when None; with ``resume`` it must exist.
 
     Raises:
       ValueError: ``resume`` without an existing directory, or a directory that cannot be
@@ -217,13 +230,14 @@ def experiment_dir(out: str | None, prefix: str, *, resume: bool | int = False) 
             raise ValueError(
                 "resume (--resume) needs the experiment directory to continue (--out)."
             )
-        return writable_dir(os.path.join("runs", time.strftime(f"{prefix}-%Y%m%d-%H%M%S")))
+        default = os.path.join("runs", time.strftime(f"{prefix}-%Y%m%d-%H%M%S"))
+        return writable_dir(default, "out (--out)", create=False)
     if resume and not os.path.isdir(out):
         raise ValueError(
             f"resume (--resume) needs an existing experiment directory (--out); {out!r} "
             "does not exist."
         )
-    return writable_dir(out, "out (--out)")
+    return writable_dir(out, "out (--out)", create=False)
 
 
 def check_recipes(recipes: Sequence[str], model: LoadedModel) -> None:
@@ -272,17 +286,28 @@ def write_summary(
     **facts: Any,
 ) -> tuple[str, str]:
     """``out/summary.json`` (the results, the reference and ``facts``) and ``out/comparison.png``
-    (every arm's curves).
+    (every arm's curves). Runs of several seeds (``--seeds``) are summarized per arm: mean,
+    standard deviation and 95% interval in the table, in ``summary.json`` (``seeds``) and in
+    ``out/seeds.png`` (error bars), with each arm's difference from the baseline marked when
+    it is within the seed noise (:mod:`jaxtl.seeds`).
 
     Returns:
       ``(table, plot path)``: ``table`` as given, or the comparison table of the results.
     """
+    names = [r["name"] for r in results]
+    seeded = len(set(names)) < len(names)  # an arm run with several seeds
+    if seeded:  # one row per arm over its seeds, and where the seed noise is
+        facts["seeds"] = report.seed_statistics(results)
     if table is None:
-        table = report.format_table(*report.comparison_rows(results, reference))
+        rows = report.seed_rows(results) if seeded else report.comparison_rows(results, reference)
+        table = report.format_table(*rows)
     plot = os.path.join(out, "comparison.png")
     if not is_primary():  # shared files have one writer: process 0
         return table, plot
-    plot = report.plot_curves([r["workdir"] for r in results], plot, [r["name"] for r in results])
+    labels = [r["name"] + (f" seed {r.get('seed')}" if seeded else "") for r in results]
+    plot = report.plot_curves([r["workdir"] for r in results], plot, labels)
+    if seeded:
+        report.plot_seeds(facts["seeds"], os.path.join(out, "seeds.png"))
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump({**facts, "results": list(results), "reference": reference}, f, indent=2)
     return table, plot
@@ -308,29 +333,34 @@ def negative_transfer(results: Sequence[dict]) -> list[dict]:
       >>> [(r["arm"], r["flagged"]) for r in negative_transfer(rs)]
       [('pretrained full', True)]
     """
-    scratch = [r for r in results if r["name"].startswith("scratch") and "accuracy" in r["test"]]
+    groups = seed_stats.aggregate(results, "accuracy")  # several seeds of an arm: their mean
+    scratch = [name for name in groups if name.startswith("scratch")]
     if not scratch:
         return []
     base = scratch[0]
-    p_s, n = base["test"]["accuracy"], base["test"]["examples"]
+    examples = {r["name"]: r["test"]["examples"] for r in results}
+    p_s, n = groups[base]["mean"], examples[base]
     out = []
-    for r in results:
-        if r is base or not r["name"].startswith("pretrained") or "accuracy" not in r["test"]:
+    for name, arm in groups.items():
+        if not name.startswith("pretrained"):
             continue
-        p = r["test"]["accuracy"]
-        se = (p_s * (1 - p_s) / n + p * (1 - p) / r["test"]["examples"]) ** 0.5
+        p = arm["mean"]
+        se = (p_s * (1 - p_s) / n + p * (1 - p) / examples[name]) ** 0.5
         margin = NEGATIVE_TRANSFER_SE * se
+        seed_noise = seed_stats.difference(arm, groups[base])["noise"]
+        margin = margin if seed_noise is None else max(margin, seed_noise)
         out.append(
             {
-                "arm": r["name"],
-                "against": base["name"],
+                "arm": name,
+                "against": base,
                 "accuracy": p,
                 "scratch_accuracy": p_s,
                 "difference": p - p_s,
                 "noise": margin,
                 "flagged": p_s - p > margin,
                 "rule": f"flagged when scratch - pretrained > {NEGATIVE_TRANSFER_SE:g} standard "
-                "errors of the difference of two test accuracies",
+                "errors of the difference of two test accuracies (of the mean accuracies, and "
+                "no less than the seed noise, with several seeds)",
             }
         )
     return out
@@ -367,6 +397,7 @@ def compare(
     resume: bool | int = False,
     long_texts: str = "truncate",
     demo: bool = False,
+    seeds: Sequence[int] | None = None,
 ) -> Comparison:
     """``jaxtl finetune``: each recipe on the pretrained ``model`` and (with ``scratch``) the same
     architecture from random init, on the data of ``data_spec``, compared in one table.
@@ -385,6 +416,8 @@ def compare(
       resume: keep finished arms, resume the unfinished one (from this step, for a number).
       long_texts: ``"truncate"`` or ``"error"`` for texts longer than the model's positions.
       demo: the embedded model and data, whose reference numbers the table may show.
+      seeds: run every arm once per seed (``--seeds``) and report each arm's mean, spread and
+        95% interval (:mod:`jaxtl.seeds`); None: one run per arm with ``config.seed``.
 
     Raises:
       ValueError: a bad recipe, a data source that does not fit the model, ... before any
@@ -412,11 +445,12 @@ def compare(
     def load_model(arm: Arm) -> LoadedModel:
         if arm.pretrained:
             return model
-        return surgery.load_model(model.path, **options, pretrained=False, seed=config.seed)
+        seed = config.seed if arm.seed is None else arm.seed
+        return surgery.load_model(model.path, **options, pretrained=False, seed=seed)
 
     results = run_arms(
         out,
-        arms(recipes, scratch=scratch, learning_rate=learning_rate),
+        arms(recipes, scratch=scratch, learning_rate=learning_rate, seeds=seeds),
         load_model,
         data,
         config,

@@ -43,6 +43,7 @@ class RunResult:
     steps: int
     stopped_early: bool
     workdir: str | None
+    seed: int = 0  # the run's seed (config.seed): new heads, scratch init, dropout, data order
     # Wall seconds: {"train", "evaluation", "checkpoints"} of the fit, and "test" evaluation.
     seconds: dict = dataclasses.field(default_factory=dict)
     params: Any = dataclasses.field(repr=False, default=None)
@@ -215,10 +216,12 @@ def finetune(
     # A run that ended inside its cached stage scores with that stage's model and features.
     test_arrays = cached if trainer.stage in stage_models else arrays
     test_loader = evaluation_loader(test_arrays["test"], config.data, devices=trainer.devices)
-    test = trainer.evaluate(fit.state, test_loader)
+    test = trainer.evaluate(fit.state, test_loader, details=True, label_names=data.label_names)
     seconds = {**fit.seconds, "test": round(time.perf_counter() - t, 3)}
     if verbose:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
+        ece = test.get("calibration", {}).get("ece")
+        shown += "" if ece is None else f", ece {ece:.4f}"
         print(f"test: {shown} on {test['examples']} examples ({seconds['test']:.1f} s)")
     result = RunResult(
         name=name,
@@ -229,6 +232,7 @@ def finetune(
         steps=fit.steps,
         stopped_early=fit.stopped_early,
         workdir=workdir,
+        seed=config.seed,
         seconds=seconds,
         params=fit.state.params,
         batch_stats=fit.state.batch_stats,
@@ -238,6 +242,7 @@ def finetune(
     if workdir and stop_at is None and is_primary():
         _write_json(os.path.join(workdir, "results.json"), result.to_dict())
         report.plot_curves([workdir], os.path.join(workdir, "curve.png"), [name])
+        report.detail_plots(test, workdir, data.label_names)
     return result
 
 
@@ -419,7 +424,9 @@ def evaluate_run(run_dir: str, which: str = "best") -> dict:
     out = {"run": run_dir, "checkpoint": which, "step": run.step}
     for split in ("validation", "test"):
         loader = evaluation_loader(arrays[split], run.config.data, devices=run.trainer.devices)
-        out[split] = run.trainer.evaluate(run.state, loader)
+        out[split] = run.trainer.evaluate(
+            run.state, loader, details=split == "test", label_names=data.label_names
+        )
     return out
 
 

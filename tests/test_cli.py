@@ -192,6 +192,16 @@ def test_finetune_then_evaluate(capsys, tmp_path, tiny_dir, csv_data):
         name = os.path.basename(r["workdir"])
         row = next(line for line in table.splitlines() if line.startswith(f"| {name} "))
         assert f"{r['test']['accuracy']:.4f}" in row  # the best checkpoint re-scores identically
+        # ... and so do its detailed metrics, printed below the table for each run.
+        details = table.split(f"\n{name}, test split:\n", 1)[1]
+        assert details.startswith(f"macro_f1: {r['test']['macro_f1']:.4f}\n")
+        assert f"ece: {r['test']['calibration']['ece']:.4f}" in details
+        header = [c.strip() for c in details.splitlines()[2].strip("|").split("|")]
+        assert header == ["class", "precision", "recall", "f1", "support"], details
+        names = [line.split("|")[1].strip() for line in details.splitlines()[4:6]]
+        assert names == list(r["test"]["per_class"]) == ["neg", "pos"]
+        assert sum(map(sum, r["test"]["confusion_matrix"])) == r["test"]["examples"]
+        assert os.path.exists(os.path.join(r["workdir"], "confusion.png"))
 
     # --resume on a finished directory keeps every finished run.
     shutil.rmtree(os.path.join(out, "scratch-full"))

@@ -7,8 +7,9 @@ from jaxtl.data.hf_source import from_hf
 from jaxtl.data.images import ImageSplits, digits, from_folder
 from jaxtl.data.loader import ArrayLoader, Loader, evaluation_loader
 from jaxtl.data.pipeline import GrainLoader, training_loader
+from jaxtl.data.shots import few_shot
 from jaxtl.data.sources import TextSplits, from_table, read_table, split, vader
-from jaxtl.data.spec import describe, resolve
+from jaxtl.data.spec import describe, resolve, with_shots
 from jaxtl.data.text import encode
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "TextSplits",
     "describe",
     "encode",
+    "few_shot",
     "from_arrays",
     "from_hf",
     "from_table",
@@ -30,4 +32,5 @@ __all__ = [
     "resolve",
     "split",
     "vader",
+    "with_shots",
 ]

@@ -17,9 +17,10 @@ import os
 from collections.abc import Sequence
 
 from jaxtl.data.images import ImageSplits, digits, from_folder
+from jaxtl.data.shots import few_shot
 from jaxtl.data.sources import TextSplits, from_table, vader
 
-__all__ = ["describe", "resolve"]
+__all__ = ["describe", "resolve", "with_shots"]
 
 
 def describe(
@@ -127,8 +128,31 @@ def resolve(spec: dict, *, num_labels: int, task: str) -> TextSplits | ImageSpli
     ``{"kind": "tfds", "name": "tfds:NAME", "data_dir": ..., "splits": [...] or None, ...}`` or
     ``{"kind": "folder", "path": ..., "seed": 0, "skip_corrupt": False}`` or
     ``{"kind": "hf", "path": ..., "splits": [...] or None, "input_column": ..., "seed": 0, ...}``
-    (a Hugging Face dataset saved with ``save_to_disk``).
+    (a Hugging Face dataset saved with ``save_to_disk``). Any of them may add
+    ``"shots": K, "shots_seed": S``: a K-per-class training subset (:func:`with_shots`).
     """
+    data = _source(spec, num_labels=num_labels, task=task)
+    if spec.get("shots"):
+        data = few_shot(data, spec["shots"], seed=spec.get("shots_seed", 0))
+    return data
+
+
+def with_shots(spec: dict, shots: int | None, seed: int = 0) -> dict:
+    """``spec`` whose training split is ``shots`` examples of each class, drawn with ``seed``
+    (:func:`jaxtl.data.shots.few_shot`; ``--shots K`` with ``--seed``); ``None``: unchanged.
+
+    Example:
+      >>> with_shots({"kind": "vader"}, 16, seed=1)
+      {'kind': 'vader', 'shots': 16, 'shots_seed': 1}
+    """
+    if shots is None:
+        return spec
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise ValueError(f"shots (--shots) must be a whole number >= 1, got {shots!r}.")
+    return {**spec, "shots": shots, "shots_seed": seed}
+
+
+def _source(spec: dict, *, num_labels: int, task: str) -> TextSplits | ImageSplits:
     kind = spec.get("kind")
     if kind == "digits":
         return digits(spec.get("per_class"), seed=spec.get("seed", 0))

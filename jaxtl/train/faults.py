@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import signal
 import sys
@@ -41,17 +42,26 @@ __all__ = [
 ]
 
 
-def writable_dir(directory: str, what: str = "workdir (--out)") -> str:
-    """Create ``directory`` if needed and prove a file can be written in it, before a run
-    spends anything on loading or compiling; returns it.
+def writable_dir(directory: str, what: str = "workdir (--out)", *, create: bool = True) -> str:
+    """Prove a file can be written in ``directory`` before a run spends anything on loading
+    or compiling; returns it. With ``create``, the directory is made; without, a missing one
+    is left missing and its nearest existing parent is tried instead (a command checks its
+    flags before it creates anything).
 
     Raises:
       ValueError: it cannot be created or written (a read-only disk, permissions, a file of
         that name), naming ``what`` (the argument and its flag) and the cause.
     """
     try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
+        probe = os.path.abspath(directory)
+        if create:
+            os.makedirs(directory, exist_ok=True)
+        else:
+            while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+                probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            raise NotADirectoryError(errno.ENOTDIR, f"{probe} is a file", probe)
+        with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as e:
         raise ValueError(

@@ -32,6 +32,7 @@ __all__ = [
     "mean_loss",
     "metric_sums",
     "per_example_loss",
+    "prediction_rows",
     "reported_metrics",
     "summarize",
     "train_metrics",
@@ -110,6 +111,28 @@ def metric_sums(outputs: jax.Array, batch: dict, task: str, loss: Any = None) ->
     if task == "causal_lm":
         sums["examples"] = jnp.sum(batch.get("weight", jnp.ones(preds.shape[0], jnp.float32)))
     return sums
+
+
+def prediction_rows(outputs: jax.Array, batch: dict, task: str) -> dict:
+    """One row per example for the detailed metrics (:mod:`jaxtl.metrics`), with ``weight``
+    (0 for padding): classification ``pred`` (the argmax class), ``confidence`` (its softmax
+    probability) and ``label``; regression ``pred`` and ``target``. ``{}`` for a causal LM
+    (its sums hold perplexity and token accuracy) and for outputs of another shape (a custom
+    head's). A few numbers per example: cheap to bring to the host."""
+    if task == "causal_lm" or outputs.ndim != 2:
+        return {}
+    preds, targets, weight = _targets(outputs, batch, task)
+    if task == "regression":
+        return {"pred": preds[:, 0].astype(jnp.float32), "target": targets, "weight": weight}
+    if _soft(preds, targets, task):
+        targets = jnp.argmax(targets, axis=-1)
+    probs = jax.nn.softmax(preds.astype(jnp.float32), axis=-1)
+    return {
+        "pred": jnp.argmax(preds, axis=-1),
+        "confidence": jnp.max(probs, axis=-1),
+        "label": targets,
+        "weight": weight,
+    }
 
 
 def mean_loss(outputs: jax.Array, batch: dict, task: str, loss: Any = None) -> jax.Array:

@@ -28,7 +28,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtl import parallel, sharding
-from jaxtl.train.losses import mean_loss, metric_sums, train_metrics
+from jaxtl.train.losses import mean_loss, metric_sums, prediction_rows, train_metrics
 from jaxtl.train.state import TrainState
 
 PMAP_AXIS = "batch"
@@ -219,14 +219,19 @@ def compile_steps(state: TrainState, mesh: Mesh, specs: Any = None, *, grad_accu
     scored = jax.jit(
         _under(
             mesh,
-            functools.partial(_scores, apply_fn=state.apply_fn, task=state.task, loss=state.loss),
+            functools.partial(
+                _scores, apply_fn=state.apply_fn, task=state.task, loss=state.loss, rows=True
+            ),
         ),
         in_shardings=(state_sh.params, state_sh.batch_stats, batch_sh),
         out_shardings=rep,
     )
 
-    def evaluate(state: TrainState, batch: dict) -> dict:
-        return scored(state.params, state.batch_stats, batch)
+    def evaluate(state: TrainState, batch: dict, rows: bool = False):
+        """The batch's metric sums; with ``rows``, ``(sums, per-example rows)``
+        (:func:`jaxtl.train.losses.prediction_rows`): one compiled program either way."""
+        sums, per_example = scored(state.params, state.batch_stats, batch)
+        return (sums, per_example) if rows else sums
 
     return train, evaluate
 
@@ -243,10 +248,12 @@ def _under(mesh: Mesh, fn):
     return traced
 
 
-def _scores(params, batch_stats, batch, *, apply_fn, task, loss=None) -> dict:
-    """:func:`eval_step` on the parts of the state it reads."""
+def _scores(params, batch_stats, batch, *, apply_fn, task, loss=None, rows=False):
+    """:func:`eval_step` on the parts of the state it reads; with ``rows``, also the
+    per-example rows of the detailed metrics."""
     outputs, _ = apply_fn(params, batch_stats, batch, train=False)
-    return metric_sums(outputs, batch, task, loss)
+    sums = metric_sums(outputs, batch, task, loss)
+    return (sums, prediction_rows(outputs, batch, task)) if rows else sums
 
 
 def place_state(state: TrainState, mesh: Mesh, specs: Any = None) -> TrainState:

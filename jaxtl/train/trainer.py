@@ -14,17 +14,19 @@ import dataclasses
 import functools
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxtl import parallel, sharding
 from jaxtl.adabn import adapt_batch_norm
 from jaxtl.checkpoint import Checkpointer, CheckpointWriteError
 from jaxtl.data.loader import Loader
 from jaxtl.distributed import is_primary
+from jaxtl.metrics import detailed as detailed_metrics
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.common import batch_norm_paths, recompute
 from jaxtl.train import precision, steps
@@ -334,17 +336,40 @@ class Trainer:
 
     # --- evaluation ----------------------------------------------------------------------
 
-    def evaluate(self, state: TrainState, loader: Loader) -> dict:
-        """Loss (and accuracy) over every example of ``loader`` exactly once."""
+    def evaluate(
+        self,
+        state: TrainState,
+        loader: Loader,
+        *,
+        details: bool = False,
+        label_names: Sequence[str] | None = None,
+    ) -> dict:
+        """Loss (and accuracy) over every example of ``loader`` exactly once.
+
+        With ``details``, also the metrics of :func:`jaxtl.metrics.detailed` (macro-F1,
+        per-class precision and recall, the confusion matrix and calibration; or MSE, MAE,
+        R², Pearson and Spearman), from the same pass: per-class entries are keyed by
+        ``label_names`` when given.
+        """
         _, eval_step = self._steps(state)
-        total = None
+        total, rows = None, []
         batches = parallel.prefetch_to_device(
             loader.epoch(0), self.mesh, self.config.data.prefetch, whole=not loader.process_local
         )
         for batch in batches:
-            sums = eval_step(state, batch)
+            sums, per_example = eval_step(state, batch, rows=True)
             total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
-        return summarize(jax.device_get(total))
+            if details:
+                rows.append(per_example)  # on the device until the end: no sync per batch
+        out = summarize(jax.device_get(total))
+        if details and rows and rows[0]:
+            host = jax.device_get(rows)
+            columns = {k: np.concatenate([r[k] for r in host]) for k in host[0]}
+            real = columns.pop("weight") > 0
+            columns = {k: v[real] for k, v in columns.items()}
+            task, num_labels = self.model.task, self.model.num_labels
+            out.update(detailed_metrics(task, columns, num_labels, label_names))
+        return out
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -444,7 +469,12 @@ class Trainer:
                             if stop:
                                 raise Preempted(step, stop, self.workdir, result)
                             return result
-            run.flush(step)
+                run.flush(step)
+                if ckpt is not None:  # the last saves commit while a signal still means "stop"
+                    ckpt.wait()
+                stop = signals.requested(step)  # one that came after the last step's check
+                if stop:
+                    raise Preempted(step, stop, self.workdir, run.stop(state, step))
         except Preempted:
             raise
         except BaseException as e:
