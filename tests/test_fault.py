@@ -16,7 +16,7 @@ import pytest
 from _tiny import make_tiny_bert, small_vader
 
 import jaxtl
-from jaxtl.data import training_loader
+from jaxtl.data import evaluation_loader, training_loader
 from jaxtl.run import encode_splits
 from jaxtl.train.faults import Preempted, StopSignals
 
@@ -181,6 +181,43 @@ def test_ctrl_c_in_a_notebook_saves_the_step_and_resumes_bitwise(tmp_path):
     want, got = jax.tree.leaves(jax.device_get(ref.params)), jax.tree.leaves(res.state.params)
     for a, b in zip(want, got, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+class _SignalOnEvaluation:
+    """A validation loader that sends this process ``sig`` when an evaluation starts reading
+    it; otherwise the loader it wraps."""
+
+    def __init__(self, loader, sig: int):
+        self.loader, self.sig = loader, sig
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def epoch(self, epoch: int, start: int = 0):
+        os.kill(os.getpid(), self.sig)
+        yield from self.loader.epoch(epoch, start)
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_during_the_last_evaluation_still_stops_cleanly(tmp_path):
+    """SIGTERM while the last step is evaluated, after the loop's last look at the signals
+    (which once left it unheard: the process went on as if none had come): the final
+    checkpoint commits and the fit stops as preempted at that step; resuming finishes it."""
+    model = jaxtl.load(make_tiny_bert(str(tmp_path / "bert")), num_labels=2)
+    arrays, _ = encode_splits(model, small_vader(n_train=64, n_val=16, n_test=16))
+    config = jaxtl.TrainConfig(
+        epochs=2, batch_size=16, learning_rate=1e-3, progress=False, eval_every=8
+    )  # fmt: skip  (one evaluation: the last step's)
+    plan = jaxtl.make_plan("full", model.structure)
+    train = training_loader(arrays["train"], config.data, model, seed=config.seed)
+    trainer = jaxtl.Trainer(model, plan, config, str(tmp_path / "run"))
+    val = evaluation_loader(arrays["validation"], config.data, devices=trainer.devices)
+    with pytest.raises(Preempted) as e:
+        trainer.fit(train, _SignalOnEvaluation(val, signal.SIGTERM))
+    assert e.value.signal == "SIGTERM" and e.value.step == 8
+    assert _saved_steps(str(tmp_path / "run")) == [8]
+    again = jaxtl.Trainer(model, plan, config, str(tmp_path / "run")).fit(train, val, resume=True)
+    assert again.steps == 8
 
 
 @pytest.mark.timeout(60)
