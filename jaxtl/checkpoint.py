@@ -91,7 +91,8 @@ class CheckpointWriteError(OSError):
             self.steps = []
             outcome = (
                 f"{directory} no longer exists: it was deleted, moved or unmounted while the "
-                "run trained, and its checkpoints with it. Start the run again (workdir / --out)."
+                "run trained. If it was moved or unmounted, put it back and continue with "
+                "resume=True (--resume); if deleted, start the run again (workdir / --out)."
             )
         elif self.steps:
             outcome = (

@@ -390,12 +390,14 @@ def _finetune(args) -> int:
         "in_channels": args.in_channels,
         **_surgery_options(args),
     }
-    # Everything a user can get wrong is checked before the first compilation.
-    model = surgery.load_model(model_path, pooling=args.pooling, **options)
+    # Everything a user can get wrong is checked before the first compilation; an output
+    # directory that cannot be written, before the model loads.
+    out = experiment.experiment_dir(args.out, "finetune", resume=args.resume)
+    # The new head is drawn with --seed (with --seeds, each pretrained run redraws it).
+    model = surgery.load_model(model_path, pooling=args.pooling, seed=args.seed, **options)
     print(model.report)
     spec = data_spec(args, modality="image" if "preprocessing" in model.extras else "text")
     config = train_config(args, epochs=args.epochs or 1)
-    out = experiment.experiment_dir(args.out, "finetune", resume=args.resume)
     if args.rules:
         recipes = [f"rules({os.path.abspath(args.rules)!r})"]
     else:
@@ -597,10 +599,10 @@ def _finetune_digits(args) -> int:
         )
     if args.in_channels not in (None, 1):
         raise SystemExit("error: --preset digits reads 1-channel digits; drop --in-channels.")
-    if args.shots is not None:
+    if args.shots is not None or args.seeds is not None:
         raise SystemExit(
-            "error: --preset digits runs its own regimes (10 images per class and all); drop "
-            "--shots."
+            "error: --preset digits runs its own regimes (10 images per class and all) with "
+            "--seed; drop --shots / --seeds."
         )
     out = experiment.experiment_dir(args.out, "digits", resume=args.resume)
     image_size = args.image_size or 32

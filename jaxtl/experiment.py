@@ -130,20 +130,21 @@ def arms(
 ) -> list[Arm]:
     """``pretrained <recipe>`` for each recipe, then (with ``scratch``) ``scratch full``, the
     same architecture from random init on the same budget; with ``seeds``, one run of each arm
-    per seed (``--seeds``), an arm's seeds one after another.
+    per seed (``--seeds``), every arm of a seed before the next seed (the pretrained model,
+    its new head drawn with that seed, loads once per seed).
 
     Example:
       >>> [a.name for a in arms(["full", "probe"])]
       ['pretrained full', 'pretrained probe', 'scratch full']
-      >>> [a.dirname for a in arms(["full"], scratch=False, seeds=[0, 1])]
-      ['pretrained-full-seed0', 'pretrained-full-seed1']
+      >>> [a.dirname for a in arms(["full"], seeds=[0, 1])]
+      ['pretrained-full-seed0', 'scratch-full-seed0', 'pretrained-full-seed1', 'scratch-full-seed1']
     """
     out = [Arm(f"pretrained {r}", r, True, learning_rate) for r in recipes]
     if scratch:
         out.append(Arm("scratch full", "full", False, learning_rate))
     if seeds is None:
         return out
-    return [dataclasses.replace(a, seed=s) for a in out for s in seeds]
+    return [dataclasses.replace(a, seed=s) for s in seeds for a in out]
 
 
 def run_arms(
@@ -403,7 +404,9 @@ def compare(
     architecture from random init, on the data of ``data_spec``, compared in one table.
 
     Args:
-      model: the pretrained model (:func:`jaxtl.load` of ``model.path`` with ``load_options``).
+      model: the pretrained model (:func:`jaxtl.load` of ``model.path`` with ``load_options``
+        and ``seed=config.seed``); with ``seeds``, the pretrained runs of other seeds reload it
+        with theirs, so that each draws its own new head.
       data_spec: the JSON description of the data (:func:`jaxtl.data.resolve`), recorded in
         every run directory so that ``jaxtl evaluate`` can rebuild it.
       recipes: the recipes to run on the pretrained model.
@@ -441,12 +444,18 @@ def compare(
         "data": data_spec,
     }
     options = {**load_options, **surgery.recorded(model), "pooling": model.extras.get("pooling")}
+    options.pop("seed", None)  # each arm's own
+
+    loaded = {config.seed: model}  # the pretrained model, its new head drawn with that seed
 
     def load_model(arm: Arm) -> LoadedModel:
-        if arm.pretrained:
-            return model
         seed = config.seed if arm.seed is None else arm.seed
-        return surgery.load_model(model.path, **options, pretrained=False, seed=seed)
+        if not arm.pretrained:
+            return surgery.load_model(model.path, **options, pretrained=False, seed=seed)
+        if seed not in loaded:  # another seed's head (seeds run one after another: keep one)
+            loaded.clear()
+            loaded[seed] = surgery.load_model(model.path, **options, seed=seed)
+        return loaded[seed]
 
     results = run_arms(
         out,

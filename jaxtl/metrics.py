@@ -46,8 +46,12 @@ def detailed(
     task: str, rows: dict, num_labels: int, label_names: Sequence[str] | None = None
 ) -> dict:
     """The detailed metrics of ``task`` from ``rows`` (padding rows already dropped); ``{}``
-    for a causal LM."""
+    for a causal LM, and for classification rows without class-id labels (a custom loss on
+    other targets: its own numbers say more than these would)."""
     if task == "classification":
+        labels = np.asarray(rows.get("label", []))
+        if num_labels < 2 or not np.issubdtype(labels.dtype, np.integer):
+            return {}
         return classification(rows, num_labels, label_names)
     if task == "regression":
         return regression(rows)
@@ -92,16 +96,19 @@ def calibration(confidence, correct, bins: int = CALIBRATION_BINS) -> dict:
     """Expected calibration error of top-label confidences, and its reliability bins.
 
     ECE = sum over bins of (examples in the bin / all) x |accuracy - mean confidence|, with
-    ``bins`` equal-width bins over (0, 1] (a confidence of exactly 1 in the last). No library
-    here has it (scikit-learn's ``calibration_curve`` is for one class's probability); the
-    test checks it against torchmetrics' ``MulticlassCalibrationError``.
+    ``bins`` equal-width bins ``[low, high)`` over [0, 1] and one more for a confidence of
+    exactly 1 (a float32 softmax rounds to 1 once the top logit leads by ~17), as torchmetrics'
+    ``MulticlassCalibrationError`` bins them. No library here has it (scikit-learn's
+    ``calibration_curve`` is for one class's probability); the test checks it against
+    torchmetrics.
     """
     confidence = np.asarray(confidence, np.float64)
     correct = np.asarray(correct, np.float64)
     edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, bins)
+    edges = np.append(edges, 1.0)  # the last bin: [1, 1]
     table, ece = [], 0.0
-    for b in range(bins):
+    for b in range(bins + 1):
         inside = which == b
         n = int(inside.sum())
         if n == 0:

@@ -12,8 +12,14 @@ def read_metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
+    out = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line a failed write (a full disk) cut short
+                continue
+    return out
 
 
 def plot_curves(run_dirs: Sequence[str], out_path: str, labels: Sequence[str] | None = None) -> str:
@@ -52,6 +58,8 @@ def _pyplot():
     return plt
 
 
+# Beyond this many classes the printed per-class table stops (results.json has them all).
+_PRINTED_CLASSES = 50
 # Beyond this many classes a confusion matrix is drawn without per-cell counts.
 _ANNOTATED_CLASSES = 20
 
@@ -93,7 +101,7 @@ def plot_reliability(calibration: dict, out_path: str) -> str:
         2, 1, figsize=(5.5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )
     lows = [b["low"] for b in bins]
-    widths = [b["high"] - b["low"] for b in bins]
+    widths = [max(b["high"] - b["low"], 0.01) for b in bins]  # the [1, 1] bin: a sliver
     ax.bar(lows, [b["accuracy"] for b in bins], width=widths, align="edge", edgecolor="black",
            alpha=0.8, label="accuracy in the bin")  # fmt: skip
     ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="C3",
@@ -132,9 +140,12 @@ def detail_table(metrics: dict) -> str:
     if "calibration" in metrics:
         lines.append(f"ece: {metrics['calibration']['ece']:.4f}")
     if "per_class" in metrics:
+        classes = list(metrics["per_class"].items())
         rows = [[name, *(f"{m[k]:.4f}" for k in ("precision", "recall", "f1")), m["support"]]
-                for name, m in metrics["per_class"].items()]  # fmt: skip
+                for name, m in classes[:_PRINTED_CLASSES]]  # fmt: skip
         lines.append(format_table(["class", "precision", "recall", "f1", "support"], rows))
+        if len(classes) > _PRINTED_CLASSES:
+            lines.append(f"... and {len(classes) - _PRINTED_CLASSES} more classes in results.json")
     return "\n".join(lines)
 
 

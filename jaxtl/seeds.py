@@ -30,7 +30,7 @@ def parse_seeds(text: str) -> list[int]:
     """``"0,1,2"`` -> ``[0, 1, 2]``.
 
     Raises:
-      ValueError: not comma-separated whole numbers, or a seed given twice.
+      ValueError: not comma-separated whole numbers, a negative seed, or one given twice.
 
     Example:
       >>> parse_seeds("0, 1,2")
@@ -42,8 +42,8 @@ def parse_seeds(text: str) -> list[int]:
         raise ValueError(
             f"seeds (--seeds) takes comma-separated whole numbers, e.g. 0,1,2; got {text!r}."
         ) from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds (--seeds) needs distinct seeds, e.g. 0,1,2; got {text!r}.")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"seeds (--seeds) needs distinct seeds >= 0, e.g. 0,1,2; got {text!r}.")
     return seeds
 
 

@@ -29,18 +29,24 @@ def _torchmetrics_ece(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def test_calibration_error_matches_torchmetrics():
-    """5 classes, 2000 examples with confidences spread over every bin (none exactly on a bin
-    edge, where torchmetrics' bins are [low, high) and these are Guo et al.'s (low, high])."""
+    """5 classes, 2000 examples with confidences spread over every bin, 200 of them exactly 1
+    (a saturated float32 softmax: its own bin) and 100 exactly on bin edges."""
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 2.5, (2000, 5))
-    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+    probs[:200] = np.eye(5, dtype=np.float32)[rng.integers(0, 5, 200)]
+    edge = np.linspace(0, 1, 16, dtype=np.float32)[rng.integers(4, 15, 100)]
+    probs[200:300] = np.stack([edge, *[(1 - edge) / 4] * 4], axis=1)
     labels = rng.integers(0, 5, 2000)
     labels[:1200] = probs[:1200].argmax(1)  # well above chance, so calibration varies by bin
+    labels[:20] = (labels[:20] + 1) % 5  # 10% of the saturated ones wrong: overconfident,
+    near = (probs.max(1) >= 0.94) & (probs.max(1) < 1)  # their neighbours all right: under-
+    labels[near] = probs[near].argmax(1)  # (merged into one bin, the two would cancel out)
     got = metrics.calibration(probs.max(1), probs.argmax(1) == labels)
+    assert got["bins"][-1]["low"] == got["bins"][-1]["high"] == 1.0
+    assert got["bins"][-1]["count"] == 200 and got["bins"][-1]["accuracy"] == 0.9
     assert len(got["bins"]) >= 12 and sum(b["count"] for b in got["bins"]) == 2000
-    assert got["ece"] == pytest.approx(
-        _torchmetrics_ece(probs.astype(np.float32), labels), abs=1e-6
-    )
+    assert got["ece"] == pytest.approx(_torchmetrics_ece(probs, labels), abs=1e-6)
 
 
 def test_a_run_s_test_metrics_equal_those_of_its_export_run_by_transformers(tmp_path):

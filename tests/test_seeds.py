@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import matplotlib.image
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from _tiny import make_tiny_bert, read_json, write_vader_csv
 from scipy import stats
 
 from jaxtl import cli, experiment, report, seeds
+from jaxtl.run import restore_run
+from jaxtl.transfer.trees import flatten
 
 
 def test_mean_std_and_interval_equal_scipy_s():
@@ -85,8 +88,29 @@ def test_cli_runs_each_arm_per_seed_and_summarizes_them(tmp_path, capsys):
     assert capsys.readouterr().out.count("already finished") == 4
 
 
+def test_each_seed_draws_its_own_new_head(tmp_path):
+    """With a learning rate of 1e-12 and one step the params are those the run started from:
+    the pretrained backbone is the same for every seed, the new head is drawn per seed."""
+    model = make_tiny_bert(str(tmp_path / "bert"))
+    csv = write_vader_csv(tmp_path / "words.csv", 100)
+    out = str(tmp_path / "out")
+    assert cli.main(["finetune", "--model", model, "--data", csv, "--text-column", "word",
+                     "--label-column", "sentiment", "--recipe", "linear_probe", "--no-scratch",
+                     "--batch-size", "16", "--max-steps", "1", "--lr", "1e-12",
+                     "--seeds", "0,1", "--out", out]) == 0  # fmt: skip
+    params = [
+        flatten(jax.device_get(restore_run(os.path.join(out, f"pretrained-linear_probe-seed{s}"),
+                                           "latest").state.params))
+        for s in (0, 1)
+    ]  # fmt: skip
+    moved = {p for p in params[0] if np.abs(params[0][p] - params[1][p]).max() > 1e-4}
+    assert moved == {"classifier/kernel"}  # the new head's bias starts at 0 for every seed
+
+
 def test_bad_seeds_are_refused(capsys):
-    for bad, message in [("0,0", "needs distinct seeds"), ("0,x", "comma-separated whole")]:
+    cases = [("0,0", "needs distinct seeds >= 0"), ("0,-1", "needs distinct seeds >= 0"),
+             ("0,x", "comma-separated whole")]  # fmt: skip
+    for bad, message in cases:
         with pytest.raises(SystemExit) as e:
             cli.main(["finetune", "--seeds", bad])
         assert e.value.code == 2

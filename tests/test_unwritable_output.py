@@ -13,6 +13,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import time
 
 import jax
@@ -21,11 +22,12 @@ import pytest
 from _tiny import make_tiny_bert, small_vader, write_vader_csv
 
 import jaxtl
-from jaxtl import cli
+from jaxtl import cli, report
 from jaxtl.checkpoint import Checkpointer, CheckpointWriteError
 from jaxtl.data import training_loader
 from jaxtl.run import encode_splits
 from jaxtl.train.faults import OutputWriteError
+from jaxtl.train.progress import MetricsLog
 
 # Each test strikes a fit in flight; a save or a wait that never returns fails it instead.
 pytestmark = pytest.mark.timeout(600)
@@ -168,8 +170,38 @@ def test_a_run_dir_deleted_mid_run_stops_it_at_the_next_step(setup, tmp_path, ca
     message = str(e.value)
     assert f"under {workdir}/checkpoints/latest failed (FileNotFoundError" in message
     assert "no longer exists: it was deleted, moved or unmounted" in message
-    assert "Start the run again (workdir / --out)" in message
+    assert "if deleted, start the run again (workdir / --out)" in message
     assert e.value.steps == []
     assert strike.after <= 3
     assert not os.path.exists(workdir)
     assert "never retrieved" not in capsys.readouterr().err
+
+
+def test_a_metrics_line_that_fails_to_write_is_taken_back(tmp_path):
+    """A write cut short (here EFBIG from a file-size limit, as ENOSPC on a full disk) leaves
+    no half line: the file is as it was, and a line already cut short elsewhere is dropped by
+    the resume's truncation and skipped by the plots instead of failing them."""
+    path = tmp_path / "metrics.jsonl"
+    script = f"""
+import resource
+from jaxtl.train.faults import OutputWriteError
+from jaxtl.train.progress import MetricsLog
+from jaxtl.train.progress import MetricsLog
+log = MetricsLog({str(path)!r})
+log.write({{"step": 1, "split": "train", "loss": 0.5}})
+resource.setrlimit(resource.RLIMIT_FSIZE, (60, resource.RLIM_INFINITY))
+try:
+    log.write({{"step": 2, "split": "train", "loss": 0.25, "pad": "x" * 100}})
+except OutputWriteError as e:
+    print("refused:", e)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert "refused: Writing" in done.stdout and "File too large" in done.stdout, done.stderr
+    assert path.read_text() == '{"step": 1, "split": "train", "loss": 0.5}\n'
+
+    with open(path, "a") as f:
+        f.write('{"step": 2, "split": "train", "lo')  # what a killed writer could leave
+    assert [r["step"] for r in report.read_metrics(str(tmp_path))] == [1]
+    MetricsLog(str(path)).truncate_after(5)
+    assert path.read_text() == '{"step": 1, "split": "train", "loss": 0.5}\n'

@@ -52,10 +52,15 @@ def few_shot(data: TextSplits | ImageSplits, shots: int, seed: int = 0):
         shown = ", ".join(
             f"{names[c] if names and c < len(names) else c!s} ({n})" for c, n in short
         )
+        fix = (
+            f"Use --shots {int(counts.min())} or less, or more data for those classes."
+            if counts.min() > 0
+            else "Some classes have no training example at all: add data for them, or drop "
+            "them from the labels."
+        )
         raise ValueError(
             f"shots={shots} (--shots {shots}) needs {shots} training examples of every class; "
-            f"the training split of {data.name!r} has fewer for {shown}. Use --shots "
-            f"{int(counts.min())} or less, or more data for those classes."
+            f"the training split of {data.name!r} has fewer for {shown}. {fix}"
         )
     chosen = np.sort(
         np.concatenate([order[labels[order] == c][:shots] for c in range(len(counts))])

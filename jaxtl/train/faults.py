@@ -14,8 +14,8 @@
 - **Output that cannot be written.** :func:`writable_dir` refuses a read-only or otherwise
   unwritable run directory before anything loads or compiles. Mid-run, a metrics write that
   fails is an :class:`OutputWriteError` that says whether the directory is gone (deleted,
-  moved or unmounted: its checkpoints went with it) or only unwritable (a full disk, or
-  permissions: its checkpoints are kept for ``--resume``); a failed checkpoint save is a
+  moved or unmounted: its checkpoints with it, unless it is put back) or only unwritable (a
+  full disk, or permissions: its checkpoints are kept for ``--resume``); a failed save is a
   :class:`jaxtl.checkpoint.CheckpointWriteError`.
 """
 
@@ -88,8 +88,9 @@ class OutputWriteError(OSError):
         else:
             fix = (
                 f"the run directory {workdir} no longer exists: it was deleted, moved or "
-                "unmounted while the run trained, and its checkpoints with it. Start the run "
-                "again (workdir / --out)."
+                "unmounted while the run trained. If it was moved or unmounted, put it back "
+                "and continue with resume=True (--resume); if deleted, start the run again "
+                "(workdir / --out)."
             )
         super().__init__(f"Writing {path} failed ({type(cause).__name__}: {reason}); {fix}")
 

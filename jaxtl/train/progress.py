@@ -34,9 +34,11 @@ class MetricsLog:
         if not self.path or not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+            records = [(line, _record(line)) for line in f if line.strip()]
+        # A line cut short by a failed write (a full disk) is dropped with the steps after it.
+        keep = [line for line, r in records if r is not None and r.get("step", 0) <= step]
         with open(self.path, "w") as f:
-            f.writelines(keep)
+            f.writelines(line if line.endswith("\n") else line + "\n" for line in keep)
 
     def write(self, record: dict) -> None:
         """Append ``record``.
@@ -46,11 +48,22 @@ class MetricsLog:
             made read-only), saying which and what is kept.
         """
         if self.path:
+            size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
             try:
                 with open(self.path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             except OSError as e:
+                with contextlib.suppress(OSError):  # no half line left for --resume to read
+                    os.truncate(self.path, size)
                 raise OutputWriteError(self.path, os.path.dirname(self.path), e) from e
+
+
+def _record(line: str) -> dict | None:
+    """One ``metrics.jsonl`` line, or None for one that a failed write cut short."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 class Clock:
