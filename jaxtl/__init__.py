@@ -20,6 +20,7 @@ from jaxtl.adabn import adapt_batch_norm
 from jaxtl.ensembles import soup, wise_ft
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.registry import list_models
+from jaxtl.ranking import rank
 from jaxtl.run import RunResult, evaluate_run, export_run, finetune
 from jaxtl.train import (
     CheckpointConfig,
@@ -68,6 +69,7 @@ __all__ = [
     "make_optimizer",
     "make_plan",
     "parallel",
+    "rank",
     "sharding",
     "soup",
     "surgery",

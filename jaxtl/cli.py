@@ -18,6 +18,7 @@ import shlex
 import sys
 
 from jaxtl.experiment import DEFAULT_LR, FULL_LR
+from jaxtl.ranking import SCORES
 from jaxtl.transfer.recipes import split_recipes
 
 
@@ -33,7 +34,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, surgery: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
         "--task",
@@ -50,6 +51,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "1_Pooling/config.json, else cls through BERT's pooler); max and attention (a learned "
         "query) put a new head on the features (model surgery, jaxtl/surgery.py)",
     )
+    if not surgery:
+        return
     g.add_argument(
         "--head",
         help="a new head on the backbone's features: 'linear' or 'mlp(WIDTH)' / "
@@ -118,7 +121,8 @@ _FINETUNE = {
          dict(action="store_true")),
     ],
     "data": [
-        ("--data", "'vader' (embedded), a .csv / .jsonl file (split 80/10/10, seed 0), an image "
+        ("--data", "'vader' (embedded texts), 'digits' (scikit-learn's 8x8 images; --in-channels "
+         "1), a .csv / .jsonl file (split 80/10/10, seed 0), an image "
          "folder DIR/<class>/<images> (80/10/10 per class), a prepared TFDS dataset "
          "tfds:NAME[/CONFIG][:VERSION], or a Hugging Face dataset hf:DIR saved with "
          "save_to_disk (needs pip install 'jaxtl[hf]')", dict(default="vader")),
@@ -245,6 +249,11 @@ _FINETUNE = {
 }  # fmt: skip
 
 
+# The finetune data flags that also select jaxtl rank's data.
+_RANK_DATA_FLAGS = ("--data", "--data-dir", "--splits", "--text-column", "--label-column",
+                    "--shots", "--image-size", "--in-channels", "--skip-corrupt")  # fmt: skip
+
+
 def _checkpoint_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",
@@ -336,6 +345,42 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("run_dirs", nargs="+", help="two or more run directories")
     so.add_argument("--out", help="where the chosen soup goes (default: soup/ beside the first)")
     _checkpoint_arg(so)
+
+    rk = sub.add_parser(
+        "rank",
+        help="score candidate models on a task before fine-tuning any of them",
+        description="Transferability ranking: extract each candidate's frozen features (its "
+        "head's input) once and score them with LogME (You et al. 2021), LEEP (Nguyen et al. "
+        "2020; candidates with a source classification head, e.g. EfficientNet's ImageNet "
+        "classes), a kNN probe and a linear probe (scikit-learn, validation accuracy or R^2). "
+        "Higher is better for every score. Prints the ranked table with each score's time and "
+        "writes OUT/rank.json and OUT/rank.png. Example: jaxtl rank --models "
+        "minilm,minilm@drop=4,minilm@random --data vader",
+        formatter_class=_HelpFormatter,
+    )
+    rk.add_argument(
+        "--models",
+        required=True,
+        help="comma-separated candidates: a model directory or state dict file, or an embedded "
+        "name (minilm, efficientnet-lite0), each optionally followed by @random (the same "
+        "architecture, random weights) and/or @drop=K (its top K blocks removed)",
+    )
+    rk.add_argument(
+        "--scores",
+        default=",".join(SCORES),
+        help="comma-separated scores to compute, from " + ", ".join(SCORES),
+    )
+    rk.add_argument(
+        "--sort-by", choices=SCORES, default="logme", help="the score the table is ranked by"
+    )
+    rk.add_argument(
+        "--out", help="directory for rank.json and rank.png (default: runs/rank-TIMESTAMP)"
+    )
+    rk.add_argument("--seed", type=int, default=0, help="seed of random candidates and of --shots")
+    for flag, text, kwargs in _FINETUNE["data"]:
+        if flag in _RANK_DATA_FLAGS:
+            rk.add_argument(flag, help=text, **kwargs)
+    _add_model_args(rk, surgery=False)
 
     ins = sub.add_parser(
         "inspect",
@@ -691,6 +736,35 @@ def _soup(args) -> int:
     return 0
 
 
+def _rank(args) -> int:
+    from jaxtl import experiment, ranking
+
+    scores = [s.strip() for s in args.scores.split(",") if s.strip()]
+    candidates = [ranking.parse_candidate(m) for m in args.models.split(",")]
+    if args.sort_by not in scores:
+        raise ValueError(f"--sort-by {args.sort_by} is not among --scores {args.scores!r}.")
+    out = experiment.experiment_dir(args.out, "rank")
+    done = ranking.rank(
+        candidates,
+        lambda modality: data_spec(args, modality),
+        task=args.task,
+        num_labels=args.num_labels,
+        scores=scores,
+        out=out,
+        seed=args.seed,
+        pooling=args.pooling,
+        image_size=args.image_size,
+        in_channels=args.in_channels,
+    )
+    print(f"\n{done.table(args.sort_by)}")
+    print(
+        "Higher is better. LogME and LEEP: training split; kNN and linear probe: fit on the "
+        "training split, scored on validation. (#N) is the rank by that score."
+    )
+    print(f"\nwritten: {os.path.join(out, 'rank.json')}\n  plot: {os.path.join(out, 'rank.png')}")
+    return 0
+
+
 def _inspect(args) -> int:
     import jaxtl
     from jaxtl import report, surgery
@@ -757,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
         "wise-ft": _wise_ft,
         "soup": _soup,
         "inspect": _inspect,
+        "rank": _rank,
     }[args.command]
     try:
         if getattr(args, "distributed", False):

@@ -36,9 +36,9 @@ def describe(
     """The JSON spec of a data source (see :func:`resolve`).
 
     Args:
-      data: ``"vader"`` (embedded), a .csv / .jsonl file, an image folder
-        ``DIR/<class>/<images>``, ``"tfds:NAME[/CONFIG][:VERSION]"`` or ``"hf:DIR"`` (a Hugging
-        Face dataset saved with ``save_to_disk``) (``--data``).
+      data: ``"vader"`` (embedded texts), ``"digits"`` (scikit-learn's 8x8 images), a .csv /
+        .jsonl file, an image folder ``DIR/<class>/<images>``, ``"tfds:NAME[/CONFIG][:VERSION]"``
+        or ``"hf:DIR"`` (a Hugging Face dataset saved with ``save_to_disk``) (``--data``).
       data_dir: where a TFDS dataset is prepared (``--data-dir``; tfds only).
       splits: train, validation and test split expressions, as a list or one comma-separated
         string (``--splits``; tfds and hf only).
@@ -55,6 +55,8 @@ def describe(
     split_list = _split_list(splits)
     if data == "vader":
         return {"kind": "vader"}
+    if data == "digits":
+        return {"kind": "digits", "per_class": None, "seed": 0}
     if data.startswith("tfds:"):
         return {
             "kind": "tfds",
