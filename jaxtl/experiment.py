@@ -33,7 +33,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from jaxtl import feature_cache, report
+from jaxtl import feature_cache, report, report_html
 from jaxtl import seeds as seed_stats
 from jaxtl.distributed import is_primary
 from jaxtl.models.base import LoadedModel
@@ -311,6 +311,7 @@ def write_summary(
         report.plot_seeds(facts["seeds"], os.path.join(out, "seeds.png"))
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump({**facts, "results": list(results), "reference": reference}, f, indent=2)
+    report_html.write_html(out, [r["workdir"] for r in results if r.get("workdir")], table)
     return table, plot
 
 

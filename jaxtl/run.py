@@ -169,10 +169,12 @@ def finetune(
         print(
             f"\n== {name}: {model.family} ({model.path}) on {data.name} {facts['sizes']}, {shape}"
         )
-        stored = model.params
-        if config.scale.frozen_bf16:  # the table shows what the state will hold
-            stored = precision.cast_frozen(stored, stages.trained_anywhere(plan, stored))
-        print(plan.table(stored, pieces=_pieces(model, config.scale)))
+    stored = model.params
+    if config.scale.frozen_bf16:  # the table shows what the state will hold
+        stored = precision.cast_frozen(stored, stages.trained_anywhere(plan, stored))
+    plan_table = plan.table(stored, pieces=_pieces(model, config.scale))
+    if verbose:
+        print(plan_table)
     trained, stage_models, cached = model, {}, None
     if config.data.feature_cache and plan.stages:
         # A staged plan's first stage (LP-FT's probe) reads cached features; later stages
@@ -199,6 +201,7 @@ def finetune(
             "config": config.to_dict(),
             "data_facts": facts,
             "label_names": data.label_names,
+            "plan_table": plan_table,
             "environment": environment(),
             **(describe or {}),
         }
