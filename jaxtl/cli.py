@@ -238,6 +238,11 @@ _FINETUNE = {
         ("--patience", "stop after N evaluations without improvement of that metric (default: "
          "off)", dict(type=int)),
         ("--out", "output directory (default: runs/finetune-TIMESTAMP)", {}),
+        ("--tensorboard", "also write every run's metrics as TensorBoard event files in "
+         "OUT/<run>/tensorboard (tensorboard --logdir OUT); needs tensorboardX: pip install "
+         "'jaxtl[loggers]'", dict(action="store_true")),
+        ("--wandb", "also log every run to Weights & Biases, offline, in OUT/<run>/wandb "
+         "(upload later with wandb sync); needs pip install wandb", dict(action="store_true")),
         ("--resume", "continue an interrupted --out directory: finished runs are kept, the "
          "unfinished one resumes from its latest checkpoint. SIGTERM or Ctrl-C during training "
          "saves a checkpoint of the current step and prints this command",
@@ -574,6 +579,7 @@ def train_config(args, epochs: int):
         remat=args.remat,
         precision=args.precision,
         frozen_bf16=args.frozen_bf16,
+        loggers=[n for n in ("tensorboard", "wandb") if getattr(args, n)],
     )
 
 

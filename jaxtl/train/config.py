@@ -348,6 +348,9 @@ class TrainConfig:
         split under the current weights ("precise BN", Wu & Johnson 2021). Running averages lag
         weights that move fast; with a small momentum (EfficientNet's 0.01) and a short
         fine-tuning budget they stay near the pretrained values and evaluation suffers. 0: off.
+      loggers: where the metrics also go, by name: ``"tensorboard"`` (event files in
+        ``RUN_DIR/tensorboard``, ``--tensorboard``) and ``"wandb"`` (an offline Weights & Biases
+        run in ``RUN_DIR/wandb``, ``--wandb``); see :mod:`jaxtl.train.loggers`.
       optim: :class:`OptimConfig`.
       data: :class:`DataConfig`.
       checkpoint: :class:`CheckpointConfig`.
@@ -365,6 +368,7 @@ class TrainConfig:
     train_bn: bool
     max_bad_steps: int
     precise_bn: int
+    loggers: tuple[str, ...]
     optim: OptimConfig
     data: DataConfig
     checkpoint: CheckpointConfig
@@ -379,6 +383,7 @@ class TrainConfig:
         "train_bn": False,
         "max_bad_steps": 5,
         "precise_bn": 0,
+        "loggers": (),
     }
 
     def __init__(self, **options: Any):
@@ -404,6 +409,16 @@ class TrainConfig:
             setattr(self, key, options.get(key, default))
         _at_least(self, ("epochs", "log_every", "max_steps", "max_bad_steps"), 1)
         _at_least(self, ("precise_bn",), 0)
+        if isinstance(self.loggers, str):
+            self.loggers = (self.loggers,)
+        self.loggers = tuple(self.loggers)
+        unknown = [n for n in self.loggers if n not in ("tensorboard", "wandb")]
+        if unknown:
+            raise ValueError(
+                f"TrainConfig loggers={list(self.loggers)}: unknown logger {unknown[0]!r}; jaxtl "
+                "has 'tensorboard' (--tensorboard) and 'wandb' (--wandb), and "
+                "Trainer(loggers=[...]) takes any object with write(record) and close()."
+            )
 
     def total_steps(self, steps_per_epoch: int) -> int:
         return self.max_steps if self.max_steps is not None else self.epochs * steps_per_epoch

@@ -25,10 +25,17 @@ __all__ = ["Clock", "MetricsLog", "TrainMetrics", "progress_bar"]
 
 class MetricsLog:
     """Append-only ``metrics.jsonl``; on resume, records past the restored step are dropped
-    (those steps are about to be redone), so the file always describes one run."""
+    (those steps are about to be redone), so the file always describes one run. Each record
+    also goes to the attached ``loggers`` (:mod:`jaxtl.train.loggers`)."""
 
     def __init__(self, path: str | None):
         self.path = path
+        self.loggers: list = []
+
+    def close_loggers(self) -> None:
+        loggers, self.loggers = self.loggers, []
+        for logger in loggers:
+            logger.close()
 
     def truncate_after(self, step: int) -> None:
         if not self.path or not os.path.exists(self.path):
@@ -56,6 +63,8 @@ class MetricsLog:
                 with contextlib.suppress(OSError):  # no half line left for --resume to read
                     os.truncate(self.path, size)
                 raise OutputWriteError(self.path, os.path.dirname(self.path), e) from e
+        for logger in self.loggers:
+            logger.write(record)
 
 
 def _record(line: str) -> dict | None:

@@ -32,6 +32,7 @@ from jaxtl.models.common import batch_norm_paths, recompute
 from jaxtl.train import precision, steps
 from jaxtl.train.config import TrainConfig
 from jaxtl.train.faults import BadSteps, Preempted, StopSignals, writable_dir
+from jaxtl.train.loggers import Logger, check_installed, open_loggers
 from jaxtl.train.losses import TASKS, summarize
 from jaxtl.train.progress import Clock, MetricsLog, TrainMetrics, progress_bar
 from jaxtl.train.state import TrainState
@@ -95,6 +96,7 @@ class Trainer:
         *,
         stage_models: Mapping[int, LoadedModel] | None = None,
         loss: Callable[..., Any] | None = None,
+        loggers: Sequence[Logger] = (),
     ):
         if model.task not in TASKS:
             raise ValueError(
@@ -108,6 +110,19 @@ class Trainer:
                 f"classification or regression model (this one: task={model.task!r})."
             )
         self.loss = loss
+        bad = [x for x in loggers if not isinstance(x, Logger)]
+        if bad:
+            raise ValueError(
+                f"loggers= takes objects with write(record) and close() methods "
+                f"(jaxtl.train.loggers.Logger); got {bad[0]!r}."
+            )
+        self.loggers = list(loggers)
+        if config.loggers and not workdir:
+            raise ValueError(
+                f"TrainConfig loggers={list(config.loggers)} (--tensorboard / --wandb) write into "
+                "the run directory; give the Trainer a workdir (jaxtl finetune: --out)."
+            )
+        check_installed(config.loggers)
         scale = config.scale
         if mesh is not None and tuple(mesh.axis_names) != parallel.AXES:
             raise ValueError(
@@ -427,6 +442,10 @@ class Trainer:
             state, meta = self._resume(state, ckpt, loaders, tracker, total, resume)
         if self.workdir and resume is False:
             self.log.truncate_after(-1)
+        if is_primary():  # metrics are global: one process logs them
+            named = cfg.loggers if self.workdir else ()
+            self.log.loggers = [*self.loggers, *open_loggers(
+                named, self.workdir, start_step=int(state.step), config=cfg.to_dict())]  # fmt: skip
         run = _Run(self, loaders, tracker, ckpt, total, skipped=meta.get("skipped_steps", 0))
         step = int(state.step)
         interval = cfg.checkpoint.eval_interval(spe)
@@ -482,6 +501,7 @@ class Trainer:
             raise
         finally:
             run.close_bar()
+            self.log.close_loggers()
         es = cfg.checkpoint.early_stopping
         restore = val is not None and (cfg.checkpoint.restore_best or bool(es and es.restore_best))
         return run.finish(state, step, restore=restore)
