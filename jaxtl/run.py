@@ -378,7 +378,8 @@ def restore_run(run_dir: str, which: str = "best") -> RestoredRun:
     # Restored onto this machine's devices, whatever mesh it was trained on (a checkpoint
     # restores onto any mesh); evaluation has no microbatches.
     scale = dataclasses.replace(config.scale, mesh=None, grad_accum=1)
-    config = dataclasses.replace(config, checkpoint=CheckpointConfig(), scale=scale)
+    # Re-scoring writes no metrics: the run's loggers (--tensorboard) stay closed.
+    config = dataclasses.replace(config, checkpoint=CheckpointConfig(), scale=scale, loggers=())
     model = load_recorded(m, pretrained=False)  # the checkpoint holds every param
     if "preprocessing" in m:  # the run's own image recipe (e.g. a preset's plain resize)
         model.extras["preprocessing"] = ImagePreprocessing.from_dict(m["preprocessing"])

@@ -9,9 +9,10 @@ import json
 import os
 
 import pytest
-from _tiny import fit, make_tiny_bert, small_vader
+from _tiny import fit, make_tiny_bert, small_vader, write_vader_csv
 
 import jaxtl
+from jaxtl import cli
 from jaxtl.run import encode_splits
 
 
@@ -170,3 +171,18 @@ def test_bad_loggers_are_refused(tiny_dir):
         _trainer(tiny_dir, None, loggers=("tensorboard",))
     with pytest.raises(ValueError, match="write\\(record\\) and close\\(\\)"):
         _trainer(tiny_dir, None, custom=[print])
+
+
+def test_cli_tensorboard_run_is_evaluated_and_exported_like_any_other(tiny_dir, tmp_path, capsys):
+    csv = write_vader_csv(tmp_path / "words.csv", 100)
+    out = str(tmp_path / "out")
+    argv = ["finetune", "--model", tiny_dir, "--data", csv, "--text-column", "word",
+            "--label-column", "sentiment", "--recipe", "linear_probe", "--no-scratch",
+            "--batch-size", "16", "--epochs", "1", "--tensorboard", "--out", out]  # fmt: skip
+    assert cli.main(argv) == 0
+    run = os.path.join(out, "pretrained-linear_probe")
+    got = _tensorboard(os.path.join(run, "tensorboard"))
+    assert got.keys() == _expected(_jsonl(run)).keys() and got
+    capsys.readouterr()
+    assert cli.main(["evaluate", run]) == 0  # re-scoring opens no logger
+    assert "pretrained-linear_probe" in capsys.readouterr().out
