@@ -254,6 +254,10 @@ _FINETUNE = {
 }  # fmt: skip
 
 
+# jaxtl finetune's flags that jaxtl sweep sets itself (the grid) or does not take.
+_NOT_FOR_SWEEP = ("--lr", "--weight-decay", "--seeds", "--resume", "--resume-from",
+                  "--distributed", "--tensorboard", "--wandb")  # fmt: skip
+
 # The finetune data flags that also select jaxtl rank's data.
 _RANK_DATA_FLAGS = ("--data", "--data-dir", "--splits", "--text-column", "--label-column",
                     "--shots", "--image-size", "--in-channels", "--skip-corrupt")  # fmt: skip
@@ -350,6 +354,36 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("run_dirs", nargs="+", help="two or more run directories")
     so.add_argument("--out", help="where the chosen soup goes (default: soup/ beside the first)")
     _checkpoint_arg(so)
+
+    sw = sub.add_parser(
+        "sweep",
+        help="train one run per learning rate x weight decay x seed; heads vmapped in one pass",
+        description="A grid of --lr x --weight-decay x --seeds for one recipe. A recipe that "
+        "trains only the head (linear_probe) trains every cell's head at once: one jitted step "
+        "vmapped over the heads, on the frozen backbone's features computed once; each head "
+        "equals the single `jaxtl finetune` run of its cell. Other recipes (full, last_n(2), "
+        "...) run the cells one after another. Prints every cell's best validation and test "
+        "metrics and the best configuration, and writes OUT/sweep.json and OUT/sweep.png.",
+        formatter_class=_HelpFormatter,
+    )
+    sw.add_argument("--model", help="model directory or state dict file (default: the "
+                    "embedded MiniLM-L6)")  # fmt: skip
+    sw.add_argument("--recipe", default="linear_probe",
+                    help="one recipe (linear_probe is vmapped; others: cell by cell)")  # fmt: skip
+    sw.add_argument("--lr", default="1e-4,3e-4,1e-3,3e-3", metavar="LR1,LR2,...",
+                    help="peak learning rates")  # fmt: skip
+    sw.add_argument("--weight-decay", default="0,1e-2", metavar="WD1,WD2,...",
+                    help="weight decays of trainable matrices")  # fmt: skip
+    sw.add_argument("--seeds", default="0", metavar="S1,S2,...",
+                    help="seeds: each cell's new head, dropout and data order")  # fmt: skip
+    sw.add_argument("--sequential", action="store_true",
+                    help="one run per cell even where the heads could be vmapped")  # fmt: skip
+    for title, options in _FINETUNE.items():
+        group = sw.add_argument_group(title) if title != "what to run" else None
+        for flag, text, kwargs in options if group else ():
+            if flag not in _NOT_FOR_SWEEP:
+                group.add_argument(flag, help=text, **kwargs)
+    _add_model_args(sw)
 
     rk = sub.add_parser(
         "rank",
@@ -579,7 +613,7 @@ def train_config(args, epochs: int):
         remat=args.remat,
         precision=args.precision,
         frozen_bf16=args.frozen_bf16,
-        loggers=[n for n in ("tensorboard", "wandb") if getattr(args, n)],
+        loggers=[n for n in ("tensorboard", "wandb") if getattr(args, n, False)],
     )
 
 
@@ -742,6 +776,70 @@ def _soup(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    import json
+
+    import jaxtl
+    from jaxtl import experiment, surgery, sweep
+    from jaxtl.data.spec import resolve
+
+    grid = {
+        "lrs": sweep.parse_grid(args.lr, "--lr"),
+        "weight_decays": sweep.parse_grid(args.weight_decay, "--weight-decay"),
+        "seeds": sweep.parse_grid(args.seeds, "--seeds"),
+    }
+    check_devices(args)
+    out = experiment.experiment_dir(args.out, "sweep")
+    options = {
+        "task": args.task,
+        "num_labels": 1 if args.task == "regression" else args.num_labels,
+        "image_size": args.image_size,
+        "in_channels": args.in_channels,
+        **_surgery_options(args),
+    }
+    path = args.model or jaxtl.default_model_dir()
+    models = {}
+
+    def load(seed: int):  # each seed draws its own new head, as jaxtl finetune --seed does
+        if seed not in models:
+            models[seed] = surgery.load_model(path, pooling=args.pooling, seed=seed, **options)
+        return models[seed]
+
+    first = load(grid["seeds"][0])
+    spec = data_spec(args, modality="image" if "preprocessing" in first.extras else "text")
+    data = resolve(spec, num_labels=options["num_labels"], task=args.task)
+    args.weight_decay = grid["weight_decays"][0]  # each cell sets its own
+    config = train_config(args, epochs=args.epochs or 1)
+    common = dict(config=config, long_texts=args.long_texts, **grid)
+    if sweep.vmappable(first, args.recipe) and not args.sequential:
+        cells = sweep.sweep_heads(load, data, recipe=args.recipe, **common)
+    else:
+        if not args.sequential:
+            print(
+                f"sweep: {args.recipe} trains more than the head, so its cells run one after "
+                "another (a vmapped sweep shares one frozen backbone: linear_probe)."
+            )
+        cells = sweep.sweep_sequential(
+            load, data, recipe=args.recipe, workdir=os.path.join(out, "cells"), **common
+        )
+    print(f"\n{sweep.format_table(cells)}")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "sweep.json"), "w") as f:
+        json.dump({"recipe": args.recipe, "data": spec, "cells": [c.to_dict() for c in cells]},
+                  f, indent=2)  # fmt: skip
+    finished = [c for c in cells if c.error is None and c.validation]
+    if not finished:
+        raise ValueError("no cell of the sweep finished: lower --lr (see the notes above).")
+    best = sweep.best_cell(finished)
+    print(
+        f"best (by validation): --lr {best.learning_rate:g} --weight-decay "
+        f"{best.weight_decay:g} --seed {best.seed}"
+    )
+    plot = sweep.plot(finished, os.path.join(out, "sweep.png"))
+    print(f"\nwritten: {os.path.join(out, 'sweep.json')}\n  plot: {plot}")
+    return 0
+
+
 def _rank(args) -> int:
     from jaxtl import experiment, ranking
 
@@ -838,6 +936,7 @@ def main(argv: list[str] | None = None) -> int:
         "soup": _soup,
         "inspect": _inspect,
         "rank": _rank,
+        "sweep": _sweep,
     }[args.command]
     try:
         if getattr(args, "distributed", False):

@@ -150,21 +150,16 @@ def _mix(a: dict, b: dict, alpha: float) -> dict:
 
 
 def _plot(path: str, alphas, val, test, metric: str, chosen: float) -> None:
-    import matplotlib
+    from jaxtl.report import _pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
     ax.plot(alphas, val, marker="o", label=f"validation {metric}")
     ax.plot(alphas, test, marker="s", label=f"test {metric}")
     ax.axvline(chosen, color="gray", linestyle="--", label=f"chosen alpha {chosen:g}")
     ax.set(xlabel="alpha (0: pretrained, 1: fine-tuned)", ylabel=metric, title="WiSE-FT")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _check_alphas(alphas: Sequence[float]) -> list[float]:

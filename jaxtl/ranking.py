@@ -482,7 +482,7 @@ def _leep_or_note(c, model, path, feats, inputs, labels, notes, options, pooling
 def write(ranking: Ranking, out: str) -> tuple[str, str]:
     """``OUT/rank.json`` and ``OUT/rank.png`` (each score's values, the candidates best first
     by LogME)."""
-    from jaxtl.report import _pyplot
+    from jaxtl.report import _pyplot, save_figure
 
     os.makedirs(out, exist_ok=True)
     json_path = os.path.join(out, "rank.json")
@@ -511,8 +511,4 @@ def write(ranking: Ranking, out: str) -> tuple[str, str]:
             ax.set_xlim(low - pad, high + pad)
         ax.grid(alpha=0.3, axis="x")
     fig.suptitle(f"Transferability ({ranking.task}): higher is better")
-    fig.tight_layout()
-    png = os.path.join(out, "rank.png")
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return json_path, png
+    return json_path, save_figure(fig, os.path.join(out, "rank.png"))

@@ -43,10 +43,7 @@ def plot_curves(run_dirs: Sequence[str], out_path: str, labels: Sequence[str] | 
     for ax in (ax_loss, ax_val):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
 
 
 def _pyplot():
@@ -56,6 +53,14 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, out_path: str) -> str:
+    """Lays ``fig`` out, writes it as a PNG at ``out_path`` and frees it; returns the path."""
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    _pyplot().close(fig)
+    return out_path
 
 
 # Beyond this many classes the printed per-class table stops (results.json has them all).
@@ -86,10 +91,7 @@ def plot_confusion(matrix: Sequence[Sequence[int]], names: Sequence[str], out_pa
                 color = "white" if share[i, j] > 0.5 else "black"
                 ax.text(j, i, str(counts[i, j]), ha="center", va="center", color=color)
     ax.set_title(f"Confusion matrix ({int(counts.sum())} examples)")
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
 
 
 def plot_reliability(calibration: dict, out_path: str) -> str:
@@ -112,10 +114,7 @@ def plot_reliability(calibration: dict, out_path: str) -> str:
     ax.legend(loc="upper left")
     ax_n.bar(lows, [b["count"] for b in bins], width=widths, align="edge", edgecolor="black")
     ax_n.set(xlabel="confidence of the predicted class", ylabel="examples")
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
 
 
 def detail_plots(metrics: dict, run_dir: str, label_names: Sequence[str] | None) -> list[str]:
@@ -265,10 +264,7 @@ def plot_seeds(stats: dict, out_path: str) -> str:
     ax.set_title("Over seeds: mean, 95% interval and each seed")
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
 
 
 def tree_summary(params, depth: int = 3) -> str:
