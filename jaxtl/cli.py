@@ -258,6 +258,26 @@ _FINETUNE = {
 _NOT_FOR_SWEEP = ("--lr", "--weight-decay", "--seeds", "--resume", "--resume-from",
                   "--distributed", "--tensorboard", "--wandb")  # fmt: skip
 
+# ... and those that jaxtl lr-find sets itself or has no use for (it evaluates nothing).
+_NOT_FOR_LR_FIND = ("--lr", "--seeds", "--resume", "--resume-from", "--distributed",
+                    "--tensorboard", "--wandb", "--epochs", "--max-steps", "--schedule",
+                    "--warmup-ratio", "--evals-per-epoch", "--min-eval-interval", "--eval-every",
+                    "--best-metric", "--patience")  # fmt: skip
+
+
+def _run_flags(p: argparse.ArgumentParser, skip: tuple[str, ...]) -> None:
+    """jaxtl finetune's data, training, device and evaluation flags (not those of "what to
+    run", nor ``skip``) and the model flags, on another verb's parser ``p``."""
+    for title, options in _FINETUNE.items():
+        if title == "what to run":
+            continue
+        group = p.add_argument_group(title)
+        for flag, text, kwargs in options:
+            if flag not in skip:
+                group.add_argument(flag, help=text, **kwargs)
+    _add_model_args(p)
+
+
 # The finetune data flags that also select jaxtl rank's data.
 _RANK_DATA_FLAGS = ("--data", "--data-dir", "--splits", "--text-column", "--label-column",
                     "--shots", "--image-size", "--in-channels", "--skip-corrupt")  # fmt: skip
@@ -378,12 +398,34 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seeds: each cell's new head, dropout and data order")  # fmt: skip
     sw.add_argument("--sequential", action="store_true",
                     help="one run per cell even where the heads could be vmapped")  # fmt: skip
-    for title, options in _FINETUNE.items():
-        group = sw.add_argument_group(title) if title != "what to run" else None
-        for flag, text, kwargs in options if group else ():
-            if flag not in _NOT_FOR_SWEEP:
-                group.add_argument(flag, help=text, **kwargs)
-    _add_model_args(sw)
+    _run_flags(sw, skip=_NOT_FOR_SWEEP)
+
+    lf = sub.add_parser(
+        "lr-find",
+        help="the learning-rate range test: loss against an exponentially growing LR",
+        description="Train a copy of the run for --steps steps while the learning rate grows "
+        "exponentially from --start-lr to --end-lr (Smith 2017, fastai's lr_find), with the "
+        "run's recipe, optimizer, clipping, weight decay, batch size and data order. Stops when "
+        "the smoothed loss exceeds --diverge times its minimum. Prints the suggested learning "
+        "rate (steepest descent of the smoothed loss before its minimum) and writes "
+        "OUT/lr_find.png and OUT/lr_find.json. Nothing else is written: no checkpoint, no run "
+        "directory; the model is not changed.",
+        formatter_class=_HelpFormatter,
+    )
+    lf.add_argument("--model", help="model directory or state dict file (default: the "
+                    "embedded MiniLM-L6)")  # fmt: skip
+    lf.add_argument("--recipe", default="full", help="one recipe (not a staged one)")
+    lf.add_argument("--start-lr", type=float, default=1e-7, help="the first step's rate")
+    lf.add_argument("--end-lr", type=float, default=10.0, help="the last step's rate")
+    lf.add_argument("--steps", type=int, default=100, help="steps of the test")
+    lf.add_argument("--diverge", type=float, default=4.0,
+                    help="stop once the smoothed loss is this many times its least")  # fmt: skip
+    lf.add_argument("--smoothing", type=float, default=0.98,
+                    help="weight of the past in the loss's moving average")  # fmt: skip
+    _run_flags(lf, skip=_NOT_FOR_LR_FIND)
+    lf.set_defaults(max_steps=None, schedule="constant", warmup_ratio=0.0, eval_every=None,
+                    evals_per_epoch=4, min_eval_interval=20, best_metric=None,
+                    patience=None)  # fmt: skip
 
     rk = sub.add_parser(
         "rank",
@@ -840,6 +882,53 @@ def _sweep(args) -> int:
     return 0
 
 
+def _lr_find(args) -> int:
+    import jaxtl
+    from jaxtl import experiment, lr_find, surgery
+    from jaxtl.data.spec import resolve
+
+    lr_find.check_options(args.start_lr, args.end_lr, args.steps, args.diverge, args.smoothing)
+    check_devices(args)
+    out = experiment.experiment_dir(args.out, "lr-find")
+    options = {
+        "task": args.task,
+        "num_labels": 1 if args.task == "regression" else args.num_labels,
+        "image_size": args.image_size,
+        "in_channels": args.in_channels,
+        **_surgery_options(args),
+    }
+    model = surgery.load_model(
+        args.model or jaxtl.default_model_dir(), pooling=args.pooling, seed=args.seed, **options
+    )
+    spec = data_spec(args, modality="image" if "preprocessing" in model.extras else "text")
+    data = resolve(spec, num_labels=options["num_labels"], task=args.task)
+    found = lr_find.lr_find(
+        model,
+        args.recipe,
+        data,
+        train_config(args, epochs=1),
+        start_lr=args.start_lr,
+        end_lr=args.end_lr,
+        num_steps=args.steps,
+        diverge=args.diverge,
+        beta=args.smoothing,
+        long_texts=args.long_texts,
+    )
+    path, plot = lr_find.write(found, out)
+    print(f"lr_find: {len(found.lrs)} steps ({found.stopped}) in {found.seconds:.1f} s")
+    if found.suggestion is None:
+        print("no suggestion: the loss never fell; widen --start-lr / --end-lr or add --steps.")
+    else:
+        print(
+            f"suggested learning rate: {found.suggestion:.2e} (steepest descent); the lowest "
+            f"loss came at {found.min_lr:.2e} (a tenth of it, {found.min_lr / 10:.2e}, is the "
+            f"other common choice). Use it with: jaxtl finetune --recipe {args.recipe} "
+            f"--lr {found.suggestion:.2e}"
+        )
+    print(f"\nwritten: {path}\n  plot: {plot}")
+    return 0
+
+
 def _rank(args) -> int:
     from jaxtl import experiment, ranking
 
@@ -937,6 +1026,7 @@ def main(argv: list[str] | None = None) -> int:
         "inspect": _inspect,
         "rank": _rank,
         "sweep": _sweep,
+        "lr-find": _lr_find,
     }[args.command]
     try:
         if getattr(args, "distributed", False):
