@@ -210,6 +210,31 @@ def features(
     return out, False
 
 
+def forward_with_input(model: LoadedModel, at: str):
+    """``run(params, batch_stats, batch, *, train, rng, bn_train) -> ((outputs, batch_stats),
+    input of module at)``: ``model``'s forward (traceable, differentiable) that also hands back
+    what module ``at`` received as its first argument (e.g. the head's features)."""
+
+    def run(params, batch_stats, batch, *, train=False, rng=None, bn_train=()):
+        seen = []
+
+        @_outermost
+        def capture(next_fun, args, kwargs, path, method):
+            if method == "__call__" and path == at:
+                seen.append(args[0])
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(capture):
+            out = model.forward.traceable(
+                params, batch_stats, batch, train=train, rng=rng, bn_train=bn_train
+            )
+        if len(seen) != 1:
+            raise ValueError(f"{at!r} ran {len(seen)} times per forward pass.")
+        return out, seen[0]
+
+    return run
+
+
 @functools.partial(jax.jit, static_argnames=("traceable", "at"))
 def _boundary_input(params, batch_stats, batch, *, traceable, at: str):
     """What module ``at`` receives as its first argument in ``traceable``'s inference forward.

@@ -1,0 +1,145 @@
+"""Domain adaptation (jaxtl.domain): CORAL's loss against torch.cov, the gradient reversal, the
+adaptation loop on a real (tiny, transformers-built) ResNet with real digits and their inverted
+copy as the target, Tent, and the errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from _tiny import make_tiny_bert
+
+import jaxtl
+from jaxtl import domain
+from jaxtl.data import digits
+from jaxtl.transfer.trees import flatten
+
+
+def test_coral_loss_matches_torch_covariances():
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(20, 6)), 2.0 * rng.normal(size=(12, 6)) + 1.0
+    cs, ct = torch.cov(torch.from_numpy(s).T), torch.cov(torch.from_numpy(t).T)
+    expected = float(((cs - ct) ** 2).sum() / (4 * 6**2))
+    assert float(domain.coral_loss(jnp.asarray(s), jnp.asarray(t))) == pytest.approx(expected)
+
+
+def test_gradient_reversal_is_identity_forward_and_negated_backward():
+    x, w = jnp.arange(4.0), jnp.array([1.0, -2.0, 3.0, 0.5])
+    assert np.array_equal(domain.reverse_gradient(x, jnp.float32(0.7)), x)
+    grad = jax.grad(lambda x: (domain.reverse_gradient(x, jnp.float32(0.7)) * w).sum())(x)
+    np.testing.assert_allclose(grad, -0.7 * w, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"
+    )
+    path = tmp_path_factory.mktemp("resnet")
+    transformers.ResNetForImageClassification(config).save_pretrained(path)
+    source = digits(10, seed=0)
+    flip = lambda split: (255 - split[0], split[1])  # noqa: E731
+    target = dataclasses.replace(
+        source, train=flip(source.train), validation=flip(source.validation),
+        test=flip(source.test), name="digits-inverted",
+    )  # fmt: skip
+    load = lambda: jaxtl.load(path, num_labels=10, image_size=32, in_channels=1)  # noqa: E731
+    config = jaxtl.TrainConfig(epochs=2, batch_size=16, learning_rate=3e-3, log_every=2)
+    return load, source, target, config
+
+
+def _run(setup, method, weight=1.0):
+    load, source, target, config = setup
+    model = load()
+    done = domain.adapt(model, "full", source, target, method=method, weight=weight,
+                        config=config, verbose=False)  # fmt: skip
+    return model, done
+
+
+def _same(a, b) -> bool:
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return all(np.array_equal(x, y) for x, y in pairs)
+
+
+def test_a_zero_weight_adaptation_is_the_source_only_run(setup):
+    _, base = _run(setup, "source_only")
+    for method in ("coral", "dann"):
+        _, zero = _run(setup, method, weight=0.0)
+        assert _same(zero.params, base.params), method
+    _, coral = _run(setup, "coral", weight=1.0)
+    assert not _same(coral.params, base.params)
+    assert all(np.isfinite(h["adaptation_loss"]) and h["adaptation_loss"] > 0
+               for h in coral.history)  # fmt: skip
+
+
+def _target_gap(model, done, setup) -> float:
+    """CORAL's distance between the source and target training features (inference mode)."""
+    from jaxtl.feature_cache import forward_with_input
+
+    _, source, target, _ = setup
+    forward = forward_with_input(model, model.structure.head[0])
+    feats = [
+        forward(done.params, done.batch_stats, domain.unlabeled(model, d, w))[1]
+        for d, w in ((source, "source"), (target, "target"))
+    ]
+    return float(domain.coral_loss(*(f.reshape(f.shape[0], -1) for f in feats)))
+
+
+def test_coral_and_dann_bring_the_domains_features_together(setup):
+    model, base = _run(setup, "source_only")
+    gap = _target_gap(model, base, setup)
+    # This small network's 16 features give a gap of ~1e-5 (the loss divides by 4 d^2): a
+    # large weight makes it count against the task loss (~2).
+    _, coral = _run(setup, "coral", weight=1e4)
+    assert _target_gap(model, coral, setup) < 0.5 * gap
+    _, dann = _run(setup, "dann", weight=1.0)
+    assert not _same(dann.params, base.params)
+    assert all(np.isfinite(h["adaptation_loss"]) for h in dann.history)
+
+
+def test_tent_trains_only_batchnorm_affine_params_and_lowers_entropy(setup):
+    load, _, target, _ = setup
+    model, base = _run(setup, "source_only")
+    x = domain.unlabeled(model, target)
+
+    def entropy(params, stats):
+        logits, _ = model.forward(params, stats, x)
+        logp = jax.nn.log_softmax(logits)
+        return float(-(jnp.exp(logp) * logp).sum(-1).mean())
+
+    adabn = jaxtl.adapt_batch_norm(model, x["pixel_values"], params=base.params,
+                                   batch_stats=base.batch_stats)  # fmt: skip
+    params, stats = domain.tent(model, target, params=base.params, batch_stats=base.batch_stats,
+                                epochs=3, batch_size=32)  # fmt: skip
+    before, after = flatten(base.params), flatten(params)
+    moved = {p for p in before if not np.array_equal(before[p], after[p])}
+    assert moved and all(p.rsplit("/", 1)[1] in ("scale", "bias") for p in moved)
+    assert all("norm" in p for p in moved), moved  # BatchNorm layers only
+    assert entropy(params, stats) < entropy(base.params, adabn)
+
+
+def test_errors_name_the_problem(setup, tmp_path):
+    load, source, target, config = setup
+    model = load()
+    with pytest.raises(ValueError, match="target is missing"):
+        domain.adapt(model, "full", source, None, config=config)
+    with pytest.raises(ValueError, match="target is missing"):
+        domain.tent(model, None)
+    with pytest.raises(ValueError, match="method='mmd'"):
+        domain.adapt(model, "full", source, target, method="mmd")
+    with pytest.raises(ValueError, match="weight=-1"):
+        domain.adapt(model, "full", source, target, weight=-1.0)
+    with pytest.raises(ValueError, match="is staged"):
+        domain.adapt(model, "lp_ft(1)", source, target)
+    bert = jaxtl.load(make_tiny_bert(str(tmp_path / "bert")), num_labels=2)
+    with pytest.raises(ValueError, match="has none"):
+        domain.tent(bert, target)
+    regression = jaxtl.load(make_tiny_bert(str(tmp_path / "bert")), task="regression")
+    with pytest.raises(ValueError, match="task='classification'"):
+        domain.adapt(regression, "full", source, target)
