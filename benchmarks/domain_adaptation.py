@@ -22,7 +22,6 @@ start from the source-only model. Prints the source and target test accuracy of 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -30,33 +29,10 @@ import statistics
 import time
 
 import jax
-import numpy as np
-from scipy import ndimage
 
 import jaxtl
 from jaxtl import domain, presets
 from jaxtl.data import digits
-
-
-def shifted(data, shift: str, seed: int = 0):
-    """``data`` with every split's images shifted (labels kept for scoring only)."""
-    rng = np.random.default_rng(seed)
-
-    def apply(images):
-        x = images.astype(np.float32)
-        if shift == "invert":
-            x = 255.0 - x
-        elif shift == "rotate":
-            x = ndimage.rotate(x, 30, axes=(1, 2), reshape=False, order=1)
-        elif shift == "noise":
-            x = x + rng.normal(0, 64, x.shape)
-        else:
-            raise ValueError(f"unknown shift {shift!r}: invert, rotate or noise")
-        return np.clip(np.round(x), 0, 255).astype(np.uint8)
-
-    splits = {s: (apply(getattr(data, s)[0]), getattr(data, s)[1])
-              for s in ("train", "validation", "test")}  # fmt: skip
-    return dataclasses.replace(data, **splits, name=f"digits-{shift}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     t0 = time.perf_counter()
     for shift in a.shifts.split(","):
-        target = shifted(source, shift)
+        target = domain.shift_images(source, shift)
         for seed in seeds:
             config = jaxtl.TrainConfig(epochs=a.epochs, batch_size=32, learning_rate=1e-3,
                                        schedule="cosine", weight_decay=0.01, clip_norm=1.0,

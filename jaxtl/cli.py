@@ -265,6 +265,15 @@ _NOT_FOR_LR_FIND = ("--lr", "--seeds", "--resume", "--resume-from", "--distribut
                     "--best-metric", "--patience")  # fmt: skip
 
 
+# ... and those that jaxtl adapt has no use for (it trains its own loop, no checkpoints).
+_NOT_FOR_ADAPT = ("--seeds", "--resume", "--resume-from", "--distributed", "--tensorboard",
+                  "--wandb", "--evals-per-epoch", "--min-eval-interval", "--eval-every",
+                  "--best-metric", "--patience", "--mesh", "--shard-rule", "--grad-accum",
+                  "--remat", "--precision", "--frozen-bf16", "--augment", "--mixup", "--cutmix",
+                  "--label-smoothing", "--data-workers", "--feature-cache", "--bucket-by-length",
+                  "--l2-sp")  # fmt: skip
+
+
 def _run_flags(p: argparse.ArgumentParser, skip: tuple[str, ...]) -> None:
     """jaxtl finetune's data, training, device and evaluation flags (not those of "what to
     run", nor ``skip``) and the model flags, on another verb's parser ``p``."""
@@ -426,6 +435,35 @@ def build_parser() -> argparse.ArgumentParser:
     lf.set_defaults(max_steps=None, schedule="constant", warmup_ratio=0.0, eval_every=None,
                     evals_per_epoch=4, min_eval_interval=20, best_metric=None,
                     patience=None)  # fmt: skip
+
+    ad = sub.add_parser(
+        "adapt",
+        help="domain adaptation from unlabeled target data: AdaBN, Tent, Deep CORAL, DANN",
+        description="Fine-tune on the labeled --data (the source domain) for a target domain "
+        "whose train split's inputs are read without labels (--target-data, or a built shift "
+        "of --data with --target-shift), with each of --methods: source_only (plain "
+        "fine-tuning, the baseline), coral (Deep CORAL: the head's input covariances pulled "
+        "together), dann (a domain classifier behind a gradient reversal), and from the "
+        "source-only model adabn (target BatchNorm statistics) and tent (the target "
+        "predictions' entropy minimized on the BatchNorm affine params). Prints each method's "
+        "source and target test accuracy (the target test labels score, never train) and "
+        "writes OUT/adapt.json and OUT/adapt.png. Example: jaxtl adapt --model "
+        "$(python -c 'import jaxtl; print(jaxtl.efficientnet_lite0_path())') --data digits "
+        "--in-channels 1 --image-size 32 --num-labels 10 --target-shift invert --lr 1e-3",
+        formatter_class=_HelpFormatter,
+    )
+    ad.add_argument("--model", help="model directory or state dict file (default: the "
+                    "embedded MiniLM-L6)")  # fmt: skip
+    ad.add_argument("--recipe", default="full", help="what trains (one plain recipe)")
+    ad.add_argument("--target-data", help="the target domain, in --data's syntax (its text / "
+                    "label columns are --data's)")  # fmt: skip
+    ad.add_argument("--target-shift", choices=["invert", "rotate", "noise"],
+                    help="images: the target is --data with every image shifted")  # fmt: skip
+    ad.add_argument("--methods", default="source_only,adabn,tent,coral,dann",
+                    help="comma-separated, from source_only, adabn, tent, coral, dann")  # fmt: skip
+    ad.add_argument("--weight", type=float, default=1.0,
+                    help="the adaptation term's weight (CORAL's, DANN's reversal)")  # fmt: skip
+    _run_flags(ad, skip=_NOT_FOR_ADAPT)
 
     rk = sub.add_parser(
         "rank",
@@ -622,8 +660,12 @@ def check_devices(args) -> None:
 
 
 def train_config(args, epochs: int):
-    """The :class:`jaxtl.TrainConfig` that ``jaxtl finetune``'s flags describe."""
+    """The :class:`jaxtl.TrainConfig` that ``jaxtl finetune``'s flags describe (a verb that
+    does not take one of them gets finetune's default)."""
     import jaxtl
+
+    defaults = vars(build_parser().parse_args(["finetune"]))
+    args = argparse.Namespace(**{**defaults, **vars(args)})
 
     return jaxtl.TrainConfig(
         epochs=epochs,
@@ -929,6 +971,49 @@ def _lr_find(args) -> int:
     return 0
 
 
+def _adapt(args) -> int:
+    import dataclasses
+
+    import jaxtl
+    from jaxtl import domain, experiment, surgery
+    from jaxtl.data.spec import describe, resolve
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    domain.check_methods(methods)
+    if (args.target_data is None) == (args.target_shift is None):
+        raise ValueError(
+            "domain adaptation needs the target domain: give --target-data (its inputs are "
+            "read without labels) or --target-shift (a shift of --data's images), one of them."
+        )
+    if args.task != "classification":
+        raise ValueError("jaxtl adapt trains a classification head (--task classification).")
+    out = experiment.experiment_dir(args.out, "adapt")
+    options = {"num_labels": args.num_labels, "image_size": args.image_size,
+               "in_channels": args.in_channels, **_surgery_options(args)}  # fmt: skip
+    path = args.model or jaxtl.default_model_dir()
+    model = surgery.load_model(path, pooling=args.pooling, seed=args.seed, **options)
+    modality = "image" if "preprocessing" in model.extras else "text"
+    source = resolve(data_spec(args, modality), num_labels=args.num_labels, task="classification")
+    if args.target_shift:
+        target = domain.shift_images(source, args.target_shift, seed=args.seed)
+    else:
+        spec = describe(args.target_data, data_dir=args.data_dir, input_column=args.text_column,
+                        label_column=args.label_column, modality=modality)  # fmt: skip
+        target = resolve(spec, num_labels=args.num_labels, task="classification")
+    lr = args.lr or experiment.default_learning_rate(args.recipe)
+    config = train_config(args, epochs=args.epochs or 1)
+    config = dataclasses.replace(config, optim=dataclasses.replace(config.optim, learning_rate=lr))
+    load = lambda: surgery.load_model(path, pooling=args.pooling, seed=args.seed, **options)  # noqa: E731
+    rows = domain.compare(load, source, target, methods, recipe=args.recipe, config=config,
+                          weight=args.weight)  # fmt: skip
+    print(f"\n{domain.table(rows)}\nsource: {source.name}; target: {target.name} (its train "
+          "split read without labels; its test labels only score)")  # fmt: skip
+    facts = {"recipe": args.recipe, "learning_rate": lr, "weight": args.weight}
+    written, plot = domain.write(rows, out, source.name, target.name, facts)
+    print(f"\nwritten: {written}\n  plot: {plot}")
+    return 0
+
+
 def _rank(args) -> int:
     from jaxtl import experiment, ranking
 
@@ -1027,6 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
         "rank": _rank,
         "sweep": _sweep,
         "lr-find": _lr_find,
+        "adapt": _adapt,
     }[args.command]
     try:
         if getattr(args, "distributed", False):

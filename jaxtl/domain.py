@@ -47,15 +47,21 @@ from jaxtl.transfer.recipes import make_plan
 from jaxtl.transfer.trees import flatten, unflatten
 
 __all__ = [
+    "COMPARED",
     "METHODS",
     "Adapted",
     "DomainClassifier",
     "accuracy",
     "adapt",
+    "check_methods",
+    "compare",
     "coral_loss",
     "reverse_gradient",
+    "shift_images",
+    "table",
     "tent",
     "unlabeled",
+    "write",
 ]
 
 METHODS = ("source_only", "coral", "dann")
@@ -384,6 +390,43 @@ def tent(
     return params, adapt_batch_norm(model, loader.epoch(0), params=params, batch_stats=stats)
 
 
+SHIFTS = ("invert", "rotate", "noise")
+
+
+def shift_images(data: images.ImageSplits, shift: str, seed: int = 0) -> images.ImageSplits:
+    """A built target domain: every split's images shifted, labels kept (for scoring only):
+    ``"invert"`` (255 - x), ``"rotate"`` (30 degrees, bilinear) or ``"noise"`` (Gaussian, std
+    64 on 0..255, clipped) (``--target-shift``).
+
+    Raises:
+      ValueError: an unknown shift, or text data.
+    """
+    from scipy import ndimage
+
+    if shift not in SHIFTS:
+        raise ValueError(f"shift={shift!r} (--target-shift): choose one of {', '.join(SHIFTS)}.")
+    if not isinstance(data, images.ImageSplits):
+        raise ValueError(
+            f"shift (--target-shift) shifts images; {data.name!r} is text. Give the target "
+            "domain's own data instead (target= / --target-data)."
+        )
+    rng = np.random.default_rng(seed)
+
+    def apply(x):
+        x = x.astype(np.float32)
+        if shift == "invert":
+            x = 255.0 - x
+        elif shift == "rotate":
+            x = ndimage.rotate(x, 30, axes=(1, 2), reshape=False, order=1)
+        else:
+            x = x + rng.normal(0, 64, x.shape)
+        return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+    splits = {s: (apply(getattr(data, s)[0]), getattr(data, s)[1])
+              for s in ("train", "validation", "test")}  # fmt: skip
+    return dataclasses.replace(data, **splits, name=f"{data.name}-{shift}")
+
+
 def accuracy(model: LoadedModel, params, batch_stats, data, split: str = "test") -> float:
     """Accuracy of ``(params, batch_stats)`` on ``data``'s ``split`` (inference mode)."""
     from jaxtl.run import encode_splits
@@ -397,3 +440,104 @@ def accuracy(model: LoadedModel, params, batch_stats, data, split: str = "test")
         logits, _ = model.forward(params, batch_stats, batch)
         right += int((np.asarray(logits).argmax(-1) == labels[start : start + 256]).sum())
     return right / len(labels)
+
+
+# What jaxtl adapt compares: trained methods, and those applied to the source-only model.
+COMPARED = ("source_only", "adabn", "tent", "coral", "dann")
+
+
+def check_methods(methods) -> None:
+    """Raises ValueError for an empty list or a name outside :data:`COMPARED` (``--methods``)."""
+    unknown = [m for m in methods if m not in COMPARED]
+    if unknown or not methods:
+        raise ValueError(f"methods={list(methods)} (--methods): choose from {', '.join(COMPARED)}.")
+
+
+def compare(
+    load_model,
+    source,
+    target,
+    methods=COMPARED,
+    *,
+    recipe: str = "full",
+    config: TrainConfig | None = None,
+    weight: float = 1.0,
+) -> list[dict]:
+    """Each of ``methods`` (:data:`COMPARED`) from a fresh ``load_model()``: source and target
+    test accuracy and seconds. ``adabn`` and ``tent`` start from the ``source_only`` model.
+
+    Raises:
+      ValueError: an unknown method, or adabn / tent for a model without BatchNorm.
+    """
+    from jaxtl.adabn import adapt_batch_norm
+
+    check_methods(methods)
+    config = config or TrainConfig()
+    model = load_model()
+    if {"adabn", "tent"} & set(methods) and not model.batch_stats:
+        raise ValueError(
+            f"methods adabn and tent (--methods) adapt BatchNorm; the {model.family!r} model "
+            "has none."
+        )
+    needed = set(methods) | ({"source_only"} if {"adabn", "tent"} & set(methods) else set())
+    found = {}
+    for method in [m for m in METHODS if m in needed]:
+        done = adapt(load_model(), recipe, source, target, method=method, weight=weight,
+                     config=config)  # fmt: skip
+        found[method] = (done.params, done.batch_stats, done.seconds)
+    if "source_only" in found:
+        params, stats, _ = found["source_only"]
+        if "adabn" in methods:
+            t0 = time.perf_counter()
+            x = unlabeled(model, target)["pixel_values"]
+            new = adapt_batch_norm(model, x, params=params, batch_stats=stats)
+            found["adabn"] = (params, new, time.perf_counter() - t0)
+        if "tent" in methods:
+            t0 = time.perf_counter()
+            p, st = tent(model, target, params=params, batch_stats=stats, seed=config.seed)
+            found["tent"] = (p, st, time.perf_counter() - t0)
+    rows = []
+    for method in methods:
+        params, stats, seconds = found[method]
+        rows.append(
+            {
+                "method": method,
+                "source_test_accuracy": accuracy(model, params, stats, source),
+                "target_test_accuracy": accuracy(model, params, stats, target),
+                "seconds": round(seconds, 1),
+            }
+        )
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """:func:`compare`'s rows as a table."""
+    from jaxtl.report import format_table
+
+    return format_table(
+        ["method", "source test accuracy", "target test accuracy", "seconds"],
+        [[r["method"], f"{100 * r['source_test_accuracy']:.2f}%",
+          f"{100 * r['target_test_accuracy']:.2f}%", r["seconds"]] for r in rows],
+    )  # fmt: skip
+
+
+def write(rows: list[dict], out: str, source: str, target: str, facts: dict) -> tuple[str, str]:
+    """``OUT/adapt.json`` and ``OUT/adapt.png`` (source and target accuracy per method)."""
+    import json
+    import os
+
+    from jaxtl.report import _pyplot, save_figure
+
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "adapt.json")
+    with open(path, "w") as f:
+        json.dump({"source": source, "target": target, **facts, "methods": rows}, f, indent=2)
+    fig, ax = _pyplot().subplots(figsize=(1.3 * len(rows) + 3, 4))
+    for i, key in enumerate(("source_test_accuracy", "target_test_accuracy")):
+        ax.bar(np.arange(len(rows)) + 0.4 * i - 0.2, [r[key] for r in rows], 0.4,
+               label=key.split("_")[0])  # fmt: skip
+    ax.set_xticks(range(len(rows)), [r["method"] for r in rows])
+    ax.set(ylabel="test accuracy", title=f"Domain adaptation: {source} -> {target}")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    return path, save_figure(fig, os.path.join(out, "adapt.png"))

@@ -143,3 +143,40 @@ def test_errors_name_the_problem(setup, tmp_path):
     regression = jaxtl.load(make_tiny_bert(str(tmp_path / "bert")), task="regression")
     with pytest.raises(ValueError, match="task='classification'"):
         domain.adapt(regression, "full", source, target)
+
+
+def test_cli_compares_the_methods_on_a_built_shift(setup, tmp_path, capsys):
+    import os
+
+    from _tiny import read_json
+
+    from jaxtl import cli
+
+    load, *_ = setup
+    out = str(tmp_path / "adapt")
+    argv = ["adapt", "--model", load().path, "--data", "digits", "--shots", "10",
+            "--image-size", "32", "--in-channels", "1", "--num-labels", "10", "--target-shift",
+            "invert", "--methods", "source_only,adabn,coral", "--epochs", "1", "--batch-size",
+            "16", "--lr", "3e-3", "--out", out]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = read_json(os.path.join(out, "adapt.json"))["methods"]
+    assert [r["method"] for r in rows] == ["source_only", "adabn", "coral"]
+    assert all(0 <= r["target_test_accuracy"] <= 1 for r in rows)
+    assert "digits-invert" in printed and os.path.exists(os.path.join(out, "adapt.png"))
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        ([], "give --target-data"),
+        (["--target-shift", "invert", "--target-data", "digits"], "one of them"),
+        (["--target-shift", "invert", "--methods", "mmd"], "(--methods): choose from"),
+    ],
+)
+def test_cli_bad_adapt_input_exits_2_before_loading(flags, message, tmp_path, capsys):
+    from jaxtl import cli
+
+    assert cli.main(["adapt", "--model", str(tmp_path / "absent"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "absent" not in err
