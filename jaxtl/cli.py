@@ -254,6 +254,11 @@ _FINETUNE = {
 }  # fmt: skip
 
 
+def _model_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model directory or state dict file (default: the embedded "
+                   "MiniLM-L6)")  # fmt: skip
+
+
 # jaxtl finetune's flags that jaxtl sweep sets itself (the grid) or does not take.
 _NOT_FOR_SWEEP = ("--lr", "--weight-decay", "--seeds", "--resume", "--resume-from",
                   "--distributed", "--tensorboard", "--wandb")  # fmt: skip
@@ -395,8 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         "metrics and the best configuration, and writes OUT/sweep.json and OUT/sweep.png.",
         formatter_class=_HelpFormatter,
     )
-    sw.add_argument("--model", help="model directory or state dict file (default: the "
-                    "embedded MiniLM-L6)")  # fmt: skip
+    _model_flag(sw)
     sw.add_argument("--recipe", default="linear_probe",
                     help="one recipe (linear_probe is vmapped; others: cell by cell)")  # fmt: skip
     sw.add_argument("--lr", default="1e-4,3e-4,1e-3,3e-3", metavar="LR1,LR2,...",
@@ -421,8 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
         "directory; the model is not changed.",
         formatter_class=_HelpFormatter,
     )
-    lf.add_argument("--model", help="model directory or state dict file (default: the "
-                    "embedded MiniLM-L6)")  # fmt: skip
+    _model_flag(lf)
     lf.add_argument("--recipe", default="full", help="one recipe (not a staged one)")
     lf.add_argument("--start-lr", type=float, default=1e-7, help="the first step's rate")
     lf.add_argument("--end-lr", type=float, default=10.0, help="the last step's rate")
@@ -452,8 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--in-channels 1 --image-size 32 --num-labels 10 --target-shift invert --lr 1e-3",
         formatter_class=_HelpFormatter,
     )
-    ad.add_argument("--model", help="model directory or state dict file (default: the "
-                    "embedded MiniLM-L6)")  # fmt: skip
+    _model_flag(ad)
     ad.add_argument("--recipe", default="full", help="what trains (one plain recipe)")
     ad.add_argument("--target-data", help="the target domain, in --data's syntax (its text / "
                     "label columns are --data's)")  # fmt: skip
@@ -519,6 +521,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_options(args) -> dict:
+    """--task, --num-labels, --image-size, --in-channels, --head and --drop-blocks as
+    :func:`jaxtl.surgery.load_model` options (``pooling`` and ``seed`` apart)."""
+    return {
+        "task": args.task,
+        "num_labels": 1 if args.task == "regression" else args.num_labels,
+        "image_size": args.image_size,
+        "in_channels": args.in_channels,
+        **_surgery_options(args),
+    }
+
+
 def _surgery_options(args) -> dict:
     """--head and --drop-blocks as :func:`jaxtl.surgery.load_model` options."""
     out = {"head": args.head} if args.head else {}
@@ -547,13 +561,7 @@ def _finetune(args) -> int:
         return _finetune_digits(args)
     check_devices(args)
     model_path = args.model or jaxtl.default_model_dir()
-    options = {
-        "task": args.task,
-        "num_labels": 1 if args.task == "regression" else args.num_labels,
-        "image_size": args.image_size,
-        "in_channels": args.in_channels,
-        **_surgery_options(args),
-    }
+    options = load_options(args)
     # Everything a user can get wrong is checked before the first compilation; an output
     # directory that cannot be written, before the model loads.
     out = experiment.experiment_dir(args.out, "finetune", resume=args.resume)
@@ -874,13 +882,7 @@ def _sweep(args) -> int:
     }
     check_devices(args)
     out = experiment.experiment_dir(args.out, "sweep")
-    options = {
-        "task": args.task,
-        "num_labels": 1 if args.task == "regression" else args.num_labels,
-        "image_size": args.image_size,
-        "in_channels": args.in_channels,
-        **_surgery_options(args),
-    }
+    options = load_options(args)
     path = args.model or jaxtl.default_model_dir()
     models = {}
 
@@ -932,13 +934,7 @@ def _lr_find(args) -> int:
     lr_find.check_options(args.start_lr, args.end_lr, args.steps, args.diverge, args.smoothing)
     check_devices(args)
     out = experiment.experiment_dir(args.out, "lr-find")
-    options = {
-        "task": args.task,
-        "num_labels": 1 if args.task == "regression" else args.num_labels,
-        "image_size": args.image_size,
-        "in_channels": args.in_channels,
-        **_surgery_options(args),
-    }
+    options = load_options(args)
     model = surgery.load_model(
         args.model or jaxtl.default_model_dir(), pooling=args.pooling, seed=args.seed, **options
     )
@@ -988,8 +984,7 @@ def _adapt(args) -> int:
     if args.task != "classification":
         raise ValueError("jaxtl adapt trains a classification head (--task classification).")
     out = experiment.experiment_dir(args.out, "adapt")
-    options = {"num_labels": args.num_labels, "image_size": args.image_size,
-               "in_channels": args.in_channels, **_surgery_options(args)}  # fmt: skip
+    options = load_options(args)
     path = args.model or jaxtl.default_model_dir()
     model = surgery.load_model(path, pooling=args.pooling, seed=args.seed, **options)
     modality = "image" if "preprocessing" in model.extras else "text"
