@@ -231,11 +231,13 @@ def adapt(
     bn_train = Trainer(model, plan, dataclasses.replace(config, loggers=())).bn_train(plan)
     forward = forward_with_input(model, model.structure.head[0])
     disc = DomainClassifier()
-    feature_dim = jax.eval_shape(
-        lambda p, b: forward(p, model.batch_stats, b)[1],
-        model.params,
-        {k: v[:2] for k, v in tgt.items()},
-    ).shape[-1]
+    feature_dim = math.prod(
+        jax.eval_shape(
+            lambda p, b: forward(p, model.batch_stats, b)[1],
+            model.params,
+            {k: v[:2] for k, v in tgt.items()},
+        ).shape[1:]
+    )
     key = jax.random.key(config.seed)
     disc_params = disc.init(jax.random.fold_in(key, 1), jnp.zeros((2, feature_dim)))["params"]
     disc_tx = optax.adam(discriminator_lr)
