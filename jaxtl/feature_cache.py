@@ -210,35 +210,9 @@ def features(
     return out, False
 
 
-def forward_with_input(model: LoadedModel, at: str):
-    """``run(params, batch_stats, batch, *, train, rng, bn_train) -> ((outputs, batch_stats),
-    input of module at)``: ``model``'s forward (traceable, differentiable) that also hands back
-    what module ``at`` received as its first argument (e.g. the head's features)."""
-
-    def run(params, batch_stats, batch, *, train=False, rng=None, bn_train=()):
-        seen = []
-
-        @_outermost
-        def capture(next_fun, args, kwargs, path, method):
-            if method == "__call__" and path == at:
-                seen.append(args[0])
-            return next_fun(*args, **kwargs)
-
-        with nn.intercept_methods(capture):
-            out = model.forward.traceable(
-                params, batch_stats, batch, train=train, rng=rng, bn_train=bn_train
-            )
-        if len(seen) != 1:
-            raise ValueError(f"{at!r} ran {len(seen)} times per forward pass.")
-        return out, seen[0]
-
-    return run
-
-
-@functools.partial(jax.jit, static_argnames=("traceable", "at"))
-def _boundary_input(params, batch_stats, batch, *, traceable, at: str):
-    """What module ``at`` receives as its first argument in ``traceable``'s inference forward.
-    One jit for every split and run of a model: the chunks share their shapes."""
+def _run_capturing(traceable, at: str, params, batch_stats, batch, **options):
+    """``(traceable(...)'s outputs, what module at received as its first argument)``; the
+    module must run exactly once."""
     seen = []
 
     @_outermost
@@ -248,10 +222,29 @@ def _boundary_input(params, batch_stats, batch, *, traceable, at: str):
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(capture):
-        traceable(params, batch_stats, batch, train=False)
+        out = traceable(params, batch_stats, batch, **options)
     if len(seen) != 1:
         raise ValueError(f"{at!r} ran {len(seen)} times per forward pass.")
-    return seen[0]
+    return out, seen[0]
+
+
+def forward_with_input(model: LoadedModel, at: str):
+    """``run(params, batch_stats, batch, *, train, rng, bn_train) -> ((outputs, batch_stats),
+    input of module at)``: ``model``'s forward (traceable, differentiable) that also hands back
+    what module ``at`` received as its first argument (e.g. the head's features)."""
+
+    def run(params, batch_stats, batch, *, train=False, rng=None, bn_train=()):
+        return _run_capturing(model.forward.traceable, at, params, batch_stats, batch,
+                              train=train, rng=rng, bn_train=bn_train)  # fmt: skip
+
+    return run
+
+
+@functools.partial(jax.jit, static_argnames=("traceable", "at"))
+def _boundary_input(params, batch_stats, batch, *, traceable, at: str):
+    """What module ``at`` receives as its first argument in ``traceable``'s inference forward.
+    One jit for every split and run of a model: the chunks share their shapes."""
+    return _run_capturing(traceable, at, params, batch_stats, batch, train=False)[1]
 
 
 def _extract(model: LoadedModel, params: Any, inputs: dict, at: str, batch_size: int):
