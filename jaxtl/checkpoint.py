@@ -21,6 +21,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -53,9 +54,34 @@ def _own_barriers(name: str) -> ocp.options.MultiprocessingOptions:
 def _reason(cause: BaseException, width: int = 160) -> str:
     """The gist of a storage error for a one-line message: tensorstore's name the path first
     and the OS's reason ("File too large", "No space left on device") last, so a long one
-    keeps both ends."""
+    keeps both ends; the OS's reason found anywhere in the error's chain is added when the
+    text does not already show it (an error wrapped by orbax or an exception group)."""
     text = " ".join(str(cause).split())
-    return text if len(text) <= 2 * width else f"{text[:width]} ... {text[-width:]}"
+    text = text if len(text) <= 2 * width else f"{text[:width]} ... {text[-width:]}"
+    said = _os_reason(cause)
+    return text if said is None or said in text else f"{text}; the system said: {said}"
+
+
+_OS_CODE = re.compile(r"os_error_code='?(\d+)|\[Errno (\d+)\]")
+
+
+def _os_reason(cause: BaseException) -> str | None:
+    """The OS's words for the first error number in ``cause``'s chain (its ``__cause__``,
+    ``__context__`` and grouped exceptions): an ``OSError``'s ``errno``, or the
+    ``os_error_code`` / ``[Errno N]`` that tensorstore and orbax print. None if none."""
+    todo, seen = [cause], set()
+    while todo:
+        error = todo.pop(0)
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno:
+            return os.strerror(error.errno)
+        found = _OS_CODE.search(str(error))
+        if found:
+            return os.strerror(int(found.group(1) or found.group(2)))
+        todo += [error.__cause__, error.__context__, *getattr(error, "exceptions", ())]
+    return None
 
 
 class CheckpointReadError(ValueError):

@@ -5,6 +5,7 @@ fallback; ``resume=STEP`` / ``--resume-from STEP`` goes back to an earlier step 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import glob
 import json
 import os
@@ -19,7 +20,7 @@ from _tiny import make_tiny_bert, small_vader, write_vader_csv
 
 import jaxtl
 from jaxtl import checkpoint, cli
-from jaxtl.checkpoint import Checkpointer, CheckpointReadError
+from jaxtl.checkpoint import Checkpointer, CheckpointReadError, CheckpointWriteError
 from jaxtl.data import evaluation_loader, training_loader
 from jaxtl.run import encode_splits
 
@@ -151,6 +152,32 @@ def test_cli_names_the_damaged_step_and_resumes_from_the_one_given(tmp_path, cap
     assert "--resume-from STEP takes a step >= 1" in capsys.readouterr().err
 
 
+def test_a_write_error_names_the_systems_reason_wherever_it_sits_in_the_chain(tmp_path):
+    """The reason the OS gave ("File too large", "No space left on device") reaches the
+    message whether the storage raised it directly, printed it as tensorstore does, or had it
+    wrapped (orbax re-raising, an exception group) in an error whose own text does not say it."""
+    full = OSError(errno.ENOSPC, "write failed")
+    wrapped = RuntimeError("background save failed")
+    wrapped.__cause__ = full
+    tensorstore = ValueError(
+        'OUT_OF_RANGE: Error writing "x/0" in OCDBT database at local file "/d/'
+        + "a" * 400
+        + "\": Failed to write 6464 bytes to file 8: File too large [os_error_code='27']"
+    )
+    grouped = ExceptionGroup("unhandled errors in a TaskGroup", [ValueError("no"), tensorstore])
+    for cause, said in [
+        (full, os.strerror(errno.ENOSPC)),
+        (wrapped, os.strerror(errno.ENOSPC)),
+        (tensorstore, "File too large"),
+        (grouped, "File too large"),
+    ]:
+        message = str(CheckpointWriteError(str(tmp_path), [3], cause))
+        assert said in message, message
+        assert message.count(said) == 1, message  # added only when the text lacks it
+    plain = str(CheckpointWriteError(str(tmp_path), [3], RuntimeError("the handler failed")))
+    assert "the system said" not in plain and "(RuntimeError: the handler failed)" in plain
+
+
 @pytest.mark.slow
 def test_a_save_that_fails_mid_run_stops_it_and_keeps_the_last_good_checkpoint(tmp_path):
     """A real write failure (``_write_fault_run.py``: EFBIG from the file-size limit, as a full
@@ -176,8 +203,8 @@ def test_a_save_that_fails_mid_run_stops_it_and_keeps_the_last_good_checkpoint(t
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["error"] == "CheckpointWriteError", out
     assert f"under {tmp_path / 'run' / 'checkpoints' / 'latest'} failed" in out["message"]
-    assert "File too large" in out["message"]
-    assert "the last committed checkpoint, step 3, is intact" in out["message"]
+    assert os.strerror(errno.EFBIG) in out["message"], out["message"]
+    assert "the last committed checkpoint, step 3, is intact" in out["message"], out["message"]
     assert "--resume" in out["message"]
     assert out["last_step_logged"] < 12  # stopped by the next save (step 9) at the latest
     assert out["committed"] == [3] and out["left_behind"][0] == "3"
