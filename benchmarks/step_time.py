@@ -151,7 +151,9 @@ class JaxtlSide:
         self.batch = parallel.global_batch(batch, trainer.mesh)
 
     def compile(self) -> dict[str, float]:
-        """Trace+lower and XLA-compile the step ahead of time; the jitted function reuses it."""
+        """Trace+lower and XLA-compile the step ahead of time, to time it. (The jitted function
+        does not reuse this executable in jax 0.10.2: it compiles its own at the first, untimed
+        warm-up step.)"""
         t0 = time.perf_counter()
         lowered = self.train_step.lower(self.state, self.batch)
         t1 = time.perf_counter()
