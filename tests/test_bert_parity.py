@@ -10,7 +10,8 @@ import torch
 import transformers
 from _tiny import tiny_config
 
-from jaxtl.models.bert import mean_pool
+from jaxtl.models.bert import convert_hf_checkpoint, mean_pool
+from jaxtl.transfer.trees import flatten
 from jaxtl.weights.loading import load
 
 TOL = 1e-5  # float32 end to end; never loosened to make a test pass
@@ -146,3 +147,35 @@ def test_minilm_float64_matches_pytorch_at_every_position(minilm_dir):
     diff = float(np.abs(ours - theirs).max())
     print(f"MiniLM float64 last hidden state max |diff| at all positions = {diff:.3g}")
     assert diff <= 1e-10
+
+
+def test_random_bert_gradients_match_pytorch(tmp_path):
+    """Every param's gradient of a loss on the last hidden state equals transformers' (eval
+    mode: no dropout). On CPU jaxtl's Dense writes its own backward pass
+    (:class:`jaxtl.models.layers.Dense`), so the gradients, not only the outputs, are checked
+    against the independent implementation."""
+    torch.manual_seed(0)
+    reference = transformers.BertModel(tiny_config()).eval()
+    reference.save_pretrained(tmp_path)
+    batch = random_batch(seed=2)
+    # Real positions only: torch never gives the [PAD] embedding a gradient (padding_idx).
+    weights = np.random.default_rng(0).standard_normal((3, 11, 32)).astype(np.float32)
+    weights *= batch["attention_mask"][..., None]
+
+    model = load(tmp_path, task="features")
+    grads = jax.grad(lambda p: jnp.sum(model.apply(p, batch) * weights))(model.params)
+    (
+        reference(**torch_inputs(batch)).last_hidden_state * torch.from_numpy(weights)
+    ).sum().backward()
+    theirs = convert_hf_checkpoint(
+        {n: p.grad.numpy() for n, p in reference.named_parameters() if p.grad is not None}
+    )
+
+    ours = flatten(grads)
+    assert set(ours) == set(theirs)
+    kernels = [p for p in ours if p.endswith("/kernel")]
+    assert len(kernels) == 2 * 6  # q, k, v, attention output, intermediate, output per layer
+    for path, value in ours.items():
+        scale = max(1.0, float(np.max(np.abs(theirs[path]))))
+        diff = float(np.max(np.abs(np.asarray(value) - theirs[path])))
+        assert diff <= TOL * scale, f"{path}: max |diff| {diff:.3g} (largest gradient {scale:.3g})"
