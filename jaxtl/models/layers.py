@@ -5,8 +5,8 @@ depend on them); what lives here is the arithmetic under those names, written on
 numerics fix reaches every family:
 
 * :func:`dense` and :func:`layer_norm`: transformers' ``nn.Linear`` and PyTorch's
-  ``nn.LayerNorm`` (BERT, GPT-2, ViT); on CPU, :class:`Dense` gives them a kernel gradient
-  that XLA runs on its fast matmul path;
+  ``nn.LayerNorm`` (BERT, GPT-2, ViT); ``dense`` builds a :class:`Dense`, whose kernel
+  gradient XLA runs on its fast matmul path on CPU;
 * :func:`dot_product_attention`: the masked softmax-attention core of BERT, GPT-2 and ViT, after
   each family's own q/k/v projections (:func:`split_heads` gives it their shape);
 * :func:`batch_norm`: PyTorch's ``BatchNorm2d``, in inference or training mode per layer
