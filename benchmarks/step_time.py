@@ -8,6 +8,11 @@ frameworks (jaxtl first on even steps, torch first on odd ones), so a burst of l
 processes lands on both alike. Warm-up steps, and jaxtl's tracing and compilation, are excluded
 from the medians; compile time is reported in its own column.
 
+Then, so that sharing one process favours neither side, each framework is timed again in a
+process of its own (``--processes`` rounds; each round runs one jaxtl and one torch child, in
+alternating order, each child timing its steps back to back as a training loop does), and the
+ratio of those medians is reported next to the in-process one.
+
 jaxtl runs its real training step: ``Trainer.init_state`` + ``steps.compile_steps`` (jit,
 donated state, NamedShardings over a one-device mesh). PyTorch runs ``transformers.AutoModel``
 (``BertModel`` without its pooler, which mean pooling does not use) with ``requires_grad=False``
@@ -15,7 +20,7 @@ on exactly the params that jaxtl's plan freezes, so autograd builds no graph beh
 
 Run from the repository root (results and the machine they came from: benchmarks/README.md)::
 
-    timeout 15m python benchmarks/step_time.py --json /tmp/step_time.json
+    timeout 25m python benchmarks/step_time.py --json /tmp/step_time.json
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -66,11 +72,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0, help="seeds the batch text, head init, dropout")
     p.add_argument("--model", default=None, help="model directory (default: embedded MiniLM-L6)")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="rounds of separate-process timing per recipe after the in-process run: each "
+        "round runs a jaxtl child and a torch child (jaxtl first in even rounds), each timing "
+        "--steps steps back to back; 0 skips it",
+    )
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results here")
+    p.add_argument("--child", choices=("jaxtl", "torch"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.threads < 1:
         p.error("--steps, --batch-size and --threads must be >= 1 and --warmup >= 0")
+    if args.processes < 0:
+        p.error("--processes must be >= 0")
     return args
 
 
@@ -130,18 +147,15 @@ def batch_for(path: str, batch_size: int, seq_len: int, seed: int) -> tuple[dict
 # --------------------------------------------------------------------------------- jaxtl side
 
 
-class JaxtlSide:
-    """jaxtl's own train step on the loaded model under ``recipe``."""
+class JaxtlModel:
+    """The loaded model and ``recipe``'s plan: what both sides start from (host copies of every
+    param, the head's seeded init included, and which params train). The torch side needs
+    only this, so a torch child process builds no jaxtl step."""
 
-    def __init__(self, path: str, recipe: str, batch: dict, args: argparse.Namespace):
-        import jax
-
+    def __init__(self, path: str, recipe: str, args: argparse.Namespace):
         import jaxtl
-        from jaxtl import parallel
-        from jaxtl.train import steps
         from jaxtl.transfer.trees import count_params, flatten
 
-        self._jax = jax
         # Loaded per recipe, so every recipe starts from the checkpoint's own buffers (the
         # train step donates the state) and gets the same freshly seeded head.
         self.model = jaxtl.load(path, task="classification", num_labels=2, seed=args.seed)
@@ -153,6 +167,20 @@ class JaxtlSide:
         self.num_params = count_params(list(flat.values()))
         # Host copies, taken before the first step donates the device buffers.
         self.host_params = {p: np.asarray(v) for p, v in flat.items()}
+
+
+class JaxtlSide(JaxtlModel):
+    """jaxtl's own train step on the loaded model under ``recipe``."""
+
+    def __init__(self, path: str, recipe: str, batch: dict, args: argparse.Namespace):
+        import jax
+
+        import jaxtl
+        from jaxtl import parallel
+        from jaxtl.train import steps
+
+        super().__init__(path, recipe, args)
+        self._jax = jax
         # A constant LR: the torch side has no schedule, so both apply identical math.
         config = jaxtl.TrainConfig(
             batch_size=args.batch_size,
@@ -192,7 +220,7 @@ class JaxtlSide:
 class TorchSide:
     """transformers' BertModel + mean pooling + dropout + Linear head, AdamW, clipping."""
 
-    def __init__(self, path: str, jx: JaxtlSide, batch: dict, args: argparse.Namespace):
+    def __init__(self, path: str, jx: JaxtlModel, batch: dict, args: argparse.Namespace):
         import torch
         import transformers
 
@@ -374,6 +402,50 @@ def measure(recipe: str, path: str, batch: dict, args: argparse.Namespace) -> di
     return result
 
 
+def child(recipe: str, path: str, batch: dict, args: argparse.Namespace) -> dict:
+    """This process times one framework (``args.child``) alone: warm-up, then ``--steps`` steps
+    back to back."""
+    if args.child == "jaxtl":
+        side = JaxtlSide(path, recipe, batch, args)
+        side.compile()
+    else:
+        side = TorchSide(path, JaxtlModel(path, recipe, args), batch, args)
+    for _ in range(args.warmup):
+        side.step()
+    gc.collect()
+    times = [side.step()[0] for _ in range(args.steps)]
+    return {"times_s": times, "load_average_after": _loadavg()}
+
+
+def separate(recipe: str, args: argparse.Namespace) -> dict:
+    """``--processes`` rounds of one jaxtl child and one torch child, in alternating order."""
+    times = {"jaxtl": [], "torch": []}
+    for i in range(args.processes):
+        for name in ("jaxtl", "torch") if i % 2 == 0 else ("torch", "jaxtl"):
+            argv = [sys.executable, os.path.abspath(__file__), "--child", name]
+            argv += ["--recipes", recipe, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            argv += ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+            argv += ["--threads", str(args.threads), "--seed", str(args.seed)]
+            argv += ["--model", args.model] if args.model else []
+            out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+            got = json.loads(out.strip().splitlines()[-1])
+            times[name] += got["times_s"]
+            print(
+                f"{recipe}, own process {i + 1}/{args.processes}: {name} median "
+                f"{statistics.median(got['times_s']):.3f} s (load average after "
+                f"{got['load_average_after']})",
+                flush=True,
+            )
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "separate_jaxtl_median_s": med["jaxtl"],
+        "separate_torch_median_s": med["torch"],
+        "separate_ratio_torch_over_jaxtl": med["torch"] / med["jaxtl"],
+        "separate_jaxtl_times_s": times["jaxtl"],
+        "separate_torch_times_s": times["torch"],
+    }
+
+
 def _loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -422,6 +494,20 @@ def table(results: list[dict]) -> str:
     return "\n".join([fmt(header), rule, *(fmt(r) for r in rows)])
 
 
+def separate_table(results: list[dict]) -> str:
+    rows = [
+        "recipe | jaxtl median s | torch median s | torch/jaxtl | jaxtl IQR s | torch IQR s",
+        "-------|----------------|----------------|-------------|-------------|------------",
+    ]
+    for r in results:
+        rows.append(
+            f"{r['recipe']} | {r['separate_jaxtl_median_s']:.3f} | "
+            f"{r['separate_torch_median_s']:.3f} | {r['separate_ratio_torch_over_jaxtl']:.2f} | "
+            f"{_spread(r['separate_jaxtl_times_s'])} | {_spread(r['separate_torch_times_s'])}"
+        )
+    return "\n".join(rows)
+
+
 def machine(args: argparse.Namespace) -> dict:
     import jax
     import torch
@@ -457,6 +543,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in args.recipes:
         jaxtl.make_plan(r, shape)
     path = model_path(args.model)
+    if args.child:
+        batch, _ = batch_for(path, args.batch_size, args.seq_len, args.seed)
+        print(json.dumps(child(args.recipes[0], path, batch, args)))
+        return 0
     info = machine(args)
     print(
         f"{info['cpu']}, {info['affinity_cpus']} CPUs usable, load average "
@@ -477,9 +567,16 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for recipe in args.recipes:
         results.append(measure(recipe, path, batch, args))
+    if args.processes:
+        print(f"\n== each framework in its own process ({args.processes} round(s) per recipe)")
+        for r in results:
+            r.update(separate(r["recipe"], args))
 
     print("\nMedian train-step time (s), warm-up and compilation excluded; ratio > 1: jaxtl faster")
     print(table(results))
+    if args.processes:
+        print("\nThe same, each framework timed in its own process (steps back to back)")
+        print(separate_table(results))
     for r in results:
         print(
             f"{r['recipe']}: torch froze {r['torch_frozen_params']} param tensors with "

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.models.base import LoadedModel
+from jaxtl.models.layers import Dropout
 from jaxtl.transfer.trees import flatten
 
 __all__ = [
@@ -74,9 +75,9 @@ class MLPHead(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         act = _ACTIVATIONS[self.activation]
         for i, width in enumerate(self.hidden):
-            x = nn.Dropout(self.dropout)(x, deterministic=not train)
+            x = Dropout(self.dropout)(x, deterministic=not train)
             x = act(nn.Dense(width, name=f"dense_{i}")(x))
-        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        x = Dropout(self.dropout)(x, deterministic=not train)
         return nn.Dense(self.num_labels, name="out")(x)
 
 

@@ -28,6 +28,7 @@ from jaxtl.models.common import (
     make_apply,
 )
 from jaxtl.models.layers import (
+    Dropout,
     block,
     dense,
     dot_product_attention,
@@ -139,7 +140,7 @@ class BertEmbeddings(_BertModule):
         )
         types = embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
         x = layer_norm(c.layer_norm_eps, "LayerNorm", self.dtype)(words + types + positions)
-        return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=not train)
+        return Dropout(c.hidden_dropout_prob)(x, deterministic=not train)
 
 
 class BertSelfAttention(_BertModule):
@@ -170,7 +171,7 @@ class BertAddNorm(_BertModule):
     def __call__(self, x: jax.Array, residual: jax.Array, *, train: bool) -> jax.Array:
         c = self.config
         x = _dense(c, c.hidden_size, "dense", self.dtype)(x)
-        x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=not train)
+        x = Dropout(c.hidden_dropout_prob)(x, deterministic=not train)
         return layer_norm(c.layer_norm_eps, "LayerNorm", self.dtype)(x + residual)
 
 
@@ -289,7 +290,7 @@ class BertForTask(_BertModule):
         if self.pooling == "mean":
             pooled = mean_pool(hidden, attention_mask)
         rate = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
-        pooled = nn.Dropout(rate)(pooled, deterministic=not train)
+        pooled = Dropout(rate)(pooled, deterministic=not train)
         return _dense(c, self.num_labels, "classifier", self.dtype)(pooled)
 
 

@@ -42,7 +42,7 @@ from jaxtl.models.common import (
     make_apply,
     state_dict_exporter,
 )
-from jaxtl.models.layers import batch_norm, check_nhwc
+from jaxtl.models.layers import Dropout, batch_norm, check_nhwc
 from jaxtl.models.preprocessing import ImagePreprocessing
 from jaxtl.models.registry import ModelSpec
 from jaxtl.transfer.structure import Structure
@@ -221,7 +221,7 @@ class MBConvBlock(nn.Module):
         x = bn("bn2")(_conv(b.out_channels, 1, 1, "project_conv", self.dtype)(x))
         if b.stride == 1 and b.in_channels == b.out_channels:
             # drop_connect: one keep/drop draw per example, survivors scaled by 1/keep_prob.
-            x = nn.Dropout(self.drop_connect_rate, broadcast_dims=(1, 2, 3))(
+            x = Dropout(self.drop_connect_rate, broadcast_dims=(1, 2, 3))(
                 x, deterministic=not train
             )
             x = x + inputs
@@ -273,7 +273,7 @@ class EfficientNetLite(nn.Module):
         pooled = x.mean(axis=(1, 2))
         if self.task == "features":
             return pooled
-        pooled = nn.Dropout(c.dropout_rate)(pooled, deterministic=not train)
+        pooled = Dropout(c.dropout_rate)(pooled, deterministic=not train)
         return nn.Dense(self.num_labels, dtype=self.dtype, param_dtype=self.dtype, name="fc")(
             pooled
         )

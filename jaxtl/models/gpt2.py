@@ -32,6 +32,7 @@ from jaxtl.models.common import (
     make_apply,
 )
 from jaxtl.models.layers import (
+    Dropout,
     block,
     dense,
     dot_product_attention,
@@ -148,7 +149,7 @@ class GPT2Attention(_GPT2Module):
             scale=scale,
         )
         out = _dense(c, c.n_embd, "c_proj", self.dtype)(out)
-        return nn.Dropout(c.resid_pdrop)(out, deterministic=not train)
+        return Dropout(c.resid_pdrop)(out, deterministic=not train)
 
 
 class GPT2MLP(_GPT2Module):
@@ -159,7 +160,7 @@ class GPT2MLP(_GPT2Module):
         c = self.config
         h = ACTIVATIONS[c.activation_function](_dense(c, c.inner_size, "c_fc", self.dtype)(x))
         h = _dense(c, c.n_embd, "c_proj", self.dtype)(h)
-        return nn.Dropout(c.resid_pdrop)(h, deterministic=not train)
+        return Dropout(c.resid_pdrop)(h, deterministic=not train)
 
 
 class GPT2Block(_GPT2Module):
@@ -191,7 +192,7 @@ class GPT2Model(_GPT2Module):
         length = input_ids.shape[-1]
         # HF's default position_ids: 0..T-1 whatever the padding (right padding keeps them right).
         x = wte(input_ids) + embed(c.n_positions, name="wpe")(jnp.arange(length)[None, :])
-        x = nn.Dropout(c.embd_pdrop)(x, deterministic=not train)
+        x = Dropout(c.embd_pdrop)(x, deterministic=not train)
         mask = jnp.tril(jnp.ones((length, length), bool))[None]  # [1, Tq, Tk]
         if attention_mask is not None:
             mask = mask & attention_mask.astype(bool)[:, None, :]

@@ -69,7 +69,7 @@ from jaxtl.models.common import (
     state_dict_exporter,
     trunc_normal,
 )
-from jaxtl.models.layers import batch_norm, check_nhwc
+from jaxtl.models.layers import Dropout, batch_norm, check_nhwc
 from jaxtl.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, torchvision_imagenet
 from jaxtl.models.registry import ModelSpec
 from jaxtl.transfer.structure import Structure
@@ -361,7 +361,7 @@ class Inception3(nn.Module):
         pooled = x.mean(axis=(1, 2))  # AdaptiveAvgPool2d(1) + flatten
         if self.task == "features":
             return pooled
-        pooled = nn.Dropout(c.dropout)(pooled, deterministic=not train)
+        pooled = Dropout(c.dropout)(pooled, deterministic=not train)
         return nn.Dense(
             self.num_labels,
             kernel_init=nn.initializers.normal(0.1),

@@ -26,7 +26,7 @@ from jaxtl.models.common import (
     make_apply,
     state_dict_exporter,
 )
-from jaxtl.models.layers import check_nhwc
+from jaxtl.models.layers import Dropout, check_nhwc
 from jaxtl.models.preprocessing import ImagePreprocessing
 from jaxtl.models.registry import ModelSpec
 from jaxtl.transfer.structure import Structure
@@ -58,7 +58,7 @@ class _Sequential(nn.Module):
             elif kind == "pool":
                 x = tl.max_pool(x, *args)
             elif kind == "dropout":
-                x = nn.Dropout(args[0], deterministic=not train)(x)
+                x = Dropout(args[0], deterministic=not train)(x)
             else:
                 raise ValueError(f"Unknown layer kind {kind!r}.")
         return x
