@@ -5,6 +5,7 @@ Usage: python _sharded_run.py FAMILY MODEL_DIR DEVICES MESH STEPS OUT [options]
   MESH: e.g. 'fsdp=8', 'data=2,fsdp=2,tensor=2', or '-' for the default (all on data)
   OUT: the run directory (checkpoints, metrics.jsonl, params.npz)
   --grad-accum K --batch B --stop-at S --resume --recipe R (default full; lora(r) adapts first)
+  --adam-eps E: AdamW's eps (default optax's 1e-8)
   --export: also write the fine-tuned model with jaxtl.export (from the sharded params) to
     OUT/export
 
@@ -27,6 +28,7 @@ parser.add_argument("--stop-at", type=int)
 parser.add_argument("--resume", action="store_true")
 parser.add_argument("--export", action="store_true")
 parser.add_argument("--recipe", default="full")
+parser.add_argument("--adam-eps", type=float)
 args = parser.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 sys.path.insert(0, os.path.dirname(__file__))
@@ -79,6 +81,7 @@ config = jaxtl.TrainConfig(
     mesh=None if args.mesh == "-" else args.mesh,
     grad_accum=args.grad_accum,
     min_shard_size=512,  # the tiny models' kernels shard, their biases and norms stay whole
+    optimizer_options={} if args.adam_eps is None else {"eps": args.adam_eps},
 )
 plan = jaxtl.make_plan(args.recipe, model.structure)
 if plan.adapters is not None:

@@ -334,9 +334,17 @@ def _megatron(path: str) -> str | None:
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["bert", "gpt2", "vit"])
 def test_fsdp_and_3d_meshes_train_like_the_replicated_run(family, models, tmp_path):
-    ref = _run(family, models[family], 8, "-", tmp_path / "replicated")
-    fsdp = _run(family, models[family], 8, "fsdp=8", tmp_path / "fsdp", "--export")
-    cube = _run(family, models[family], 8, "data=2,fsdp=2,tensor=2", tmp_path / "cube")
+    # AdamW divides each gradient by its own RMS, so where a gradient is near zero (ViT's key
+    # biases get exactly zero: softmax ignores them) the float32 rounding of the sharded sums
+    # becomes an update of up to the learning rate, and params agree only to chance: a
+    # one-element miss of 1.3e-5 on ViT's patch kernel after 4 steps at lr 1e-3, with every key
+    # bias 1.6-3.7e-6 off. eps = 1e-3 keeps those tiny gradients in AdamW's linear range
+    # (update ~ lr * g / eps), where rounding stays rounding; larger gradients are still
+    # normalized, and the moments are still sharded and compared below.
+    eps = ("--adam-eps", "1e-3")
+    ref = _run(family, models[family], 8, "-", tmp_path / "replicated", *eps)
+    fsdp = _run(family, models[family], 8, "fsdp=8", tmp_path / "fsdp", "--export", *eps)
+    cube = _run(family, models[family], 8, "data=2,fsdp=2,tensor=2", tmp_path / "cube", *eps)
     assert len(ref["losses"]) == 4 and ref["losses"][0] != ref["losses"][-1]
     for run in (fsdp, cube):
         # Only the reduction order differs (partial sums per device): float32 rounding.
