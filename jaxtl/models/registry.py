@@ -156,10 +156,11 @@ _BOUND_OF: dict[str, tuple[int, int, str]] = {
     "vocab_size": (1, 2**22, "the largest published vocabularies have ~256k tokens"),
     "type_vocab_size": (1, 2**10, "BERTs use 1 to 16 token types"),
     **dict.fromkeys(("hidden_size", "n_embd", "intermediate_size", "n_inner"), _WIDTH),
+    **dict.fromkeys(("dim", "hidden_dim"), _WIDTH),  # DistilBERT's names
     **dict.fromkeys(("embedding_size", "hidden_sizes", "stem_width", "widths"), _WIDTH),
     **dict.fromkeys(("inner_widths", "groups"), _WIDTH),
-    **dict.fromkeys(("num_hidden_layers", "n_layer", "depths", "layers"), _DEPTH),
-    **dict.fromkeys(("num_attention_heads", "n_head"), _HEADS),
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "n_layers", "depths", "layers"), _DEPTH),
+    **dict.fromkeys(("num_attention_heads", "n_head", "n_heads"), _HEADS),
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx"), _POSITIONS),
     **dict.fromkeys(("image_size", "patch_size"), _PIXELS),
     **dict.fromkeys(("num_channels", "in_channels"), _CHANNELS),
@@ -269,6 +270,25 @@ _FAMILIES: tuple[Family, ...] = (
         architecture_prefixes=("GPT2",),
         tasks=(*TASKS, "causal_lm"),
         description="GPT-2 decoders: last-token classification, features, tied-head causal LM",
+        options=TEXT_OPTIONS,
+    ),
+    Family(
+        name="roberta",
+        builder="jaxtl.models.roberta:build",
+        depth=("num_hidden_layers",),
+        model_types=("roberta",),
+        architecture_prefixes=("Roberta",),
+        description="RoBERTa text encoders (RobertaModel, RobertaForSequenceClassification)",
+        options=TEXT_OPTIONS,
+    ),
+    Family(
+        name="distilbert",
+        builder="jaxtl.models.distilbert:build",
+        depth=("n_layers",),
+        model_types=("distilbert",),
+        architecture_prefixes=("DistilBert",),
+        description="DistilBERT text encoders (DistilBertModel, "
+        "DistilBertForSequenceClassification)",
         options=TEXT_OPTIONS,
     ),
     Family(
@@ -400,8 +420,8 @@ def list_models() -> list[dict[str, Any]]:
     """Lists the registered families, the checkpoints they read and the heads they build.
 
     Example:
-      >>> [m["family"] for m in list_models()][:3]
-      ['bert', 'gpt2', 'vit']
+      >>> [m["family"] for m in list_models()][:5]
+      ['bert', 'gpt2', 'roberta', 'distilbert', 'vit']
     """
     return [
         {
