@@ -18,6 +18,7 @@ export) -> ``data`` (sources, encoding, loaders) -> ``train`` (config, steps, Tr
 from jaxtl import data, lora, parallel, sharding, surgery
 from jaxtl.adabn import adapt_batch_norm
 from jaxtl.ensembles import soup, wise_ft
+from jaxtl.generation import Sampling, generate
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.registry import list_models
 from jaxtl.ranking import rank
@@ -50,6 +51,7 @@ __all__ = [
     "OptimConfig",
     "Plan",
     "RunResult",
+    "Sampling",
     "ScaleConfig",
     "Structure",
     "TrainConfig",
@@ -63,6 +65,7 @@ __all__ = [
     "export",
     "export_run",
     "finetune",
+    "generate",
     "list_models",
     "load",
     "lora",

@@ -63,8 +63,8 @@ def _add_model_args(p: argparse.ArgumentParser, surgery: bool = True) -> None:
         type=int,
         default=0,
         metavar="K",
-        help="build the model without its top K blocks (bert, gpt2, vit; resnet within its "
-        "last stage)",
+        help="build the model without its top K blocks (bert, roberta, distilbert, gpt2, llama, "
+        "vit, convnext; resnet within its last stage)",
     )
 
 
@@ -503,6 +503,32 @@ def build_parser() -> argparse.ArgumentParser:
             rk.add_argument(flag, help=text, **kwargs)
     _add_model_args(rk, surgery=False)
 
+    ge = sub.add_parser(
+        "generate",
+        help="continue text prompts with a causal LM or a fine-tuned causal_lm run",
+        description="Continue each --prompt with MODEL_OR_RUN: a Hugging Face causal LM "
+        "directory (GPT-2), or a run directory of `jaxtl finetune --task causal_lm` (its "
+        "--checkpoint; a LoRA run's adapters merged). Prompts are tokenized with the model's "
+        "tokenizer.json (or given as ids with --token-ids), batched with left padding, and "
+        "decoded with a KV cache: greedy by default, sampled with --temperature > 0 (and "
+        "--top-k / --top-p), reproducibly from --seed. Each row stops at the model's eos token.",
+        formatter_class=_HelpFormatter,
+    )
+    ge.add_argument("model", metavar="MODEL_OR_RUN", help="model directory or run directory")
+    ge.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    ge.add_argument(
+        "--token-ids",
+        action="append",
+        help="a prompt as comma-separated token ids, for models without a tokenizer (repeatable)",
+    )
+    ge.add_argument("--max-new-tokens", type=int, default=32, help="tokens to add at most")
+    ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample")
+    ge.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    ge.add_argument("--top-p", type=float, help="sample from the nucleus of this probability")
+    ge.add_argument("--seed", type=int, default=0, help="the sampling seed")
+    ge.add_argument("--json", help="also write the prompts, token ids and texts here")
+    _checkpoint_arg(ge)
+
     ins = sub.add_parser(
         "inspect",
         help="summarize a model's params and what a recipe freezes",
@@ -845,6 +871,79 @@ def _export(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    import json
+
+    import numpy as np
+
+    import jaxtl
+    from jaxtl import run
+
+    # Options first: a bad one is reported before anything loads or compiles.
+    sampling = jaxtl.Sampling(args.temperature, args.top_k, args.top_p)
+    if bool(args.prompt) == bool(args.token_ids):
+        raise ValueError("generate needs prompts: --prompt TEXT or --token-ids 1,2,3 (not both).")
+    if os.path.isfile(os.path.join(args.model, "run.json")):
+        restored = run.restore_run(args.model, args.checkpoint)
+        model, params = restored.model, restored.state.params
+        where = f"{args.model} ({args.checkpoint} checkpoint, step {restored.step})"
+    else:
+        model = jaxtl.load(args.model, task="causal_lm")
+        params, where = model.params, args.model
+    if "decoder" not in model.extras:
+        raise ValueError(
+            f"{args.model} is a {model.family} model for task={model.task!r}; generate needs a "
+            "causal LM (a GPT-2 directory, or a run of jaxtl finetune --task causal_lm)."
+        )
+    tok = model.extras.get("tokenizer")
+    if args.prompt:
+        if tok is None:
+            raise ValueError(
+                f"{args.model} has no tokenizer.json: give the prompts as ids (--token-ids)."
+            )
+        rows = [tok.encode(text, add_special_tokens=False).ids for text in args.prompt]
+    else:
+        try:
+            rows = [[int(x) for x in ids.split(",") if x.strip()] for ids in args.token_ids]
+        except ValueError:
+            raise ValueError(
+                f"--token-ids takes comma-separated integers, got {args.token_ids}"
+            ) from None
+    if not all(rows):
+        raise ValueError("A prompt is empty (no tokens); give every --prompt some text.")
+    width = max(map(len, rows))
+    ids = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros_like(ids)
+    for i, row in enumerate(rows):  # left padding, as generate keeps it
+        ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
+    out = jaxtl.generate(
+        model,
+        params,
+        ids,
+        mask,
+        max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        seed=args.seed,
+    )
+    how = "greedy" if sampling.greedy else f"sampled (seed {args.seed})"
+    print(f"{where}: {args.max_new_tokens} new tokens at most, {how}")
+    eos = model.extras["decoder"].eos_token_id
+    eos = set(np.atleast_1d(eos).tolist()) if eos is not None else set()
+    results = []
+    for i, row in enumerate(rows):
+        new = out[i, width:].tolist()
+        end = next((j for j, t in enumerate(new) if t in eos), None)
+        new = new if end is None else new[: end + 1]  # the eos, not the padding after it
+        text = tok.decode(new, skip_special_tokens=True) if tok is not None else None
+        prompt = args.prompt[i] if args.prompt else args.token_ids[i]
+        print(f"\n[{i}] {prompt}\n -> {text if text is not None else new}")
+        results.append({"prompt": prompt, "prompt_ids": row, "new_ids": new, "text": text})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -1108,6 +1207,7 @@ def main(argv: list[str] | None = None) -> int:
         "sweep": _sweep,
         "lr-find": _lr_find,
         "adapt": _adapt,
+        "generate": _generate,
     }[args.command]
     try:
         if getattr(args, "distributed", False):

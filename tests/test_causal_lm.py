@@ -20,7 +20,7 @@ from test_gpt2 import PAD, tiny_gpt2_config
 
 import jaxtl
 from jaxtl import cli
-from jaxtl.models.gpt2 import greedy_generate
+from jaxtl.generation import generate
 from jaxtl.train import Trainer
 
 
@@ -93,7 +93,7 @@ def test_lm_fine_tuning_ignores_padding_and_learns_the_sequences(tmp_path):
     lengths = arrays["attention_mask"].sum(1)
     for row in np.flatnonzero(lengths >= 7)[:3]:
         prompt = arrays["input_ids"][row : row + 1, :4]
-        out = np.asarray(greedy_generate(model, fit.state.params, prompt, max_new_tokens=3))
+        out = generate(model, fit.state.params, prompt, max_new_tokens=3)
         np.testing.assert_array_equal(out[0, 4:], arrays["input_ids"][row, 4:7])
 
 
@@ -168,6 +168,18 @@ def test_cli_fine_tunes_a_causal_lm_and_reports_perplexity(tmp_path, capsys):
     assert cli.main(["evaluate", str(run_dir)]) == 0
     rescored = capsys.readouterr().out
     assert "perplexity" in rescored
+
+    # The fine-tuned run continues a prompt the way its training sentences go.
+    argv = ["generate", str(run_dir), "--prompt", "the owl sat on", "--prompt", "the cat"]
+    assert cli.main([*argv, "--max-new-tokens", "8", "--json", str(tmp_path / "g.json")]) == 0
+    assert "8 new tokens at most, greedy" in capsys.readouterr().out
+    owl, cat = (r["text"] for r in read_json(tmp_path / "g.json"))
+    assert owl.split()[:2] in [["the", place] for place in places], owl
+    assert cat.split()[:3] == ["sat", "on", "the"], cat  # (which place follows is random)
+    # Options are checked before anything loads.
+    assert cli.main(["generate", str(run_dir)]) == 2
+    assert "--prompt TEXT or --token-ids" in capsys.readouterr().err
+    assert cli.main(["generate", str(run_dir), "--prompt", "x", "--top-p", "2"]) == 2
 
 
 def test_lm_early_stopping_ranks_by_loss_like_the_best_checkpoint(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from jaxtl.models.gpt2 import convert_hf_checkpoint, greedy_generate
+from jaxtl.models.gpt2 import convert_hf_checkpoint
 from jaxtl.train.losses import mean_loss
 from jaxtl.weights.loading import load
 
@@ -137,34 +137,6 @@ def test_causal_lm_loss_matches_pytorch_and_ignores_padding(tmp_path):
     changed = dict(padded, input_ids=np.where(mask == 1, padded["input_ids"], 42))
     again = float(causal_lm_loss(model.apply(model.params, changed), changed["input_ids"], mask))
     assert again == loss
-
-
-def test_greedy_generate_matches_pytorch_generate(tmp_path):
-    torch.manual_seed(4)
-    reference = transformers.GPT2LMHeadModel(tiny_gpt2_config()).eval()
-    reference.save_pretrained(tmp_path)
-    model = load(tmp_path, task="causal_lm")
-    prompt = np.random.default_rng(5).integers(1, 99, size=(2, 6))
-
-    ours = np.asarray(greedy_generate(model, model.params, prompt, max_new_tokens=5))
-    with torch.no_grad():
-        theirs = reference.generate(
-            torch.from_numpy(prompt),
-            attention_mask=torch.ones(prompt.shape, dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=5,
-            pad_token_id=PAD,
-        ).numpy()
-    assert theirs.shape == (2, 11)
-    np.testing.assert_array_equal(ours, theirs)
-
-
-def test_greedy_generate_needs_causal_lm_task(tmp_path):
-    torch.manual_seed(0)
-    transformers.GPT2Model(tiny_gpt2_config()).save_pretrained(tmp_path)
-    model = load(tmp_path, task="features")
-    with pytest.raises(ValueError, match="causal_lm"):
-        greedy_generate(model, model.params, np.ones((1, 3), np.int32), 2)
 
 
 def test_lm_checkpoint_loaded_for_classification_initializes_only_score(tmp_path):

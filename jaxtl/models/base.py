@@ -17,7 +17,29 @@ from jaxtl.transfer.structure import Structure
 Params = Mapping[str, Any]
 Batch = Mapping[str, jax.Array]
 
-__all__ = ["Batch", "LoadedModel", "Params", "Structure"]
+__all__ = ["Batch", "DecoderInfo", "LoadedModel", "Params", "Structure"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderInfo:
+    """What a causal LM offers :mod:`jaxtl.generation`, as ``LoadedModel.extras["decoder"]``.
+
+    The family's module, called with ``task="causal_lm"``, takes the decoding keywords
+    ``positions`` (``[B, T]``), ``cache``, ``cache_index`` and ``logits_at`` and returns
+    ``(logits, updated cache)`` (see ``jaxtl.models.gpt2.GPT2Model``).
+
+    Attributes:
+      init_cache: ``init_cache(batch, slots, dtype) -> cache``: an empty KV cache with room for
+        ``slots`` tokens per row.
+      max_length: the longest sequence the model can place (its position table), or ``None``.
+      eos_token_id: config.json's end-of-sequence id(s), where generation stops by default.
+      pad_token_id: config.json's padding id, written after a row has stopped by default.
+    """
+
+    init_cache: Callable[..., Any]
+    max_length: int | None
+    eos_token_id: int | list[int] | None
+    pad_token_id: int | None
 
 
 @dataclasses.dataclass

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtl.models.base import LoadedModel
+from jaxtl.models.base import DecoderInfo
 from jaxtl.models.common import (
     ACTIVATIONS,
     abstract_params,
@@ -34,11 +34,13 @@ from jaxtl.models.common import (
 from jaxtl.models.layers import (
     Dropout,
     block,
+    causal_mask,
     dense,
     dot_product_attention,
     layer_norm,
     shard_batch,
     split_heads,
+    write_cache,
 )
 from jaxtl.models.registry import ModelSpec
 from jaxtl.transfer.structure import Structure
@@ -126,15 +128,30 @@ class _GPT2Module(nn.Module):
 
 
 class GPT2Attention(_GPT2Module):
-    """Causal multi-head self-attention; q, k, v from one fused ``c_attn`` projection."""
+    """Causal multi-head self-attention; q, k, v from one fused ``c_attn`` projection.
+
+    With ``cache=(keys, values)`` (``[B, S, H, D]`` each, see :func:`init_cache`) the chunk's keys
+    and values are written into the cache at ``cache_index`` and the queries attend over the
+    whole cache (``mask`` says which slots); the updated cache is returned beside the output.
+    """
 
     layer_idx: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        *,
+        train: bool,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         c = self.config
         qkv = _dense(c, 3 * c.n_embd, "c_attn", self.dtype)(x)
         q, k, v = (split_heads(y, c.n_head) for y in jnp.split(qkv, 3, -1))
+        if cache is not None:
+            k, v = cache = write_cache(cache, (k, v), cache_index)
         scale = (c.n_embd // c.n_head) ** -0.5 if c.scale_attn_weights else 1.0
         if c.scale_attn_by_inverse_layer_idx:
             scale /= self.layer_idx + 1
@@ -149,7 +166,7 @@ class GPT2Attention(_GPT2Module):
             scale=scale,
         )
         out = _dense(c, c.n_embd, "c_proj", self.dtype)(out)
-        return Dropout(c.resid_pdrop)(out, deterministic=not train)
+        return Dropout(c.resid_pdrop)(out, deterministic=not train), cache
 
 
 class GPT2MLP(_GPT2Module):
@@ -164,43 +181,85 @@ class GPT2MLP(_GPT2Module):
 
 
 class GPT2Block(_GPT2Module):
-    """One pre-LayerNorm block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """One pre-LayerNorm block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+
+    Returns ``(x, cache)``: the layer's updated KV cache, or ``None`` when none was given.
+    """
 
     layer_idx: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        train: bool,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         c, dt = self.config, self.dtype
         attn = GPT2Attention(c, dt, self.layer_idx, name="attn")
         eps = c.layer_norm_epsilon
-        x = x + attn(layer_norm(eps, "ln_1", dt)(x), mask, train=train)
-        return x + GPT2MLP(c, dt, name="mlp")(layer_norm(eps, "ln_2", dt)(x), train=train)
+        h, cache = attn(
+            layer_norm(eps, "ln_1", dt)(x), mask, train=train, cache=cache, cache_index=cache_index
+        )
+        x = x + h
+        return x + GPT2MLP(c, dt, name="mlp")(layer_norm(eps, "ln_2", dt)(x), train=train), cache
 
 
 class GPT2Model(_GPT2Module):
-    """The decoder (HF ``GPT2Model``): returns ``(last hidden state, tied LM logits or None)``."""
+    """The decoder (HF ``GPT2Model``): returns ``(last hidden state, tied LM logits or None,
+    updated KV cache or None)``.
+
+    Training and evaluation pass ``input_ids`` and ``attention_mask`` only: positions
+    ``0..T-1``, causal attention within the chunk. Decoding (:mod:`jaxtl.generation`) also
+    passes each token's ``positions``, a ``cache`` of every layer's keys and values, and
+    ``cache_index``, the cache slot of the chunk's first token; ``attention_mask`` then covers
+    all the cache's slots (``[B, S]``), and a query attends to the valid slots up to its own.
+    ``logits_at`` computes the LM logits of that one position of the chunk only (``[B, 1, V]``).
+    """
 
     lm_logits: bool = False
 
     @nn.compact
     def __call__(
-        self, input_ids: jax.Array, attention_mask: jax.Array | None, *, train: bool
-    ) -> tuple[jax.Array, jax.Array | None]:
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None,
+        *,
+        train: bool,
+        positions: jax.Array | None = None,
+        cache: tuple | None = None,
+        cache_index: jax.Array | int = 0,
+        logits_at: jax.Array | int | None = None,
+    ) -> tuple[jax.Array, jax.Array | None, tuple | None]:
         c = self.config
         embed = functools.partial(_embed, c, dtype=self.dtype)
         wte = embed(c.vocab_size, name="wte")
         length = input_ids.shape[-1]
-        # HF's default position_ids: 0..T-1 whatever the padding (right padding keeps them right).
-        x = wte(input_ids) + embed(c.n_positions, name="wpe")(jnp.arange(length)[None, :])
+        if positions is None:
+            # HF's default position_ids: 0..T-1 whatever the padding (right padding keeps them
+            # right).
+            positions = jnp.arange(length)[None, :]
+        x = wte(input_ids) + embed(c.n_positions, name="wpe")(positions)
         x = Dropout(c.embd_pdrop)(x, deterministic=not train)
-        mask = jnp.tril(jnp.ones((length, length), bool))[None]  # [1, Tq, Tk]
-        if attention_mask is not None:
-            mask = mask & attention_mask.astype(bool)[:, None, :]
+        slots = length if cache is None else cache[0][0].shape[1]
+        mask = causal_mask(length, slots, cache_index, attention_mask)
         layer = block(GPT2Block, c.remat, train_argnum=3)
+        caches = []
         for i in range(c.n_layer):
-            x = shard_batch(layer(c, self.dtype, i, name=f"h_{i}")(shard_batch(x), mask, train))
+            mine = None if cache is None else cache[i]
+            x, mine = layer(c, self.dtype, i, name=f"h_{i}")(
+                shard_batch(x), mask, train, mine, cache_index
+            )
+            x = shard_batch(x)
+            caches.append(mine)
         x = layer_norm(c.layer_norm_epsilon, "ln_f", self.dtype)(x)
-        return x, (wte.attend(x) if self.lm_logits else None)
+        logits = None
+        if self.lm_logits:
+            at = x if logits_at is None else jax.lax.dynamic_slice_in_dim(x, logits_at, 1, 1)
+            logits = wte.attend(at)
+        return x, logits, (None if cache is None else tuple(caches))
 
 
 def last_token_index(attention_mask: jax.Array | None, length: int) -> jax.Array:
@@ -224,6 +283,10 @@ class GPT2ForTask(_GPT2Module):
     the hidden state times ``wte`` transposed (tied; no head param). ``"classification"`` /
     ``"regression"``: ``[B, num_labels]`` from a bias-free Dense ``score`` on the hidden state of
     each row's last real token (HF ``GPT2ForSequenceClassification``, no dropout before it).
+
+    Decoding (``task="causal_lm"``, :mod:`jaxtl.generation`) passes the keyword arguments of
+    :class:`GPT2Model` (``positions``, ``cache``, ``cache_index``, ``logits_at``) and gets
+    ``(logits, updated cache)``.
     """
 
     task: str = "classification"
@@ -231,21 +294,29 @@ class GPT2ForTask(_GPT2Module):
 
     @nn.compact
     def __call__(
-        self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *, train: bool = False
-    ) -> jax.Array:
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        train: bool = False,
+        **decoding: Any,
+    ) -> jax.Array | tuple[jax.Array, tuple | None]:
         c = self.config
-        if input_ids.shape[-1] > c.n_positions:
+        slots = input_ids.shape[-1] if "cache" not in decoding else decoding["cache"][0][0].shape[1]
+        if slots > c.n_positions:
             # Past the table, jnp.take would clamp silently and give garbage positions.
             raise ValueError(
-                f"Sequence length {input_ids.shape[-1]} exceeds n_positions={c.n_positions}; "
+                f"Sequence length {slots} exceeds n_positions={c.n_positions}; "
                 "truncate inputs to extras['max_length']."
             )
         lm = self.task == "causal_lm"
-        hidden, logits = GPT2Model(c, self.dtype, lm, name="transformer")(
-            input_ids, attention_mask, train=train
+        if decoding and not lm:
+            raise ValueError(f"Decoding arguments need task='causal_lm', not {self.task!r}.")
+        hidden, logits, cache = GPT2Model(c, self.dtype, lm, name="transformer")(
+            input_ids, attention_mask, train=train, **decoding
         )
         if lm:
-            return logits
+            return (logits, cache) if decoding else logits
         if self.task == "features":
             return hidden
         index = last_token_index(attention_mask, input_ids.shape[-1])
@@ -253,46 +324,11 @@ class GPT2ForTask(_GPT2Module):
         return _dense(c, self.num_labels, "score", self.dtype, bias=False)(last)
 
 
-def greedy_generate(
-    model: LoadedModel, params: Mapping[str, Any], input_ids: jax.Array, max_new_tokens: int
-) -> jax.Array:
-    """Appends ``max_new_tokens`` argmax tokens to unpadded prompts ``input_ids [B, T]``.
-
-    Simple rather than fast: no KV cache. Each step re-runs the whole ``[B, T + max_new_tokens]``
-    buffer inside one jitted ``fori_loop`` (one compile, O(n^2) work per step). Causal attention
-    means the not-yet-written tail cannot affect the position being predicted. No eos stopping:
-    exactly ``max_new_tokens`` are appended. Prompts must all be the same length (no padding).
-
-    Returns:
-      ``[B, T + max_new_tokens]`` int32: the prompt followed by the generated tokens.
-    """
-    if model.task != "causal_lm":
-        raise ValueError(
-            f"greedy_generate needs a model loaded with task='causal_lm', got task={model.task!r}."
-        )
-    input_ids = jnp.asarray(input_ids, jnp.int32)
-    batch, prompt = input_ids.shape
-    total = prompt + max_new_tokens
-    if total > model.config.n_positions:
-        raise ValueError(
-            f"prompt length {prompt} + max_new_tokens {max_new_tokens} = {total} exceeds "
-            f"n_positions={model.config.n_positions}."
-        )
-    return _greedy_loop(model.module, params, input_ids, max_new_tokens)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _greedy_loop(module, params, input_ids, max_new_tokens):
-    batch, prompt = input_ids.shape
-    tokens = jnp.zeros((batch, prompt + max_new_tokens), jnp.int32).at[:, :prompt].set(input_ids)
-
-    def step(i, tokens):
-        logits = module.apply({"params": params}, tokens)
-        pos = prompt + i
-        nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, pos - 1, 1, keepdims=False), -1)
-        return jax.lax.dynamic_update_index_in_dim(tokens, nxt.astype(jnp.int32), pos, 1)
-
-    return jax.lax.fori_loop(0, max_new_tokens, step, tokens)
+def init_cache(config: GPT2Config, batch: int, slots: int, dtype: Any = jnp.float32) -> tuple:
+    """An empty KV cache for :mod:`jaxtl.generation`: per layer, keys and values
+    ``[batch, slots, n_head, head_dim]`` of zeros."""
+    shape = (batch, slots, config.n_head, config.n_embd // config.n_head)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layer))
 
 
 def init_leaf(path: str, leaf: jax.ShapeDtypeStruct, seed: int, *, config: GPT2Config) -> jax.Array:
@@ -442,6 +478,13 @@ def build(
         "hidden_size": config.n_embd,
         "vocab_size": config.vocab_size,
     }
+    if task == "causal_lm":
+        extras["decoder"] = DecoderInfo(
+            init_cache=functools.partial(init_cache, config),
+            max_length=config.n_positions,
+            eos_token_id=config.eos_token_id,
+            pad_token_id=config.pad_token_id,
+        )
 
     return ModelSpec(
         config=config,

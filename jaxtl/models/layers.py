@@ -252,6 +252,31 @@ def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
 
 
+def causal_mask(
+    length: int, slots: int, offset: jax.Array | int, valid: jax.Array | None
+) -> jax.Array:
+    """Which keys each query may attend to in causal self-attention: ``[B or 1, Tq, Tk]``.
+
+    The ``length`` queries sit at key slots ``offset .. offset + length - 1`` of ``slots`` keys
+    (training: ``offset=0`` and ``slots=length``, the lower triangle; decoding with a KV cache:
+    the chunk written at ``offset``). A query sees the keys at or before its own slot that
+    ``valid`` (``[B, slots]``, 1 for real tokens; ``None`` for all) marks.
+    """
+    mask = (jnp.arange(slots)[None, :] <= offset + jnp.arange(length)[:, None])[None]
+    return mask if valid is None else mask & valid.astype(bool)[:, None, :]
+
+
+def write_cache(
+    cache: tuple[jax.Array, ...], new: tuple[jax.Array, ...], index: jax.Array | int
+) -> tuple[jax.Array, ...]:
+    """Each ``new`` chunk (``[B, T, ...]``) written into its ``cache`` (``[B, S, ...]``) at slots
+    ``index .. index + T - 1``: a layer's KV cache after one prefill or decode step."""
+    return tuple(
+        jax.lax.dynamic_update_slice_in_dim(old, chunk.astype(old.dtype), index, axis=1)
+        for old, chunk in zip(cache, new, strict=True)
+    )
+
+
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,
