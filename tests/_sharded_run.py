@@ -1,7 +1,7 @@
-"""Fine-tune a tiny BERT, GPT-2 or ViT on N CPU devices with a given mesh; print what happened.
+"""Fine-tune a tiny BERT, GPT-2, Llama or ViT on N CPU devices with a mesh; print what happened.
 
 Usage: python _sharded_run.py FAMILY MODEL_DIR DEVICES MESH STEPS OUT [options]
-  FAMILY: bert | gpt2 | vit; MODEL_DIR: a transformers checkpoint made by test_sharding.py
+  FAMILY: bert | gpt2 | llama | vit; MODEL_DIR: a transformers checkpoint made by test_sharding.py
   MESH: e.g. 'fsdp=8', 'data=2,fsdp=2,tensor=2', or '-' for the default (all on data)
   OUT: the run directory (checkpoints, metrics.jsonl, params.npz)
   --grad-accum K --batch B --stop-at S --resume --recipe R (default full; lora(r) adapts first)
@@ -70,7 +70,9 @@ def held_fractions(tree) -> dict:
     return out
 
 
-task = {"bert": "classification", "gpt2": "causal_lm", "vit": "classification"}[args.family]
+task = {"bert": "classification", "gpt2": "causal_lm", "llama": "causal_lm"}.get(
+    args.family, "classification"
+)
 model = jaxtl.load(args.model_dir, task=task, **({} if task == "causal_lm" else {"num_labels": 3}))
 config = jaxtl.TrainConfig(
     batch_size=args.batch,

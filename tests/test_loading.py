@@ -327,5 +327,6 @@ def test_registry():
     assert [m["family"] for m in list_models()][:2] == ["bert", "gpt2"]
     assert "classification" in list_models()[0]["heads"]
     assert family_for_config({"architectures": ["BertForMaskedLM"]}).name == "bert"
-    with pytest.raises(ValueError, match="llama"):
-        family_for_config({"model_type": "llama"})
+    assert family_for_config({"model_type": "qwen2"}).name == "llama"
+    with pytest.raises(ValueError, match="t5"):
+        family_for_config({"model_type": "t5"})

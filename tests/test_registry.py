@@ -6,7 +6,7 @@ For each family: the forward pass has the right shape, every param gets a non-ze
 every recipe moves exactly the params that recipe trains.
 
 Checkpoints: tiny random Hugging Face models saved by transformers (BERT, GPT-2, RoBERTa,
-DistilBERT, ViT, ResNet);
+DistilBERT, ViT, ResNet, ConvNeXt, Llama);
 torchvision state dicts rebuilt from the parity fixtures' specs (ResNet-18, VGG-16, AlexNet,
 Inception-v3); the real EfficientNet-Lite0 ImageNet file.
 """
@@ -110,6 +110,32 @@ CASES = {
             ),
         ),
         32,
+    ),
+    "convnext": (
+        _hf(
+            transformers.ConvNextModel,
+            transformers.ConvNextConfig(
+                hidden_sizes=[8, 16, 24], depths=[1, 1, 2], num_stages=3, image_size=32
+            ),
+        ),
+        32,
+    ),
+    "llama": (
+        _hf(
+            transformers.LlamaModel,
+            transformers.LlamaConfig(
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=99,
+                max_position_embeddings=64,
+                bos_token_id=None,
+                eos_token_id=None,
+            ),
+        ),
+        None,
     ),
     "resnet-torchvision": (_torchvision("resnet18"), 32),
     "vgg": (_torchvision("vgg16"), 32),

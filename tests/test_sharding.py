@@ -277,6 +277,21 @@ def models(tmp_path_factory):
                 eos_token_id=None,
             )
         ),
+        "llama": transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                vocab_size=128,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=128,
+                max_position_embeddings=32,
+                tie_word_embeddings=False,
+                bos_token_id=None,
+                eos_token_id=None,
+                pad_token_id=None,
+            )
+        ),
         "vit": transformers.ViTForImageClassification(
             transformers.ViTConfig(
                 image_size=32,
@@ -321,9 +336,9 @@ def _check_held(run: dict, expected) -> None:
 def _megatron(path: str) -> str | None:
     layer = path.rsplit("/", 1)[0]
     for pattern, role in (
-        (r".*/(query|key|value|c_attn|c_fc)", "column"),
+        (r".*/(query|key|value|c_attn|c_fc|q_proj|k_proj|v_proj|gate_proj|up_proj)", "column"),
         (r".*layer_\d+/intermediate/dense", "column"),
-        (r".*(attention/output/dense|attn/c_proj|mlp/c_proj)", "row"),
+        (r".*(attention/output/dense|attn/c_proj|mlp/c_proj|o_proj|down_proj)", "row"),
         (r".*layer_\d+/output/dense", "row"),
     ):
         if re.fullmatch(pattern, layer):
@@ -332,7 +347,7 @@ def _megatron(path: str) -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["bert", "gpt2", "vit"])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "vit"])
 def test_fsdp_and_3d_meshes_train_like_the_replicated_run(family, models, tmp_path):
     # AdamW divides each gradient by its own RMS, so where a gradient is near zero (ViT's key
     # biases get exactly zero: softmax ignores them) the float32 rounding of the sharded sums
@@ -353,7 +368,9 @@ def test_fsdp_and_3d_meshes_train_like_the_replicated_run(family, models, tmp_pa
             np.testing.assert_allclose(run["params"][path], value, rtol=1e-4, atol=1e-5)
 
     # jaxtl.export from the sharded run writes the fine-tuned params, read back by jaxtl.load.
-    task = {"gpt2": {"task": "causal_lm"}}.get(family, {"num_labels": 3})
+    task = {"gpt2": {"task": "causal_lm"}, "llama": {"task": "causal_lm"}}.get(
+        family, {"num_labels": 3}
+    )
     exported = flatten(jaxtl.load(str(tmp_path / "fsdp" / "export"), **task).params)
     assert exported.keys() == fsdp["params"].keys()
     for path, value in fsdp["params"].items():

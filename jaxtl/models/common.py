@@ -174,9 +174,10 @@ def recompute(model: Any, *, remat: str | None = None, dtype: Any = None) -> Any
     if remat is not None:
         if not (dataclasses.is_dataclass(config) and hasattr(config, "remat")):
             raise ValueError(
-                "remat (--remat) is available for the transformer families (bert, roberta, "
-                f"distilbert, gpt2, vit); {model.family!r} blocks are not rematerialized yet. "
-                "Drop remat, or use grad_accum (--grad-accum) to cut activation memory."
+                "remat (--remat) is available for the transformer families and ConvNeXt (bert, "
+                f"roberta, distilbert, gpt2, llama, vit, convnext); {model.family!r} blocks are "
+                "not rematerialized yet. Drop remat, or use grad_accum (--grad-accum) to cut "
+                "activation memory."
             )
         from jaxtl.models.layers import remat_policy
 

@@ -118,7 +118,11 @@ def export(
 
 
 # transformers' image processor per family, for exports whose source had no config to follow.
-_IMAGE_PROCESSORS = {"vit": "ViTImageProcessor", "resnet": "ConvNextImageProcessor"}
+_IMAGE_PROCESSORS = {
+    "vit": "ViTImageProcessor",
+    "resnet": "ConvNextImageProcessor",
+    "convnext": "ConvNextImageProcessor",
+}
 
 
 def _write_preprocessor_config(model: LoadedModel, source: str | None, directory: str) -> None:

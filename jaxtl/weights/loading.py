@@ -70,8 +70,9 @@ def load(
         summed for 1 channel, as timm does).
       drop_blocks: build the model without its top ``k`` blocks (model surgery: a shallower
         network, e.g. for features from a middle layer or a cheaper fine-tune); their
-        checkpoint tensors are reported as unexpected. BERT, RoBERTa, DistilBERT, GPT-2, ViT,
-        and ResNet within its last stage (:func:`jaxtl.models.registry.truncated_config`).
+        checkpoint tensors are reported as unexpected. BERT, RoBERTa, DistilBERT, GPT-2, Llama,
+        ViT, ConvNeXt, and ResNet within its last stage
+        (:func:`jaxtl.models.registry.truncated_config`).
         ``--drop-blocks K``.
 
     Returns:
