@@ -412,6 +412,7 @@ def load_recorded(m: dict, *, pretrained: bool = True) -> LoadedModel:
         in_channels=m.get("in_channels"),
         head=m.get("head"),
         **({"drop_blocks": m["drop_blocks"]} if m.get("drop_blocks") else {}),
+        **({"tower": m["tower"]} if m.get("tower") else {}),
     )
 
 

@@ -370,8 +370,10 @@ def load_model(
 
 def recorded(model: LoadedModel) -> dict:
     """The facts ``run.json`` keeps so that :func:`load_model` rebuilds ``model``'s surgery:
-    its dropped blocks and its built-in head (empty for a plain model)."""
+    its dropped blocks, its built-in head and (CLIP) its tower (empty for a plain model)."""
     out = {}
+    if model.extras.get("tower"):
+        out["tower"] = model.extras["tower"]
     if model.extras.get("drop_blocks"):
         out["drop_blocks"] = model.extras["drop_blocks"]
     if "head" in model.extras:

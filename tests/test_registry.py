@@ -6,7 +6,7 @@ For each family: the forward pass has the right shape, every param gets a non-ze
 every recipe moves exactly the params that recipe trains.
 
 Checkpoints: tiny random Hugging Face models saved by transformers (BERT, GPT-2, RoBERTa,
-DistilBERT, ViT, ResNet, ConvNeXt, Llama);
+DistilBERT, ViT, ResNet, ConvNeXt, Llama, CLIP's vision tower);
 torchvision state dicts rebuilt from the parity fixtures' specs (ResNet-18, VGG-16, AlexNet,
 Inception-v3); the real EfficientNet-Lite0 ImageNet file.
 """
@@ -136,6 +136,31 @@ CASES = {
             ),
         ),
         None,
+    ),
+    "clip": (
+        _hf(
+            transformers.CLIPModel,
+            transformers.CLIPConfig(
+                text_config=dict(
+                    vocab_size=99,
+                    hidden_size=32,
+                    intermediate_size=37,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    max_position_embeddings=16,
+                ),
+                vision_config=dict(
+                    image_size=32,
+                    patch_size=8,
+                    hidden_size=32,
+                    intermediate_size=37,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                ),
+                projection_dim=16,
+            ),
+        ),
+        32,
     ),
     "resnet-torchvision": (_torchvision("resnet18"), 32),
     "vgg": (_torchvision("vgg16"), 32),

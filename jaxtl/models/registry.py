@@ -336,6 +336,16 @@ _FAMILIES: tuple[Family, ...] = (
         options=TEXT_OPTIONS,
     ),
     Family(
+        name="clip",
+        builder="jaxtl.models.clip:build",
+        model_types=("clip",),
+        architecture_prefixes=("CLIP",),
+        description="CLIP (CLIPModel): one tower per model (vision by default), projected "
+        "embeddings, linear-probe heads, zero-shot heads from text prompts",
+        options=("tower",),
+        modality="image",
+    ),
+    Family(
         name="vgg",
         builder="jaxtl.models.vgg:build",
         model_types=(),

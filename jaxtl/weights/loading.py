@@ -41,6 +41,7 @@ def load(
     image_size: int | tuple[int, int] | None = None,
     in_channels: int | None = None,
     drop_blocks: int = 0,
+    tower: str | None = None,
 ) -> LoadedModel:
     """Loads a local checkpoint for a task: a Hugging Face directory or a state dict file.
 
@@ -74,6 +75,7 @@ def load(
         ViT, ConvNeXt, and ResNet within its last stage
         (:func:`jaxtl.models.registry.truncated_config`).
         ``--drop-blocks K``.
+      tower: CLIP only: the tower the model runs, ``"vision"`` (default) or ``"text"``.
 
     Returns:
       A :class:`LoadedModel`; ``report`` says what was loaded, initialized, unused or mismatched.
@@ -129,7 +131,12 @@ def load(
         )
     raw_config = registry.truncated_config(family, raw_config, drop_blocks, source=source)
     options = _family_options(
-        family, directory, pooling=pooling, image_size=image_size, in_channels=in_channels
+        family,
+        directory,
+        pooling=pooling,
+        image_size=image_size,
+        in_channels=in_channels,
+        tower=tower,
     )
     spec = family.build(
         directory,
@@ -141,7 +148,7 @@ def load(
         **options,
     )
     extras = dict(spec.extras)
-    if family.modality == "text":
+    if "preprocessing" not in extras:  # a text model (CLIP's text tower in an image family)
         # Every text family's config names its embedding rows vocab_size, as Hugging Face does.
         extras.update(_tokenizer_extras(directory, spec.config.vocab_size, described_by))
 
