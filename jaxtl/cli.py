@@ -18,6 +18,7 @@ import shlex
 import sys
 
 from jaxtl.experiment import DEFAULT_LR, FULL_LR
+from jaxtl.models.registry import data_modality
 from jaxtl.ranking import SCORES
 from jaxtl.transfer.recipes import split_recipes
 
@@ -594,7 +595,7 @@ def _finetune(args) -> int:
     # The new head is drawn with --seed (with --seeds, each pretrained run redraws it).
     model = surgery.load_model(model_path, pooling=args.pooling, seed=args.seed, **options)
     print(model.report)
-    spec = data_spec(args, modality="image" if "preprocessing" in model.extras else "text")
+    spec = data_spec(args, modality=data_modality(model))
     config = train_config(args, epochs=args.epochs or 1)
     if args.rules:
         recipes = [f"rules({os.path.abspath(args.rules)!r})"]
@@ -991,7 +992,7 @@ def _sweep(args) -> int:
         return models[seed]
 
     first = load(grid["seeds"][0])
-    spec = data_spec(args, modality="image" if "preprocessing" in first.extras else "text")
+    spec = data_spec(args, modality=data_modality(first))
     data = resolve(spec, num_labels=options["num_labels"], task=args.task)
     args.weight_decay = grid["weight_decays"][0]  # each cell sets its own
     config = train_config(args, epochs=args.epochs or 1)
@@ -1037,7 +1038,7 @@ def _lr_find(args) -> int:
     model = surgery.load_model(
         args.model or jaxtl.default_model_dir(), pooling=args.pooling, seed=args.seed, **options
     )
-    spec = data_spec(args, modality="image" if "preprocessing" in model.extras else "text")
+    spec = data_spec(args, modality=data_modality(model))
     data = resolve(spec, num_labels=options["num_labels"], task=args.task)
     found = lr_find.lr_find(
         model,
@@ -1086,7 +1087,7 @@ def _adapt(args) -> int:
     options = load_options(args)
     path = args.model or jaxtl.default_model_dir()
     model = surgery.load_model(path, pooling=args.pooling, seed=args.seed, **options)
-    modality = "image" if "preprocessing" in model.extras else "text"
+    modality = data_modality(model)
     source = resolve(data_spec(args, modality), num_labels=args.num_labels, task="classification")
     if args.target_shift:
         target = domain.shift_images(source, args.target_shift, seed=args.seed)

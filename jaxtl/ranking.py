@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxtl.models import registry
 from jaxtl.models.base import LoadedModel
 
 __all__ = [
@@ -407,7 +408,7 @@ def rank(
         if c.drop_blocks:
             options["drop_blocks"] = c.drop_blocks
         model = surgery.load_model(path, pooling=pooling, **options)
-        modality = "image" if "preprocessing" in model.extras else "text"
+        modality = registry.data_modality(model)
         if modality not in resolved:
             spec = data(modality) if callable(data) else data
             resolved[modality] = resolve(spec, num_labels=num_labels, task=task)

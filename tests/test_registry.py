@@ -6,7 +6,7 @@ For each family: the forward pass has the right shape, every param gets a non-ze
 every recipe moves exactly the params that recipe trains.
 
 Checkpoints: tiny random Hugging Face models saved by transformers (BERT, GPT-2, RoBERTa,
-DistilBERT, ViT, ResNet, ConvNeXt, Llama, CLIP's vision tower);
+DistilBERT, ViT, ResNet, ConvNeXt, Llama, CLIP's vision tower, wav2vec2);
 torchvision state dicts rebuilt from the parity fixtures' specs (ResNet-18, VGG-16, AlexNet,
 Inception-v3); the real EfficientNet-Lite0 ImageNet file.
 """
@@ -64,8 +64,13 @@ def _efficientnet(path):
 
 TEXT = {"input_ids": np.array([[5, 6, 7, 8, 9, 10], [11, 12, 13, 0, 0, 0]], np.int32)}
 TEXT["attention_mask"] = (TEXT["input_ids"] > 0).astype(np.int32)
+# Two waveforms of 400 samples, the second padded after 300.
+AUDIO = {
+    "input_values": np.random.default_rng(0).standard_normal((2, 400)).astype(np.float32),
+    "attention_mask": (np.arange(400)[None, :] < np.array([[400], [300]])).astype(np.int32),
+}
 
-# family -> (checkpoint maker, input size or None for text)
+# family -> (checkpoint maker, input size, None for text, or the batch itself)
 CASES = {
     "bert": (_hf(transformers.BertModel, tiny_config()), None),
     "gpt2": (
@@ -167,6 +172,24 @@ CASES = {
     "alexnet": (_torchvision("alexnet"), 63),
     "inception": (_torchvision("inception_v3"), 75),
     "efficientnet": (_efficientnet, 32),
+    "wav2vec2": (
+        _hf(
+            transformers.Wav2Vec2Model,
+            transformers.Wav2Vec2Config(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=37,
+                conv_dim=(8, 12, 16),
+                conv_stride=(4, 2, 2),
+                conv_kernel=(8, 3, 3),
+                num_conv_pos_embeddings=16,
+                num_conv_pos_embedding_groups=4,
+                classifier_proj_size=12,
+            ),
+        ),
+        AUDIO,
+    ),
 }
 
 
@@ -185,6 +208,8 @@ def batch_for(name):
     size = CASES[name][1]
     if size is None:
         return dict(TEXT)
+    if isinstance(size, dict):
+        return dict(size)
     rng = np.random.default_rng(0)
     return {"pixel_values": rng.standard_normal((2, size, size, 3)).astype(np.float32)}
 

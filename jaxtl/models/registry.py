@@ -86,7 +86,7 @@ class Family:
       options: the :func:`jaxtl.load` options its ``build`` accepts.
       detect: ``"module:function"`` mapping a state dict's ``{name: shape}`` to a raw config, or
         ``None`` when the names are not this family's; for checkpoints without config.json.
-      modality: ``"text"`` or ``"image"``: what the model reads.
+      modality: ``"text"``, ``"image"`` or ``"audio"``: what the model reads.
       depth: the raw config keys that hold the number of blocks, for families whose top blocks
         can be dropped at load (:func:`truncated_config`): an int (layers of a transformer) or
         a list of blocks per stage (ResNet). Empty: the family cannot drop blocks.
@@ -386,8 +386,35 @@ _FAMILIES: tuple[Family, ...] = (
         detect="jaxtl.models.efficientnet:detect",
         modality="image",
     ),
+    Family(
+        name="wav2vec2",
+        builder="jaxtl.models.wav2vec2:build",
+        depth=("num_hidden_layers",),
+        model_types=("wav2vec2",),
+        architecture_prefixes=("Wav2Vec2",),
+        description="wav2vec 2.0 audio encoders on raw waveforms (Wav2Vec2Model, "
+        "Wav2Vec2ForSequenceClassification)",
+        modality="audio",
+    ),
 )
 FAMILIES: dict[str, Family] = {f.name: f for f in _FAMILIES}
+
+
+def data_modality(model: Any) -> str:
+    """``"image"`` or ``"text"``: which of jaxtl's data sources feed ``model`` (a
+    :class:`~jaxtl.models.base.LoadedModel`; image models carry ``extras["preprocessing"]``).
+
+    Raises:
+      ValueError: an audio model (wav2vec2): the data layer reads no audio yet.
+    """
+    family = FAMILIES.get(model.family)
+    if family is not None and family.modality == "audio":
+        raise ValueError(
+            f"{model.family} is an audio model, and jaxtl's data sources (--data) read text "
+            "and images only so far: fine-tune it from Python, jaxtl.load(...) then "
+            "Trainer(...).fit on arrays of input_values (see tests/test_wav2vec2.py)."
+        )
+    return "image" if "preprocessing" in model.extras else "text"
 
 
 def supported_model_types() -> tuple[str, ...]:

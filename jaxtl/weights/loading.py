@@ -148,7 +148,8 @@ def load(
         **options,
     )
     extras = dict(spec.extras)
-    if "preprocessing" not in extras:  # a text model (CLIP's text tower in an image family)
+    if "preprocessing" not in extras and family.modality != "audio":
+        # a text model (or CLIP's text tower, in an image family)
         # Every text family's config names its embedding rows vocab_size, as Hugging Face does.
         extras.update(_tokenizer_extras(directory, spec.config.vocab_size, described_by))
 
