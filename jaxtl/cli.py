@@ -40,17 +40,42 @@ def _add_model_args(p: argparse.ArgumentParser, surgery: bool = True) -> None:
     g.add_argument(
         "--task",
         default="classification",
-        choices=["classification", "regression", "causal_lm"],
-        help="classification head (cross-entropy), regression (num_labels=1, MSE), or causal_lm "
-        "(next-token LM on the text column alone; families with an LM head, e.g. GPT-2)",
+        choices=[
+            "classification",
+            "regression",
+            "causal_lm",
+            "token_classification",
+            "question_answering",
+            "segmentation",
+        ],
+        help="classification head (cross-entropy), regression (num_labels=1, MSE), causal_lm "
+        "(next-token LM on the text column alone; families with an LM head, e.g. GPT-2), "
+        "token_classification (a tag per word, entity F1: BERT-style encoders; --data "
+        "vader-tags or FILE.conll), question_answering (an answer span of the context, SQuAD "
+        "exact match / F1: BERT-style encoders; --data vader-qa or squad:FILE.json), or "
+        "segmentation (a class per pixel, mIoU: ResNet, ConvNeXt, ViT; --data "
+        "digits-segmentation)",
     )
-    g.add_argument("--num-labels", type=int, default=2, help="classes of the new head")
+    g.add_argument(
+        "--num-labels",
+        type=int,
+        default=2,
+        help="classes of the new head (token_classification: the data's tags, e.g. 5 for "
+        "vader-tags; segmentation: the classes with background, e.g. 11 for "
+        "digits-segmentation)",
+    )
     g.add_argument(
         "--pooling",
         choices=["mean", "cls", "max", "attention"],
         help="text encoders: how tokens are pooled for the head (default: the checkpoint's "
         "1_Pooling/config.json, else cls through BERT's pooler); max and attention (a learned "
         "query) put a new head on the features (model surgery, jaxtl/surgery.py)",
+    )
+    g.add_argument(
+        "--tower",
+        choices=["vision", "text"],
+        help="CLIP only: fine-tune the vision tower on images (the default) or the text tower "
+        "on texts (jaxtl.load(tower=...)); the other tower is not loaded",
     )
     if not surgery:
         return
@@ -561,8 +586,10 @@ def load_options(args) -> dict:
 
 
 def _surgery_options(args) -> dict:
-    """--head and --drop-blocks as :func:`jaxtl.surgery.load_model` options."""
+    """--head, --drop-blocks and --tower as :func:`jaxtl.surgery.load_model` options."""
     out = {"head": args.head} if args.head else {}
+    if getattr(args, "tower", None):
+        out["tower"] = args.tower
     if args.drop_blocks:
         out["drop_blocks"] = args.drop_blocks
     return out

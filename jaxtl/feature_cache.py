@@ -349,7 +349,9 @@ def cached_run(
             "the two."
         )
     trainable = flatten(plan.trainable_mask(model.params))
-    inputs = {s: {k: v for k, v in a.items() if k != "label"} for s, a in arrays.items()}
+    # Targets, and question answering's context offsets, pass beside the features.
+    beside = ("label", "offsets")
+    inputs = {s: {k: v for k, v in a.items() if k not in beside} for s, a in arrays.items()}
     try:
         at = check_prefix(model, trainable, inputs["train"], config.train_bn)
     except ValueError as e:
@@ -364,8 +366,7 @@ def cached_run(
         )
         out[split], pixels = split_inputs(x)
         out[split]["features"] = feats
-        if "label" in arrays[split]:
-            out[split]["label"] = arrays[split]["label"]
+        out[split].update({k: arrays[split][k] for k in beside if k in arrays[split]})
         if verbose:
             how = "read from the cache" if hit else "computed"
             print(f"feature cache: {split} {feats.shape} at {at} {how} ({data.feature_cache})")

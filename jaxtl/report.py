@@ -132,17 +132,49 @@ def detail_plots(metrics: dict, run_dir: str, label_names: Sequence[str] | None)
     return written
 
 
+# The summary numbers of the detailed metrics, in the order the detail table prints them.
+DETAIL_KEYS = (
+    "macro_f1",
+    "mse",
+    "mae",
+    "r2",
+    "pearson",
+    "spearman",
+    "entity_f1",
+    "entity_precision",
+    "entity_recall",
+    "word_accuracy",
+    "exact_match",
+    "f1",
+    "span_accuracy",
+    "mean_iou",
+    "pixel_accuracy",
+)
+# A task's own test score, beside the headline metric in the comparison table.
+TASK_METRICS = ("entity_f1", "f1", "mean_iou")
+
+
 def detail_table(metrics: dict) -> str:
     """The detailed metrics of a split as text: the summary numbers, then per class."""
-    keys = ("macro_f1", "mse", "mae", "r2", "pearson", "spearman")
-    lines = [f"{k}: {metrics[k]:.4f}" for k in keys if metrics.get(k) is not None]
+    lines = [f"{k}: {metrics[k]:.4f}" for k in DETAIL_KEYS if metrics.get(k) is not None]
     if "calibration" in metrics:
         lines.append(f"ece: {metrics['calibration']['ece']:.4f}")
-    if "per_class" in metrics:
-        classes = list(metrics["per_class"].items())
+    if "per_class_iou" in metrics:
+        ious = list(metrics["per_class_iou"].items())[:_PRINTED_CLASSES]
+        rows = [[name, "" if iou is None else f"{iou:.4f}"] for name, iou in ious]
+        lines.append(format_table(["class", "IoU"], rows))
+    for shown in metrics.get("examples_shown", []):
+        lines.append(
+            f"context {shown['context']!r}: answer {shown['answer']!r}, predicted "
+            f"{shown['predicted']!r}"
+        )
+    table = "per_class" if "per_class" in metrics else "per_entity"
+    if table in metrics:
+        classes = list(metrics[table].items())
         rows = [[name, *(f"{m[k]:.4f}" for k in ("precision", "recall", "f1")), m["support"]]
                 for name, m in classes[:_PRINTED_CLASSES]]  # fmt: skip
-        lines.append(format_table(["class", "precision", "recall", "f1", "support"], rows))
+        first = "class" if table == "per_class" else "entity"
+        lines.append(format_table([first, "precision", "recall", "f1", "support"], rows))
         if len(classes) > _PRINTED_CLASSES:
             lines.append(f"... and {len(classes) - _PRINTED_CLASSES} more classes in results.json")
     return "\n".join(lines)
@@ -173,6 +205,8 @@ def comparison_rows(results: Sequence[dict], reference: dict | None = None) -> t
     """Headers and rows comparing finished arms (``results.json`` dicts)."""
     metric = headline_metric(*(r["test"] for r in results))
     headers = ["run", f"test {metric}", f"best val {metric}", "train time (s)", "steps"]
+    extra = [m for m in TASK_METRICS if any(m in r["test"] for r in results)]
+    headers[2:2] = [f"test {m}" for m in extra]
     if reference:
         headers.append(f"reference test {metric}")
     rows = []
@@ -181,6 +215,7 @@ def comparison_rows(results: Sequence[dict], reference: dict | None = None) -> t
         row = [
             r["name"],
             f"{100 * r['test'][metric]:.1f}%" if metric == "accuracy" else r["test"][metric],
+            *(r["test"].get(m) for m in extra),
             f"{100 * best[f'val_{metric}']:.1f}%"
             if metric == "accuracy" and best
             else best.get(f"val_{metric}"),

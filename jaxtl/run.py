@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from jaxtl import feature_cache, lora, parallel, report, sharding
-from jaxtl.data import images, sources, text
+from jaxtl.data import audio, images, qa, sources, tagging, text
 from jaxtl.data.loader import evaluation_loader
 from jaxtl.data.pipeline import training_loader
 from jaxtl.distributed import is_primary
@@ -59,13 +59,59 @@ class RunResult:
         }
 
 
+# The data each per-token task reads, and how a user builds it (for errors).
+_TOKEN_DATA = {
+    "token_classification": (
+        tagging.TaggedSplits,
+        "word-tagged sentences (jaxtl.data.tagging: vader_tags(), from_conll(path); "
+        "--data vader-tags or --data FILE.conll)",
+    ),
+    "question_answering": (
+        qa.QASplits,
+        "questions, contexts and answers (jaxtl.data.qa: vader_qa(), from_squad(path); "
+        "--data vader-qa or --data FILE.json in SQuAD's layout)",
+    ),
+}
+
+Splits = (
+    sources.TextSplits | images.ImageSplits | tagging.TaggedSplits | qa.QASplits | audio.AudioSplits
+)
+
+
+def check_task_data(model: LoadedModel, data: Splits) -> None:
+    """Refuse data that the model's task cannot read (tagged sentences for a sequence
+    classifier, texts for a tagger ...), naming the data each needs, and a tagger whose head
+    has another number of tags than the data."""
+    if isinstance(data, tagging.TaggedSplits) and model.task == "token_classification":
+        if model.num_labels != len(data.label_names):
+            raise ValueError(
+                f"{data.name!r} has {len(data.label_names)} tags {data.label_names}, but the "
+                f"model's head has num_labels={model.num_labels}: load it with "
+                f"num_labels={len(data.label_names)} (--num-labels {len(data.label_names)})."
+            )
+    for task, (kind, what) in _TOKEN_DATA.items():
+        if isinstance(data, kind) and model.task != task:
+            raise ValueError(
+                f"{data.name!r} is {what}: load the model with task={task!r} "
+                f"(--task {task}), not {model.task!r}."
+            )
+    if model.task in _TOKEN_DATA and not isinstance(data, _TOKEN_DATA[model.task][0]):
+        raise ValueError(
+            f"task={model.task!r} (--task {model.task}) trains on "
+            f"{_TOKEN_DATA[model.task][1]}; {data.name!r} is texts or images with one label "
+            "each."
+        )
+
+
 def encode_splits(
     model: LoadedModel,
-    data: sources.TextSplits | images.ImageSplits,
+    data: Splits,
     long_texts: str = "truncate",
 ) -> tuple[dict, dict]:
     """The model's inputs for every split: images through the model's preprocessing, or texts
-    tokenized to one padded length (the longest text, within the model's limit).
+    tokenized to one padded length (the longest text, within the model's limit): word-tagged
+    sentences with one label per word's first token (:mod:`jaxtl.data.tagging`), question
+    and context pairs with the answer's tokens (:mod:`jaxtl.data.qa`).
 
     Texts longer than the model's positions are cut (and counted), or with
     ``long_texts="error"`` refused before anything compiles.
@@ -73,17 +119,26 @@ def encode_splits(
     Returns ``{split: arrays with 'label'}`` (no labels for a causal LM: its targets are the
     next tokens) and facts worth logging (sizes, length, truncations).
     """
+    check_task_data(model, data)
+    if isinstance(data, audio.AudioSplits):
+        return audio.encode(model.extras, data)
+    if "audio_preprocessing" in model.extras:
+        raise ValueError(
+            f"The {model.family!r} model reads audio, but {data.name!r} is not: pass "
+            "jaxtl.data.audio.from_folder(DIR) / from_arrays(waveforms, labels, sampling_rate=...) "
+            "(--data DIR of <class>/<clip>.wav)."
+        )
+    if isinstance(data, tagging.TaggedSplits | qa.QASplits):
+        source = tagging if isinstance(data, tagging.TaggedSplits) else qa
+        max_length = int(model.extras.get("max_length", 512))
+        return source.encode_splits(_tokenizer(model), data, max_length=max_length)
     if isinstance(data, images.ImageSplits):
         if "preprocessing" not in model.extras:
             raise ValueError(f"The {model.family!r} model does not read images.")
-        return images.encode(model.extras["preprocessing"], data)
+        return images.encode(model.extras["preprocessing"], data, task=model.task)
     if "preprocessing" in model.extras:
         raise ValueError(f"The {model.family!r} model reads images, but {data.name!r} is text.")
-    tokenizer = model.extras.get("tokenizer")
-    if tokenizer is None:
-        raise ValueError(
-            f"The model at {model.path!r} has no tokenizer (tokenizer.json or vocab.txt)."
-        )
+    tokenizer = _tokenizer(model)
     max_length = int(model.extras.get("max_length", 512))
     for s in sources.SPLITS:
         if len(getattr(data, s)[0]) == 0:
@@ -107,10 +162,27 @@ def encode_splits(
     return out, {"length": int(length), "truncated": truncated, "sizes": data.sizes()}
 
 
+def _tokenizer(model: LoadedModel):
+    if "preprocessing" in model.extras:
+        raise ValueError(f"The {model.family!r} model reads images, not text.")
+    tokenizer = model.extras.get("tokenizer")
+    if tokenizer is None:
+        raise ValueError(
+            f"The model at {model.path!r} has no tokenizer (tokenizer.json or vocab.txt)."
+        )
+    return tokenizer
+
+
+def references(data: Splits, split: str) -> list | None:
+    """What the text metrics of ``split`` read beside the predictions: question answering's
+    ``(context, answer)`` per example; ``None`` for other data."""
+    return data.references(split) if isinstance(data, qa.QASplits) else None
+
+
 def finetune(
     model: LoadedModel,
     recipe: str | Plan,
-    data: sources.TextSplits | images.ImageSplits,
+    data: Splits,
     config: TrainConfig | None = None,
     workdir: str | None = None,
     *,
@@ -219,7 +291,13 @@ def finetune(
     # A run that ended inside its cached stage scores with that stage's model and features.
     test_arrays = cached if trainer.stage in stage_models else arrays
     test_loader = evaluation_loader(test_arrays["test"], config.data, devices=trainer.devices)
-    test = trainer.evaluate(fit.state, test_loader, details=True, label_names=data.label_names)
+    test = trainer.evaluate(
+        fit.state,
+        test_loader,
+        details=True,
+        label_names=data.label_names,
+        references=references(data, "test"),
+    )
     seconds = {**fit.seconds, "test": round(time.perf_counter() - t, 3)}
     if verbose:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
@@ -430,7 +508,11 @@ def evaluate_run(run_dir: str, which: str = "best") -> dict:
     for split in ("validation", "test"):
         loader = evaluation_loader(arrays[split], run.config.data, devices=run.trainer.devices)
         out[split] = run.trainer.evaluate(
-            run.state, loader, details=split == "test", label_names=data.label_names
+            run.state,
+            loader,
+            details=split == "test",
+            label_names=data.label_names,
+            references=references(data, split),
         )
     return out
 

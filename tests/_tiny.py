@@ -153,3 +153,29 @@ def evaluate(trainer, state, arrays: dict) -> dict:
     return trainer.evaluate(
         state, evaluation_loader(arrays, trainer.config.data, devices=trainer.devices)
     )
+
+
+def tiny_wav2vec2_config(stable: bool = False, num_labels: int = 3, **overrides):
+    """3 conv layers (kernels 8/3/3, strides 4/2/2: 32-sample receptive field), hidden 32, 2
+    encoder layers, an even positional kernel (16, 4 groups) so the same-pad trim runs;
+    ``stable``: the layer-norm feature extractor and pre-norm blocks (wav2vec2-large's)."""
+    import transformers
+
+    kwargs = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        conv_dim=(8, 12, 16),
+        conv_stride=(4, 2, 2),
+        conv_kernel=(8, 3, 3),
+        conv_bias=stable,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        classifier_proj_size=12,
+        num_labels=num_labels,
+        feat_extract_norm="layer" if stable else "group",
+        do_stable_layer_norm=stable,
+    )
+    kwargs.update(overrides)
+    return transformers.Wav2Vec2Config(**kwargs)

@@ -375,3 +375,45 @@ def test_default_preprocessing_matches_clip_image_processor(reference):
     diff = max_diff(recipe(image[None]), theirs)
     print(f"CLIP preprocessing (resize + center crop) max |diff| = {diff:.3g}")
     assert diff <= TOL
+
+
+def test_the_command_line_fine_tunes_the_text_tower_and_refuses_tower_elsewhere(
+    reference, tmp_path, capsys
+):
+    """--tower text: the text tower trains on texts through the checkpoint's tokenizer, and
+    run.json records the tower so that jaxtl evaluate rebuilds the same model."""
+    import json
+    import os
+
+    from _tiny import minilm_dir, write_vader_csv
+
+    from jaxtl import cli
+
+    _, directory = reference
+    ckpt = tmp_path / "clip"
+    ckpt.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(f"{directory}/{name}", ckpt / name)
+    words = {"<pad>": 0, "<bos>": 1, "<eos>": EOS}
+    vocab = {**words, **{chr(97 + i): 3 + i for i in range(26)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split("", "isolated")  # one token a letter
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", 1), ("<eos>", EOS)]
+    )
+    tok.save(str(ckpt / "tokenizer.json"))
+    data = write_vader_csv(tmp_path / "vader.csv", 60)
+    out = str(tmp_path / "out")
+    argv = ["finetune", "--model", str(ckpt), "--tower", "text", "--data", data,
+            "--text-column", "word", "--label-column", "sentiment",
+            "--recipe", "full", "--no-scratch", "--max-steps", "3", "--batch-size", "8",
+            "--out", out]  # fmt: skip
+    assert cli.main(argv) == 0
+    run = os.path.join(out, "pretrained-full")
+    with open(os.path.join(run, "run.json")) as f:
+        assert json.load(f)["model"]["tower"] == "text"
+    assert cli.main(["evaluate", run]) == 0
+    capsys.readouterr()
+    bert = ["finetune", "--model", minilm_dir(), "--tower", "text", "--out", str(tmp_path / "b")]
+    assert cli.main(bert) == 2
+    assert "tower (--tower) does not apply to the 'bert' family" in capsys.readouterr().err

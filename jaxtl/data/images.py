@@ -1,8 +1,10 @@
 """Labeled image sources: scikit-learn's handwritten digits (embedded, offline) and user arrays.
 
 A source returns :class:`ImageSplits`: train / validation / test images (``[N, H, W, C]``,
-uint8 0..255 or floats) with integer labels. :func:`encode` turns them into the model's inputs
-with its :class:`~jaxtl.models.preprocessing.ImagePreprocessing`.
+uint8 0..255 or floats) with integer labels, one per image or, for segmentation, one per pixel
+(masks ``[N, H, W]``, :func:`digits_segmentation`). :func:`encode` turns them into the model's
+inputs with its :class:`~jaxtl.models.preprocessing.ImagePreprocessing`, masks moved with
+their images.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ import os
 import numpy as np
 
 from jaxtl.models.preprocessing import ImagePreprocessing
+
+# The pixel label that segmentation losses and metrics skip: PyTorch's CrossEntropyLoss
+# ignore_index default, which Hugging Face segmentation datasets and models use too.
+IGNORE_LABEL = -100
 
 
 @dataclasses.dataclass
@@ -61,6 +67,114 @@ def digits(per_class: int | None = None, seed: int = 0) -> ImageSplits:
         label_names=[str(d) for d in range(10)],
         name=f"digits ({per_class}/class)" if per_class else "digits",
     )
+
+
+def digits_segmentation(
+    canvas: int = 32,
+    *,
+    digits_per_canvas: int = 1,
+    scale: int = 2,
+    threshold: int = 4,
+    seed: int = 0,
+) -> ImageSplits:
+    """Semantic segmentation with real masks: scikit-learn's handwritten digits placed on blank
+    canvases, each pixel labelled with the class of the digit it belongs to.
+
+    Every 8x8 digit is enlarged ``scale`` times (nearest neighbour) and put at a random position
+    on a ``canvas`` x ``canvas`` grayscale image (uint8 ``[N, canvas, canvas, 1]``, sklearn's
+    0..16 scaled to 0..255, as :func:`digits`), ``digits_per_canvas`` digits to a canvas with
+    non-overlapping boxes. The mask (int32 ``[N, canvas, canvas]``) is ``d + 1`` where digit
+    ``d``'s ink is above ``threshold`` (of 0..16), 0 (``"background"``) on blank pixels, and
+    :data:`IGNORE_LABEL` on faint ink (1..``threshold``), which is neither clearly stroke nor
+    clearly background. ``label_names`` is ``["background", "0", ..., "9"]``.
+
+    The digits are split 60/20/20 stratified by class with ``seed`` (the split :func:`digits`
+    makes), then each split's digits are shuffled and placed: no digit is in two splits, and
+    the same arguments give the same canvases.
+
+    Raises:
+      ImportError: scikit-learn is missing (``pip install 'jaxtl[vision]'``).
+      ValueError: a canvas too small for its digits, or arguments out of range.
+
+    Example:
+      >>> data = digits_segmentation()
+      >>> images, masks = data.train
+      >>> images.shape, masks.shape, data.label_names[:3]
+      ((1078, 32, 32, 1), (1078, 32, 32), ['background', '0', '1'])
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError(
+            "The digits data ships with scikit-learn: pip install 'jaxtl[vision]'."
+        ) from e
+    for name, value, low in (
+        ("canvas", canvas, 1),
+        ("digits_per_canvas", digits_per_canvas, 1),
+        ("scale", scale, 1),
+        ("threshold", threshold, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+    if threshold >= 16:
+        raise ValueError(f"threshold must be below 16 (the digits' darkest ink), got {threshold}.")
+    side = 8 * scale
+    if canvas < side or digits_per_canvas * side * side > canvas * canvas:
+        raise ValueError(
+            f"A {canvas}x{canvas} canvas cannot hold {digits_per_canvas} digit(s) of "
+            f"{side}x{side} (8x8 at scale={scale}) without overlap; pass a larger canvas, a "
+            "smaller scale or fewer digits_per_canvas."
+        )
+    raw = load_digits()
+    ink = raw.images.astype(np.int32).repeat(scale, axis=1).repeat(scale, axis=2)
+    labels = raw.target.astype(np.int32)
+    splits = stratified_split(labels, seed, (0.6, 0.2))
+    out = []
+    for index, members in enumerate(splits):
+        rng = np.random.default_rng([seed, index])
+        members = rng.permutation(members)
+        groups = [
+            members[i : i + digits_per_canvas] for i in range(0, len(members), digits_per_canvas)
+        ]
+        images = np.zeros((len(groups), canvas, canvas, 1), np.uint8)
+        masks = np.zeros((len(groups), canvas, canvas), np.int32)
+        for n, group in enumerate(groups):
+            for digit, (top, left) in zip(
+                group, _boxes(rng, len(group), side, canvas), strict=True
+            ):
+                box = (slice(top, top + side), slice(left, left + side))
+                images[n][box] = np.round(ink[digit] * (255.0 / 16.0)).astype(np.uint8)[..., None]
+                masks[n][box] = np.where(
+                    ink[digit] > threshold,
+                    labels[digit] + 1,
+                    np.where(ink[digit] > 0, IGNORE_LABEL, 0),
+                )
+        out.append((images, masks))
+    return ImageSplits(
+        train=out[0],
+        validation=out[1],
+        test=out[2],
+        label_names=["background", *(str(d) for d in range(10))],
+        name=f"digits-segmentation ({canvas}x{canvas}, {digits_per_canvas}/canvas)",
+    )
+
+
+def _boxes(rng: np.random.Generator, count: int, side: int, canvas: int) -> list[tuple[int, int]]:
+    """``count`` random ``(top, left)`` corners of non-overlapping ``side`` x ``side`` boxes on a
+    ``canvas`` x ``canvas`` image, drawn one by one (each redrawn until it overlaps none)."""
+    boxes: list[tuple[int, int]] = []
+    for _ in range(count):
+        for _ in range(1000):
+            top, left = (int(v) for v in rng.integers(0, canvas - side + 1, 2))
+            if all(abs(top - t) >= side or abs(left - u) >= side for t, u in boxes):
+                boxes.append((top, left))
+                break
+        else:
+            raise ValueError(
+                f"Could not place {count} non-overlapping {side}x{side} digits on a "
+                f"{canvas}x{canvas} canvas; pass a larger canvas or fewer digits_per_canvas."
+            )
+    return boxes
 
 
 def stratified_split(labels: np.ndarray, seed: int, fractions=(0.6, 0.2)):
@@ -183,9 +297,15 @@ def pil_arrays(images, channels: int | None = None) -> np.ndarray:
 
 
 def encode(
-    preprocessing: ImagePreprocessing, data: ImageSplits
+    preprocessing: ImagePreprocessing, data: ImageSplits, task: str | None = None
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
-    """Preprocess every split once: ``{split: {"pixel_values", "label"}}`` and facts to log."""
+    """Preprocess every split once: ``{split: {"pixel_values", "label"}}`` and facts to log.
+
+    Labels of shape ``[N, H, W]`` are segmentation masks: they go through the images' resize
+    and center crop with nearest neighbour (:func:`encode_masks`), so ``label`` is
+    ``[N, *preprocessing.size]``. Given the model's ``task``, masks are refused for any task but
+    ``"segmentation"`` and required for it.
+    """
     out = {}
     for split in ("train", "validation", "test"):
         images, labels = getattr(data, split)
@@ -198,10 +318,85 @@ def encode(
             raise ValueError(
                 f"The {split} split has {len(images)} images but {len(labels)} labels."
             )
-        check_pixels(images, preprocessing.rescale, f"The {split} split of {data.name!r}")
-        out[split] = {"pixel_values": preprocessing(images), "label": np.asarray(labels)}
+        where = f"The {split} split of {data.name!r}"
+        check_pixels(images, preprocessing.rescale, where)
+        labels = np.asarray(labels)
+        masks = labels.ndim == 3
+        if task is not None and masks != (task == "segmentation"):
+            raise ValueError(
+                f"{where} has labels of shape {labels.shape}: "
+                + (
+                    f"per-pixel masks, which only a task='segmentation' model reads (this one's "
+                    f"task is {task!r}); load the model with task='segmentation' "
+                    "(--task segmentation)."
+                    if masks
+                    else "one per image, but a task='segmentation' model needs a mask "
+                    "[N, H, W] of class ids per image (e.g. images.digits_segmentation())."
+                )
+            )
+        if masks:
+            names = data.label_names
+            labels = encode_masks(preprocessing, images, labels, where, len(names or ()) or None)
+        out[split] = {"pixel_values": preprocessing(images), "label": labels}
     facts = {"sizes": data.sizes(), "image_size": list(preprocessing.size)}
     return out, facts
+
+
+def encode_masks(
+    preprocessing: ImagePreprocessing,
+    images: np.ndarray,
+    masks: np.ndarray,
+    where: str = "masks",
+    num_labels: int | None = None,
+) -> np.ndarray:
+    """Segmentation masks ``[N, H, W]`` moved as ``preprocessing`` moves their ``images``:
+    int32 ``[N, *preprocessing.size]``.
+
+    The masks go through the same preprocessing (its resize, then its center crop) with
+    nearest-neighbour sampling, so each output pixel takes the label of the input pixel whose
+    image value it shows (bilinear or bicubic would blend class ids into ids of other
+    classes); :data:`IGNORE_LABEL` stays as it is.
+
+    Raises:
+      ValueError: masks whose height and width differ from their images', images of different
+        sizes (an object array), masks that are not integers, or ids outside ``[0,
+        num_labels)`` other than :data:`IGNORE_LABEL`; the message says what to fix.
+    """
+    masks = np.asarray(masks)
+    ragged = isinstance(images, list | tuple) or np.asarray(images).dtype == object
+    if ragged:
+        raise ValueError(
+            f"{where}: segmentation masks need their images as one array [N, H, W, C] of one "
+            "size; resize or pad the images (and their masks) to a common size first."
+        )
+    shape = np.shape(images)
+    if masks.ndim != 3 or len(shape) < 3 or tuple(shape[1:3]) != masks.shape[1:]:
+        raise ValueError(
+            f"{where}: masks of shape {masks.shape} do not cover images of shape {shape}; each "
+            "mask must be [H, W] of its image's height and width (labels [N, H, W])."
+        )
+    if not np.issubdtype(masks.dtype, np.integer):
+        raise ValueError(
+            f"{where}: masks are {masks.dtype}; they must hold integer class ids per pixel "
+            f"(masks.astype(np.int32)), with {IGNORE_LABEL} for pixels to ignore."
+        )
+    bad = (masks < 0) & (masks != IGNORE_LABEL)
+    if num_labels is not None:
+        bad |= masks >= num_labels
+    if bad.any():
+        found = sorted(set(masks[bad].tolist()))[:10]
+        allowed = f"[0, {num_labels})" if num_labels is not None else "0 and up"
+        raise ValueError(
+            f"{where}: masks hold class ids {found} (first at pixel "
+            f"{tuple(int(i) for i in np.argwhere(bad)[0])}); ids must be in {allowed}, or "
+            f"{IGNORE_LABEL} for pixels to ignore."
+        )
+    nearest = dataclasses.replace(
+        preprocessing, mean=(0.0,), std=(1.0,), rescale=1.0, interpolation="nearest"
+    )
+    # Float32 holds every id exactly, and PIL's float mode resizes without rounding.
+    moved = nearest(masks.astype(np.float32)[..., None])[..., 0]
+    return np.rint(moved).astype(np.int32)
 
 
 def check_pixels(images: np.ndarray, rescale: float, where: str) -> None:

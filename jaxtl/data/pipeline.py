@@ -342,6 +342,11 @@ def training_loader(
             f"augment={config.augment!r} (--augment) transforms images, but this model reads "
             f"{sorted(k for k in arrays if k != 'label')}; drop the augmentation."
         )
+    if config.augment and model.task == "segmentation":
+        raise ValueError(
+            f"augment={config.augment!r} (--augment) moves pixels but not their masks; "
+            "task='segmentation' trains unaugmented: drop the augmentation."
+        )
     return GrainLoader(
         ArraySource(arrays),
         config.batch_size,

@@ -18,6 +18,7 @@ import dataclasses
 
 import numpy as np
 
+from jaxtl.data.audio import AudioSplits
 from jaxtl.data.images import ImageSplits
 from jaxtl.data.sources import TextSplits
 
@@ -35,7 +36,21 @@ def few_shot(data: TextSplits | ImageSplits, shots: int, seed: int = 0):
     """
     if isinstance(shots, bool) or not isinstance(shots, int | np.integer) or shots < 1:
         raise ValueError(f"shots (--shots) must be a whole number >= 1, got {shots!r}.")
+    if not isinstance(data, TextSplits | ImageSplits | AudioSplits):  # tagged, questions
+        raise ValueError(
+            f"shots (--shots) draws K examples of every class; {data.name!r} has no class per "
+            "example (tagged sentences or questions): drop --shots."
+        )
     inputs, labels = data.train
+    if (
+        labels is not None
+        and np.ndim(labels) > 1
+        and np.issubdtype(np.asarray(labels).dtype, np.integer)
+    ):
+        raise ValueError(
+            f"shots (--shots) draws K examples of every class; {data.name!r} has a class per "
+            "pixel (segmentation masks), not per example: drop --shots."
+        )
     if labels is None or not np.issubdtype(np.asarray(labels).dtype, np.integer):
         raise ValueError(
             "shots (--shots) draws K examples of every class, so it needs a classification "

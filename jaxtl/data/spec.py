@@ -16,11 +16,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from jaxtl.data.images import ImageSplits, digits, from_folder
+from jaxtl.data.images import ImageSplits, digits, digits_segmentation, from_folder
 from jaxtl.data.shots import few_shot
 from jaxtl.data.sources import TextSplits, from_table, vader
 
 __all__ = ["describe", "resolve", "with_shots"]
+
+
+# The embedded token-level tasks: --data name -> spec kind.
+_EMBEDDED_TASKS = {"vader-tags": "vader_tags", "vader-qa": "vader_qa"}
 
 
 def describe(
@@ -38,7 +42,10 @@ def describe(
     Args:
       data: ``"vader"`` (embedded texts), ``"digits"`` (scikit-learn's 8x8 images), a .csv /
         .jsonl file, an image folder ``DIR/<class>/<images>``, ``"tfds:NAME[/CONFIG][:VERSION]"``
-        or ``"hf:DIR"`` (a Hugging Face dataset saved with ``save_to_disk``) (``--data``).
+        or ``"hf:DIR"`` (a Hugging Face dataset saved with ``save_to_disk``) (``--data``);
+        for token classification ``"vader-tags"`` or a CoNLL file (``FILE.conll`` or
+        ``"conll:FILE"``), for question answering ``"vader-qa"`` or ``"squad:FILE.json"``,
+        for segmentation ``"digits-segmentation"``.
       data_dir: where a TFDS dataset is prepared (``--data-dir``; tfds only).
       splits: train, validation and test split expressions, as a list or one comma-separated
         string (``--splits``; tfds and hf only).
@@ -46,17 +53,48 @@ def describe(
       label_column: the label column (``--label-column``).
       skip_corrupt: image folders: skip undecodable files instead of stopping
         (``--skip-corrupt``).
-      modality: what the model reads, ``"text"`` or ``"image"``.
+      modality: what the model reads, ``"text"``, ``"image"`` or ``"audio"`` (a folder of
+        WAV class folders).
 
     Raises:
       ValueError: options that do not apply to this kind of source, or a directory given to a
         text model.
     """
     split_list = _split_list(splits)
+    if modality == "audio":
+        if not os.path.isdir(data):
+            raise ValueError(
+                f"--data {data}: an audio model reads a folder of WAV files, "
+                "DIR/<class>/<clip>.wav (--data DIR); from Python, "
+                "jaxtl.data.audio.from_arrays(waveforms, labels, sampling_rate=...)."
+            )
+        return {
+            "kind": "audio_folder",
+            "path": os.path.abspath(data),
+            "seed": 0,
+            "skip_corrupt": skip_corrupt,
+            "sampling_rate": None,
+            "max_seconds": None,
+        }
     if data == "vader":
         return {"kind": "vader"}
+    if data in _EMBEDDED_TASKS:
+        return {"kind": _EMBEDDED_TASKS[data], "seed": 0}
+    for prefix, kind in (("conll:", "conll"), ("squad:", "squad")):
+        if data.startswith(prefix) or (kind == "conll" and data.endswith(".conll")):
+            path = data.removeprefix(prefix)
+            if not os.path.isfile(path):
+                raise ValueError(
+                    f"--data {data}: no file {path!r}; {prefix}FILE names a "
+                    f"{'CoNLL (a word and its tag per line)' if kind == 'conll' else 'SQuAD JSON'} "
+                    "file."
+                )
+            return {"kind": kind, "path": os.path.abspath(path), "seed": 0}
     if data == "digits":
         return {"kind": "digits", "per_class": None, "seed": 0}
+    if data == "digits-segmentation":
+        return {"kind": "digits_segmentation", "canvas": 32, "digits_per_canvas": 1,
+                "scale": 2, "threshold": 4, "seed": 0}  # fmt: skip
     if data.startswith("tfds:"):
         return {
             "kind": "tfds",
@@ -92,8 +130,8 @@ def describe(
     if os.path.isdir(data):
         if modality != "image":
             raise ValueError(
-                f"{data!r} is a directory (an image folder), but the model reads text; pass an "
-                "image model (--model), or a .csv / .jsonl file (--data)."
+                f"{data!r} is a directory (an image or audio folder), but the model reads text; "
+                "pass an image or audio model (--model), or a .csv / .jsonl file (--data)."
             )
         return {
             "kind": "folder",
@@ -125,7 +163,11 @@ def _split_list(splits: str | Sequence[str] | None) -> list[str] | None:
 def resolve(spec: dict, *, num_labels: int, task: str) -> TextSplits | ImageSplits:
     """Rebuild a dataset from the JSON spec that a run directory records.
 
-    ``{"kind": "vader"}``, ``{"kind": "digits", "per_class": 10 or None, "seed": 0}`` or
+    ``{"kind": "vader"}``, ``{"kind": "digits", "per_class": 10 or None, "seed": 0}``,
+    ``{"kind": "digits_segmentation", "canvas": 32, ...}`` (digits on a canvas with masks),
+    ``{"kind": "vader_tags" | "vader_qa", "seed": 0}``,
+    ``{"kind": "conll" | "squad", "path": ..., "seed": 0}``,
+    ``{"kind": "audio_folder", "path": ..., "seed": 0, "sampling_rate": ..., ...}`` or
     ``{"kind": "table", "path": ..., "text_column": ..., "label_column": ..., "seed": 0}`` or
     ``{"kind": "tfds", "name": "tfds:NAME", "data_dir": ..., "splits": [...] or None, ...}`` or
     ``{"kind": "folder", "path": ..., "seed": 0, "skip_corrupt": False}`` or
@@ -156,8 +198,38 @@ def with_shots(spec: dict, shots: int | None, seed: int = 0) -> dict:
 
 def _source(spec: dict, *, num_labels: int, task: str) -> TextSplits | ImageSplits:
     kind = spec.get("kind")
+    if kind == "audio_folder":
+        from jaxtl.data import audio
+
+        return audio.from_folder(
+            spec["path"],
+            seed=spec.get("seed", 0),
+            sampling_rate=spec.get("sampling_rate"),
+            max_seconds=spec.get("max_seconds"),
+            skip_corrupt=spec.get("skip_corrupt", False),
+        )
+    if kind in ("vader_tags", "conll"):
+        from jaxtl.data import tagging
+
+        if kind == "conll":
+            return tagging.from_conll(spec["path"], seed=spec.get("seed", 0))
+        return tagging.vader_tags(seed=spec.get("seed", 0))
+    if kind in ("vader_qa", "squad"):
+        from jaxtl.data import qa
+
+        if kind == "squad":
+            return qa.from_squad(spec["path"], seed=spec.get("seed", 0))
+        return qa.vader_qa(seed=spec.get("seed", 0))
     if kind == "digits":
         return digits(spec.get("per_class"), seed=spec.get("seed", 0))
+    if kind == "digits_segmentation":
+        return digits_segmentation(
+            spec.get("canvas", 32),
+            digits_per_canvas=spec.get("digits_per_canvas", 1),
+            scale=spec.get("scale", 2),
+            threshold=spec.get("threshold", 4),
+            seed=spec.get("seed", 0),
+        )
     if kind == "vader":
         return vader(spec.get("path"))
     if kind == "table":
@@ -199,6 +271,6 @@ def _source(spec: dict, *, num_labels: int, task: str) -> TextSplits | ImageSpli
             modality=spec.get("modality"),
         )
     raise ValueError(
-        f"Unknown data kind {kind!r}: expected 'vader', 'digits', 'table', 'folder', 'tfds' "
-        "or 'hf'."
+        f"Unknown data kind {kind!r}: expected 'vader', 'digits', 'table', 'folder', 'tfds', "
+        "'hf', 'vader_tags', 'conll', 'vader_qa', 'squad', 'digits_segmentation' or 'audio_folder'."
     )

@@ -106,14 +106,21 @@ def padding_waste(lengths: np.ndarray, widths: np.ndarray) -> float:
 
 def token_arrays(arrays: dict[str, np.ndarray]) -> tuple[str, ...]:
     """The per-token arrays of a text batch, what a length bucket cuts: the tokenizer's arrays
-    (:data:`TOKEN_KEYS`) and per-token activations ``[B, T, H]`` (a feature cache's). Empty for
-    a batch without text. A ``[B, H]`` array is never cut, even when ``H == T``."""
+    (:data:`TOKEN_KEYS`), an audio batch's samples (``input_values``), per-token labels (a
+    tagger's integer ``label [B, T]``) and per-token arrays ``[B, T, ...]`` (a feature cache's
+    activations, question answering's character offsets). Empty for a batch without text.
+    Another ``[B, H]`` array (soft labels) is never cut, even when ``H == T``."""
     mask = arrays.get("attention_mask")
     if mask is None:
         return ()
+
+    def per_token(k, v) -> bool:
+        tags = k == "label" and np.issubdtype(np.asarray(v).dtype, np.integer)
+        waveform = k == "input_values"  # audio: the mask counts its samples
+        return k in TOKEN_KEYS or tags or waveform or np.ndim(v) > np.ndim(mask)
+
     return tuple(
         k
         for k, v in arrays.items()
-        if np.shape(v)[: np.ndim(mask)] == np.shape(mask)
-        and (k in TOKEN_KEYS or np.ndim(v) > np.ndim(mask))
+        if np.shape(v)[: np.ndim(mask)] == np.shape(mask) and per_token(k, v)
     )

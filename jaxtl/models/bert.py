@@ -28,14 +28,17 @@ from jaxtl.models.encoders import (
     check_length,
     check_pooling,
     encoder_spec,
+    head_layout,
     linear_head,
     mean_pool,
+    padding_row,
     read_config,
     run_blocks,
     self_attention,
+    token_head,
 )
 from jaxtl.models.layers import Dropout, dense, layer_norm
-from jaxtl.models.registry import ModelSpec
+from jaxtl.models.registry import TOKEN_TASKS, ModelSpec
 from jaxtl.transfer.structure import Structure
 
 
@@ -119,7 +122,11 @@ class _BertModule(nn.Module):
 
 
 class BertEmbeddings(_BertModule):
-    """Word + token-type + absolute position embeddings, then LayerNorm and dropout."""
+    """Word + token-type + absolute position embeddings, then LayerNorm and dropout. The pad
+    token's word embedding gets no gradient (:func:`~jaxtl.models.encoders.padding_row`), nor
+    does the pad position's when ``padded_positions`` (RoBERTa's)."""
+
+    padded_positions: ClassVar[bool] = False
 
     @nn.compact
     def __call__(
@@ -138,9 +145,11 @@ class BertEmbeddings(_BertModule):
             )
 
         words = embed(c.vocab_size, "word_embeddings")(input_ids)
-        positions = embed(c.max_position_embeddings, "position_embeddings")(
-            self.position_ids(input_ids)
-        )
+        words = padding_row(words, input_ids, c.pad_token_id)
+        ids = self.position_ids(input_ids)
+        positions = embed(c.max_position_embeddings, "position_embeddings")(ids)
+        if self.padded_positions:
+            positions = padding_row(positions, ids, c.pad_token_id)
         types = embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
         x = layer_norm(c.layer_norm_eps, "LayerNorm", self.dtype)(words + types + positions)
         return Dropout(c.hidden_dropout_prob)(x, deterministic=not train)
@@ -261,6 +270,9 @@ class BertForTask(_BertModule):
     ``"regression"`` return logits ``[B, num_labels]`` from a Dense head named ``classifier`` over
     the pooled sequence: the pooler output (``pooling="cls"``) or the attention-mask mean of the
     last hidden states (``pooling="mean"``, as sentence-transformers does).
+    ``"token_classification"`` and ``"question_answering"`` return per-token logits from
+    :func:`~jaxtl.models.encoders.token_head` (``[B, T, num_labels]``; ``[B, T, 2]``: answer
+    start and end), with no pooler, as transformers' classes for them have none.
 
     Another BERT-style encoder (RoBERTa's, :class:`jaxtl.models.roberta.RobertaForTask`) is a
     subclass that names its ``root`` and ``encoder_class``, whether ``pooling="cls"`` reads the
@@ -287,13 +299,25 @@ class BertForTask(_BertModule):
     ) -> jax.Array:
         c = self.config
         check_length(input_ids, c.max_length, c.max_length_source)
-        first_token = self.task != "features" and self.pooling == "cls"
+        per_token = self.task in TOKEN_TASKS
+        first_token = self.task != "features" and not per_token and self.pooling == "cls"
         add_pooler = first_token and self.reads_pooler
         hidden, pooled = self.encoder_class(c, self.dtype, add_pooler, name=self.root)(
             input_ids, attention_mask, token_type_ids, train=train
         )
         if self.task == "features":
             return hidden
+        if per_token:  # ...ForTokenClassification / ...ForQuestionAnswering: no pooler
+            qa = self.task == "question_answering"
+            return token_head(
+                hidden,
+                self.task,
+                self.num_labels,
+                dropout_rate=0.0 if qa else classifier_dropout(c),
+                std=c.initializer_range,
+                train=train,
+                dtype=self.dtype,
+            )
         if first_token:
             return self.first_token_head(hidden, pooled, train=train)
         return self.pooled_head(mean_pool(hidden, attention_mask), train=train)
@@ -337,7 +361,9 @@ def init_leaf(path: str, leaf: jax.ShapeDtypeStruct, seed: int, *, config: BertC
     return init_normal_leaf(path, leaf, seed, config.initializer_range, "BERT")
 
 
-NAMES = HFNames("bert", ("embeddings", "encoder", "pooler"), "encoder", ("classifier",))
+NAMES = HFNames(
+    "bert", ("embeddings", "encoder", "pooler"), "encoder", ("classifier", "qa_outputs")
+)
 
 
 def convert_hf_checkpoint(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -381,16 +407,15 @@ def build(
     pooling = check_pooling(pooling)  # classic BERT: [CLS] through the pooler
     module = BertForTask(config, dtype, task, num_labels, pooling)
 
-    has_head = task != "features"
-    # HF's BertForSequenceClassification classifies from the pooler ([CLS]); a mean-pooled head
-    # has no HF class, so it is exported beside a plain BertModel (jaxtl.load reads it back).
-    architecture = "BertForSequenceClassification" if has_head and pooling == "cls" else "BertModel"
-
+    # HF's BertForSequenceClassification classifies from the pooler ([CLS]).
+    own_head = pooling == "cls"
+    head, architecture = head_layout("Bert", task, ("classifier",), own_head)
+    pooler = own_head and task in ("classification", "regression")
     structure = Structure(
         stem=("bert/embeddings",),
         blocks=NAMES.blocks(config.num_hidden_layers),
-        neck=("bert/pooler",) if has_head and pooling == "cls" else (),
-        head=("classifier",) if has_head else (),
+        neck=("bert/pooler",) if pooler else (),
+        head=head,
         tensor_parallel=TENSOR_PARALLEL,
         lora_targets=LORA_TARGETS,
     )

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtl.models.layers import SEGMENTATION_HEAD
+
 # Hugging Face activation names -> functions. "gelu" is the exact erf form in PyTorch; the tanh
 # approximation ("gelu_new", GPT-2's) differs by up to ~1e-3, far above parity tolerance.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -324,7 +326,7 @@ def hf_export_config(
     """
     config = {k: v for k, v in raw_config.items() if k not in _SOURCE_ONLY}
     config.update(updates, architectures=[architecture])
-    if task in ("classification", "regression"):
+    if task in ("classification", "regression", "token_classification"):
         old = raw_config.get("id2label") or {}
         keep = len(old) == num_labels
         id2label = {
@@ -334,8 +336,11 @@ def hf_export_config(
             num_labels=num_labels,
             id2label=id2label,
             label2id={name: int(i) for i, name in id2label.items()},
-            problem_type="regression" if task == "regression" else "single_label_classification",
         )
+        if task != "token_classification":
+            config["problem_type"] = (
+                "regression" if task == "regression" else "single_label_classification"
+            )
     return config
 
 
@@ -354,6 +359,32 @@ def hf_exporter(
     def export(params: Mapping[str, Any], batch_stats: Mapping[str, Any]):
         config = hf_export_config(raw_config, architecture, num_labels, task, **updates)
         return state_dict(params, batch_stats), config
+
+    return export
+
+
+def segmentation_exporter(family: str) -> Callable[..., Any]:
+    """The ``ModelSpec.export`` of a ``task="segmentation"`` model: a refusal that says what to
+    do instead.
+
+    Neither transformers nor torchvision has a class for :class:`~jaxtl.models.layers.
+    SegmentationHead`, so no file written in their format would load back as this model;
+    writing the backbone alone under the model's name would lose the head without a word. The
+    backbone's params keep the paths of ``task="features"``, so it exports through a features
+    model of the same checkpoint, and the whole model lives on in its run directory.
+    """
+
+    def export(params: Mapping[str, Any], batch_stats: Mapping[str, Any]):
+        del params, batch_stats
+        raise ValueError(
+            f"A {family!r} model for task='segmentation' has no source format to export to: "
+            "neither transformers nor torchvision has a class for jaxtl's segmentation head. "
+            "Export the fine-tuned backbone instead, as the source's base model: "
+            "backbone = jaxtl.load(PATH, task='features') (with the same image_size= and "
+            "in_channels=), then jaxtl.export(backbone, OUT, {k: v for k, v in params.items() "
+            f"if k != '{SEGMENTATION_HEAD}'}}, batch_stats). The whole model, head included, "
+            "stays loadable from its run directory (jaxtl.restore_run)."
+        )
 
     return export
 

@@ -48,8 +48,18 @@ from jaxtl.models.common import (
     hf_exporter,
     init_normal_leaf,
     make_apply,
+    segmentation_exporter,
 )
-from jaxtl.models.layers import Dropout, block, check_nhwc, dense, layer_norm, shard_batch
+from jaxtl.models.layers import (
+    SEGMENTATION_HEAD,
+    Dropout,
+    SegmentationHead,
+    block,
+    check_nhwc,
+    dense,
+    layer_norm,
+    shard_batch,
+)
 from jaxtl.models.registry import ModelSpec
 from jaxtl.transfer.structure import Structure
 
@@ -287,16 +297,22 @@ class ConvNextEncoder(_ConvNextModule):
 
 class ConvNextModel(_ConvNextModule):
     """HF ``ConvNextModel``: ``(last_hidden_state [B, h, w, C], pooler_output [B, C])``, the
-    pooled output being the final ``layernorm`` of the spatial mean."""
+    pooled output being the final ``layernorm`` of the spatial mean.
+
+    With ``pool=False`` the second output is that ``layernorm`` applied to every position of
+    the map instead (``[B, h, w, C]``), what a segmentation head reads: the pretrained final
+    norm, used per pixel, so the backbone keeps every param of ``ConvNextModel`` and each one
+    trains (transformers' ``ConvNextBackbone`` adds fresh ``hidden_states_norms`` instead).
+    """
+
+    pool: bool = True
 
     @nn.compact
     def __call__(self, pixel_values: jax.Array, *, train: bool = False):
         x = ConvNextEmbeddings(self.config, self.dtype, name="embeddings")(pixel_values)
         x = ConvNextEncoder(self.config, self.dtype, name="encoder")(x, train=train)
-        pooled = layer_norm(self.config.layer_norm_eps, "layernorm", self.dtype)(
-            x.mean(axis=(1, 2))
-        )
-        return x, pooled
+        norm = layer_norm(self.config.layer_norm_eps, "layernorm", self.dtype)
+        return x, norm(x.mean(axis=(1, 2)) if self.pool else x)
 
 
 class ConvNextForTask(_ConvNextModule):
@@ -304,7 +320,10 @@ class ConvNextForTask(_ConvNextModule):
 
     ``task="features"`` returns the pooled output ``[B, hidden_sizes[-1]]``; ``"classification"``
     and ``"regression"`` return logits ``[B, num_labels]`` from a Dense head named
-    ``classifier`` over it, as ``ConvNextForImageClassification`` does.
+    ``classifier`` over it, as ``ConvNextForImageClassification`` does. ``"segmentation"``
+    returns per-pixel logits ``[B, H, W, num_labels]`` at the input's size from
+    ``segmentation_head`` (:class:`~jaxtl.models.layers.SegmentationHead`) over the last
+    stage's map, normalized per pixel by the final ``layernorm``.
     """
 
     task: str = "classification"
@@ -321,7 +340,16 @@ class ConvNextForTask(_ConvNextModule):
                 f"at least {low[0]}x{low[1]}. Preprocess images with "
                 f"model.extras['preprocessing'], which gives {c.image_size[0]}x{c.image_size[1]}."
             )
-        _, pooled = ConvNextModel(c, self.dtype, name=BASE)(pixel_values, train=train)
+        dense_task = self.task == "segmentation"
+        _, out = ConvNextModel(c, self.dtype, pool=not dense_task, name=BASE)(
+            pixel_values, train=train
+        )
+        if dense_task:
+            head = SegmentationHead(
+                self.num_labels, c.initializer_range, self.dtype, name=SEGMENTATION_HEAD
+            )
+            return head(out, pixel_values.shape[1:3])
+        pooled = out
         if self.task == "features":
             return pooled
         return dense(self.num_labels, "classifier", self.dtype, std=c.initializer_range)(pooled)
@@ -456,6 +484,9 @@ def build(
     ``num_labels`` are already validated there. ``image_size`` only changes the preprocessing
     (and the exported config's ``image_size``): the network reads any size.
     ``in_channels`` adapts the patch embedding to that many input channels.
+    ``task="segmentation"`` puts ``segmentation_head`` on the backbone of ``task="features"``,
+    every backbone path unchanged; such a model does not export
+    (:func:`jaxtl.models.common.segmentation_exporter`).
     """
     config_path = os.path.join(directory, "config.json") if directory else "config.json"
     source = ConvNextConfig.from_hf(raw_config, config_path)
@@ -480,11 +511,12 @@ def build(
         stage = f"{BASE}/encoder/stages/{s}"
         blocks += [f"{stage}/downsampling_layer"] if s > 0 else []
         blocks += [f"{stage}/layers/{j}" for j in range(depth)]
+    head = {"features": (), "segmentation": (SEGMENTATION_HEAD,)}.get(task, ("classifier",))
     structure = Structure(
         stem=(f"{BASE}/embeddings",),
         blocks=tuple(blocks),
         neck=(f"{BASE}/layernorm",),
-        head=("classifier",) if task != "features" else (),
+        head=head,
         tensor_parallel=TENSOR_PARALLEL,
         lora_targets=LORA_TARGETS,
     )
@@ -496,6 +528,17 @@ def build(
         "stem_kernel": STEM_KERNEL,
     }
     state_dict = functools.partial(export_hf_checkpoint, task=task, modules=tuple(order))
+    if task == "segmentation":
+        export = segmentation_exporter("convnext")
+    else:
+        export = hf_exporter(
+            state_dict,
+            raw_config,
+            "ConvNextModel" if task == "features" else "ConvNextForImageClassification",
+            num_labels,
+            task,
+            **export_hf_config(config),
+        )
     return ModelSpec(
         config=config,
         module=module,
@@ -506,12 +549,5 @@ def build(
         forward=forward,
         structure=structure,
         extras=extras,
-        export=hf_exporter(
-            state_dict,
-            raw_config,
-            "ConvNextModel" if task == "features" else "ConvNextForImageClassification",
-            num_labels,
-            task,
-            **export_hf_config(config),
-        ),
+        export=export,
     )

@@ -39,18 +39,24 @@ from jaxtl.models.encoders import (
     check_length,
     check_pooling,
     encoder_spec,
+    head_layout,
     linear_head,
     mean_pool,
+    padding_row,
     read_config,
     run_blocks,
     self_attention,
+    token_head,
 )
 from jaxtl.models.layers import Dropout, dense, layer_norm
-from jaxtl.models.registry import ModelSpec
+from jaxtl.models.registry import TOKEN_TASKS, ModelSpec
 from jaxtl.transfer.structure import Structure
 
 NAMES = HFNames(
-    "distilbert", ("embeddings", "transformer"), "transformer", ("pre_classifier", "classifier")
+    "distilbert",
+    ("embeddings", "transformer"),
+    "transformer",
+    ("pre_classifier", "classifier", "qa_outputs"),
 )
 
 # Megatron's split of each block (see jaxtl.sharding), as BERT's: q/k/v and the FFN's first
@@ -85,6 +91,7 @@ class DistilBertConfig:
     activation: str = "gelu"
     initializer_range: float = 0.02
     seq_classif_dropout: float = 0.2
+    qa_dropout: float = 0.1
     pad_token_id: int = 0
     # jaxtl's, not config.json's: rematerialize each block under this policy (layers.block).
     remat: str | None = None
@@ -129,6 +136,7 @@ class DistilBertEmbeddings(_DistilBertModule):
             param_dtype=self.dtype,
         )
         words = embed(c.vocab_size, name="word_embeddings")(input_ids)
+        words = padding_row(words, input_ids, c.pad_token_id)
         positions = embed(c.max_position_embeddings, name="position_embeddings")(
             jnp.arange(input_ids.shape[-1])[None, :]
         )
@@ -207,6 +215,8 @@ class DistilBertForTask(_DistilBertModule):
     ``"regression"`` return ``[B, num_labels]``: ``pre_classifier``, ReLU, dropout and
     ``classifier`` on the first token (``pooling="cls"``), or dropout and ``classifier`` on the
     attention-mask mean of the last hidden states (``pooling="mean"``).
+    ``"token_classification"`` / ``"question_answering"``: per-token logits after ``dropout`` /
+    ``qa_dropout`` (:func:`~jaxtl.models.encoders.token_head`).
     """
 
     task: str = "classification"
@@ -224,6 +234,17 @@ class DistilBertForTask(_DistilBertModule):
         )
         if self.task == "features":
             return hidden
+        if self.task in TOKEN_TASKS:
+            qa = self.task == "question_answering"
+            return token_head(
+                hidden,
+                self.task,
+                self.num_labels,
+                dropout_rate=c.qa_dropout if qa else c.dropout,
+                std=c.initializer_range,
+                train=train,
+                dtype=self.dtype,
+            )
         if self.pooling == "cls":
             pooled = nn.relu(self.dense(c.dim, "pre_classifier")(hidden[:, 0]))
         else:
@@ -285,12 +306,13 @@ def build(
     pooling = check_pooling(pooling)
     module = DistilBertForTask(config, dtype, task, num_labels, pooling)
 
-    has_head = task != "features"
-    own_head = has_head and pooling == "cls"
+    head, architecture = head_layout(
+        "DistilBert", task, ("pre_classifier", "classifier"), pooling == "cls"
+    )
     structure = Structure(
         stem=("distilbert/embeddings",),
         blocks=NAMES.blocks(config.n_layers),
-        head=("pre_classifier", "classifier") if own_head else ("classifier",) if has_head else (),
+        head=head,
         tensor_parallel=TENSOR_PARALLEL,
         lora_targets=LORA_TARGETS,
     )
@@ -299,7 +321,7 @@ def build(
         raw_config,
         names=NAMES,
         structure=structure,
-        architecture="DistilBertForSequenceClassification" if own_head else "DistilBertModel",
+        architecture=architecture,
         # No token types: DistilBertModel takes none (a text batch's token_type_ids stay out).
         input_keys=("input_ids", "attention_mask"),
         init=init_leaf,

@@ -9,7 +9,10 @@ that is the same arithmetic or the same wiring under other names:
 * :func:`read_config`: config.json's entries into the family's config dataclass, checked;
 * :func:`self_attention` and :func:`run_blocks`: the q/k/v attention core and the block stack
   (remat, activations pinned to the batch split) in the calling module's scope;
+* :func:`padding_row`: the padding index's embedding row, which gets no gradient;
 * :func:`mean_pool` and :func:`linear_head`: the mean-pooled head every family offers;
+* :func:`token_head` and :func:`head_layout`: the per-token heads (tags, answer spans) and
+  which modules and ``...For<Task>`` class each task's head is;
 * :func:`check_pooling`, :func:`check_length` and :func:`encoder_spec`: the ``pooling`` option,
   the sequence-length limit, and the :class:`~jaxtl.models.registry.ModelSpec` a ``build``
   returns.
@@ -42,7 +45,7 @@ from jaxtl.models.layers import (
     shard_batch,
     split_heads,
 )
-from jaxtl.models.registry import ModelSpec
+from jaxtl.models.registry import TOKEN_TASKS, ModelSpec
 from jaxtl.transfer.structure import Structure
 
 POOLINGS = ("cls", "mean")
@@ -206,6 +209,15 @@ def run_blocks(
     return x
 
 
+def padding_row(embedded: jax.Array, ids: jax.Array, padding_idx: int) -> jax.Array:
+    """``embedded`` (the embedding rows of ``ids``) with no gradient into row ``padding_idx``:
+    torch's ``nn.Embedding(padding_idx=...)``, which transformers' word embeddings (and
+    RoBERTa's positions) use, so a loss that reads padded positions (question answering's
+    softmax over the sequence) leaves the padding row as it was, as in transformers."""
+    at_pad = (ids == padding_idx)[..., None]
+    return jnp.where(at_pad, jax.lax.stop_gradient(embedded), embedded)
+
+
 def mean_pool(hidden: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
     """Averages ``hidden [B, T, H]`` over the positions where ``attention_mask`` is 1."""
     if attention_mask is None:
@@ -223,6 +235,57 @@ def linear_head(
     scope, so the params are ``classifier/kernel`` and ``classifier/bias`` beside its body."""
     pooled = Dropout(dropout_rate)(pooled, deterministic=not train)
     return dense(num_labels, "classifier", dtype, std=std)(pooled)
+
+
+# The Dense each per-token task's head is, named as transformers' ...For<Task> classes name it.
+TOKEN_HEAD_NAMES = {"token_classification": "classifier", "question_answering": "qa_outputs"}
+# transformers' class suffix for each task's head.
+ARCHITECTURES = {
+    "token_classification": "ForTokenClassification",
+    "question_answering": "ForQuestionAnswering",
+}
+
+
+def token_head(
+    hidden: jax.Array,
+    task: str,
+    num_labels: int,
+    *,
+    dropout_rate: float,
+    std: float,
+    train: bool,
+    dtype: Any,
+) -> jax.Array:
+    """Per-token logits over ``hidden [B, T, H]``: dropout, then a Dense to ``num_labels``,
+    named as transformers names it (:data:`TOKEN_HEAD_NAMES`). ``task="token_classification"``
+    gives tag logits ``[B, T, num_labels]`` (``...ForTokenClassification``'s ``classifier``);
+    ``"question_answering"`` gives ``[B, T, 2]``, the answer's start and end logits
+    (``...ForQuestionAnswering``'s ``qa_outputs``; BERT and RoBERTa put no dropout before it)."""
+    hidden = Dropout(dropout_rate)(hidden, deterministic=not train)
+    return dense(num_labels, TOKEN_HEAD_NAMES[task], dtype, std=std)(hidden)
+
+
+def head_layout(
+    prefix: str, task: str, pooled_head: tuple[str, ...], own_head: bool
+) -> tuple[tuple[str, ...], str]:
+    """``(head modules, exported architecture)`` of a BERT-style family whose transformers
+    classes are ``{prefix}Model``, ``{prefix}ForSequenceClassification`` ...: the per-token
+    tasks' Dense (:data:`TOKEN_HEAD_NAMES`) and class; ``pooled_head`` and the sequence
+    classifier's class for classification / regression with the family's own head
+    (``own_head``); a mean-pooled head has no transformers class and is exported beside a plain
+    ``{prefix}Model`` (``jaxtl.load`` reads it back); no head for features.
+
+    Example:
+      >>> head_layout("Bert", "question_answering", ("classifier",), True)
+      (('qa_outputs',), 'BertForQuestionAnswering')
+    """
+    if task in TOKEN_TASKS:
+        return (TOKEN_HEAD_NAMES[task],), prefix + ARCHITECTURES[task]
+    if task == "features":
+        return (), f"{prefix}Model"
+    if own_head:
+        return pooled_head, f"{prefix}ForSequenceClassification"
+    return ("classifier",), f"{prefix}Model"
 
 
 def check_pooling(pooling: str | None) -> str:

@@ -15,7 +15,9 @@ numerics fix reaches every family:
   (:func:`bn_trains`), for ResNet, Inception and EfficientNet;
 * :func:`check_nhwc`: the pixel-layout contract of every image family, checked while tracing;
 * :func:`block`: a block class, rematerialized (``jax.checkpoint``) under a named policy;
-* :func:`shard_batch`: the activations between blocks pinned to a batch split over the mesh.
+* :func:`shard_batch`: the activations between blocks pinned to a batch split over the mesh;
+* :class:`SegmentationHead`: the per-pixel head of ``task="segmentation"`` (ResNet, ConvNeXt,
+  ViT) over a backbone's last feature map.
 
 The builders create their Flax modules in the caller's scope (they must be called inside a
 ``@nn.compact`` method), so a module built here has the path and PRNG stream it had when each
@@ -401,3 +403,41 @@ def check_nhwc(pixel_values: jax.Array, channels: int, size: tuple[int, int] | N
         f"pixel_values must be NHWC [batch, {dims}, {channels}], got shape {shape}.{hint} "
         f"Preprocess images with model.extras['preprocessing'], or {other}."
     )
+
+
+# Where every family keeps its segmentation head's params (its Structure.head).
+SEGMENTATION_HEAD = "segmentation_head"
+
+
+class SegmentationHead(nn.Module):
+    """A light semantic-segmentation head: a per-pixel linear classifier (a 1x1 conv, Dense
+    over channels, named ``classifier``) on a backbone's last feature map, its logits resized
+    bilinearly to the input size.
+
+    The FCN-32s decoder (Long et al. 2015) without its skip connections: a fine-tuned backbone
+    carries the context, the head only reads it out, so the head is ``C * num_labels`` weights
+    and its input (the feature map) is what the feature cache stores for a linear probe.
+    Upsampling the logits rather than the features keeps the full-resolution tensor
+    ``num_labels`` wide. Masks are as fine as the map's stride allows (32 for a 4-stage ResNet
+    or ConvNeXt, the patch size for ViT): a backbone with fewer stages, or a larger input,
+    gives finer ones.
+
+    Attributes:
+      num_labels: classes per pixel.
+      std: the classifier kernel's normal init (the family's ``init_leaf`` decides on load).
+      dtype: param and compute dtype.
+    """
+
+    num_labels: int
+    std: float = 0.02
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: jax.Array, size: tuple[int, int]) -> jax.Array:
+        """``features [B, h, w, C]`` -> logits ``[B, *size, num_labels]``."""
+        logits = dense(self.num_labels, "classifier", self.dtype, std=self.std)(
+            shard_batch(features)
+        )
+        shape = (logits.shape[0], *size, self.num_labels)
+        # Half-pixel centres (align_corners=False), as torch's interpolate(mode="bilinear").
+        return shard_batch(jax.image.resize(logits, shape, "bilinear"))

@@ -27,7 +27,11 @@ from jaxtl.transfer.structure import Structure
 
 TASKS = ("classification", "regression", "features")
 # Every task some family offers; load() checks the family's own list once the family is known.
-KNOWN_TASKS = (*TASKS, "causal_lm")
+# Token-level and dense heads: per-token tags and answer spans (BERT-style encoders), per-pixel
+# classes (vision backbones with feature maps).
+TOKEN_TASKS = ("token_classification", "question_answering")
+DENSE_TASKS = ("segmentation",)
+KNOWN_TASKS = (*TASKS, "causal_lm", *TOKEN_TASKS, *DENSE_TASKS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +261,7 @@ _FAMILIES: tuple[Family, ...] = (
     Family(
         name="bert",
         builder="jaxtl.models.bert:build",
+        tasks=(*TASKS, *TOKEN_TASKS),
         depth=("num_hidden_layers",),
         model_types=("bert",),
         architecture_prefixes=("Bert",),
@@ -276,6 +281,7 @@ _FAMILIES: tuple[Family, ...] = (
     Family(
         name="roberta",
         builder="jaxtl.models.roberta:build",
+        tasks=(*TASKS, *TOKEN_TASKS),
         depth=("num_hidden_layers",),
         model_types=("roberta",),
         architecture_prefixes=("Roberta",),
@@ -285,6 +291,7 @@ _FAMILIES: tuple[Family, ...] = (
     Family(
         name="distilbert",
         builder="jaxtl.models.distilbert:build",
+        tasks=(*TASKS, *TOKEN_TASKS),
         depth=("n_layers",),
         model_types=("distilbert",),
         architecture_prefixes=("DistilBert",),
@@ -295,6 +302,7 @@ _FAMILIES: tuple[Family, ...] = (
     Family(
         name="vit",
         builder="jaxtl.models.vit:build",
+        tasks=(*TASKS, *DENSE_TASKS),
         depth=("num_hidden_layers",),
         model_types=("vit",),
         architecture_prefixes=("ViT",),
@@ -305,6 +313,7 @@ _FAMILIES: tuple[Family, ...] = (
     Family(
         name="resnet",
         builder="jaxtl.models.resnet:build",
+        tasks=(*TASKS, *DENSE_TASKS),
         depth=("depths", "layers"),
         model_types=("resnet",),
         architecture_prefixes=("ResNet",),
@@ -317,6 +326,7 @@ _FAMILIES: tuple[Family, ...] = (
     Family(
         name="convnext",
         builder="jaxtl.models.convnext:build",
+        tasks=(*TASKS, *DENSE_TASKS),
         depth=("depths",),
         model_types=("convnext",),
         architecture_prefixes=("ConvNext",),
@@ -401,19 +411,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in _FAMILIES}
 
 
 def data_modality(model: Any) -> str:
-    """``"image"`` or ``"text"``: which of jaxtl's data sources feed ``model`` (a
-    :class:`~jaxtl.models.base.LoadedModel`; image models carry ``extras["preprocessing"]``).
-
-    Raises:
-      ValueError: an audio model (wav2vec2): the data layer reads no audio yet.
-    """
+    """``"image"``, ``"audio"`` or ``"text"``: which of jaxtl's data sources feed ``model`` (a
+    :class:`~jaxtl.models.base.LoadedModel`; image models carry ``extras["preprocessing"]``,
+    audio models ``extras["audio_preprocessing"]``)."""
     family = FAMILIES.get(model.family)
-    if family is not None and family.modality == "audio":
-        raise ValueError(
-            f"{model.family} is an audio model, and jaxtl's data sources (--data) read text "
-            "and images only so far: fine-tune it from Python, jaxtl.load(...) then "
-            "Trainer(...).fit on arrays of input_values (see tests/test_wav2vec2.py)."
-        )
+    if (family is not None and family.modality == "audio") or "audio_preprocessing" in model.extras:
+        return "audio"
     return "image" if "preprocessing" in model.extras else "text"
 
 

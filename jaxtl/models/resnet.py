@@ -54,9 +54,10 @@ from jaxtl.models.common import (
     host_dtype,
     leaf_rng,
     make_apply,
+    segmentation_exporter,
     state_dict_exporter,
 )
-from jaxtl.models.layers import batch_norm, check_nhwc
+from jaxtl.models.layers import SEGMENTATION_HEAD, SegmentationHead, batch_norm, check_nhwc
 from jaxtl.models.preprocessing import for_checkpoint, torchvision_imagenet
 from jaxtl.models.registry import ModelSpec
 from jaxtl.transfer.structure import Structure
@@ -305,7 +306,9 @@ class TorchvisionResNet(_ResNetModule):
     """torchvision's ``ResNet`` with a task head.
 
     Returns logits ``[B, num_labels]`` from ``fc`` over the globally average-pooled features, or
-    for ``task="features"`` those features ``[B, C]``.
+    for ``task="features"`` those features ``[B, C]``; for ``task="segmentation"``, per-pixel
+    logits ``[B, H, W, num_labels]`` at the input's size from ``segmentation_head`` over
+    ``layer4``'s map (:class:`~jaxtl.models.layers.SegmentationHead`).
     """
 
     task: str = "classification"
@@ -327,6 +330,9 @@ class TorchvisionResNet(_ResNetModule):
                 functools.partial(TorchvisionBlock, c, self.dtype, s, i) for i in range(depth)
             )
             x = Sequential(blocks, name=f"layer{s + 1}")(x, train=train, bn_train=bn_train)
+        if self.task == "segmentation":
+            head = SegmentationHead(self.num_labels, dtype=self.dtype, name=SEGMENTATION_HEAD)
+            return head(x, pixel_values.shape[1:3])
         x = x.mean(axis=(1, 2))
         if self.task == "features":
             return x
@@ -398,7 +404,10 @@ class HFEncoder(_ResNetModule):
 
 
 class HFModel(_ResNetModule):
-    """transformers' ``ResNetModel``: ``embedder`` and ``encoder``; returns pooled ``[B, C]``."""
+    """transformers' ``ResNetModel``: ``embedder`` and ``encoder``; returns pooled ``[B, C]``,
+    or with ``pool=False`` the last stage's map ``[B, h, w, C]`` (``last_hidden_state``)."""
+
+    pool: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, bn_train: tuple[str, ...]) -> jax.Array:
@@ -406,7 +415,7 @@ class HFModel(_ResNetModule):
             x, train=train, bn_train=bn_train
         )
         x = HFEncoder(self.config, self.dtype, name="encoder")(x, train=train, bn_train=bn_train)
-        return x.mean(axis=(1, 2))
+        return x.mean(axis=(1, 2)) if self.pool else x
 
 
 class _HFClassifier(nn.Module):
@@ -423,7 +432,9 @@ class _HFClassifier(nn.Module):
 
 class HFResNet(_ResNetModule):
     """transformers' ``ResNetForImageClassification`` (``task="features"``: ``ResNetModel``'s
-    pooled output ``[B, C]``)."""
+    pooled output ``[B, C]``; ``task="segmentation"``: per-pixel logits ``[B, H, W,
+    num_labels]`` at the input's size from ``segmentation_head`` over the last stage's map,
+    :class:`~jaxtl.models.layers.SegmentationHead`)."""
 
     task: str = "classification"
     num_labels: int = 1000
@@ -434,9 +445,13 @@ class HFResNet(_ResNetModule):
     ) -> jax.Array:
         c = self.config
         check_nhwc(pixel_values, c.num_channels)
-        x = HFModel(c, self.dtype, name="resnet")(
+        dense = self.task == "segmentation"
+        x = HFModel(c, self.dtype, pool=not dense, name="resnet")(
             pixel_values.astype(self.dtype), train=train, bn_train=bn_train
         )
+        if dense:
+            head = SegmentationHead(self.num_labels, dtype=self.dtype, name=SEGMENTATION_HEAD)
+            return head(x, pixel_values.shape[1:3])
         if self.task == "features":
             return x
         return _HFClassifier(self.num_labels, c.widths[-1], self.dtype, name="classifier")(x)
@@ -587,6 +602,9 @@ def build(
     Hugging Face config.json (``model_type: resnet``) or the dict :func:`detect` made from a
     torchvision state dict. ``image_size`` only changes the preprocessing (the network is
     size-agnostic); ``in_channels`` changes the stem, whose checkpoint kernel is adapted on load.
+    ``task="segmentation"`` puts ``segmentation_head`` (its classifier initialized as torch's
+    Linear) on the backbone of ``task="features"``, every backbone path unchanged; such a model
+    does not export (:func:`jaxtl.models.common.segmentation_exporter`).
     """
     in_channels = check_in_channels(in_channels)
     torchvision = raw_config.get("format") == "torchvision"
@@ -604,6 +622,7 @@ def build(
     apply, forward = make_apply(module, ("pixel_values",), has_batch_stats=True)
 
     has_head = task != "features"
+    segmentation = task == "segmentation"
     if torchvision:
         stem, head = ("conv1", "bn1"), ("fc",)
         blocks = tuple(f"layer{s + 1}/{i}" for s, d in enumerate(config.depths) for i in range(d))
@@ -619,10 +638,14 @@ def build(
         stem_kernel, dense = "resnet/embedder/embedder/convolution/kernel", "classifier/1"
         preprocessing = for_checkpoint(directory, torchvision_imagenet())
     preprocessing = preprocessing.with_inputs(image_size, in_channels)
+    if segmentation:
+        head, dense = (SEGMENTATION_HEAD,), f"{SEGMENTATION_HEAD}/classifier"
     structure = Structure(stem=stem, blocks=blocks, head=head if has_head else ())
 
     state_dict = functools.partial(tl.export_state_dict, modules=tuple(order))
-    if torchvision:
+    if segmentation:
+        export = segmentation_exporter("resnet")
+    elif torchvision:
         export = state_dict_exporter(state_dict)
     else:
         export = hf_exporter(

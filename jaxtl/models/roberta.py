@@ -47,12 +47,14 @@ from jaxtl.models.bert import (
     lora_targets,
     tensor_parallel,
 )
-from jaxtl.models.encoders import HFNames, check_pooling, encoder_spec
+from jaxtl.models.encoders import HFNames, check_pooling, encoder_spec, head_layout
 from jaxtl.models.layers import Dropout, dense
 from jaxtl.models.registry import ModelSpec
 from jaxtl.transfer.structure import Structure
 
-NAMES = HFNames("roberta", ("embeddings", "encoder", "pooler"), "encoder", ("classifier",))
+NAMES = HFNames(
+    "roberta", ("embeddings", "encoder", "pooler"), "encoder", ("classifier", "qa_outputs")
+)
 TENSOR_PARALLEL = tensor_parallel("roberta")
 LORA_TARGETS = lora_targets("roberta")
 
@@ -97,7 +99,10 @@ def position_ids(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
 
 
 class RobertaEmbeddings(BertEmbeddings):
-    """BERT's embeddings (same params) with RoBERTa's positions, counted from the token ids."""
+    """BERT's embeddings (same params) with RoBERTa's positions, counted from the token ids;
+    the pad position's row, like the pad token's, gets no gradient."""
+
+    padded_positions = True
 
     def position_ids(self, input_ids: jax.Array) -> jax.Array:
         return position_ids(input_ids, self.config.pad_token_id)
@@ -164,16 +169,14 @@ def build(
     pooling = check_pooling(pooling)
     module = RobertaForTask(config, dtype, task, num_labels, pooling)
 
-    has_head = task != "features"
-    own_head = has_head and pooling == "cls"
+    head, architecture = head_layout("Roberta", task, ("classifier",), pooling == "cls")
     structure = Structure(
         stem=("roberta/embeddings",),
         blocks=NAMES.blocks(config.num_hidden_layers),
-        head=("classifier",) if has_head else (),
+        head=head,
         tensor_parallel=TENSOR_PARALLEL,
         lora_targets=LORA_TARGETS,
     )
-    architecture = "RobertaForSequenceClassification" if own_head else "RobertaModel"
     return encoder_spec(
         module,
         raw_config,

@@ -34,10 +34,13 @@ from jaxtl.models.common import (
     hf_exporter,
     leaf_rng,
     make_apply,
+    segmentation_exporter,
     trunc_normal,
 )
 from jaxtl.models.layers import (
+    SEGMENTATION_HEAD,
     Dropout,
+    SegmentationHead,
     block,
     check_nhwc,
     dense,
@@ -289,6 +292,9 @@ class ViTForTask(_ViTModule):
     ``task="features"`` returns the CLS token's final-LayerNorm hidden state ``[B, H]``;
     ``"classification"`` and ``"regression"`` return logits ``[B, num_labels]`` from a Dense head
     named ``classifier`` over that state, as ``ViTForImageClassification`` does.
+    ``"segmentation"`` returns per-pixel logits ``[B, H, W, num_labels]`` at the input's size
+    from ``segmentation_head`` (:class:`~jaxtl.models.layers.SegmentationHead`) over the patch
+    tokens (final LayerNorm applied, CLS left out) laid back on the patch grid.
     """
 
     task: str = "classification"
@@ -298,7 +304,14 @@ class ViTForTask(_ViTModule):
     def __call__(self, pixel_values: jax.Array, *, train: bool = False) -> jax.Array:
         c = self.config
         check_nhwc(pixel_values, c.num_channels, c.image_size)  # one size: position embeddings
-        cls = ViTModel(c, self.dtype, name="vit")(pixel_values, train=train)[:, 0]
+        hidden = ViTModel(c, self.dtype, name="vit")(pixel_values, train=train)
+        if self.task == "segmentation":
+            grid = hidden[:, 1:].reshape(hidden.shape[0], *c.grid, hidden.shape[-1])  # row-major
+            head = SegmentationHead(
+                self.num_labels, c.initializer_range, self.dtype, name=SEGMENTATION_HEAD
+            )
+            return head(grid, c.image_size)
+        cls = hidden[:, 0]
         if self.task == "features":
             return cls
         return _dense(c, self.num_labels, "classifier", self.dtype)(cls)
@@ -545,7 +558,9 @@ def build(
     ``num_labels`` are already validated there. ``image_size`` builds the model for another
     input size (position embeddings interpolated at load, as HF's
     ``interpolate_pos_encoding=True`` does per call); ``in_channels`` adapts the patch
-    projection to that many input channels.
+    projection to that many input channels. ``task="segmentation"`` puts ``segmentation_head``
+    on the backbone of ``task="features"``, every backbone path unchanged; such a model does not
+    export (:func:`jaxtl.models.common.segmentation_exporter`).
     """
     config_path = os.path.join(directory, "config.json") if directory else "config.json"
     source = ViTConfig.from_hf(raw_config, config_path)
@@ -566,7 +581,7 @@ def build(
         stem=("vit/embeddings",),
         blocks=tuple(f"vit/encoder/layer_{i}" for i in range(config.num_hidden_layers)),
         neck=("vit/layernorm",),
-        head=("classifier",) if task != "features" else (),
+        head={"features": (), "segmentation": (SEGMENTATION_HEAD,)}.get(task, ("classifier",)),
         tensor_parallel=TENSOR_PARALLEL,
         lora_targets=LORA_TARGETS,
     )
@@ -578,6 +593,17 @@ def build(
         "stem_kernel": STEM_KERNEL,
         "in_memory_name": in_memory_name,  # for the PEFT layout (jaxtl.lora)
     }
+    if task == "segmentation":
+        export = segmentation_exporter("vit")
+    else:
+        export = hf_exporter(
+            functools.partial(export_hf_checkpoint, task=task),
+            raw_config,
+            "ViTModel" if task == "features" else "ViTForImageClassification",
+            num_labels,
+            task,
+            **export_hf_config(config),
+        )
     return ModelSpec(
         config=config,
         module=module,
@@ -588,12 +614,5 @@ def build(
         forward=forward,
         structure=structure,
         extras=extras,
-        export=hf_exporter(
-            functools.partial(export_hf_checkpoint, task=task),
-            raw_config,
-            "ViTModel" if task == "features" else "ViTForImageClassification",
-            num_labels,
-            task,
-            **export_hf_config(config),
-        ),
+        export=export,
     )

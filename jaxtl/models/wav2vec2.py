@@ -19,16 +19,19 @@ q_proj``). Numerics follow ``transformers.Wav2Vec2Model`` in eval mode:
   after the last.
 
 Inputs are ``input_values`` ``[B, samples]`` (float, normalized as the checkpoint's feature
-extractor does) and an optional ``attention_mask`` ``[B, samples]``; the frame-level mask is
-computed from each example's sample count as transformers does. SpecAugment (time and feature
-masking, ``masked_spec_embed``) and LayerDrop are training-time regularizers that jaxtl does not
-apply: training here runs without them. Parity is tested in ``tests/test_wav2vec2.py``.
+extractor does: ``extras["audio_preprocessing"]``, from its ``preprocessor_config.json``, which
+:func:`jaxtl.data.audio.encode` follows) and an optional ``attention_mask`` ``[B, samples]``;
+the frame-level mask is computed from each example's sample count as transformers does.
+SpecAugment (time and feature masking, ``masked_spec_embed``) and LayerDrop are training-time
+regularizers that jaxtl does not apply: training here runs without them. Parity is tested in
+``tests/test_wav2vec2.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -579,6 +582,70 @@ def export_hf_checkpoint(
     return state
 
 
+FEATURE_EXTRACTOR = "Wav2Vec2FeatureExtractor"
+
+
+def audio_preprocessing(directory: str | None, config: Wav2Vec2Config) -> dict[str, Any]:
+    """What the checkpoint's feature extractor does to a waveform (read by
+    :func:`jaxtl.data.audio.encode`): ``sampling_rate``, ``do_normalize``,
+    ``return_attention_mask``, ``padding_value``, and ``source`` (the file they came from, or
+    ``"defaults"``).
+
+    The values are ``preprocessor_config.json``'s where the checkpoint has one (transformers'
+    ``Wav2Vec2FeatureExtractor`` fields). Without one, they are what the published checkpoints
+    set: 16 kHz, normalized, padding 0.0, and an attention mask only for
+    ``feat_extract_norm="layer"`` models (wav2vec2-large-lv60, XLS-R): the ``"group"`` ones
+    (wav2vec2-base) were pretrained without one, and transformers' feature extractor documents
+    that they should be fed zero-padded input and no mask. (``Wav2Vec2FeatureExtractor()``'s own
+    default is ``return_attention_mask=False`` for both.)
+
+    Raises:
+      ValueError: a preprocessor config of another feature extractor (e.g. filter-bank
+        features), ``feature_size`` other than 1, or values of the wrong type.
+    """
+    facts: dict[str, Any] = {
+        "sampling_rate": 16000,
+        "do_normalize": True,
+        "return_attention_mask": config.feat_extract_norm == "layer",
+        "padding_value": 0.0,
+        "source": "defaults",
+    }
+    path = os.path.join(directory, "preprocessor_config.json") if directory else ""
+    if not (path and os.path.isfile(path)):
+        return facts
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    kind = raw.get("feature_extractor_type", FEATURE_EXTRACTOR)
+    if kind != FEATURE_EXTRACTOR:
+        raise ValueError(
+            f"{path}: feature_extractor_type={kind!r}, but jaxtl's wav2vec2 reads raw waveforms "
+            f"as {FEATURE_EXTRACTOR} prepares them; this checkpoint expects other inputs."
+        )
+    if raw.get("feature_size", 1) != 1:
+        raise ValueError(
+            f"{path}: feature_size={raw['feature_size']!r}; wav2vec2 reads one value per sample "
+            "(feature_size 1, mono waveforms)."
+        )
+    for key, kinds in (
+        ("sampling_rate", (int,)),
+        ("do_normalize", (bool,)),
+        ("return_attention_mask", (bool,)),
+        ("padding_value", (int, float)),
+    ):
+        value = raw.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) != (kinds == (bool,)) or not isinstance(value, kinds):
+            raise ValueError(
+                f"{path}: {key}={value!r} must be {' or '.join(k.__name__ for k in kinds)}."
+            )
+        facts[key] = float(value) if key == "padding_value" else value
+    if facts["sampling_rate"] < 1:
+        raise ValueError(f"{path}: sampling_rate={facts['sampling_rate']} must be positive.")
+    facts["source"] = path
+    return facts
+
+
 def build(
     directory: str,
     raw_config: Mapping[str, Any],
@@ -620,11 +687,13 @@ def build(
         tensor_parallel=TENSOR_PARALLEL,
         lora_targets=LORA_TARGETS,
     )
-    # No "preprocessing" key: jaxtl's image paths read that one. Audio is fed as input_values.
+    # No "preprocessing" key: jaxtl's image paths read that one. Audio is fed as input_values,
+    # made by jaxtl.data.audio.encode from "audio_preprocessing".
     extras = {
         "hidden_size": config.hidden_size,
         "receptive_field": config.receptive_field,
         "frames": config.frames,
+        "audio_preprocessing": audio_preprocessing(directory, config),
     }
     return ModelSpec(
         config=config,

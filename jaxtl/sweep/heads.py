@@ -276,7 +276,8 @@ class _Heads:
             total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
         host = jax.device_get(total)
         k = len(next(iter(host.values())))
-        return [summarize({n: v[i] for n, v in host.items()}) for i in range(k)]
+        task = self.tail.task
+        return [summarize({n: v[i] for n, v in host.items()}, task) for i in range(k)]
 
 
 class _HeadRun:

@@ -4,11 +4,20 @@ One copy of each, shared by the train step, the eval step and the tests: cross-e
 classification (class ids, or per-class probabilities from mixup / cutmix / label smoothing),
 squared error for regression, and next-token cross-entropy for a causal LM (position ``t``
 predicts token ``t + 1``; padded targets are weighted out, as transformers does with
-``labels == -100``).
+``labels == -100``). The dense tasks score one class per token (``token_classification``:
+``label [B, T]``) or per pixel (``segmentation``: ``label [B, H, W]``), positions labelled
+:data:`IGNORE` (-100, transformers' ``ignore_index``: padding, a word's later sub-tokens)
+weighted out; the loss is the mean over the labelled positions, as transformers computes it.
+``question_answering`` scores an answer span (``label [B, 2]``: its first and last token):
+the mean of the start and end positions' cross-entropies over the sequence, as
+``...ForQuestionAnswering`` computes it (its softmax spans padded positions too, as there, so
+the loss of a row depends a little on how far it is padded).
 
 Batches are dicts: the model's inputs plus ``label`` (not for a causal LM: its targets are its
 inputs) and, for evaluation, ``weight`` (1 for a real example, 0 for padding, so a padded last
-batch counts every example exactly once).
+batch counts every example exactly once). A question-answering batch may carry ``offsets``
+``[B, T, 2]``: each token's character span in the context (``-1`` outside it), which bounds the
+predicted span to the context and gives its characters (:func:`prediction_rows`).
 
 Example:
   >>> import math, jax.numpy as jnp
@@ -28,7 +37,10 @@ import jax.numpy as jnp
 import optax
 
 __all__ = [
+    "DENSE",
+    "IGNORE",
     "TASKS",
+    "best_spans",
     "mean_loss",
     "metric_sums",
     "per_example_loss",
@@ -38,7 +50,19 @@ __all__ = [
     "train_metrics",
 ]
 
-TASKS = ("classification", "regression", "causal_lm")
+TASKS = (
+    "classification",
+    "regression",
+    "causal_lm",
+    "token_classification",
+    "question_answering",
+    "segmentation",
+)
+# Tasks with a class per position: their labels have the outputs' shape less the class axis.
+DENSE = ("token_classification", "segmentation")
+IGNORE = -100  # a position no loss or metric counts (transformers' ignore_index)
+# The longest answer span (tokens) question answering predicts, as transformers' QA pipeline.
+MAX_ANSWER_TOKENS = 30
 
 
 def _targets(outputs: jax.Array, batch: dict, task: str):
@@ -52,6 +76,11 @@ def _targets(outputs: jax.Array, batch: dict, task: str):
     if weight is None:
         weight = jnp.ones(outputs.shape[0], jnp.float32)
     weight = weight.astype(jnp.float32)
+    if task in DENSE:
+        labels = batch["label"]
+        scored = (labels != IGNORE).astype(jnp.float32)
+        weight = scored * weight.reshape(weight.shape + (1,) * (labels.ndim - 1))
+        return outputs, jnp.where(labels == IGNORE, 0, labels), weight
     if task == "causal_lm":
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
@@ -66,11 +95,15 @@ def _soft(outputs: jax.Array, labels: jax.Array, task: str) -> bool:
 
 
 def per_example_loss(outputs: jax.Array, labels: jax.Array, task: str) -> jax.Array:
-    """Cross-entropy for classification (integer or soft labels) and causal LM (per token);
-    squared error for regression (``num_labels == 1``)."""
+    """Cross-entropy for classification (integer or soft labels), causal LM and the dense
+    tasks (per token or pixel), the mean of the start and end cross-entropies for question
+    answering; squared error for regression (``num_labels == 1``)."""
     if task == "regression":
         return jnp.square(outputs[..., 0].astype(jnp.float32) - labels.astype(jnp.float32))
     logits = outputs.astype(jnp.float32)
+    if task == "question_answering":  # [B, T, 2] over positions, against [B, 2]
+        ends = optax.softmax_cross_entropy_with_integer_labels(jnp.swapaxes(logits, 1, 2), labels)
+        return ends.mean(axis=-1)
     if _soft(outputs, labels, task):
         return optax.softmax_cross_entropy(logits, labels.astype(jnp.float32))
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -79,6 +112,9 @@ def per_example_loss(outputs: jax.Array, labels: jax.Array, task: str) -> jax.Ar
 def _correct(preds: jax.Array, targets: jax.Array, weight: jax.Array, task: str) -> jax.Array:
     if _soft(preds, targets, task):  # a mixed target's larger part counts as the answer
         targets = jnp.argmax(targets, axis=-1)
+    if task == "question_answering":  # the exact span: start and end both right
+        hit = jnp.all(jnp.argmax(preds, axis=1) == targets, axis=-1)
+        return jnp.sum(hit.astype(jnp.float32) * weight)
     return jnp.sum((jnp.argmax(preds, axis=-1) == targets).astype(jnp.float32) * weight)
 
 
@@ -108,7 +144,7 @@ def metric_sums(outputs: jax.Array, batch: dict, task: str, loss: Any = None) ->
     }
     if task != "regression":
         sums["correct"] = _correct(preds, targets, weight, task)
-    if task == "causal_lm":
+    if task == "causal_lm" or task in DENSE:  # count is positions: the rows apart
         sums["examples"] = jnp.sum(batch.get("weight", jnp.ones(preds.shape[0], jnp.float32)))
     return sums
 
@@ -116,9 +152,21 @@ def metric_sums(outputs: jax.Array, batch: dict, task: str, loss: Any = None) ->
 def prediction_rows(outputs: jax.Array, batch: dict, task: str) -> dict:
     """One row per example for the detailed metrics (:mod:`jaxtl.metrics`), with ``weight``
     (0 for padding): classification ``pred`` (the argmax class), ``confidence`` (its softmax
-    probability) and ``label``; regression ``pred`` and ``target``. ``{}`` for a causal LM
-    (its sums hold perplexity and token accuracy) and for outputs of another shape (a custom
-    head's). A few numbers per example: cheap to bring to the host."""
+    probability) and ``label``; regression ``pred`` and ``target``; the dense tasks ``pred``
+    and ``label`` per position (``label`` as given, :data:`IGNORE` included); question
+    answering the best span (:func:`best_spans`: ``pred_start``, ``pred_end`` tokens and, with
+    ``offsets`` in the batch, ``char_start`` / ``char_end`` in the context) and ``label``.
+    ``{}`` for a causal LM (its sums hold perplexity and token accuracy) and for outputs of
+    another shape (a custom head's)."""
+    weight = batch.get("weight", jnp.ones(outputs.shape[0], jnp.float32))
+    if task in DENSE:
+        return {"pred": jnp.argmax(outputs, axis=-1), "label": batch["label"], "weight": weight}
+    if task == "question_answering":
+        return {
+            **best_spans(outputs, batch.get("offsets")),
+            "label": batch["label"],
+            "weight": weight,
+        }
     if task == "causal_lm" or outputs.ndim != 2:
         return {}
     preds, targets, weight = _targets(outputs, batch, task)
@@ -133,6 +181,38 @@ def prediction_rows(outputs: jax.Array, batch: dict, task: str) -> dict:
         "label": targets,
         "weight": weight,
     }
+
+
+def best_spans(outputs: jax.Array, offsets: jax.Array | None = None) -> dict:
+    """The highest-scoring answer span of each row of question-answering logits ``[B, T, 2]``:
+    the ``(start, end)`` maximising ``start_logit + end_logit`` with ``start <= end <
+    start + MAX_ANSWER_TOKENS``, both inside the context when ``offsets [B, T, 2]`` (each
+    token's character span, ``-1`` outside the context) are given; then also the span's
+    characters ``char_start`` (inclusive) and ``char_end`` (exclusive). As transformers'
+    question-answering pipeline picks a span, in one ``[B, T, T]`` masked argmax.
+
+    Example:
+      >>> logits = jnp.array([[[0.0, 0.0], [5.0, 1.0], [0.0, 2.0], [1.0, 9.0]]])
+      >>> spans = best_spans(logits)
+      >>> int(spans["pred_start"][0]), int(spans["pred_end"][0])
+      (1, 3)
+    """
+    logits = outputs.astype(jnp.float32)
+    b, t = logits.shape[:2]
+    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    allowed = jnp.broadcast_to((j >= i) & (j < i + MAX_ANSWER_TOKENS), (b, t, t))
+    if offsets is not None:
+        inside = offsets[..., 0] >= 0
+        allowed = allowed & inside[:, :, None] & inside[:, None, :]
+    scores = logits[:, :, None, 0] + logits[:, None, :, 1]
+    best = jnp.argmax(jnp.where(allowed, scores, -jnp.inf).reshape(b, t * t), axis=-1)
+    start, end = best // t, best % t
+    out = {"pred_start": start, "pred_end": end}
+    if offsets is not None:
+        rows = jnp.arange(b)
+        out["char_start"] = offsets[rows, start, 0]
+        out["char_end"] = offsets[rows, end, 1]
+    return out
 
 
 def mean_loss(outputs: jax.Array, batch: dict, task: str, loss: Any = None) -> jax.Array:
@@ -154,16 +234,24 @@ def train_metrics(loss: jax.Array, outputs: jax.Array, batch: dict, task: str) -
     return metrics
 
 
-def summarize(sums: dict) -> dict:
-    """Metric sums (from :func:`metric_sums`, added over batches) -> the reported means."""
+# What a dense task's ``count`` counts, as :func:`summarize` reports it.
+_UNITS = {"causal_lm": "tokens", "token_classification": "tokens", "segmentation": "pixels"}
+
+
+def summarize(sums: dict, task: str | None = None) -> dict:
+    """Metric sums (from :func:`metric_sums`, added over batches) -> the reported means
+    (:func:`reported_metrics` names them). Sums with ``examples`` and no ``task`` are a causal
+    LM's."""
     count = float(sums["count"])
     loss = float(sums["loss_sum"]) / count
     out = {"loss": loss, "examples": int(round(float(sums.get("examples", count))))}
     if "correct" in sums:
         out["accuracy"] = float(sums["correct"]) / count
-    if "examples" in sums:  # a causal LM: per-token metrics
-        out["tokens"] = int(round(count))
-        out["perplexity"] = math.exp(min(loss, 700.0))
+    if "examples" in sums:  # positions scored: tokens or pixels
+        task = task or "causal_lm"
+        out[_UNITS[task]] = int(round(count))
+        if task == "causal_lm":
+            out["perplexity"] = math.exp(min(loss, 700.0))
     return out
 
 
@@ -179,6 +267,9 @@ def reported_metrics(task: str) -> tuple[str, ...]:
         "classification": ("loss", "accuracy", "examples"),
         "regression": ("loss", "examples"),
         "causal_lm": ("loss", "accuracy", "perplexity", "tokens", "examples"),
+        "token_classification": ("loss", "accuracy", "tokens", "examples"),
+        "question_answering": ("loss", "accuracy", "examples"),
+        "segmentation": ("loss", "accuracy", "pixels", "examples"),
     }
     if task not in names:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}.")

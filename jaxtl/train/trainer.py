@@ -100,11 +100,12 @@ class Trainer:
     ):
         if model.task not in TASKS:
             raise ValueError(
-                f"The Trainer fits classification, regression and causal-LM heads; this model "
-                f"was loaded with task={model.task!r}. Load it with task='classification' (or "
-                f"'regression', or 'causal_lm' for a family with an LM head)."
+                f"The Trainer fits the heads of {TASKS}; this model was loaded with "
+                f"task={model.task!r}. Load it with task='classification' (or another of "
+                "those its family offers: jaxtl.list_models())."
             )
-        if loss is not None and (not callable(loss) or model.task == "causal_lm"):
+        sequence_task = model.task in ("classification", "regression")
+        if loss is not None and (not callable(loss) or not sequence_task):
             raise ValueError(
                 "loss= must be a function loss(outputs, batch) -> one loss per example, for a "
                 f"classification or regression model (this one: task={model.task!r})."
@@ -358,13 +359,16 @@ class Trainer:
         *,
         details: bool = False,
         label_names: Sequence[str] | None = None,
+        references: Sequence[Any] | None = None,
     ) -> dict:
         """Loss (and accuracy) over every example of ``loader`` exactly once.
 
         With ``details``, also the metrics of :func:`jaxtl.metrics.detailed` (macro-F1,
         per-class precision and recall, the confusion matrix and calibration; or MSE, MAE,
-        R², Pearson and Spearman), from the same pass: per-class entries are keyed by
-        ``label_names`` when given.
+        R², Pearson and Spearman; entity F1, mIoU, ...), from the same pass: per-class
+        entries are keyed by ``label_names`` when given. ``references``: one entry per example
+        of ``loader``, in its order, that the text metrics read (question answering's
+        ``(context, answer)``).
         """
         _, eval_step = self._steps(state)
         total, rows = None, []
@@ -376,14 +380,14 @@ class Trainer:
             total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
             if details:
                 rows.append(per_example)  # on the device until the end: no sync per batch
-        out = summarize(jax.device_get(total))
+        out = summarize(jax.device_get(total), self.model.task)
         if details and rows and rows[0]:
             host = jax.device_get(rows)
             columns = {k: np.concatenate([r[k] for r in host]) for k in host[0]}
             real = columns.pop("weight") > 0
             columns = {k: v[real] for k, v in columns.items()}
             task, num_labels = self.model.task, self.model.num_labels
-            out.update(detailed_metrics(task, columns, num_labels, label_names))
+            out.update(detailed_metrics(task, columns, num_labels, label_names, references))
         return out
 
     # --- the loop ------------------------------------------------------------------------

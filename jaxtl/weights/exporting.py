@@ -105,8 +105,11 @@ def export(
     source = model.path if model.path and os.path.isdir(model.path) else None
     if "preprocessing" in model.extras:
         _write_preprocessor_config(model, source, directory)
+    side = _SIDE_FILES
+    if "audio_preprocessing" in model.extras:  # its feature extractor, as the source had it
+        side = (*side, "preprocessor_config.json")
     if source and os.path.abspath(source) != directory:
-        for name in _SIDE_FILES:
+        for name in side:
             if os.path.isfile(os.path.join(source, name)):
                 shutil.copy2(os.path.join(source, name), os.path.join(directory, name))
         for name in _SIDE_DIRS:

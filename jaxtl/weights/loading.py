@@ -219,8 +219,9 @@ def _family_options(family: registry.Family, directory: str, **given: Any) -> di
     """The load options ``family.build`` takes; an option it does not take is an error."""
     wrong = sorted(k for k, v in given.items() if v is not None and k not in family.options)
     if wrong:
+        flags = ", ".join(f"{k} (--{k.replace('_', '-')})" for k in wrong)
         raise ValueError(
-            f"{', '.join(wrong)} does not apply to the {family.name!r} family ({family.modality} "
+            f"{flags} does not apply to the {family.name!r} family ({family.modality} "
             f"model); it takes: {', '.join(family.options) or 'no options'}."
         )
     options = {k: given[k] for k in family.options}
@@ -342,6 +343,8 @@ def _check_task(task: str, num_labels: int) -> int:
         return 1
     if task in ("features", "causal_lm"):
         return 0  # no new head: hidden states, or logits over the tied vocabulary
+    if task == "question_answering":
+        return 2  # a start and an end logit per token
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
         raise ValueError(
             f"num_labels must be an integer >= 1 for task='classification', got {num_labels!r}. "
