@@ -485,8 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--recipe", default="full", help="what trains (one plain recipe)")
     ad.add_argument("--target-data", help="the target domain, in --data's syntax (its text / "
                     "label columns are --data's)")  # fmt: skip
-    ad.add_argument("--target-shift", choices=["invert", "rotate", "noise"],
-                    help="images: the target is --data with every image shifted")  # fmt: skip
+    ad.add_argument("--target-shift", choices=["invert", "rotate", "noise", "typos"],
+                    help="the target is --data shifted: every image (invert, rotate, noise) "
+                    "or every word of the texts (typos: one typing slip each)")  # fmt: skip
     ad.add_argument("--methods", default="source_only,adabn,tent,coral,dann",
                     help="comma-separated, from source_only, adabn, tent, coral, dann")  # fmt: skip
     ad.add_argument("--weight", type=float, default=1.0,
@@ -1117,7 +1118,7 @@ def _adapt(args) -> int:
     modality = data_modality(model)
     source = resolve(data_spec(args, modality), num_labels=args.num_labels, task="classification")
     if args.target_shift:
-        target = domain.shift_images(source, args.target_shift, seed=args.seed)
+        target = domain.shifted(source, args.target_shift, seed=args.seed)
     else:
         spec = describe(args.target_data, data_dir=args.data_dir, input_column=args.text_column,
                         label_column=args.label_column, modality=modality)  # fmt: skip

@@ -180,3 +180,55 @@ def test_cli_bad_adapt_input_exits_2_before_loading(flags, message, tmp_path, ca
     assert cli.main(["adapt", "--model", str(tmp_path / "absent"), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "absent" not in err
+
+
+def _one_slip_apart(a: str, b: str) -> bool:
+    """Whether ``b`` is ``a`` with one swap of neighbours, one letter dropped, doubled or
+    replaced (an edit distance of one, or one transposition)."""
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        swapped = len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
+        return len(diff) == 1 or (swapped and a[diff[1]] == b[diff[0]])
+    short, long_ = sorted((a, b), key=len)
+    return len(long_) == len(short) + 1 and any(
+        long_[:i] + long_[i + 1 :] == short for i in range(len(long_))
+    )
+
+
+def test_typos_shift_every_word_by_one_slip_and_keep_labels():
+    source = jaxtl.data.vader()
+    target = domain.shifted(source, "typos", seed=3)
+    assert domain.shifted(source, "typos", seed=3).train == target.train  # seeded
+    assert target.name == "vader-typos" and target.label_names == source.label_names
+    for split in ("train", "validation", "test"):
+        (before, labels), (after, kept) = getattr(source, split), getattr(target, split)
+        np.testing.assert_array_equal(labels, kept)
+        for a, b in zip(before, after, strict=True):
+            for w, v in zip(a.split(" "), b.split(" "), strict=True):
+                assert (w == v) if len(w) < 3 else (w != v and _one_slip_apart(w, v)), (w, v)
+    changed = sum(a != b for a, b in zip(source.train[0], target.train[0], strict=True))
+    assert changed > 0.9 * len(source.train[0])
+    with pytest.raises(ValueError, match=r"'invert' \(--target-shift\) does not apply.*typos"):
+        domain.shifted(source, "invert")
+    with pytest.raises(ValueError, match=r"'typos' \(--target-shift\) does not apply.*invert"):
+        domain.shifted(digits(10), "typos")
+
+
+def test_cli_adapts_a_text_model_to_typos(tmp_path, capsys):
+    import os
+
+    from _tiny import read_json, write_vader_csv
+
+    from jaxtl import cli
+
+    data = write_vader_csv(tmp_path / "vader.csv", 200)
+    out = str(tmp_path / "adapt")
+    argv = ["adapt", "--model", make_tiny_bert(str(tmp_path / "bert")), "--data", data,
+            "--text-column", "word", "--label-column", "sentiment", "--target-shift", "typos",
+            "--methods", "source_only,coral,dann", "--epochs", "1", "--batch-size", "16",
+            "--out", out]  # fmt: skip
+    assert cli.main(argv) == 0
+    rows = read_json(os.path.join(out, "adapt.json"))["methods"]
+    assert [r["method"] for r in rows] == ["source_only", "coral", "dann"]
+    assert all(0 <= r["target_test_accuracy"] <= 1 for r in rows)
+    assert "-typos" in capsys.readouterr().out  # the target is named after its shift

@@ -85,7 +85,7 @@ def test_text_model_refuses_an_image_folder(tmp_path, minilm_dir):
     from jaxtl import cli
 
     root = make_folder(tmp_path / "photos")
-    with pytest.raises(SystemExit, match="is a directory \\(an image folder\\), but the model"):
+    with pytest.raises(SystemExit, match=r"is a directory \(an image or audio folder\), but the"):
         cli.main(["finetune", "--model", str(minilm_dir), "--data", str(root)])
 
 

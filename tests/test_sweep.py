@@ -294,3 +294,63 @@ def test_cli_bad_grids_exit_2_before_loading(flags, message, tmp_path, capsys):
     assert cli.main(["sweep", "--model", str(tmp_path / "absent"), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "absent" not in err  # refused before the model is looked for
+
+
+def test_a_sequential_cell_is_the_finetune_run_of_its_learning_rate():
+    """A sequential cell's learning rate is an input of its step (the optimizer on the
+    schedule of peak 1, its update scaled by the peak): the cell trains as jaxtl.finetune with
+    that learning rate does, to float rounding.
+
+    SGD, because Adam would not show it: BERT's attention key biases get no gradient (softmax
+    ignores a shift shared by every key) beyond float noise, which Adam's normalization turns
+    into steps of the learning rate's size, different for any rounding difference."""
+    load = _loader()
+    data = small_vader(n_train=64, n_val=16, n_test=16)
+    config = jaxtl.TrainConfig(
+        epochs=1, batch_size=16, progress=False, warmup_ratio=0.25, optimizer="sgd"
+    )
+    cells = sweep.sweep_sequential(
+        load, data, recipe="last_n(1)", lrs=[1e-2, 4e-2], weight_decays=[0.01], seeds=[2],
+        config=config, verbose=False,
+    )  # fmt: skip
+    single = dataclasses.replace(
+        config, seed=2, optim=dataclasses.replace(config.optim, learning_rate=4e-2)
+    )
+    assert not single.optim.learning_rate_input
+    run = finetune(load(2), "last_n(1)", data, single, verbose=False)
+    mine, theirs = flatten(cells[1].params), flatten(run.params)
+    moved = "bert/encoder/layer_0/output/dense/kernel"
+    assert not np.allclose(np.asarray(mine[moved]), np.asarray(flatten(load(2).params)[moved]))
+    for path, value in theirs.items():
+        np.testing.assert_allclose(np.asarray(mine[path]), np.asarray(value), rtol=0, atol=1e-6)
+    assert cells[1].test["loss"] == pytest.approx(run.test["loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="learning_rate_input=False"):
+        staged = dataclasses.replace(
+            config, optim=dataclasses.replace(config.optim, learning_rate_input=True)
+        )
+        jaxtl.Trainer(load(2), jaxtl.make_plan("lp_ft(1)", load(2).structure), staged)
+
+
+@pytest.mark.slow
+def test_sequential_cells_of_other_learning_rates_share_one_compiled_step(tmp_path):
+    """With the persistent compilation cache on, a sweep of two learning rates writes the
+    entries one learning rate writes: the second cell's programs are read back, not compiled.
+    (With the learning rate a constant, its train step would be a new program.)"""
+    import os
+    import subprocess
+    import sys
+
+    def entries(lrs: str) -> int:
+        cache = tmp_path / f"cache-{lrs}"
+        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache),
+               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # fmt: skip
+        argv = [sys.executable, "-m", "jaxtl.cli", "sweep", *_cli_data(tmp_path), "--recipe",
+                "last_n(1)", "--lr", lrs, "--weight-decay", "0", "--epochs", "1", "--out",
+                str(tmp_path / f"out-{lrs}")]  # fmt: skip
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return len([f for f in os.listdir(cache) if not f.endswith("-atime")])
+
+    one = entries("1e-3")
+    assert one > 0
+    assert entries("1e-3,3e-3") == one

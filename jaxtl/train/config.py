@@ -100,6 +100,12 @@ class OptimConfig:
       l2_sp: ``(alpha, beta)``: L2-SP (Li et al. 2018), the penalty
         ``alpha / 2 * ||w - w0||^2`` toward the pretrained weights ``w0`` on the trained
         backbone and ``beta / 2 * ||w||^2`` on the head, with any recipe; ``None``: off.
+      learning_rate_input: the peak learning rate enters the compiled train step as an input
+        (the train state's ``learning_rate``) instead of a constant in its program: the
+        optimizer runs on the schedule of peak 1 and its update is scaled by it, the same
+        step up to float rounding. Runs that differ only in the learning rate (and the seed)
+        then compile one program, which XLA's persistent compilation cache hands from one to
+        the next (``jaxtl sweep`` of a backbone-training recipe). Not for staged recipes.
     """
 
     optimizer: str = "adamw"
@@ -111,6 +117,7 @@ class OptimConfig:
     weight_decay: float = 0.01
     clip_norm: float | None = 1.0
     l2_sp: tuple[float, float] | None = None
+    learning_rate_input: bool = False
 
     def __post_init__(self):
         from jaxtl.transfer.optimizer import optimizer_factory

@@ -137,6 +137,12 @@ class Trainer:
             model = recompute(model, remat=scale.remat, dtype=dtype)
         self.model = model
         self.plan = plan
+        if config.optim.learning_rate_input and plan.stages:
+            raise ValueError(
+                f"learning_rate_input scales one schedule's updates, but {plan.name} changes "
+                "its optimizer and schedule from stage to stage; train it with "
+                "learning_rate_input=False."
+            )
         self.stage_models = dict(stage_models or {})
         for k, m in self.stage_models.items():
             if not 0 <= k < len(stages.plans(plan)):
@@ -176,7 +182,10 @@ class Trainer:
         params = jax.device_put(stored, placed.params, may_alias=False)
         batch_stats = jax.device_put(self.model.batch_stats, placed.batch_stats, may_alias=False)
         # The optimizer state is born sharded: no device ever holds a whole copy of it.
-        return jax.jit(self._create, out_shardings=placed)(params, batch_stats)
+        peak = (
+            None if placed.learning_rate is None else jnp.float32(self.config.optim.learning_rate)
+        )
+        return jax.jit(self._create, out_shardings=placed)(params, batch_stats, peak)
 
     def abstract_state(self, total_steps: int, params: Any = None, *, stage: int = 0) -> TrainState:
         """The state :meth:`init_state` builds, as ``jax.ShapeDtypeStruct`` s carrying their
@@ -208,14 +217,17 @@ class Trainer:
         else:
             starts, total = stages.starts(self.plan, steps_per_epoch), total_steps
         optim = self.config.optim
+        # learning_rate_input: the optimizer runs on the schedule of peak 1; the step scales
+        # its updates by the peak (TrainState.learning_rate).
+        unit = 1.0 if optim.learning_rate_input else None
 
         def segment_schedule(steps: int, peak: float | None):
+            peak = unit or peak
             config = optim if peak is None else dataclasses.replace(optim, learning_rate=peak)
             return config.lr_schedule(steps)
 
-        per_stage, self.schedule = stages.stage_schedules(
-            self.plan, starts, total, segment_schedule
-        )
+        per_stage, schedule = stages.stage_schedules(self.plan, starts, total, segment_schedule)
+        self.schedule = schedule if unit is None else lambda s: optim.learning_rate * schedule(s)
         self._schedules = (total_steps, starts, per_stage)
 
     def _stage_state(self, stage: int, params: Any = None):
@@ -244,7 +256,10 @@ class Trainer:
             loss=self.loss,
             trainable=plan.trainable_mask(self.model.params),
         )
-        make = lambda p, b: create(params=p, batch_stats=b)  # noqa: E731
+        # learning_rate_input: the peak is an argument of the program that builds the state,
+        # as of the step, so that no program of the run holds it as a constant.
+        peak = jnp.float32(optim.learning_rate) if optim.learning_rate_input else None
+        make = lambda p, b, lr=peak: create(params=p, batch_stats=b, learning_rate=lr)  # noqa: E731
         params = self._stored_params() if params is None else params
         shapes = jax.eval_shape(make, params, self.model.batch_stats)
         specs = self.state_specs(shapes)  # a rule that cannot place a param fails here
