@@ -354,3 +354,167 @@ def test_sequential_cells_of_other_learning_rates_share_one_compiled_step(tmp_pa
     one = entries("1e-3")
     assert one > 0
     assert entries("1e-3,3e-3") == one
+
+
+@pytest.mark.parametrize("name, options", [("adamw", {}), ("lion", {}), ("adafactor", {}),
+                                           ("sgd", {"momentum": 0.9}), ("adam", {})])  # fmt: skip
+def test_weight_decay_input_is_the_constant_weight_decay_of_every_optimizer(name, options):
+    """make_optimizer(weight_decay_input=True): the weight decay is data in the optimizer
+    state, one compiled step serves every value, and its updates are those of the constant
+    weight decay: decoupled (adamw, lion, adafactor) and L2 on the gradient (sgd, adam), a
+    group's wd_mult applied to the input, a group's own weight_decay kept, biases and frozen
+    params never decayed."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jaxtl.transfer.optimizer import make_optimizer, set_weight_decay
+    from jaxtl.transfer.plan import Group, Plan
+
+    plan = Plan(
+        ((r"head/.*", "head"), (r"body/.*", "body"), (r"fixed/.*", "fixed"), (".*", "frozen")),
+        [Group("head", True), Group("body", True, lr_mult=0.5, wd_mult=0.3),
+         Group("fixed", True, weight_decay=0.2, wd_mult=2.0), Group("frozen", False)],
+    )  # fmt: skip
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 32))
+    normal = lambda shape: jax.random.normal(next(keys), shape)  # noqa: E731
+    params = {
+        g: {"w": normal((4, 3)), "b": normal((3,))} for g in ("head", "body", "fixed", "other")
+    }
+    grads = [
+        jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), params) for _ in range(3)
+    ]
+    schedule = optax.linear_schedule(0.1, 0.0, 5)
+    inputs = make_optimizer(plan, schedule, name=name, weight_decay_input=True, **options)
+
+    @jax.jit
+    def train(tx_state, params):
+        for g in grads:
+            updates, tx_state = inputs.update(g, tx_state, params)
+            params = optax.apply_updates(params, updates)
+        return params
+
+    start = jax.jit(lambda wd: set_weight_decay(inputs.init(params), wd))
+    out = {}
+    for wd in (0.0, 0.1):
+        const = make_optimizer(plan, schedule, name=name, weight_decay=wd, **options)
+        state, expected = const.init(params), params
+        for g in grads:
+            updates, state = const.update(g, state, expected)
+            expected = optax.apply_updates(expected, updates)
+        out[wd] = train(start(jnp.float32(wd)), params)
+        # Float rounding only: a zero input still adds 0 * w (the constant path skips it), and
+        # f32(wd) * f32(wd_mult) may differ from f32(wd * wd_mult) in the last bit.
+        for path, value in flatten(expected).items():
+            np.testing.assert_allclose(
+                np.asarray(flatten(out[wd])[path]), np.asarray(value), rtol=1e-6, atol=1e-7,
+                err_msg=f"{name} wd={wd} {path}",
+            )  # fmt: skip
+    assert train._cache_size() == 1 and start._cache_size() == 1  # one program, two decays
+    for path in ("head/w", "body/w"):  # the input decays the trained matrices ...
+        assert not np.allclose(flatten(out[0.0])[path], flatten(out[0.1])[path], atol=1e-5)
+    for path in ("head/b", "body/b", "fixed/w", "fixed/b"):  # ... not biases, not overrides
+        np.testing.assert_allclose(flatten(out[0.0])[path], flatten(out[0.1])[path], atol=1e-7)
+    for path in ("other/w", "other/b"):
+        assert np.array_equal(flatten(out[0.1])[path], flatten(params)[path])
+
+
+def test_a_sequential_cell_is_the_finetune_run_of_its_weight_decay():
+    """A sequential cell's weight decay is an input of its step (in the optimizer state): the
+    cell trains as jaxtl.finetune with that constant weight decay does, to float rounding.
+    SGD, for the reason of the learning-rate test above: the cell's learning rate is an input
+    too, whose rounding Adam would turn into full steps of the attention key biases."""
+    load = _loader()
+    data = small_vader(n_train=64, n_val=16, n_test=16)
+    config = jaxtl.TrainConfig(
+        epochs=1, batch_size=16, progress=False, warmup_ratio=0.25, optimizer="sgd"
+    )
+    cells = sweep.sweep_sequential(
+        load, data, recipe="last_n(1)", lrs=[4e-2], weight_decays=[0.0, 0.5], seeds=[2],
+        config=config, verbose=False,
+    )  # fmt: skip
+    single = dataclasses.replace(
+        config,
+        seed=2,
+        optim=dataclasses.replace(config.optim, learning_rate=4e-2, weight_decay=0.5),
+    )
+    assert not single.optim.weight_decay_input
+    run = finetune(load(2), "last_n(1)", data, single, verbose=False)
+    mine, theirs, undecayed = (
+        flatten(cells[1].params),
+        flatten(run.params),
+        flatten(cells[0].params),
+    )
+    moved = "bert/encoder/layer_0/output/dense/kernel"
+    # The decay moved the matrices well beyond the tolerance below.
+    assert not np.allclose(np.asarray(mine[moved]), np.asarray(undecayed[moved]), atol=1e-4)
+    # The tolerance of the learning-rate test: the scaled update against the scheduled one.
+    for path, value in theirs.items():
+        np.testing.assert_allclose(np.asarray(mine[path]), np.asarray(value), rtol=0, atol=1e-6)
+    assert cells[1].test["loss"] == pytest.approx(run.test["loss"], rel=1e-5)
+
+
+def test_adamw_with_its_weight_decay_an_input_trains_as_with_a_constant():
+    """AdamW (the default), the backbone trained, with only the weight decay an input: the
+    decoupled decay reads the same float32 value from the optimizer state as the program
+    constant, so even Adam's normalization of the key biases' float-noise gradients (see the
+    learning-rate test) finds nothing to amplify: bit-identical on CPU; the tolerance leaves
+    room for XLA fusing the two programs' last op differently."""
+    import jax
+
+    from jaxtl.transfer.optimizer import WeightDecayInput
+
+    load = _loader()
+    data = small_vader(n_train=64, n_val=16, n_test=16)
+    config = jaxtl.TrainConfig(
+        epochs=1, batch_size=16, progress=False, learning_rate=1e-3, weight_decay=0.3, seed=1
+    )
+    given = dataclasses.replace(
+        config, optim=dataclasses.replace(config.optim, weight_decay_input=True)
+    )
+    is_input = lambda x: isinstance(x, WeightDecayInput)  # noqa: E731
+    trainer = jaxtl.Trainer(load(1), jaxtl.make_plan("last_n(1)", load(1).structure), given)
+    state = trainer.init_state(4)  # the value is data in the state, from the config
+    inputs = [x for x in jax.tree.leaves(state.opt_state, is_leaf=is_input) if is_input(x)]
+    assert inputs and all(float(x.weight_decay) == np.float32(0.3) for x in inputs)
+    plain = finetune(load(1), "last_n(1)", data, config, verbose=False)
+    mine = finetune(load(1), "last_n(1)", data, given, verbose=False)
+    for path, value in flatten(plain.params).items():
+        np.testing.assert_allclose(
+            np.asarray(flatten(mine.params)[path]), np.asarray(value), rtol=0, atol=1e-6,
+            err_msg=path,
+        )  # fmt: skip
+    assert mine.test["loss"] == pytest.approx(plain.test["loss"], rel=1e-5)
+
+
+def test_weight_decay_input_is_refused_for_a_staged_recipe():
+    load = _loader()
+    config = jaxtl.TrainConfig(weight_decay_input=True)
+    with pytest.raises(ValueError, match=r"weight_decay_input.*lp_ft.*weight_decay_input=False"):
+        jaxtl.Trainer(load(0), jaxtl.make_plan("lp_ft(1)", load(0).structure), config)
+
+
+@pytest.mark.slow
+def test_sequential_cells_of_other_weight_decays_share_one_compiled_step(tmp_path):
+    """With the persistent compilation cache on, a sweep of two learning rates x two weight
+    decays writes the entries one cell writes: every later cell's programs are read back.
+    (With the weight decay a constant, each weight decay's train step would be a new one.)"""
+    import os
+    import subprocess
+    import sys
+
+    def entries(lrs: str, wds: str) -> int:
+        tag = f"{lrs}-{wds}"
+        cache = tmp_path / f"cache-{tag}"
+        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache),
+               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # fmt: skip
+        argv = [sys.executable, "-m", "jaxtl.cli", "sweep", *_cli_data(tmp_path), "--recipe",
+                "last_n(1)", "--lr", lrs, "--weight-decay", wds, "--epochs", "1", "--out",
+                str(tmp_path / f"out-{tag}")]  # fmt: skip
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return len([f for f in os.listdir(cache) if not f.endswith("-atime")])
+
+    one = entries("1e-3", "0")
+    assert one > 0
+    assert entries("1e-3,3e-3", "0,0.1") == one

@@ -12,9 +12,10 @@ clipping, biases never decayed), LR schedule, batch order, evaluations, restore-
 stopping (tests/test_sweep.py compares the params). Only the frozen backbone is shared.
 
 :func:`sweep_sequential` runs any recipe, one cell after another, through
-:func:`jaxtl.run.finetune`. Each run compiles its own step (the learning rate and weight decay
-are constants of the compiled program); the feature cache, when on, is computed once and
-read by every later cell.
+:func:`jaxtl.run.finetune`. The learning rate and weight decay are inputs of the compiled step
+(not constants of its program; not for staged recipes), so every cell compiles the same program
+and XLA's persistent compilation cache hands it from one cell to the next; the feature cache,
+when on, is computed once and read by every later cell.
 
 The grid, its cells and the table are in :mod:`jaxtl.sweep.grid`, the vmapped heads in
 :mod:`jaxtl.sweep.heads`, the one-run-per-cell sweep in :mod:`jaxtl.sweep.sequential`.

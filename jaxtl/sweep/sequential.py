@@ -33,11 +33,12 @@ def sweep_sequential(
     """Run every cell of ``lrs x weight_decays x seeds`` with :func:`jaxtl.run.finetune`, one
     after another: any recipe (those that train the backbone too).
 
-    Each cell's learning rate is an input of its compiled step
-    (``OptimConfig.learning_rate_input``; not for staged recipes), so the cells of one weight
-    decay compile the same program: with XLA's persistent compilation cache on (``jaxtl
-    sweep`` turns it on; from Python, ``jax.config.update("jax_compilation_cache_dir", DIR)``),
-    the first cell compiles it and the others read it back.
+    Each cell's learning rate and weight decay are inputs of its compiled step
+    (``OptimConfig.learning_rate_input`` and ``weight_decay_input``; not for staged recipes),
+    so every cell, whatever its learning rate, weight decay and seed, compiles the same
+    program: with XLA's persistent compilation cache on (``jaxtl sweep`` turns it on; from
+    Python, ``jax.config.update("jax_compilation_cache_dir", DIR)``), the first cell compiles
+    it and the others read it back.
 
     Args:
       load_model: ``seed -> model`` with its new head drawn from ``seed``; called once per seed.
@@ -71,10 +72,14 @@ def sweep_sequential(
     for lr, wd, s in cells:
         if s not in models:
             models[s] = load_model(s)
-        # The learning rate as a step input: cells that differ only in it (and the seed)
-        # compile one program, which the persistent compilation cache hands on.
+        # The learning rate and weight decay as step inputs: every cell compiles one program,
+        # which the persistent compilation cache hands on.
         optim = dataclasses.replace(
-            config.optim, learning_rate=lr, weight_decay=wd, learning_rate_input=not plan.stages
+            config.optim,
+            learning_rate=lr,
+            weight_decay=wd,
+            learning_rate_input=not plan.stages,
+            weight_decay_input=not plan.stages,
         )
         cell_config = dataclasses.replace(
             config, seed=s, optim=optim, data=dataclasses.replace(config.data, feature_cache=cache)

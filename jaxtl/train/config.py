@@ -106,6 +106,12 @@ class OptimConfig:
         step up to float rounding. Runs that differ only in the learning rate (and the seed)
         then compile one program, which XLA's persistent compilation cache hands from one to
         the next (``jaxtl sweep`` of a backbone-training recipe). Not for staged recipes.
+      weight_decay_input: the weight decay enters the compiled train step as an input too:
+        each trainable group without its own ``weight_decay`` keeps it in its optimizer state
+        (:class:`jaxtl.transfer.optimizer.WeightDecayInput`, set from this config and saved with
+        the optimizer state), the same step up to float rounding. With ``learning_rate_input``,
+        runs that differ only in the learning rate, the weight decay (and the seed) compile one
+        program. Not for staged recipes.
     """
 
     optimizer: str = "adamw"
@@ -118,6 +124,7 @@ class OptimConfig:
     clip_norm: float | None = 1.0
     l2_sp: tuple[float, float] | None = None
     learning_rate_input: bool = False
+    weight_decay_input: bool = False
 
     def __post_init__(self):
         from jaxtl.transfer.optimizer import optimizer_factory

@@ -38,6 +38,7 @@ from jaxtl.train.progress import Clock, MetricsLog, TrainMetrics, progress_bar
 from jaxtl.train.state import TrainState
 from jaxtl.train.tracker import Tracker
 from jaxtl.transfer import stages
+from jaxtl.transfer.optimizer import set_weight_decay
 from jaxtl.transfer.plan import Plan
 from jaxtl.transfer.trees import flatten, unflatten
 
@@ -143,6 +144,12 @@ class Trainer:
                 "its optimizer and schedule from stage to stage; train it with "
                 "learning_rate_input=False."
             )
+        if config.optim.weight_decay_input and plan.stages:
+            raise ValueError(
+                f"weight_decay_input keeps one optimizer's weight decay as a step input, but "
+                f"{plan.name} changes its optimizer from stage to stage; train it with "
+                "weight_decay_input=False."
+            )
         self.stage_models = dict(stage_models or {})
         for k, m in self.stage_models.items():
             if not 0 <= k < len(stages.plans(plan)):
@@ -182,10 +189,10 @@ class Trainer:
         params = jax.device_put(stored, placed.params, may_alias=False)
         batch_stats = jax.device_put(self.model.batch_stats, placed.batch_stats, may_alias=False)
         # The optimizer state is born sharded: no device ever holds a whole copy of it.
-        peak = (
-            None if placed.learning_rate is None else jnp.float32(self.config.optim.learning_rate)
-        )
-        return jax.jit(self._create, out_shardings=placed)(params, batch_stats, peak)
+        optim = self.config.optim
+        peak = None if placed.learning_rate is None else jnp.float32(optim.learning_rate)
+        decay = jnp.float32(optim.weight_decay) if optim.weight_decay_input else None
+        return jax.jit(self._create, out_shardings=placed)(params, batch_stats, peak, decay)
 
     def abstract_state(self, total_steps: int, params: Any = None, *, stage: int = 0) -> TrainState:
         """The state :meth:`init_state` builds, as ``jax.ShapeDtypeStruct`` s carrying their
@@ -244,6 +251,7 @@ class Trainer:
             weight_decay=optim.weight_decay,
             clip_norm=optim.clip_norm,
             l2_sp=optim.l2_sp,
+            weight_decay_input=optim.weight_decay_input,
             **optim.optimizer_options,
         )
         create = functools.partial(
@@ -259,7 +267,15 @@ class Trainer:
         # learning_rate_input: the peak is an argument of the program that builds the state,
         # as of the step, so that no program of the run holds it as a constant.
         peak = jnp.float32(optim.learning_rate) if optim.learning_rate_input else None
-        make = lambda p, b, lr=peak: create(params=p, batch_stats=b, learning_rate=lr)  # noqa: E731
+        # weight_decay_input: likewise the weight decay, which the optimizer state carries.
+        decay = jnp.float32(optim.weight_decay) if optim.weight_decay_input else None
+
+        def make(p, b, lr=peak, wd=decay):
+            state = create(params=p, batch_stats=b, learning_rate=lr)
+            if wd is None:
+                return state
+            return state.replace(opt_state=set_weight_decay(state.opt_state, wd))
+
         params = self._stored_params() if params is None else params
         shapes = jax.eval_shape(make, params, self.model.batch_stats)
         specs = self.state_specs(shapes)  # a rule that cannot place a param fails here

@@ -12,6 +12,12 @@ gradient as L2, the meaning of PyTorch's ``weight_decay`` for those optimizers. 
 trainable leaves with ``ndim >= 2`` decay: biases and norm scales never do (BERT practice,
 Devlin et al. 2019), frozen leaves are never touched.
 
+With ``weight_decay_input``, the weight decay is data, not a constant of the program: each
+trainable group without its own ``weight_decay`` keeps the value in its optimizer state
+(:class:`WeightDecayInput`, set with :func:`set_weight_decay`, ``wd_mult`` applied in the
+update), so one compiled step serves every weight decay. The update is the constant one's up to
+float rounding; a group's own ``weight_decay`` stays a constant.
+
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from jaxtl.transfer.plan import Group, Plan
@@ -26,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
@@ -38,10 +45,12 @@ __all__ = [
     "DEFAULT_OPTIMIZER",
     "AnchorState",
     "Grouped",
+    "WeightDecayInput",
     "available_optimizers",
     "l2_sp_transform",
     "make_optimizer",
     "optimizer_factory",
+    "set_weight_decay",
 ]
 
 DEFAULT_OPTIMIZER = "adamw"
@@ -139,7 +148,7 @@ def _scaled(learning_rate: float | optax.Schedule, mult: float) -> float | optax
 def _group_optimizer(
     factory: Callable[..., optax.GradientTransformation],
     learning_rate: float | optax.Schedule,
-    weight_decay: float,
+    weight_decay: float | jax.Array,
     options: dict[str, Any],
 ) -> optax.GradientTransformation:
     accepted = inspect.signature(factory).parameters
@@ -148,10 +157,72 @@ def _group_optimizer(
             extra = {mask: _decay_mask} if mask in accepted else {}
             return factory(learning_rate, **{decay: weight_decay, **extra, **options})
     tx = factory(learning_rate, **options)
-    if not weight_decay:
+    if isinstance(weight_decay, int | float) and not weight_decay:  # an array (input): always
         return tx
     # No decay argument: L2 on the gradient, as PyTorch's weight_decay for SGD / Adam / RMSprop.
     return optax.chain(optax.add_decayed_weights(weight_decay, _decay_mask), tx)
+
+
+class WeightDecayInput(NamedTuple):
+    """The optimizer state of a group whose weight decay is an input (``weight_decay_input``):
+    the run's weight decay as a float32 scalar (before the group's ``wd_mult``), and the
+    group optimizer's own state."""
+
+    weight_decay: jax.Array
+    inner: Any
+
+
+def _decay_input(
+    build: Callable[[jax.Array], optax.GradientTransformation], initial: float
+) -> optax.GradientTransformation:
+    """``build(weight_decay)`` with the weight decay read from the state at every update: the
+    same transformation as ``build(initial)`` (its state structure must not depend on the
+    value), with the value data rather than a constant of the traced program."""
+
+    def init_fn(params):
+        weight_decay = jnp.asarray(initial, jnp.float32)
+        return WeightDecayInput(weight_decay, build(weight_decay).init(params))
+
+    def update_fn(updates, state, params=None):
+        updates, inner = build(state.weight_decay).update(updates, state.inner, params)
+        return updates, state._replace(inner=inner)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _input_group(
+    weight_decay: jax.Array,
+    *,
+    factory: Callable[..., optax.GradientTransformation],
+    learning_rate: float | optax.Schedule,
+    wd_mult: float,
+    options: dict[str, Any],
+) -> optax.GradientTransformation:
+    wd = weight_decay if wd_mult == 1.0 else weight_decay * wd_mult
+    return _group_optimizer(factory, learning_rate, wd, options)
+
+
+def set_weight_decay(opt_state: Any, weight_decay: float | jax.Array) -> Any:
+    """``opt_state`` (of a ``make_optimizer(..., weight_decay_input=True)`` optimizer) with
+    the weight decay of every group that takes it as an input set to ``weight_decay`` (a number
+    or a traced scalar; each group applies its ``wd_mult``). Other leaves are kept as they are.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxtl.transfer.plan import Group, Plan
+      >>> plan = Plan(((".*", "all"),), [Group("all", True)])
+      >>> tx = make_optimizer(plan, 1.0, name="sgd", weight_decay_input=True)
+      >>> params = {"w": jnp.ones((2, 2))}
+      >>> state = set_weight_decay(tx.init(params), 0.5)
+      >>> updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+      >>> updates["w"].tolist()  # -1.0 * (gradient 0 + 0.5 * w)
+      [[-0.5, -0.5], [-0.5, -0.5]]
+    """
+    is_input = lambda x: isinstance(x, WeightDecayInput)  # noqa: E731
+    value = jnp.asarray(weight_decay, jnp.float32)
+    return jax.tree.map(
+        lambda x: x._replace(weight_decay=value) if is_input(x) else x, opt_state, is_leaf=is_input
+    )
 
 
 class AnchorState(NamedTuple):
@@ -211,6 +282,7 @@ def make_optimizer(
     weight_decay: float = 0.01,
     clip_norm: float | None = 1.0,
     l2_sp: tuple[float, float] | None = None,
+    weight_decay_input: bool = False,
     **options: Any,
 ) -> optax.GradientTransformation:
     """The named optimizer per trainable group of ``plan``, nothing for frozen groups, and
@@ -230,6 +302,9 @@ def make_optimizer(
       clip_norm: clip by the global norm of the *trainable* gradients; None disables.
       l2_sp: ``(alpha, beta)``: add L2-SP's gradient terms (:func:`l2_sp_transform`) before
         clipping, as a penalty added to the loss would be; None: no L2-SP.
+      weight_decay_input: keep ``weight_decay`` in the optimizer state of each trainable group
+        without its own ``weight_decay`` (:class:`WeightDecayInput`; change it with
+        :func:`set_weight_decay`), so that it is an input of a compiled step, not a constant.
       **options: the optimizer's own keyword arguments, e.g. ``b1``, ``b2``, ``eps`` for AdamW or
         ``momentum`` for SGD.
 
@@ -253,10 +328,15 @@ def make_optimizer(
         if not g.trainable:
             transforms[g.name] = _freeze()
             continue
+        lr = _scaled(learning_rate, g.lr_mult)
+        if weight_decay_input and g.weight_decay is None:
+            build = functools.partial(
+                _input_group, factory=factory, learning_rate=lr, wd_mult=g.wd_mult, options=options
+            )
+            transforms[g.name] = _decay_input(build, weight_decay)
+            continue
         wd = (weight_decay if g.weight_decay is None else g.weight_decay) * g.wd_mult
-        transforms[g.name] = _group_optimizer(
-            factory, _scaled(learning_rate, g.lr_mult), wd, options
-        )
+        transforms[g.name] = _group_optimizer(factory, lr, wd, options)
     chain = []
     if clip_norm is not None:
         # The global norm must not see frozen grads: one large frozen grad would otherwise
