@@ -297,12 +297,10 @@ _NOT_FOR_LR_FIND = ("--lr", "--seeds", "--resume", "--resume-from", "--distribut
 
 
 # ... and those that jaxtl adapt has no use for (it trains its own loop, no checkpoints).
-_NOT_FOR_ADAPT = ("--seeds", "--resume", "--resume-from", "--distributed", "--tensorboard",
-                  "--wandb", "--evals-per-epoch", "--min-eval-interval", "--eval-every",
-                  "--best-metric", "--patience", "--mesh", "--shard-rule", "--grad-accum",
-                  "--remat", "--precision", "--frozen-bf16", "--augment", "--mixup", "--cutmix",
-                  "--label-smoothing", "--data-workers", "--feature-cache", "--bucket-by-length",
-                  "--l2-sp")  # fmt: skip
+_NOT_FOR_ADAPT = ("--seeds", "--resume-from", "--distributed", "--evals-per-epoch",
+                  "--min-eval-interval", "--eval-every", "--best-metric", "--patience",
+                  "--augment", "--mixup", "--cutmix", "--label-smoothing", "--data-workers",
+                  "--feature-cache", "--bucket-by-length")  # fmt: skip
 
 
 def _run_flags(p: argparse.ArgumentParser, skip: tuple[str, ...]) -> None:
@@ -476,7 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
         "source-only model adabn (target BatchNorm statistics) and tent (the target "
         "predictions' entropy minimized on the BatchNorm affine params). Prints each method's "
         "source and target test accuracy (the target test labels score, never train) and "
-        "writes OUT/adapt.json and OUT/adapt.png. Example: jaxtl adapt --model "
+        "writes OUT/adapt.json and OUT/adapt.png; each trained method runs in the Trainer in "
+        "OUT/<method> (metrics.jsonl, checkpoints: --resume continues them; --mesh, "
+        "--precision, --grad-accum, --remat, --l2-sp and the loggers apply). Example: "
+        "jaxtl adapt --model "
         "$(python -c 'import jaxtl; print(jaxtl.efficientnet_lite0_path())') --data digits "
         "--in-channels 1 --image-size 32 --num-labels 10 --target-shift invert --lr 1e-3",
         formatter_class=_HelpFormatter,
@@ -1111,7 +1112,7 @@ def _adapt(args) -> int:
         )
     if args.task != "classification":
         raise ValueError("jaxtl adapt trains a classification head (--task classification).")
-    out = experiment.experiment_dir(args.out, "adapt")
+    out = experiment.experiment_dir(args.out, "adapt", resume=args.resume)
     options = load_options(args)
     path = args.model or jaxtl.default_model_dir()
     model = surgery.load_model(path, pooling=args.pooling, seed=args.seed, **options)
@@ -1128,7 +1129,7 @@ def _adapt(args) -> int:
     config = dataclasses.replace(config, optim=dataclasses.replace(config.optim, learning_rate=lr))
     load = lambda: surgery.load_model(path, pooling=args.pooling, seed=args.seed, **options)  # noqa: E731
     rows = domain.compare(load, source, target, methods, recipe=args.recipe, config=config,
-                          weight=args.weight)  # fmt: skip
+                          weight=args.weight, workdir=out, resume=args.resume)  # fmt: skip
     print(f"\n{domain.table(rows)}\nsource: {source.name}; target: {target.name} (its train "
           "split read without labels; its test labels only score)")  # fmt: skip
     facts = {"recipe": args.recipe, "learning_rate": lr, "weight": args.weight}

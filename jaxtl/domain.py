@@ -14,19 +14,31 @@ The source domain has labels; the target domain (the data the model will see) ha
   BatchNorm layer normalizing with the target batch's statistics.
 - **AdaBN** (:func:`jaxtl.adapt_batch_norm`) re-estimates the BatchNorm statistics.
 
-:func:`adapt` trains a recipe (the plan's optimizer: frozen groups, LR multipliers, clipping,
-weight decay, the LR schedule) on pairs of source and target batches, each pair concatenated
+:func:`adapt` trains a recipe on pairs of source and target batches, each pair concatenated
 into one forward pass (so BatchNorm layers that train see both domains, as in the reference
-implementations); ``method="source_only"`` is the same loop without the adaptation term, the
+implementations); ``method="source_only"`` is the same run without the adaptation term, the
 baseline. Target labels are never read. A model with training BatchNorm layers gets exact
 statistics of its final weights on the data it trained on (see :func:`_exact_statistics`).
+
+Both :func:`adapt` and :func:`tent` run in the :class:`~jaxtl.train.Trainer`, with its plan,
+optimizer and compiled step, so they take its mesh, precision, gradient accumulation,
+checkpoints and exact resume: :class:`PairedLoader` feeds the paired batches (target rows
+weighted out of the task loss), and the model's training forward adds the adaptation term to
+the objective (:class:`jaxtl.train.losses.WithAux`, computed from the head's input features).
+DANN's domain classifier is a param subtree (``domain_classifier``) in its own plan group: the
+recipe's optimizer and schedule at ``discriminator_lr``, no weight decay, and inside the
+recipe's global-norm clipping (tllib likewise trains it in the model's optimizer). Tent is a
+plan of one trained group (the BatchNorm scales and biases) whose objective is the entropy.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -36,23 +48,25 @@ import numpy as np
 import optax
 
 from jaxtl.data import images, sources
-from jaxtl.data.loader import ArrayLoader
+from jaxtl.data.loader import ArrayLoader, check_same_data
 from jaxtl.data.text import token_arrays
 from jaxtl.feature_cache import forward_with_input
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.common import batch_norm_paths
-from jaxtl.train import TrainConfig
-from jaxtl.transfer.plan import Plan
+from jaxtl.train import OptimConfig, TrainConfig, Trainer
+from jaxtl.train.losses import WithAux
+from jaxtl.transfer.plan import Group, Plan
 from jaxtl.transfer.recipes import make_plan
-from jaxtl.transfer.trees import flatten, unflatten
 
 __all__ = [
     "COMPARED",
     "METHODS",
     "Adapted",
     "DomainClassifier",
+    "PairedLoader",
     "accuracy",
     "adapt",
+    "adaptation_model",
     "check_methods",
     "compare",
     "coral_loss",
@@ -68,18 +82,28 @@ __all__ = [
 ]
 
 METHODS = ("source_only", "coral", "dann")
+DISCRIMINATOR = "domain_classifier"  # where DANN's domain classifier sits in the params
 
 
 def coral_loss(source: jax.Array, target: jax.Array) -> jax.Array:
     """Deep CORAL's loss: ``||C_s - C_t||_F^2 / (4 d^2)`` between the feature covariances
     (unbiased, ``n - 1``) of a source and a target batch ``[n, d]``."""
+    rows = jnp.concatenate([jnp.ones(source.shape[0]), jnp.zeros(target.shape[0])])
+    return _coral(jnp.concatenate([source, target]), rows)
 
-    def covariance(x):
-        x = x - x.mean(0, keepdims=True)
-        return x.T @ x / (x.shape[0] - 1)
 
-    d = source.shape[1]
-    return jnp.sum((covariance(source) - covariance(target)) ** 2) / (4.0 * d * d)
+def _coral(features: jax.Array, is_source: jax.Array) -> jax.Array:
+    """:func:`coral_loss` between the rows of ``features [n, d]`` where ``is_source`` is 1 and
+    those where it is 0, wherever they sit (a microbatch of gradient accumulation interleaves
+    them)."""
+
+    def covariance(w):
+        n = jnp.sum(w)
+        centred = features - (w @ features) / n
+        return (centred * w[:, None]).T @ centred / (n - 1)
+
+    d = features.shape[1]
+    return jnp.sum((covariance(is_source) - covariance(1.0 - is_source)) ** 2) / (4.0 * d * d)
 
 
 @jax.custom_vjp
@@ -117,9 +141,10 @@ class Adapted:
     """What :func:`adapt` returns.
 
     Attributes:
-      params, batch_stats: the trained model's.
+      params, batch_stats: the trained model's (without DANN's domain classifier).
       method: ``"source_only"``, ``"coral"`` or ``"dann"``.
-      history: per logged step, ``{"step", "loss", "task_loss", "adaptation_loss"}``.
+      history: per logged train record (the means over ``config.log_every`` steps),
+        ``{"step", "loss", "task_loss", "adaptation_loss"}``.
       seconds: wall time of the training.
     """
 
@@ -168,6 +193,107 @@ def _same_width(a: dict, b: dict) -> tuple[dict, dict]:
     return pad(a), pad(b)
 
 
+class PairedLoader:
+    """Each labeled source batch with an unlabeled target batch, as one batch for the
+    :class:`~jaxtl.train.Trainer`: the source rows first (``weight`` 1, ``domain`` 1), then the
+    target rows (``weight`` 0, so no task loss or accuracy reads their placeholder ``label`` 0;
+    ``domain`` 0), and every row's ``progress`` (global step / total steps, DANN's ramp).
+
+    The target split cycles at its own pace: global step ``s`` takes target batch
+    ``s mod T`` of target epoch ``s // T`` (``T`` its batches per epoch), so a resumed run pairs
+    the same batches as an uninterrupted one.
+    """
+
+    process_local = False
+
+    def __init__(self, source: ArrayLoader, target: ArrayLoader, total_steps: int):
+        self.source, self.target, self.total = source, target, total_steps
+        self.num_examples = source.num_examples
+        self.batch_size = source.batch_size + target.batch_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.source.steps_per_epoch
+
+    def _targets(self, step: int) -> Iterator[dict[str, np.ndarray]]:
+        epoch, start = divmod(step, self.target.steps_per_epoch)
+        while True:
+            yield from self.target.epoch(epoch, start)
+            epoch, start = epoch + 1, 0
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        step = epoch * self.steps_per_epoch + start
+        targets = self._targets(step)
+        for i, batch_s in enumerate(self.source.epoch(epoch, start)):
+            batch_t = next(targets)
+            n_s, n_t = len(batch_s["label"]), len(next(iter(batch_t.values())))
+            batch = {k: np.concatenate([batch_s[k], batch_t[k]]) for k in batch_t}
+            label = batch_s["label"]
+            batch["label"] = np.concatenate([label, np.zeros((n_t, *label.shape[1:]), label.dtype)])
+            batch["weight"] = np.repeat(np.float32([1, 0]), [n_s, n_t])
+            batch["domain"] = batch["weight"].copy()
+            progress = (step + i) / max(self.total, 1)
+            batch["progress"] = np.full(n_s + n_t, progress, np.float32)
+            yield batch
+
+    def examples(self, n: int) -> dict[str, np.ndarray]:
+        return self.source.examples(n)
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "paired", "source": self.source.state(), "target": self.target.state(),
+                "total_steps": self.total}  # fmt: skip
+
+    def check_state(self, saved: Mapping[str, Any] | None) -> None:
+        check_same_data(saved, self.state())
+
+    def padding_waste(self, epoch: int = 0) -> float | None:
+        return self.source.padding_waste(epoch)
+
+
+def adaptation_model(model: LoadedModel, method: str, weight: float) -> LoadedModel:
+    """``model`` whose training forward, on a :class:`PairedLoader` batch, returns its outputs
+    with the ``method``'s adaptation term (:class:`jaxtl.train.losses.WithAux`), computed from
+    the head's input features; DANN's domain classifier reads ``params["domain_classifier"]``.
+    Evaluation (and any batch without ``domain``) gets the plain outputs."""
+    head = model.structure.head[0]
+    disc = DomainClassifier()
+
+    def wrap(base: LoadedModel):
+        capture = forward_with_input(base, head)
+
+        def forward(params, batch_stats, batch, *, train=False, rng=None, bn_train=()):
+            own = {k: v for k, v in params.items() if k != DISCRIMINATOR}
+            (outputs, stats), feats = capture(own, batch_stats, batch, train=train, rng=rng,
+                                              bn_train=bn_train)  # fmt: skip
+            if not train or "domain" not in batch:
+                return outputs, stats
+            feats = feats.reshape(feats.shape[0], -1).astype(jnp.float32)
+            is_source = batch["domain"].astype(jnp.float32)
+            if method == "coral":
+                extra = weight * _coral(feats, is_source)
+            elif method == "dann":
+                progress = batch["progress"][0]
+                scale = weight * (2.0 / (1.0 + jnp.exp(-10.0 * progress)) - 1.0)
+                logits = disc.apply({"params": params[DISCRIMINATOR]},
+                                    reverse_gradient(feats, scale))  # fmt: skip
+                # DANN's weight lives in the reversal: the classifier's loss enters with 1.
+                extra = optax.sigmoid_binary_cross_entropy(logits, is_source).mean()
+            else:
+                extra = jnp.zeros((), jnp.float32)
+            return WithAux(outputs, extra), stats
+
+        def rebuild(module):  # --precision / --remat rebuild the backbone underneath
+            apply, fwd = base.forward.rebuild(module)
+            return apply, wrap(dataclasses.replace(base, module=module, apply=apply, forward=fwd))
+
+        forward.traceable = forward
+        if getattr(base.forward, "rebuild", None) is not None:
+            forward.rebuild = rebuild
+        return forward
+
+    return dataclasses.replace(model, forward=wrap(model))
+
+
 def adapt(
     model: LoadedModel,
     recipe: str | Plan,
@@ -178,10 +304,15 @@ def adapt(
     weight: float = 1.0,
     config: TrainConfig | None = None,
     discriminator_lr: float = 1e-3,
+    workdir: str | None = None,
+    resume: bool = False,
+    stop_at: int | None = None,
     verbose: bool = True,
 ) -> Adapted:
     """Trains ``recipe`` on labeled ``source`` batches paired with unlabeled ``target`` ones,
-    with the ``method``'s adaptation term (see the module docstring).
+    with the ``method``'s adaptation term (see the module docstring), through the
+    :class:`~jaxtl.train.Trainer`: its plan and optimizer, mesh, precision, gradient
+    accumulation, checkpoints and exact resume, non-finite-step guard and loggers.
 
     Args:
       model: a classification model from :func:`jaxtl.load`.
@@ -191,16 +322,20 @@ def adapt(
       method: ``"coral"``, ``"dann"`` or ``"source_only"`` (the same loop, no adaptation).
       weight: the adaptation term's weight (CORAL's lambda; DANN's largest reversal scale).
       config: epochs (over the source train split), batch size (per domain), optimizer,
-        learning rate and schedule, clipping, weight decay, seed.
-      discriminator_lr: DANN's domain classifier's Adam learning rate.
-      verbose: print the losses as training goes.
+        learning rate and schedule, clipping, weight decay, seed, mesh, precision.
+      discriminator_lr: DANN's domain classifier's peak learning rate: it trains in its own
+        plan group (the recipe's optimizer and schedule, no weight decay).
+      workdir: a run directory for ``metrics.jsonl`` and checkpoints; None keeps it in memory.
+      resume: continue from ``workdir``'s latest checkpoint.
+      stop_at: stop after this global step, checkpointed, as if preempted (``resume`` finishes
+        the run exactly).
+      verbose: show the Trainer's progress bar.
 
     Raises:
       ValueError: an unknown method, a negative weight, no target data, a task other than
-        classification, or a staged recipe; before anything compiles.
+        classification, a staged recipe, or paired batches that do not split over the mesh;
+        before anything compiles.
     """
-    from jaxtl.train.trainer import Trainer
-
     if method not in METHODS:
         raise ValueError(f"method={method!r}: choose one of {', '.join(METHODS)}.")
     if not weight >= 0:
@@ -210,6 +345,8 @@ def adapt(
             f"adapt trains a classification head (this model: task={model.task!r}); load it "
             "with task='classification'."
         )
+    if not discriminator_lr > 0:
+        raise ValueError(f"discriminator_lr={discriminator_lr!r} must be > 0.")
     config = config or TrainConfig()
     plan = make_plan(recipe, model.structure)
     if plan.stages or plan.adapters is not None:
@@ -221,99 +358,57 @@ def adapt(
     source_loader = ArrayLoader(src, bs, shuffle=True, seed=config.seed, drop_last=True)
     target_loader = ArrayLoader(tgt, min(bs, len(next(iter(tgt.values())))), shuffle=True,
                                 seed=config.seed + 1, drop_last=True)  # fmt: skip
-    total = config.total_steps(source_loader.steps_per_epoch)
-    optim = config.optim
-    tx = plan.optimizer(
-        config.lr_schedule(total),
-        name=optim.optimizer,
-        weight_decay=optim.weight_decay,
-        clip_norm=optim.clip_norm,
-        l2_sp=optim.l2_sp,
-        **optim.optimizer_options,
-    )
-    bn_train = Trainer(model, plan, dataclasses.replace(config, loggers=())).bn_train(plan)
-    forward = forward_with_input(model, model.structure.head[0])
-    disc = DomainClassifier()
-    feature_dim = math.prod(
-        jax.eval_shape(
-            lambda p, b: forward(p, model.batch_stats, b)[1],
-            model.params,
-            {k: v[:2] for k, v in tgt.items()},
-        ).shape[1:]
-    )
-    key = jax.random.key(config.seed)
-    disc_params = disc.init(jax.random.fold_in(key, 1), jnp.zeros((2, feature_dim)))["params"]
-    disc_tx = optax.adam(discriminator_lr)
-
-    def loss_fn(params, dparams, stats, batch_s, batch_t, step):
-        n = batch_s["label"].shape[0]
-        inputs = {k: jnp.concatenate([batch_s[k], batch_t[k]]) for k in batch_t}
-        rng = jax.random.fold_in(key, step)
-        (logits, new_stats), feats = forward(
-            params, stats, inputs, train=True, rng=rng, bn_train=bn_train
+    loader = PairedLoader(source_loader, target_loader,
+                          config.total_steps(source_loader.steps_per_epoch))  # fmt: skip
+    adapted = adaptation_model(model, method, weight)
+    if method == "dann":
+        forward = forward_with_input(model, model.structure.head[0])
+        shape = jax.eval_shape(lambda p, b: forward(p, model.batch_stats, b)[1], model.params,
+                               {k: v[:2] for k, v in tgt.items()}).shape  # fmt: skip
+        init = DomainClassifier().init(jax.random.fold_in(jax.random.key(config.seed), 1),
+                                       jnp.zeros((2, math.prod(shape[1:]))))  # fmt: skip
+        adapted = dataclasses.replace(
+            adapted, params={**model.params, DISCRIMINATOR: init["params"]}
         )
-        task = optax.softmax_cross_entropy_with_integer_labels(
-            logits[:n].astype(jnp.float32), batch_s["label"]
-        ).mean()
-        feats = feats.reshape(feats.shape[0], -1).astype(jnp.float32)
-        if method == "coral":
-            extra = coral_loss(feats[:n], feats[n:])
-        elif method == "dann":
-            progress = step / max(total, 1)
-            scale = weight * (2.0 / (1.0 + jnp.exp(-10.0 * progress)) - 1.0)
-            domain_logits = disc.apply({"params": dparams}, reverse_gradient(feats, scale))
-            is_source = jnp.concatenate([jnp.ones(n), jnp.zeros(feats.shape[0] - n)])
-            extra = optax.sigmoid_binary_cross_entropy(domain_logits, is_source).mean()
-        else:
-            extra = jnp.zeros(())
-        # DANN's scale lives in the reversal: its discriminator loss enters with weight 1.
-        total_loss = task + (weight * extra if method == "coral" else extra)
-        return total_loss, (new_stats, task, extra)
-
-    @jax.jit
-    def train_step(params, opt_state, dparams, dopt_state, stats, batch_s, batch_t, step):
-        grads, aux = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(
-            params, dparams, stats, batch_s, batch_t, step
+        group = Group(DISCRIMINATOR, True, lr_mult=discriminator_lr / config.optim.learning_rate,
+                      weight_decay=0.0)  # fmt: skip
+        rules = ((f"{DISCRIMINATOR}/.*", DISCRIMINATOR), *plan.rules)
+        plan = dataclasses.replace(plan, rules=rules, groups={**plan.groups, DISCRIMINATOR: group})
+    history = _History()
+    if not verbose:
+        config = dataclasses.replace(config, progress=False)
+    trainer = Trainer(adapted, plan, config, workdir, loggers=[history])
+    if loader.batch_size % trainer.devices:
+        raise ValueError(
+            f"adapt's batches hold {source_loader.batch_size} source + {target_loader.batch_size} "
+            f"target rows, which do not split over the mesh's {trainer.devices} batch shards; "
+            "change batch_size (--batch-size) or the mesh (--mesh)."
         )
-        new_stats, task, extra = aux
-        updates, opt_state = tx.update(grads[0], opt_state, params)
-        params = optax.apply_updates(params, updates)
-        dupdates, dopt_state = disc_tx.update(grads[1], dopt_state, dparams)
-        dparams = optax.apply_updates(dparams, dupdates)
-        return params, opt_state, dparams, dopt_state, new_stats, task, extra
-
-    params, stats = model.params, model.batch_stats
-    opt_state, dopt_state = tx.init(params), disc_tx.init(disc_params)
-    history, t0, step = [], time.perf_counter(), 0
-    target_epoch, target_batches = 0, iter(())
-    while step < total:
-        for batch_s in source_loader.epoch(step // source_loader.steps_per_epoch):
-            batch_t = next(target_batches, None)
-            if batch_t is None:  # the target split cycles at its own pace
-                target_batches = target_loader.epoch(target_epoch)
-                target_epoch += 1
-                batch_t = next(target_batches)
-            params, opt_state, disc_params, dopt_state, stats, task, extra = train_step(
-                params, opt_state, disc_params, dopt_state, stats, batch_s, batch_t,
-                jnp.int32(step),
-            )  # fmt: skip
-            step += 1
-            if step % config.log_every == 0 or step == total:
-                task, extra = float(task), float(extra)
-                if not (math.isfinite(task) and math.isfinite(extra)):
-                    raise ValueError(
-                        f"adapt ({method}): the loss became non-finite at step {step}; lower "
-                        f"the learning rate or weight={weight}."
-                    )
-                history.append({"step": step, "task_loss": task, "adaptation_loss": extra})
-                if verbose:
-                    print(f"adapt ({method}) step {step}/{total}: task loss {task:.4f}, "
-                          f"adaptation loss {extra:.4f}")  # fmt: skip
-            if step >= total:
-                break
-    if bn_train:
+    result = trainer.fit(loader, resume=resume, stop_at=stop_at)
+    params = {k: v for k, v in result.state.params.items() if k != DISCRIMINATOR}
+    stats = result.state.batch_stats
+    if trainer.bn_train(plan) and result.steps >= loader.total:
         stats = _exact_statistics(model, params, stats, source_loader, target_loader, method)
-    return Adapted(params, stats, method, history, time.perf_counter() - t0)
+    return Adapted(params, stats, method, history.records, result.train_seconds)
+
+
+class _History:
+    """A logger that keeps :func:`adapt`'s train records (task and adaptation losses)."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if record.get("split") != "train" or record.get("loss") is None:
+            return
+        aux = record.get("aux_loss", 0.0)
+        loss = record["loss"]
+        self.records.append(
+            {"step": record["step"], "loss": loss, "task_loss": loss - aux, "adaptation_loss": aux}
+        )
+
+    def close(self) -> None:
+        pass
 
 
 def _exact_statistics(model, params, stats, source_loader, target_loader, method: str):
@@ -337,6 +432,23 @@ def _exact_statistics(model, params, stats, source_loader, target_loader, method
     return adapt_batch_norm(model, batches(), params=params, batch_stats=stats)
 
 
+def _entropy_model(model: LoadedModel) -> LoadedModel:
+    """``model`` whose training forward returns its outputs with the mean entropy of their
+    softmax as the objective (:class:`~jaxtl.train.losses.WithAux`; Tent's batches have no
+    labels, so it is the whole loss)."""
+    base = model.forward.traceable
+
+    def forward(params, batch_stats, batch, *, train=False, rng=None, bn_train=()):
+        logits, stats = base(params, batch_stats, batch, train=train, rng=rng, bn_train=bn_train)
+        if not train:
+            return logits, stats
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        return WithAux(logits, -(jnp.exp(logp) * logp).sum(-1).mean()), stats
+
+    forward.traceable = forward
+    return dataclasses.replace(model, forward=forward)
+
+
 def tent(
     model: LoadedModel,
     target: sources.TextSplits | images.ImageSplits | None,
@@ -347,12 +459,15 @@ def tent(
     learning_rate: float = 1e-3,
     batch_size: int = 64,
     seed: int = 0,
+    workdir: str | None = None,
 ) -> tuple[Any, Any]:
     """Tent: minimize the entropy of the predictions on the target train split's inputs,
-    training only the BatchNorm scales and biases (Adam), every BatchNorm layer normalizing
-    with the batch's statistics. Returns ``(params, batch_stats)``: the adapted params, and
-    the BatchNorm statistics of the target data under them (:func:`jaxtl.adapt_batch_norm`),
-    so that inference mode uses the target's statistics, as Tent's batch-statistics mode does.
+    training only the BatchNorm scales and biases (Adam, constant ``learning_rate``, no weight
+    decay or clipping), every BatchNorm layer normalizing with the batch's statistics; through
+    the :class:`~jaxtl.train.Trainer` (a plan of one trained group, ``tent``). Returns
+    ``(params, batch_stats)``: the adapted params, and the BatchNorm statistics of the target
+    data under them (:func:`jaxtl.adapt_batch_norm`), so that inference mode uses the target's
+    statistics, as Tent's batch-statistics mode does.
 
     Raises:
       ValueError: no target data, or a model without BatchNorm.
@@ -367,32 +482,22 @@ def tent(
             f"tent trains BatchNorm scales and biases; the {model.family!r} model has none."
         )
     tgt = unlabeled(model, target)
-    affine = {f"{p}/{leaf}" for p in layers for leaf in ("scale", "bias")}
-    labels = unflatten({p: "bn" if p in affine else "frozen" for p in flatten(params)})
-    tx = optax.partition({"bn": optax.adam(learning_rate), "frozen": optax.set_to_zero()}, labels)
-    key = jax.random.key(seed)
-
-    def entropy(p, stats, batch, step):
-        logits, new_stats = model.forward.traceable(
-            p, stats, batch, train=True, rng=jax.random.fold_in(key, step), bn_train=layers
-        )
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-        return -(jnp.exp(logp) * logp).sum(-1).mean(), new_stats
-
-    @jax.jit
-    def step_fn(p, opt_state, stats, batch, step):
-        (_, stats), grads = jax.value_and_grad(entropy, has_aux=True)(p, stats, batch, step)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, stats
-
+    affine = "|".join(re.escape(p) for p in layers)
+    plan = Plan(rules=((f"({affine})/(scale|bias)", "tent"), (".*", "frozen")),
+                groups=[Group("tent", True), Group("frozen", False)], name="tent")  # fmt: skip
     n = len(next(iter(tgt.values())))
     loader = ArrayLoader(tgt, min(batch_size, n), shuffle=True, seed=seed, drop_last=True)
-    opt_state, stats, step = tx.init(params), batch_stats, 0
-    for epoch in range(epochs):
-        for batch in loader.epoch(epoch):
-            params, opt_state, stats = step_fn(params, opt_state, stats, batch, jnp.int32(step))
-            step += 1
-    return params, adapt_batch_norm(model, loader.epoch(0), params=params, batch_stats=stats)
+    config = TrainConfig(
+        epochs=epochs, batch_size=loader.batch_size, seed=seed, progress=False,
+        optim=OptimConfig(optimizer="adam", learning_rate=learning_rate, schedule="constant",
+                          weight_decay=0.0, clip_norm=None),
+    )  # fmt: skip
+    entropy = _entropy_model(dataclasses.replace(model, params=params, batch_stats=batch_stats))
+    state = Trainer(entropy, plan, config, workdir).fit(loader).state
+    stats = adapt_batch_norm(
+        model, loader.epoch(0), params=state.params, batch_stats=state.batch_stats
+    )
+    return state.params, stats
 
 
 IMAGE_SHIFTS = ("invert", "rotate", "noise")
@@ -465,9 +570,7 @@ def shift_texts(data: sources.TextSplits, kind: str = "typos", seed: int = 0):
     def apply(texts):
         return [" ".join(typo(w, rng) for w in t.split(" ")) for t in texts]
 
-    splits = {s: (apply(getattr(data, s)[0]), getattr(data, s)[1])
-              for s in ("train", "validation", "test")}  # fmt: skip
-    return dataclasses.replace(data, **splits, name=f"{data.name}-{kind}")
+    return _with_inputs(data, apply, kind)
 
 
 def shift_images(data: images.ImageSplits, shift: str, seed: int = 0) -> images.ImageSplits:
@@ -494,8 +597,12 @@ def shift_images(data: images.ImageSplits, shift: str, seed: int = 0) -> images.
             x = x + rng.normal(0, 64, x.shape)
         return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
-    splits = {s: (apply(getattr(data, s)[0]), getattr(data, s)[1])
-              for s in ("train", "validation", "test")}  # fmt: skip
+    return _with_inputs(data, apply, shift)
+
+
+def _with_inputs(data, apply, shift: str):
+    """``data`` with ``apply`` run on every split's inputs (labels kept), named for ``shift``."""
+    splits = {s: (apply(getattr(data, s)[0]), getattr(data, s)[1]) for s in sources.SPLITS}
     return dataclasses.replace(data, **splits, name=f"{data.name}-{shift}")
 
 
@@ -534,9 +641,14 @@ def compare(
     recipe: str = "full",
     config: TrainConfig | None = None,
     weight: float = 1.0,
+    workdir: str | None = None,
+    resume: bool = False,
 ) -> list[dict]:
     """Each of ``methods`` (:data:`COMPARED`) from a fresh ``load_model()``: source and target
     test accuracy and seconds. ``adabn`` and ``tent`` start from the ``source_only`` model.
+    With ``workdir``, each trained method runs in ``workdir/<method>`` (its ``metrics.jsonl``,
+    checkpoints and loggers), and ``resume`` continues each from its latest checkpoint (a
+    finished one is read back, not trained again).
 
     Raises:
       ValueError: an unknown method, or adabn / tent for a model without BatchNorm.
@@ -554,8 +666,10 @@ def compare(
     needed = set(methods) | ({"source_only"} if {"adabn", "tent"} & set(methods) else set())
     found = {}
     for method in [m for m in METHODS if m in needed]:
+        run_dir = None if workdir is None else os.path.join(workdir, method)
+        resumed = resume and _started(run_dir)
         done = adapt(load_model(), recipe, source, target, method=method, weight=weight,
-                     config=config)  # fmt: skip
+                     config=config, workdir=run_dir, resume=resumed)  # fmt: skip
         found[method] = (done.params, done.batch_stats, done.seconds)
     if "source_only" in found:
         params, stats, _ = found["source_only"]
@@ -582,6 +696,10 @@ def compare(
     return rows
 
 
+def _started(run_dir: str | None) -> bool:
+    return run_dir is not None and os.path.isdir(os.path.join(run_dir, "checkpoints"))
+
+
 def table(rows: list[dict]) -> str:
     """:func:`compare`'s rows as a table."""
     from jaxtl.report import format_table
@@ -596,7 +714,6 @@ def table(rows: list[dict]) -> str:
 def write(rows: list[dict], out: str, source: str, target: str, facts: dict) -> tuple[str, str]:
     """``OUT/adapt.json`` and ``OUT/adapt.png`` (source and target accuracy per method)."""
     import json
-    import os
 
     from jaxtl.report import _pyplot, save_figure
 

@@ -30,7 +30,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,12 +40,14 @@ __all__ = [
     "DENSE",
     "IGNORE",
     "TASKS",
+    "WithAux",
     "best_spans",
     "mean_loss",
     "metric_sums",
     "per_example_loss",
     "prediction_rows",
     "reported_metrics",
+    "split_aux",
     "summarize",
     "train_metrics",
 ]
@@ -63,6 +65,27 @@ DENSE = ("token_classification", "segmentation")
 IGNORE = -100  # a position no loss or metric counts (transformers' ignore_index)
 # The longest answer span (tokens) question answering predicts, as transformers' QA pipeline.
 MAX_ANSWER_TOKENS = 30
+
+
+class WithAux(NamedTuple):
+    """A training forward's outputs with a scalar term added to the objective: the train step's
+    loss is the task's loss plus ``aux_loss``, reported as the ``aux_loss`` metric (domain
+    adaptation's CORAL or DANN term, :mod:`jaxtl.domain`). A batch without ``label`` is trained
+    on ``aux_loss`` alone (Tent's entropy). Evaluation forwards return plain outputs."""
+
+    outputs: Any
+    aux_loss: jax.Array
+
+
+def split_aux(outputs: Any) -> tuple[Any, jax.Array | None]:
+    """``(outputs, aux_loss)`` of a :class:`WithAux`; ``(outputs, None)`` of plain outputs."""
+    if isinstance(outputs, WithAux):
+        return outputs.outputs, outputs.aux_loss.astype(jnp.float32)
+    return outputs, None
+
+
+def _unlabeled(aux: jax.Array | None, batch: dict) -> bool:
+    return aux is not None and "label" not in batch
 
 
 def _targets(outputs: jax.Array, batch: dict, task: str):
@@ -137,11 +160,18 @@ def metric_sums(outputs: jax.Array, batch: dict, task: str, loss: Any = None) ->
     (which also reports ``examples``, its real rows). ``loss``: a custom
     ``loss(outputs, batch) -> [B]`` per-example loss in place of the task's (``Trainer(loss=)``).
     """
+    outputs, aux = split_aux(outputs)
+    if _unlabeled(aux, batch):  # the auxiliary term is the whole objective: per row, its value
+        rows = jnp.float32(jax.tree.leaves(outputs)[0].shape[0])
+        return {"loss_sum": aux * rows, "count": rows, "aux_sum": aux * rows}
     preds, targets, weight = _targets(outputs, batch, task)
     sums = {
         "loss_sum": jnp.sum(_losses(preds, targets, batch, task, loss) * weight),
         "count": jnp.sum(weight),
     }
+    if aux is not None:
+        sums["aux_sum"] = aux * sums["count"]
+        sums["loss_sum"] = sums["loss_sum"] + sums["aux_sum"]
     if task != "regression":
         sums["correct"] = _correct(preds, targets, weight, task)
     if task == "causal_lm" or task in DENSE:  # count is positions: the rows apart
@@ -218,16 +248,25 @@ def best_spans(outputs: jax.Array, offsets: jax.Array | None = None) -> dict:
 def mean_loss(outputs: jax.Array, batch: dict, task: str, loss: Any = None) -> jax.Array:
     """The training objective: the weighted mean of :func:`per_example_loss` (or of a custom
     ``loss(outputs, batch) -> [B]``) over the batch (over its non-padding target tokens for a
-    causal LM)."""
+    causal LM), plus the auxiliary term of :class:`WithAux` outputs."""
+    outputs, aux = split_aux(outputs)
+    if _unlabeled(aux, batch):
+        return aux
     preds, targets, weight = _targets(outputs, batch, task)
     total = jnp.sum(_losses(preds, targets, batch, task, loss) * weight)
-    return total / jnp.maximum(jnp.sum(weight), 1.0)
+    mean = total / jnp.maximum(jnp.sum(weight), 1.0)
+    return mean if aux is None else mean + aux
 
 
 def train_metrics(loss: jax.Array, outputs: jax.Array, batch: dict, task: str) -> dict:
-    """A train step's metrics: its loss and (not for regression) its accuracy."""
+    """A train step's metrics: its loss, (not for regression) its accuracy, and the auxiliary
+    term of :class:`WithAux` outputs (``aux_loss``)."""
+    outputs, aux = split_aux(outputs)
     metrics = {"loss": loss}
-    if task != "regression":  # the loss is already computed: only count the right answers
+    if aux is not None:
+        metrics["aux_loss"] = aux
+    # The loss is already computed: only count the right answers.
+    if task != "regression" and not _unlabeled(aux, batch):
         preds, targets, weight = _targets(outputs, batch, task)
         correct = _correct(preds, targets, weight, task)
         metrics["accuracy"] = correct / jnp.maximum(jnp.sum(weight), 1.0)

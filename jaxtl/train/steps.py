@@ -164,6 +164,8 @@ def _accumulated_step(state: TrainState, batch: dict, k: int, placed: Any, param
     grads = jax.tree.map(lambda g: g / count, grads)
     batch_stats = jax.tree.map(lambda old, d: old + d / k, state.batch_stats, stats)
     metrics = {"loss": totals["loss_sum"] / count}
+    if "aux_sum" in totals:
+        metrics["aux_loss"] = totals["aux_sum"] / count
     if "correct" in totals:
         metrics["accuracy"] = totals["correct"] / count
     state, metrics["skipped"] = _apply_grads(state, grads, batch_stats, metrics["loss"])
