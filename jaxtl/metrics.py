@@ -87,8 +87,7 @@ def classification(rows: dict, num_labels: int, label_names: Sequence[str] | Non
     from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
     pred, label = np.asarray(rows["pred"]), np.asarray(rows["label"])
-    named = label_names is not None and len(label_names) == num_labels
-    names = [str(n) for n in label_names] if named else [str(i) for i in range(num_labels)]
+    names = _names(label_names, num_labels)
     classes = list(range(num_labels))
     precision, recall, f1, support = precision_recall_fscore_support(
         label, pred, labels=classes, zero_division=0.0

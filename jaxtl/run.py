@@ -151,14 +151,11 @@ def encode_splits(
         tokenizer, all_texts, max_length=max_length, on_long=long_texts
     )
     length = encoded["input_ids"].shape[1]
-    out, start = {}, 0
+    out = text.split_back(encoded, [(s, len(getattr(data, s)[0])) for s in sources.SPLITS])
     for s in sources.SPLITS:
-        texts, labels = getattr(data, s)
-        stop = start + len(texts)
-        out[s] = {k: v[start:stop] for k, v in encoded.items()}
+        labels = getattr(data, s)[1]
         if labels is not None and model.task != "causal_lm":  # an LM's targets are its inputs
             out[s]["label"] = np.asarray(labels)
-        start = stop
     return out, {"length": int(length), "truncated": truncated, "sizes": data.sizes()}
 
 

@@ -105,3 +105,27 @@ def test_texts_longer_than_the_model_are_truncated_and_counted_or_refused(tmp_pa
     assert cli.main(argv) == 2
     assert "exceed the model's 64 positions" in capsys.readouterr().err
     assert not (tmp_path / "run" / "pretrained-full" / "checkpoints").exists()
+
+
+def test_texts_are_padded_with_the_tokenizers_own_pad_id():
+    """RoBERTa-style vocabularies pad with ``<pad>`` (id 1 there, not 0, which is ``<s>``), as
+    transformers' fast tokenizer pads the same texts; BERT's with ``[PAD]``."""
+    import tokenizers
+    import transformers
+
+    from jaxtl.data import qa, tagging, text
+
+    words = ["<s>", "<pad>", "</s>", "good", "bad", "film", "a"]
+    tok = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="a")
+    )
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    texts = ["good film", "a bad bad film", "good"]
+    ours, _ = text.encode(tok, texts, max_length=16, pad_multiple=1)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
+    theirs = fast(texts, padding="longest", return_tensors="np")
+    np.testing.assert_array_equal(ours["input_ids"], theirs["input_ids"])
+    np.testing.assert_array_equal(ours["attention_mask"], theirs["attention_mask"])
+    assert text.pad_id(tok) == 1 and tagging.pad_id is qa.pad_id is text.pad_id
+    bert = tokenizers.Tokenizer(tokenizers.models.WordLevel({"x": 0, "[PAD]": 3}, unk_token="x"))
+    assert text.pad_id(bert) == 3

@@ -30,6 +30,7 @@ import numpy as np
 
 from jaxtl.data.sources import SPLITS, check_split_sizes, split_indices
 from jaxtl.data.tagging import FILLER, polar_words
+from jaxtl.data.text import pad_id, split_back
 
 
 @dataclasses.dataclass
@@ -110,12 +111,10 @@ def encode(
         tok.no_truncation()
     longest = max(len(e.ids) for e in encs)
     length = min(max_length, -(-longest // pad_multiple) * pad_multiple)
-    pad_id = next(
-        (tok.token_to_id(p) for p in ("[PAD]", "<pad>") if tok.token_to_id(p) is not None), 0
-    )
+    pad = pad_id(tok)
     n = len(encs)
     out = {
-        "input_ids": np.full((n, length), pad_id, np.int32),
+        "input_ids": np.full((n, length), pad, np.int32),
         "attention_mask": np.zeros((n, length), np.int32),
         "token_type_ids": np.zeros((n, length), np.int32),
         "offsets": np.full((n, length, 2), -1, np.int32),
@@ -148,11 +147,7 @@ def encode_splits(
     check(data)
     every = [sum((list(getattr(data, s)[j]) for s in SPLITS), []) for j in range(3)]
     encoded, counts = encode(tokenizer, *every, max_length=max_length)
-    out, start = {}, 0
-    for s in SPLITS:
-        stop = start + len(getattr(data, s)[0])
-        out[s] = {k: v[start:stop] for k, v in encoded.items()}
-        start = stop
+    out = split_back(encoded, [(s, len(getattr(data, s)[0])) for s in SPLITS])
     facts = {"length": int(encoded["input_ids"].shape[1]), **counts, "sizes": data.sizes()}
     return out, facts
 

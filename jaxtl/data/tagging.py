@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxtl.data.sources import SPLITS, check_split_sizes, split_indices, vader_lexicon_path
+from jaxtl.data.text import pad_id, split_back
 
 IGNORE = -100  # jaxtl.train.losses.IGNORE: a token no loss or metric counts
 
@@ -106,12 +107,10 @@ def encode(
     if length is None:
         length = min(max_length, -(-longest // pad_multiple) * pad_multiple)
     length = min(length, max_length)
-    pad_id = tok.token_to_id("[PAD]")
-    pad_id = tok.token_to_id("<pad>") if pad_id is None else pad_id
-    pad_id = 0 if pad_id is None else pad_id
+    pad = pad_id(tok)
     n = len(encs)
     out = {
-        "input_ids": np.full((n, length), pad_id, np.int32),
+        "input_ids": np.full((n, length), pad, np.int32),
         "attention_mask": np.zeros((n, length), np.int32),
         "token_type_ids": np.zeros((n, length), np.int32),
         "label": np.full((n, length), IGNORE, np.int32),
@@ -157,11 +156,7 @@ def encode_splits(
     every = [w for s in SPLITS for w in getattr(data, s)[0]]
     every_tags = [t for s in SPLITS for t in getattr(data, s)[1]]
     encoded, cut = encode(tokenizer, every, every_tags, max_length=max_length)
-    out, start = {}, 0
-    for s in SPLITS:
-        stop = start + len(getattr(data, s)[0])
-        out[s] = {k: v[start:stop] for k, v in encoded.items()}
-        start = stop
+    out = split_back(encoded, [(s, len(getattr(data, s)[0])) for s in SPLITS])
     facts = {"length": int(encoded["input_ids"].shape[1]), "truncated": cut, "sizes": data.sizes()}
     return out, facts
 

@@ -51,10 +51,9 @@ def encode(
     if length is None:
         length = min(max_length, -(-longest // pad_multiple) * pad_multiple)
     length = min(length, max_length)
-    pad_id = tok.token_to_id("[PAD]")
-    pad_id = 0 if pad_id is None else pad_id
+    pad = pad_id(tok)
     n = len(encs)
-    ids = np.full((n, length), pad_id, np.int32)
+    ids = np.full((n, length), pad, np.int32)
     mask = np.zeros((n, length), np.int32)
     types = np.zeros((n, length), np.int32)
     truncated = 0
@@ -72,6 +71,17 @@ def encode(
         mask[i, :k] = 1
         types[i, :k] = row_types
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}, truncated
+
+
+def pad_id(tokenizer) -> int:
+    """The id that fills padded positions: the tokenizer's ``[PAD]`` (BERT's vocabularies) or
+    ``<pad>`` (RoBERTa's byte-level BPE), else 0. Padded positions are masked, so the id only
+    has to be the one the checkpoint's own tokenizer pads with."""
+    for token in ("[PAD]", "<pad>"):
+        found = tokenizer.token_to_id(token)
+        if found is not None:
+            return found
+    return 0
 
 
 def bucket_lengths(max_length: int, smallest: int = 8) -> tuple[int, ...]:
@@ -124,3 +134,15 @@ def token_arrays(arrays: dict[str, np.ndarray]) -> tuple[str, ...]:
         for k, v in arrays.items()
         if np.shape(v)[: np.ndim(mask)] == np.shape(mask) and per_token(k, v)
     )
+
+
+def split_back(
+    encoded: dict[str, np.ndarray], sizes: Sequence[tuple[str, int]]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Arrays encoded for several splits at once (one shared padded length), cut back into
+    ``{split: arrays}`` by ``sizes``: ``(split, rows)`` in the order they were concatenated."""
+    out, start = {}, 0
+    for split, rows in sizes:
+        out[split] = {k: v[start : start + rows] for k, v in encoded.items()}
+        start += rows
+    return out
