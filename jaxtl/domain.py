@@ -26,8 +26,10 @@ checkpoints and exact resume: :class:`PairedLoader` feeds the paired batches (ta
 weighted out of the task loss), and the model's training forward adds the adaptation term to
 the objective (:class:`jaxtl.train.losses.WithAux`, computed from the head's input features).
 DANN's domain classifier is a param subtree (``domain_classifier``) in its own plan group: the
-recipe's optimizer and schedule at ``discriminator_lr``, no weight decay, and inside the
-recipe's global-norm clipping (tllib likewise trains it in the model's optimizer). Tent is a
+recipe's optimizer and schedule at ``discriminator_lr`` (tllib likewise trains it in the
+model's optimizer and schedule), no weight decay, and outside the recipe's global-norm clipping
+(``Group(clip=False)``: the adversary's gradients neither count in the model's norm nor are
+scaled by it). Tent is a
 plan of one trained group (the BatchNorm scales and biases) whose objective is the entropy.
 """
 
@@ -324,7 +326,7 @@ def adapt(
       config: epochs (over the source train split), batch size (per domain), optimizer,
         learning rate and schedule, clipping, weight decay, seed, mesh, precision.
       discriminator_lr: DANN's domain classifier's peak learning rate: it trains in its own
-        plan group (the recipe's optimizer and schedule, no weight decay).
+        plan group (the recipe's optimizer and schedule, no weight decay, no clipping).
       workdir: a run directory for ``metrics.jsonl`` and checkpoints; None keeps it in memory.
       resume: continue from ``workdir``'s latest checkpoint.
       stop_at: stop after this global step, checkpointed, as if preempted (``resume`` finishes
@@ -371,7 +373,7 @@ def adapt(
             adapted, params={**model.params, DISCRIMINATOR: init["params"]}
         )
         group = Group(DISCRIMINATOR, True, lr_mult=discriminator_lr / config.optim.learning_rate,
-                      weight_decay=0.0)  # fmt: skip
+                      weight_decay=0.0, clip=False)  # fmt: skip
         rules = ((f"{DISCRIMINATOR}/.*", DISCRIMINATOR), *plan.rules)
         plan = dataclasses.replace(plan, rules=rules, groups={**plan.groups, DISCRIMINATOR: group})
     history = _History()

@@ -70,16 +70,11 @@ def _same(a, b) -> bool:
 
 def test_a_zero_weight_adaptation_is_the_source_only_run(setup):
     _, base = _run(setup, "source_only")
-    _, zero = _run(setup, "coral", weight=0.0)
-    assert _same(zero.params, base.params)
-    # DANN's domain classifier trains in the recipe's optimizer (as in tllib, one optimizer
-    # over the model and the classifier), so its gradients count in the global-norm clipping:
-    # the weight-0 run equals the source-only one when nothing clips.
-    config = setup[3]
-    unclipped = dataclasses.replace(config, optim=dataclasses.replace(config.optim, clip_norm=None))
-    _, base = _run(setup, "source_only", config=unclipped)
-    _, zero = _run(setup, "dann", weight=0.0, config=unclipped)
-    assert _same(zero.params, base.params)
+    # DANN's domain classifier trains too (its own plan group, outside the model's clipping),
+    # but at weight 0 the reversal passes it nothing back: the model trains as source-only.
+    for method in ("coral", "dann"):
+        _, zero = _run(setup, method, weight=0.0)
+        assert _same(zero.params, base.params), method
     _, coral = _run(setup, "coral", weight=1.0)
     assert not _same(coral.params, base.params)
     assert all(np.isfinite(h["adaptation_loss"]) and h["adaptation_loss"] > 0

@@ -304,6 +304,26 @@ def test_clip_norm_sees_only_trainable_grads(params):
         )
 
 
+def test_a_group_outside_the_clipping_is_neither_counted_nor_scaled():
+    """``Group(clip=False)`` (DANN's domain classifier): the model's gradients clip by their own
+    norm, the group's pass through unscaled, and a huge one does not shrink the model's step."""
+    plan = Plan(
+        (("model/.*", "model"), ("aux/.*", "aux")),
+        [Group("model", True), Group("aux", True, clip=False)],
+    )
+    params = {"model": {"w": jnp.ones((2, 2))}, "aux": {"w": jnp.ones((2, 2))}}
+    grads = {"model": {"w": jnp.full((2, 2), 3.0)}, "aux": {"w": jnp.full((2, 2), 1e4)}}
+    tx = plan.optimizer(1.0, name="sgd", weight_decay=0.0, clip_norm=1.0)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["model"]["w"], -np.full((2, 2), 0.5), rtol=1e-6)
+    np.testing.assert_array_equal(updates["aux"]["w"], -grads["aux"]["w"])
+    # Every group clipped (the default): the huge gradient dominates the shared norm.
+    shared = Plan(plan.rules, [Group("model", True), Group("aux", True)])
+    tx = shared.optimizer(1.0, name="sgd", weight_decay=0.0, clip_norm=1.0)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert float(jnp.abs(updates["model"]["w"]).max()) < 1e-3
+
+
 # ----------------------------------------------------------------------------- summary and table
 
 

@@ -225,6 +225,14 @@ def set_weight_decay(opt_state: Any, weight_decay: float | jax.Array) -> Any:
     )
 
 
+def _clipped(plan: Grouped, tree: Any) -> Any:
+    """True on the leaves of trainable groups that take part in the global-norm clipping."""
+    return jax.tree.map(
+        lambda g: plan.groups[g].trainable and getattr(plan.groups[g], "clip", True),
+        plan.labels(tree),
+    )
+
+
 class AnchorState(NamedTuple):
     """The values the regularized leaves started from (the pretrained weights)."""
 
@@ -347,6 +355,10 @@ def make_optimizer(
     if l2_sp is not None:
         chain.append(l2_sp_transform(plan, *l2_sp))
     if clip_norm is not None:
-        chain.append(optax.clip_by_global_norm(clip_norm))
+        clip = optax.clip_by_global_norm(clip_norm)
+        if any(g.trainable and not getattr(g, "clip", True) for g in plan.groups.values()):
+            # Groups with clip=False stay out of the norm and are not scaled.
+            clip = optax.masked(clip, lambda tree: _clipped(plan, tree))
+        chain.append(clip)
     chain.append(optax.partition(transforms, plan.labels))
     return optax.chain(*chain)

@@ -36,6 +36,9 @@ class Group:
       lr_mult: multiplies the learning rate (and so the decoupled weight decay, as in AdamW).
       weight_decay: overrides the optimizer's ``weight_decay`` for this group; None keeps it.
       wd_mult: multiplies the group's weight decay (the override, or the optimizer's).
+      clip: False leaves the group's gradients out of the global-norm clipping, neither counted
+        in the norm nor scaled (an auxiliary network trained beside the model, such as DANN's
+        domain classifier in :mod:`jaxtl.domain`).
     """
 
     name: str
@@ -43,6 +46,7 @@ class Group:
     lr_mult: float = 1.0
     weight_decay: float | None = None
     wd_mult: float = 1.0
+    clip: bool = True
 
     def __post_init__(self):
         if not (math.isfinite(self.lr_mult) and self.lr_mult >= 0):
