@@ -296,7 +296,7 @@ _NOT_FOR_LR_FIND = ("--lr", "--seeds", "--resume", "--resume-from", "--distribut
                     "--best-metric", "--patience")  # fmt: skip
 
 
-# ... and those that jaxtl adapt has no use for (it trains its own loop, no checkpoints).
+# ... and those that jaxtl adapt has no use for (it validates nothing, and reads its data whole).
 _NOT_FOR_ADAPT = ("--seeds", "--resume-from", "--distributed", "--evals-per-epoch",
                   "--min-eval-interval", "--eval-every", "--best-metric", "--patience",
                   "--augment", "--mixup", "--cutmix", "--label-smoothing", "--data-workers",
@@ -476,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
         "source and target test accuracy (the target test labels score, never train) and "
         "writes OUT/adapt.json and OUT/adapt.png; each trained method runs in the Trainer in "
         "OUT/<method> (metrics.jsonl, checkpoints: --resume continues them; --mesh, "
-        "--precision, --grad-accum, --remat, --l2-sp and the loggers apply). Example: "
+        "--precision, --grad-accum, --remat, --l2-sp (not with dann) and the loggers apply; "
+        "tent runs in memory with its own settings: 1 epoch of Adam 1e-3). Example: "
         "jaxtl adapt --model "
         "$(python -c 'import jaxtl; print(jaxtl.efficientnet_lite0_path())') --data digits "
         "--in-channels 1 --image-size 32 --num-labels 10 --target-shift invert --lr 1e-3",

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxtl import parallel
 from jaxtl.data import images, sources
 from jaxtl.data.loader import ArrayLoader, check_same_data
 from jaxtl.data.text import token_arrays
@@ -145,7 +146,8 @@ class Adapted:
     Attributes:
       params, batch_stats: the trained model's (without DANN's domain classifier).
       method: ``"source_only"``, ``"coral"`` or ``"dann"``.
-      history: per logged train record (the means over ``config.log_every`` steps),
+      history: per logged train record of this call (the means over ``config.log_every``
+        steps; a resumed run's earlier records are in ``workdir/metrics.jsonl``),
         ``{"step", "loss", "task_loss", "adaptation_loss"}``.
       seconds: wall time of the training.
     """
@@ -335,7 +337,8 @@ def adapt(
 
     Raises:
       ValueError: an unknown method, a negative weight, no target data, a task other than
-        classification, a staged recipe, or paired batches that do not split over the mesh;
+        classification, a staged recipe, paired batches that do not split over the mesh and
+        microbatches (or leave CORAL fewer than 2 rows of a domain), or l2_sp with DANN;
         before anything compiles.
     """
     if method not in METHODS:
@@ -380,11 +383,20 @@ def adapt(
     if not verbose:
         config = dataclasses.replace(config, progress=False)
     trainer = Trainer(adapted, plan, config, workdir, loggers=[history])
-    if loader.batch_size % trainer.devices:
+    accum = config.scale.grad_accum
+    what = (f"adapt's paired batch ({source_loader.batch_size} source + "
+            f"{target_loader.batch_size} target rows; batch_size, --batch-size)")  # fmt: skip
+    parallel.check_batch_size(loader.batch_size, trainer.mesh, what=what, grad_accum=accum)
+    if method == "coral" and min(source_loader.batch_size, target_loader.batch_size) < 2 * accum:
         raise ValueError(
-            f"adapt's batches hold {source_loader.batch_size} source + {target_loader.batch_size} "
-            f"target rows, which do not split over the mesh's {trainer.devices} batch shards; "
-            "change batch_size (--batch-size) or the mesh (--mesh)."
+            f"coral compares covariances of at least 2 source and 2 target rows per microbatch; "
+            f"{what} over grad_accum (--grad-accum) = {accum} microbatches gives fewer. Raise "
+            "batch_size or lower grad_accum."
+        )
+    if method == "dann" and config.optim.l2_sp is not None:
+        raise ValueError(
+            "l2_sp (--l2-sp) pulls every trained param toward its starting value, and DANN's "
+            "domain classifier starts random; train DANN without l2_sp, or use coral."
         )
     result = trainer.fit(loader, resume=resume, stop_at=stop_at)
     params = {k: v for k, v in result.state.params.items() if k != DISCRIMINATOR}
@@ -488,7 +500,11 @@ def tent(
     plan = Plan(rules=((f"({affine})/(scale|bias)", "tent"), (".*", "frozen")),
                 groups=[Group("tent", True), Group("frozen", False)], name="tent")  # fmt: skip
     n = len(next(iter(tgt.values())))
-    loader = ArrayLoader(tgt, min(batch_size, n), shuffle=True, seed=seed, drop_last=True)
+    shards = parallel.batch_shards(parallel.make_mesh())  # batches split over every device
+    if n < shards:
+        raise ValueError(f"tent: the target's {n} train examples do not fill {shards} devices.")
+    batch = min(batch_size, n) // shards * shards
+    loader = ArrayLoader(tgt, batch, shuffle=True, seed=seed, drop_last=True)
     config = TrainConfig(
         epochs=epochs, batch_size=loader.batch_size, seed=seed, progress=False,
         optim=OptimConfig(optimizer="adam", learning_rate=learning_rate, schedule="constant",

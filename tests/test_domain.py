@@ -176,6 +176,18 @@ def test_errors_name_the_problem(setup, tmp_path):
         domain.adapt(model, "full", source, target, weight=-1.0)
     with pytest.raises(ValueError, match="is staged"):
         domain.adapt(model, "lp_ft(1)", source, target)
+    penalized = dataclasses.replace(
+        config, optim=dataclasses.replace(config.optim, l2_sp=(0.01, 0.01))
+    )
+    with pytest.raises(ValueError, match=r"l2_sp \(--l2-sp\).*domain classifier starts random"):
+        domain.adapt(model, "full", source, target, method="dann", config=penalized)
+    tiny = dataclasses.replace(
+        config,
+        data=dataclasses.replace(config.data, batch_size=2),
+        scale=dataclasses.replace(config.scale, grad_accum=2),
+    )
+    with pytest.raises(ValueError, match=r"at least 2 source and 2 target rows per microbatch"):
+        domain.adapt(model, "full", source, target, method="coral", config=tiny)
     bert = jaxtl.load(make_tiny_bert(str(tmp_path / "bert")), num_labels=2)
     with pytest.raises(ValueError, match="has none"):
         domain.tent(bert, target)
@@ -281,3 +293,29 @@ def test_cli_adapts_a_text_model_to_typos(tmp_path, capsys):
     assert [r["method"] for r in rows] == ["source_only", "coral", "dann"]
     assert all(0 <= r["target_test_accuracy"] <= 1 for r in rows)
     assert "-typos" in capsys.readouterr().out  # the target is named after its shift
+
+
+def test_an_auxiliary_term_adds_to_every_task_loss_and_stands_alone_without_labels():
+    """losses.WithAux: the term adds to a labelled loss (classification, and a causal LM whose
+    batches never hold labels), and is the whole objective of an unlabeled batch (Tent)."""
+    import math
+
+    from jaxtl.train.losses import WithAux, mean_loss, metric_sums, train_metrics
+
+    aux = jnp.float32(0.5)
+    logits = jnp.zeros((2, 3))  # uniform over 3 classes
+    labelled = {"label": jnp.array([0, 2])}
+    assert float(mean_loss(WithAux(logits, aux), labelled, "classification")) == pytest.approx(
+        math.log(3) + 0.5
+    )
+    lm = {"input_ids": jnp.array([[1, 2, 0]])}
+    uniform = jnp.zeros((1, 3, 4))
+    assert float(mean_loss(WithAux(uniform, aux), lm, "causal_lm")) == pytest.approx(
+        math.log(4) + 0.5
+    )
+    assert float(mean_loss(WithAux(logits, aux), {"x": logits}, "classification")) == 0.5
+    sums = metric_sums(WithAux(logits, aux), labelled, "classification")
+    assert float(sums["loss_sum"] / sums["count"]) == pytest.approx(math.log(3) + 0.5)
+    assert float(sums["aux_sum"]) == pytest.approx(1.0)
+    metrics = train_metrics(jnp.float32(1.0), WithAux(logits, aux), {"x": logits}, "classification")
+    assert set(metrics) == {"loss", "aux_loss"}  # no accuracy against labels that do not exist

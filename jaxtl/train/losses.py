@@ -84,8 +84,9 @@ def split_aux(outputs: Any) -> tuple[Any, jax.Array | None]:
     return outputs, None
 
 
-def _unlabeled(aux: jax.Array | None, batch: dict) -> bool:
-    return aux is not None and "label" not in batch
+def _unlabeled(aux: jax.Array | None, batch: dict, task: str) -> bool:
+    # A causal LM's batches never hold labels (its targets are its inputs).
+    return aux is not None and task != "causal_lm" and "label" not in batch
 
 
 def _targets(outputs: jax.Array, batch: dict, task: str):
@@ -161,7 +162,7 @@ def metric_sums(outputs: jax.Array, batch: dict, task: str, loss: Any = None) ->
     ``loss(outputs, batch) -> [B]`` per-example loss in place of the task's (``Trainer(loss=)``).
     """
     outputs, aux = split_aux(outputs)
-    if _unlabeled(aux, batch):  # the auxiliary term is the whole objective: per row, its value
+    if _unlabeled(aux, batch, task):  # the auxiliary term is the whole objective, per row
         rows = jnp.float32(jax.tree.leaves(outputs)[0].shape[0])
         return {"loss_sum": aux * rows, "count": rows, "aux_sum": aux * rows}
     preds, targets, weight = _targets(outputs, batch, task)
@@ -250,7 +251,7 @@ def mean_loss(outputs: jax.Array, batch: dict, task: str, loss: Any = None) -> j
     ``loss(outputs, batch) -> [B]``) over the batch (over its non-padding target tokens for a
     causal LM), plus the auxiliary term of :class:`WithAux` outputs."""
     outputs, aux = split_aux(outputs)
-    if _unlabeled(aux, batch):
+    if _unlabeled(aux, batch, task):
         return aux
     preds, targets, weight = _targets(outputs, batch, task)
     total = jnp.sum(_losses(preds, targets, batch, task, loss) * weight)
@@ -266,7 +267,7 @@ def train_metrics(loss: jax.Array, outputs: jax.Array, batch: dict, task: str) -
     if aux is not None:
         metrics["aux_loss"] = aux
     # The loss is already computed: only count the right answers.
-    if task != "regression" and not _unlabeled(aux, batch):
+    if task != "regression" and not _unlabeled(aux, batch, task):
         preds, targets, weight = _targets(outputs, batch, task)
         correct = _correct(preds, targets, weight, task)
         metrics["accuracy"] = correct / jnp.maximum(jnp.sum(weight), 1.0)

@@ -157,7 +157,7 @@ def _group_optimizer(
             extra = {mask: _decay_mask} if mask in accepted else {}
             return factory(learning_rate, **{decay: weight_decay, **extra, **options})
     tx = factory(learning_rate, **options)
-    if isinstance(weight_decay, int | float) and not weight_decay:  # an array (input): always
+    if not isinstance(weight_decay, jax.Array) and not weight_decay:  # an input: always
         return tx
     # No decay argument: L2 on the gradient, as PyTorch's weight_decay for SGD / Adam / RMSprop.
     return optax.chain(optax.add_decayed_weights(weight_decay, _decay_mask), tx)
