@@ -8,7 +8,9 @@ and time per epoch, each recipe against jaxtl's own full fine-tune on the same s
 Every arm fine-tunes the embedded MiniLM-L6 (pretrained) on the embedded VADER split with
 jaxtl's defaults (AdamW, batch 32, linear decay with warm-up, clipping at 1.0, the best
 validation checkpoint restored for the test score), one run per seed; an arm is
-``RECIPE@LEARNING_RATE`` or ``RECIPE@LEARNING_RATE@EPOCHS``. It prints one line per run and a
+``RECIPE@LEARNING_RATE`` or ``RECIPE@LEARNING_RATE@EPOCHS``, its recipe optionally followed by
+``+l2_sp(ALPHA,BETA)`` (L2-SP toward the pretrained weights, ``TrainConfig(l2_sp=...)``,
+``--l2-sp``), e.g. ``full+l2_sp(0.01,0.01)@5e-5``. It prints one line per run and a
 table: mean +- std of the test accuracy, and for each recipe its trainable params and
 optimizer-state bytes as a share of full fine-tuning's, and its train seconds per epoch against
 full's (same process, runs in turn). The transformers + PyTorch reference for full fine-tuning
@@ -32,25 +34,37 @@ from jaxtl.transfer.recipes import split_recipes
 
 
 def parse_arms(text: str) -> list[tuple[str, float, int | None]]:
-    """``RECIPE[@LR[@EPOCHS]]`` items: the learning rate defaults to the recipe's, the epochs
-    to ``--epochs``."""
+    """``RECIPE[+l2_sp(A,B)][@LR[@EPOCHS]]`` items: the learning rate defaults to the recipe's,
+    the epochs to ``--epochs``."""
     arms = []
     for item in split_recipes(text):
         recipe, *rest = item.split("@")
-        lr = float(rest[0]) if rest and rest[0] else default_learning_rate(recipe)
+        lr = float(rest[0]) if rest and rest[0] else default_learning_rate(_split_l2_sp(recipe)[0])
         epochs = int(rest[1]) if len(rest) > 1 else None
         arms.append((recipe, lr, epochs))
     return arms
 
 
-def measure(recipe: str, lr: float, seed: int, epochs: int, data) -> dict:
+def _split_l2_sp(arm: str) -> tuple[str, tuple[float, float] | None]:
+    """``"full+l2_sp(0.01,0.1)"`` -> ``("full", (0.01, 0.1))``; no suffix -> ``(arm, None)``."""
+    recipe, plus, penalty = arm.partition("+l2_sp(")
+    if not plus:
+        return arm, None
+    alpha, beta = (float(v) for v in penalty.rstrip(")").split(","))
+    return recipe, (alpha, beta)
+
+
+def measure(arm: str, lr: float, seed: int, epochs: int, data) -> dict:
+    recipe, l2_sp = _split_l2_sp(arm)
     model = jaxtl.load(jaxtl.default_model_dir(), num_labels=2)
     plan = jaxtl.make_plan(recipe, model.structure)
-    config = jaxtl.TrainConfig(epochs=epochs, learning_rate=lr, seed=seed, progress=False)
+    config = jaxtl.TrainConfig(
+        epochs=epochs, learning_rate=lr, seed=seed, progress=False, l2_sp=l2_sp
+    )
     result = jaxtl.finetune(model, plan, data, config, verbose=False)
     rows = plan.summary(result.model.params)
     return {
-        "recipe": recipe,
+        "recipe": arm,
         "lr": lr,
         "seed": seed,
         "test_accuracy": result.test["accuracy"],
