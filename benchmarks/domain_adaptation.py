@@ -7,7 +7,7 @@ typos (``--data vader``).
     python benchmarks/domain_adaptation.py --data vader [--epochs 1] [--json /tmp/da_text.json]
 
 Text: the VADER lexicon's words (the demo's split) for the embedded MiniLM, and as the target
-the same words with one typing slip in each (``jaxtl.domain.shift_texts``: a swap of
+the same words with one typing slip in each (``jaxtl.data.shifts.shift_texts``: a swap of
 neighbouring letters, a letter dropped, doubled or replaced by a keyboard neighbour). The trained
 arms use AdamW 5e-5 with linear decay, batch 32 per domain, clipping 1.0, weight decay 0.01.
 AdaBN and Tent do not apply: MiniLM has no BatchNorm.
@@ -40,7 +40,7 @@ import jax
 
 import jaxtl
 from jaxtl import domain, presets
-from jaxtl.data import digits
+from jaxtl.data import digits, shifts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     t0 = time.perf_counter()
     for shift in a.shifts.split(","):
-        target = domain.shifted(source, shift)
+        target = shifts.shifted(source, shift)
         for seed in seeds:
             if text:
                 config = jaxtl.TrainConfig(epochs=a.epochs, batch_size=32, learning_rate=5e-5,

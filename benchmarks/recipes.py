@@ -68,6 +68,8 @@ def measure(arm: str, lr: float, seed: int, epochs: int, data) -> dict:
         "lr": lr,
         "seed": seed,
         "test_accuracy": result.test["accuracy"],
+        # The restored (best) checkpoint's validation accuracy: choose arms by this, not by test.
+        "validation_accuracy": (result.best or {}).get("val_accuracy"),
         "train_seconds": result.train_seconds,
         "seconds_per_epoch": result.train_seconds / epochs,
         "trainable_params": sum(r.num_params for r in rows if r.trainable),
@@ -106,8 +108,10 @@ def main(argv: list[str] | None = None) -> None:
         for seed in seeds:
             r = measure(recipe, lr, seed, epochs or a.epochs, data)
             runs.append(r)
+            val = r["validation_accuracy"]
             print(
                 f"{recipe} lr {lr:g} seed {seed}: test {100 * r['test_accuracy']:.2f}%, "
+                f"validation {100 * val if val is not None else float('nan'):.2f}%, "
                 f"{r['seconds_per_epoch']:.1f} s/epoch",
                 flush=True,
             )
@@ -119,14 +123,17 @@ def main(argv: list[str] | None = None) -> None:
     full_epoch = statistics.mean(r["seconds_per_epoch"] for r in full)
     table = []
     print(
-        "\n| recipe | lr | epochs | test accuracy (mean +- std) | trainable vs full "
-        "| optimizer bytes vs full | s/epoch (vs full) |\n|---|---|---|---|---|---|---|"
+        "\n| recipe | lr | epochs | validation accuracy (mean) | test accuracy (mean +- std) "
+        "| trainable vs full | optimizer bytes vs full | s/epoch (vs full) |"
+        "\n|---|---|---|---|---|---|---|---|"
     )
     for (recipe, lr, epochs), rs in by.items():
         accs = [100 * r["test_accuracy"] for r in rs]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         epoch = statistics.mean(r["seconds_per_epoch"] for r in rs)
+        vals = [100 * r["validation_accuracy"] for r in rs if r["validation_accuracy"] is not None]
         row = {
+            "validation_mean": statistics.mean(vals) if vals else None,
             "recipe": recipe,
             "lr": lr,
             "epochs": epochs,
@@ -139,7 +146,9 @@ def main(argv: list[str] | None = None) -> None:
         }
         table.append(row)
         print(
-            f"| {recipe} | {lr:g} | {epochs} | {row['mean']:.2f} +- {std:.2f}% | "
+            f"| {recipe} | {lr:g} | {epochs} | "
+            f"{'-' if not vals else format(row['validation_mean'], '.2f') + '%'} | "
+            f"{row['mean']:.2f} +- {std:.2f}% | "
             f"{100 * row['trainable_share']:.2f}% ({rs[0]['trainable_params']:,}) | "
             f"{100 * row['opt_share']:.2f}% | {epoch:.1f} ({row['epoch_vs_full']:.2f}) |"
         )

@@ -17,6 +17,7 @@ import os
 import shlex
 import sys
 
+from jaxtl.data.shifts import SHIFTS
 from jaxtl.experiment import DEFAULT_LR, FULL_LR
 from jaxtl.models.registry import data_modality
 from jaxtl.ranking import SCORES
@@ -487,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--recipe", default="full", help="what trains (one plain recipe)")
     ad.add_argument("--target-data", help="the target domain, in --data's syntax (its text / "
                     "label columns are --data's)")  # fmt: skip
-    ad.add_argument("--target-shift", choices=["invert", "rotate", "noise", "typos"],
+    ad.add_argument("--target-shift", choices=SHIFTS,
                     help="the target is --data shifted: every image (invert, rotate, noise) "
                     "or every word of the texts (typos: one typing slip each)")  # fmt: skip
     ad.add_argument("--methods", default="source_only,adabn,tent,coral,dann",
@@ -1102,6 +1103,7 @@ def _adapt(args) -> int:
 
     import jaxtl
     from jaxtl import domain, experiment, surgery
+    from jaxtl.data import shifts
     from jaxtl.data.spec import describe, resolve
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -1120,7 +1122,7 @@ def _adapt(args) -> int:
     modality = data_modality(model)
     source = resolve(data_spec(args, modality), num_labels=args.num_labels, task="classification")
     if args.target_shift:
-        target = domain.shifted(source, args.target_shift, seed=args.seed)
+        target = shifts.shifted(source, args.target_shift, seed=args.seed)
     else:
         spec = describe(args.target_data, data_dir=args.data_dir, input_column=args.text_column,
                         label_column=args.label_column, modality=modality)  # fmt: skip

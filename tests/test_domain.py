@@ -17,7 +17,7 @@ from _tiny import make_tiny_bert
 
 import jaxtl
 from jaxtl import domain
-from jaxtl.data import digits
+from jaxtl.data import digits, shifts
 from jaxtl.transfer.trees import flatten
 
 
@@ -258,8 +258,8 @@ def _one_slip_apart(a: str, b: str) -> bool:
 
 def test_typos_shift_every_word_by_one_slip_and_keep_labels():
     source = jaxtl.data.vader()
-    target = domain.shifted(source, "typos", seed=3)
-    assert domain.shifted(source, "typos", seed=3).train == target.train  # seeded
+    target = shifts.shifted(source, "typos", seed=3)
+    assert shifts.shifted(source, "typos", seed=3).train == target.train  # seeded
     assert target.name == "vader-typos" and target.label_names == source.label_names
     for split in ("train", "validation", "test"):
         (before, labels), (after, kept) = getattr(source, split), getattr(target, split)
@@ -270,9 +270,9 @@ def test_typos_shift_every_word_by_one_slip_and_keep_labels():
     changed = sum(a != b for a, b in zip(source.train[0], target.train[0], strict=True))
     assert changed > 0.9 * len(source.train[0])
     with pytest.raises(ValueError, match=r"'invert' \(--target-shift\) does not apply.*typos"):
-        domain.shifted(source, "invert")
+        shifts.shifted(source, "invert")
     with pytest.raises(ValueError, match=r"'typos' \(--target-shift\) does not apply.*invert"):
-        domain.shifted(digits(10), "typos")
+        shifts.shifted(digits(10), "typos")
 
 
 def test_cli_adapts_a_text_model_to_typos(tmp_path, capsys):
