@@ -28,6 +28,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtl import parallel, sharding
+from jaxtl.train import heap
 from jaxtl.train.losses import mean_loss, metric_sums, prediction_rows, train_metrics
 from jaxtl.train.state import TrainState
 
@@ -205,6 +206,7 @@ def compile_steps(state: TrainState, mesh: Mesh, specs: Any = None, *, grad_accu
     Returns functions that take a state already placed with :func:`place_state` and a batch of
     global arrays from :func:`jaxtl.parallel.global_batch`.
     """
+    heap.install()  # the compiler's freed memory goes back to the OS before the step runs
     state_sh = state_shardings(state, mesh, specs)
     batch_sh = parallel.batch_sharding(mesh)
     rep = parallel.replicated(mesh)
@@ -295,6 +297,7 @@ def _pmap_eval_step(state: TrainState, batch: dict) -> dict:
 def pmap_steps():
     """``(train_step, eval_step)`` for pmap-based code: replicated state, ``[devices, B/devices]``
     batches (see :func:`jaxtl.parallel.replicate` and :func:`jaxtl.parallel.split_for_pmap`)."""
+    heap.install()
     return (
         jax.pmap(_pmap_train_step, axis_name=PMAP_AXIS, donate_argnums=(0,)),
         jax.pmap(_pmap_eval_step, axis_name=PMAP_AXIS),
