@@ -10,6 +10,7 @@ from _tiny import make_tiny_bert, minilm_dir, read_json, write_vader_csv
 
 import jaxtl
 from jaxtl import cli
+from jaxtl.cli import options
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +255,7 @@ def test_the_launch_commands_in_docs_pods_md_parse():
     # The --shard-rule examples in the text are valid rules.
     examples = re.findall(r"--shard-rule '([^']+)'", text)
     assert examples
-    jaxtl.TrainConfig(sharding_rules=[cli.shard_rule(r) for r in examples])
+    jaxtl.TrainConfig(sharding_rules=[options.shard_rule(r) for r in examples])
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from _tiny import make_tiny_bert, read_json, small_vader
 from PIL import Image
 
 from jaxtl import cli
+from jaxtl.cli import options
 from jaxtl.data import digits, from_arrays, from_hf, hf_source, resolve, sources
 
 datasets.disable_progress_bars()
@@ -251,7 +252,7 @@ def _args(*argv):
 def test_cli_records_an_hf_spec_that_rebuilds_the_data(vader_dict, tmp_path):
     vader_dict.save_to_disk(str(tmp_path / "words"))
     args = _args("--data", f"hf:{tmp_path / 'words'}", "--splits", "train,test,validation[:5]")
-    spec = cli.data_spec(args, modality="text")
+    spec = options.data_spec(args, modality="text")
     assert spec == {
         "kind": "hf",
         "path": str(tmp_path / "words"),
@@ -264,11 +265,11 @@ def test_cli_records_an_hf_spec_that_rebuilds_the_data(vader_dict, tmp_path):
     data = resolve(json.loads(json.dumps(spec)), num_labels=2, task="classification")
     assert data.sizes() == {"train": 64, "validation": 32, "test": 5}
     with pytest.raises(SystemExit, match=r"--data-dir applies to tfds:NAME only"):
-        cli.data_spec(_args("--data", "hf:x", "--data-dir", "y"), modality="text")
+        options.data_spec(_args("--data", "hf:x", "--data-dir", "y"), modality="text")
     with pytest.raises(SystemExit, match=r"--data hf:DIR names the directory"):
-        cli.data_spec(_args("--data", "hf:"), modality="text")
+        options.data_spec(_args("--data", "hf:"), modality="text")
     with pytest.raises(SystemExit, match=r"--splits to tfds:NAME or hf:DIR"):
-        cli.data_spec(_args("--data", "words.csv", "--splits", "a,b,c"), modality="text")
+        options.data_spec(_args("--data", "words.csv", "--splits", "a,b,c"), modality="text")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,199 @@
+"""Parsed flags -> library options: the model's load options, :class:`~jaxtl.TrainConfig`,
+the data spec and sharding rules, the device checks made before anything loads, and how a
+preempted command resumes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+from jaxtl.cli.parser import build_parser
+
+
+def load_options(args) -> dict:
+    """--task, --num-labels, --image-size, --in-channels, --head and --drop-blocks as
+    :func:`jaxtl.surgery.load_model` options (``pooling`` and ``seed`` apart)."""
+    return {
+        "task": args.task,
+        "num_labels": 1 if args.task == "regression" else args.num_labels,
+        "image_size": args.image_size,
+        "in_channels": args.in_channels,
+        **surgery_options(args),
+    }
+
+
+def surgery_options(args) -> dict:
+    """--head, --drop-blocks and --tower as :func:`jaxtl.surgery.load_model` options."""
+    out = {"head": args.head} if args.head else {}
+    if getattr(args, "tower", None):
+        out["tower"] = args.tower
+    if args.drop_blocks:
+        out["drop_blocks"] = args.drop_blocks
+    return out
+
+
+def preempted(e, args, out: str) -> int:
+    """A run stopped by SIGTERM / Ctrl-C after checkpointing: say how to go on; exit 0."""
+    print(f"\n{e}", file=sys.stderr)
+    if e.workdir:
+        print(f"resume with: {resume_command(args.argv, out)}", file=sys.stderr)
+    return 0
+
+
+def resume_command(argv: list[str], out: str) -> str:
+    """The command line that continues ``argv``'s experiment in ``out``.
+
+    Example:
+      >>> resume_command(["finetune", "--epochs", "3", "--out", "a"], "a")
+      'jaxtl finetune --epochs 3 --out a --resume'
+      >>> resume_command(["finetune", "--resume", "--out=a"], "a")
+      'jaxtl finetune --out a --resume'
+    """
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif a != "--resume" and not a.startswith("--out="):
+            kept.append(a)
+    return shlex.join(["jaxtl", *kept, "--out", out, "--resume"])
+
+
+def check_devices(args) -> None:
+    """``--mesh``, ``--batch-size`` and ``--grad-accum`` against this machine's devices, before
+    any model is read or step compiled."""
+    import jax
+
+    from jaxtl import parallel
+    from jaxtl.train import ScaleConfig
+
+    # Axis names in the rules, grad_accum >= 1, a known remat policy and precision:
+    ScaleConfig(
+        sharding_rules=sharding_rules(args),
+        grad_accum=args.grad_accum,
+        remat=args.remat,
+        precision=args.precision,
+    )
+    sizes = parallel.parse_mesh(args.mesh, jax.device_count())
+    shards = parallel.batch_shards(sizes)
+    parallel.check_batch_size(args.batch_size, shards, grad_accum=args.grad_accum)
+    if args.feature_cache and (args.remat or args.precision != "float32"):
+        raise ValueError(
+            "--feature-cache trains a tail model whose forward cannot be rebuilt for --remat "
+            "or --precision; drop one of them."
+        )
+
+
+def train_config(args, epochs: int):
+    """The :class:`jaxtl.TrainConfig` that ``jaxtl finetune``'s flags describe (a verb that
+    does not take one of them gets finetune's default)."""
+    import jaxtl
+
+    defaults = vars(build_parser().parse_args(["finetune"]))
+    args = argparse.Namespace(**{**defaults, **vars(args)})
+
+    return jaxtl.TrainConfig(
+        epochs=epochs,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        max_bad_steps=args.max_bad_steps,
+        optimizer=args.optimizer,
+        batch_size=args.batch_size,
+        schedule=args.schedule,
+        warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        clip_norm=args.clip_norm or None,
+        l2_sp=args.l2_sp,
+        eval_every=args.eval_every,
+        evals_per_epoch=args.evals_per_epoch,
+        min_eval_interval=args.min_eval_interval,
+        best_metric=args.best_metric,
+        early_stopping=jaxtl.EarlyStopping(patience=args.patience) if args.patience else None,
+        augment=args.augment,
+        mixup=args.mixup,
+        cutmix=args.cutmix,
+        label_smoothing=args.label_smoothing,
+        data_workers=args.data_workers,
+        bucket_by_length=args.bucket_by_length,
+        feature_cache=args.feature_cache,
+        mesh=args.mesh,
+        sharding_rules=sharding_rules(args),
+        grad_accum=args.grad_accum,
+        remat=args.remat,
+        precision=args.precision,
+        frozen_bf16=args.frozen_bf16,
+        loggers=[n for n in ("tensorboard", "wandb") if getattr(args, n, False)],
+    )
+
+
+def sharding_rules(args) -> list[tuple[str, object]]:
+    """The ``--shard-rule`` flags, then a ``--rules`` file's ``[[shard]]`` rules."""
+    rules = [shard_rule(r) for r in args.shard_rule]
+    if getattr(args, "rules", None):
+        from jaxtl.transfer.rules_file import read_rules_file
+
+        if args.recipe:
+            raise ValueError("give --rules FILE or --recipe, not both (the file is the recipe).")
+        rules += list(read_rules_file(args.rules).sharding)
+    return rules
+
+
+def shard_rule(text: str) -> tuple[str, object]:
+    """``--shard-rule 'REGEX=SPEC'`` -> ``(regex, spec)`` for :class:`jaxtl.ScaleConfig`.
+
+    Example:
+      >>> shard_rule(r".*/kernel=fsdp,none"), shard_rule("classifier/.*=replicated")
+      (('.*/kernel', ('fsdp', None)), ('classifier/.*', 'replicated'))
+      >>> shard_rule("x=data+fsdp")
+      ('x', (('data', 'fsdp'),))
+    """
+    pattern, sep, spec = text.rpartition("=")
+    if not sep or not pattern or not spec:
+        raise SystemExit(
+            f"error: --shard-rule {text!r} is not PATH_REGEX=SPEC, e.g. '.*/kernel=fsdp,none'."
+        )
+    if spec in ("fsdp", "replicated"):
+        return pattern, spec
+    entries: list = []
+    for entry in spec.split(","):
+        axes = tuple(a.strip() for a in entry.split("+") if a.strip())
+        if not axes or axes == ("none",) or axes == ("None",):
+            entries.append(None)
+        else:
+            entries.append(axes[0] if len(axes) == 1 else axes)
+    return pattern, tuple(entries)
+
+
+def data_spec(args, modality: str) -> dict:
+    """The JSON description of ``--data`` that a run directory records (jaxtl.data.describe)."""
+    from jaxtl.data import describe, with_shots
+
+    try:
+        spec = describe(
+            args.data,
+            data_dir=args.data_dir,
+            splits=args.splits,
+            input_column=args.text_column,
+            label_column=args.label_column,
+            skip_corrupt=args.skip_corrupt,
+            modality=modality,
+        )
+        return with_shots(spec, args.shots, seed=args.seed)
+    except ValueError as e:  # flags that contradict each other: refused before anything loads
+        raise SystemExit(f"error: {e}") from None
+
+
+def enable_compilation_cache() -> None:
+    """Reuse XLA compilations across runs (on CPU a BERT train step takes ~30-60 s to compile,
+    and the demo's pretrained and scratch arms compile the same program). Opt out with
+    ``JAXTL_COMPILATION_CACHE=off``; an explicit ``JAX_COMPILATION_CACHE_DIR`` wins."""
+    import jax
+
+    where = os.environ.get("JAXTL_COMPILATION_CACHE", os.path.expanduser("~/.cache/jaxtl/xla"))
+    if where == "off" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
