@@ -181,6 +181,8 @@ def test_errors_name_the_problem(setup, tmp_path):
     )
     with pytest.raises(ValueError, match=r"l2_sp \(--l2-sp\).*domain classifier starts random"):
         domain.adapt(model, "full", source, target, method="dann", config=penalized)
+    with pytest.raises(ValueError, match=r"l2_sp \(--l2-sp\)"):  # before any data is read
+        domain.adapt(model, "full", source, None, method="dann", config=penalized)
     tiny = dataclasses.replace(
         config,
         data=dataclasses.replace(config.data, batch_size=2),

@@ -1,45 +1,83 @@
 """The heap trim after each large compile (jaxtl.train.heap): jax still records the compile
-event the listener waits for, and the listener trims once per large compile, never for small
-ones, however often it is installed."""
+event the listener waits for, between compiling a program and running it; the train steps
+install the listener; and it trims once per large compile, never for small ones, however often
+it is installed."""
 
 from __future__ import annotations
 
-import sys
+import platform
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tiny import make_tiny_bert
 
 from jaxtl.train import heap
 
+GLIBC = platform.libc_ver()[0] == "glibc"
 
-def test_jax_records_the_backend_compile_event_before_the_program_runs():
+
+def _trims_on_a_large_compile_event() -> int:
+    before = heap.trims()
+    jax.monitoring.record_event_duration_secs(heap._COMPILE_EVENT, heap.MIN_COMPILE_SECONDS)
+    return heap.trims() - before
+
+
+def test_jax_records_the_backend_compile_event_between_compiling_and_running():
     seen = []
 
     def listener(event, duration, **_):
-        seen.append((event, duration))
+        seen.append(event)
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        # A shape no other test compiles, so this is a fresh compile (or a persistent-cache
-        # load, which jax records under the same event).
-        n = 977
-        out = jax.jit(lambda x: jnp.sin(x) @ x.T)(np.ones((n, 3), np.float32))
-        out.block_until_ready()
+        x = np.ones((977, 3), np.float32)  # a shape no other test compiles
+        compiled = jax.jit(lambda x: jnp.sin(x) @ x.T).lower(x).compile()
+        # Compiled (or read from the persistent cache, recorded under the same event), not run:
+        assert heap._COMPILE_EVENT in seen
+        compiled(x).block_until_ready()
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    assert heap._COMPILE_EVENT in [event for event, _ in seen]
 
 
-def test_one_trim_per_large_compile_however_often_installed():
-    if not heap.install():
-        assert not sys.platform.startswith("linux"), "glibc has malloc_trim"
-        pytest.skip("this C library has no malloc_trim (not glibc): install() is a no-op")
-    assert heap.install() and heap.install()  # idempotent
+def _uninstall() -> None:
+    """Unregister jaxtl's listener if it is registered (other listeners stay)."""
+    try:
+        jax.monitoring.unregister_event_duration_listener(heap._listener)
+    except (AssertionError, ValueError):
+        pass
+
+
+@pytest.mark.skipif(not GLIBC, reason="no malloc_trim outside glibc: install() is a no-op")
+def test_the_train_steps_install_the_listener(tmp_path):
+    import jaxtl
+    from jaxtl.train import steps
+
+    model = jaxtl.load(make_tiny_bert(str(tmp_path / "bert")), num_labels=2)
+    trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), jaxtl.TrainConfig())
+    state = trainer.init_state(total_steps=2)
+    for compile_them in (lambda: steps.compile_steps(state, trainer.mesh), steps.pmap_steps):
+        _uninstall()
+        assert _trims_on_a_large_compile_event() == 0
+        compile_them()
+        assert _trims_on_a_large_compile_event() == 1
+
+
+def test_one_trim_per_large_compile_however_often_installed(monkeypatch):
+    if not GLIBC:
+        assert not heap.install()
+        return
+    assert heap.install() and heap.install() and heap.install()
+    assert _trims_on_a_large_compile_event() == 1  # one listener, however many installs
     before = heap.trims()
-    jax.monitoring.record_event_duration_secs(heap._COMPILE_EVENT, heap.MIN_COMPILE_SECONDS)
-    assert heap.trims() == before + 1  # one listener, however many installs
     jax.monitoring.record_event_duration_secs(heap._COMPILE_EVENT, 0.01)
     jax.monitoring.record_event_duration_secs("/jax/some/other/event", 5.0)
-    assert heap.trims() == before + 1  # small compiles and other events do not trim
+    assert heap.trims() == before  # small compiles and other events do not trim
+    _uninstall()
+    monkeypatch.setenv("JAXTL_HEAP_TRIM", "off")
+    assert not heap.install()
+    assert _trims_on_a_large_compile_event() == 0  # the opt-out registers nothing
+    monkeypatch.delenv("JAXTL_HEAP_TRIM")
+    assert heap.install()
+    assert _trims_on_a_large_compile_event() == 1

@@ -104,8 +104,9 @@ def test_a_run_with_l2_sp_stays_closer_to_the_pretrained_weights(tmp_path):
 
 def test_the_cli_flag_names_the_expected_form(capsys):
     from jaxtl import cli
+    from jaxtl.cli import parser
 
     with pytest.raises(SystemExit):
         cli.main(["finetune", "--l2-sp", "0.1"])
     assert "ALPHA,BETA" in capsys.readouterr().err
-    assert cli.l2_sp_pair("0.01,0") == (0.01, 0.0)
+    assert parser.l2_sp_pair("0.01,0") == (0.01, 0.0)

@@ -230,7 +230,8 @@ def adapt_command(args) -> int:
     if (args.target_data is None) == (args.target_shift is None):
         raise ValueError(
             "domain adaptation needs the target domain: give --target-data (its inputs are "
-            "read without labels) or --target-shift (a shift of --data's images), one of them."
+            "read without labels) or --target-shift (--data shifted: its images inverted, "
+            "rotated or noisy, or its texts with typos), one of them."
         )
     if args.task != "classification":
         raise ValueError("jaxtl adapt trains a classification head (--task classification).")
