@@ -332,3 +332,15 @@ def test_negative_transfer_exits_3_after_writing_every_result(tiny_dir, tmp_path
     summary = read_json(os.path.join(out, "summary.json"))
     assert [c["flagged"] for c in summary["negative_transfer"]] == [True]
     assert len(summary["results"]) == 2  # every result was written first
+
+
+def test_version_names_jaxtl_and_its_stack(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code in (0, None)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"jaxtl {jaxtl.__version__} (jax {version('jax')}, ")
+    assert "\n" not in line and "orbax-checkpoint" in line
+    assert jaxtl.__version__ == version("jaxtl")  # the package's version and pyproject's agree

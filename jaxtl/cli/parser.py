@@ -318,8 +318,40 @@ def _checkpoint_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _Version(argparse.Action):
+    """``--version``: the line printed as is (argparse's own action re-wraps it)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version())
+        parser.exit()
+
+
+def _version() -> str:
+    """``jaxtl X (jax Y, flax Z, optax W)``: what a bug report needs first."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import jaxtl
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    stack = ", ".join(
+        f"{name} {of(name)}" for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
+    )
+    return f"jaxtl {jaxtl.__version__} ({stack})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxtl", description="Transfer learning in JAX.")
+    parser.add_argument(
+        "--version",
+        action=_Version,
+        nargs=0,
+        help="print the versions of jaxtl and its numerical stack, and exit",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ft = sub.add_parser(
