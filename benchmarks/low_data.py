@@ -12,6 +12,7 @@ with jaxtl's defaults otherwise (AdamW, linear decay with warm-up, clipping at 1
 best validation checkpoint, evaluated four times over the run. Learning rates per arm are in
 ``ARMS``: for VADER jaxtl's defaults per recipe (scratch uses full's, as ``jaxtl finetune``
 does); for digits the preset's (``jaxtl.presets.DIGITS_ARMS``), and LoRA's 3e-3 (not tuned).
+Digits runs evaluate with exact BatchNorm statistics (``precise_bn=1024``), as the preset does.
 On EfficientNet LoRA adapts the pointwise convolutions (``expand_conv``, ``project_conv``) and
 the stem and head convolutions: its depthwise convolutions are grouped (one filter per
 channel), and a low-rank update ``B A`` of one is a dense convolution that cannot be merged
@@ -95,6 +96,10 @@ def measure(recipe: str, pretrained: bool, lr: float, seed: int, steps: int, dat
         seed=seed,
         progress=False,
         eval_every=steps // 4,
+        # As the digits preset does (jaxtl.presets): EfficientNet's BatchNorm momentum (0.01)
+        # leaves its running statistics near ImageNet's after 150 steps, so every evaluation
+        # uses exact statistics of the current weights on (up to) 1,024 training images.
+        precise_bn=1024 if dataset == "digits" else 0,
     )
     result = jaxtl.finetune(model, recipe, data, config, verbose=False)
     return 100 * result.test["accuracy"]
