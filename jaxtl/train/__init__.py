@@ -1,4 +1,5 @@
-"""Training: configuration, state, losses, compiled steps, the Trainer loop and its tracker."""
+"""Training: configuration, state (and its builder), losses, compiled steps, the Trainer loop and
+its tracker."""
 
 from jaxtl.train.config import (
     CheckpointConfig,

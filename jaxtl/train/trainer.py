@@ -1,17 +1,18 @@
 """The training loop: feed batches to one compiled step, evaluate, checkpoint, stop early.
 
-Everything inside a step is in :mod:`jaxtl.train.steps`; this file is host-side bookkeeping
-only. The Trainer reads batches from :class:`jaxtl.data.loader.Loader` objects that the caller
-builds (:func:`jaxtl.data.training_loader`, :func:`jaxtl.data.evaluation_loader`); which
-evaluation is best and when to stop is :class:`jaxtl.train.tracker.Tracker`'s; what is logged
-and timed is :mod:`jaxtl.train.progress`'s. It never forces a device sync per step: step
-metrics are fetched once per ``log_every`` steps.
+Everything inside a step is in :mod:`jaxtl.train.steps`, and how a state is built (each
+stage's optimizer, schedules and shardings) in :mod:`jaxtl.train.builder`; this file is
+host-side bookkeeping only. The Trainer reads batches from :class:`jaxtl.data.loader.Loader`
+objects that the caller builds (:func:`jaxtl.data.training_loader`,
+:func:`jaxtl.data.evaluation_loader`); which evaluation is best and when to stop is
+:class:`jaxtl.train.tracker.Tracker`'s; what is logged and timed is
+:mod:`jaxtl.train.progress`'s. It never forces a device sync per step: step metrics are fetched
+once per ``log_every`` steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtl import parallel, sharding
+from jaxtl import parallel
 from jaxtl.adabn import adapt_batch_norm
 from jaxtl.checkpoint import Checkpointer, CheckpointWriteError
 from jaxtl.data.loader import Loader
@@ -30,6 +31,7 @@ from jaxtl.metrics import detailed as detailed_metrics
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.common import batch_norm_paths, recompute
 from jaxtl.train import precision, steps
+from jaxtl.train.builder import StateBuilder
 from jaxtl.train.config import TrainConfig
 from jaxtl.train.faults import BadSteps, Preempted, StopSignals, writable_dir
 from jaxtl.train.loggers import Logger, check_installed, open_loggers
@@ -37,8 +39,6 @@ from jaxtl.train.losses import TASKS, summarize
 from jaxtl.train.progress import Clock, MetricsLog, TrainMetrics, progress_bar
 from jaxtl.train.state import TrainState
 from jaxtl.train.tracker import Tracker
-from jaxtl.transfer import stages
-from jaxtl.transfer.optimizer import set_weight_decay
 from jaxtl.transfer.plan import Plan
 from jaxtl.transfer.trees import flatten, unflatten
 
@@ -138,24 +138,10 @@ class Trainer:
             model = recompute(model, remat=scale.remat, dtype=dtype)
         self.model = model
         self.plan = plan
-        if config.optim.learning_rate_input and plan.stages:
-            raise ValueError(
-                f"learning_rate_input scales one schedule's updates, but {plan.name} changes "
-                "its optimizer and schedule from stage to stage; train it with "
-                "learning_rate_input=False."
-            )
-        if config.optim.weight_decay_input and plan.stages:
-            raise ValueError(
-                f"weight_decay_input keeps one optimizer's weight decay as a step input, but "
-                f"{plan.name} changes its optimizer from stage to stage; train it with "
-                "weight_decay_input=False."
-            )
-        self.stage_models = dict(stage_models or {})
-        for k, m in self.stage_models.items():
-            if not 0 <= k < len(stages.plans(plan)):
-                raise ValueError(f"stage_models: {plan.name} has no stage {k}.")
-            if jax.tree.structure(m.params) != jax.tree.structure(model.params):
-                raise ValueError(f"stage_models[{k}] does not have the model's param tree.")
+        self.builder = StateBuilder(
+            model, plan, config, self.mesh, stage_models=stage_models, loss=loss
+        )
+        self.stage_models = self.builder.stage_models
         self.config = config
         self.workdir = workdir
         parallel.check_batch_size(
@@ -168,194 +154,51 @@ class Trainer:
         self.log = MetricsLog(
             os.path.join(workdir, "metrics.jsonl") if workdir and is_primary() else None
         )
-        self._compiled = None
-        self._schedules = None  # (total steps, stage start steps, each stage's LR schedule)
-        self.stage = 0  # the stage of a staged plan the steps are compiled for
+        self._compiled = None  # (the specs they were compiled for, (train_step, eval_step))
 
     @property
     def devices(self) -> int:
         """The mesh's batch shards (``data`` x ``fsdp``): evaluation batches split over them."""
         return parallel.batch_shards(self.mesh)
 
-    # --- setup ---------------------------------------------------------------------------
+    # --- the state (jaxtl.train.builder) ------------------------------------------------
+
+    @property
+    def stage(self) -> int:
+        """The stage of a staged plan the last built state (and so the steps) belongs to."""
+        return self.builder.stage
+
+    @property
+    def specs(self) -> Any:
+        """The last built state's ``PartitionSpec`` tree."""
+        return self.builder.specs
+
+    @property
+    def schedule(self) -> Callable[[Any], Any] | None:
+        """The run's learning rate at a global step."""
+        return self.builder.schedule
 
     def init_state(self, total_steps: int, *, stage: int = 0) -> TrainState:
-        """A fresh state: the model's params, and the plan's optimizer (of ``stage``, for a
-        staged plan) over the LR schedule, each leaf placed on the mesh by the sharding
-        rules."""
-        stored = self._stored_params()
-        shapes = self.abstract_state(total_steps, stored, stage=stage)
-        placed = jax.tree.map(lambda s: s.sharding, shapes)
-        params = jax.device_put(stored, placed.params, may_alias=False)
-        batch_stats = jax.device_put(self.model.batch_stats, placed.batch_stats, may_alias=False)
-        # The optimizer state is born sharded: no device ever holds a whole copy of it.
-        optim = self.config.optim
-        peak = None if placed.learning_rate is None else jnp.float32(optim.learning_rate)
-        decay = jnp.float32(optim.weight_decay) if optim.weight_decay_input else None
-        return jax.jit(self._create, out_shardings=placed)(params, batch_stats, peak, decay)
+        """:meth:`jaxtl.train.builder.StateBuilder.init_state`: a fresh, placed state."""
+        return self.builder.init_state(total_steps, stage=stage)
 
     def abstract_state(self, total_steps: int, params: Any = None, *, stage: int = 0) -> TrainState:
-        """The state :meth:`init_state` builds, as ``jax.ShapeDtypeStruct`` s carrying their
-        shardings: nothing is allocated, so a step can be lowered and its memory measured
-        (``compile_steps(...)[0].lower(state, batch).compile().memory_analysis()``) for a model
-        too large for this machine. ``params``: the params as stored (default: the model's,
-        ``frozen_bf16`` applied). ``stage``: which stage of a staged plan
-        (:mod:`jaxtl.transfer.stages`). Makes ``stage`` the current one: sets :attr:`specs`
-        and :attr:`schedule`, and the steps compile for it.
-
-        Raises:
-          jaxtl.transfer.rules.UnmatchedParamsError: the plan leaves a param out.
-          jaxtl.sharding.ShardingError: a sharding rule cannot place a param.
-        """
-        if self._schedules is None or self._schedules[0] != total_steps:
-            self._set_schedules(total_steps, None)
-        shapes, self.specs, self._create = self._stage_state(stage, params)
-        self.stage = stage
-        self._compiled = None  # steps compiled for an earlier state hold its optimizer
-        return shapes
-
-    def _set_schedules(self, total_steps: int, steps_per_epoch: int | None) -> None:
-        """Each stage's LR schedule and :attr:`schedule` (the run's LR at a global step).
-        Without ``steps_per_epoch`` (a state built only to restore a checkpoint into), the
-        stages are placed one step apart: their schedules do not matter there."""
-        n = len(stages.plans(self.plan))
-        if steps_per_epoch is None:
-            starts, total = list(range(n)), max(total_steps, n)
-        else:
-            starts, total = stages.starts(self.plan, steps_per_epoch), total_steps
-        optim = self.config.optim
-        # learning_rate_input: the optimizer runs on the schedule of peak 1; the step scales
-        # its updates by the peak (TrainState.learning_rate).
-        unit = 1.0 if optim.learning_rate_input else None
-
-        def segment_schedule(steps: int, peak: float | None):
-            peak = unit or peak
-            config = optim if peak is None else dataclasses.replace(optim, learning_rate=peak)
-            return config.lr_schedule(steps)
-
-        per_stage, schedule = stages.stage_schedules(self.plan, starts, total, segment_schedule)
-        self.schedule = schedule if unit is None else lambda s: optim.learning_rate * schedule(s)
-        self._schedules = (total_steps, starts, per_stage)
-
-    def _stage_state(self, stage: int, params: Any = None):
-        """``(abstract state, its specs, create(params, batch_stats))`` of ``stage``; it changes
-        no attribute but the LR schedules, which it sets (for templates) when none are."""
-        optim = self.config.optim
-        if self._schedules is None:
-            self._set_schedules(1, None)
-        plan = stages.stage_of(self.plan, stage).plan
-        plan.labels(self.model.params)  # unmatched params fail here, before compiling
-        tx = plan.optimizer(
-            self._schedules[2][stage],
-            name=optim.optimizer,
-            weight_decay=optim.weight_decay,
-            clip_norm=optim.clip_norm,
-            l2_sp=optim.l2_sp,
-            weight_decay_input=optim.weight_decay_input,
-            **optim.optimizer_options,
-        )
-        create = functools.partial(
-            TrainState.create,
-            apply_fn=self.stage_models.get(stage, self.model).forward,
-            tx=tx,
-            seed=self.config.seed,
-            task=self.model.task,
-            bn_train=self.bn_train(plan),
-            loss=self.loss,
-            trainable=plan.trainable_mask(self.model.params),
-        )
-        # learning_rate_input: the peak is an argument of the program that builds the state,
-        # as of the step, so that no program of the run holds it as a constant.
-        peak = jnp.float32(optim.learning_rate) if optim.learning_rate_input else None
-        # weight_decay_input: likewise the weight decay, which the optimizer state carries.
-        decay = jnp.float32(optim.weight_decay) if optim.weight_decay_input else None
-
-        def make(p, b, lr=peak, wd=decay):
-            state = create(params=p, batch_stats=b, learning_rate=lr)
-            if wd is None:
-                return state
-            return state.replace(opt_state=set_weight_decay(state.opt_state, wd))
-
-        params = self._stored_params() if params is None else params
-        shapes = jax.eval_shape(make, params, self.model.batch_stats)
-        specs = self.state_specs(shapes)  # a rule that cannot place a param fails here
-        placed = steps.state_shardings(shapes, self.mesh, specs)
-        shapes = jax.tree.map(
-            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, placed
-        )
-        return shapes, specs, make
-
-    def checkpoint_like(self, meta: dict) -> dict:
-        """The tree a checkpoint with ``meta`` restores into (shapes with shardings): the state
-        of the stage it was saved in."""
-        return self._template(meta).checkpoint_tree()
-
-    def _template(self, meta: dict) -> TrainState:
-        return self._stage_state(int(meta.get("stage", 0)))[0]
-
-    def _enter_stage(self, state: TrainState, stage: int, total_steps: int) -> TrainState:
-        """``state`` moved into ``stage``: its optimizer, with the state of unchanged groups
-        carried over (:func:`jaxtl.transfer.stages.carry_state`), compiled once."""
-        st = stages.stage_of(self.plan, stage)
-        shapes = self.abstract_state(total_steps, stage=stage)
-        placed = jax.tree.map(lambda s: s.sharding, shapes)
-        # Fresh optimizer state comes from the pretrained params (L2-SP's anchors); the moments
-        # are zeros whatever they are.
-        pretrained = jax.device_put(self._stored_params(), placed.params, may_alias=False)
-        first, _ = stages.segment(self.plan, stage, self._schedules[1], total_steps)
-        carried: list[str] = []
-
-        def switch(old: TrainState, pretrained: Any) -> TrainState:
-            fresh = self._create(pretrained, old.batch_stats)
-            opt, names = stages.carry_state(
-                old.opt_state, fresh.opt_state, restart=st.restart, count=old.step - first
-            )
-            carried[:] = names
-            return fresh.replace(step=old.step, params=old.params, rng=old.rng, opt_state=opt)
-
-        new = jax.jit(switch, out_shardings=placed, donate_argnums=0)(state, pretrained)
-        trains = [g for g, v in st.plan.groups.items() if v.trainable]
-        kept = f"; optimizer state kept for {', '.join(carried)}" if carried else ""
-        print(
-            f"stage {stage} of {self.plan.name} at step {int(new.step)}: trains "
-            f"{', '.join(trains)}{kept}",
-            file=sys.stderr,
-        )
-        return new
-
-    def _stored_params(self) -> Any:
-        """The model's params as the state stores them (``frozen_bf16``: the params no stage
-        trains in bf16)."""
-        params = self.model.params
-        if self.config.scale.frozen_bf16:
-            params = precision.cast_frozen(params, stages.trained_anywhere(self.plan, params))
-        return params
+        """:meth:`jaxtl.train.builder.StateBuilder.abstract_state`: the state as shapes with
+        shardings, nothing allocated (to lower a step, or to restore into)."""
+        return self.builder.abstract_state(total_steps, params, stage=stage)
 
     def state_specs(self, state: Any) -> Any:
-        """Where each leaf of ``state`` (arrays or shapes) lives: ``config.scale``'s sharding
-        rules, then the family's defaults (:func:`jaxtl.sharding.train_state_specs`)."""
-        scale = self.config.scale
-        return sharding.train_state_specs(
-            state,
-            self.mesh,
-            scale.sharding_rules,
-            structure=self.model.structure,
-            min_shard_size=scale.min_shard_size,
-        )
+        """:meth:`jaxtl.train.builder.StateBuilder.state_specs`: where each leaf lives."""
+        return self.builder.state_specs(state)
 
     def bn_train(self, plan: Plan | None = None) -> tuple[str, ...]:
-        """The BatchNorm layers that train: those whose scale/bias ``plan`` (default: the
-        current stage's) trains, or every one with ``config.train_bn``. The rest run in
-        inference mode with their running statistics, so a frozen BatchNorm backbone is the
-        same fixed function it was when pretrained."""
-        layers = batch_norm_paths(self.model.batch_stats)
-        if self.config.train_bn:
-            return layers
-        plan = plan or stages.stage_of(self.plan, self.stage).plan
-        mask = flatten(plan.trainable_mask(self.model.params))
-        return tuple(
-            p for p in layers if any(mask.get(f"{p}/{leaf}", False) for leaf in ("scale", "bias"))
-        )
+        """:meth:`jaxtl.train.builder.StateBuilder.bn_train`: the BatchNorm layers that train."""
+        return self.builder.bn_train(plan)
+
+    def checkpoint_like(self, meta: dict) -> dict:
+        """:meth:`jaxtl.train.builder.StateBuilder.checkpoint_like`: the tree a checkpoint
+        with ``meta`` restores into."""
+        return self.builder.checkpoint_like(meta)
 
     def _precise_bn(self, state: TrainState, train: Loader) -> TrainState:
         """``config.precise_bn``: exact statistics of the training BatchNorm layers on the first
@@ -375,11 +218,14 @@ class Trainer:
         return state.replace(batch_stats=parallel.put_replicated(stats, self.mesh))
 
     def _steps(self, state: TrainState):
-        if self._compiled is None:
-            self._compiled = steps.compile_steps(
+        """The steps compiled for the last built state (again after a new one is built: they
+        hold its optimizer)."""
+        if self._compiled is None or self._compiled[0] is not self.specs:
+            compiled = steps.compile_steps(
                 state, self.mesh, self.specs, grad_accum=self.config.scale.grad_accum
             )
-        return self._compiled
+            self._compiled = (self.specs, compiled)
+        return self._compiled[1]
 
     # --- evaluation ----------------------------------------------------------------------
 
@@ -459,8 +305,8 @@ class Trainer:
                 raise ValueError(f"stage_data[{k}] does not hold the training examples of train.")
         loaders = lambda k: data.get(k, (train, val))  # noqa: E731
         total = cfg.total_steps(spe)
-        self._set_schedules(total, spe)  # a staged plan's stages that collide fail here
-        starts = self._schedules[1]
+        self.builder.set_schedules(total, spe)  # a staged plan's stages that collide fail here
+        starts = self.builder.starts
         late = [i for i, s in enumerate(starts) if s >= total]
         if late:
             print(
@@ -491,7 +337,7 @@ class Trainer:
             with StopSignals() as signals:
                 while step < total and not tracker.stopped:
                     while due():
-                        state = self._enter_stage(state, self.stage + 1, total)
+                        state = self.builder.enter_stage(state, self.stage + 1, total)
                     train_step, _ = self._steps(state)
                     run.use(self.stage)
                     epoch, start = divmod(step, spe)
