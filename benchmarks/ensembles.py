@@ -26,11 +26,14 @@ import time
 import jax
 
 import jaxtl
+from jaxtl.experiment import Arm
 
 
 def _finetune(recipe: str, lr: float, seed: int, epochs: int, out: str) -> str:
     run = os.path.join(out, f"seed{seed}")
-    done = os.path.join(run, "pretrained-" + recipe, "results.json")
+    # The CLI names the arm's directory as Arm.dirname does ("llrd(0.9)" -> "pretrained-llrd0.9").
+    arm = Arm(f"pretrained {recipe}", recipe, pretrained=True)
+    done = os.path.join(run, arm.dirname, "results.json")
     if not os.path.exists(done):
         cmd = [sys.executable, "-m", "jaxtl.cli", "finetune", "--recipe", recipe,
                "--no-scratch", "--epochs", str(epochs), "--lr", str(lr), "--seed", str(seed),
