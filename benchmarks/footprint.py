@@ -4,7 +4,10 @@
 for ``--steps`` steps on the same batch (32 x 128 tokens of VADER text, made once by the parent
 and handed to the children as an ``.npz``), each in a fresh process that imports only its own
 framework: jaxtl's real step (``step_time.JaxtlSide``), and transformers' ``AutoModel`` + mean
-pooling + dropout + ``Linear`` with ``torch.optim.AdamW``. Each child reports its own peak
+pooling + dropout + ``Linear`` with ``torch.optim.AdamW``. jaxtl runs twice: as it does by
+default (the loaded model keeps its params beside the train state's copy) and with
+``release_pretrained`` (``--release-pretrained``: the state's copy is the only one, as in
+PyTorch's loop). Each child reports its own peak
 resident set (``getrusage(RUSAGE_SELF).ru_maxrss``: the whole process, libraries included)
 and its resident set after loading, before the first step. The sides alternate over
 ``--rounds`` rounds.
@@ -53,7 +56,6 @@ def _peak_mib() -> float:
 
 
 def child_jaxtl(args: argparse.Namespace, batch: dict) -> dict:
-
     side = step_time.JaxtlSide(step_time.model_path(args.model), args.recipe, batch, args)
     del side.host_params  # the benchmark's host copy for torch, not part of a jaxtl run
     t0 = time.perf_counter()
@@ -63,6 +65,11 @@ def child_jaxtl(args: argparse.Namespace, batch: dict) -> dict:
     losses = [side.step()[1] for _ in range(args.steps)]
     return {"loaded_mib": loaded, "peak_mib": _peak_mib(), "losses": losses, **times,
             "compile_wall_s": wall}  # fmt: skip
+
+
+def child_jaxtl_released(args: argparse.Namespace, batch: dict) -> dict:
+    args.release_pretrained = True
+    return child_jaxtl(args, batch)
 
 
 def child_torch(args: argparse.Namespace, batch: dict) -> dict:
@@ -136,9 +143,10 @@ def spawn(part: str, batch_file: str, args: argparse.Namespace, **extra: str) ->
 
 
 def memory(batch_file: str, args: argparse.Namespace) -> dict:
-    runs = {"jaxtl": [], "torch": []}
+    sides = ("jaxtl", "jaxtl_released", "torch")
+    runs = {side: [] for side in sides}
     for r in range(args.rounds):
-        for side in ("jaxtl", "torch") if r % 2 == 0 else ("torch", "jaxtl"):
+        for side in sides if r % 2 == 0 else sides[::-1]:
             out = spawn(side, batch_file, args, recipe="full")
             runs[side].append(out)
             print(
@@ -148,14 +156,13 @@ def memory(batch_file: str, args: argparse.Namespace) -> dict:
             )
     peak = {s: statistics.median(o["peak_mib"] for o in v) for s, v in runs.items()}
     loaded = {s: statistics.median(o["loaded_mib"] for o in v) for s, v in runs.items()}
-    print(
-        f"\npeak RSS of {args.steps} full fine-tune steps (median of {args.rounds}): jaxtl "
-        f"{peak['jaxtl']:.0f} MiB, torch {peak['torch']:.0f} MiB; jaxtl / torch = "
-        f"{peak['jaxtl'] / peak['torch']:.2f} (target <= 1.00). Growth from loaded to peak: "
-        f"jaxtl {peak['jaxtl'] - loaded['jaxtl']:.0f} MiB, torch "
-        f"{peak['torch'] - loaded['torch']:.0f} MiB",
-        flush=True,
-    )
+    print(f"\npeak RSS of {args.steps} full fine-tune steps (median of {args.rounds}):")
+    for side in sides:
+        print(
+            f"  {side:15s} peak {peak[side]:6.0f} MiB ({peak[side] / peak['torch']:.2f}x torch's; "
+            f"target <= 1.00), growth from loaded to peak {peak[side] - loaded[side]:.0f} MiB",
+            flush=True,
+        )
     return {"runs": runs, "peak_mib": peak, "loaded_mib": loaded}
 
 
@@ -202,7 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         batch = dict(np.load(args.batch_file))
-        child = {"jaxtl": child_jaxtl, "torch": child_torch, "compile": child_compile}
+        child = {
+            "jaxtl": child_jaxtl,
+            "jaxtl_released": child_jaxtl_released,
+            "torch": child_torch,
+            "compile": child_compile,
+        }
         print(json.dumps(child[args.child](args, batch)), flush=True)
         return 0
 

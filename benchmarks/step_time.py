@@ -189,6 +189,7 @@ class JaxtlSide(JaxtlModel):
             clip_norm=1.0,
             schedule="constant",
             seed=args.seed,
+            release_pretrained=getattr(args, "release_pretrained", False),
         )
         trainer = jaxtl.Trainer(self.model, self.plan, config)
         self.state = trainer.init_state(total_steps=1000)

@@ -453,7 +453,9 @@ def compare(
         seed = config.seed if arm.seed is None else arm.seed
         if not arm.pretrained:
             return surgery.load_model(model.path, **options, pretrained=False, seed=seed)
-        if seed not in loaded:  # another seed's head (seeds run one after another: keep one)
+        # Another seed's head (seeds run one after another: keep one), or the params were
+        # handed to the last arm's train state (release_pretrained).
+        if seed not in loaded or loaded[seed].released:
             loaded.clear()
             loaded[seed] = surgery.load_model(model.path, **options, seed=seed)
         return loaded[seed]

@@ -125,6 +125,7 @@ def train_config(args, epochs: int):
         remat=args.remat,
         precision=args.precision,
         frozen_bf16=args.frozen_bf16,
+        release_pretrained=args.release_pretrained,
         loggers=[n for n in ("tensorboard", "wandb") if getattr(args, n, False)],
     )
 

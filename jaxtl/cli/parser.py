@@ -230,6 +230,9 @@ _FINETUNE = {
          dict(choices=["float32", "bf16"], default="float32")),
         ("--frozen-bf16", "store frozen params in bfloat16 (half their memory)",
          dict(action="store_true")),
+        ("--release-pretrained", "hold the params once: the train state takes over the loaded "
+         "model's (each pretrained run loads the model again); not with staged recipes "
+         "(gradual, lp_ft)", dict(action="store_true")),
         ("--distributed", "join a multi-process run (a TPU pod slice, SLURM srun, or the "
          "JAXTL_COORDINATOR / JAXTL_NUM_PROCESSES / JAXTL_PROCESS_ID variables) before any "
          "device is used: the mesh spans every process's devices; needs --out on a filesystem "

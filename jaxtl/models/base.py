@@ -84,3 +84,16 @@ class LoadedModel:
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
     batch_stats: Params = dataclasses.field(default_factory=dict)
     export_fn: Callable[..., Any] | None = None
+
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release_params` dropped the param arrays (``params`` holds shapes)."""
+        return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.params))
+
+    def release_params(self) -> None:
+        """Drop the param arrays, keeping their shapes and dtypes in ``params`` (as
+        ``jax.ShapeDtypeStruct`` s): what a train state that holds its own copy needs to lay
+        itself out, without a second copy resident (``release_pretrained``,
+        ``--release-pretrained``). The memory comes back once nothing else refers to the
+        arrays. Load the model again to apply or train it afterwards."""
+        self.params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.params)

@@ -45,8 +45,9 @@ class StateBuilder:
       create: ``create(params, batch_stats, ...)`` -> that stage's fresh state.
 
     Raises:
-      ValueError: a staged plan with ``learning_rate_input`` or ``weight_decay_input``, or
-        ``stage_models`` that are not stages of the plan over the model's param tree.
+      ValueError: a staged plan with ``learning_rate_input``, ``weight_decay_input`` or
+        ``release_pretrained``, or ``stage_models`` that are not stages of the plan over the
+        model's param tree.
     """
 
     def __init__(
@@ -71,6 +72,12 @@ class StateBuilder:
                 f"{plan.name} changes its optimizer from stage to stage; train it with "
                 "weight_decay_input=False."
             )
+        if config.scale.release_pretrained and plan.stages:
+            raise ValueError(
+                f"release_pretrained (--release-pretrained) drops the loaded model's params "
+                f"once training starts, but {plan.name}'s later stages start from them; train "
+                "it without release_pretrained."
+            )
         self.stage_models = dict(stage_models or {})
         for k, m in self.stage_models.items():
             if not 0 <= k < len(stages.plans(plan)):
@@ -92,11 +99,23 @@ class StateBuilder:
     def init_state(self, total_steps: int, *, stage: int = 0) -> TrainState:
         """A fresh state: the model's params, and the plan's optimizer (of ``stage``, for a
         staged plan) over the LR schedule, each leaf placed on the mesh by the sharding
-        rules."""
+        rules. With ``release_pretrained`` the model then gives up its param arrays.
+
+        Raises:
+          ValueError: the model's params were released to an earlier state.
+        """
+        if self.model.released:
+            raise ValueError(
+                "the model's params were released to an earlier train state "
+                "(release_pretrained, --release-pretrained): load the model again to train it."
+            )
         stored = self.stored_params()
         shapes = self.abstract_state(total_steps, stored, stage=stage)
         placed = jax.tree.map(lambda s: s.sharding, shapes)
         params = jax.device_put(stored, placed.params, may_alias=False)
+        if self.config.scale.release_pretrained:  # the state's copy is the only one kept
+            del stored
+            self.model.release_params()
         batch_stats = jax.device_put(self.model.batch_stats, placed.batch_stats, may_alias=False)
         # The optimizer state is born sharded: no device ever holds a whole copy of it.
         optim = self.config.optim

@@ -292,6 +292,11 @@ class ScaleConfig:
       precision: ``"float32"`` or ``"bf16"`` compute (:mod:`jaxtl.train.precision`: master
         params, optimizer state, gradients, softmax, LayerNorm and loss stay float32).
       frozen_bf16: store the frozen groups' params in bfloat16 (half their memory).
+      release_pretrained: hold the params once: when the first train state is built, the
+        loaded model gives up its param arrays (``model.params`` keeps their shapes, as
+        ``jax.ShapeDtypeStruct`` s; :meth:`jaxtl.LoadedModel.release_params`), so the state's
+        copy is the only one resident. Load the model again to use its pretrained params
+        afterwards. Refused for staged plans, whose later stages start from them.
     """
 
     mesh: str | dict[str, int] | None = None
@@ -301,6 +306,7 @@ class ScaleConfig:
     remat: str | None = None
     precision: str = "float32"
     frozen_bf16: bool = False
+    release_pretrained: bool = False
 
     def __post_init__(self):
         from jaxtl.models.layers import remat_policy

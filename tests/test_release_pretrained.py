@@ -1,0 +1,130 @@
+"""``release_pretrained`` (``--release-pretrained``): the train state takes over the loaded
+model's params, so one copy of them is resident instead of two.
+
+It must not change the run (the same params, step by step, and the same resumed run), must
+free the model's arrays (counted from ``jax.live_arrays``, not from the option), and must
+refuse what would read the released params: a staged plan, or training the released model
+again.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import jax
+import numpy as np
+import pytest
+from _tiny import fit, make_tiny_bert, small_vader, write_vader_csv
+
+import jaxtl
+from jaxtl import cli
+from jaxtl.run import encode_splits
+from jaxtl.transfer.trees import flatten, tree_bytes
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = make_tiny_bert(str(tmp_path_factory.mktemp("release") / "bert"), dropout=0.1)
+    model = jaxtl.load(path, num_labels=2)
+    arrays, _ = encode_splits(model, small_vader(n_train=48, n_val=8, n_test=8))
+    return path, arrays
+
+
+def _config(release: bool, **overrides):
+    return jaxtl.TrainConfig(
+        batch_size=8, max_steps=4, release_pretrained=release, progress=False, **overrides
+    )
+
+
+def _live_bytes() -> int:
+    gc.collect()
+    return sum(x.nbytes for x in jax.live_arrays())
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_the_state_holds_the_only_copy_of_the_params(tiny, release):
+    path, _ = tiny
+    model = jaxtl.load(path, num_labels=2)
+    params_bytes = tree_bytes(model.params)
+    trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), _config(release))
+    before = _live_bytes()
+    state = trainer.init_state(total_steps=4)
+    grown = _live_bytes() - before
+    # Without the option the model keeps its arrays beside the state's; with it, they go.
+    assert grown == tree_bytes(state) - (params_bytes if release else 0)
+    assert model.released is release
+    if release:
+        shapes = flatten(model.params)
+        assert all(isinstance(v, jax.ShapeDtypeStruct) for v in shapes.values())
+        assert {p: (v.shape, v.dtype) for p, v in shapes.items()} == {
+            p: (v.shape, v.dtype) for p, v in flatten(state.params).items()
+        }
+
+
+def test_a_released_run_trains_and_resumes_as_the_kept_one(tiny, tmp_path):
+    path, arrays = tiny
+
+    def run(release):
+        model = jaxtl.load(path, num_labels=2)
+        trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), _config(release))
+        return fit(trainer, arrays["train"], arrays["validation"])
+
+    kept = flatten(jax.device_get(run(False).state.params))
+    released = flatten(jax.device_get(run(True).state.params))
+    assert kept.keys() == released.keys()
+    for p in kept:
+        np.testing.assert_array_equal(released[p], kept[p], err_msg=p)
+
+    # Preempted after step 2, then resumed from its checkpoint by a fresh process's objects.
+    def resumed_run(**fit_kwargs):
+        model = jaxtl.load(path, num_labels=2)
+        trainer = jaxtl.Trainer(
+            model, jaxtl.make_plan("full", model.structure), _config(True), str(tmp_path)
+        )
+        return fit(trainer, arrays["train"], arrays["validation"], **fit_kwargs)
+
+    resumed_run(stop_at=2)
+    resumed = flatten(jax.device_get(resumed_run(resume=True).state.params))
+    for p in kept:
+        np.testing.assert_array_equal(resumed[p], kept[p], err_msg=p)
+
+
+def test_a_staged_plan_is_refused_before_compiling(tiny):
+    path, _ = tiny
+    model = jaxtl.load(path, num_labels=2)
+    plan = jaxtl.make_plan("lp_ft(1)", model.structure)
+    with pytest.raises(ValueError, match=r"release_pretrained \(--release-pretrained\).*lp_ft"):
+        jaxtl.Trainer(model, plan, _config(True))
+    assert not model.released
+
+
+def test_a_released_model_is_refused_for_another_run(tiny):
+    path, arrays = tiny
+    model = jaxtl.load(path, num_labels=2)
+    trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), _config(True))
+    trainer.init_state(total_steps=4)
+    with pytest.raises(ValueError, match="load the model again"):
+        trainer.init_state(total_steps=4)
+    with pytest.raises(ValueError, match="load the model again"):
+        jaxtl.finetune(model, "full", small_vader(8, 8, 8), _config(False), verbose=False)
+
+
+@pytest.mark.slow
+def test_cli_reloads_the_model_for_each_pretrained_arm(tiny, tmp_path, capsys):
+    path, _ = tiny
+    data = write_vader_csv(tmp_path / "words.csv", 64)
+    out = tmp_path / "run"
+    argv = ["finetune", "--model", path, "--data", data, "--text-column", "word"]
+    argv += ["--label-column", "sentiment", "--recipe", "full,linear_probe", "--no-scratch"]
+    argv += ["--max-steps", "2", "--batch-size", "8", "--release-pretrained", "--out", str(out)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    for arm in ("pretrained-full", "pretrained-linear_probe"):
+        with open(out / arm / "run.json") as f:
+            assert json.load(f)["config"]["release_pretrained"] is True
+        with open(out / arm / "results.json") as f:
+            assert json.load(f)["steps"] == 2
+
+    argv[argv.index("full,linear_probe")] = "lp_ft(1)"
+    assert cli.main(argv[:-1] + [str(tmp_path / "staged")]) == 2
+    assert "--release-pretrained" in capsys.readouterr().err
