@@ -4,7 +4,8 @@
 for ``--steps`` steps on the same batch (32 x 128 tokens of VADER text, made once by the parent
 and handed to the children as an ``.npz``), each in a fresh process that imports only its own
 framework: jaxtl's real step (``step_time.JaxtlSide``), and transformers' ``AutoModel`` + mean
-pooling + dropout + ``Linear`` with ``torch.optim.AdamW``. jaxtl runs twice: as it does by
+pooling + dropout + ``Linear`` with ``torch.optim.AdamW``. Each side holds the checkpoint's
+tokenizer, as a fine-tune does (jaxtl's loaded model keeps it). jaxtl runs twice: as it does by
 default (the loaded model keeps its params beside the train state's copy) and with
 ``release_pretrained`` (``--release-pretrained``: the state's copy is the only one, as in
 PyTorch's loop). Each child reports its own peak
@@ -73,6 +74,7 @@ def child_jaxtl_released(args: argparse.Namespace, batch: dict) -> dict:
 
 
 def child_torch(args: argparse.Namespace, batch: dict) -> dict:
+    import tokenizers
     import torch
     import transformers
 
@@ -80,6 +82,9 @@ def child_torch(args: argparse.Namespace, batch: dict) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     path = step_time.model_path(args.model)
+    # A fine-tune holds its tokenizer: jaxtl's loaded model does (extras["tokenizer"]), and so
+    # does the PyTorch loop of time_to_accuracy.py, from this same file.
+    tokenizer = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
     bert = transformers.AutoModel.from_pretrained(path, add_pooling_layer=False)
     head = torch.nn.Linear(bert.config.hidden_size, 2)
     dropout = torch.nn.Dropout(bert.config.hidden_dropout_prob)
@@ -108,7 +113,8 @@ def child_torch(args: argparse.Namespace, batch: dict) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
-    return {"loaded_mib": loaded, "peak_mib": _peak_mib(), "losses": losses}
+    return {"loaded_mib": loaded, "peak_mib": _peak_mib(), "losses": losses,
+            "vocabulary": tokenizer.get_vocab_size()}  # fmt: skip
 
 
 def child_compile(args: argparse.Namespace, batch: dict) -> dict:

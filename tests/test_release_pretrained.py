@@ -128,3 +128,23 @@ def test_cli_reloads_the_model_for_each_pretrained_arm(tiny, tmp_path, capsys):
     argv[argv.index("full,linear_probe")] = "lp_ft(1)"
     assert cli.main(argv[:-1] + [str(tmp_path / "staged")]) == 2
     assert "--release-pretrained" in capsys.readouterr().err
+
+    # A sequential sweep's cells of one seed load the model again, one per cell.
+    sweep = ["sweep", "--model", path, "--data", data, "--text-column", "word", "--label-column"]
+    sweep += ["sentiment", "--recipe", "last_n(1)", "--lr", "1e-3,1e-2", "--weight-decay", "0"]
+    sweep += ["--max-steps", "2", "--batch-size", "8", "--release-pretrained"]
+    assert cli.main([*sweep, "--out", str(tmp_path / "sweep")]) == 0, capsys.readouterr().err
+    with open(tmp_path / "sweep" / "sweep.json") as f:
+        cells = json.load(f)["cells"]
+    assert [(c["learning_rate"], c["steps"], c["error"]) for c in cells] == [
+        (1e-3, 2, None),
+        (1e-2, 2, None),
+    ]
+
+
+@pytest.mark.parametrize("command", ["lr-find", "adapt"])
+def test_commands_that_reuse_the_model_have_no_release_flag(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--release-pretrained"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --release-pretrained" in capsys.readouterr().err

@@ -125,7 +125,7 @@ def train_config(args, epochs: int):
         remat=args.remat,
         precision=args.precision,
         frozen_bf16=args.frozen_bf16,
-        release_pretrained=args.release_pretrained,
+        release_pretrained=getattr(args, "release_pretrained", False),  # not lr-find's, adapt's
         loggers=[n for n in ("tensorboard", "wandb") if getattr(args, n, False)],
     )
 

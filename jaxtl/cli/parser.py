@@ -284,14 +284,14 @@ _NOT_FOR_SWEEP = ("--lr", "--weight-decay", "--seeds", "--resume", "--resume-fro
 _NOT_FOR_LR_FIND = ("--lr", "--seeds", "--resume", "--resume-from", "--distributed",
                     "--tensorboard", "--wandb", "--epochs", "--max-steps", "--schedule",
                     "--warmup-ratio", "--evals-per-epoch", "--min-eval-interval", "--eval-every",
-                    "--best-metric", "--patience")  # fmt: skip
+                    "--best-metric", "--patience", "--release-pretrained")  # fmt: skip
 
 
 # ... and those that jaxtl adapt has no use for (it validates nothing, and reads its data whole).
 _NOT_FOR_ADAPT = ("--seeds", "--resume-from", "--distributed", "--evals-per-epoch",
                   "--min-eval-interval", "--eval-every", "--best-metric", "--patience",
                   "--augment", "--mixup", "--cutmix", "--label-smoothing", "--data-workers",
-                  "--feature-cache", "--bucket-by-length")  # fmt: skip
+                  "--feature-cache", "--bucket-by-length", "--release-pretrained")  # fmt: skip
 
 
 def _run_flags(p: argparse.ArgumentParser, skip: tuple[str, ...]) -> None:

@@ -137,7 +137,7 @@ def sweep_command(args) -> int:
     models = {}
 
     def load(seed: int):  # each seed draws its own new head, as jaxtl finetune --seed does
-        if seed not in models:
+        if seed not in models or models[seed].released:  # --release-pretrained: once per cell
             models[seed] = surgery.load_model(path, pooling=args.pooling, seed=seed, **options)
         return models[seed]
 

@@ -70,7 +70,7 @@ def sweep_sequential(
     cache = config.data.feature_cache if feature_cache.applies(models[cells[0][2]], plan) else None
     out = []
     for lr, wd, s in cells:
-        if s not in models:
+        if s not in models or models[s].released:  # release_pretrained: one load per cell
             models[s] = load_model(s)
         # The learning rate and weight decay as step inputs: every cell compiles one program,
         # which the persistent compilation cache hands on.
