@@ -156,6 +156,7 @@ def lr_find(
     from jaxtl.train.trainer import Trainer
 
     check_options(start_lr, end_lr, num_steps, diverge, beta)
+    model.own_params("lr_find")  # released to a train state: a clear error now
     config = config or TrainConfig()
     plan = make_plan(recipe, model.structure)
     if plan.stages:

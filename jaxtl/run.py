@@ -211,11 +211,7 @@ def finetune(
       A :class:`RunResult` with test metrics, the best validation record and the final params.
     """
     config = config or TrainConfig()
-    if model.released:
-        raise ValueError(
-            "the model's params were released to an earlier run's train state "
-            "(release_pretrained, --release-pretrained): load the model again to fine-tune it."
-        )
+    model.own_params("jaxtl.finetune")  # released to an earlier run: a clear error now
     if config.data.feature_cache and (
         config.scale.remat is not None or config.scale.precision != "float32"
     ):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import weakref
 
 import jax
 import numpy as np
@@ -18,7 +19,7 @@ import pytest
 from _tiny import fit, make_tiny_bert, small_vader, write_vader_csv
 
 import jaxtl
-from jaxtl import cli
+from jaxtl import cli, lora, lr_find
 from jaxtl.run import encode_splits
 from jaxtl.transfer.trees import flatten, tree_bytes
 
@@ -104,10 +105,41 @@ def test_a_released_model_is_refused_for_another_run(tiny):
     model = jaxtl.load(path, num_labels=2)
     trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), _config(True))
     trainer.init_state(total_steps=4)
-    with pytest.raises(ValueError, match="load the model again"):
+    with pytest.raises(ValueError, match="Trainer.init_state needs the model's own params"):
         trainer.init_state(total_steps=4)
-    with pytest.raises(ValueError, match="load the model again"):
+    with pytest.raises(ValueError, match="jaxtl.finetune needs the model's own params"):
         jaxtl.finetune(model, "full", small_vader(8, 8, 8), _config(False), verbose=False)
+    with pytest.raises(ValueError, match="lr_find needs the model's own params"):
+        lr_find.lr_find(model, "full", small_vader(8, 8, 8))
+
+
+def test_a_lora_run_frees_its_base_and_exports_from_the_result(tiny, tmp_path):
+    path, _ = tiny
+    data = small_vader(n_train=48, n_val=8, n_test=8)
+    kept = jaxtl.finetune(jaxtl.load(path, num_labels=2), "lora(4)", data, _config(False),
+                          verbose=False)  # fmt: skip
+    model = jaxtl.load(path, num_labels=2)
+    originals = [weakref.ref(x) for x in jax.tree.leaves(model.params)]
+    result = jaxtl.finetune(model, "lora(4)", data, _config(True), verbose=False)
+    gc.collect()
+    # The adapted model and its base (the caller's model) gave up the same arrays.
+    assert model.released and result.model.released
+    assert all(r() is None for r in originals)
+    released, ref = flatten(jax.device_get(result.params)), flatten(jax.device_get(kept.params))
+    for p in ref:
+        np.testing.assert_array_equal(released[p], ref[p], err_msg=p)
+    # What needs the params takes the run's; asked for the model's own, it says what to do.
+    out = jaxtl.export(result.model, tmp_path / "merged", result.params)
+    merged = flatten(jaxtl.load(out, num_labels=2).params)
+    assert merged.keys() == flatten(lora.base_model(kept.model).params).keys()
+    lora.export_adapters(result.model, tmp_path / "adapters", result.params)
+    for use in (
+        lambda: jaxtl.export(result.model, tmp_path / "again"),
+        lambda: lora.merge(result.model),
+        lambda: lora.export_adapters(result.model, tmp_path / "adapters-again"),
+    ):
+        with pytest.raises(ValueError, match=r"pass the params to use \(e.g. result.params\)"):
+            use()
 
 
 @pytest.mark.slow

@@ -90,10 +90,29 @@ class LoadedModel:
         """Whether :meth:`release_params` dropped the param arrays (``params`` holds shapes)."""
         return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.params))
 
+    def own_params(self, use: str) -> Params:
+        """``params``, for ``use`` (e.g. ``"jaxtl.export"``) that needs their values.
+
+        Raises:
+          ValueError: they were released (:meth:`release_params`).
+        """
+        if self.released:
+            raise ValueError(
+                f"{use} needs the model's own params, but they were handed to a train state "
+                "(release_pretrained, --release-pretrained): pass the params to use (e.g. "
+                "result.params), or load the model again."
+            )
+        return self.params
+
     def release_params(self) -> None:
         """Drop the param arrays, keeping their shapes and dtypes in ``params`` (as
         ``jax.ShapeDtypeStruct`` s): what a train state that holds its own copy needs to lay
         itself out, without a second copy resident (``release_pretrained``,
         ``--release-pretrained``). The memory comes back once nothing else refers to the
-        arrays. Load the model again to apply or train it afterwards."""
+        arrays. Load the model again to apply or train it afterwards. The models this one was
+        built from and keeps in ``extras`` (a LoRA model's base) give theirs up too: they hold
+        the same arrays."""
         self.params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.params)
+        for source in self.extras.values():
+            if isinstance(source, LoadedModel) and not source.released:
+                source.release_params()

@@ -41,7 +41,8 @@ def sweep_sequential(
     it and the others read it back.
 
     Args:
-      load_model: ``seed -> model`` with its new head drawn from ``seed``; called once per seed.
+      load_model: ``seed -> model`` with its new head drawn from ``seed``; called once per seed
+        (per cell with ``release_pretrained``, and each call must then load the model again).
       data: train/validation/test splits.
       recipe: any recipe (``"full"``, ``"last_n(2)"``, ...).
       lrs: peak learning rates (``--lr``), each > 0.

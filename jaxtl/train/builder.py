@@ -104,11 +104,7 @@ class StateBuilder:
         Raises:
           ValueError: the model's params were released to an earlier state.
         """
-        if self.model.released:
-            raise ValueError(
-                "the model's params were released to an earlier train state "
-                "(release_pretrained, --release-pretrained): load the model again to train it."
-            )
+        self.model.own_params("Trainer.init_state")  # released to an earlier state: an error
         stored = self.stored_params()
         shapes = self.abstract_state(total_steps, stored, stage=stage)
         placed = jax.tree.map(lambda s: s.sharding, shapes)

@@ -297,6 +297,9 @@ class ScaleConfig:
         ``jax.ShapeDtypeStruct`` s; :meth:`jaxtl.LoadedModel.release_params`), so the state's
         copy is the only one resident. Load the model again to use its pretrained params
         afterwards. Refused for staged plans, whose later stages start from them.
+        :func:`jaxtl.compare` and sequential sweeps load the model again from its path for
+        each run (so changes made to it in Python are not kept). A ``feature_cache`` run
+        keeps the full model, which computes the features; vmapped sweeps build no state.
     """
 
     mesh: str | dict[str, int] | None = None
