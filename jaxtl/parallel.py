@@ -205,6 +205,15 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh))
 
 
+def put_from_host(value: Any, where: jax.sharding.Sharding) -> jax.Array:
+    """A whole value from host memory, placed as ``where`` says: each of this process's
+    devices receives only its own piece (``jax.make_array_from_callback``), so no device ever
+    holds more of it than the sharding gives it. Works on a mesh that spans several processes
+    (each passes the same value). A ``jax.Array`` is fetched to the host first."""
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, where, lambda index: host[index])
+
+
 def to_host(tree: Any) -> Any:
     """``jax.device_get`` of a tree that may be sharded over several processes' devices: such
     leaves are gathered from every process (``process_allgather``; all processes must call

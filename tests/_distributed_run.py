@@ -4,9 +4,11 @@ Usage: python _distributed_run.py MODEL_DIR OUT_DIR PROCESS_ID NUM_PROCESSES POR
        [MESH NAME]
 
 MESH (e.g. ``fsdp=8``) shards params and optimizer state over the global mesh, kernels
-included (``min_shard_size=256``), and the run checkpoints into ``OUT_DIR/NAME``; a run whose
-``OUT_DIR/NAME`` already holds the final checkpoint restores it (``resume``) and trains no
-further, on whatever mesh it has. Params go to ``params_<NAME>_<PROCESS_ID>.npz`` then.
+included (``min_shard_size=256``); the model loads straight onto it
+(``jaxtl.load(mesh=...)``), each process putting only its own devices' pieces. The run
+checkpoints into ``OUT_DIR/NAME``; a run whose ``OUT_DIR/NAME`` already holds the final
+checkpoint restores it (``resume``) and trains no further, on whatever mesh it has. Params go
+to ``params_<NAME>_<PROCESS_ID>.npz`` then.
 
 With NUM_PROCESSES > 1 the process joins a ``jax.distributed`` run through
 ``jaxtl.distributed.initialize()``: from SLURM's variables when the parent set them, else from
@@ -94,7 +96,12 @@ def main() -> None:
     from jaxtl.run import encode_splits
     from jaxtl.transfer.trees import flatten
 
-    model = jaxtl.load(model_dir, num_labels=2)
+    placed = {"mesh": mesh, "min_shard_size": 256} if mesh else {}
+    model = jaxtl.load(model_dir, num_labels=2, **placed)
+    loaded_held = {  # as "held" below, for the params as loaded
+        k: max(s.data.size for s in v.addressable_shards) / v.size
+        for k, v in flatten(model.params).items()
+    }
     arrays, _ = encode_splits(model, small_vader(n_train=N_TRAIN, n_val=N_VAL, n_test=4))
     config = jaxtl.TrainConfig(
         epochs=EPOCHS,
@@ -113,7 +120,7 @@ def main() -> None:
     assert (loader.process_index, loader.process_count) == (pid, nproc)
     loader.source = IndexedSource(arrays["train"])
     train = RecordingLoader(loader)
-    initial = {k: np.array(v) for k, v in flatten(jax.device_get(model.params)).items()}
+    initial = {k: np.array(v) for k, v in flatten(parallel.to_host(model.params)).items()}
     result = trainer.fit(
         train,
         evaluation_loader(arrays["validation"], config.data, devices=trainer.devices),
@@ -154,6 +161,7 @@ def main() -> None:
             k: max(s.data.size for s in v.addressable_shards) / v.size
             for k, v in flatten(state.params).items()
         },
+        "loaded_held": loaded_held,
         "steps": result.steps,
         "params_moved": moved,
         "steps_per_epoch": loader.steps_per_epoch,

@@ -8,6 +8,9 @@ Usage: python _sharded_run.py FAMILY MODEL_DIR DEVICES MESH STEPS OUT [options]
   --adam-eps E: AdamW's eps (default optax's 1e-8)
   --export: also write the fine-tuned model with jaxtl.export (from the sharded params) to
     OUT/export
+  --load-on-mesh: load the model straight onto the mesh (``jaxtl.load(mesh=...)``); the
+    summary then has ``loaded_held`` (what each device holds of the loaded params) and
+    ``loaded_as_state`` (whether each loaded param has its train state's sharding)
 
 Runs in its own process because the CPU device count is fixed when jax starts. The last stdout
 line is JSON: the loss of every step, and for every param and optimizer-state leaf the fraction
@@ -29,6 +32,7 @@ parser.add_argument("--resume", action="store_true")
 parser.add_argument("--export", action="store_true")
 parser.add_argument("--recipe", default="full")
 parser.add_argument("--adam-eps", type=float)
+parser.add_argument("--load-on-mesh", action="store_true")
 args = parser.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 sys.path.insert(0, os.path.dirname(__file__))
@@ -73,14 +77,20 @@ def held_fractions(tree) -> dict:
 task = {"bert": "classification", "gpt2": "causal_lm", "llama": "causal_lm"}.get(
     args.family, "classification"
 )
-model = jaxtl.load(args.model_dir, task=task, **({} if task == "causal_lm" else {"num_labels": 3}))
+mesh = None if args.mesh == "-" else args.mesh
+placed = {"mesh": mesh, "min_shard_size": 512} if args.load_on_mesh else {}
+model = jaxtl.load(
+    args.model_dir, task=task, **({} if task == "causal_lm" else {"num_labels": 3}), **placed
+)
+loaded_held = held_fractions(model.params)
+loaded_shardings = {p: x.sharding for p, x in flatten(model.params).items()}
 config = jaxtl.TrainConfig(
     batch_size=args.batch,
     learning_rate=1e-3,
     max_steps=int(args.steps),
     log_every=1,
     progress=False,
-    mesh=None if args.mesh == "-" else args.mesh,
+    mesh=mesh,
     grad_accum=args.grad_accum,
     min_shard_size=512,  # the tiny models' kernels shard, their biases and norms stay whole
     optimizer_options={} if args.adam_eps is None else {"eps": args.adam_eps},
@@ -107,5 +117,11 @@ summary = {
     "opt_held": held_fractions(state.opt_state),
     "specs": {p: str(s) for p, s in flatten(trainer.specs.params).items()},
     "sizes": {p: int(np.size(v)) for p, v in flatten(params).items()},
+    "loaded_held": loaded_held,
+    "loaded_as_state": {
+        p: loaded_shardings[p] == x.sharding
+        for p, x in flatten(state.params).items()
+        if p in loaded_shardings  # LoRA's adapters are not loaded
+    },
 }
 print(json.dumps(summary))

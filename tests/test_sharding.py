@@ -10,6 +10,7 @@ is checked on 8 CPU devices (``--xla_force_host_platform_device_count=8``) in su
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -358,8 +359,10 @@ def test_fsdp_and_3d_meshes_train_like_the_replicated_run(family, models, tmp_pa
     # normalized, and the moments are still sharded and compared below.
     eps = ("--adam-eps", "1e-3")
     ref = _run(family, models[family], 8, "-", tmp_path / "replicated", *eps)
-    fsdp = _run(family, models[family], 8, "fsdp=8", tmp_path / "fsdp", "--export", *eps)
-    cube = _run(family, models[family], 8, "data=2,fsdp=2,tensor=2", tmp_path / "cube", *eps)
+    # The sharded runs load the model straight onto their mesh (jaxtl.load(mesh=...)).
+    on_mesh = (*eps, "--load-on-mesh")
+    fsdp = _run(family, models[family], 8, "fsdp=8", tmp_path / "fsdp", "--export", *on_mesh)
+    cube = _run(family, models[family], 8, "data=2,fsdp=2,tensor=2", tmp_path / "cube", *on_mesh)
     assert len(ref["losses"]) == 4 and ref["losses"][0] != ref["losses"][-1]
     for run in (fsdp, cube):
         # Only the reduction order differs (partial sums per device): float32 rounding.
@@ -378,6 +381,10 @@ def test_fsdp_and_3d_meshes_train_like_the_replicated_run(family, models, tmp_pa
 
     _check_held(ref, lambda path, size: 1.0)
     _check_held(fsdp, lambda path, size: 1 / 8 if size >= MIN else 1.0)
+    # Loaded onto the mesh, each param already has the sharding of its train state.
+    for run in (fsdp, cube):
+        assert run["loaded_as_state"] and all(run["loaded_as_state"].values())
+        assert run["loaded_held"] == run["params_held"]
 
     def cube_share(path, size):
         role, leaf = _megatron(path), path.rsplit("/", 1)[1]
@@ -543,3 +550,145 @@ def test_a_run_trained_on_another_mesh_is_rescored_on_this_machines_devices(tmp_
     rescored = evaluate_run(str(run_dir), which="latest")["test"]
     assert rescored["examples"] == reported["examples"]
     assert rescored["loss"] == pytest.approx(reported["loss"], rel=1e-5)
+
+
+# --- loading straight onto a mesh -------------------------------------------------------------
+
+TRANSFER = re.compile(
+    r"host-to-device transfer: aval=ShapedArray\((\w+)\[([\d,]*)\]\), dst_sharding=(\w+)"
+)
+
+
+def _transfers(stderr: str, name: str) -> list[tuple[tuple[int, ...], str]]:
+    """``(shape, destination sharding class)`` of each host-to-device transfer JAX logged
+    between ``_sharded_load.py``'s markers for the load ``name``."""
+    part = stderr.split(f"== BEGIN {name}\n")[1].split(f"== END {name}\n")[0]
+    return [
+        (tuple(int(d) for d in shape.split(",") if d), where)
+        for _, shape, where in TRANSFER.findall(part)
+    ]
+
+
+@pytest.fixture(scope="module")
+def loaded_on_mesh(tmp_path_factory):
+    """``_sharded_load.py``'s comparison of loads onto ``fsdp=8`` and onto the default device
+    (a tiny BERT saved by transformers, and a tiny BatchNorm ResNet), with its stderr."""
+    import torch
+    import transformers
+
+    base = tmp_path_factory.mktemp("load-on-mesh")
+    bert = make_tiny_bert(str(base / "bert"), layers=1)
+    torch.manual_seed(0)
+    resnet = transformers.ResNetModel(
+        transformers.ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"
+        )
+    )
+    resnet.save_pretrained(base / "resnet")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "_sharded_load.py"), bert, str(base / "resnet")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def test_a_model_loaded_onto_a_mesh_is_split_there_with_the_values_of_a_plain_load(
+    loaded_on_mesh,
+):
+    """``jaxtl.load(mesh="fsdp=8")``: every leaf of at least ``min_shard_size`` elements is
+    split 8 ways, read from each device's own shards; the values (pretrained, from scratch,
+    and BatchNorm statistics, which are replicated) are bit for bit those of a plain load, and
+    the model runs."""
+    summary, _ = loaded_on_mesh
+    for name in ("bert", "scratch", "resnet", "resnet_stats"):
+        run = summary[name]
+        assert run["equal"] and run["dtypes_equal"], name
+        assert run["devices"] == [8], name  # every leaf lives on the whole mesh
+        for path, held in run["held"].items():
+            assert held == (1 / 8 if run["split"][path] else 1.0), (name, path, run["specs"])
+        assert name != "resnet_stats" or not any(run["split"].values())  # replicated
+    for name in ("bert", "scratch", "resnet"):  # the FSDP rule's threshold: 256 elements
+        held, sizes = summary[name]["held"], summary[name]["sizes"]
+        assert all(held[p] == 1.0 for p, n in sizes.items() if n < 256)
+        assert sum(held[p] * n for p, n in sizes.items()) / sum(sizes.values()) < 0.2
+    assert summary["bert"]["held"]["bert/embeddings/word_embeddings/embedding"] == 1 / 8
+    assert (
+        "placed on   mesh data=1,fsdp=8,tensor=1: one device holds 0.5 MiB of the 3.8 MiB"
+        in (summary["report"])
+    )
+    assert "placed on" not in summary["report_default"]
+    placed, default = summary["logits"]
+    np.testing.assert_allclose(placed, default, rtol=1e-5, atol=1e-7)
+
+
+def test_loading_onto_a_mesh_never_puts_a_whole_split_param_on_one_device(loaded_on_mesh):
+    """From JAX's own transfer log: loaded onto the mesh, nothing as large as a split param
+    goes to a single device (only the new head's small kernel is drawn on the host's device,
+    then replicated); a plain load puts each param whole on the first device, which is what
+    this check would catch."""
+    summary, stderr = loaded_on_mesh
+    sizes = summary["bert"]["sizes"]
+    split = [p for p, on in summary["bert"]["split"].items() if on]
+    assert len(split) >= 8
+    smallest = min(sizes[p] for p in split)
+    on_mesh, plain = _transfers(stderr, "mesh"), _transfers(stderr, "default")
+    to_one = [shape for shape, where in on_mesh if where == "SingleDeviceSharding"]
+    assert all(math.prod(shape) < smallest for shape in to_one), (to_one, smallest)
+    assert sum(where == "NamedSharding" for _, where in on_mesh) >= 8 * len(sizes)
+    plain_to_one = [shape for shape, where in plain if where == "SingleDeviceSharding"]
+    assert (30522, 32) in plain_to_one  # the word embedding, whole on device 0
+    shapes = summary["bert"]["shapes"]
+    assert all(tuple(shapes[p]) in plain_to_one for p in split)
+
+
+def test_load_onto_a_mesh_refuses_bad_input_before_reading_weights(tmp_path):
+    """A mesh that does not fit the devices, rules without a mesh, and a rule that names an
+    unknown axis are errors in the user's terms; the rule is refused before the (here
+    corrupt) weights file is read."""
+    model_dir = make_tiny_bert(str(tmp_path / "bert"), layers=1)
+    with pytest.raises(ValueError, match=r"mesh \(--mesh\) fsdp=2 needs a multiple of 2"):
+        jaxtl.load(model_dir, num_labels=2, mesh="fsdp=2")
+    with pytest.raises(ValueError, match=r"no mesh was given: pass mesh= \(--mesh\)"):
+        jaxtl.load(model_dir, num_labels=2, sharding_rules=[(".*", "fsdp")])
+    with open(os.path.join(model_dir, "model.safetensors"), "r+b") as f:
+        f.truncate(16)  # a header that promises more than the file holds
+    with pytest.raises(ValueError, match="safetensors"):  # read when the rules are fine
+        jaxtl.load(model_dir, num_labels=2, mesh="data=1")
+    bad = [(".*/kernel", ("model", None))]
+    with pytest.raises(sharding.ShardingError, match="names mesh axis 'model'"):
+        jaxtl.load(model_dir, num_labels=2, mesh="data=1", sharding_rules=bad)
+
+
+@pytest.mark.slow
+def test_the_cli_loads_the_model_onto_a_mesh_that_splits_params(tmp_path):
+    """``jaxtl finetune --mesh fsdp=8`` on 8 devices loads the model straight onto the mesh
+    (the load report says how much one device holds) and trains every arm from it: full,
+    LoRA (adapters added to the split base) and scratch. With --feature-cache, whose features
+    come from the whole model, it loads onto one device as before."""
+    model_dir = make_tiny_bert(str(tmp_path / "bert"), layers=1)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    base = [sys.executable, "-m", "jaxtl.cli", "finetune", "--model", model_dir]
+    base += ["--mesh", "fsdp=8", "--max-steps", "2", "--batch-size", "16"]
+
+    def run(out, *flags):
+        proc = subprocess.run(
+            [*base, "--out", str(tmp_path / out), *flags],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        with open(tmp_path / out / "summary.json") as f:
+            return proc.stdout, json.load(f)
+
+    out, summary = run("split", "--recipe", "full,lora(4)")
+    assert out.count("placed on   mesh data=1,fsdp=8,tensor=1: one device holds") == 1
+    runs = {r["name"]: r for r in summary["results"]}
+    assert set(runs) == {"pretrained full", "pretrained lora(4)", "scratch full"}
+    assert all(r["steps"] == 2 for r in runs.values())
+    out, _ = run("cached", "--recipe", "linear_probe", "--no-scratch", "--feature-cache", "memory")
+    assert "placed on" not in out

@@ -24,6 +24,21 @@ def load_options(args) -> dict:
     }
 
 
+def placement_options(args) -> dict:
+    """--mesh and --shard-rule as load options when the mesh splits params (``fsdp`` or
+    ``tensor`` above 1): the model loads straight into the shards its train state holds
+    (:func:`jaxtl.load`'s ``mesh``), so no device ever holds it whole. Not with
+    --feature-cache, which computes the frozen prefix's features with the whole model."""
+    import jax
+
+    from jaxtl import parallel
+
+    sizes = parallel.parse_mesh(args.mesh, jax.device_count())
+    if args.feature_cache or sizes["fsdp"] == sizes["tensor"] == 1:
+        return {}
+    return {"mesh": args.mesh, "sharding_rules": sharding_rules(args)}
+
+
 def surgery_options(args) -> dict:
     """--head, --drop-blocks and --tower as :func:`jaxtl.surgery.load_model` options."""
     out = {"head": args.head} if args.head else {}

@@ -6,7 +6,14 @@ from __future__ import annotations
 import os
 import sys
 
-from jaxtl.cli.options import check_devices, data_spec, load_options, preempted, train_config
+from jaxtl.cli.options import (
+    check_devices,
+    data_spec,
+    load_options,
+    placement_options,
+    preempted,
+    train_config,
+)
 from jaxtl.models.registry import data_modality
 from jaxtl.transfer.recipes import split_recipes
 
@@ -31,7 +38,7 @@ def finetune_command(args) -> int:
         return finetune_digits_command(args)
     check_devices(args)
     model_path = args.model or jaxtl.default_model_dir()
-    options = load_options(args)
+    options = {**load_options(args), **placement_options(args)}
     # Everything a user can get wrong is checked before the first compilation; an output
     # directory that cannot be written, before the model loads.
     out = experiment.experiment_dir(args.out, "finetune", resume=args.resume)

@@ -278,7 +278,10 @@ class ScaleConfig:
       mesh: axis sizes of the device mesh, ``"data=2,fsdp=4"`` or ``{"fsdp": 8}``
         (:func:`jaxtl.parallel.parse_mesh`); ``None``: every device on ``data`` (params
         replicated). ``fsdp`` shards params and optimizer state, ``tensor`` splits attention and
-        MLP matrices Megatron-style; both ``data`` and ``fsdp`` split the batch.
+        MLP matrices Megatron-style; both ``data`` and ``fsdp`` split the batch. Load a model
+        larger than one device straight onto the same mesh with ``jaxtl.load(path,
+        mesh=..., sharding_rules=..., min_shard_size=...)`` (its params then already have
+        their train-state shardings; ``jaxtl finetune --mesh`` does this).
       sharding_rules: ``(path regex, spec)`` pairs tried before the family's defaults
         (:mod:`jaxtl.sharding`); a spec is a tuple of mesh axes per dimension (``("fsdp",
         None)``), ``"fsdp"`` (largest divisible dimension) or ``"replicated"``.

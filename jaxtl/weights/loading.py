@@ -7,9 +7,10 @@ them into the fresh params with a checked :class:`~jaxtl.weights.LoadReport`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -17,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
+from jaxtl import parallel, sharding
 from jaxtl.models import registry
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.common import init_stat_leaf
-from jaxtl.transfer.trees import flatten, unflatten
+from jaxtl.sharding import MIN_SHARD_SIZE
+from jaxtl.transfer.trees import flatten, tree_bytes, unflatten
 from jaxtl.weights.merge import merge_checkpoint
 from jaxtl.weights.paths import check_links, contained
 from jaxtl.weights.safetensors_io import INDEX_FILE, find_weight_files, read_safetensors_dir
@@ -42,6 +45,9 @@ def load(
     in_channels: int | None = None,
     drop_blocks: int = 0,
     tower: str | None = None,
+    mesh: Any = None,
+    sharding_rules: Any = (),
+    min_shard_size: int = MIN_SHARD_SIZE,
 ) -> LoadedModel:
     """Loads a local checkpoint for a task: a Hugging Face directory or a state dict file.
 
@@ -76,6 +82,18 @@ def load(
         (:func:`jaxtl.models.registry.truncated_config`).
         ``--drop-blocks K``.
       tower: CLIP only: the tower the model runs, ``"vision"`` (default) or ``"text"``.
+      mesh: load straight onto this device mesh (``--mesh``): a :class:`jax.sharding.Mesh`, or
+        axis sizes such as ``"fsdp=8"`` for :func:`jaxtl.parallel.make_mesh` over every
+        device of every process. Each param is split as a train state on that mesh holds it
+        (:func:`jaxtl.sharding.param_specs`: ``sharding_rules``, the family's tensor-parallel
+        layers, then the FSDP rule) and each device receives only its own piece, from host
+        memory; new params are drawn on the host too. So a model larger than one device's
+        memory loads, and no device ever holds a whole sharded param. BatchNorm statistics
+        are replicated. ``None`` (default): every array on the default device.
+      sharding_rules: ``(path regex, spec)`` pairs tried before the defaults, as
+        :class:`jaxtl.ScaleConfig`'s (``--shard-rule``); only with ``mesh``.
+      min_shard_size: leaves with fewer elements stay whole under the FSDP rule, as
+        :class:`jaxtl.ScaleConfig`'s; only with ``mesh``.
 
     Returns:
       A :class:`LoadedModel`; ``report`` says what was loaded, initialized, unused or mismatched.
@@ -88,6 +106,8 @@ def load(
         embedding table, a corrupt safetensors header
         (:func:`jaxtl.weights.safetensors_io.read_header`), or a checkpoint that does not fit
         the model (see :func:`jaxtl.weights.merge_checkpoint`).
+      jaxtl.sharding.ShardingError: with ``mesh``, a sharding rule that cannot place a param
+        (raised before any weights are read).
       jaxtl.weights.paths.UnsafePathError: a link or a shard name leading out of the directory.
 
     Example:
@@ -147,17 +167,24 @@ def load(
         dtype=dtype,
         **options,
     )
+    # Where each leaf goes, decided from shapes before any weights are read.
+    place, place_stat, placement = _placement(spec, mesh, sharding_rules, min_shard_size)
     extras = dict(spec.extras)
     if "preprocessing" not in extras and family.modality != "audio":
         # a text model (or CLIP's text tower, in an image family)
         # Every text family's config names its embedding rows vocab_size, as Hugging Face does.
         extras.update(_tokenizer_extras(directory, spec.config.vocab_size, described_by))
 
+    # Placed on a mesh, a new leaf is drawn in host memory, then split over the devices.
+    drawn = contextlib.nullcontext if place is None else _on_host
+
     def initializer(param_path: str, leaf: jax.ShapeDtypeStruct) -> jax.Array:
-        return spec.init_leaf(param_path, leaf, seed)
+        with drawn():
+            return spec.init_leaf(param_path, leaf, seed)
 
     def init_stat(stat_path: str, leaf: jax.ShapeDtypeStruct) -> jax.Array:
-        return init_stat_leaf(stat_path, leaf, seed)
+        with drawn():
+            return init_stat_leaf(stat_path, leaf, seed)
 
     batch_stats: dict[str, Any] = {}
     if pretrained:
@@ -177,16 +204,18 @@ def load(
             checkpoint,
             ignore_mismatched=ignore_mismatched,
             initializer=initializer,
+            place=place,
             **checked,
         )
         if spec.abstract_batch_stats or stats:
             batch_stats, stats_report = merge_checkpoint(
-                spec.abstract_batch_stats, stats, initializer=init_stat, **checked
+                spec.abstract_batch_stats, stats, initializer=init_stat, place=place_stat, **checked
             )
             report.include(stats_report, STATS)
+        report.placement = placement
     else:
-        params = _initialize(spec.abstract_params, initializer)
-        batch_stats = _initialize(spec.abstract_batch_stats, init_stat)
+        params = _initialize(spec.abstract_params, initializer, place)
+        batch_stats = _initialize(spec.abstract_batch_stats, init_stat, place_stat)
         report = None
     if drop_blocks:
         extras["drop_blocks"] = drop_blocks
@@ -211,8 +240,49 @@ def load(
 STATS = "batch_stats/"
 
 
-def _initialize(abstract: Any, initializer: Any) -> dict[str, Any]:
-    return unflatten({p: initializer(p, leaf) for p, leaf in flatten(abstract).items()})
+def _initialize(abstract: Any, initializer: Any, place: Any = None) -> dict[str, Any]:
+    put = (lambda _, x: x) if place is None else place  # noqa: E731
+    return unflatten({p: put(p, initializer(p, leaf)) for p, leaf in flatten(abstract).items()})
+
+
+Place = Callable[[str, Any], jax.Array]
+
+
+def _placement(
+    spec: registry.ModelSpec, mesh: Any, rules: Any, min_shard_size: int
+) -> tuple[Place | None, Place | None, str | None]:
+    """``(place a param, place a BatchNorm statistic, what the report says)`` onto ``mesh``
+    (``load(mesh=...)``), each ``place(path, whole host value) -> array``; ``(None, None,
+    None)`` without a mesh."""
+    if mesh is None:
+        if rules:
+            raise ValueError(
+                "sharding_rules (--shard-rule) say how params are split over a mesh, but no "
+                "mesh was given: pass mesh= (--mesh) too, or drop the rules."
+            )
+        return None, None, None
+    if not isinstance(mesh, jax.sharding.Mesh):
+        mesh = parallel.make_mesh(mesh)
+    tree = sharding.param_specs(
+        spec.abstract_params, mesh, rules, structure=spec.structure, min_shard_size=min_shard_size
+    )
+    specs = flatten(tree)
+    whole = parallel.replicated(mesh)
+
+    def place(path: str, value: Any) -> jax.Array:
+        return parallel.put_from_host(value, jax.sharding.NamedSharding(mesh, specs[path]))
+
+    mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+    axes = ",".join(f"{a}={n}" for a, n in mesh.shape.items())
+    held = sharding.per_device_bytes(spec.abstract_params, tree, mesh)
+    total = tree_bytes(spec.abstract_params)
+    placement = f"mesh {axes}: one device holds {mib(held)} of the {mib(total)} of params"
+    return place, lambda _, value: parallel.put_from_host(value, whole), placement
+
+
+def _on_host() -> contextlib.AbstractContextManager:
+    """Arrays created inside go to the host's CPU device, not an accelerator."""
+    return jax.default_device(jax.local_devices(backend="cpu")[0])
 
 
 def _family_options(family: registry.Family, directory: str, **given: Any) -> dict[str, Any]:

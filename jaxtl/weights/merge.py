@@ -44,6 +44,8 @@ class LoadReport:
       mismatched: params whose checkpoint shape differs; they kept their initialization.
       source: where the checkpoint came from.
       sizes: element count of every entry above (for the summary table).
+      placement: where the params were put, when loaded onto a mesh (``jaxtl.load(mesh=...)``):
+        the mesh and how much of the params one device holds; ``None``: the default device.
     """
 
     loaded: list[str] = dataclasses.field(default_factory=list)
@@ -52,6 +54,7 @@ class LoadReport:
     mismatched: list[Mismatch] = dataclasses.field(default_factory=list)
     source: str | None = None
     sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+    placement: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the report as JSON-able builtins."""
@@ -68,6 +71,7 @@ class LoadReport:
                 }
                 for m in self.mismatched
             ],
+            "placement": self.placement,
         }
 
     def include(self, other: LoadReport, prefix: str) -> None:
@@ -98,6 +102,8 @@ class LoadReport:
         lines.append(f"  mismatched  {count(m.path for m in self.mismatched)}")
         for m in self.mismatched:
             lines.append(f"    {m.path}: checkpoint {m.ckpt_shape} vs model {m.model_shape}")
+        if self.placement:
+            lines.append(f"  placed on   {self.placement}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -114,6 +120,7 @@ def merge_checkpoint(
     initializer: Callable[[str, Any], Any] | None = None,
     source: str | None = None,
     described_model: str | None = None,
+    place: Callable[[str, Any], Any] | None = None,
 ) -> tuple[dict[str, Any], LoadReport]:
     """Merges checkpoint tensors into freshly initialized params.
 
@@ -135,6 +142,10 @@ def merge_checkpoint(
       source: where the checkpoint came from, for the report.
       described_model: what ``init_params`` are, for messages (e.g. "the 'bert' model that
         DIR/config.json describes").
+      place: ``place(path, value) -> array`` puts each leaf of the result where it lives: a
+        checkpoint tensor comes as a numpy array already in the leaf's dtype, an initialized
+        leaf as ``initializer`` made it (e.g. split over a mesh shard by shard,
+        :func:`jaxtl.parallel.put_from_host`). Default: ``jnp.asarray`` (the default device).
 
     Returns:
       ``(params, report)``: params in the init tree's structure, shapes and dtypes.
@@ -190,13 +201,18 @@ def merge_checkpoint(
     merged: dict[str, Any] = {}
     for path, init in model.items():
         if path in loaded:
-            merged[path] = jnp.asarray(checkpoint[path], dtype=init.dtype)
+            if place is None:
+                merged[path] = jnp.asarray(checkpoint[path], dtype=init.dtype)
+            else:  # cast on the host: no device holds the whole tensor unless placed so
+                merged[path] = place(path, np.asarray(checkpoint[path], dtype=init.dtype))
         elif isinstance(init, jax.ShapeDtypeStruct):
             if initializer is None:
                 raise ValueError(f"{path} needs initializing but no initializer was given.")
             merged[path] = initializer(path, init)
+            if place is not None:
+                merged[path] = place(path, merged[path])
         else:
-            merged[path] = init
+            merged[path] = init if place is None else place(path, init)
     report.unexpected = [name for name in checkpoint if name not in model]
     report.sizes.update({name: int(np.size(checkpoint[name])) for name in report.unexpected})
     return unflatten(merged), report
