@@ -414,7 +414,8 @@ def compare(
       config: the runs' configuration (each arm sets its learning rate).
       out: the experiment directory.
       load_options: the :func:`jaxtl.load` options of ``model`` (task, num_labels, pooling,
-        image_size, in_channels); the scratch arm is loaded with the same.
+        image_size, in_channels, and ``mesh`` / ``sharding_rules`` when it was loaded onto a
+        mesh); the scratch arm and reloads are loaded with the same.
       scratch: add the from-scratch baseline (``full``, random init, same budget).
       learning_rate: every arm's peak learning rate; None: each recipe's default.
       resume: keep finished arms, resume the unfinished one (from this step, for a number).

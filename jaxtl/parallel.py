@@ -85,6 +85,17 @@ def parse_mesh(shape: MeshShape, num_devices: int | None) -> dict[str, int]:
     return sizes
 
 
+def splits_params(shape: MeshShape) -> bool:
+    """Whether the mesh ``shape`` on this process's view of all devices splits params
+    (``fsdp`` or ``tensor`` above 1) rather than replicating them.
+
+    Raises:
+      ValueError: as :func:`parse_mesh`, for a mesh these devices cannot form.
+    """
+    sizes = parse_mesh(shape, jax.device_count())
+    return sizes["fsdp"] > 1 or sizes["tensor"] > 1
+
+
 def _show(sizes: Mapping[str, int]) -> str:
     return ",".join(f"{a}={n}" for a, n in sizes.items()) or "''"
 

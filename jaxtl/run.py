@@ -344,12 +344,11 @@ def _pieces(model: LoadedModel, scale: ScaleConfig):
     """The plan table's per-device layout when ``scale.mesh`` shards params, else None."""
     import jax
 
-    sizes = parallel.parse_mesh(scale.mesh, jax.device_count())
-    if sizes["fsdp"] == sizes["tensor"] == 1:
+    if not parallel.splits_params(scale.mesh):
         return None
     return sharding.piece_counter(
         model.params,
-        sizes,
+        parallel.parse_mesh(scale.mesh, jax.device_count()),
         scale.sharding_rules,
         structure=model.structure,
         min_shard_size=scale.min_shard_size,
@@ -431,7 +430,9 @@ class RestoredRun:
 def restore_run(run_dir: str, which: str = "best") -> RestoredRun:
     """Rebuild a run's model (with its LoRA adapters, if it trained some), plan and Trainer
     from ``run.json``, and restore a checkpoint (``"best"`` or ``"latest"``) onto this
-    machine's devices, whatever mesh trained it.
+    machine's devices, whatever mesh trained it: onto that mesh when these devices can form
+    it (a model split over ``fsdp`` / ``tensor`` is then also built split, never whole on one
+    device), else with every device on ``data``.
 
     Raises:
       FileNotFoundError: ``run_dir`` has no ``run.json``.
@@ -451,12 +452,19 @@ def restore_run(run_dir: str, which: str = "best") -> RestoredRun:
     # The run's optimizer and data options rebuild its checkpoint's tree; how it ranked its
     # evaluations does not matter for re-scoring.
     config = TrainConfig(**info["config"])
-    # Restored onto this machine's devices, whatever mesh it was trained on (a checkpoint
-    # restores onto any mesh); evaluation has no microbatches.
-    scale = dataclasses.replace(config.scale, mesh=None, grad_accum=1)
+    # Restored onto this machine's devices: on the run's own mesh where they can form it, else
+    # all on data (a checkpoint restores onto any mesh); evaluation has no microbatches.
+    mesh = config.scale.mesh if _fits_here(config.scale.mesh) else None
+    scale = dataclasses.replace(config.scale, mesh=mesh, grad_accum=1)
     # Re-scoring writes no metrics: the run's loggers (--tensorboard) stay closed.
     config = dataclasses.replace(config, checkpoint=CheckpointConfig(), scale=scale, loggers=())
-    model = load_recorded(m, pretrained=False)  # the checkpoint holds every param
+    # The checkpoint holds every param; a model split over the mesh is built split there.
+    placement = {}
+    if parallel.splits_params(mesh):
+        placement = dict(
+            mesh=mesh, sharding_rules=scale.sharding_rules, min_shard_size=scale.min_shard_size
+        )
+    model = load_recorded(m, pretrained=False, **placement)
     if "preprocessing" in m:  # the run's own image recipe (e.g. a preset's plain resize)
         model.extras["preprocessing"] = ImagePreprocessing.from_dict(m["preprocessing"])
     plan = make_plan(info["recipe"], model.structure)
@@ -473,9 +481,21 @@ def restore_run(run_dir: str, which: str = "best") -> RestoredRun:
     return RestoredRun(run_dir, info, config, model, plan, trainer, state, int(tree["step"]))
 
 
-def load_recorded(m: dict, *, pretrained: bool = True) -> LoadedModel:
+def _fits_here(mesh: Any) -> bool:
+    """Whether this machine's devices form the mesh ``mesh`` (``--mesh``)."""
+    import jax
+
+    try:
+        parallel.parse_mesh(mesh, jax.device_count())
+    except ValueError:
+        return False
+    return True
+
+
+def load_recorded(m: dict, *, pretrained: bool = True, **placement: Any) -> LoadedModel:
     """The model ``run.json``'s ``"model"`` facts describe, with its surgery (dropped blocks,
-    a built-in head): :func:`jaxtl.surgery.load_model`."""
+    a built-in head): :func:`jaxtl.surgery.load_model`. ``placement``: :func:`jaxtl.load`'s
+    ``mesh``, ``sharding_rules`` and ``min_shard_size``."""
     from jaxtl.surgery import load_model
 
     return load_model(
@@ -489,6 +509,7 @@ def load_recorded(m: dict, *, pretrained: bool = True) -> LoadedModel:
         head=m.get("head"),
         **({"drop_blocks": m["drop_blocks"]} if m.get("drop_blocks") else {}),
         **({"tower": m["tower"]} if m.get("tower") else {}),
+        **placement,
     )
 
 

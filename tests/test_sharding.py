@@ -666,7 +666,8 @@ def test_load_onto_a_mesh_refuses_bad_input_before_reading_weights(tmp_path):
 def test_the_cli_loads_the_model_onto_a_mesh_that_splits_params(tmp_path):
     """``jaxtl finetune --mesh fsdp=8`` on 8 devices loads the model straight onto the mesh
     (the load report says how much one device holds) and trains every arm from it: full,
-    LoRA (adapters added to the split base) and scratch. With --feature-cache, whose features
+    LoRA (adapters added to the split base) and scratch; ``jaxtl evaluate``'s restore puts
+    the run back on that mesh, split. With --feature-cache, whose features
     come from the whole model, it loads onto one device as before."""
     model_dir = make_tiny_bert(str(tmp_path / "bert"), layers=1)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
@@ -690,5 +691,35 @@ def test_the_cli_loads_the_model_onto_a_mesh_that_splits_params(tmp_path):
     runs = {r["name"]: r for r in summary["results"]}
     assert set(runs) == {"pretrained full", "pretrained lora(4)", "scratch full"}
     assert all(r["steps"] == 2 for r in runs.values())
+    # Re-scored on these 8 devices, the run is restored onto its own mesh, model and state
+    # split there, with the test metrics it reported.
+    rescore = (
+        "import json, sys\n"
+        "from jaxtl.run import evaluate_run, restore_run\n"
+        "run = restore_run(sys.argv[1])\n"
+        "leaf = lambda p: p['bert']['embeddings']['word_embeddings']['embedding']\n"
+        "held = lambda x: max(s.data.size for s in x.addressable_shards) / x.size\n"
+        "print(json.dumps({'model': held(leaf(run.model.params)),\n"
+        "    'state': held(leaf(run.state.params)), 'mesh': dict(run.trainer.mesh.shape),\n"
+        "    'test': evaluate_run(sys.argv[1])['test']}))\n"
+    )
+    run_dir = next(
+        p for p in (tmp_path / "split").iterdir() if p.name.startswith("pretrained-full")
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", rescore, str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rescored = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rescored["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert rescored["model"] == rescored["state"] == 1 / 8
+    with open(run_dir / "results.json") as f:
+        reported = json.load(f)["test"]
+    assert rescored["test"]["examples"] == reported["examples"]
+    assert rescored["test"]["loss"] == pytest.approx(reported["loss"], rel=1e-5)
     out, _ = run("cached", "--recipe", "linear_probe", "--no-scratch", "--feature-cache", "memory")
     assert "placed on" not in out

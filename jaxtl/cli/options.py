@@ -29,12 +29,9 @@ def placement_options(args) -> dict:
     ``tensor`` above 1): the model loads straight into the shards its train state holds
     (:func:`jaxtl.load`'s ``mesh``), so no device ever holds it whole. Not with
     --feature-cache, which computes the frozen prefix's features with the whole model."""
-    import jax
-
     from jaxtl import parallel
 
-    sizes = parallel.parse_mesh(args.mesh, jax.device_count())
-    if args.feature_cache or sizes["fsdp"] == sizes["tensor"] == 1:
+    if getattr(args, "feature_cache", None) or not parallel.splits_params(args.mesh):
         return {}
     return {"mesh": args.mesh, "sharding_rules": sharding_rules(args)}
 
