@@ -459,11 +459,7 @@ def restore_run(run_dir: str, which: str = "best") -> RestoredRun:
     # Re-scoring writes no metrics: the run's loggers (--tensorboard) stay closed.
     config = dataclasses.replace(config, checkpoint=CheckpointConfig(), scale=scale, loggers=())
     # The checkpoint holds every param; a model split over the mesh is built split there.
-    placement = {}
-    if parallel.splits_params(mesh):
-        placement = dict(
-            mesh=mesh, sharding_rules=scale.sharding_rules, min_shard_size=scale.min_shard_size
-        )
+    placement = sharding.load_placement(mesh, scale.sharding_rules, scale.min_shard_size)
     model = load_recorded(m, pretrained=False, **placement)
     if "preprocessing" in m:  # the run's own image recipe (e.g. a preset's plain resize)
         model.extras["preprocessing"] = ImagePreprocessing.from_dict(m["preprocessing"])

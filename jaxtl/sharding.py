@@ -59,6 +59,7 @@ __all__ = [
     "ShardingError",
     "check_axes",
     "default_rules",
+    "load_placement",
     "param_specs",
     "per_device_bytes",
     "piece_counter",
@@ -313,6 +314,27 @@ def train_state_specs(
         batch_stats=whole(state.batch_stats),
         learning_rate=whole(state.learning_rate),
     )
+
+
+def load_placement(
+    mesh: Any, rules: Rules | None = (), min_shard_size: int = MIN_SHARD_SIZE
+) -> dict[str, Any]:
+    """:func:`jaxtl.load`'s options that build a model as a train state on the mesh ``mesh``
+    (``--mesh``; ``None``: every device on ``data``) with ``rules`` (``--shard-rule``) holds its
+    params; ``{}`` when that state replicates them all (no rules, and ``fsdp`` and ``tensor``
+    of 1), so the model loads onto one device as by default.
+
+    Raises:
+      ValueError: a mesh these devices cannot form (:func:`jaxtl.parallel.parse_mesh`).
+    """
+    from jaxtl.parallel import parse_mesh, splits_params
+
+    rules = list(rules.items() if isinstance(rules, Mapping) else rules or ())
+    if not (rules or splits_params(mesh)):
+        return {}
+    if mesh is None:
+        mesh = f"data={parse_mesh(None, jax.device_count())['data']}"
+    return {"mesh": mesh, "sharding_rules": rules, "min_shard_size": min_shard_size}
 
 
 def piece_counter(

@@ -344,3 +344,28 @@ def test_version_names_jaxtl_and_its_stack(capsys):
     assert line.startswith(f"jaxtl {jaxtl.__version__} (jax {version('jax')}, ")
     assert "\n" not in line and "orbax-checkpoint" in line
     assert jaxtl.__version__ == version("jaxtl")  # the package's version and pyproject's agree
+
+
+def test_finetune_loads_onto_the_mesh_only_when_the_train_state_splits_params():
+    """``placement_options``: --shard-rule (or a mesh with fsdp / tensor above 1) makes the load
+    place params as the state will (``jaxtl.load(mesh=...)``); the default mesh without rules,
+    and --feature-cache, load onto one device."""
+    import argparse
+
+    import jax
+
+    from jaxtl.cli.options import placement_options
+
+    def args(**given):
+        base = dict(mesh=None, shard_rule=[], rules=None, feature_cache=None)
+        return argparse.Namespace(**{**base, **given})
+
+    assert placement_options(args()) == {}
+    assert placement_options(args(mesh=f"data={jax.device_count()}")) == {}
+    rule = ".*/kernel=replicated"
+    assert placement_options(args(shard_rule=[rule])) == {
+        "mesh": f"data={jax.device_count()}",
+        "sharding_rules": [(".*/kernel", "replicated")],
+        "min_shard_size": 2**16,
+    }
+    assert placement_options(args(shard_rule=[rule], feature_cache="memory")) == {}

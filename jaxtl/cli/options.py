@@ -25,15 +25,16 @@ def load_options(args) -> dict:
 
 
 def placement_options(args) -> dict:
-    """--mesh and --shard-rule as load options when the mesh splits params (``fsdp`` or
-    ``tensor`` above 1): the model loads straight into the shards its train state holds
-    (:func:`jaxtl.load`'s ``mesh``), so no device ever holds it whole. Not with
-    --feature-cache, which computes the frozen prefix's features with the whole model."""
-    from jaxtl import parallel
+    """--mesh and --shard-rule as load options when the train state splits params (a mesh
+    with ``fsdp`` or ``tensor`` above 1, or sharding rules): the model loads straight into the
+    shards its train state holds (:func:`jaxtl.load`'s ``mesh``), so no device ever holds it
+    whole. Not with --feature-cache, which computes the frozen prefix's features with the
+    whole model."""
+    from jaxtl.sharding import load_placement
 
-    if getattr(args, "feature_cache", None) or not parallel.splits_params(args.mesh):
+    if getattr(args, "feature_cache", None):
         return {}
-    return {"mesh": args.mesh, "sharding_rules": sharding_rules(args)}
+    return load_placement(args.mesh, sharding_rules(args))
 
 
 def surgery_options(args) -> dict:

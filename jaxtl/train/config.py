@@ -281,7 +281,9 @@ class ScaleConfig:
         MLP matrices Megatron-style; both ``data`` and ``fsdp`` split the batch. Load a model
         larger than one device straight onto the same mesh with ``jaxtl.load(path,
         mesh=..., sharding_rules=..., min_shard_size=...)`` (its params then already have
-        their train-state shardings; ``jaxtl finetune --mesh`` does this).
+        their train-state shardings; ``jaxtl finetune`` does this when ``--mesh`` has
+        ``fsdp`` or ``tensor`` above 1 or ``--shard-rule`` is given, except with
+        ``--feature-cache``).
       sharding_rules: ``(path regex, spec)`` pairs tried before the family's defaults
         (:mod:`jaxtl.sharding`); a spec is a tuple of mesh axes per dimension (``("fsdp",
         None)``), ``"fsdp"`` (largest divisible dimension) or ``"replicated"``.

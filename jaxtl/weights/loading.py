@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -92,6 +92,8 @@ def load(
         are replicated. ``None`` (default): every array on the default device.
       sharding_rules: ``(path regex, spec)`` pairs tried before the defaults, as
         :class:`jaxtl.ScaleConfig`'s (``--shard-rule``); only with ``mesh``.
+        :func:`jaxtl.sharding.load_placement` gives all three options for a train state's
+        ``mesh`` and rules.
       min_shard_size: leaves with fewer elements stay whole under the FSDP rule, as
         :class:`jaxtl.ScaleConfig`'s; only with ``mesh``.
 
@@ -104,10 +106,13 @@ def load(
         unsupported ``model_type``, a config.json with sizes no model has
         (:func:`jaxtl.models.registry.check_sizes`), a tokenizer whose ids run past the
         embedding table, a corrupt safetensors header
-        (:func:`jaxtl.weights.safetensors_io.read_header`), or a checkpoint that does not fit
-        the model (see :func:`jaxtl.weights.merge_checkpoint`).
+        (:func:`jaxtl.weights.safetensors_io.read_header`), a checkpoint that does not fit
+        the model (see :func:`jaxtl.weights.merge_checkpoint`), a ``mesh`` these devices
+        cannot form or whose axes are not ``(data, fsdp, tensor)``, or ``sharding_rules`` /
+        ``min_shard_size`` without a ``mesh``.
+      TypeError: ``mesh`` is neither a Mesh, axis sizes nor None.
       jaxtl.sharding.ShardingError: with ``mesh``, a sharding rule that cannot place a param
-        (raised before any weights are read).
+        (raised before the weights of a Hugging Face directory are read).
       jaxtl.weights.paths.UnsafePathError: a link or a shard name leading out of the directory.
 
     Example:
@@ -255,14 +260,30 @@ def _placement(
     (``load(mesh=...)``), each ``place(path, whole host value) -> array``; ``(None, None,
     None)`` without a mesh."""
     if mesh is None:
-        if rules:
+        if rules or min_shard_size != MIN_SHARD_SIZE:
+            given = "sharding_rules (--shard-rule)" if rules else "min_shard_size"
             raise ValueError(
-                "sharding_rules (--shard-rule) say how params are split over a mesh, but no "
-                "mesh was given: pass mesh= (--mesh) too, or drop the rules."
+                f"{given} say how params are split over a mesh, but no mesh was given: pass "
+                "mesh= (--mesh) too, or leave it out."
             )
         return None, None, None
-    if not isinstance(mesh, jax.sharding.Mesh):
+    if min_shard_size < 0:
+        raise ValueError(f"min_shard_size must be >= 0, got {min_shard_size}.")
+    if isinstance(mesh, jax.sharding.Mesh):
+        if tuple(mesh.axis_names) != parallel.AXES:
+            raise ValueError(
+                f"mesh= has axes {tuple(mesh.axis_names)}; params are placed as a train state "
+                f"holds them, on {parallel.AXES}. Build it with "
+                "jaxtl.parallel.make_mesh('data=...,fsdp=...') or pass its sizes, e.g. "
+                "mesh='fsdp=8'."
+            )
+    elif isinstance(mesh, str | Mapping):
         mesh = parallel.make_mesh(mesh)
+    else:
+        raise TypeError(
+            f"mesh= is {mesh!r}; give a jax.sharding.Mesh, axis sizes as 'fsdp=8' or "
+            '{"fsdp": 8} (--mesh), or None.'
+        )
     tree = sharding.param_specs(
         spec.abstract_params, mesh, rules, structure=spec.structure, min_shard_size=min_shard_size
     )
@@ -281,8 +302,12 @@ def _placement(
 
 
 def _on_host() -> contextlib.AbstractContextManager:
-    """Arrays created inside go to the host's CPU device, not an accelerator."""
-    return jax.default_device(jax.local_devices(backend="cpu")[0])
+    """Arrays created inside go to the host's CPU device, not an accelerator (where JAX runs
+    with no CPU backend, ``JAX_PLATFORMS=tpu``, to the default device)."""
+    try:
+        return jax.default_device(jax.local_devices(backend="cpu")[0])
+    except RuntimeError:  # "Unknown backend cpu"
+        return contextlib.nullcontext()
 
 
 def _family_options(family: registry.Family, directory: str, **given: Any) -> dict[str, Any]:
