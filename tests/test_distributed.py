@@ -88,9 +88,10 @@ class _Proc:
             return out.read(), err.read()
 
 
-def _run_all(procs: list[_Proc], timeout: float) -> list[dict]:
+def _run_all(procs: list[_Proc], timeout: float, parse: bool = True) -> list:
     """Wait for every process; on a failure or the timeout kill them all and show every
-    process's stderr. Returns each one's JSON summary (its last stdout line)."""
+    process's stderr. Returns each one's JSON summary (its last stdout line), or with
+    ``parse=False`` its whole stdout."""
     deadline = time.monotonic() + timeout
     problem = None
     try:
@@ -115,6 +116,8 @@ def _run_all(procs: list[_Proc], timeout: float) -> list[dict]:
             for p in procs
         )
         pytest.fail(f"{problem}\n{shown}", pytrace=False)
+    if not parse:
+        return [p.output()[0] for p in procs]
     return [json.loads(p.output()[0].strip().splitlines()[-1]) for p in procs]
 
 
@@ -318,6 +321,44 @@ def test_fsdp_over_two_processes_matches_one_process_and_restores_on_four_device
     assert restored["steps"] == STEPS
     for k in one:
         np.testing.assert_array_equal(np.asarray(exported[k]), p0[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_the_documented_cli_launch_on_two_processes_matches_one_process(tmp_path):
+    """docs/pods.md's launch: the same ``jaxtl finetune --distributed --mesh fsdp=8`` on 2
+    processes x 4 CPU devices (found through the ``JAXTL_*`` variables), against the command
+    without ``--distributed`` in one 8-device process. Each loads the model onto the global
+    mesh (its load report says what one device holds), trains the pretrained and the scratch
+    arm, and reports the same test metrics."""
+    model_dir = make_tiny_bert(str(tmp_path / "bert"), layers=1)
+    port = _free_port()
+    command = ["jaxtl.cli", "finetune", "--model", model_dir, "--mesh", "fsdp=8"]
+    command += ["--max-steps", "2", "--batch-size", "16", "--recipe", "full"]
+
+    def env(i: int) -> dict:
+        return _env(4) | dict(
+            JAXTL_COORDINATOR=f"127.0.0.1:{port}", JAXTL_NUM_PROCESSES="2", JAXTL_PROCESS_ID=str(i)
+        )
+
+    two = [*command, "--distributed", "--out", str(tmp_path / "two")]
+    procs = [_Proc(f"cli{i}", two, env(i), str(tmp_path), script="-m") for i in range(2)]
+    one = [*command, "--out", str(tmp_path / "one")]
+    procs.append(_Proc("cli-ref", one, _env(8), str(tmp_path), script="-m"))
+    outputs = _run_all(procs, TIMEOUT_S, parse=False)
+    for out in outputs:
+        assert "placed on   mesh data=1,fsdp=8,tensor=1: one device holds" in out
+    summaries = []
+    for name in ("two", "one"):
+        with open(tmp_path / name / "summary.json") as f:
+            summaries.append({r["name"]: r for r in json.load(f)["results"]})
+    dist, ref = summaries
+    assert set(dist) == set(ref) == {"pretrained full", "scratch full"}
+    for arm, run in ref.items():
+        assert dist[arm]["steps"] == run["steps"] == 2
+        assert dist[arm]["test"]["examples"] == run["test"]["examples"]
+        assert dist[arm]["test"]["accuracy"] == run["test"]["accuracy"], arm
+        assert dist[arm]["test"]["loss"] == pytest.approx(run["test"]["loss"], rel=1e-5), arm
+    assert "distributed (jaxtl): process 0 of 2, 4 local of 8 devices" in procs[0].output()[1]
 
 
 @pytest.mark.slow
