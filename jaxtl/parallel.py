@@ -122,6 +122,17 @@ def make_mesh(shape: MeshShape = None, devices: Sequence[jax.Device] | None = No
     )
 
 
+def check_mesh_axes(mesh: Mesh, what: str) -> None:
+    """Raise unless ``mesh`` has jaxtl's axes ``(data, fsdp, tensor)``; ``what`` says what
+    is laid out on them (for the message)."""
+    if tuple(mesh.axis_names) != AXES:
+        raise ValueError(
+            f"mesh= has axes {tuple(mesh.axis_names)}; {what} on {AXES}. Build it with "
+            "jaxtl.parallel.make_mesh('data=...,fsdp=...') or pass its sizes instead "
+            "(TrainConfig(mesh='fsdp=8'), --mesh)."
+        )
+
+
 def batch_shards(mesh: Mesh | Mapping[str, int]) -> int:
     """How many pieces a batch is split into: ``data`` x ``fsdp`` (of a mesh, or of axis sizes
     from :func:`parse_mesh`)."""

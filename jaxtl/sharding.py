@@ -45,7 +45,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from jaxtl.parallel import AXES
+from jaxtl.parallel import AXES, parse_mesh, splits_params
 from jaxtl.transfer.lora import LORA_A, LORA_B
 from jaxtl.transfer.rules import InvalidRuleError, Rules, tree_from_rules
 from jaxtl.transfer.structure import Structure
@@ -327,8 +327,6 @@ def load_placement(
     Raises:
       ValueError: a mesh these devices cannot form (:func:`jaxtl.parallel.parse_mesh`).
     """
-    from jaxtl.parallel import parse_mesh, splits_params
-
     rules = list(rules.items() if isinstance(rules, Mapping) else rules or ())
     if not (rules or splits_params(mesh)):
         return {}

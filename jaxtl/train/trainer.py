@@ -126,12 +126,8 @@ class Trainer:
             )
         check_installed(config.loggers)
         scale = config.scale
-        if mesh is not None and tuple(mesh.axis_names) != parallel.AXES:
-            raise ValueError(
-                f"mesh= has axes {tuple(mesh.axis_names)}; the Trainer places state and batches "
-                f"on {parallel.AXES}. Build it with jaxtl.parallel.make_mesh('data=...,fsdp=...') "
-                "or pass TrainConfig(mesh=...) instead."
-            )
+        if mesh is not None:
+            parallel.check_mesh_axes(mesh, "the Trainer places state and batches")
         self.mesh = mesh if mesh is not None else parallel.make_mesh(scale.mesh)
         dtype = precision.compute_dtype(scale.precision, self.mesh.devices.flat[0])
         if scale.remat is not None or dtype != jnp.float32:

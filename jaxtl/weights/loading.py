@@ -270,13 +270,7 @@ def _placement(
     if min_shard_size < 0:
         raise ValueError(f"min_shard_size must be >= 0, got {min_shard_size}.")
     if isinstance(mesh, jax.sharding.Mesh):
-        if tuple(mesh.axis_names) != parallel.AXES:
-            raise ValueError(
-                f"mesh= has axes {tuple(mesh.axis_names)}; params are placed as a train state "
-                f"holds them, on {parallel.AXES}. Build it with "
-                "jaxtl.parallel.make_mesh('data=...,fsdp=...') or pass its sizes, e.g. "
-                "mesh='fsdp=8'."
-            )
+        parallel.check_mesh_axes(mesh, "params are placed as a train state holds them")
     elif isinstance(mesh, str | Mapping):
         mesh = parallel.make_mesh(mesh)
     else:
