@@ -43,12 +43,19 @@ def _live_bytes() -> int:
     return sum(x.nbytes for x in jax.live_arrays())
 
 
-@pytest.mark.parametrize("release", [False, True])
-def test_the_state_holds_the_only_copy_of_the_params(tiny, release):
+@pytest.mark.parametrize(
+    "release, scale",
+    [(False, {}), (True, {}), (True, {"remat": "full"}), (True, {"precision": "bf16"})],
+)
+def test_the_state_holds_the_only_copy_of_the_params(tiny, release, scale):
+    """Also when the Trainer trains a rebuilt model (remat, bf16 compute) over the same arrays:
+    the caller's model gives them up too."""
     path, _ = tiny
     model = jaxtl.load(path, num_labels=2)
     params_bytes = tree_bytes(model.params)
-    trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), _config(release))
+    config = _config(release, **scale)
+    trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), config)
+    assert (trainer.model is model) is not scale
     before = _live_bytes()
     state = trainer.init_state(total_steps=4)
     grown = _live_bytes() - before
@@ -142,29 +149,40 @@ def test_a_lora_run_frees_its_base_and_exports_from_the_result(tiny, tmp_path):
             use()
 
 
+def _recorded_release(out, arm: str) -> bool:
+    with open(out / arm / "results.json") as f:
+        assert json.load(f)["steps"] == 2
+    with open(out / arm / "run.json") as f:
+        return json.load(f)["config"]["release_pretrained"]
+
+
 @pytest.mark.slow
 def test_cli_reloads_the_model_for_each_pretrained_arm(tiny, tmp_path, capsys):
+    """jaxtl finetune releases by default (the process has no other use for the loaded params),
+    except for a staged recipe, which reads them in its later stages."""
     path, _ = tiny
     data = write_vader_csv(tmp_path / "words.csv", 64)
     out = tmp_path / "run"
     argv = ["finetune", "--model", path, "--data", data, "--text-column", "word"]
     argv += ["--label-column", "sentiment", "--recipe", "full,linear_probe", "--no-scratch"]
-    argv += ["--max-steps", "2", "--batch-size", "8", "--release-pretrained", "--out", str(out)]
+    argv += ["--max-steps", "2", "--batch-size", "8", "--out", str(out)]
     assert cli.main(argv) == 0, capsys.readouterr().err
-    for arm in ("pretrained-full", "pretrained-linear_probe"):
-        with open(out / arm / "run.json") as f:
-            assert json.load(f)["config"]["release_pretrained"] is True
-        with open(out / arm / "results.json") as f:
-            assert json.load(f)["steps"] == 2
+    assert [_recorded_release(out, a) for a in ("pretrained-full", "pretrained-linear_probe")] == [
+        True,
+        True,
+    ]
 
+    # A staged recipe keeps the loaded params by default, and asked to release them, refuses.
     argv[argv.index("full,linear_probe")] = "lp_ft(1)"
-    assert cli.main(argv[:-1] + [str(tmp_path / "staged")]) == 2
+    assert cli.main(argv[:-1] + [str(tmp_path / "staged")]) == 0, capsys.readouterr().err
+    assert _recorded_release(tmp_path / "staged", "pretrained-lp_ft1") is False
+    assert cli.main([*argv[:-2], "--release-pretrained", "--out", str(tmp_path / "refused")]) == 2
     assert "--release-pretrained" in capsys.readouterr().err
 
     # A sequential sweep's cells of one seed load the model again, one per cell.
     sweep = ["sweep", "--model", path, "--data", data, "--text-column", "word", "--label-column"]
     sweep += ["sentiment", "--recipe", "last_n(1)", "--lr", "1e-3,1e-2", "--weight-decay", "0"]
-    sweep += ["--max-steps", "2", "--batch-size", "8", "--release-pretrained"]
+    sweep += ["--max-steps", "2", "--batch-size", "8"]
     assert cli.main([*sweep, "--out", str(tmp_path / "sweep")]) == 0, capsys.readouterr().err
     with open(tmp_path / "sweep" / "sweep.json") as f:
         cells = json.load(f)["cells"]
@@ -174,9 +192,62 @@ def test_cli_reloads_the_model_for_each_pretrained_arm(tiny, tmp_path, capsys):
     ]
 
 
+def test_the_cli_default_releases_unless_a_recipe_is_staged(tmp_path):
+    from jaxtl.cli.options import train_config
+    from jaxtl.cli.parser import build_parser
+
+    def released(*argv):
+        config = train_config(build_parser().parse_args(list(argv)), epochs=1)
+        return config.scale.release_pretrained
+
+    assert released("finetune") is True  # full and linear_probe
+    assert released("finetune", "--recipe", "llrd(0.9),lora(8)") is True
+    assert released("finetune", "--recipe", "full,gradual(every=1)") is False
+    assert released("finetune", "--recipe", "lp_ft(1)") is False
+    assert released("finetune", "--no-release-pretrained") is False
+    # Asked for with a staged recipe anywhere in the list: refused before any arm runs.
+    with pytest.raises(ValueError, match=r"--release-pretrained.*lp_ft\(1\)'s later stages"):
+        released("finetune", "--recipe", "full,lp_ft(1)", "--release-pretrained")
+    rules = tmp_path / "groups.toml"
+    rules.write_text('[[group]]\nname = "head"\nmatch = ["classifier(/.*)?"]\n')
+    assert released("finetune", "--rules", str(rules)) is True
+    assert released("sweep", "--recipe", "last_n(1)") is True
+    assert released("sweep", "--recipe", "last_n(1)", "--no-release-pretrained") is False
+    # The verbs that reuse the loaded model after training never release it.
+    assert released("lr-find") is False
+    assert released("adapt", "--target-shift", "typos") is False
+
+
 @pytest.mark.parametrize("command", ["lr-find", "adapt"])
 def test_commands_that_reuse_the_model_have_no_release_flag(command, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([command, "--release-pretrained"])
     assert e.value.code == 2
     assert "unrecognized arguments: --release-pretrained" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_the_state_takes_over_its_copy_of_the_params_without_another(tiny, release, monkeypatch):
+    """init_state places one copy of the params (the model keeps its own, or gives it up with
+    release_pretrained), and the state's params are that copy's buffers, donated to the
+    state's construction, not a further copy made while both are resident."""
+    path, _ = tiny
+    model = jaxtl.load(path, num_labels=2)
+    trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), _config(release))
+    names = set(flatten(model.params))
+    placed = []
+    device_put = jax.device_put
+
+    def spy(x, *args, **kwargs):
+        out = device_put(x, *args, **kwargs)
+        if isinstance(x, dict) and set(flatten(x)) == names:
+            placed.append({k: v.unsafe_buffer_pointer() for k, v in flatten(out).items()})
+        return out
+
+    monkeypatch.setattr(jax, "device_put", spy)
+    originals = {k: v.unsafe_buffer_pointer() for k, v in flatten(model.params).items()}
+    state = trainer.init_state(total_steps=4)
+    (copy,) = placed
+    held = {k: v.unsafe_buffer_pointer() for k, v in flatten(state.params).items()}
+    assert held == copy
+    assert not set(held.values()) & set(originals.values())  # a copy: the model's stay intact

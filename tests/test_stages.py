@@ -216,3 +216,17 @@ def test_stages_that_fall_on_one_step_are_refused_before_compiling(tiny_dir, arr
     with pytest.raises(ValueError, match=r"both start at step 0 with 10 steps per epoch"):
         fit(trainer, arrays["train"])
     assert seen == []
+
+
+def test_staged_knows_a_recipe_trains_in_stages_from_its_name():
+    """``recipes.staged`` (the CLI's release_pretrained default reads it) agrees with the plans
+    that every registered recipe builds."""
+    from jaxtl.transfer.recipes import RECIPES, staged
+
+    structure = Structure(stem=("embeddings",), blocks=("b0", "b1", "b2"), head=("head",))
+    examples = {"last_n": "last_n(1)", "layerwise_lr_decay": "llrd(0.9)", "lora": "lora(8)",
+                "gradual": "gradual(every=1)", "lp_ft": "lp_ft(1)"}  # fmt: skip
+    for name in set(RECIPES) - {"rules"}:  # a rules file's plan: see test_rules_file.py
+        spec = examples.get(name, name)
+        assert staged(spec) is bool(make_plan(spec, structure).stages), spec
+    assert staged("probe") is False and staged("lp_ft(2, probe_lr=0.01)") is True

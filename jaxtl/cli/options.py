@@ -100,11 +100,35 @@ def check_devices(args) -> None:
         )
 
 
+def release_pretrained(args) -> bool:
+    """``--release-pretrained`` / ``--no-release-pretrained``, or by default on for the verbs
+    that take the flag (``finetune``, ``sweep``: the process has no other use for the loaded
+    params, and a run that needs them loads the model again), unless a recipe is staged
+    (``gradual``, ``lp_ft``: their later stages start from the loaded params). ``lr-find`` and
+    ``adapt`` reuse the loaded model: never."""
+    from jaxtl.transfer.recipes import split_recipes, staged
+
+    chosen = getattr(args, "release_pretrained", False)
+    if chosen is False:
+        return False
+    if getattr(args, "rules", None):  # a rules file's plan has no stages
+        return True
+    stepped = [r for r in split_recipes(args.recipe or "full,linear_probe") if staged(r)]
+    if chosen and stepped:  # refused before anything loads, not when that arm's turn comes
+        raise ValueError(
+            f"--release-pretrained drops the loaded params once a run's train state holds "
+            f"them, but {stepped[0]}'s later stages start from them; drop the flag (staged "
+            "recipes keep them by default)."
+        )
+    return not stepped
+
+
 def train_config(args, epochs: int):
     """The :class:`jaxtl.TrainConfig` that ``jaxtl finetune``'s flags describe (a verb that
     does not take one of them gets finetune's default)."""
     import jaxtl
 
+    release = release_pretrained(args)
     defaults = vars(build_parser().parse_args(["finetune"]))
     args = argparse.Namespace(**{**defaults, **vars(args)})
 
@@ -138,7 +162,7 @@ def train_config(args, epochs: int):
         remat=args.remat,
         precision=args.precision,
         frozen_bf16=args.frozen_bf16,
-        release_pretrained=getattr(args, "release_pretrained", False),  # not lr-find's, adapt's
+        release_pretrained=release,
         loggers=[n for n in ("tensorboard", "wandb") if getattr(args, n, False)],
     )
 

@@ -231,8 +231,11 @@ _FINETUNE = {
         ("--frozen-bf16", "store frozen params in bfloat16 (half their memory)",
          dict(action="store_true")),
         ("--release-pretrained", "hold the params once: the train state takes over the loaded "
-         "model's (each pretrained run loads the model again); not with staged recipes "
-         "(gradual, lp_ft)", dict(action="store_true")),
+         "model's, and each pretrained run loads the model again (default: on, except with a "
+         "staged recipe, gradual or lp_ft, whose later stages start from the loaded params, "
+         "and which refuses the flag; --no-release-pretrained keeps one loaded copy beside "
+         "the train state for every run)",
+         dict(action=argparse.BooleanOptionalAction, default=None)),
         ("--distributed", "join a multi-process run (a TPU pod slice, SLURM srun, or the "
          "JAXTL_COORDINATOR / JAXTL_NUM_PROCESSES / JAXTL_PROCESS_ID variables) before any "
          "device is used: the mesh spans every process's devices; needs --out on a filesystem "

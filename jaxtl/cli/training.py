@@ -39,6 +39,7 @@ def finetune_command(args) -> int:
     check_devices(args)
     model_path = args.model or jaxtl.default_model_dir()
     options = {**load_options(args), **placement_options(args)}
+    config = train_config(args, epochs=args.epochs or 1)
     # Everything a user can get wrong is checked before the first compilation; an output
     # directory that cannot be written, before the model loads.
     out = experiment.experiment_dir(args.out, "finetune", resume=args.resume)
@@ -46,7 +47,6 @@ def finetune_command(args) -> int:
     model = surgery.load_model(model_path, pooling=args.pooling, seed=args.seed, **options)
     print(model.report)
     spec = data_spec(args, modality=data_modality(model))
-    config = train_config(args, epochs=args.epochs or 1)
     if args.rules:
         recipes = [f"rules({os.path.abspath(args.rules)!r})"]
     else:

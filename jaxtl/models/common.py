@@ -189,7 +189,11 @@ def recompute(model: Any, *, remat: str | None = None, dtype: Any = None) -> Any
     if dtype is not None:
         module = module.clone(dtype=dtype)
     apply, forward = rebuild(module)
-    return dataclasses.replace(model, config=config, module=module, apply=apply, forward=forward)
+    # The same param arrays as ``model``: keep it, so that releasing them releases its too.
+    extras = {**model.extras, "recomputed_from": model}
+    return dataclasses.replace(
+        model, config=config, module=module, apply=apply, forward=forward, extras=extras
+    )
 
 
 def forward_functions(

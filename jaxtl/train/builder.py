@@ -117,7 +117,10 @@ class StateBuilder:
         optim = self.config.optim
         peak = None if placed.learning_rate is None else jnp.float32(optim.learning_rate)
         decay = jnp.float32(optim.weight_decay) if optim.weight_decay_input else None
-        return jax.jit(self.create, out_shardings=placed)(params, batch_stats, peak, decay)
+        # ``params`` is this call's own copy: the state takes its buffers over (donated) rather
+        # than copying them a third time while the model's and this copy are still resident.
+        create = jax.jit(self.create, out_shardings=placed, donate_argnums=(0,))
+        return create(params, batch_stats, peak, decay)
 
     def abstract_state(self, total_steps: int, params: Any = None, *, stage: int = 0) -> TrainState:
         """The state :meth:`init_state` builds, as ``jax.ShapeDtypeStruct`` s carrying their

@@ -305,6 +305,8 @@ class ScaleConfig:
         :func:`jaxtl.compare` and sequential sweeps load the model again from its path for
         each run (so changes made to it in Python are not kept). A ``feature_cache`` run
         keeps the full model, which computes the features; vmapped sweeps build no state.
+        ``jaxtl finetune`` and ``jaxtl sweep`` turn it on unless a recipe is staged
+        (``--no-release-pretrained`` turns it off).
     """
 
     mesh: str | dict[str, int] | None = None

@@ -323,6 +323,9 @@ RECIPES: dict[str, Callable[..., Plan]] = {
     "rules": rules,
 }
 _ALIASES = {"probe": "linear_probe", "llrd": "layerwise_lr_decay"}
+# The recipes whose plans train in stages (``Plan.stages``): their later stages start from the
+# loaded model's params, so a run of one keeps them (``release_pretrained`` is refused).
+STAGED = frozenset({"gradual", "lp_ft"})
 
 
 def _usage() -> str:
@@ -407,6 +410,18 @@ def recipe_name(spec: str | Plan) -> str:
     if name not in RECIPES:
         raise ValueError(f"unknown transfer recipe {name!r} in {spec!r}; {_usage()}")
     return name
+
+
+def staged(spec: str | Plan) -> bool:
+    """Whether ``spec`` trains in stages (``gradual``, ``lp_ft``), known from its name alone.
+
+    Example:
+      >>> staged("lp_ft(1)"), staged("llrd(0.9)")
+      (True, False)
+    """
+    if isinstance(spec, Plan):
+        return bool(spec.stages)
+    return recipe_name(spec) in STAGED
 
 
 def make_plan(spec: str | Plan | Callable[[Structure], Plan], structure: Structure) -> Plan:
