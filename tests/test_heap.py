@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _tiny import make_tiny_bert
+from _tiny import fit, make_tiny_bert, small_vader
 
 from jaxtl.train import heap
 
@@ -81,3 +81,33 @@ def test_one_trim_per_large_compile_however_often_installed(monkeypatch):
     monkeypatch.delenv("JAXTL_HEAP_TRIM")
     assert heap.install()
     assert _trims_on_a_large_compile_event() == 1
+
+
+def test_the_loop_saves_then_trims_after_each_validation(tmp_path, monkeypatch):
+    """What evaluation and checkpoints freed goes back to the OS before training resumes: on
+    CPU each checkpoint is written before the next step (its host copy of the state would
+    share memory with the steps), then the heap is trimmed, once per validation. Their effect
+    on the resident set is measured by benchmarks/time_to_accuracy.py (benchmarks/README.md)."""
+    import jaxtl
+    from jaxtl.checkpoint import Checkpointer
+    from jaxtl.run import encode_splits
+
+    model = jaxtl.load(make_tiny_bert(str(tmp_path / "bert")), num_labels=2)
+    arrays, _ = encode_splits(model, small_vader(n_train=64, n_val=16, n_test=8))
+    events = []
+    trim, save, wait = heap.trim, Checkpointer.save, Checkpointer.wait
+    monkeypatch.setattr(heap, "trim", lambda: events.append("trim") or trim())
+    monkeypatch.setattr(
+        Checkpointer, "save", lambda *a, **k: events.append("save") or save(*a, **k)
+    )
+    monkeypatch.setattr(Checkpointer, "wait", lambda self: events.append("wait") or wait(self))
+    config = jaxtl.TrainConfig(batch_size=8, max_steps=8, eval_every=2, progress=False)
+    trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), config, tmp_path)
+    result = fit(trainer, arrays["train"], arrays["validation"])
+    assert len(result.history) == 4
+    assert events[:12] == ["save", "wait", "trim"] * 4  # then the end of the run's own waits
+    if GLIBC:
+        before = heap.trims()
+        assert trim() and heap.trims() == before + 1
+    monkeypatch.setenv("JAXTL_HEAP_TRIM", "off")
+    assert not trim()
