@@ -16,7 +16,8 @@ what counts:
   cache points at a fresh empty directory for every run, so each run compiles cold.
 
 The sides alternate (PyTorch first), one run per seed each. The script prints each run, then
-both sides' mean wall time and test accuracy and the ratio jaxtl / PyTorch. The issue's target:
+both sides' mean wall time, test accuracy and peak resident memory (each process's own, from
+``wait4``, as ``/usr/bin/time -v`` reports it), and the ratios jaxtl / PyTorch. The issue's target:
 jaxtl reaches >= 95.5% test accuracy in <= 0.5x PyTorch's wall time, at 3 seeds.
 
 Run from the repository root (results: benchmarks/README.md)::
@@ -114,15 +115,36 @@ def torch_child(data_file: str, seed: int, epochs: int) -> dict:
 # --------------------------------------------------------------------------------- running
 
 
+def timed(cmd: list[str], env: dict | None = None) -> tuple[str, str, int, float, float]:
+    """Run ``cmd`` to its end: (stdout, stderr, exit status, wall s, peak resident MiB).
+
+    The peak is the kernel's own count for that process (``wait4``'s ``ru_maxrss``, what
+    ``/usr/bin/time -v`` prints as "Maximum resident set size", in KiB on Linux): the whole
+    process, imports and libraries included (and the largest of any children it waited for;
+    neither side starts any here)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # e.g. Ctrl-C: do not leave the child running
+            proc.kill()
+            proc.wait()
+            raise
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return out.read(), err.read(), proc.returncode, wall, usage.ru_maxrss / 1024
+
+
 def run_torch(data_file: str, seed: int, epochs: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--torch-child", data_file]
     cmd += ["--seeds", str(seed), "--torch-epochs", str(epochs)]
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise RuntimeError(f"the PyTorch run failed:\n{done.stderr[-3000:]}")
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "wall_s": wall}
+    stdout, stderr, code, wall, peak = timed(cmd)
+    if code != 0:
+        raise RuntimeError(f"the PyTorch run failed:\n{stderr[-3000:]}")
+    return {**json.loads(stdout.strip().splitlines()[-1]), "wall_s": wall, "peak_mib": peak}
 
 
 def run_jaxtl(route: str, seed: int) -> dict:
@@ -133,17 +155,16 @@ def run_jaxtl(route: str, seed: int) -> dict:
         cmd += ["--seed", str(seed), "--out", out]
         env = dict(os.environ, JAXTL_COMPILATION_CACHE=os.path.join(tmp, "xla-cache"))
         env.pop("JAX_COMPILATION_CACHE_DIR", None)
-        t0 = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-        wall = time.perf_counter() - t0
-        if done.returncode != 0:
-            raise RuntimeError(f"the jaxtl run failed:\n{done.stderr[-3000:]}")
+        _, stderr, code, wall, peak = timed(cmd, env)
+        if code != 0:
+            raise RuntimeError(f"the jaxtl run failed:\n{stderr[-3000:]}")
         with open(os.path.join(out, "summary.json")) as f:
             (result,) = json.load(f)["results"]
     return {
         "test_accuracy": result["test"]["accuracy"],
         "train_s": result["train_seconds"],
         "wall_s": wall,
+        "peak_mib": peak,
     }
 
 
@@ -195,11 +216,12 @@ def main(argv: list[str] | None = None) -> int:
                 runs[side].append({"seed": seed, **out})
                 print(
                     f"seed {seed} {side}: test accuracy {100 * out['test_accuracy']:.2f}%, "
-                    f"wall {out['wall_s']:.1f} s (training {out['train_s']:.1f} s)",
+                    f"wall {out['wall_s']:.1f} s (training {out['train_s']:.1f} s), peak "
+                    f"resident {out['peak_mib']:,.0f} MiB",
                     flush=True,
                 )
-    mean = {s: {k: statistics.mean(r[k] for r in v) for k in ("test_accuracy", "wall_s")}
-            for s, v in runs.items()}  # fmt: skip
+    keys = ("test_accuracy", "wall_s", "peak_mib")
+    mean = {s: {k: statistics.mean(r[k] for r in v) for k in keys} for s, v in runs.items()}
     ratio = mean["jaxtl"]["wall_s"] / mean["torch"]["wall_s"]
     worst = min(r["test_accuracy"] for r in runs["jaxtl"])
     print(
@@ -207,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{100 * mean['torch']['test_accuracy']:.2f}% in {mean['torch']['wall_s']:.1f} s; "
         f"jaxtl ({args.route}): {100 * mean['jaxtl']['test_accuracy']:.2f}% (lowest "
         f"{100 * worst:.2f}%) in {mean['jaxtl']['wall_s']:.1f} s; jaxtl / PyTorch wall time "
-        f"{ratio:.2f} (target: >= 95.5% at every seed in <= 0.50)",
+        f"{ratio:.2f} (target: >= 95.5% at every seed in <= 0.50); peak resident memory "
+        f"jaxtl {mean['jaxtl']['peak_mib']:,.0f} MiB / PyTorch {mean['torch']['peak_mib']:,.0f} "
+        f"MiB = {mean['jaxtl']['peak_mib'] / mean['torch']['peak_mib']:.2f} (means over seeds)",
         flush=True,
     )
     print(f"load average at end: {os.getloadavg()}", flush=True)
