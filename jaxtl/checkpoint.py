@@ -362,11 +362,32 @@ def _restore(manager: ocp.CheckpointManager, step: int, like: Any) -> tuple[Any,
     return out["state"], meta["meta"]
 
 
+_ORBAX_SOURCE = f"{os.sep}orbax{os.sep}checkpoint{os.sep}"
+
+
 class _StrayWrites(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        stray = "exception was never retrieved" in message.partition("\n")[0]
-        return not (stray and ".orbax-checkpoint-tmp" in message)
+        first = message.partition("\n")[0]
+        stray = "exception was never retrieved" in first or "destroyed but it is pending" in first
+        return not (stray and (".orbax-checkpoint-tmp" in message or _ORBAX_SOURCE in message))
+
+
+def _stray(unraisable) -> bool:
+    """Whether an unraisable exception is one of a failed orbax restore's or save's strays."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    # A read that the failed restore had scheduled but never started (the loop was closed
+    # first) is an orbax coroutine "never awaited": a RuntimeWarning when it is collected,
+    # raised where warnings are errors (-W error, pytest's filterwarnings).
+    code = getattr(unraisable.object, "cr_code", None)
+    return (
+        isinstance(error, RuntimeWarning)
+        and "was never awaited" in str(error)
+        and code is not None
+        and _ORBAX_SOURCE in code.co_filename
+    )
 
 
 def _quiet_stray_reads() -> None:
@@ -376,20 +397,20 @@ def _quiet_stray_reads() -> None:
     that awaited them while tensorstore still completes the others; each then calls back into
     the closed loop and Python prints a ``RuntimeError: Event loop is closed`` traceback for
     it, around the :class:`CheckpointReadError` / :class:`CheckpointWriteError` that says what
-    happened. They are noise, not further damage: only that one message is filtered, for the
-    rest of the process."""
+    happened. Reads it had scheduled but not started are collected later as orbax coroutines
+    "never awaited" (an error where warnings are errors). They are noise, not further damage:
+    only these (:func:`_stray`) are filtered, for the rest of the process."""
     hook = sys.unraisablehook
     if getattr(hook, "_jaxtl_quiet", False):
         return
     # The writes of a failed save that were still queued fail too, each "never retrieved" by
     # the loop orbax closed; asyncio logs a traceback per tensorstore write (25 for one save of
-    # a tiny BERT whose directory was deleted). Only those writes' are dropped: their message
-    # names an orbax temporary directory.
+    # a tiny BERT whose directory was deleted), and a failed restore's reads the same. Only
+    # those are dropped: their message names an orbax temporary directory or orbax's source.
     logging.getLogger("asyncio").addFilter(_StrayWrites())
 
     def filtered(unraisable):
-        error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        if not _stray(unraisable):
             hook(unraisable)
 
     filtered._jaxtl_quiet = True
