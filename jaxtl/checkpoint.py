@@ -342,10 +342,10 @@ def _restore(manager: ocp.CheckpointManager, step: int, like: Any) -> tuple[Any,
       CheckpointReadError: the step's files cannot be read (truncated, zeroed, missing, not
         JSON), naming the step and the others saved.
     """
+    _quiet_stray_reads()  # before the reads: a failed one's strays can go at any time after
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax, tensorstore and json each raise their own
-        _quiet_stray_reads()
         raise CheckpointReadError(str(manager.directory), step, manager.all_steps(), e) from e
     if not isinstance(meta.get("meta"), dict):
         problem = ValueError(f"its metadata is {type(meta.get('meta')).__name__}, not an object")
@@ -357,7 +357,6 @@ def _restore(manager: ocp.CheckpointManager, step: int, like: Any) -> tuple[Any,
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(like)))
         )
     except Exception as e:
-        _quiet_stray_reads()
         raise CheckpointReadError(str(manager.directory), step, manager.all_steps(), e) from e
     return out["state"], meta["meta"]
 
