@@ -285,6 +285,9 @@ def finetune(
             evaluation_loader(cached["validation"], config.data, devices=trainer.devices),
         )
     fit = trainer.fit(train, val, resume=resume, stop_at=stop_at, stage_data=stage_data)
+    # Nothing after training reads the optimizer state (twice the params under AdamW): its
+    # memory goes before the test evaluation.
+    fit = dataclasses.replace(fit, state=fit.state.replace(opt_state=None))
     t = time.perf_counter()
     # A run that ended inside its cached stage scores with that stage's model and features.
     test_arrays = cached if trainer.stage in stage_models else arrays

@@ -99,9 +99,68 @@ def test_early_stopping_restores_best(tiny_dir, arrays, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_finetune_writes_a_complete_run_directory(tiny_dir, tmp_path):
+def test_the_best_params_come_back_without_reading_the_optimizer_state(tmp_path):
+    """The end of a fit reads the best step's params and statistics only: its optimizer state
+    (twice the params under AdamW) is not read into memory beside the live one."""
+
+    def state(step: int) -> dict:
+        return {
+            "step": np.int32(step),
+            "params": {"w": np.full((3, 4), step, np.float32)},
+            "batch_stats": {"bn": {"mean": np.full((4,), -step, np.float32)}},
+            "opt_state": {"mu": np.full((3, 4), 10 * step, np.float32)},
+        }
+
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ck"), max_to_keep=3, best_metric="score")
+    try:
+        for step, score in ((1, 0.1), (2, 0.3), (3, 0.2)):
+            ckpt.save(step, state(step), {"step": step}, metrics={"score": score})
+        ckpt.wait()
+        tree, meta = ckpt.restore_best(state(0), ("params", "batch_stats"))
+        whole, _ = ckpt.restore_best(state(0))
+    finally:
+        ckpt.close()
+    assert meta["step"] == 2
+    assert tree["opt_state"] is None and tree["step"] is None
+    np.testing.assert_array_equal(tree["params"]["w"], np.full((3, 4), 2, np.float32))
+    np.testing.assert_array_equal(tree["batch_stats"]["bn"]["mean"], np.full((4,), -2.0))
+    np.testing.assert_array_equal(whole["opt_state"]["mu"], np.full((3, 4), 20, np.float32))
+
+
+def test_a_cpu_run_writes_arrays_larger_than_its_save_window(
+    tiny_dir, arrays, tmp_path, monkeypatch
+):
+    """On CPU orbax writes a save a window at a time (so a save does not hold a second copy of
+    the state in the training's memory), and refuses an array larger than the window: the
+    window grows to the state's largest array (MiniLM's 47 MB word embedding; here, every
+    array of the tiny BERT is larger than a 1 KB window)."""
+    from jaxtl.train import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "_CPU_WRITE_WINDOW_GB", 1e-6)
+    trainer = _trainer(tiny_dir, "full", str(tmp_path / "w"), epochs=1, eval_every=5)
+    res = fit(trainer, arrays["train"], arrays["validation"])
+    assert res.steps == 10
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "w" / "checkpoints"))
+    try:
+        assert ckpt.steps() == [5, 10]
+        saved, _ = ckpt.restore_latest(res.state.checkpoint_tree())
+    finally:
+        ckpt.close()
+    assert int(saved["step"]) == 10
+
+
+def test_finetune_writes_a_complete_run_directory(tiny_dir, tmp_path, monkeypatch):
     model = jaxtl.load(tiny_dir, num_labels=2)
     work = str(tmp_path / "run")
+    tested = []  # the states the test split is scored with
+    evaluate = jaxtl.Trainer.evaluate
+
+    def spy(self, state, loader, **kwargs):
+        if kwargs.get("details"):
+            tested.append(state)
+        return evaluate(self, state, loader, **kwargs)
+
+    monkeypatch.setattr(jaxtl.Trainer, "evaluate", spy)
     res = jaxtl.finetune(
         model,
         "full",
@@ -115,6 +174,11 @@ def test_finetune_writes_a_complete_run_directory(tiny_dir, tmp_path):
     assert res.test["examples"] == 40  # every test example counted once, partial batch included
     with open(os.path.join(work, "results.json")) as f:
         assert json.load(f)["test"] == res.test
+    # The optimizer state's memory went before the test evaluation; the params it scored are
+    # the ones returned.
+    assert len(tested) == 1 and tested[0].opt_state is None
+    for a, b in zip(_leaves(tested[0].params), _leaves(res.params), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_training_leaves_the_models_params_usable(tiny_dir, arrays):

@@ -42,6 +42,11 @@ from jaxtl.train.tracker import Tracker
 from jaxtl.transfer.plan import Plan
 from jaxtl.transfer.trees import flatten, unflatten
 
+# On CPU a save's host memory is the training's: orbax writes this many GB at a time there, or
+# the largest array's size if larger (MiniLM's embedding, 47 MB: a save of its state then adds
+# ~70 MiB to the resident set instead of ~230 with orbax's default, benchmarks/save_memory.py).
+_CPU_WRITE_WINDOW_GB = 0.02
+
 __all__ = ["FitResult", "Trainer"]
 
 
@@ -151,6 +156,11 @@ class Trainer:
             os.path.join(workdir, "metrics.jsonl") if workdir and is_primary() else None
         )
         self._compiled = None  # (the specs they were compiled for, (train_step, eval_step))
+
+    @property
+    def _on_cpu(self) -> bool:
+        """Whether the devices are the host's CPU, whose memory the host's work shares."""
+        return self.mesh.devices.flat[0].platform == "cpu"
 
     @property
     def devices(self) -> int:
@@ -313,7 +323,7 @@ class Trainer:
             )
         state = self.init_state(total)
         tracker = Tracker(*self.monitor, cfg.checkpoint.early_stopping if val else None)
-        ckpt = self._checkpointer(has_val=val is not None)
+        ckpt = self._checkpointer(state, has_val=val is not None)
         meta = {}
         if resume is not False:
             state, meta = self._resume(state, ckpt, loaders, tracker, total, resume)
@@ -383,15 +393,22 @@ class Trainer:
         restore = val is not None and (cfg.checkpoint.restore_best or bool(es and es.restore_best))
         return run.finish(state, step, restore=restore)
 
-    def _checkpointer(self, has_val: bool) -> Checkpointer | None:
+    def _checkpointer(self, state: TrainState, has_val: bool) -> Checkpointer | None:
         if not self.workdir:
             return None
         metric, mode = self.monitor
+        window = None
+        if self._on_cpu:  # orbax refuses to write an array larger than the window
+            largest = max(
+                x.size * x.dtype.itemsize for x in jax.tree.leaves(state.checkpoint_tree())
+            )
+            window = max(_CPU_WRITE_WINDOW_GB, (largest + 1024) / 1e9)  # orbax: GB x 1e9, float
         return Checkpointer(
             os.path.join(self.workdir, "checkpoints"),
             max_to_keep=self.config.checkpoint.max_to_keep,
             best_metric=metric if has_val else None,
             best_mode=mode,
+            write_window_gb=window,
         )
 
     def _resume(self, state, ckpt, loaders, tracker: Tracker, total: int, resume: bool | int):
@@ -440,7 +457,7 @@ class _Run:
         # as the next steps' working set: on MiniLM's demo fine-tune the overlap raised the peak
         # from 1,396 to 1,622 MiB (benchmarks/README.md). There each save completes before
         # training resumes.
-        self.wait_for_saves = trainer.mesh.devices.flat[0].platform == "cpu"
+        self.wait_for_saves = trainer._on_cpu
 
     def start(self, step: int) -> None:
         self.clock = Clock()
@@ -545,7 +562,9 @@ class _Run:
                 ckpt.wait()
         if restore and best is not None and best["step"] != step:
             if ckpt is not None and ckpt.best_step() is not None:
-                tree, _ = ckpt.restore_best(self.trainer.checkpoint_like)
+                # The params and statistics only: not a second optimizer state beside the live
+                # one at the run's peak.
+                tree, _ = ckpt.restore_best(self.trainer.checkpoint_like, ("params", "batch_stats"))
                 state = state.replace(params=tree["params"], batch_stats=tree["batch_stats"])
             elif self.best_host is not None:
                 params, batch_stats = parallel.put_like(
