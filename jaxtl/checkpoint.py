@@ -138,6 +138,21 @@ class CheckpointWriteError(OSError):
         )
 
 
+# The write window on CPU (:func:`write_window_gb`), where a save's host memory is the
+# training's.
+CPU_WRITE_WINDOW_GB = 0.02
+
+
+def write_window_gb(tree: Any, floor_gb: float | None = None) -> float:
+    """The write window (``Checkpointer(write_window_gb=...)``) for saving ``tree``:
+    ``floor_gb`` (default :data:`CPU_WRITE_WINDOW_GB`), or the size of ``tree``'s largest array
+    if larger, since orbax refuses to write an array larger than the window (MiniLM's word
+    embedding is 47 MB)."""
+    floor = CPU_WRITE_WINDOW_GB if floor_gb is None else floor_gb
+    largest = max((x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)), default=0)
+    return max(floor, (largest + 1024) / 1e9)  # orbax compares against GB x 1e9, a float
+
+
 class Checkpointer:
     """Save and restore ``(state tree, metadata)`` pairs under ``directory``.
 
@@ -149,8 +164,9 @@ class Checkpointer:
       best_mode: ``"max"`` or ``"min"``.
       write_window_gb: the most gigabytes of a save that orbax writes at once (``None``:
         orbax's default, 96). Where the host's memory is the device's (CPU), a small window
-        keeps a save from holding a second copy of the state: a save of a 263 MiB state added
-        233 MiB to the resident set with orbax's default and 72 MiB with 0.05, in no more time
+        keeps a save from holding a second copy of the state: a save of a 263 MiB state to
+        ``latest`` and ``best`` added 413 MiB to the resident set with orbax's default and 134
+        MiB with :func:`write_window_gb`'s 0.047, in no more time
         (``benchmarks/save_memory.py``). No array of the state may be larger: orbax refuses to
         write it.
     """
@@ -221,8 +237,8 @@ class Checkpointer:
             with _writing(self.best):
                 self.best.save(step, args=self._args(tree, meta), metrics=metrics, force=True)
 
-    def _restore(self, manager, step, like: Any) -> tuple[Any, dict]:
-        return _restore(manager, step, like)
+    def _restore(self, manager, step, like: Any, parts=None) -> tuple[Any, dict]:
+        return _restore(manager, step, like, parts)
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
@@ -275,7 +291,7 @@ class Checkpointer:
         step = self.best.best_step()
         if step is None:
             return None
-        return _restore(self.best, step, like, parts)
+        return self._restore(self.best, step, like, parts)
 
     def wait(self) -> None:
         """Block until every save has committed.
@@ -341,6 +357,7 @@ def _writing(manager: ocp.CheckpointManager):
         raise
     except Exception as e:  # tensorstore, the filesystem and orbax raise their own types
         _quiet_stray_reads()
+        _strays_possible["failed"] = True
         raise CheckpointWriteError(str(manager.directory), _committed(manager), e) from e
 
 
@@ -374,37 +391,60 @@ def _restore(
       CheckpointReadError: the step's files cannot be read (truncated, zeroed, missing, not
         JSON), naming the step and the others saved.
     """
-    _quiet_stray_reads()  # before the reads: a failed one's strays can go at any time after
-    try:
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    except Exception as e:  # orbax, tensorstore and json each raise their own
-        raise CheckpointReadError(str(manager.directory), step, manager.all_steps(), e) from e
-    if not isinstance(meta.get("meta"), dict):
-        problem = ValueError(f"its metadata is {type(meta.get('meta')).__name__}, not an object")
-        raise CheckpointReadError(str(manager.directory), step, manager.all_steps(), problem)
-    if callable(like):
-        like = like(meta["meta"])
-    try:
-        if parts is None:
-            out = manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(like)))
-            )
-            return out["state"], meta["meta"]
-        # The manager reads a step's state whole; orbax's partial restore is the PyTree
-        # handler's, on the step's state directory (the same files).
-        wanted = _abstract({k: v for k, v in like.items() if k in parts})
-        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
-            got = reader.restore(
-                os.path.join(str(manager.directory), str(step), "state"),
-                args=ocp.args.PyTreeRestore(
-                    item=wanted,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
-                    partial_restore=True,
-                ),
-            )
-    except Exception as e:
-        raise CheckpointReadError(str(manager.directory), step, manager.all_steps(), e) from e
+    _quiet_stray_reads()
+    with _reading():  # a failed read's strays can go at once, or at any time after
+        try:
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax, tensorstore and json each raise their own
+            raise CheckpointReadError(str(manager.directory), step, manager.all_steps(), e) from e
+        if not isinstance(meta.get("meta"), dict):
+            kind = type(meta.get("meta")).__name__
+            problem = ValueError(f"its metadata is {kind}, not an object")
+            raise CheckpointReadError(str(manager.directory), step, manager.all_steps(), problem)
+        if callable(like):
+            like = like(meta["meta"])
+        try:
+            if parts is None:
+                out = manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(like)))
+                )
+                return out["state"], meta["meta"]
+            # The manager reads a step's state whole; orbax's partial restore is the PyTree
+            # handler's, on the step's state directory (the same files; neither manager sets a
+            # step name format, so a step's directory is its number).
+            wanted = _abstract({k: v for k, v in like.items() if k in parts})
+            barriers = _own_barriers(f"{os.path.basename(str(manager.directory))}-parts")
+            with ocp.Checkpointer(
+                ocp.PyTreeCheckpointHandler(), multiprocessing_options=barriers
+            ) as reader:
+                got = reader.restore(
+                    os.path.join(str(manager.directory), str(step), "state"),
+                    args=ocp.args.PyTreeRestore(
+                        item=wanted,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+                        partial_restore=True,
+                    ),
+                )
+        except Exception as e:
+            raise CheckpointReadError(str(manager.directory), step, manager.all_steps(), e) from e
     return {k: got.get(k) for k in like}, meta["meta"]
+
+
+# Whether orbax's I/O may have left strays: while a read runs, and for good once a read or a
+# save has failed. Outside those, an orbax coroutine "never awaited" is reported as any other.
+_strays_possible = {"reading": False, "failed": False}
+
+
+@contextlib.contextmanager
+def _reading():
+    _strays_possible["reading"] = True
+    try:
+        yield
+    except Exception:
+        _strays_possible["failed"] = True
+        raise
+    finally:
+        _strays_possible["reading"] = False
 
 
 _ORBAX_SOURCE = f"{os.sep}orbax{os.sep}checkpoint{os.sep}"
@@ -415,7 +455,9 @@ class _StrayWrites(logging.Filter):
         message = record.getMessage()
         first = message.partition("\n")[0]
         stray = "exception was never retrieved" in first or "destroyed but it is pending" in first
-        return not (stray and (".orbax-checkpoint-tmp" in message or _ORBAX_SOURCE in message))
+        possible = _strays_possible["reading"] or _strays_possible["failed"]
+        ours = ".orbax-checkpoint-tmp" in message or (possible and _ORBAX_SOURCE in message)
+        return not (stray and ours)
 
 
 def _stray(unraisable) -> bool:
@@ -428,7 +470,8 @@ def _stray(unraisable) -> bool:
     # raised where warnings are errors (-W error, pytest's filterwarnings).
     code = getattr(unraisable.object, "cr_code", None)
     return (
-        isinstance(error, RuntimeWarning)
+        (_strays_possible["reading"] or _strays_possible["failed"])
+        and isinstance(error, RuntimeWarning)
         and "was never awaited" in str(error)
         and code is not None
         and _ORBAX_SOURCE in code.co_filename

@@ -134,9 +134,7 @@ def test_a_cpu_run_writes_arrays_larger_than_its_save_window(
     the state in the training's memory), and refuses an array larger than the window: the
     window grows to the state's largest array (MiniLM's 47 MB word embedding; here, every
     array of the tiny BERT is larger than a 1 KB window)."""
-    from jaxtl.train import trainer as trainer_module
-
-    monkeypatch.setattr(trainer_module, "_CPU_WRITE_WINDOW_GB", 1e-6)
+    monkeypatch.setattr(checkpoint, "CPU_WRITE_WINDOW_GB", 1e-6)
     trainer = _trainer(tiny_dir, "full", str(tmp_path / "w"), epochs=1, eval_every=5)
     res = fit(trainer, arrays["train"], arrays["validation"])
     assert res.steps == 10

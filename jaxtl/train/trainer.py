@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxtl import parallel
 from jaxtl.adabn import adapt_batch_norm
-from jaxtl.checkpoint import Checkpointer, CheckpointWriteError
+from jaxtl.checkpoint import Checkpointer, CheckpointWriteError, write_window_gb
 from jaxtl.data.loader import Loader
 from jaxtl.distributed import is_primary
 from jaxtl.metrics import detailed as detailed_metrics
@@ -41,11 +41,6 @@ from jaxtl.train.state import TrainState
 from jaxtl.train.tracker import Tracker
 from jaxtl.transfer.plan import Plan
 from jaxtl.transfer.trees import flatten, unflatten
-
-# On CPU a save's host memory is the training's: orbax writes this many GB at a time there, or
-# the largest array's size if larger (MiniLM's embedding, 47 MB: a save of its state then adds
-# ~70 MiB to the resident set instead of ~230 with orbax's default, benchmarks/save_memory.py).
-_CPU_WRITE_WINDOW_GB = 0.02
 
 __all__ = ["FitResult", "Trainer"]
 
@@ -397,12 +392,8 @@ class Trainer:
         if not self.workdir:
             return None
         metric, mode = self.monitor
-        window = None
-        if self._on_cpu:  # orbax refuses to write an array larger than the window
-            largest = max(
-                x.size * x.dtype.itemsize for x in jax.tree.leaves(state.checkpoint_tree())
-            )
-            window = max(_CPU_WRITE_WINDOW_GB, (largest + 1024) / 1e9)  # orbax: GB x 1e9, float
+        # On CPU a save's host memory is the training's: orbax writes it a window at a time.
+        window = write_window_gb(state.checkpoint_tree()) if self._on_cpu else None
         return Checkpointer(
             os.path.join(self.workdir, "checkpoints"),
             max_to_keep=self.config.checkpoint.max_to_keep,
