@@ -239,10 +239,7 @@ def finetune(
         print(
             f"\n== {name}: {model.family} ({model.path}) on {data.name} {facts['sizes']}, {shape}"
         )
-    stored = model.params
-    if config.scale.frozen_bf16:  # the table shows what the state will hold
-        stored = precision.cast_frozen(stored, stages.trained_anywhere(plan, stored))
-    plan_table = plan.table(stored, pieces=_pieces(model, config.scale))
+    plan_table = _plan_table(model, plan, config.scale)
     if verbose:
         print(plan_table)
     trained, stage_models, cached = model, {}, None
@@ -341,6 +338,17 @@ def with_adapters(model: LoadedModel, plan: Plan, seed: int) -> LoadedModel:
             )
         return model
     return lora.adapt(model, plan, seed=seed)
+
+
+def _plan_table(model: LoadedModel, plan: Plan, scale: ScaleConfig) -> str:
+    """The plan table of ``plan`` over the params the state will hold. A function of its own
+    so that no reference to the loaded params outlives it: with ``release_pretrained`` the
+    train state's copy must be the only one left resident (a local of :func:`finetune` kept a
+    second copy through the whole run)."""
+    stored = model.params
+    if scale.frozen_bf16:  # the table shows what the state will hold
+        stored = precision.cast_frozen(stored, stages.trained_anywhere(plan, stored))
+    return plan.table(stored, pieces=_pieces(model, scale))
 
 
 def _pieces(model: LoadedModel, scale: ScaleConfig):

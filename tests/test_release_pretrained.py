@@ -21,6 +21,7 @@ from _tiny import fit, make_tiny_bert, small_vader, write_vader_csv
 import jaxtl
 from jaxtl import cli, lora, lr_find
 from jaxtl.run import encode_splits
+from jaxtl.train.builder import StateBuilder
 from jaxtl.transfer.trees import flatten, tree_bytes
 
 
@@ -251,3 +252,32 @@ def test_the_state_takes_over_its_copy_of_the_params_without_another(tiny, relea
     held = {k: v.unsafe_buffer_pointer() for k, v in flatten(state.params).items()}
     assert held == copy
     assert not set(held.values()) & set(originals.values())  # a copy: the model's stay intact
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_finetune_trains_with_one_copy_of_the_params_resident(tiny, release, monkeypatch):
+    """Through ``jaxtl.finetune`` (what ``jaxtl finetune`` runs), not the Trainer alone: once the
+    state is built, the arrays of the params' largest leaf alive in the process are the state's
+    own (params and AdamW's two moments) and, without release_pretrained, the model's. A local
+    of ``finetune`` once kept the loaded params alive through the whole run."""
+    path, _ = tiny
+    model = jaxtl.load(path, num_labels=2)
+    name, leaf = max(flatten(model.params).items(), key=lambda kv: kv[1].size)
+    shape, dtype = leaf.shape, leaf.dtype
+    counted = []
+    init_state = StateBuilder.init_state
+
+    def spy(self, *args, **kwargs):
+        state = init_state(self, *args, **kwargs)
+        gc.collect()
+        live = [x for x in jax.live_arrays() if x.shape == shape and x.dtype == dtype]
+        own = [x for x in jax.tree.leaves(state) if x.shape == shape]
+        counted.append((len(live), len(own)))
+        return state
+
+    monkeypatch.setattr(StateBuilder, "init_state", spy)
+    del leaf  # the test's own reference
+    jaxtl.finetune(model, "full", small_vader(n_train=48, n_val=8, n_test=8), _config(release))
+    ((live, own),) = counted
+    assert own == 3, name  # the params, and the moments' mu and nu
+    assert live == own + (0 if release else 1)
