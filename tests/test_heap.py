@@ -111,3 +111,78 @@ def test_the_loop_saves_then_trims_after_each_validation(tmp_path, monkeypatch):
         assert trim() and heap.trims() == before + 1
     monkeypatch.setenv("JAXTL_HEAP_TRIM", "off")
     assert not trim()
+
+
+_ARENAS = r"""
+import ctypes, sys, threading
+{setup}
+libc = ctypes.CDLL(None)
+libc.open_memstream.restype = ctypes.c_void_p
+libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_size_t)]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+ready, go = threading.Barrier(9), threading.Event()
+
+def work():  # each thread allocates while the others hold theirs: an arena per thread if allowed
+    block = libc.malloc(4096)
+    ready.wait()
+    go.wait()
+    libc.free(block)
+
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads:
+    t.start()
+ready.wait()
+buf, size = ctypes.c_char_p(), ctypes.c_size_t()
+stream = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
+libc.malloc_info(0, stream)
+libc.fclose(stream)
+go.set()
+for t in threads:
+    t.join()
+print(ctypes.string_at(buf, size.value).decode().count("<heap nr="))
+"""
+
+
+def _arenas(setup: str, **env) -> int:
+    import os
+    import subprocess
+    import sys
+
+    code = _ARENAS.format(setup=setup)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout)
+
+
+@pytest.mark.skipif(not GLIBC, reason="arenas are glibc's")
+def test_limit_arenas_caps_the_arenas_that_new_threads_get():
+    """Counted from glibc's own report (``malloc_info``) in a fresh process with 8 threads
+    allocating at once: one arena each without the cap, at most the cap with it; the ``jaxtl``
+    command calls it with its default (one per core), and ``JAXTL_HEAP_TRIM=off`` leaves glibc
+    alone."""
+    free = _arenas("")  # the main thread's and one per thread, up to glibc's 8 per core
+    assert free > 2
+    cap = "from jaxtl.train import heap; assert heap.limit_arenas(2)"
+    assert _arenas(cap) == 2
+    off = "from jaxtl.train import heap; assert not heap.limit_arenas(2)"
+    assert _arenas(off, JAXTL_HEAP_TRIM="off") == free
+
+
+def test_the_jaxtl_command_caps_the_arenas_before_parsing(monkeypatch):
+    from jaxtl import cli
+
+    calls = []
+    monkeypatch.setattr(heap, "limit_arenas", lambda count=None: calls.append(count))
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--help"])
+    assert calls == [None]
+
+
+def test_limit_arenas_refuses_fewer_than_one():
+    with pytest.raises(ValueError, match=r"limit_arenas\(count=0\): give at least 1 arena"):
+        heap.limit_arenas(0)

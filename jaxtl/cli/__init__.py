@@ -35,12 +35,14 @@ from jaxtl.cli.runs import (
     wise_ft_command,
 )
 from jaxtl.cli.training import adapt_command, finetune_command, lr_find_command, sweep_command
+from jaxtl.train import heap
 
 __all__ = ["build_parser", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    heap.limit_arenas()  # before the threads of XLA's runtime exist (jaxtl.train.heap)
     args = build_parser().parse_args(argv)
     args.argv = argv
     enable_compilation_cache()

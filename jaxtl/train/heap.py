@@ -18,8 +18,16 @@ step's two compiles, against compiles of seconds).
 The listener is process-wide: once installed, any compile of the process that long trims,
 the user's own ``jax.jit`` code included; a trim briefly holds the allocator's arena locks.
 The train loop also trims after each validation (:func:`trim`).
-``JAXTL_HEAP_TRIM=off`` in the environment turns both off. Where the C library has no
-``malloc_trim`` (macOS, Windows, musl) it does nothing.
+
+glibc also gives every new thread an arena of its own, up to 8 per core, and each arena keeps
+the memory its thread freed. XLA's CPU runtime and orbax run many threads, so a training process
+kept a few hundred MiB of freed memory spread over its arenas. :func:`limit_arenas` (called by
+the ``jaxtl`` command at its start, before any thread exists) caps them at one per core: the
+demo's full fine-tune (``jaxtl finetune --recipe full --bucket-by-length --epochs 3``) peaked at
+1,105 MiB instead of 1,242, no slower (``benchmarks/README.md``).
+
+``JAXTL_HEAP_TRIM=off`` in the environment turns all three off. Where the C library has no
+``malloc_trim`` / ``mallopt`` (macOS, Windows, musl) they do nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import threading
 
 import jax
 
-__all__ = ["MIN_COMPILE_SECONDS", "install", "trim", "trims"]
+__all__ = ["MIN_COMPILE_SECONDS", "install", "limit_arenas", "trim", "trims"]
 
 MIN_COMPILE_SECONDS = 0.1  # smaller compiles (single ops, tiny jits) free too little to matter
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch's name
@@ -47,6 +55,36 @@ def _malloc_trim():
     if trim is not None:
         trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return trim
+
+
+_M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+
+
+def limit_arenas(count: int | None = None) -> bool:
+    """Caps glibc's malloc arenas at ``count`` (default: the cores this process may run on);
+    returns whether it did (not without ``mallopt`` or with ``JAXTL_HEAP_TRIM=off``).
+
+    Call it first thing in a process: glibc fixes the cap once it has made 8 arenas, and
+    threads keep the arena they were given. Python users who fine-tune in their own process
+    can call it before they import jax; the ``jaxtl`` command does.
+
+    Raises:
+      ValueError: ``count`` < 1.
+    """
+    if count is not None and count < 1:
+        raise ValueError(f"limit_arenas(count={count}): give at least 1 arena.")
+    if os.environ.get("JAXTL_HEAP_TRIM", "").lower() == "off":
+        return False
+    try:
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    except (OSError, TypeError):  # TypeError: CDLL(None) on Windows
+        return False
+    if mallopt is None:
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if count is None:
+        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return mallopt(_M_ARENA_MAX, max(1, count or 1)) == 1
 
 
 def _trimmer():
