@@ -237,7 +237,13 @@ class Checkpointer:
             with _writing(self.best):
                 self.best.save(step, args=self._args(tree, meta), metrics=metrics, force=True)
 
-    def _restore(self, manager, step, like: Any, parts=None) -> tuple[Any, dict]:
+    def _restore(
+        self,
+        manager: ocp.CheckpointManager,
+        step: int,
+        like: Any,
+        parts: Collection[str] | None = None,
+    ) -> tuple[Any, dict]:
         return _restore(manager, step, like, parts)
 
     def latest_step(self) -> int | None:
@@ -435,6 +441,10 @@ def _restore(
 _strays_possible = {"reading": False, "failed": False}
 
 
+def _orbax_strays_possible() -> bool:
+    return _strays_possible["reading"] or _strays_possible["failed"]
+
+
 @contextlib.contextmanager
 def _reading():
     _strays_possible["reading"] = True
@@ -455,8 +465,9 @@ class _StrayWrites(logging.Filter):
         message = record.getMessage()
         first = message.partition("\n")[0]
         stray = "exception was never retrieved" in first or "destroyed but it is pending" in first
-        possible = _strays_possible["reading"] or _strays_possible["failed"]
-        ours = ".orbax-checkpoint-tmp" in message or (possible and _ORBAX_SOURCE in message)
+        ours = ".orbax-checkpoint-tmp" in message or (
+            _orbax_strays_possible() and _ORBAX_SOURCE in message
+        )
         return not (stray and ours)
 
 
@@ -470,7 +481,7 @@ def _stray(unraisable) -> bool:
     # raised where warnings are errors (-W error, pytest's filterwarnings).
     code = getattr(unraisable.object, "cr_code", None)
     return (
-        (_strays_possible["reading"] or _strays_possible["failed"])
+        _orbax_strays_possible()
         and isinstance(error, RuntimeWarning)
         and "was never awaited" in str(error)
         and code is not None
