@@ -9,7 +9,7 @@ import os
 import shlex
 import sys
 
-from jaxtl.cli.parser import build_parser
+from jaxtl.cli.parser import DEFAULT_RECIPES, build_parser
 
 
 def load_options(args) -> dict:
@@ -113,7 +113,7 @@ def release_pretrained(args) -> bool:
         return False
     if getattr(args, "rules", None):  # a rules file's plan has no stages
         return True
-    stepped = [r for r in split_recipes(args.recipe or "full,linear_probe") if staged(r)]
+    stepped = [r for r in split_recipes(args.recipe or DEFAULT_RECIPES) if staged(r)]
     if chosen and stepped:  # refused before anything loads, not when that arm's turn comes
         raise ValueError(
             f"--release-pretrained drops the loaded params once a run's train state holds "

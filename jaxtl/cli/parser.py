@@ -106,6 +106,8 @@ def l2_sp_pair(text: str) -> tuple[float, float]:
     return alpha, beta
 
 
+DEFAULT_RECIPES = "full,linear_probe"  # finetune's pretrained runs without --recipe
+
 _FINETUNE = {
     "what to run": [
         ("--preset", "a packaged experiment instead of --model/--data: 'digits' = "
@@ -121,7 +123,7 @@ _FINETUNE = {
          "(ULMFiT: the head, then one more block from the top every EVERY epochs; "
          "unit='steps'), lp_ft(PROBE_EPOCHS, probe_lr=1e-3) (a linear probe, then full "
          "fine-tuning with a fresh optimizer and schedule; --epochs counts both) (default: "
-         "full,linear_probe)", {}),
+         f"{DEFAULT_RECIPES})", {}),
         ("--rules", "a TOML rules file in place of --recipe: [[group]] tables (name, match "
          "regexes, trainable, lr_mult, weight_decay, wd_mult), an optional [lora] table and "
          "[[shard]] sharding rules; checked for coverage and unused patterns, its plan table "

@@ -14,6 +14,7 @@ from jaxtl.cli.options import (
     preempted,
     train_config,
 )
+from jaxtl.cli.parser import DEFAULT_RECIPES
 from jaxtl.models.registry import data_modality
 from jaxtl.transfer.recipes import split_recipes
 
@@ -50,7 +51,7 @@ def finetune_command(args) -> int:
     if args.rules:
         recipes = [f"rules({os.path.abspath(args.rules)!r})"]
     else:
-        recipes = split_recipes(args.recipe or "full,linear_probe")
+        recipes = split_recipes(args.recipe or DEFAULT_RECIPES)
     demo = args.data == "vader" and args.model is None
     try:
         done = experiment.compare(
