@@ -47,6 +47,7 @@ __all__ = [
     "Grouped",
     "WeightDecayInput",
     "available_optimizers",
+    "clip_by_global_norm",
     "l2_sp_transform",
     "make_optimizer",
     "optimizer_factory",
@@ -133,6 +134,29 @@ def _freeze() -> optax.GradientTransformation:
     def update_fn(updates, state, params=None):
         del params
         return jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm``'s rule: updates whose global norm is below ``max_norm``
+    pass unchanged (bit for bit), larger ones are scaled to norm ``max_norm``. The scale is
+    one scalar, ``t * (max_norm / norm)``, where optax computes ``(t / norm) * max_norm`` per
+    leaf (the two differ by float rounding). XLA keeps optax's divided copy of every gradient
+    in memory, since both of AdamW's moments read it; a scalar product it folds into each
+    reader. On MiniLM's full fine-tune at 32 x 8 tokens that is 186 -> 117 MiB of the step's
+    working memory and a 9% faster epoch on the demo task (``benchmarks/README.md``).
+    Stateless, like optax's."""
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = optax.tree.norm(updates)
+        factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        return jax.tree.map(lambda t: t * factor.astype(t.dtype), updates), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -355,7 +379,7 @@ def make_optimizer(
     if l2_sp is not None:
         chain.append(l2_sp_transform(plan, *l2_sp))
     if clip_norm is not None:
-        clip = optax.clip_by_global_norm(clip_norm)
+        clip = clip_by_global_norm(clip_norm)
         if any(g.trainable and not getattr(g, "clip", True) for g in plan.groups.values()):
             # Groups with clip=False stay out of the norm and are not scaled.
             clip = optax.masked(clip, lambda tree: _clipped(plan, tree))
