@@ -52,13 +52,35 @@ def test_above_the_limit_they_are_scaled_to_it_as_optax_does(max_norm):
         np.testing.assert_allclose(np.asarray(got), np.asarray(theirs), rtol=1e-6)
 
 
-def test_a_non_finite_norm_stays_non_finite():
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_norm_stays_non_finite_as_with_optax(bad):
     """The train step skips an update whose gradients are not finite; clipping must not hide
-    that by turning them finite."""
+    that by turning them finite. As with optax: a NaN makes every leaf NaN; an inf makes the
+    finite entries 0 and itself NaN."""
     grads = _grads(1.0)
-    grads["bias"][0] = np.nan
+    grads["bias"][0] = bad
     out, _ = clip_by_global_norm(1.0).update(jax.tree.map(jnp.asarray, grads), optax.EmptyState())
-    assert not np.isfinite(np.asarray(out["bias"])).all()
+    ref, _ = optax.clip_by_global_norm(1.0).update(
+        jax.tree.map(jnp.asarray, grads), optax.EmptyState()
+    )
+    for got, theirs in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(theirs))  # NaN == NaN here
+    assert np.isnan(np.asarray(out["bias"])[0])
+    if np.isnan(bad):
+        assert all(np.isnan(np.asarray(x)).all() for x in jax.tree.leaves(out))
+
+
+def test_bfloat16_leaves_keep_their_dtype_and_optax_values():
+    grads = {k: jnp.asarray(v, jnp.bfloat16) for k, v in _grads(3.0).items() if k != "dense"}
+    grads["f32"] = jnp.asarray(_grads(3.0)["embed"][:2])
+    out, _ = clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+    ref, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+    for got, theirs in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
+        assert got.dtype == theirs.dtype
+        tol = 1e-2 if got.dtype == jnp.bfloat16 else 1e-6  # bfloat16 keeps 8 bits
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(theirs, np.float32), rtol=tol
+        )
 
 
 def _update_temp_bytes(clip: optax.GradientTransformation, grads: dict) -> int:

@@ -152,8 +152,9 @@ def _arenas(setup: str, **env) -> int:
     import sys
 
     code = _ARENAS.format(setup=setup)
+    mine = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}
     out = subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True
+        [sys.executable, "-c", code], env={**mine, **env}, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
     return int(out.stdout)
@@ -171,6 +172,9 @@ def test_limit_arenas_caps_the_arenas_that_new_threads_get():
     assert _arenas(cap) == 2
     off = "from jaxtl.train import heap; assert not heap.limit_arenas(2)"
     assert _arenas(off, JAXTL_HEAP_TRIM="off") == free
+    # A cap of the user's own is left as it is.
+    assert _arenas(off, MALLOC_ARENA_MAX="3") == 3
+    assert _arenas(off, GLIBC_TUNABLES="glibc.malloc.arena_max=4") == 4
 
 
 def test_the_jaxtl_command_caps_the_arenas_before_parsing(monkeypatch):

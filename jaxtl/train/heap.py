@@ -22,9 +22,10 @@ The train loop also trims after each validation (:func:`trim`).
 glibc also gives every new thread an arena of its own, up to 8 per core, and each arena keeps
 the memory its thread freed. XLA's CPU runtime and orbax run many threads, so a training process
 kept a few hundred MiB of freed memory spread over its arenas. :func:`limit_arenas` (called by
-the ``jaxtl`` command at its start, before any thread exists) caps them at one per core: the
+the ``jaxtl`` command at its start, before XLA's threads exist) caps them at one per core: the
 demo's full fine-tune (``jaxtl finetune --recipe full --bucket-by-length --epochs 3``) peaked at
-1,105 MiB instead of 1,242, no slower (``benchmarks/README.md``).
+1,095 MiB instead of 1,244 on 2 cores, no slower (``benchmarks/README.md``). A cap the user set
+(``MALLOC_ARENA_MAX``, or ``arena_max`` in ``GLIBC_TUNABLES``) is left as it is.
 
 ``JAXTL_HEAP_TRIM=off`` in the environment turns all three off. Where the C library has no
 ``malloc_trim`` / ``mallopt`` (macOS, Windows, musl) they do nothing.
@@ -62,11 +63,14 @@ _M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
 
 def limit_arenas(count: int | None = None) -> bool:
     """Caps glibc's malloc arenas at ``count`` (default: the cores this process may run on);
-    returns whether it did (not without ``mallopt`` or with ``JAXTL_HEAP_TRIM=off``).
+    returns whether it asked glibc to (not without ``mallopt``, with ``JAXTL_HEAP_TRIM=off``,
+    or when the environment already sets a cap: ``MALLOC_ARENA_MAX``, or ``arena_max`` in
+    ``GLIBC_TUNABLES``).
 
-    Call it first thing in a process: glibc fixes the cap once it has made 8 arenas, and
-    threads keep the arena they were given. Python users who fine-tune in their own process
-    can call it before they import jax; the ``jaxtl`` command does.
+    Call it early: glibc fixes the cap for good once it has made 8 arenas, and threads keep
+    the arena they were given, so a late call may change nothing (glibc does not say). Python
+    users who fine-tune in their own process can call it before their first jax computation;
+    the ``jaxtl`` command does.
 
     Raises:
       ValueError: ``count`` < 1.
@@ -75,6 +79,8 @@ def limit_arenas(count: int | None = None) -> bool:
         raise ValueError(f"limit_arenas(count={count}): give at least 1 arena.")
     if os.environ.get("JAXTL_HEAP_TRIM", "").lower() == "off":
         return False
+    if "MALLOC_ARENA_MAX" in os.environ or "arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False  # the user's own cap
     try:
         mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     except (OSError, TypeError):  # TypeError: CDLL(None) on Windows
