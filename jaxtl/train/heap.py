@@ -48,14 +48,19 @@ _listener = None
 _count = 0
 
 
-def _malloc_trim():
+def _disabled() -> bool:
+    return os.environ.get("JAXTL_HEAP_TRIM", "").lower() == "off"
+
+
+def _libc_function(name: str, argtypes: list, restype):
+    """The C library's ``name`` with its signature set, or None where it has none."""
     try:
-        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+        fn = getattr(ctypes.CDLL(None), name, None)
     except (OSError, TypeError):  # TypeError: CDLL(None) on Windows
         return None
-    if trim is not None:
-        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
+    if fn is not None:
+        fn.argtypes, fn.restype = argtypes, restype
+    return fn
 
 
 _M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
@@ -77,17 +82,13 @@ def limit_arenas(count: int | None = None) -> bool:
     """
     if count is not None and count < 1:
         raise ValueError(f"limit_arenas(count={count}): give at least 1 arena.")
-    if os.environ.get("JAXTL_HEAP_TRIM", "").lower() == "off":
+    if _disabled():
         return False
     if "MALLOC_ARENA_MAX" in os.environ or "arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
         return False  # the user's own cap
-    try:
-        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    except (OSError, TypeError):  # TypeError: CDLL(None) on Windows
-        return False
+    mallopt = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
     if mallopt is None:
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     if count is None:
         count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return mallopt(_M_ARENA_MAX, max(1, count or 1)) == 1
@@ -95,9 +96,9 @@ def limit_arenas(count: int | None = None) -> bool:
 
 def _trimmer():
     """glibc's ``malloc_trim``, or None: not in this C library, or ``JAXTL_HEAP_TRIM=off``."""
-    if os.environ.get("JAXTL_HEAP_TRIM", "").lower() == "off":
+    if _disabled():
         return None
-    return _malloc_trim()
+    return _libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
 
 
 def install() -> bool:
