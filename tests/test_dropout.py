@@ -114,3 +114,115 @@ def test_rate_one_gives_zeros_and_zero_gradients():
 def test_a_rate_outside_zero_to_one_is_refused():
     with pytest.raises(ValueError, match="dropout rate"):
         dropout_mask(jax.random.key(0), 1.5, (4,))
+
+
+# ------------------------------------------------------------------ one stream per forward pass
+
+
+class _ThreeSites(nn.Module):
+    """Three dropout sites: two of one shape (in one submodule and at the top), one of another."""
+
+    @nn.compact
+    def __call__(self, x, y):
+        return Dropout(0.5)(x, False), Dropout(0.5)(x, False), Dropout(0.5)(y, False)
+
+
+_HASHES = ("threefry2x32", "random_bits", "random_fold_in", "random_split")
+
+
+def _threefry_hashes(fn, *args) -> int:
+    """How many threefry hashes the traced ``fn`` computes (nested jaxprs included): the hash
+    itself, and jax.random's key operations, each one hash of a threefry key."""
+
+    def count(jaxpr) -> int:
+        n = 0
+        for eqn in jaxpr.eqns:
+            n += eqn.primitive.name in _HASHES
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        n += count(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        n += count(sub)
+        return n
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def test_in_a_stream_each_site_draws_its_own_counters_of_one_key():
+    from jaxtl.models.layers import _mask, dropout_stream
+
+    x, y = jnp.ones((64, 128)), jnp.ones((8, 4, 100))
+    k = jax.random.PRNGKey(5)
+    with dropout_stream(k):
+        a, b, c = _ThreeSites().apply({}, x, y)
+    # Each mask is the hash of the key's own words over its own rows: 64, then 64, then 32.
+    for out, first, shape in ((a, 0, x.shape), (b, 64, x.shape), (c, 128, y.shape)):
+        keep, _ = _mask(k, 0.5, shape, first)
+        np.testing.assert_array_equal(np.asarray(out) != 0, np.asarray(keep))
+    # Two sites of one shape get independent masks (6 standard deviations of a correlation).
+    ma, mb = np.asarray(a).ravel() != 0, np.asarray(b).ravel() != 0
+    assert abs(np.corrcoef(ma, mb)[0, 1]) < 6 / np.sqrt(ma.size)
+    # A function of the key: again the same, another key another draw.
+    with dropout_stream(k):
+        again = _ThreeSites().apply({}, x, y)
+    with dropout_stream(jax.random.PRNGKey(6)):
+        other = _ThreeSites().apply({}, x, y)
+    np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(a))
+    assert 0.4 < np.mean((np.asarray(other[0]) != 0) != ma.reshape(x.shape)) < 0.6
+
+
+def test_a_stream_needs_one_hash_per_mask_where_flax_keys_need_three():
+    from jaxtl.models.layers import dropout_stream
+
+    x, y = jnp.ones((64, 128)), jnp.ones((8, 4, 100))
+    k = jax.random.PRNGKey(5)
+
+    def streamed(x, y):
+        with dropout_stream(k):
+            return _ThreeSites().apply({}, x, y)
+
+    def keyed(x, y):  # outside a stream: flax's make_rng per site
+        return _ThreeSites().apply({}, x, y, rngs={"dropout": k})
+
+    assert _threefry_hashes(streamed, x, y) == 3  # the masks only
+    assert _threefry_hashes(keyed, x, y) == 9  # per site: flax's fold-in, two words, the mask
+
+
+def test_past_the_stream_s_counters_a_site_falls_back_to_flax_s_key(monkeypatch):
+    from jaxtl.models import layers
+
+    x, y = jnp.ones((64, 128)), jnp.ones((8, 4, 100))
+    k = jax.random.PRNGKey(5)
+    monkeypatch.setattr(layers, "MAX_STREAM_ROWS", 64 + 64)  # room for the first two masks
+    with layers.dropout_stream(k):
+        a, b, c = _ThreeSites().apply({}, x, y, rngs={"dropout": k})
+    _, _, keyed_c = _ThreeSites().apply({}, x, y, rngs={"dropout": k})
+    np.testing.assert_array_equal(np.asarray(c), np.asarray(keyed_c))
+    keep_b, _ = layers._mask(k, 0.5, x.shape, 64)
+    np.testing.assert_array_equal(np.asarray(b) != 0, np.asarray(keep_b))
+
+
+def test_a_jaxtl_model_s_training_forward_hashes_once_per_dropout_site(tmp_path):
+    from _tiny import make_tiny_bert
+
+    import jaxtl
+
+    model = jaxtl.load(make_tiny_bert(str(tmp_path / "bert"), layers=2), num_labels=2)
+    batch = {
+        "input_ids": jnp.ones((4, 8), jnp.int32),
+        "attention_mask": jnp.ones((4, 8), jnp.int32),
+        "token_type_ids": jnp.zeros((4, 8), jnp.int32),
+    }
+    rng = jax.random.PRNGKey(0)
+
+    def forward(params):
+        return model.forward.traceable(params, {}, batch, train=True, rng=rng)[0]
+
+    # embeddings, 3 per layer (attention probabilities, attention output, MLP output), head
+    assert _threefry_hashes(forward, model.params) == 1 + 3 * 2 + 1
+    # Training twice with one key gives one output; evaluation draws nothing.
+    np.testing.assert_array_equal(
+        np.asarray(forward(model.params)), np.asarray(forward(model.params))
+    )
+    assert _threefry_hashes(lambda p: model.forward.traceable(p, {}, batch)[0], model.params) == 0

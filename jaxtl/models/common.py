@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtl.models.layers import SEGMENTATION_HEAD
+from jaxtl.models.layers import SEGMENTATION_HEAD, dropout_stream
 
 # Hugging Face activation names -> functions. "gelu" is the exact erf form in PyTorch; the tanh
 # approximation ("gelu_new", GPT-2's) differs by up to ~1e-3, far above parity tolerance.
@@ -128,6 +128,12 @@ def make_apply(
     """
 
     def _forward(params, batch_stats, inputs, train, rng, bn_train):
+        # Every jaxtl Dropout of the pass draws from one stream of ``rng`` (layers.dropout_stream);
+        # flax's own Dropout, in a user's head, from ``rngs``.
+        with dropout_stream(rng if train else None):
+            return _apply(params, batch_stats, inputs, train, rng, bn_train)
+
+    def _apply(params, batch_stats, inputs, train, rng, bn_train):
         rngs = {"dropout": rng} if rng is not None else {}
         if not has_batch_stats:
             return module.apply({"params": params}, *inputs, train=train, rngs=rngs), batch_stats

@@ -26,6 +26,8 @@ family built its own.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from typing import Any
@@ -126,8 +128,8 @@ DROPOUT_BITS = 16
 
 
 class Dropout(nn.Dropout):
-    """``flax.linen.Dropout`` (same attributes, same PRNG stream, same ``Dropout_<n>`` names)
-    whose mask costs a quarter of the random-number work.
+    """``flax.linen.Dropout`` (same attributes, same ``Dropout_<n>`` names) whose mask costs a
+    quarter of the random-number work.
 
     Flax draws a 32-bit uniform for each element with ``jax.random.bernoulli``; with
     ``jax_threefry_partitionable`` (the default), that is one threefry-2x32 hash per element, of
@@ -142,6 +144,11 @@ class Dropout(nn.Dropout):
     run's numbers differ from what ``flax.linen.Dropout`` gave. The mask is a function of each
     element's global index and the key only, so a sharded step draws the same mask on any
     number of devices.
+
+    Where its key comes from: an explicit ``rng=``; else, inside a :func:`dropout_stream` (every
+    jaxtl model's training forward pass runs in one), the pass's one key with a range of hash
+    counters of this call's own; else flax's ``make_rng`` of the ``rng_collection``, as
+    ``flax.linen.Dropout`` does.
     """
 
     @nn.compact
@@ -149,12 +156,18 @@ class Dropout(nn.Dropout):
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
         if self.rate == 0.0 or deterministic:
             return inputs
-        if rng is None:
-            rng = self.make_rng(self.rng_collection)
         shape = list(inputs.shape)
         for dim in self.broadcast_dims:
             shape[dim] = 1
-        keep, scale = dropout_mask(rng, self.rate, tuple(shape))
+        shape = tuple(shape)
+        stream = _STREAM.get() if rng is None and self.rng_collection == "dropout" else None
+        offset = None if stream is None else stream.allocate(_mask_rows(shape))
+        if offset is not None:
+            keep, scale = _mask(stream.words, self.rate, shape, offset)
+        else:
+            if rng is None:
+                rng = self.make_rng(self.rng_collection)
+            keep, scale = dropout_mask(rng, self.rate, shape)
         if keep is None:  # the rate resolved to 1: nothing is kept (and no NaN gradients)
             return jnp.zeros_like(inputs)
         keep = jnp.broadcast_to(keep, inputs.shape)
@@ -163,17 +176,86 @@ class Dropout(nn.Dropout):
         )
 
 
+class _DropoutStream:
+    """The dropout masks of one forward pass, drawn from one key (:func:`dropout_stream`)."""
+
+    def __init__(self, key: jax.Array):
+        self.words = _key_words(key)
+        self.next_row = 0
+
+    def allocate(self, rows: int) -> int | None:
+        """The first of ``rows`` counter rows for the next mask, or None when the pass would
+        pass 2**32 rows: that mask then comes from flax's ``make_rng`` instead."""
+        if self.next_row + rows > MAX_STREAM_ROWS:
+            return None
+        first, self.next_row = self.next_row, self.next_row + rows
+        return first
+
+
+MAX_STREAM_ROWS = 2**32
+
+
+def _key_words(key: jax.Array) -> jax.Array:
+    """Two uint32 words that key the stream's hash: a threefry key's own data (already a hash
+    output, as ``jax.random.bits`` uses it), else two words drawn from the key. (Drawing them
+    costs a hash that XLA copies into every mask's code: 3,400 instructions on MiniLM's step.)"""
+    if str(jax.random.key_impl(key)) == "threefry2x32":
+        typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        return jax.random.key_data(key) if typed else key
+    return jax.random.bits(key, (2,), jnp.uint32)
+
+
+_STREAM: contextvars.ContextVar[_DropoutStream | None] = contextvars.ContextVar(
+    "jaxtl_dropout_stream", default=None
+)
+
+
+@contextlib.contextmanager
+def dropout_stream(key: jax.Array | None):
+    """Within this context, every :class:`Dropout` that is given no ``rng=`` of its own draws
+    its mask from ``key``, each from its own range of the hash's counters (in the order the
+    forward pass calls them), instead of from a key that flax's ``make_rng`` folds for its
+    module path. jaxtl models' forward passes (:func:`jaxtl.models.common.make_apply`) run in
+    one. ``None``: no stream, flax's keys as usual.
+
+    Why: flax folds each site's key with a threefry hash, and the mask's two key words take
+    another; XLA's CPU code for those scalar hashes was a third of MiniLM's full train step
+    (29,609 -> 20,090 optimized HLO instructions without them), and an executable's host
+    memory follows its instruction count (``benchmarks/README.md``). The masks stay a function
+    of the key and each element's index only (the same on any number of devices), and disjoint
+    counters give independent masks. A rematerialized block replays its traced forward pass,
+    so its masks are the same in the backward pass.
+    """
+    token = _STREAM.set(None if key is None else _DropoutStream(key))
+    try:
+        yield
+    finally:
+        _STREAM.reset(token)
+
+
 def dropout_mask(key: jax.Array, rate: float, shape: tuple[int, ...]):
     """``(keep, scale)``: a boolean mask of ``shape``, True with probability ``1 - r`` where
     ``r = round(rate * 65536) / 65536`` (at least one 65536th for a positive ``rate``), and
     ``1 / (1 - r)``, the factor that keeps the masked values' expectation; ``(None, 0.0)``
     when ``r`` is 1.
 
-    One threefry-2x32 hash of the key gives four 16-bit values: the hash of counter
-    ``(row, j)``, where ``row`` is the flat index over all but the last dimension, gives the
-    elements ``j``, ``j + n``, ``j + 2n`` and ``j + 3n`` of that row (``n`` = a quarter of the
-    last dimension, rounded up). Values depend only on the key and each element's index.
+    One threefry-2x32 hash, keyed by two words drawn from ``key``, gives four 16-bit values:
+    the hash of counter ``(row, j)``, where ``row`` is the flat index over all but the last
+    dimension, gives the elements ``j``, ``j + n``, ``j + 2n`` and ``j + 3n`` of that row
+    (``n`` = a quarter of the last dimension, rounded up). Values depend only on the key and
+    each element's index.
     """
+    return _mask(jax.random.bits(key, (2,), jnp.uint32), rate, shape, 0)
+
+
+def _mask_rows(shape: tuple[int, ...]) -> int:
+    """The hash counters' rows a mask of ``shape`` uses (:func:`dropout_mask`)."""
+    return math.prod(shape[:-1]) if shape else 1
+
+
+def _mask(words: jax.Array, rate: float, shape: tuple[int, ...], first_row: int):
+    """:func:`dropout_mask` keyed by ``words`` (two uint32), its rows counted from
+    ``first_row``."""
     if not 0.0 < rate <= 1.0:
         raise ValueError(f"dropout rate must be in (0, 1]; got {rate}.")
     threshold = max(1, round(rate * 2**DROPOUT_BITS))
@@ -183,16 +265,15 @@ def dropout_mask(key: jax.Array, rate: float, shape: tuple[int, ...]):
     target = tuple(shape)
     *lead, last = target or (1,)
     rows = math.prod(lead)
-    if rows >= 2**32:
+    if first_row + rows > 2**32:
         raise ValueError(f"dropout over {target} has more than 2**32 rows; flatten it first.")
     quarter = -(-last // 4)
     packed = (*lead, quarter)
-    row = jnp.zeros(packed, jnp.uint32)
+    row = jnp.full(packed, first_row, jnp.uint32)
     stride = 1
     for dim in reversed(range(len(lead))):
         row = row + jax.lax.broadcasted_iota(jnp.uint32, packed, dim) * jnp.uint32(stride)
         stride *= lead[dim]
-    words = jax.random.bits(key, (2,), jnp.uint32)
     column = jax.lax.broadcasted_iota(jnp.uint32, packed, len(lead))
     hi, lo = threefry2x32_p.bind(words[0], words[1], row, column)
     low16 = jnp.uint32(0xFFFF)
