@@ -75,9 +75,9 @@ class MLPHead(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         act = _ACTIVATIONS[self.activation]
         for i, width in enumerate(self.hidden):
-            x = Dropout(self.dropout)(x, deterministic=not train)
+            x = Dropout(self.dropout, stream=True)(x, deterministic=not train)
             x = act(nn.Dense(width, name=f"dense_{i}")(x))
-        x = Dropout(self.dropout)(x, deterministic=not train)
+        x = Dropout(self.dropout, stream=True)(x, deterministic=not train)
         return nn.Dense(self.num_labels, name="out")(x)
 
 

@@ -120,11 +120,15 @@ def test_a_rate_outside_zero_to_one_is_refused():
 
 
 class _ThreeSites(nn.Module):
-    """Three dropout sites: two of one shape (in one submodule and at the top), one of another."""
+    """Three dropout sites that read a stream: two of one shape, one of another; and one that
+    does not (``stream=False``, the default)."""
 
     @nn.compact
     def __call__(self, x, y):
-        return Dropout(0.5)(x, False), Dropout(0.5)(x, False), Dropout(0.5)(y, False)
+        a = Dropout(0.5, stream=True)(x, False)
+        b = Dropout(0.5, stream=True)(x, False)
+        c = Dropout(0.5, stream=True)(y, False)
+        return a, b, c
 
 
 _HASHES = ("threefry2x32", "random_bits", "random_fold_in", "random_split")
@@ -156,8 +160,9 @@ def test_in_a_stream_each_site_draws_its_own_counters_of_one_key():
     k = jax.random.PRNGKey(5)
     with dropout_stream(k):
         a, b, c = _ThreeSites().apply({}, x, y)
-    # Each mask is the hash of the key's own words over its own rows: 64, then 64, then 32.
-    for out, first, shape in ((a, 0, x.shape), (b, 64, x.shape), (c, 128, y.shape)):
+    # Each mask is the hash of the key's own words over its own rows: 64, then 64, then 32,
+    # from row 1 (row 0 is jax.random's own counters of the key).
+    for out, first, shape in ((a, 1, x.shape), (b, 65, x.shape), (c, 129, y.shape)):
         keep, _ = _mask(k, 0.5, shape, first)
         np.testing.assert_array_equal(np.asarray(out) != 0, np.asarray(keep))
     # Two sites of one shape get independent masks (6 standard deviations of a correlation).
@@ -194,12 +199,12 @@ def test_past_the_stream_s_counters_a_site_falls_back_to_flax_s_key(monkeypatch)
 
     x, y = jnp.ones((64, 128)), jnp.ones((8, 4, 100))
     k = jax.random.PRNGKey(5)
-    monkeypatch.setattr(layers, "MAX_STREAM_ROWS", 64 + 64)  # room for the first two masks
+    monkeypatch.setattr(layers, "MAX_STREAM_ROWS", 1 + 64 + 64)  # room for the first two masks
     with layers.dropout_stream(k):
         a, b, c = _ThreeSites().apply({}, x, y, rngs={"dropout": k})
     _, _, keyed_c = _ThreeSites().apply({}, x, y, rngs={"dropout": k})
     np.testing.assert_array_equal(np.asarray(c), np.asarray(keyed_c))
-    keep_b, _ = layers._mask(k, 0.5, x.shape, 64)
+    keep_b, _ = layers._mask(k, 0.5, x.shape, 65)
     np.testing.assert_array_equal(np.asarray(b) != 0, np.asarray(keep_b))
 
 
@@ -221,8 +226,51 @@ def test_a_jaxtl_model_s_training_forward_hashes_once_per_dropout_site(tmp_path)
 
     # embeddings, 3 per layer (attention probabilities, attention output, MLP output), head
     assert _threefry_hashes(forward, model.params) == 1 + 3 * 2 + 1
-    # Training twice with one key gives one output; evaluation draws nothing.
-    np.testing.assert_array_equal(
-        np.asarray(forward(model.params)), np.asarray(forward(model.params))
-    )
+    # Evaluation draws nothing; another key draws other masks.
+    evaluated = model.forward.traceable(model.params, {}, batch)[0]
     assert _threefry_hashes(lambda p: model.forward.traceable(p, {}, batch)[0], model.params) == 0
+    trained = np.asarray(forward(model.params))
+    other = model.forward.traceable(model.params, {}, batch, train=True, rng=jax.random.PRNGKey(1))
+    assert not np.allclose(trained, np.asarray(evaluated))
+    assert not np.allclose(trained, np.asarray(other[0]))
+
+
+def test_a_dropout_without_stream_true_keeps_flax_s_keys_inside_a_stream():
+    """Modules of a user's own (the default ``stream=False``) may run under nn.scan / nn.vmap,
+    where a stream read while tracing would give every iteration one mask."""
+    from jaxtl.models.layers import dropout_stream
+
+    class Scanned(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            body = nn.scan(
+                lambda mdl, c, _: (Dropout(0.5)(c, False), None),
+                variable_broadcast="params",
+                split_rngs={"dropout": True},
+                length=3,
+            )
+            return body(self, x, None)[0]
+
+    x = jnp.ones((16, 64))
+    k = jax.random.PRNGKey(3)
+    with dropout_stream(k):
+        inside = Scanned().apply({}, x, rngs={"dropout": k})
+    np.testing.assert_array_equal(inside, Scanned().apply({}, x, rngs={"dropout": k}))
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_a_stream_takes_typed_keys_of_any_implementation(impl):
+    from jaxtl.models.layers import _key_words, dropout_stream
+
+    x, y = jnp.ones((64, 128)), jnp.ones((8, 4, 100))
+    k = jax.random.key(5, impl=impl)
+    with dropout_stream(k):
+        a, _, _ = _ThreeSites().apply({}, x, y)
+    with dropout_stream(k):
+        again, _, _ = _ThreeSites().apply({}, x, y)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(again))
+    assert 0.4 < np.mean(np.asarray(a) != 0) < 0.6
+    words = _key_words(k)
+    assert words.shape == (2,) and words.dtype == jnp.uint32
+    if impl == "threefry2x32":  # a typed threefry key keys the hash with its own data
+        np.testing.assert_array_equal(words, jax.random.key_data(k))

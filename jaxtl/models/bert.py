@@ -152,7 +152,7 @@ class BertEmbeddings(_BertModule):
             positions = padding_row(positions, ids, c.pad_token_id)
         types = embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
         x = layer_norm(c.layer_norm_eps, "LayerNorm", self.dtype)(words + types + positions)
-        return Dropout(c.hidden_dropout_prob)(x, deterministic=not train)
+        return Dropout(c.hidden_dropout_prob, stream=True)(x, deterministic=not train)
 
     def position_ids(self, input_ids: jax.Array) -> jax.Array:
         """BERT's absolute positions ``0 .. T-1``, the same for every row (RoBERTa numbers its
@@ -185,7 +185,7 @@ class BertAddNorm(_BertModule):
     def __call__(self, x: jax.Array, residual: jax.Array, *, train: bool) -> jax.Array:
         c = self.config
         x = _dense(c, c.hidden_size, "dense", self.dtype)(x)
-        x = Dropout(c.hidden_dropout_prob)(x, deterministic=not train)
+        x = Dropout(c.hidden_dropout_prob, stream=True)(x, deterministic=not train)
         return layer_norm(c.layer_norm_eps, "LayerNorm", self.dtype)(x + residual)
 
 

@@ -245,7 +245,9 @@ class ConvNextLayer(_ConvNextModule):
             scale = nn.initializers.constant(c.layer_scale_init_value)
             h = h * self.param(LAYER_SCALE, scale, (dim,), dtype)
         # One keep/drop draw per example (broadcast over H, W, C): transformers' ConvNextDropPath.
-        h = Dropout(self.drop_path, broadcast_dims=(1, 2, 3))(h, deterministic=not train)
+        h = Dropout(self.drop_path, broadcast_dims=(1, 2, 3), stream=True)(
+            h, deterministic=not train
+        )
         return x + h
 
 

@@ -141,7 +141,7 @@ class DistilBertEmbeddings(_DistilBertModule):
             jnp.arange(input_ids.shape[-1])[None, :]
         )
         x = layer_norm(LAYER_NORM_EPS, "LayerNorm", self.dtype)(words + positions)
-        return Dropout(c.dropout)(x, deterministic=not train)
+        return Dropout(c.dropout, stream=True)(x, deterministic=not train)
 
 
 class DistilBertAttention(_DistilBertModule):
@@ -171,7 +171,9 @@ class DistilBertFFN(_DistilBertModule):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         c = self.config
         h = ACTIVATIONS[c.activation](self.dense(c.hidden_dim, "lin1")(x))
-        return Dropout(c.dropout)(self.dense(c.dim, "lin2")(h), deterministic=not train)
+        return Dropout(c.dropout, stream=True)(
+            self.dense(c.dim, "lin2")(h), deterministic=not train
+        )
 
 
 class DistilBertLayer(_DistilBertModule):

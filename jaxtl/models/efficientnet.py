@@ -221,7 +221,7 @@ class MBConvBlock(nn.Module):
         x = bn("bn2")(_conv(b.out_channels, 1, 1, "project_conv", self.dtype)(x))
         if b.stride == 1 and b.in_channels == b.out_channels:
             # drop_connect: one keep/drop draw per example, survivors scaled by 1/keep_prob.
-            x = Dropout(self.drop_connect_rate, broadcast_dims=(1, 2, 3))(
+            x = Dropout(self.drop_connect_rate, broadcast_dims=(1, 2, 3), stream=True)(
                 x, deterministic=not train
             )
             x = x + inputs
@@ -273,7 +273,7 @@ class EfficientNetLite(nn.Module):
         pooled = x.mean(axis=(1, 2))
         if self.task == "features":
             return pooled
-        pooled = Dropout(c.dropout_rate)(pooled, deterministic=not train)
+        pooled = Dropout(c.dropout_rate, stream=True)(pooled, deterministic=not train)
         return nn.Dense(self.num_labels, dtype=self.dtype, param_dtype=self.dtype, name="fc")(
             pooled
         )

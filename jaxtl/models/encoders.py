@@ -233,7 +233,7 @@ def linear_head(
     """Dropout, then a Dense ``classifier`` to ``num_labels``: the head over pooled features
     (BERT's, and the mean-pooled head of every BERT-style family). Built in the calling module's
     scope, so the params are ``classifier/kernel`` and ``classifier/bias`` beside its body."""
-    pooled = Dropout(dropout_rate)(pooled, deterministic=not train)
+    pooled = Dropout(dropout_rate, stream=True)(pooled, deterministic=not train)
     return dense(num_labels, "classifier", dtype, std=std)(pooled)
 
 
@@ -261,7 +261,7 @@ def token_head(
     gives tag logits ``[B, T, num_labels]`` (``...ForTokenClassification``'s ``classifier``);
     ``"question_answering"`` gives ``[B, T, 2]``, the answer's start and end logits
     (``...ForQuestionAnswering``'s ``qa_outputs``; BERT and RoBERTa put no dropout before it)."""
-    hidden = Dropout(dropout_rate)(hidden, deterministic=not train)
+    hidden = Dropout(dropout_rate, stream=True)(hidden, deterministic=not train)
     return dense(num_labels, TOKEN_HEAD_NAMES[task], dtype, std=std)(hidden)
 
 

@@ -166,7 +166,7 @@ class GPT2Attention(_GPT2Module):
             scale=scale,
         )
         out = _dense(c, c.n_embd, "c_proj", self.dtype)(out)
-        return Dropout(c.resid_pdrop)(out, deterministic=not train), cache
+        return Dropout(c.resid_pdrop, stream=True)(out, deterministic=not train), cache
 
 
 class GPT2MLP(_GPT2Module):
@@ -177,7 +177,7 @@ class GPT2MLP(_GPT2Module):
         c = self.config
         h = ACTIVATIONS[c.activation_function](_dense(c, c.inner_size, "c_fc", self.dtype)(x))
         h = _dense(c, c.n_embd, "c_proj", self.dtype)(h)
-        return Dropout(c.resid_pdrop)(h, deterministic=not train)
+        return Dropout(c.resid_pdrop, stream=True)(h, deterministic=not train)
 
 
 class GPT2Block(_GPT2Module):
@@ -242,7 +242,7 @@ class GPT2Model(_GPT2Module):
             # right).
             positions = jnp.arange(length)[None, :]
         x = wte(input_ids) + embed(c.n_positions, name="wpe")(positions)
-        x = Dropout(c.embd_pdrop)(x, deterministic=not train)
+        x = Dropout(c.embd_pdrop, stream=True)(x, deterministic=not train)
         slots = length if cache is None else cache[0][0].shape[1]
         mask = causal_mask(length, slots, cache_index, attention_mask)
         layer = block(GPT2Block, c.remat, train_argnum=3)

@@ -361,7 +361,7 @@ class Inception3(nn.Module):
         pooled = x.mean(axis=(1, 2))  # AdaptiveAvgPool2d(1) + flatten
         if self.task == "features":
             return pooled
-        pooled = Dropout(c.dropout)(pooled, deterministic=not train)
+        pooled = Dropout(c.dropout, stream=True)(pooled, deterministic=not train)
         return nn.Dense(
             self.num_labels,
             kernel_init=nn.initializers.normal(0.1),

@@ -20,8 +20,8 @@ numerics fix reaches every family:
   ViT) over a backbone's last feature map.
 
 The builders create their Flax modules in the caller's scope (they must be called inside a
-``@nn.compact`` method), so a module built here has the path and PRNG stream it had when each
-family built its own.
+``@nn.compact`` method), so a module built here has the path it had when each family built its
+own.
 """
 
 from __future__ import annotations
@@ -141,15 +141,22 @@ class Dropout(nn.Dropout):
     What changes: the rate is resolved to a multiple of 2^-16 (0.1 -> 6554/65536 = 0.1000061),
     and the outputs are scaled by the exact inverse of the resolved keep probability, so their
     expectation still equals the input; the masks are a different draw from the same key, so a
-    run's numbers differ from what ``flax.linen.Dropout`` gave. The mask is a function of each
-    element's global index and the key only, so a sharded step draws the same mask on any
-    number of devices.
+    run's numbers differ from what ``flax.linen.Dropout`` gave. The mask is a function of the
+    key and each element's global index (in a stream, also of the site's place in the pass and
+    the shapes of the sites before it), so a sharded step draws the same mask on any number of
+    devices.
 
-    Where its key comes from: an explicit ``rng=``; else, inside a :func:`dropout_stream` (every
-    jaxtl model's training forward pass runs in one), the pass's one key with a range of hash
-    counters of this call's own; else flax's ``make_rng`` of the ``rng_collection``, as
-    ``flax.linen.Dropout`` does.
+    Where its key comes from: an explicit ``rng=``; else, with ``stream=True`` inside a
+    :func:`dropout_stream` (jaxtl's families set it, and their training forward passes run in
+    one), the pass's one key over a range of hash counters of this call's own; else flax's
+    ``make_rng`` of the ``rng_collection``, as ``flax.linen.Dropout`` does. Leave ``stream``
+    False in modules of your own that run under ``nn.scan``, ``nn.vmap`` or a ``jax.jit`` /
+    ``jax.checkpoint`` helper: a stream is read while tracing, so such a body would draw one
+    mask for every iteration (``nn.remat``, as :func:`block` applies it, traces each block
+    once and is fine).
     """
+
+    stream: bool = False
 
     @nn.compact
     def __call__(self, inputs, deterministic: bool | None = None, rng=None):
@@ -160,7 +167,8 @@ class Dropout(nn.Dropout):
         for dim in self.broadcast_dims:
             shape[dim] = 1
         shape = tuple(shape)
-        stream = _STREAM.get() if rng is None and self.rng_collection == "dropout" else None
+        use_stream = self.stream and rng is None and self.rng_collection == "dropout"
+        stream = _STREAM.get() if use_stream else None
         offset = None if stream is None else stream.allocate(_mask_rows(shape))
         if offset is not None:
             keep, scale = _mask(stream.words, self.rate, shape, offset)
@@ -181,7 +189,9 @@ class _DropoutStream:
 
     def __init__(self, key: jax.Array):
         self.words = _key_words(key)
-        self.next_row = 0
+        # Row 0 is left out: jax.random's own uses of the key (bits, split, fold_in) hash the
+        # counters (0, i), so the masks share no counter with them.
+        self.next_row = 1
 
     def allocate(self, rows: int) -> int | None:
         """The first of ``rows`` counter rows for the next mask, or None when the pass would
@@ -222,9 +232,10 @@ def dropout_stream(key: jax.Array | None):
     another; XLA's CPU code for those scalar hashes was a third of MiniLM's full train step
     (29,609 -> 20,090 optimized HLO instructions without them), and an executable's host
     memory follows its instruction count (``benchmarks/README.md``). The masks stay a function
-    of the key and each element's index only (the same on any number of devices), and disjoint
-    counters give independent masks. A rematerialized block replays its traced forward pass,
-    so its masks are the same in the backward pass.
+    of the key, each element's index and the site's place in the pass (the same on any number
+    of devices), and disjoint counters give independent masks. A rematerialized block replays
+    its traced forward pass, so its masks are the same in the backward pass. Only Dropouts with
+    ``stream=True`` read it (see :class:`Dropout` for where not to set that).
     """
     token = _STREAM.set(None if key is None else _DropoutStream(key))
     try:
@@ -272,7 +283,7 @@ def _mask(words: jax.Array, rate: float, shape: tuple[int, ...], first_row: int)
     row = jnp.full(packed, first_row, jnp.uint32)
     stride = 1
     for dim in reversed(range(len(lead))):
-        row = row + jax.lax.broadcasted_iota(jnp.uint32, packed, dim) * jnp.uint32(stride)
+        row = row + jax.lax.broadcasted_iota(jnp.uint32, packed, dim) * jnp.uint32(stride % 2**32)
         stride *= lead[dim]
     column = jax.lax.broadcasted_iota(jnp.uint32, packed, len(lead))
     hi, lo = threefry2x32_p.bind(words[0], words[1], row, column)
@@ -382,9 +393,9 @@ def dot_product_attention(
         ``[B, H, Tq, Tk]`` (e.g. ``padding[:, None, None, :]``, ``causal[:, None]``); ``None``
         attends everywhere.
       dropout_rate: attention-probability dropout (transformers' ``attention_probs_dropout_prob``
-        / ``attn_pdrop``). Its :class:`Dropout` is created in the calling module, as that
-        module's next ``Dropout_<n>``: a submodule of its own would move it to another PRNG
-        stream and change every dropout mask.
+        / ``attn_pdrop``). Its :class:`Dropout` (``stream=True``) is created in the calling
+        module, as that module's next ``Dropout_<n>``, the name flax's keys are folded from
+        outside a :func:`dropout_stream`.
       deterministic: no dropout (inference).
       dtype: the dtype the probabilities are cast back to before meeting ``v``.
       scale: multiplies the scores; default ``D ** -0.5``.
@@ -402,7 +413,7 @@ def dot_product_attention(
         # finfo.min, so `where` gives the same result without the overflow to -inf adding can hit.
         scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    probs = Dropout(dropout_rate)(probs, deterministic=deterministic)
+    probs = Dropout(dropout_rate, stream=True)(probs, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     return out.reshape(*out.shape[:-2], out.shape[-2] * out.shape[-1])
 

@@ -58,7 +58,7 @@ class _Sequential(nn.Module):
             elif kind == "pool":
                 x = tl.max_pool(x, *args)
             elif kind == "dropout":
-                x = Dropout(args[0], deterministic=not train)(x)
+                x = Dropout(args[0], deterministic=not train, stream=True)(x)
             else:
                 raise ValueError(f"Unknown layer kind {kind!r}.")
         return x

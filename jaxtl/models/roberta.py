@@ -125,9 +125,9 @@ class RobertaClassificationHead(_BertModule):
     def __call__(self, hidden: jax.Array, *, train: bool) -> jax.Array:
         c = self.config
         rate = classifier_dropout(c)
-        x = Dropout(rate)(hidden[:, 0], deterministic=not train)
+        x = Dropout(rate, stream=True)(hidden[:, 0], deterministic=not train)
         x = jnp.tanh(dense(c.hidden_size, "dense", self.dtype, std=c.initializer_range)(x))
-        x = Dropout(rate)(x, deterministic=not train)
+        x = Dropout(rate, stream=True)(x, deterministic=not train)
         return dense(self.num_labels, "out_proj", self.dtype, std=c.initializer_range)(x)
 
 

@@ -195,7 +195,7 @@ class ViTEmbeddings(_ViTModule):
         )
         cls = jnp.broadcast_to(cls, (patches.shape[0], 1, c.hidden_size))
         x = jnp.concatenate([cls, patches], axis=1) + positions
-        return Dropout(c.hidden_dropout_prob)(x, deterministic=not train)
+        return Dropout(c.hidden_dropout_prob, stream=True)(x, deterministic=not train)
 
 
 class ViTSelfAttention(_ViTModule):
@@ -227,7 +227,7 @@ class ViTDenseDropout(_ViTModule):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         x = _dense(self.config, self.config.hidden_size, "dense", self.dtype)(x)
-        return Dropout(self.config.hidden_dropout_prob)(x, deterministic=not train)
+        return Dropout(self.config.hidden_dropout_prob, stream=True)(x, deterministic=not train)
 
 
 class ViTAttention(_ViTModule):

@@ -245,7 +245,7 @@ class FeatureProjection(_Module):
         c = self.config
         x = layer_norm(c.layer_norm_eps, "layer_norm", self.dtype)(x)
         x = _dense(c, c.hidden_size, "projection", self.dtype)(x)
-        return Dropout(c.feat_proj_dropout)(x, deterministic=not train)
+        return Dropout(c.feat_proj_dropout, stream=True)(x, deterministic=not train)
 
 
 class PositionalConvEmbedding(_Module):
@@ -301,9 +301,9 @@ class FeedForward(_Module):
         h = ACTIVATIONS[c.hidden_act](
             _dense(c, c.intermediate_size, "intermediate_dense", self.dtype)(x)
         )
-        h = Dropout(c.activation_dropout)(h, deterministic=not train)
+        h = Dropout(c.activation_dropout, stream=True)(h, deterministic=not train)
         h = _dense(c, c.hidden_size, "output_dense", self.dtype)(h)
-        return Dropout(c.hidden_dropout)(h, deterministic=not train)
+        return Dropout(c.hidden_dropout, stream=True)(h, deterministic=not train)
 
 
 class EncoderLayer(_Module):
@@ -317,7 +317,7 @@ class EncoderLayer(_Module):
         norm = layer_norm(c.layer_norm_eps, "layer_norm", dtype)
         feed_forward = FeedForward(c, dtype, name="feed_forward")
         final_norm = layer_norm(c.layer_norm_eps, "final_layer_norm", dtype)
-        dropout = Dropout(c.hidden_dropout)
+        dropout = Dropout(c.hidden_dropout, stream=True)
         if c.do_stable_layer_norm:
             x = x + dropout(attention(norm(x), mask, train=train), deterministic=not train)
             return x + feed_forward(final_norm(x), train=train)
@@ -339,7 +339,7 @@ class Encoder(_Module):
         norm = layer_norm(c.layer_norm_eps, "layer_norm", dtype)
         if not c.do_stable_layer_norm:
             x = norm(x)
-        x = Dropout(c.hidden_dropout)(x, deterministic=not train)
+        x = Dropout(c.hidden_dropout, stream=True)(x, deterministic=not train)
         layer = block(EncoderLayer, c.remat, train_argnum=3)
         for i in range(c.num_hidden_layers):
             x = shard_batch(layer(c, dtype, name=f"layers_{i}")(shard_batch(x), mask, train))
