@@ -149,7 +149,11 @@ def test_cli_fine_tunes_a_causal_lm_and_reports_perplexity(tmp_path, capsys):
 
     out = tmp_path / "runs"
     argv = ["finetune", "--model", str(model_dir), "--task", "causal_lm", "--data", str(data)]
-    argv += ["--recipe", "full,last_n(1)", "--epochs", "4", "--batch-size", "8", "--lr", "3e-3"]
+    # 8 epochs (120 steps): at 4 the greedy continuation of "the owl sat on the" was a place
+    # with one dropout stream and "the" again with another (the four places share the 25% that
+    # "the" competes with), so the check below depended on the random draw; at 8 it held for
+    # seeds 0, 1, 2 and both streams.
+    argv += ["--recipe", "full,last_n(1)", "--epochs", "8", "--batch-size", "8", "--lr", "3e-3"]
     assert cli.main([*argv, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "test perplexity" in printed
