@@ -222,20 +222,20 @@ _STREAM: contextvars.ContextVar[_DropoutStream | None] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def dropout_stream(key: jax.Array | None):
-    """Within this context, every :class:`Dropout` that is given no ``rng=`` of its own draws
-    its mask from ``key``, each from its own range of the hash's counters (in the order the
-    forward pass calls them), instead of from a key that flax's ``make_rng`` folds for its
+    """Within this context, every :class:`Dropout` with ``stream=True`` and no ``rng=`` of its
+    own draws its mask from ``key``, each from its own range of the hash's counters (in the
+    order the forward pass calls them), instead of from a key that flax's ``make_rng`` folds for its
     module path. jaxtl models' forward passes (:func:`jaxtl.models.common.make_apply`) run in
     one. ``None``: no stream, flax's keys as usual.
 
     Why: flax folds each site's key with a threefry hash, and the mask's two key words take
-    another; XLA's CPU code for those scalar hashes was a third of MiniLM's full train step
-    (29,609 -> 20,090 optimized HLO instructions without them), and an executable's host
-    memory follows its instruction count (``benchmarks/README.md``). The masks stay a function
-    of the key, each element's index and the site's place in the pass (the same on any number
-    of devices), and disjoint counters give independent masks. A rematerialized block replays
-    its traced forward pass, so its masks are the same in the backward pass. Only Dropouts with
-    ``stream=True`` read it (see :class:`Dropout` for where not to set that).
+    another; with one hash per site MiniLM's full train step at 16 tokens compiles to 23,284
+    optimized HLO instructions instead of 29,609, and an executable's host memory follows its
+    instruction count (52.0 instead of 67.2 MiB; ``benchmarks/README.md``). The masks stay a
+    function of the key, each element's index and the site's place in the pass (the same on
+    any number of devices), and disjoint counters give independent masks. A rematerialized
+    block replays its traced forward pass, so its masks are the same in the backward pass.
+    Only Dropouts with ``stream=True`` read it (see :class:`Dropout` for where not to set that).
     """
     token = _STREAM.set(None if key is None else _DropoutStream(key))
     try:
@@ -275,8 +275,7 @@ def _mask(words: jax.Array, rate: float, shape: tuple[int, ...], first_row: int)
     scale = 2**DROPOUT_BITS / (2**DROPOUT_BITS - threshold)
     target = tuple(shape)
     *lead, last = target or (1,)
-    rows = math.prod(lead)
-    if first_row + rows > 2**32:
+    if first_row + _mask_rows(target) > 2**32:
         raise ValueError(f"dropout over {target} has more than 2**32 rows; flatten it first.")
     quarter = -(-last // 4)
     packed = (*lead, quarter)
