@@ -419,9 +419,13 @@ def test_sigterm_to_one_process_stops_both_at_one_checkpointed_step(tmp_path):
 @pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
 def test_a_dead_or_stopped_peer_ends_the_other_process_within_the_heartbeat(tmp_path, fault):
     """One of two processes dies (SIGKILL) or hangs (SIGSTOP: its heartbeats stop too) mid-run:
-    the other, blocked in the step's collectives, is ended by the coordination service within
-    the heartbeat timeout (``JAXTL_HEARTBEAT_S``), with an error naming the lost task, instead
-    of waiting forever; the checkpoints committed before stay whole."""
+    the other, blocked in the step's collectives, ends within the heartbeat timeout
+    (``JAXTL_HEARTBEAT_S``) instead of waiting forever, and the checkpoints committed before
+    stay whole. A hung peer keeps its sockets open, so only the coordination service can end
+    the survivor: its error names the lost task. A killed peer's sockets close, so the
+    collective's transport (gloo) may fail first; it aborts the survivor with its own error
+    (CI once saw gloo abort it with "Received data size doesn't match expected size" before
+    the heartbeat ran out), so there either error is accepted."""
     model_dir = make_tiny_bert(str(tmp_path / "bert"), layers=1)
     run, port, heartbeat = str(tmp_path / "run"), _free_port(), 10
     env = {**_env(2), "JAXTL_HEARTBEAT_S": str(heartbeat)}
@@ -442,7 +446,9 @@ def test_a_dead_or_stopped_peer_ends_the_other_process_within_the_heartbeat(tmp_
     assert procs[0].popen.returncode != 0
     assert ended_after < heartbeat + 60
     # jax's words: "The following tasks are unhealthy (stopped sending heartbeats):\n1"
-    assert re.search(r"stopped sending heartbeats\):\s*1\b", err), err[-3000:]
+    named = re.search(r"stopped sending heartbeats\):\s*1\b", err)
+    transport = fault == "SIGKILL" and re.search(r"\bgloo\b", err, re.IGNORECASE)
+    assert named or transport, err[-3000:]
     steps = [int(n) for n in os.listdir(os.path.join(run, "checkpoints", "latest")) if n.isdigit()]
     assert steps and max(steps) >= 10
 
