@@ -17,8 +17,10 @@ and its resident set after loading, before the first step. The sides alternate o
 process twice: cold (an empty persistent compilation cache directory) and warm (the same
 directory again, as a second ``jaxtl finetune`` on the same shapes finds it). Each also reports
 the host memory the executable holds once compiled (glibc's bytes in use, ``mallinfo2``, after
-``malloc_trim``, with the lowered program dropped: Linux only) and the number of instructions
-of its optimized HLO, which that memory follows.
+``malloc_trim``, with the lowered program dropped: Linux only), the number of instructions
+of its optimized HLO, which that memory follows, and the step's working memory (XLA's
+``memory_analysis()`` temporaries: what each step allocates while it runs, beyond its
+arguments and outputs).
 
 Run from the repository root (results: benchmarks/README.md)::
 
@@ -142,6 +144,7 @@ def child_compile(args: argparse.Namespace, batch: dict) -> dict:
     if before is not None:
         out["executable_heap_mib"] = after - before
     out["hlo_instructions"] = sum(" = " in line for line in compiled.as_text().splitlines())
+    out["working_mib"] = compiled.memory_analysis().temp_size_in_bytes / 2**20
     return out
 
 
@@ -226,7 +229,7 @@ def compile_times(batch_file: str, args: argparse.Namespace) -> list[dict]:
             f"{recipe}: cold trace+lower {cold['trace_lower_s']:.1f} s + compile "
             f"{cold['compile_s']:.1f} s; warm trace+lower {warm['trace_lower_s']:.1f} s + "
             f"compile {warm['compile_s']:.1f} s; {cold['hlo_instructions']} HLO "
-            f"instructions{heap}",
+            f"instructions{heap}; the step's working memory {cold['working_mib']:.0f} MiB",
             flush=True,
         )
     return rows

@@ -116,9 +116,12 @@ def test_remat_keeps_fewer_activations_for_the_backward_pass(family, models):
     dots = _residual_bytes(recompute(model, remat="dots_saveable"), batch)
     # "full" keeps each block's input (and what the blocks cannot recompute: the params);
     # "dots_saveable" also keeps the matmul outputs, so it sits in between. Shapes only, so
-    # exact: plain 595,388 / dots 289,228 / full 147,916 bytes for BERT (about 4x less).
+    # exact: plain / dots / full = 507,196 / 297,044 / 155,732 bytes for BERT, 528,872 /
+    # 307,216 / 178,192 for GPT-2, 604,508 / 332,452 / 173,604 for ViT (2.97-3.48x less; the
+    # plain step kept 605,508, 725,496 and 674,148 before its activations were recomputed,
+    # jaxtl.models.common.recomputed).
     print(family, "residual bytes: plain", plain, "dots_saveable", dots, "full", full)
-    assert 3 * full < plain and full < dots < plain, (full, dots, plain)
+    assert 2.5 * full < plain and full < dots < plain, (full, dots, plain)
 
 
 def test_remat_is_refused_for_a_family_without_it_and_for_an_unknown_policy(tmp_path):

@@ -48,6 +48,7 @@ from jaxtl.models.common import (
     host_dtype,
     leaf_rng,
     make_apply,
+    recomputed,
 )
 from jaxtl.models.layers import (
     block,
@@ -79,7 +80,7 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
-_ACTIVATIONS = {**ACTIVATIONS, "quick_gelu": quick_gelu}
+_ACTIVATIONS = {**ACTIVATIONS, "quick_gelu": recomputed(quick_gelu)}
 
 
 def tensor_parallel(root: str) -> tuple[tuple[str, str], ...]:
