@@ -227,6 +227,30 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh))
 
 
+def copy_to(tree: Any, shardings: Any) -> Any:
+    """``tree`` placed on ``shardings`` (a matching tree) as arrays of its own: no leaf of the
+    result shares a device buffer with ``tree``, so a step that donates the result leaves
+    ``tree`` (e.g. a loaded model's params) alive.
+
+    ``jax.device_put(..., may_alias=False)`` alone does not promise that: jax 0.10.2 puts an
+    array held by one device onto a sharding that also covers other devices by reusing the
+    array's buffer as that device's shard. So a leaf that moves to another sharding over a
+    device it is on is copied first, one leaf at a time (the copy becomes the result's shard,
+    or is freed once the leaf is placed).
+    """
+
+    def own(leaf: Any, where: jax.sharding.Sharding) -> Any:
+        if (
+            isinstance(leaf, jax.Array)
+            and not leaf.sharding.is_equivalent_to(where, leaf.ndim)
+            and leaf.sharding.device_set & where.device_set
+        ):
+            leaf = leaf.copy()
+        return jax.device_put(leaf, where, may_alias=False)
+
+    return jax.tree.map(own, tree, shardings)
+
+
 def put_from_host(value: Any, where: jax.sharding.Sharding) -> jax.Array:
     """A whole value from host memory, placed as ``where`` says: each of this process's
     devices receives only its own piece (``jax.make_array_from_callback``), so no device ever

@@ -19,7 +19,7 @@ import pytest
 from _tiny import fit, make_tiny_bert, small_vader, write_vader_csv
 
 import jaxtl
-from jaxtl import cli, lora, lr_find
+from jaxtl import cli, lora, lr_find, parallel
 from jaxtl.run import encode_splits
 from jaxtl.train.builder import StateBuilder
 from jaxtl.transfer.trees import flatten, tree_bytes
@@ -237,15 +237,15 @@ def test_the_state_takes_over_its_copy_of_the_params_without_another(tiny, relea
     trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), _config(release))
     names = set(flatten(model.params))
     placed = []
-    device_put = jax.device_put
+    copy_to = parallel.copy_to
 
     def spy(x, *args, **kwargs):
-        out = device_put(x, *args, **kwargs)
+        out = copy_to(x, *args, **kwargs)
         if isinstance(x, dict) and set(flatten(x)) == names:
             placed.append({k: v.unsafe_buffer_pointer() for k, v in flatten(out).items()})
         return out
 
-    monkeypatch.setattr(jax, "device_put", spy)
+    monkeypatch.setattr(parallel, "copy_to", spy)
     originals = {k: v.unsafe_buffer_pointer() for k, v in flatten(model.params).items()}
     state = trainer.init_state(total_steps=4)
     (copy,) = placed

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxtl import sharding
+from jaxtl import parallel, sharding
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.common import batch_norm_paths
 from jaxtl.train import precision, steps
@@ -108,11 +108,11 @@ class StateBuilder:
         stored = self.stored_params()
         shapes = self.abstract_state(total_steps, stored, stage=stage)
         placed = jax.tree.map(lambda s: s.sharding, shapes)
-        params = jax.device_put(stored, placed.params, may_alias=False)
+        params = parallel.copy_to(stored, placed.params)
         if self.config.scale.release_pretrained:  # the state's copy is the only one kept
             del stored
             self.model.release_params()
-        batch_stats = jax.device_put(self.model.batch_stats, placed.batch_stats, may_alias=False)
+        batch_stats = parallel.copy_to(self.model.batch_stats, placed.batch_stats)
         # The optimizer state is born sharded: no device ever holds a whole copy of it.
         optim = self.config.optim
         peak = None if placed.learning_rate is None else jnp.float32(optim.learning_rate)
@@ -225,7 +225,7 @@ class StateBuilder:
         placed = jax.tree.map(lambda s: s.sharding, shapes)
         # Fresh optimizer state comes from the pretrained params (L2-SP's anchors); the moments
         # are zeros whatever they are.
-        pretrained = jax.device_put(self.stored_params(), placed.params, may_alias=False)
+        pretrained = parallel.copy_to(self.stored_params(), placed.params)
         first, _ = stages.segment(self.plan, stage, self.schedules[1], total_steps)
         carried: list[str] = []
 

@@ -265,10 +265,11 @@ def _scores(params, batch_stats, batch, *, apply_fn, task, loss=None, rows=False
 def place_state(state: TrainState, mesh: Mesh, specs: Any = None) -> TrainState:
     """Put every leaf of ``state`` where :func:`compile_steps` expects it (same ``specs``).
 
-    Always copies (``may_alias=False``): the train step donates the state, and a leaf that
-    aliased the caller's arrays (e.g. ``model.params``) would be deleted under the caller.
+    Always copies (:func:`jaxtl.parallel.copy_to`): the train step donates the state, and a
+    leaf that aliased the caller's arrays (e.g. ``model.params``) would be deleted under the
+    caller.
     """
-    return jax.device_put(state, state_shardings(state, mesh, specs), may_alias=False)
+    return parallel.copy_to(state, state_shardings(state, mesh, specs))
 
 
 # --- pmap (legacy) ------------------------------------------------------------------------------
