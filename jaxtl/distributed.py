@@ -121,9 +121,9 @@ def initialize(
     ``heartbeat_s`` (default ``JAXTL_HEARTBEAT_S``, else jax's 100): how long the coordination
     service waits for a silent process before it fails the run. A process that dies or stops
     (SIGSTOP, a hung host) stops its heartbeats, and every other process then exits with an
-    error naming the lost task instead of waiting forever in the step's collectives. A dead
-    process's connections close as well, so the collectives' own transport (gloo on CPU) may
-    end the others first, with its error instead.
+    error naming the lost task instead of waiting forever in the step's collectives. After a
+    process was killed, the collectives' own transport (gloo on CPU) has also been seen to end
+    the others first, with its own error instead.
 
     Raises:
       ValueError: nothing found to join (see :func:`find_cluster`).

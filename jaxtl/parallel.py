@@ -234,9 +234,10 @@ def copy_to(tree: Any, shardings: Any) -> Any:
 
     ``jax.device_put(..., may_alias=False)`` alone does not promise that: jax 0.10.2 puts an
     array held by one device onto a sharding that also covers other devices by reusing the
-    array's buffer as that device's shard. So a leaf that moves to another sharding over a
-    device it is on is copied first, one leaf at a time (the copy becomes the result's shard,
-    or is freed once the leaf is placed).
+    array's buffer as that device's shard. So every leaf that changes sharding over a device
+    it is already on is copied first, one leaf at a time (the copy becomes the result's
+    shard, or is freed once the leaf is placed). ``shardings`` has ``tree``'s structure, not a
+    prefix of it.
     """
 
     def own(leaf: Any, where: jax.sharding.Sharding) -> Any:

@@ -422,10 +422,10 @@ def test_a_dead_or_stopped_peer_ends_the_other_process_within_the_heartbeat(tmp_
     the other, blocked in the step's collectives, ends within the heartbeat timeout
     (``JAXTL_HEARTBEAT_S``) instead of waiting forever, and the checkpoints committed before
     stay whole. A hung peer keeps its sockets open, so only the coordination service can end
-    the survivor: its error names the lost task. A killed peer's sockets close, so the
-    collective's transport (gloo) may fail first; it aborts the survivor with its own error
-    (CI once saw gloo abort it with "Received data size doesn't match expected size" before
-    the heartbeat ran out), so there either error is accepted."""
+    the survivor: its error names the lost task. After a kill, CI once saw the collectives'
+    transport (gloo) abort the survivor first ("Received data size doesn't match expected
+    size"; why was not established: 14 probes of the same kill all ended by the heartbeat),
+    so for SIGKILL a gloo error is accepted too."""
     model_dir = make_tiny_bert(str(tmp_path / "bert"), layers=1)
     run, port, heartbeat = str(tmp_path / "run"), _free_port(), 10
     env = {**_env(2), "JAXTL_HEARTBEAT_S": str(heartbeat)}
@@ -447,7 +447,9 @@ def test_a_dead_or_stopped_peer_ends_the_other_process_within_the_heartbeat(tmp_
     assert ended_after < heartbeat + 60
     # jax's words: "The following tasks are unhealthy (stopped sending heartbeats):\n1"
     named = re.search(r"stopped sending heartbeats\):\s*1\b", err)
-    transport = fault == "SIGKILL" and re.search(r"\bgloo\b", err, re.IGNORECASE)
+    transport = fault == "SIGKILL" and re.search(
+        r"gloo::(EnforceNotMet|IoException)|Connection (closed|reset) by peer", err
+    )
     assert named or transport, err[-3000:]
     steps = [int(n) for n in os.listdir(os.path.join(run, "checkpoints", "latest")) if n.isdigit()]
     assert steps and max(steps) >= 10

@@ -133,6 +133,7 @@ def test_training_on_eight_devices_leaves_the_loaded_model_s_params_alive(dirs):
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["devices"] == 8
-    assert got["raw_shared"][0], "jax no longer aliases here: copy_to's second copy may go"
+    # got["raw_shared"][0]: whether jax itself still aliases (True in jax 0.10.2); not asserted,
+    # so that a jax that copies does not fail this test.
     assert not any(got["copy_shared"]) and got["y_deleted"] and not got["x_deleted"]
     assert got["deleted"] == 0 and got["unchanged"]

@@ -29,7 +29,8 @@ def recomputed(activation: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Ar
     its input, and the backward pass evaluates the pieces again, which costs elementwise work
     beside the matmuls around it. In MiniLM's full fine-tune step (batch 32) that took the
     step's working memory (XLA's ``memory_analysis``) from 188 to 152 MiB at 16 tokens and from
-    1,514 to 1,226 MiB at 128, with the step time unchanged within noise (benchmarks/README.md,
+    1,514 to 1,226 MiB at 128, with the step time unchanged within noise at 128 tokens and
+    one epoch of the demo (16 tokens) 2-6% longer in two alternating pairs (benchmarks/README.md,
     "Activations recomputed"). The values and gradients are the same functions' (float
     rounding aside: XLA may fuse the recomputation differently).
     """
