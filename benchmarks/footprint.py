@@ -253,7 +253,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     if args.steps < 1 or args.rounds < 1:
         p.error("--steps and --rounds must be >= 1")
-    args.batch_size, args.threads = 32, len(os.sched_getaffinity(0))  # JaxtlSide reads these
+    # JaxtlSide reads batch_size; threads is TorchSide's
+    args.batch_size, args.threads = 32, len(os.sched_getaffinity(0))
     return args
 
 

@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--steps, --batch-size and --threads must be >= 1 and --warmup >= 0")
     if args.processes < 0:
         p.error("--processes must be >= 0")
+    if args.seq_len < 8:  # make_batch gives a row seq_len // 8 words or more: none below 8
+        p.error(f"--seq-len must be >= 8 (a row needs at least one word), got {args.seq_len}")
     return args
 
 
