@@ -1,5 +1,5 @@
-"""The resident memory one checkpoint save adds on CPU: orbax's default write window against
-the window jaxtl's Trainer uses there (``jaxtl.checkpoint.write_window_gb``).
+"""The resident memory one checkpoint save adds on CPU: orbax's default (zstd-compressed
+arrays) against what jaxtl's Trainer writes there (``Checkpointer(compress=False)``).
 
 Each side runs in its own process: it places a MiniLM-sized state (``--mib`` of float32 arrays,
 the largest 47 MB like MiniLM's word embedding) on the CPU device, trims the heap, then saves
@@ -7,7 +7,11 @@ it ``--saves`` times through :class:`jaxtl.checkpoint.Checkpointer` as a trainin
 validation split does (each save improves the metric, so it goes to the ``latest`` and the
 ``best`` managers at once), waiting for each save (as the CPU train loop does) and sampling
 its own resident set every 10 ms. It prints, per save, the resident set before and the most it
-reached during the save, and the ratio of the medians of the two sides' growth.
+reached during the save, the bytes one step takes on disk, and the ratio of the medians of the
+two sides' growth. The state is random numbers by default; ``--params`` saves MiniLM's real
+weights and two AdamW-moment-sized trees made from them; ``--state-from DIR`` a trained state
+read from a checkpoint (a run's ``checkpoints/latest/<step>/state``), whose compressibility is
+a real run's (AdamW's moments for the words a task never sees are zeros).
 
 Run from the repository root (results: benchmarks/README.md)::
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,12 +39,12 @@ def resident_mib() -> int:
     raise RuntimeError("no VmRSS line in /proc/self/status (Linux only)")
 
 
-def child(trainers: bool, mib: int, saves: int) -> None:
+def child(compress: bool, mib: int, saves: int, params: bool, state_from: str | None) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxtl.checkpoint import Checkpointer, write_window_gb
+    from jaxtl.checkpoint import Checkpointer
     from jaxtl.train import heap
 
     most = [0]
@@ -50,17 +55,29 @@ def child(trainers: bool, mib: int, saves: int) -> None:
             time.sleep(0.01)
 
     threading.Thread(target=sampler, daemon=True).start()
-    rng = np.random.default_rng(0)
-    state = {"embedding": jnp.asarray(rng.random((30522, 384), np.float32))}  # 47 MB
-    rest = mib * 2**20 - state["embedding"].nbytes
-    for i in range(max(0, rest // (4 * 2**20))):  # 4 MiB arrays up to --mib
-        state[f"w{i}"] = jnp.asarray(rng.random(2**20, np.float32))
+    heap.limit_arenas()  # as the jaxtl command does
+    if state_from:
+        import orbax.checkpoint as ocp
+
+        state = jax.tree.map(jnp.asarray, ocp.StandardCheckpointer().restore(state_from))
+    elif params:
+        import jaxtl
+
+        weights = jaxtl.load(jaxtl.default_model_dir(), num_labels=2).params
+        # AdamW's moments after some training are not zeros: the weights' own bits stand in.
+        state = {"params": weights, "mu": jax.tree.map(jnp.copy, weights)}
+        state["nu"] = jax.tree.map(jnp.square, weights)
+    else:
+        rng = np.random.default_rng(0)
+        state = {"embedding": jnp.asarray(rng.random((30522, 384), np.float32))}  # 47 MB
+        rest = mib * 2**20 - state["embedding"].nbytes
+        for i in range(max(0, rest // (4 * 2**20))):  # 4 MiB arrays up to --mib
+            state[f"w{i}"] = jnp.asarray(rng.random(2**20, np.float32))
     jax.block_until_ready(state)
     heap.trim()
     rows = []
     with tempfile.TemporaryDirectory() as out:
-        window = write_window_gb(state) if trainers else None
-        ckpt = Checkpointer(out, max_to_keep=2, best_metric="score", write_window_gb=window)
+        ckpt = Checkpointer(out, max_to_keep=2, best_metric="score", compress=compress)
         try:
             for step in range(1, saves + 1):
                 time.sleep(0.05)
@@ -71,9 +88,12 @@ def child(trainers: bool, mib: int, saves: int) -> None:
                 ckpt.wait()
                 seconds = time.perf_counter() - t
                 time.sleep(0.05)
-                rows.append(
-                    {"before": before, "max": most[0], "seconds": seconds, "window": window}
+                disk = sum(
+                    os.path.getsize(os.path.join(d, f))
+                    for d, _, files in os.walk(os.path.join(out, "latest", str(step)))
+                    for f in files
                 )
+                rows.append({"before": before, "max": most[0], "seconds": seconds, "disk": disk})
                 heap.trim()
         finally:
             ckpt.close()
@@ -84,15 +104,32 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mib", type=int, default=263, help="the state's size (MiniLM + AdamW: 263)")
     p.add_argument("--saves", type=int, default=5, help="saves per side")
+    p.add_argument(
+        "--params",
+        action="store_true",
+        help="save MiniLM's weights and two copies of them (--mib is then ignored)",
+    )
+    p.add_argument(
+        "--state-from",
+        metavar="DIR",
+        help="save the state of this checkpoint, e.g. RUN/checkpoints/latest/510/state",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.mib < 48 or args.saves < 1:
         p.error("--mib must be >= 48 (the state holds a 47 MB embedding) and --saves >= 1")
+    if args.state_from and not os.path.isfile(os.path.join(args.state_from, "_METADATA")):
+        p.error(
+            f"--state-from {args.state_from}: not a checkpoint's state directory (give one like "
+            "RUN/checkpoints/latest/510/state)"
+        )
+    if args.state_from:
+        args.state_from = os.path.abspath(args.state_from)
     if args.child is not None:
-        child(args.child == "trainer", args.mib, args.saves)
+        child(args.child == "compressed", args.mib, args.saves, args.params, args.state_from)
         return 0
     growth = {}
-    for side in ("default", "trainer"):
+    for side in ("compressed", "raw"):
         out = subprocess.run(
             [
                 sys.executable,
@@ -103,24 +140,29 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.mib),
                 "--saves",
                 str(args.saves),
+                *(["--params"] if args.params else []),
+                *(["--state-from", args.state_from] if args.state_from else []),
             ],  # fmt: skip
             capture_output=True,
             text=True,
             check=True,
         )
         rows = json.loads(out.stdout.strip().splitlines()[-1])
-        name = "orbax default (96 GB)" if side == "default" else f"{rows[0]['window']:.3f} GB"
+        name = "compressed (orbax's default)" if side == "compressed" else "raw (the Trainer's)"
         for i, r in enumerate(rows, 1):
             print(f"{name}: save {i}: resident {r['before']:,} MiB before, {r['max']:,} MiB at "
-                  f"most (+{r['max'] - r['before']}), {r['seconds']:.2f} s")  # fmt: skip
+                  f"most (+{r['max'] - r['before']}), {r['seconds']:.2f} s, "
+                  f"{r['disk'] / 2**20:.1f} MiB on disk")  # fmt: skip
         growth[side] = (
             statistics.median(r["max"] - r["before"] for r in rows),
             statistics.median(r["seconds"] for r in rows),
+            rows[-1]["disk"] / 2**20,
         )
-    (d, ds), (t, ts) = growth["default"], growth["trainer"]
+    (c, cs, cd), (r, rs, rd) = growth["compressed"], growth["raw"]
     print(
-        f"median growth during a save (latest + best): {d:.0f} MiB, {ds:.2f} s (orbax default)"
-        f" vs {t:.0f} MiB, {ts:.2f} s (the Trainer's CPU window); ratio {t / max(d, 1):.2f}"
+        f"median growth during a save (latest + best): {c:.0f} MiB, {cs:.2f} s, {cd:.1f} MiB on"
+        f" disk (compressed) vs {r:.0f} MiB, {rs:.2f} s, {rd:.1f} MiB on disk (raw, the"
+        f" Trainer's on CPU); growth ratio {r / max(c, 1):.2f}, disk ratio {rd / cd:.2f}"
     )
     return 0
 

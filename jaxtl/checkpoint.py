@@ -138,19 +138,27 @@ class CheckpointWriteError(OSError):
         )
 
 
-# The write window on CPU (:func:`write_window_gb`), where a save's host memory is the
-# training's.
-CPU_WRITE_WINDOW_GB = 0.02
+def _uncompressed_state_handler(
+    barriers: ocp.options.MultiprocessingOptions,
+) -> ocp.StandardCheckpointHandler:
+    """orbax's ``StandardCheckpointHandler`` (the same files, args and restore) writing its
+    arrays without zstd compression, for :class:`Checkpointer` ``(compress=False)``.
 
-
-def write_window_gb(tree: Any, floor_gb: float | None = None) -> float:
-    """The write window (``Checkpointer(write_window_gb=...)``) for saving ``tree``:
-    ``floor_gb`` (default :data:`CPU_WRITE_WINDOW_GB`), or the size of ``tree``'s largest array
-    if larger, since orbax refuses to write an array larger than the window (MiniLM's word
-    embedding is 47 MB)."""
-    floor = CPU_WRITE_WINDOW_GB if floor_gb is None else floor_gb
-    largest = max((x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)), default=0)
-    return max(floor, (largest + 1024) / 1e9)  # orbax compares against GB x 1e9, a float
+    The handler has no option for it; the ``PyTreeCheckpointHandler`` it delegates to
+    (``_impl``) does, so that one is rebuilt with the arguments the handler gives it and
+    ``use_compression=False``. (A subclass would not do: orbax finds a handler for
+    ``StandardSave`` args by its exact class.) ``tests/test_checkpoint_compression.py`` reads the
+    written arrays' codec back through tensorstore, so an orbax that stops honouring this fails
+    there.
+    """
+    handler = ocp.StandardCheckpointHandler(multiprocessing_options=barriers)
+    handler._impl = ocp.PyTreeCheckpointHandler(
+        save_concurrent_gb=96,
+        restore_concurrent_gb=96,
+        multiprocessing_options=barriers,
+        use_compression=False,
+    )
+    return handler
 
 
 class Checkpointer:
@@ -162,13 +170,13 @@ class Checkpointer:
       best_metric: the metadata key that ranks ``best`` checkpoints (e.g. ``"val_accuracy"``);
         ``None`` disables the best manager.
       best_mode: ``"max"`` or ``"min"``.
-      write_window_gb: the most gigabytes of a save that orbax writes at once (``None``:
-        orbax's default, 96). Where the host's memory is the device's (CPU), a small window
-        keeps a save from holding a second copy of the state: a save of a 263 MiB state to
-        ``latest`` and ``best`` added 413 MiB to the resident set with orbax's default and 134
-        MiB with :func:`write_window_gb`'s 0.047, in no more time
-        (``benchmarks/save_memory.py``). No array of the state may be larger: orbax refuses to
-        write it.
+      compress: write the arrays zstd-compressed (orbax's default). Compressing holds buffers
+        of the arrays in host memory while a save is written, which on CPU is the training's
+        memory: a save of MiniLM's state (258 MiB: its weights and AdamW's moments) to
+        ``latest`` and ``best`` added a median 171-348 MiB to the resident set compressed and
+        1-6 MiB raw, while a trained state's raw checkpoint is 1.57x the disk
+        (``benchmarks/save_memory.py``). The Trainer writes raw arrays on CPU. Either kind
+        restores with either setting.
     """
 
     def __init__(
@@ -178,19 +186,17 @@ class Checkpointer:
         max_to_keep: int = 2,
         best_metric: str | None = None,
         best_mode: str = "max",
-        write_window_gb: float | None = None,
+        compress: bool = True,
     ):
         self.directory = os.path.abspath(directory)
         self.best_metric = best_metric
         _quiet_stray_reads()  # a failed background write prints them before anyone can look
 
         def handlers(name: str) -> dict:
-            if write_window_gb is None:
+            if compress:
                 return {}
             barriers = _own_barriers(name)
-            state = ocp.StandardCheckpointHandler(
-                save_concurrent_gb=write_window_gb, multiprocessing_options=barriers
-            )
+            state = _uncompressed_state_handler(barriers)
             meta = ocp.JsonCheckpointHandler(multiprocessing_options=barriers)
             return {"item_handlers": {"state": state, "meta": meta}}
 

@@ -127,26 +127,6 @@ def test_the_best_params_come_back_without_reading_the_optimizer_state(tmp_path)
     np.testing.assert_array_equal(whole["opt_state"]["mu"], np.full((3, 4), 20, np.float32))
 
 
-def test_a_cpu_run_writes_arrays_larger_than_its_save_window(
-    tiny_dir, arrays, tmp_path, monkeypatch
-):
-    """On CPU orbax writes a save a window at a time (so a save does not hold a second copy of
-    the state in the training's memory), and refuses an array larger than the window: the
-    window grows to the state's largest array (MiniLM's 47 MB word embedding; here, every
-    array of the tiny BERT is larger than a 1 KB window)."""
-    monkeypatch.setattr(checkpoint, "CPU_WRITE_WINDOW_GB", 1e-6)
-    trainer = _trainer(tiny_dir, "full", str(tmp_path / "w"), epochs=1, eval_every=5)
-    res = fit(trainer, arrays["train"], arrays["validation"])
-    assert res.steps == 10
-    ckpt = checkpoint.Checkpointer(str(tmp_path / "w" / "checkpoints"))
-    try:
-        assert ckpt.steps() == [5, 10]
-        saved, _ = ckpt.restore_latest(res.state.checkpoint_tree())
-    finally:
-        ckpt.close()
-    assert int(saved["step"]) == 10
-
-
 def test_finetune_writes_a_complete_run_directory(tiny_dir, tmp_path, monkeypatch):
     model = jaxtl.load(tiny_dir, num_labels=2)
     work = str(tmp_path / "run")

@@ -258,6 +258,11 @@ _FINETUNE = {
          "otherwise)", {}),
         ("--patience", "stop after N evaluations without improvement of that metric (default: "
          "off)", dict(type=int)),
+        ("--compress-checkpoints", "write checkpoints zstd-compressed (default: on, except "
+         "on CPU, where a compressed save holds buffers of the state in the training's memory: "
+         "the demo's peak was about 120 MiB higher, while its raw checkpoints take about 1.6x "
+         "the disk and its run 5-6%% longer; --no-compress-checkpoints writes raw everywhere)",
+         dict(action=argparse.BooleanOptionalAction, default=None)),
         ("--out", "output directory (default: runs/finetune-TIMESTAMP)", {}),
         ("--tensorboard", "also write every run's metrics as TensorBoard event files in "
          "OUT/<run>/tensorboard (tensorboard --logdir OUT); needs tensorboardX: pip install "
@@ -289,7 +294,8 @@ _NOT_FOR_SWEEP = ("--lr", "--weight-decay", "--seeds", "--resume", "--resume-fro
 _NOT_FOR_LR_FIND = ("--lr", "--seeds", "--resume", "--resume-from", "--distributed",
                     "--tensorboard", "--wandb", "--epochs", "--max-steps", "--schedule",
                     "--warmup-ratio", "--evals-per-epoch", "--min-eval-interval", "--eval-every",
-                    "--best-metric", "--patience", "--release-pretrained")  # fmt: skip
+                    "--best-metric", "--patience", "--release-pretrained",
+                    "--compress-checkpoints")  # fmt: skip
 
 
 # ... and those that jaxtl adapt has no use for (it validates nothing, and reads its data whole).

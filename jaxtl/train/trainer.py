@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxtl import parallel
 from jaxtl.adabn import adapt_batch_norm
-from jaxtl.checkpoint import Checkpointer, CheckpointWriteError, write_window_gb
+from jaxtl.checkpoint import Checkpointer, CheckpointWriteError
 from jaxtl.data.loader import Loader
 from jaxtl.distributed import is_primary
 from jaxtl.metrics import detailed as detailed_metrics
@@ -392,14 +392,15 @@ class Trainer:
         if not self.workdir:
             return None
         metric, mode = self.monitor
-        # On CPU a save's host memory is the training's: orbax writes it a window at a time.
-        window = write_window_gb(state.checkpoint_tree()) if self._on_cpu else None
+        compress = self.config.checkpoint.compress
+        if compress is None:  # on CPU a save's buffers are the training's memory
+            compress = not self._on_cpu
         return Checkpointer(
             os.path.join(self.workdir, "checkpoints"),
             max_to_keep=self.config.checkpoint.max_to_keep,
             best_metric=metric if has_val else None,
             best_mode=mode,
-            write_window_gb=window,
+            compress=compress,
         )
 
     def _resume(self, state, ckpt, loaders, tracker: Tracker, total: int, resume: bool | int):
