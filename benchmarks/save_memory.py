@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--params",
         action="store_true",
-        help="save MiniLM's weights and two copies of them (--mib is then ignored)",
+        help="save MiniLM's weights, a copy and their squares (--mib is then ignored)",
     )
     p.add_argument(
         "--state-from",
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.mib < 48 or args.saves < 1:
         p.error("--mib must be >= 48 (the state holds a 47 MB embedding) and --saves >= 1")
+    if args.params and args.state_from:
+        p.error("give --params or --state-from, not both")
     if args.state_from and not os.path.isfile(os.path.join(args.state_from, "_METADATA")):
         p.error(
             f"--state-from {args.state_from}: not a checkpoint's state directory (give one like "

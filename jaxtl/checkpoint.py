@@ -146,16 +146,25 @@ def _uncompressed_state_handler(
 
     The handler has no option for it; the ``PyTreeCheckpointHandler`` it delegates to
     (``_impl``) does, so that one is rebuilt with the arguments the handler gives it and
-    ``use_compression=False``. (A subclass would not do: orbax finds a handler for
+    ``use_compression=False`` (its other defaults are the handler's own: orbax 0.12's
+    metadata options, OCDBT). (A subclass would not do: orbax finds a handler for
     ``StandardSave`` args by its exact class.) ``tests/test_checkpoint_compression.py`` reads the
     written arrays' codec back through tensorstore, so an orbax that stops honouring this fails
     there.
     """
     handler = ocp.StandardCheckpointHandler(multiprocessing_options=barriers)
+    if not isinstance(getattr(handler, "_impl", None), ocp.PyTreeCheckpointHandler):
+        raise RuntimeError(
+            f"orbax {ocp.__version__}'s StandardCheckpointHandler no longer delegates to a "
+            "PyTreeCheckpointHandler (_impl), so jaxtl cannot write raw checkpoints with it: "
+            "pass compress=True (--compress-checkpoints), or install orbax-checkpoint 0.12, "
+            "which this was checked with."
+        )
     handler._impl = ocp.PyTreeCheckpointHandler(
         save_concurrent_gb=96,
         restore_concurrent_gb=96,
         multiprocessing_options=barriers,
+        use_ocdbt=True,
         use_compression=False,
     )
     return handler
@@ -170,13 +179,13 @@ class Checkpointer:
       best_metric: the metadata key that ranks ``best`` checkpoints (e.g. ``"val_accuracy"``);
         ``None`` disables the best manager.
       best_mode: ``"max"`` or ``"min"``.
-      compress: write the arrays zstd-compressed (orbax's default). Compressing holds buffers
-        of the arrays in host memory while a save is written, which on CPU is the training's
-        memory: a save of MiniLM's state (258 MiB: its weights and AdamW's moments) to
-        ``latest`` and ``best`` added a median 171-348 MiB to the resident set compressed and
-        1-6 MiB raw, while a trained state's raw checkpoint is 1.57x the disk
-        (``benchmarks/save_memory.py``). The Trainer writes raw arrays on CPU. Either kind
-        restores with either setting.
+      compress: write the arrays zstd-compressed (orbax's default); ``None``: raw where the
+        arrays live in host memory (the CPU backend), compressed elsewhere. Compressing holds
+        buffers of the arrays in host memory while a save is written, which on CPU is the
+        training's memory: a save of a MiniLM-sized state (258 MiB) to ``latest`` and ``best``
+        added a median 171-348 MiB to the resident set compressed and 5-6 MiB raw, while a
+        trained state's raw checkpoint is 1.57x the disk (``benchmarks/save_memory.py``).
+        Either kind restores with either setting.
     """
 
     def __init__(
@@ -186,8 +195,12 @@ class Checkpointer:
         max_to_keep: int = 2,
         best_metric: str | None = None,
         best_mode: str = "max",
-        compress: bool = True,
+        compress: bool | None = None,
     ):
+        if not (compress is None or isinstance(compress, bool)):
+            raise ValueError(f"compress must be True, False or None, got {compress!r}.")
+        if compress is None:
+            compress = jax.default_backend() != "cpu"
         self.directory = os.path.abspath(directory)
         self.best_metric = best_metric
         _quiet_stray_reads()  # a failed background write prints them before anyone can look

@@ -149,7 +149,7 @@ def train_config(args, epochs: int):
         min_eval_interval=args.min_eval_interval,
         best_metric=args.best_metric,
         early_stopping=jaxtl.EarlyStopping(patience=args.patience) if args.patience else None,
-        compress=args.compress_checkpoints,
+        compress_checkpoints=args.compress_checkpoints,
         augment=args.augment,
         mixup=args.mixup,
         cutmix=args.cutmix,

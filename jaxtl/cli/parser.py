@@ -260,8 +260,9 @@ _FINETUNE = {
          "off)", dict(type=int)),
         ("--compress-checkpoints", "write checkpoints zstd-compressed (default: on, except "
          "on CPU, where a compressed save holds buffers of the state in the training's memory: "
-         "the demo's peak was about 120 MiB higher, while its raw checkpoints take about 1.6x "
-         "the disk and its run 5-6%% longer; --no-compress-checkpoints writes raw everywhere)",
+         "the demo's peak was about 120 MiB higher, while a trained state's raw checkpoints "
+         "take about 1.6x the disk and the demo's run 3-6%% longer; --no-compress-checkpoints "
+         "writes raw everywhere)",
          dict(action=argparse.BooleanOptionalAction, default=None)),
         ("--out", "output directory (default: runs/finetune-TIMESTAMP)", {}),
         ("--tensorboard", "also write every run's metrics as TensorBoard event files in "

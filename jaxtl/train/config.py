@@ -193,12 +193,13 @@ class CheckpointConfig:
         ``"max"``.
       restore_best: end training with the best-evaluated params (needs a validation split).
       early_stopping: stop early on a stalled improvement metric.
-      compress: write checkpoints zstd-compressed; ``None``: raw on CPU, compressed elsewhere.
-        On CPU a compressed save holds buffers of the state in the training's memory (MiniLM:
-        170-350 MiB at each save, about 120 MiB of the demo's peak), while a trained state's
-        raw checkpoint takes about 1.6x the disk (MiniLM: 259 against 165 MiB per step: AdamW's
-        moments for the words a task never uses are zeros) and writing it made the demo's run
-        5-6% slower. See ``jaxtl.checkpoint`` and benchmarks/README.md.
+      compress_checkpoints: write checkpoints zstd-compressed; ``None``: raw on CPU,
+        compressed elsewhere. On CPU a compressed save holds buffers of the state in the
+        training's memory (MiniLM: 170-350 MiB at each save, about 120 MiB of the demo's peak),
+        while a trained state's raw checkpoint takes about 1.6x the disk (MiniLM: 259 against
+        165 MiB per step: AdamW's moments for the words a task never uses are zeros), and the
+        demo's run took 3-6% longer with them (two pairs of runs). See ``jaxtl.checkpoint``
+        and benchmarks/README.md.
     """
 
     eval_every: int | None = None
@@ -210,7 +211,7 @@ class CheckpointConfig:
     best_mode: str | None = None
     restore_best: bool = True
     early_stopping: EarlyStopping | None = None
-    compress: bool | None = None
+    compress_checkpoints: bool | None = None
 
     def __post_init__(self):
         if isinstance(self.early_stopping, Mapping):
@@ -219,10 +220,10 @@ class CheckpointConfig:
             raise ValueError(f"best_mode must be 'max' or 'min', got {self.best_mode!r}.")
         _at_least(self, ("eval_every", "evals_per_epoch", "min_eval_interval"), 1)
         _at_least(self, ("checkpoint_every", "max_to_keep"), 1)
-        if not (self.compress is None or isinstance(self.compress, bool)):
+        if not (self.compress_checkpoints is None or isinstance(self.compress_checkpoints, bool)):
             raise ValueError(
-                f"checkpoint.compress must be true, false or None (raw on CPU, compressed "
-                f"elsewhere), got {self.compress!r}."
+                "compress_checkpoints (--compress-checkpoints) must be True, False or None "
+                f"(None: raw on CPU, compressed elsewhere), got {self.compress_checkpoints!r}."
             )
 
     def eval_interval(self, steps_per_epoch: int) -> int:

@@ -392,7 +392,7 @@ class Trainer:
         if not self.workdir:
             return None
         metric, mode = self.monitor
-        compress = self.config.checkpoint.compress
+        compress = self.config.checkpoint.compress_checkpoints
         if compress is None:  # on CPU a save's buffers are the training's memory
             compress = not self._on_cpu
         return Checkpointer(
