@@ -25,8 +25,11 @@ $(VENV)/.dev-installed: pyproject.toml | $(VENV)/bin/python
 demo: $(VENV)/.demo-installed
 	$(VENV)/bin/jaxtl finetune
 
+# Two worker processes, each given whole test files (module fixtures are built once); the 25
+# slowest cases are listed at the end. TEST_WORKERS=0 runs the suite in this one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.dev-installed
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check jaxtl tests benchmarks examples

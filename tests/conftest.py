@@ -11,7 +11,17 @@ import pytest
 # compile on 2 cores). A persistent compilation cache, fresh for each pytest session and
 # inherited by the subprocess tests, compiles each distinct program once. It changes no
 # numerics: a cache hit is the same executable.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxtl-xla-cache-"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="jaxtl-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAXTL_TESTS_XLA_CACHE"] = _cache
+# Under pytest-xdist (`make test`), each worker process gets a directory of its own: jax writes
+# an entry in place, without a lock unless the cache has a size limit, so a worker could read
+# another's half-written entry, and the warning that raises is an error here.
+_worker = os.environ.get("PYTEST_XDIST_WORKER")
+if _worker and os.environ["JAX_COMPILATION_CACHE_DIR"] == os.environ.get("JAXTL_TESTS_XLA_CACHE"):
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+        os.environ["JAXTL_TESTS_XLA_CACHE"], _worker
+    )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
