@@ -168,7 +168,9 @@ def run_arms(
       load_model: the model of an arm (called once per arm that runs; return the same
         pretrained model for several arms to load it once).
       data: the splits (e.g. :func:`jaxtl.data.vader`).
-      config: the runs' configuration; each arm sets its own learning rate, and
+      config: the runs' configuration; each arm sets its own learning rate (with its schedule
+        as data, ``learning_rate_input``, unless the recipe is staged: the same updates, and
+        the arms of a recipe share one compiled step), and
         ``config.data.feature_cache`` applies only to pretrained arms with a frozen prefix.
       group: a label shared by these arms (e.g. a training-set size): run names become
         ``"<group> <arm>"`` and each result records it as ``"group"``.
@@ -195,10 +197,20 @@ def run_arms(
             continue
         model = load_model(arm)
         lr = arm.learning_rate or default_learning_rate(arm.recipe)
+        # The learning-rate schedule as data (the same updates to the bit on CPU): the arms of
+        # a recipe that differ in learning rate, training-set size or seed (pretrained and
+        # scratch full, each --train-sizes group) compile one train step, which the persistent
+        # compilation cache hands on. Staged recipes keep their schedules as constants.
+        staged = bool(make_plan(arm.recipe, model.structure).stages)
+        optim = dataclasses.replace(
+            config.optim,
+            learning_rate=lr,
+            learning_rate_input=config.optim.learning_rate_input or not staged,
+        )
         arm_config = dataclasses.replace(
             config,
             seed=config.seed if arm.seed is None else arm.seed,
-            optim=dataclasses.replace(config.optim, learning_rate=lr),
+            optim=optim,
             data=dataclasses.replace(config.data, feature_cache=_cache_for(arm, model, config)),
         )
         facts = describe(arm, model) if callable(describe) else describe

@@ -312,7 +312,6 @@ def train_state_specs(
         opt_state=opt,
         rng=PartitionSpec(),
         batch_stats=whole(state.batch_stats),
-        learning_rate=whole(state.learning_rate),
     )
 
 

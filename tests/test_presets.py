@@ -45,6 +45,9 @@ def test_preset_digits_prints_its_table(tmp_path, capsys):
         assert 0.0 <= r["test"]["accuracy"] <= 1.0
         for name in ("run.json", "metrics.jsonl", "results.json", "curve.png", "checkpoints"):
             assert os.path.exists(os.path.join(r["workdir"], name)), name
+        # Every arm's LR schedule is data (tests/test_schedules.py): the four full runs, of two
+        # learning rates and two lengths, compile one train step between them.
+        assert read_json(os.path.join(r["workdir"], "run.json"))["config"]["learning_rate_input"]
     # The linear probe on ImageNet features beats chance by far after one epoch on all digits.
     probe = next(r for r in summary["results"] if r["name"] == "all pretrained linear_probe")
     assert probe["test"]["accuracy"] > 0.5

@@ -33,8 +33,9 @@ def sweep_sequential(
     """Run every cell of ``lrs x weight_decays x seeds`` with :func:`jaxtl.run.finetune`, one
     after another: any recipe (those that train the backbone too).
 
-    Each cell's learning rate and weight decay are inputs of its compiled step
-    (``OptimConfig.learning_rate_input`` and ``weight_decay_input``; not for staged recipes),
+    Each cell's learning-rate schedule and weight decay are inputs of its compiled step
+    (``OptimConfig.learning_rate_input`` and ``weight_decay_input``; not for staged recipes;
+    the same updates as with constants, to the bit for the schedule on CPU),
     so every cell, whatever its learning rate, weight decay and seed, compiles the same
     program: with XLA's persistent compilation cache on (``jaxtl sweep`` turns it on; from
     Python, ``jax.config.update("jax_compilation_cache_dir", DIR)``), the first cell compiles

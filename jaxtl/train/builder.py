@@ -24,7 +24,7 @@ from jaxtl.train import precision, steps
 from jaxtl.train.config import TrainConfig
 from jaxtl.train.state import TrainState
 from jaxtl.transfer import stages
-from jaxtl.transfer.optimizer import set_weight_decay
+from jaxtl.transfer.optimizer import set_schedule, set_weight_decay
 from jaxtl.transfer.plan import Plan
 from jaxtl.transfer.trees import flatten
 
@@ -62,9 +62,9 @@ class StateBuilder:
     ):
         if config.optim.learning_rate_input and plan.stages:
             raise ValueError(
-                f"learning_rate_input scales one schedule's updates, but {plan.name} changes "
-                "its optimizer and schedule from stage to stage; train it with "
-                "learning_rate_input=False."
+                f"learning_rate_input keeps one schedule's numbers as a step input, but "
+                f"{plan.name} changes its optimizer and schedule from stage to stage; train it "
+                "with learning_rate_input=False."
             )
         if config.optim.weight_decay_input and plan.stages:
             raise ValueError(
@@ -114,13 +114,11 @@ class StateBuilder:
             self.model.release_params()
         batch_stats = parallel.copy_to(self.model.batch_stats, placed.batch_stats)
         # The optimizer state is born sharded: no device ever holds a whole copy of it.
-        optim = self.config.optim
-        peak = None if placed.learning_rate is None else jnp.float32(optim.learning_rate)
-        decay = jnp.float32(optim.weight_decay) if optim.weight_decay_input else None
+        schedule, decay = self.inputs(stage)
         # ``params`` is this call's own copy: the state takes its buffers over (donated) rather
         # than copying them a third time while the model's and this copy are still resident.
         create = jax.jit(self.create, out_shardings=placed, donate_argnums=(0,))
-        return create(params, batch_stats, peak, decay)
+        return create(params, batch_stats, schedule, decay)
 
     def abstract_state(self, total_steps: int, params: Any = None, *, stage: int = 0) -> TrainState:
         """The state :meth:`init_state` builds, as ``jax.ShapeDtypeStruct`` s carrying their
@@ -151,18 +149,24 @@ class StateBuilder:
         else:
             starts, total = stages.starts(self.plan, steps_per_epoch), total_steps
         optim = self.config.optim
-        # learning_rate_input: the optimizer runs on the schedule of peak 1; the step scales
-        # its updates by the peak (TrainState.learning_rate).
-        unit = 1.0 if optim.learning_rate_input else None
 
         def segment_schedule(steps: int, peak: float | None):
-            peak = unit or peak
             config = optim if peak is None else dataclasses.replace(optim, learning_rate=peak)
             return config.lr_schedule(steps)
 
-        per_stage, schedule = stages.stage_schedules(self.plan, starts, total, segment_schedule)
-        self.schedule = schedule if unit is None else lambda s: optim.learning_rate * schedule(s)
+        per_stage, self.schedule = stages.stage_schedules(
+            self.plan, starts, total, segment_schedule
+        )
         self.schedules = (total_steps, starts, per_stage)
+
+    def inputs(self, stage: int) -> tuple[Any, Any]:
+        """The numbers a state of ``stage`` takes as data rather than program constants:
+        ``(peak, warmup, total)`` of its LR schedule (``learning_rate_input``) and the weight
+        decay (``weight_decay_input``), each None when off."""
+        optim = self.config.optim
+        schedule = self.schedules[2][stage].numbers() if optim.learning_rate_input else None
+        decay = jnp.float32(optim.weight_decay) if optim.weight_decay_input else None
+        return schedule, decay
 
     def stage_state(self, stage: int, params: Any = None):
         """``(abstract state, its specs, create(params, batch_stats))`` of ``stage``; it changes
@@ -179,6 +183,7 @@ class StateBuilder:
             clip_norm=optim.clip_norm,
             l2_sp=optim.l2_sp,
             weight_decay_input=optim.weight_decay_input,
+            schedule_input=optim.learning_rate_input,
             **optim.optimizer_options,
         )
         create = functools.partial(
@@ -191,17 +196,19 @@ class StateBuilder:
             loss=self.loss,
             trainable=plan.trainable_mask(self.model.params),
         )
-        # learning_rate_input: the peak is an argument of the program that builds the state,
-        # as of the step, so that no program of the run holds it as a constant.
-        peak = jnp.float32(optim.learning_rate) if optim.learning_rate_input else None
-        # weight_decay_input: likewise the weight decay, which the optimizer state carries.
-        decay = jnp.float32(optim.weight_decay) if optim.weight_decay_input else None
+        # learning_rate_input / weight_decay_input: the numbers the optimizer state carries are
+        # arguments of the program that builds the state, as of the step, so that no program
+        # of the run holds them as constants.
+        schedule, decay = self.inputs(stage)
 
-        def make(p, b, lr=peak, wd=decay):
-            state = create(params=p, batch_stats=b, learning_rate=lr)
-            if wd is None:
-                return state
-            return state.replace(opt_state=set_weight_decay(state.opt_state, wd))
+        def make(p, b, lr=schedule, wd=decay):
+            state = create(params=p, batch_stats=b)
+            opt_state = state.opt_state
+            if lr is not None:
+                opt_state = set_schedule(opt_state, lr)
+            if wd is not None:
+                opt_state = set_weight_decay(opt_state, wd)
+            return state.replace(opt_state=opt_state)
 
         params = self.stored_params() if params is None else params
         shapes = jax.eval_shape(make, params, self.model.batch_stats)

@@ -24,10 +24,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import optax
-
 from jaxtl.data.config import DataConfig
 from jaxtl.sharding import MIN_SHARD_SIZE, check_axes
+from jaxtl.transfer.schedules import SCHEDULES, LRSchedule
 
 __all__ = [
     "CheckpointConfig",
@@ -37,8 +36,6 @@ __all__ = [
     "ScaleConfig",
     "TrainConfig",
 ]
-
-SCHEDULES = ("constant", "linear", "cosine")
 
 
 def _at_least(obj: Any, names: tuple[str, ...], low: int) -> None:
@@ -100,12 +97,15 @@ class OptimConfig:
       l2_sp: ``(alpha, beta)``: L2-SP (Li et al. 2018), the penalty
         ``alpha / 2 * ||w - w0||^2`` toward the pretrained weights ``w0`` on the trained
         backbone and ``beta / 2 * ||w||^2`` on the head, with any recipe; ``None``: off.
-      learning_rate_input: the peak learning rate enters the compiled train step as an input
-        (the train state's ``learning_rate``) instead of a constant in its program: the
-        optimizer runs on the schedule of peak 1 and its update is scaled by it, the same
-        step up to float rounding. Runs that differ only in the learning rate (and the seed)
-        then compile one program, which XLA's persistent compilation cache hands from one to
-        the next (``jaxtl sweep`` of a backbone-training recipe). Not for staged recipes.
+      learning_rate_input: the learning-rate schedule enters the compiled train step as data
+        instead of constants in its program: each trainable group keeps the peak, warmup steps
+        and total steps in its optimizer state (:class:`jaxtl.transfer.optimizer.ScheduleInput`,
+        set from this config and saved with the optimizer state) and computes its learning rate
+        from them (:func:`jaxtl.transfer.schedules.schedule_value`), the same updates to the bit
+        on CPU. Runs that differ only in the learning rate, their length (epochs, training-set
+        size) and the seed then compile one program, which XLA's persistent compilation cache
+        hands from one to the next (``jaxtl sweep`` of a backbone-training recipe, and the arms
+        of ``jaxtl finetune``'s comparison). Not for staged recipes.
       weight_decay_input: the weight decay enters the compiled train step as an input too:
         each trainable group without its own ``weight_decay`` keeps it in its optimizer state
         (:class:`jaxtl.transfer.optimizer.WeightDecayInput`, set from this config and saved with
@@ -151,24 +151,12 @@ class OptimConfig:
             )
         _at_least(self, ("warmup_steps",), 0)
 
-    def lr_schedule(self, total_steps: int) -> optax.Schedule:
-        """Warmup (linear from 0) then constant, linear decay to 0, or cosine decay to 0."""
-        warmup = self.warmup_steps or int(self.warmup_ratio * total_steps)
-        warmup = min(warmup, total_steps)
-        peak = self.learning_rate
-        if self.schedule == "cosine":
-            return optax.warmup_cosine_decay_schedule(
-                0.0, peak, warmup, max(total_steps, warmup + 1)
-            )
-        rest = max(total_steps - warmup, 1)
-        after = (
-            optax.constant_schedule(peak)
-            if self.schedule == "constant"
-            else optax.linear_schedule(peak, 0.0, rest)
+    def lr_schedule(self, total_steps: int) -> LRSchedule:
+        """Warmup (linear from 0) then constant, linear decay to 0, or cosine decay to 0, over
+        ``total_steps``: an optax schedule (:class:`jaxtl.transfer.schedules.LRSchedule`)."""
+        return LRSchedule.of(
+            self.schedule, self.learning_rate, total_steps, self.warmup_steps, self.warmup_ratio
         )
-        if warmup == 0:
-            return after
-        return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
 @dataclasses.dataclass
@@ -466,7 +454,7 @@ class TrainConfig:
     def total_steps(self, steps_per_epoch: int) -> int:
         return self.max_steps if self.max_steps is not None else self.epochs * steps_per_epoch
 
-    def lr_schedule(self, total_steps: int) -> optax.Schedule:
+    def lr_schedule(self, total_steps: int) -> LRSchedule:
         """The optimizer's learning rate per step (see :meth:`OptimConfig.lr_schedule`)."""
         return self.optim.lr_schedule(total_steps)
 

@@ -39,10 +39,6 @@ class TrainState:
     # Which params train, in ``jax.tree.leaves(params)`` order: the step checks only their
     # gradients for NaN/inf. None: every param's.
     trainable: tuple[bool, ...] | None = struct.field(pytree_node=False, default=None)
-    # The peak learning rate as an input of the step (OptimConfig.learning_rate_input): ``tx``
-    # runs on the schedule of peak 1 and its updates are scaled by this. None: ``tx`` has it.
-    # Not in checkpoints: the run's config sets it.
-    learning_rate: jax.Array | None = None
 
     @classmethod
     def create(
@@ -57,11 +53,9 @@ class TrainState:
         bn_train: tuple[str, ...] = (),
         loss: Callable[..., Any] | None = None,
         trainable: Any = None,
-        learning_rate: float | None = None,
     ) -> TrainState:
         """A fresh state. ``trainable``: a tree of bools like ``params`` (a plan's
-        ``trainable_mask``), or None. ``learning_rate``: the peak learning rate as a step input
-        (``tx`` then on the schedule of peak 1), or None."""
+        ``trainable_mask``), or None."""
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -74,9 +68,6 @@ class TrainState:
             bn_train=tuple(bn_train),
             loss=loss,
             trainable=None if trainable is None else tuple(map(bool, jax.tree.leaves(trainable))),
-            learning_rate=None
-            if learning_rate is None
-            else jnp.asarray(learning_rate, jnp.float32),
         )
 
     def checkpoint_tree(self) -> dict[str, Any]:

@@ -63,8 +63,6 @@ def _apply_grads(
 
     def update(state: TrainState) -> TrainState:
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-        if state.learning_rate is not None:  # tx ran on the schedule of peak 1
-            updates = jax.tree.map(lambda u: u * state.learning_rate.astype(u.dtype), updates)
         return state.replace(
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),

@@ -9,6 +9,7 @@ LoRA targets and sharding):
 - :mod:`~jaxtl.transfer.plan`: rules -> groups -> labels, trainable mask, the plan table;
 - :mod:`~jaxtl.transfer.optimizer`: the plan's ``optax.partition`` optimizer (AdamW or any
   optax optimizer by name);
+- :mod:`~jaxtl.transfer.schedules`: LR schedules, as optax's constants or as step data;
 - :mod:`~jaxtl.transfer.recipes`: named recipes (``full``, ``linear_probe``, ``last_n(k)``,
   ``bitfit``, ``layerwise_lr_decay(d)``, ``lora(r)``, ``gradual(every)``, ``lp_ft(epochs)``)
   -> a Plan;

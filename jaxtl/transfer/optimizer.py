@@ -18,6 +18,14 @@ trainable group without its own ``weight_decay`` keeps the value in its optimize
 update), so one compiled step serves every weight decay. The update is the constant one's up to
 float rounding; a group's own ``weight_decay`` stays a constant.
 
+With ``schedule_input``, the learning-rate schedule (a
+:class:`~jaxtl.transfer.schedules.LRSchedule`) is data in the same way: each trainable group
+keeps its peak, warmup and total steps in its optimizer state (:class:`ScheduleInput`, set with
+:func:`set_schedule`) and computes its learning rate from them
+(:func:`~jaxtl.transfer.schedules.schedule_value`, times its ``lr_mult``), so one compiled step
+serves every learning rate and run length. On CPU its updates are the constant schedule's to
+the bit.
+
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from jaxtl.transfer.plan import Group, Plan
@@ -41,16 +49,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxtl.transfer.schedules import LRSchedule, schedule_value
+
 __all__ = [
     "DEFAULT_OPTIMIZER",
     "AnchorState",
     "Grouped",
+    "ScheduleInput",
     "WeightDecayInput",
     "available_optimizers",
     "clip_by_global_norm",
     "l2_sp_transform",
     "make_optimizer",
     "optimizer_factory",
+    "set_schedule",
     "set_weight_decay",
 ]
 
@@ -238,6 +250,86 @@ def set_weight_decay(opt_state: Any, weight_decay: float | jax.Array) -> Any:
     )
 
 
+class ScheduleInput(NamedTuple):
+    """The optimizer state of a group whose learning-rate schedule is an input
+    (``schedule_input``): the run's peak learning rate (float32, before the group's
+    ``lr_mult``), warmup steps and total steps (int32), and the group optimizer's own state
+    (whose step count the schedule reads)."""
+
+    peak: jax.Array
+    warmup: jax.Array
+    total: jax.Array
+    inner: Any
+
+
+def _schedule_input(
+    build: Callable[[optax.Schedule], optax.GradientTransformation], schedule: LRSchedule
+) -> optax.GradientTransformation:
+    """``build(learning_rate)`` over ``schedule``'s kind with its numbers read from the state at
+    every update: the transformation of ``build(schedule)``, with the numbers data rather than
+    constants of the traced program."""
+
+    def init_fn(params):
+        return ScheduleInput(*schedule.numbers(), build(schedule).init(params))
+
+    def update_fn(updates, state, params=None):
+        def learning_rate(count):
+            return schedule_value(schedule.kind, count, state.peak, state.warmup, state.total)
+
+        updates, inner = build(learning_rate).update(updates, state.inner, params)
+        return updates, state._replace(inner=inner)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def set_schedule(opt_state: Any, schedule: LRSchedule | tuple[Any, Any, Any]) -> Any:
+    """``opt_state`` (of a ``make_optimizer(..., schedule_input=True)`` optimizer) with the
+    schedule of every group set to ``schedule``'s numbers: an :class:`LRSchedule` of the
+    optimizer's kind, or ``(peak, warmup, total)`` as numbers or traced scalars. Other leaves
+    are kept as they are.
+
+    Example:
+      >>> from jaxtl.transfer.plan import Group, Plan
+      >>> plan = Plan(((".*", "all"),), [Group("all", True)])
+      >>> tx = make_optimizer(plan, LRSchedule("constant", 1.0, 0, 10), name="sgd",
+      ...                     clip_norm=None, schedule_input=True)
+      >>> params = {"w": jnp.ones((2,))}
+      >>> state = set_schedule(tx.init(params), (0.5, 0, 10))
+      >>> tx.update(jax.tree.map(jnp.ones_like, params), state, params)[0]["w"].tolist()
+      [-0.5, -0.5]
+    """
+    numbers = schedule.numbers() if isinstance(schedule, LRSchedule) else schedule
+    peak, warmup, total = numbers
+    peak, warmup = jnp.asarray(peak, jnp.float32), jnp.asarray(warmup, jnp.int32)
+    total = jnp.asarray(total, jnp.int32)
+    is_input = lambda x: isinstance(x, ScheduleInput)  # noqa: E731
+    return jax.tree.map(
+        lambda x: x._replace(peak=peak, warmup=warmup, total=total) if is_input(x) else x,
+        opt_state,
+        is_leaf=is_input,
+    )
+
+
+def _trainable_group(
+    g: Any,
+    factory: Callable[..., optax.GradientTransformation],
+    weight_decay: float,
+    weight_decay_input: bool,
+    options: dict[str, Any],
+    learning_rate: float | optax.Schedule,
+) -> optax.GradientTransformation:
+    """Group ``g``'s optimizer at ``learning_rate * lr_mult``, its weight decay a constant or
+    (``weight_decay_input``, unless the group has its own) an input."""
+    lr = _scaled(learning_rate, g.lr_mult)
+    if weight_decay_input and g.weight_decay is None:
+        build = functools.partial(
+            _input_group, factory=factory, learning_rate=lr, wd_mult=g.wd_mult, options=options
+        )
+        return _decay_input(build, weight_decay)
+    wd = (weight_decay if g.weight_decay is None else g.weight_decay) * g.wd_mult
+    return _group_optimizer(factory, lr, wd, options)
+
+
 def _clipped(plan: Grouped, tree: Any) -> Any:
     """True on the leaves of trainable groups that take part in the global-norm clipping."""
     return jax.tree.map(
@@ -304,6 +396,7 @@ def make_optimizer(
     clip_norm: float | None = 1.0,
     l2_sp: tuple[float, float] | None = None,
     weight_decay_input: bool = False,
+    schedule_input: bool = False,
     **options: Any,
 ) -> optax.GradientTransformation:
     """The named optimizer per trainable group of ``plan``, nothing for frozen groups, and
@@ -326,6 +419,9 @@ def make_optimizer(
       weight_decay_input: keep ``weight_decay`` in the optimizer state of each trainable group
         without its own ``weight_decay`` (:class:`WeightDecayInput`; change it with
         :func:`set_weight_decay`), so that it is an input of a compiled step, not a constant.
+      schedule_input: ``learning_rate`` is an :class:`~jaxtl.transfer.schedules.LRSchedule`
+        whose numbers each trainable group keeps in its optimizer state (:class:`ScheduleInput`;
+        change them with :func:`set_schedule`): inputs of a compiled step, not constants.
       **options: the optimizer's own keyword arguments, e.g. ``b1``, ``b2``, ``eps`` for AdamW or
         ``momentum`` for SGD.
 
@@ -334,8 +430,14 @@ def make_optimizer(
       one int32 step count per trainable group (and one per group for a schedule).
 
     Raises:
-      ValueError: unknown optimizer name, or options it does not take.
+      ValueError: unknown optimizer name, or options it does not take; ``schedule_input``
+        without an ``LRSchedule``.
     """
+    if schedule_input and not isinstance(learning_rate, LRSchedule):
+        raise ValueError(
+            "schedule_input=True keeps a schedule's numbers in the optimizer state: pass "
+            f"learning_rate as a jaxtl.transfer.schedules.LRSchedule, not {learning_rate!r}."
+        )
     factory = optimizer_factory(name)
     accepted = inspect.signature(factory).parameters
     unknown = sorted(k for k in options if k not in accepted)
@@ -349,15 +451,12 @@ def make_optimizer(
         if not g.trainable:
             transforms[g.name] = _freeze()
             continue
-        lr = _scaled(learning_rate, g.lr_mult)
-        if weight_decay_input and g.weight_decay is None:
-            build = functools.partial(
-                _input_group, factory=factory, learning_rate=lr, wd_mult=g.wd_mult, options=options
-            )
-            transforms[g.name] = _decay_input(build, weight_decay)
-            continue
-        wd = (weight_decay if g.weight_decay is None else g.weight_decay) * g.wd_mult
-        transforms[g.name] = _group_optimizer(factory, lr, wd, options)
+        group = functools.partial(_trainable_group, g, factory, weight_decay,
+                                  weight_decay_input, options)  # fmt: skip
+        if schedule_input:
+            transforms[g.name] = _schedule_input(group, learning_rate)
+        else:
+            transforms[g.name] = group(learning_rate)
     chain = []
     if clip_norm is not None:
         # The global norm must not see frozen grads: one large frozen grad would otherwise
