@@ -101,9 +101,13 @@ def final_params(run_dir: str, model_dir: str) -> tuple[int, list[np.ndarray]]:
 
     import jaxtl
     from jaxtl import checkpoint
+    from jaxtl.run import read_run_info
 
     model = jaxtl.load(model_dir, num_labels=2)
-    trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), jaxtl.TrainConfig())
+    # The run's own options build its checkpoint's tree (the CLI's arms keep their LR schedule
+    # in the optimizer state: OptimConfig.learning_rate_input).
+    config = jaxtl.TrainConfig(**read_run_info(run_dir)["config"])
+    trainer = jaxtl.Trainer(model, jaxtl.make_plan("full", model.structure), config)
     like = trainer.init_state(1).checkpoint_tree()
     tree, _ = checkpoint.restore_params(os.path.join(run_dir, "checkpoints"), like, "latest")
     return int(tree["step"]), [np.asarray(x) for x in jax.tree.leaves(tree["params"])]
