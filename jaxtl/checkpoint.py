@@ -102,7 +102,8 @@ class CheckpointReadError(ValueError):
         super().__init__(
             f"The checkpoint of step {step} in {os.path.join(directory, str(step))} cannot be "
             f"read ({type(cause).__name__}: {reason}). Its files were damaged or changed after "
-            "it was saved, or this run's model or recipe differ from the run that saved it; "
+            "it was saved, or this run's model, recipe or optimizer state (--optimizer, "
+            "learning_rate_input, weight_decay_input) differ from the run that saved it; "
             f"{fix}."
         )
 

@@ -169,8 +169,9 @@ def run_arms(
         pretrained model for several arms to load it once).
       data: the splits (e.g. :func:`jaxtl.data.vader`).
       config: the runs' configuration; each arm sets its own learning rate (with its schedule
-        as data, ``learning_rate_input``, unless the recipe is staged: the same updates, and
-        the arms of a recipe share one compiled step), and
+        as data, ``learning_rate_input``, unless the recipe is staged or a resumed arm's
+        ``run.json`` says otherwise: the same updates, and the arms of a recipe share one
+        compiled step), and
         ``config.data.feature_cache`` applies only to pretrained arms with a frozen prefix.
       group: a label shared by these arms (e.g. a training-set size): run names become
         ``"<group> <arm>"`` and each result records it as ``"group"``.
@@ -205,7 +206,7 @@ def run_arms(
         optim = dataclasses.replace(
             config.optim,
             learning_rate=lr,
-            learning_rate_input=config.optim.learning_rate_input or not staged,
+            learning_rate_input=_schedule_as_data(config, staged, workdir, resume),
         )
         arm_config = dataclasses.replace(
             config,
@@ -229,6 +230,19 @@ def run_arms(
         results.append(_grouped(result.to_dict(), group))
         resume = bool(resume)  # a step to resume from belongs to the first unfinished arm
     return results
+
+
+def _schedule_as_data(config: TrainConfig, staged: bool, workdir: str, resume) -> bool:
+    """Whether an arm keeps its LR schedule as data (``learning_rate_input``): yes unless its
+    recipe is staged, and a resumed arm as its ``run.json`` recorded it. An arm started by a
+    jaxtl from before the schedule was data (2026-12-07) saved optimizer state without the
+    schedule's numbers; it resumes with the schedule as constants, as it began."""
+    saved = os.path.join(workdir, "run.json")
+    if resume and os.path.exists(saved):
+        with open(saved) as f:
+            recorded = json.load(f).get("config", {})
+        return bool(recorded.get("learning_rate_input", False))
+    return config.optim.learning_rate_input or not staged
 
 
 def experiment_dir(out: str | None, prefix: str, *, resume: bool | int = False) -> str:

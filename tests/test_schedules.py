@@ -176,3 +176,39 @@ def test_a_run_with_its_schedule_an_input_is_the_run_with_constants_bitwise():
     for path, value in flatten(plain.params).items():
         assert np.array_equal(np.asarray(flatten(mine.params)[path]), np.asarray(value)), path
     assert mine.test["loss"] == plain.test["loss"]
+
+
+def test_an_arm_started_with_its_schedule_as_constants_resumes_so(tmp_path, capsys, monkeypatch):
+    """An experiment started by a jaxtl from before the schedule was data saved optimizer state
+    without the schedule's numbers; ``--resume`` reads the arm's ``run.json`` and continues it
+    with the schedule as constants (its checkpoints' layout), ending where it would have."""
+    import os
+    import shutil
+
+    from _tiny import make_tiny_bert, read_json, write_vader_csv
+
+    from jaxtl import cli, experiment
+
+    model = make_tiny_bert(str(tmp_path / "bert"))
+    csv = write_vader_csv(tmp_path / "words.csv", 100)
+    out = tmp_path / "out"
+    base = ["finetune", "--model", model, "--data", csv, "--text-column", "word",
+            "--label-column", "sentiment", "--recipe", "full", "--no-scratch", "--lr", "1e-3",
+            "--batch-size", "16", "--eval-every", "2", "--max-steps", "4",
+            "--out", str(out)]  # fmt: skip
+    with monkeypatch.context() as old:  # the jaxtl that started the run
+        old.setattr(experiment, "_schedule_as_data", lambda *_: False)
+        assert cli.main(base) == 0
+    run = out / "pretrained-full"
+    assert read_json(run / "run.json")["config"]["learning_rate_input"] is False
+    finished = read_json(run / "results.json")
+    os.remove(run / "results.json")  # as if it had been stopped after step 4
+    capsys.readouterr()
+    assert cli.main([*base, "--resume-from", "2"]) == 0
+    assert "Resumed from step 2" in capsys.readouterr().err
+    assert read_json(run / "run.json")["config"]["learning_rate_input"] is False
+    assert read_json(run / "results.json")["test"] == finished["test"]  # to the bit
+    # A new arm, or a run started without --resume, keeps its schedule as data.
+    shutil.rmtree(out)
+    assert cli.main(base) == 0
+    assert read_json(run / "run.json")["config"]["learning_rate_input"] is True
