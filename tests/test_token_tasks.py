@@ -205,18 +205,28 @@ def test_conll_and_squad_files_read_and_refuse_what_they_cannot(tmp_path):
         qa.read_squad(str(not_squad))
 
 
+def _logits(model, params, encodings):
+    """Each encoding's per-token logits (unpadded), from one forward pass over all of them,
+    each padded with masked zeros to the longest: one compiled program for every length."""
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    width = max(enc["input_ids"].shape[1] for enc in encodings)
+    batch = {
+        k: np.stack([np.pad(enc[k][0], (0, width - enc[k].shape[1])) for enc in encodings])
+        for k in keys
+    }
+    logits = np.asarray(model.apply(params, batch))
+    return [row[: enc["input_ids"].shape[1]] for row, enc in zip(logits, encodings, strict=True)]
+
+
 def _predicted_tags(model, params, data, fast_tokenizer):
     """Word tags predicted by ``params``, aligned by transformers' ``word_ids`` (the first
     token of each word), independently of jaxtl's alignment."""
     sentences, tags = data.test
+    encodings = [
+        fast_tokenizer(words, is_split_into_words=True, return_tensors="np") for words in sentences
+    ]
     y_true, y_pred = [], []
-    for words, row in zip(sentences, tags, strict=True):
-        enc = fast_tokenizer(words, is_split_into_words=True, return_tensors="np")
-        logits = np.asarray(
-            model.apply(
-                params, {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
-            )
-        )[0]
+    for enc, logits, row in zip(encodings, _logits(model, params, encodings), tags, strict=True):
         seen, pred = set(), []
         for t, word in enumerate(enc.word_ids()):
             if word is not None and word not in seen:
@@ -257,11 +267,12 @@ def test_a_real_tagging_finetune_scores_entities_as_seqeval_does(
 def _predicted_answers(model, params, data, fast_tokenizer):
     """Each test question's answer text by a brute-force search over transformers' offsets."""
     questions, contexts, _ = data.test
+    encodings = [
+        fast_tokenizer(q, c, return_offsets_mapping=True, return_tensors="np")
+        for q, c in zip(questions, contexts, strict=True)
+    ]
     out = []
-    for q, c in zip(questions, contexts, strict=True):
-        enc = fast_tokenizer(q, c, return_offsets_mapping=True, return_tensors="np")
-        inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
-        logits = np.asarray(model.apply(params, inputs))[0]
+    for c, enc, logits in zip(contexts, encodings, _logits(model, params, encodings), strict=True):
         inside = [t for t, s in enumerate(enc.sequence_ids()) if s == 1]
         s, e = max(
             ((s, e) for s in inside for e in inside if s <= e < s + 30),
