@@ -63,6 +63,21 @@ def test_preset_digits_prints_its_table(tmp_path, capsys):
     )
 
 
-def test_preset_refuses_model_and_data(capsys):
-    with pytest.raises(SystemExit, match="chooses its own model and data"):
-        cli.main(["finetune", "--preset", "digits", "--data", "x.csv"])
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--data", "x.csv"], "chooses its own model and data; drop --model/--data"),
+        (["--in-channels", "3"], "reads 1-channel digits; drop --in-channels"),
+        (["--seeds", "0,1"], "drop --shots / --seeds"),
+        # Nothing a user sets is silently ignored: every other option is named.
+        (["--lr", "1e-4", "--recipe", "lora(8)", "--bucket-by-length"],
+         "takes only --epochs, --seed, --image-size, --out, --resume; drop --recipe, "
+         "--bucket-by-length, --lr."),
+        (["--max-steps", "20"], "drop --max-steps."),
+    ],
+)  # fmt: skip
+def test_preset_refuses_what_it_does_not_take(tmp_path, capsys, flags, said):
+    out = tmp_path / "out"
+    assert cli.main(["finetune", "--preset", "digits", *flags, "--out", str(out)]) == 2
+    assert said in capsys.readouterr().err
+    assert not out.exists()  # refused before anything ran

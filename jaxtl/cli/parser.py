@@ -112,7 +112,8 @@ _FINETUNE = {
     "what to run": [
         ("--preset", "a packaged experiment instead of --model/--data: 'digits' = "
          "EfficientNet-Lite0 (ImageNet) -> scikit-learn's handwritten digits, 1-channel stem, "
-         "pretrained full / linear probe vs scratch at 10 images per class and on all",
+         "pretrained full / linear probe vs scratch at 10 images per class and on all; it "
+         "takes --epochs, --seed, --image-size, --out and --resume, and refuses the others",
          dict(choices=["digits"])),
         ("--model", "Hugging Face model directory or torchvision-style state dict file "
          "(default: the embedded MiniLM-L6)", {}),
@@ -317,6 +318,17 @@ def _run_flags(p: argparse.ArgumentParser, skip: tuple[str, ...]) -> None:
             if flag not in skip:
                 group.add_argument(flag, help=text, **kwargs)
     _add_model_args(p)
+
+
+def finetune_options() -> dict[str, tuple[str, object]]:
+    """``dest -> (flag, default)`` for each of jaxtl finetune's options (e.g. to name the
+    options a user set that a packaged experiment does not take)."""
+    p = argparse.ArgumentParser(add_help=False)
+    for options in _FINETUNE.values():
+        for flag, _, kwargs in options:
+            p.add_argument(flag, **kwargs)
+    _add_model_args(p)
+    return {a.dest: (a.option_strings[0], a.default) for a in p._actions}
 
 
 # The finetune data flags that also select jaxtl rank's data.

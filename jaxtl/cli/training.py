@@ -14,7 +14,7 @@ from jaxtl.cli.options import (
     preempted,
     train_config,
 )
-from jaxtl.cli.parser import DEFAULT_RECIPES
+from jaxtl.cli.parser import DEFAULT_RECIPES, finetune_options
 from jaxtl.models.registry import data_modality
 from jaxtl.transfer.recipes import split_recipes
 
@@ -92,26 +92,46 @@ def finetune_command(args) -> int:
     return 0
 
 
+# What --preset digits takes from jaxtl finetune's options; the flags it refuses with their own
+# messages (--model, --data, --in-channels but 1, --shots, --seeds, --resume-from) are checked
+# before the others.
+PRESET_FLAGS = ("--epochs", "--seed", "--image-size", "--out", "--resume")
+_CHECKED_FIRST = ("--preset", "--model", "--data", "--in-channels", "--shots", "--seeds",
+                  "--resume-from")  # fmt: skip
+
+
 def finetune_digits_command(args) -> int:
     from jaxtl import experiment, presets
     from jaxtl.train.faults import Preempted
 
     if args.model or args.data != "vader":
-        raise SystemExit(
-            "error: --preset digits chooses its own model and data; drop --model/--data."
-        )
+        raise ValueError("--preset digits chooses its own model and data; drop --model/--data.")
     if args.in_channels not in (None, 1):
-        raise SystemExit("error: --preset digits reads 1-channel digits; drop --in-channels.")
+        raise ValueError("--preset digits reads 1-channel digits; drop --in-channels.")
     if args.shots is not None or args.seeds is not None:
-        raise SystemExit(
-            "error: --preset digits runs its own regimes (10 images per class and all) with "
+        raise ValueError(
+            "--preset digits runs its own regimes (10 images per class and all) with "
             "--seed; drop --shots / --seeds."
+        )
+    ignored = [
+        flag
+        for dest, (flag, default) in finetune_options().items()
+        if flag not in PRESET_FLAGS + _CHECKED_FIRST and getattr(args, dest, default) != default
+    ]
+    if ignored:
+        raise ValueError(
+            "--preset digits runs its own recipes, data and training settings and takes "
+            f"only {', '.join(PRESET_FLAGS)}; drop {', '.join(ignored)}."
         )
     out = experiment.experiment_dir(args.out, "digits", resume=args.resume)
     image_size = args.image_size or 32
     try:
         table, _ = presets.run_digits(
-            out, image_size=image_size, epochs=args.epochs, seed=args.seed, resume=args.resume
+            out,
+            image_size=image_size,
+            epochs=args.epochs,
+            seed=args.seed,
+            resume=args.resume,
         )
     except Preempted as e:
         return preempted(e, args, out)
