@@ -38,7 +38,8 @@ __all__ = ["Sampling", "generate", "left_pad"]
 class Sampling:
     """How the next token is chosen from the logits.
 
-    ``temperature=0`` is greedy decoding (argmax; ``top_k``/``top_p`` unused). Otherwise the
+    ``temperature=0`` is greedy decoding (argmax; ``top_k``/``top_p`` are refused there, as they
+    would change nothing). Otherwise the
     logits are divided by ``temperature``, cut to the ``top_k`` most likely tokens and then to
     the smallest set whose probability reaches ``top_p`` (nucleus), and one token is drawn.
     """
@@ -56,6 +57,12 @@ class Sampling:
             raise ValueError(f"top_k (--top-k) must be >= 1, got {self.top_k}.")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p (--top-p) must be in (0, 1], got {self.top_p}.")
+        if self.greedy and (self.top_k is not None or self.top_p is not None):
+            raise ValueError(
+                "top_k / top_p (--top-k / --top-p) shape sampling, and temperature=0 "
+                "(--temperature, 0 by default) decodes greedily; give a temperature > 0 (e.g. "
+                "--temperature 0.8) to sample, or drop them."
+            )
 
     @property
     def greedy(self) -> bool:

@@ -140,7 +140,9 @@ def lr_find(
         stages have their own rates).
       data: the splits; only the training split is read.
       config: the run's options (optimizer, weight decay, clipping, batch size, seed, feature
-        cache); its learning rate and schedule are replaced by the sweep.
+        cache, grad_accum, precision, remat, frozen_bf16); its learning rate and schedule are
+        replaced by the sweep. The test runs on one device and stops at the first non-finite
+        loss: its mesh, sharding rules and max_bad_steps are not used.
       start_lr, end_lr: the first and last rates (``--start-lr``, ``--end-lr``).
       num_steps: steps of the test (``--steps``); it cycles through the training split.
       diverge: stop once the smoothed loss exceeds this multiple of its minimum (``--diverge``).
@@ -191,15 +193,17 @@ def lr_find(
         l2_sp=optim.l2_sp,
         **optim.optimizer_options,
     )
-    quiet = dataclasses.replace(config, loggers=())  # only for the Trainer's BatchNorm rule
+    # The Trainer's model and stored params: the run's precision, remat and frozen_bf16, and
+    # its BatchNorm rule (a bf16 run's rate is found in bf16).
+    trainer = Trainer(trained, plan, dataclasses.replace(config, loggers=()))
     state = TrainState.create(
-        apply_fn=trained.forward,
-        params=trained.params,
+        apply_fn=trainer.model.forward,
+        params=trainer.builder.stored_params(),
         tx=tx,
         seed=config.seed,
         task=trained.task,
         batch_stats=trained.batch_stats,
-        bn_train=Trainer(trained, plan, quiet).bn_train(plan),
+        bn_train=trainer.bn_train(plan),
         trainable=plan.trainable_mask(trained.params),
     )
     step = jax.jit(lambda s, b: steps.train_step(s, b, grad_accum=config.scale.grad_accum))

@@ -120,8 +120,14 @@ def test_unknown_recipe(capsys, tiny_dir, csv_data):
         (["--batch-size", "32", "--grad-accum", "3"], "grad_accum (--grad-accum) = 3"),
         (["--shard-rule", ".*/kernel=model"], "names mesh axis 'model'"),
         (["--feature-cache", "memory", "--remat", "full"], "--feature-cache trains a tail"),
+        (["--no-scratch", "--fail-on-negative-transfer"], "which --no-scratch leaves out"),
+        (["--task", "regression", "--num-labels", "1", "--fail-on-negative-transfer"],
+         "a regression head has no accuracy; drop the flag"),
+        # A flag the source would not read (after the model, before the data is read):
+        (["--label-column", "y"], "label_column / --label-column applies to a .csv / .jsonl "
+         "file or tfds:NAME or hf:DIR only; --data vader does not read it: drop --label-column."),
     ],
-)
+)  # fmt: skip
 def test_bad_mesh_batch_and_sharding_flags_fail_before_training(
     capsys, tmp_path, tiny_dir, flags, message
 ):
@@ -129,6 +135,26 @@ def test_bad_mesh_batch_and_sharding_flags_fail_before_training(
     err = _err(capsys, ["finetune", "--model", tiny_dir, "--out", str(out), *flags])
     assert message in err
     assert not os.path.exists(out)  # refused before any run started
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--data", "vader-tags", "--text-column", "t"], "input_column / --text-column applies "
+         "to a .csv / .jsonl file or tfds:NAME or hf:DIR only; --data vader-tags does not"),
+        (["--data", "digits", "--splits", "a,b,c"], "splits / --splits applies to tfds:NAME or "
+         "hf:DIR only; --data digits does not read it: drop --splits."),
+        (["--data", "words.csv", "--skip-corrupt"], "skip_corrupt / --skip-corrupt applies to an "
+         "image folder or an audio folder only; --data words.csv"),
+        (["--data", "digits-segmentation", "--data-dir", "d"], "data_dir / --data-dir applies "
+         "to tfds:NAME only"),
+    ],
+)  # fmt: skip
+def test_data_flags_that_the_source_does_not_read_are_refused(flags, message):
+    # The same check for every verb that reads --data (finetune, sweep, lr-find, adapt, rank).
+    args = cli.build_parser().parse_args(["finetune", *flags])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        options.data_spec(args, modality="text")
 
 
 def test_inspect_shows_per_device_bytes_of_a_planned_mesh(capsys):

@@ -184,6 +184,9 @@ def test_bad_requests_are_refused_with_the_fix(tmp_path):
         Sampling(1.0, top_p=0.0)
     with pytest.raises(ValueError, match="--temperature"):
         Sampling(-1.0)
+    for cut in ({"top_k": 4}, {"top_p": 0.9}):  # greedy would ignore them
+        with pytest.raises(ValueError, match=r"temperature=0 \(--temperature, 0 by default\)"):
+            Sampling(**cut)
 
 
 def test_cli_generates_from_token_ids_like_the_python_call(tmp_path, capsys):
@@ -206,6 +209,10 @@ def test_cli_generates_from_token_ids_like_the_python_call(tmp_path, capsys):
     assert "no tokenizer.json: give the prompts as ids (--token-ids)" in capsys.readouterr().err
     assert cli.main(["generate", str(tmp_path / "lm"), "--token-ids", "5,x"]) == 2
     assert "--token-ids takes comma-separated integers" in capsys.readouterr().err
+    assert cli.main([*argv, "--checkpoint", "latest"]) == 2
+    assert "is a model directory (it has no run.json); drop --checkpoint" in (
+        capsys.readouterr().err
+    )
 
 
 def test_a_lora_model_generates_what_its_adapted_forward_predicts(tmp_path):

@@ -264,11 +264,11 @@ def test_cli_records_an_hf_spec_that_rebuilds_the_data(vader_dict, tmp_path):
     }
     data = resolve(json.loads(json.dumps(spec)), num_labels=2, task="classification")
     assert data.sizes() == {"train": 64, "validation": 32, "test": 5}
-    with pytest.raises(SystemExit, match=r"--data-dir applies to tfds:NAME only"):
+    with pytest.raises(ValueError, match=r"--data-dir applies to tfds:NAME only"):
         options.data_spec(_args("--data", "hf:x", "--data-dir", "y"), modality="text")
-    with pytest.raises(SystemExit, match=r"--data hf:DIR names the directory"):
+    with pytest.raises(ValueError, match=r"--data hf:DIR names the directory"):
         options.data_spec(_args("--data", "hf:"), modality="text")
-    with pytest.raises(SystemExit, match=r"--splits to tfds:NAME or hf:DIR"):
+    with pytest.raises(ValueError, match=r"--splits applies to tfds:NAME or hf:DIR only; --data w"):
         options.data_spec(_args("--data", "words.csv", "--splits", "a,b,c"), modality="text")
 
 

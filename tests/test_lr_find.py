@@ -83,6 +83,33 @@ def test_cli_bad_options_exit_2_before_loading(flags, message, tmp_path, capsys)
     assert message in err and "absent" not in err
 
 
+@pytest.mark.parametrize("flags", [["--max-bad-steps", "3"], ["--shard-rule", "x=fsdp"]])
+def test_cli_has_no_flags_the_test_would_ignore(flags, capsys):
+    # One device, and it stops at the first non-finite loss: no sharding, no skipped steps.
+    with pytest.raises(SystemExit) as e:
+        cli.main(["lr-find", *flags])
+    assert e.value.code == 2
+    assert f"unrecognized arguments: {' '.join(flags)}" in capsys.readouterr().err
+
+
+def test_the_curve_is_that_of_the_runs_precision(setup):
+    # jaxtl lr-find --precision bf16 / --frozen-bf16 find the rate of a bf16 run: the losses are
+    # computed in bf16 (they differ from float32's), and stay close to float32's.
+    load, data, _ = setup
+
+    def losses(**scale):
+        run = jaxtl.TrainConfig(batch_size=32, progress=False, **scale)
+        found = lr_find.lr_find(load(0), "linear_probe", data, run, num_steps=10,
+                                end_lr=1e-2, verbose=False)  # fmt: skip
+        return np.array(found.losses)
+
+    exact = losses()
+    for scale in ({"precision": "bf16"}, {"frozen_bf16": True}):
+        got = losses(**scale)
+        assert not np.array_equal(got, exact), scale
+        np.testing.assert_allclose(got, exact, atol=0.02, err_msg=str(scale))
+
+
 def test_a_staged_recipe_is_refused(setup):
     load, data, config = setup
     with pytest.raises(ValueError, match="is staged"):

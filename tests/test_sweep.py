@@ -201,6 +201,14 @@ def test_bad_grids_and_backbone_recipes_are_refused_before_training():
     assert sweep.vmappable(model, "linear_probe")
     with pytest.raises(ValueError, match="bucket_by_length"):
         sweep.sweep_heads(load, data, config=jaxtl.TrainConfig(bucket_by_length=True), **grid)
+    # What the Trainer would apply, and float32 features computed once would not:
+    for option, message in (
+        ({"precision": "bf16"}, r"^precision='bf16' \(--precision\): the vmapped sweep"),
+        ({"remat": "full", "frozen_bf16": True},
+         r"^remat='full' \(--remat\), frozen_bf16=True \(--frozen-bf16\): .*--sequential"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            sweep.sweep_heads(load, data, config=jaxtl.TrainConfig(**option), **grid)
     with pytest.raises(ValueError, match="optimizer 'sgd'.*cannot vary weight_decays"):
         sweep.sweep_heads(
             load,
@@ -286,6 +294,7 @@ def test_cli_sweep_of_a_backbone_recipe_runs_cell_by_cell_and_says_so(tmp_path, 
         (["--lr", "1e-3,fast"], "'fast' in '1e-3,fast' is not one"),
         (["--weight-decay", "-1"], "weight_decays (--weight-decay): every weight decay must be"),
         (["--seeds", "0,0"], "seeds (--seeds) names a value twice"),
+        (["--seed", "3"], "--seed 3 draws the --shots subset, and there is none"),
     ],
 )
 def test_cli_bad_grids_exit_2_before_loading(flags, message, tmp_path, capsys):

@@ -210,19 +210,18 @@ def data_spec(args, modality: str) -> dict:
     """The JSON description of ``--data`` that a run directory records (jaxtl.data.describe)."""
     from jaxtl.data import describe, with_shots
 
-    try:
-        spec = describe(
-            args.data,
-            data_dir=args.data_dir,
-            splits=args.splits,
-            input_column=args.text_column,
-            label_column=args.label_column,
-            skip_corrupt=args.skip_corrupt,
-            modality=modality,
-        )
-        return with_shots(spec, args.shots, seed=args.seed)
-    except ValueError as e:  # flags that contradict each other: refused before anything loads
-        raise SystemExit(f"error: {e}") from None
+    # Flags that contradict each other or that the source does not read: a ValueError (exit 2),
+    # before the data is read or anything compiles.
+    spec = describe(
+        args.data,
+        data_dir=args.data_dir,
+        splits=args.splits,
+        input_column=args.text_column,
+        label_column=args.label_column,
+        skip_corrupt=args.skip_corrupt,
+        modality=modality,
+    )
+    return with_shots(spec, args.shots, seed=args.seed)
 
 
 def enable_compilation_cache() -> None:

@@ -58,14 +58,14 @@ def _add_model_args(p: argparse.ArgumentParser, surgery: bool = True) -> None:
         "1_Pooling/config.json, else cls through BERT's pooler); max and attention (a learned "
         "query) put a new head on the features (model surgery, jaxtl/surgery.py)",
     )
+    if not surgery:
+        return
     g.add_argument(
         "--tower",
         choices=["vision", "text"],
         help="CLIP only: fine-tune the vision tower on images (the default) or the text tower "
         "on texts (jaxtl.load(tower=...)); the other tower is not loaded",
     )
-    if not surgery:
-        return
     g.add_argument(
         "--head",
         help="a new head on the backbone's features: 'linear' or 'mlp(WIDTH)' / "
@@ -288,7 +288,7 @@ def _model_flag(p: argparse.ArgumentParser) -> None:
 
 
 # jaxtl finetune's flags that jaxtl sweep sets itself (the grid) or does not take.
-_NOT_FOR_SWEEP = ("--lr", "--weight-decay", "--seeds", "--resume", "--resume-from",
+_NOT_FOR_SWEEP = ("--lr", "--weight-decay", "--seeds", "--seed", "--resume", "--resume-from",
                   "--distributed", "--tensorboard", "--wandb")  # fmt: skip
 
 
@@ -297,14 +297,16 @@ _NOT_FOR_LR_FIND = ("--lr", "--seeds", "--resume", "--resume-from", "--distribut
                     "--tensorboard", "--wandb", "--epochs", "--max-steps", "--schedule",
                     "--warmup-ratio", "--evals-per-epoch", "--min-eval-interval", "--eval-every",
                     "--best-metric", "--patience", "--release-pretrained",
-                    "--compress-checkpoints")  # fmt: skip
+                    "--compress-checkpoints", "--max-bad-steps", "--shard-rule")  # fmt: skip
 
 
-# ... and those that jaxtl adapt has no use for (it validates nothing, and reads its data whole).
+# ... and those that jaxtl adapt has no use for (it validates nothing, reads its data whole, and
+# cuts texts longer than the model's positions).
 _NOT_FOR_ADAPT = ("--seeds", "--resume-from", "--distributed", "--evals-per-epoch",
                   "--min-eval-interval", "--eval-every", "--best-metric", "--patience",
                   "--augment", "--mixup", "--cutmix", "--label-smoothing", "--data-workers",
-                  "--feature-cache", "--bucket-by-length", "--release-pretrained")  # fmt: skip
+                  "--feature-cache", "--bucket-by-length", "--release-pretrained",
+                  "--long-texts")  # fmt: skip
 
 
 def _run_flags(p: argparse.ArgumentParser, skip: tuple[str, ...]) -> None:
@@ -480,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weight decays of trainable matrices")  # fmt: skip
     sw.add_argument("--seeds", default="0", metavar="S1,S2,...",
                     help="seeds: each cell's new head, dropout and data order")  # fmt: skip
+    sw.add_argument("--seed", type=int, default=0,
+                    help="draws the --shots subset (the cells' seeds are --seeds)")  # fmt: skip
     sw.add_argument("--sequential", action="store_true",
                     help="one run per cell even where the heads could be vmapped")  # fmt: skip
     _run_flags(sw, skip=_NOT_FOR_SWEEP)
@@ -489,11 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the learning-rate range test: loss against an exponentially growing LR",
         description="Train a copy of the run for --steps steps while the learning rate grows "
         "exponentially from --start-lr to --end-lr (Smith 2017, fastai's lr_find), with the "
-        "run's recipe, optimizer, clipping, weight decay, batch size and data order. Stops when "
-        "the smoothed loss exceeds --diverge times its minimum. Prints the suggested learning "
-        "rate (steepest descent of the smoothed loss before its minimum) and writes "
-        "OUT/lr_find.png and OUT/lr_find.json. Nothing else is written: no checkpoint, no run "
-        "directory; the model is not changed.",
+        "run's recipe, optimizer, clipping, weight decay, batch size, data order, --grad-accum, "
+        "--precision, --remat and --frozen-bf16, on one device. Stops at the first non-finite "
+        "loss, or when the smoothed loss exceeds --diverge times its minimum. Prints the "
+        "suggested learning rate (steepest descent of the smoothed loss before its minimum) and "
+        "writes OUT/lr_find.png and OUT/lr_find.json. Nothing else is written: no checkpoint, "
+        "no run directory; the model is not changed.",
         formatter_class=_HelpFormatter,
     )
     _model_flag(lf)
@@ -508,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_flags(lf, skip=_NOT_FOR_LR_FIND)
     lf.set_defaults(max_steps=None, schedule="constant", warmup_ratio=0.0, eval_every=None,
                     evals_per_epoch=4, min_eval_interval=20, best_metric=None,
-                    patience=None)  # fmt: skip
+                    patience=None, max_bad_steps=5, shard_rule=[])  # fmt: skip
 
     ad = sub.add_parser(
         "adapt",

@@ -70,6 +70,11 @@ def generate_command(args) -> int:
         restored = run.restore_run(args.model, args.checkpoint)
         model, params = restored.model, restored.state.params
         where = f"{args.model} ({args.checkpoint} checkpoint, step {restored.step})"
+    elif args.checkpoint != "best":
+        raise ValueError(
+            f"--checkpoint {args.checkpoint} picks one of a run's checkpoints, and {args.model} "
+            "is a model directory (it has no run.json); drop --checkpoint."
+        )
     else:
         model = jaxtl.load(args.model, task="causal_lm")
         params, where = model.params, args.model

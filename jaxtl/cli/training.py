@@ -37,6 +37,13 @@ def finetune_command(args) -> int:
         args.resume = args.resume_from
     if args.preset == "digits":
         return finetune_digits_command(args)
+    if args.fail_on_negative_transfer and (args.no_scratch or args.task == "regression"):
+        raise ValueError(
+            "--fail-on-negative-transfer compares the pretrained arms' test accuracy with the "
+            + ("scratch baseline's, which --no-scratch leaves out; drop one of the two flags."
+               if args.no_scratch else "scratch baseline's, and a regression head has no "
+               "accuracy; drop the flag (the table still compares their losses).")
+        )  # fmt: skip
     check_devices(args)
     model_path = args.model or jaxtl.default_model_dir()
     options = {**load_options(args), **placement_options(args)}
@@ -158,6 +165,11 @@ def sweep_command(args) -> int:
         "weight_decays": sweep.parse_grid(args.weight_decay, "--weight-decay"),
         "seeds": sweep.parse_grid(args.seeds, "--seeds"),
     }
+    if args.seed != 0 and args.shots is None:
+        raise ValueError(
+            f"--seed {args.seed} draws the --shots subset, and there is none; each cell's head, "
+            f"dropout and data order come from --seeds (e.g. --seeds {args.seed})."
+        )
     check_devices(args)
     out = experiment.experiment_dir(args.out, "sweep")
     options = load_options(args)
@@ -272,8 +284,10 @@ def adapt_command(args) -> int:
     if args.target_shift:
         target = shifts.shifted(source, args.target_shift, seed=args.seed)
     else:
+        # --data's options, where the target's kind of source reads them.
         spec = describe(args.target_data, data_dir=args.data_dir, input_column=args.text_column,
-                        label_column=args.label_column, modality=modality)  # fmt: skip
+                        label_column=args.label_column, skip_corrupt=args.skip_corrupt,
+                        modality=modality, strict=False)  # fmt: skip
         target = resolve(spec, num_labels=args.num_labels, task="classification")
     lr = args.lr or experiment.default_learning_rate(args.recipe)
     config = train_config(args, epochs=args.epochs or 1)

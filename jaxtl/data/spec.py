@@ -36,6 +36,7 @@ def describe(
     label_column: str | None = None,
     skip_corrupt: bool = False,
     modality: str = "text",
+    strict: bool = True,
 ) -> dict:
     """The JSON spec of a data source (see :func:`resolve`).
 
@@ -49,18 +50,47 @@ def describe(
       data_dir: where a TFDS dataset is prepared (``--data-dir``; tfds only).
       splits: train, validation and test split expressions, as a list or one comma-separated
         string (``--splits``; tfds and hf only).
-      input_column: the text (or image) column (``--text-column``).
-      label_column: the label column (``--label-column``).
-      skip_corrupt: image folders: skip undecodable files instead of stopping
+      input_column: the text (or image) column (``--text-column``; csv / jsonl, tfds and hf
+        only).
+      label_column: the label column (``--label-column``; the same).
+      skip_corrupt: image and audio folders only: skip undecodable files instead of stopping
         (``--skip-corrupt``).
       modality: what the model reads, ``"text"``, ``"image"`` or ``"audio"`` (a folder of
         WAV class folders).
+      strict: refuse the options this kind of source does not read. False: leave them out, for
+        a second source that shares the first one's options (``jaxtl adapt --target-data``).
 
     Raises:
-      ValueError: options that do not apply to this kind of source, or a directory given to a
-        text model.
+      ValueError: an option given that this kind of source does not read (naming it and its
+        flag), or a directory given to a text model.
     """
-    split_list = _split_list(splits)
+    spec = _describe(data, data_dir, _split_list(splits), input_column, label_column,
+                     skip_corrupt, modality)  # fmt: skip
+    given = {"data_dir": data_dir, "splits": splits, "input_column": input_column,
+             "label_column": label_column, "skip_corrupt": skip_corrupt}  # fmt: skip
+    for arg, flag, kinds in _READ_BY:
+        if strict and given[arg] and spec["kind"] not in kinds:
+            sources = " or ".join(_SOURCE_NAMES[k] for k in kinds)
+            raise ValueError(
+                f"{arg} / {flag} applies to {sources} only; --data {data} does not read it: "
+                f"drop {flag}."
+            )
+    return spec
+
+
+# The options of describe() that only some kinds of source read: (argument, flag, kinds).
+_READ_BY = (
+    ("data_dir", "--data-dir", ("tfds",)),
+    ("splits", "--splits", ("tfds", "hf")),
+    ("input_column", "--text-column", ("table", "tfds", "hf")),
+    ("label_column", "--label-column", ("table", "tfds", "hf")),
+    ("skip_corrupt", "--skip-corrupt", ("folder", "audio_folder")),
+)
+_SOURCE_NAMES = {"tfds": "tfds:NAME", "hf": "hf:DIR", "table": "a .csv / .jsonl file",
+                 "folder": "an image folder", "audio_folder": "an audio folder"}  # fmt: skip
+
+
+def _describe(data, data_dir, split_list, input_column, label_column, skip_corrupt, modality):
     if modality == "audio":
         if not os.path.isdir(data):
             raise ValueError(
@@ -107,11 +137,10 @@ def describe(
         }
     if data.startswith("hf:"):
         path = data[len("hf:") :]
-        if not path or data_dir:
+        if not path:
             raise ValueError(
                 "--data hf:DIR names the directory that Dataset.save_to_disk or "
-                "DatasetDict.save_to_disk wrote (data='hf:DIR'; data_dir / --data-dir applies "
-                "to tfds:NAME only)."
+                "DatasetDict.save_to_disk wrote (data='hf:DIR')."
             )
         return {
             "kind": "hf",
@@ -122,11 +151,6 @@ def describe(
             "seed": 0,
             "modality": modality,
         }
-    if data_dir or splits:
-        raise ValueError(
-            "data_dir / --data-dir applies to --data tfds:NAME only, and splits / --splits to "
-            "tfds:NAME or hf:DIR."
-        )
     if os.path.isdir(data):
         if modality != "image":
             raise ValueError(

@@ -85,6 +85,18 @@ def _check_config(config: TrainConfig) -> TrainConfig:
         )
     if config.precise_bn:
         raise ValueError("precise_bn needs the backbone's inputs; drop it for a vmapped sweep.")
+    scale = config.scale
+    given = [f"{arg} ({flag})" for arg, flag, on in (
+        (f"precision={scale.precision!r}", "--precision", scale.precision != "float32"),
+        (f"remat={scale.remat!r}", "--remat", scale.remat is not None),
+        ("frozen_bf16=True", "--frozen-bf16", scale.frozen_bf16),
+    ) if on]  # fmt: skip
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: the vmapped sweep trains its heads on float32 features that "
+            "the frozen backbone computes once, so it would not apply them; drop them, or run "
+            "each cell in the Trainer, which does (jaxtl.sweep.sweep_sequential; --sequential)."
+        )
     if config.scale.mesh is not None and jax.device_count() > 1:
         raise ValueError("the vmapped sweep runs on one device; drop mesh (--mesh).")
     if jax.process_count() > 1:
