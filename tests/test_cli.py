@@ -119,6 +119,7 @@ def test_unknown_recipe(capsys, tiny_dir, csv_data):
         (["--mesh", "model=1"], "names axis 'model'"),
         (["--batch-size", "32", "--grad-accum", "3"], "grad_accum (--grad-accum) = 3"),
         (["--shard-rule", ".*/kernel=model"], "names mesh axis 'model'"),
+        (["--shard-rule", "fsdp"], "--shard-rule 'fsdp' is not PATH_REGEX=SPEC"),
         (["--feature-cache", "memory", "--remat", "full"], "--feature-cache trains a tail"),
         (["--no-scratch", "--fail-on-negative-transfer"], "which --no-scratch leaves out"),
         (["--task", "regression", "--num-labels", "1", "--fail-on-negative-transfer"],
@@ -158,6 +159,8 @@ def test_data_flags_that_the_source_does_not_read_are_refused(flags, message):
 
 
 def test_inspect_shows_per_device_bytes_of_a_planned_mesh(capsys):
+    assert cli.main(["inspect", minilm_dir(), "--mesh", "fsdp=8,model=2"]) == 2
+    assert "names axis 'model'" in capsys.readouterr().err
     assert cli.main(["inspect", minilm_dir(), "--mesh", "fsdp=8"]) == 0
     out = capsys.readouterr().out
     assert "'fsdp': 8" in out and "params/device" in out

@@ -191,8 +191,8 @@ def shard_rule(text: str) -> tuple[str, object]:
     """
     pattern, sep, spec = text.rpartition("=")
     if not sep or not pattern or not spec:
-        raise SystemExit(
-            f"error: --shard-rule {text!r} is not PATH_REGEX=SPEC, e.g. '.*/kernel=fsdp,none'."
+        raise ValueError(
+            f"--shard-rule {text!r} is not PATH_REGEX=SPEC, e.g. '.*/kernel=fsdp,none'."
         )
     if spec in ("fsdp", "replicated"):
         return pattern, spec

@@ -206,11 +206,8 @@ def inspect_command(args) -> int:
     if args.mesh:
         from jaxtl import parallel, sharding
 
-        try:
-            sizes = parallel.parse_mesh(args.mesh, None)  # a mesh planned, not this machine's
-            pieces = sharding.piece_counter(model.params, sizes, structure=model.structure)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
+        sizes = parallel.parse_mesh(args.mesh, None)  # a mesh planned, not this machine's
+        pieces = sharding.piece_counter(model.params, sizes, structure=model.structure)
         print(f"mesh: {args.mesh} = {sizes} ({math.prod(sizes.values())} devices)")
     print(plan.table(model.params, pieces=pieces))
     return 0
