@@ -64,6 +64,11 @@ def generate_command(args) -> int:
 
     # Options first: a bad one is reported before anything loads or compiles.
     sampling = jaxtl.Sampling(args.temperature, args.top_k, args.top_p)
+    if sampling.greedy and args.seed != 0:
+        raise ValueError(
+            f"--seed {args.seed} seeds sampling, and --temperature 0 (the default) decodes "
+            "greedily, the same whatever the seed; give a temperature > 0, or drop --seed."
+        )
     if bool(args.prompt) == bool(args.token_ids):
         raise ValueError("generate needs prompts: --prompt TEXT or --token-ids 1,2,3 (not both).")
     if os.path.isfile(os.path.join(args.model, "run.json")):
