@@ -387,9 +387,12 @@ def _writing(manager: ocp.CheckpointManager):
         raise CheckpointWriteError(str(manager.directory), _committed(manager), e) from e
 
 
-def restore_params(directory: str, like: Any, which: str = "best") -> tuple[Any, dict]:
+def restore_params(
+    directory: str, like: Any, which: str = "best", parts: Collection[str] | None = None
+) -> tuple[Any, dict]:
     """Restore a state tree from a finished run's ``checkpoints/{best,latest}`` (for evaluation).
-    ``like``: the tree to restore into, or a function from the checkpoint's metadata to it."""
+    ``like``: the tree to restore into, or a function from the checkpoint's metadata to it.
+    ``parts``: read only these top-level entries of the tree; the others come back as None."""
     sub = os.path.join(os.path.abspath(directory), which)
     if not os.path.isdir(sub):
         raise FileNotFoundError(f"No {which!r} checkpoints under {directory!r}.")
@@ -400,7 +403,7 @@ def restore_params(directory: str, like: Any, which: str = "best") -> tuple[Any,
             step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"The checkpoint directory {sub!r} holds no checkpoint.")
-        return _restore(manager, step, like)
+        return _restore(manager, step, like, parts)
     finally:
         manager.close()
 

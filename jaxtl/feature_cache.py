@@ -68,6 +68,28 @@ def boundary(model: LoadedModel, trainable: Mapping[str, bool]) -> str | None:
     return None
 
 
+def check_options(config: Any, plan: Plan) -> None:
+    """Refuse what a cached run cannot do with ``config`` (a :class:`jaxtl.TrainConfig` whose
+    ``feature_cache`` is set) and ``plan``, before anything is encoded or compiled.
+
+    Raises:
+      ValueError: remat or a precision other than float32 (the tail model's forward cannot be
+        rebuilt for them), or a plan with adapters in every block (no frozen prefix).
+    """
+    if not config.data.feature_cache:
+        return
+    if config.scale.remat is not None or config.scale.precision != "float32":
+        raise ValueError(
+            "feature_cache (--feature-cache) trains a tail model whose forward cannot be "
+            "rebuilt for remat (--remat) or precision (--precision); drop one of them."
+        )
+    if plan.adapters is not None:
+        raise ValueError(
+            f"feature_cache (--feature-cache) caches a frozen prefix, but {plan.name} puts "
+            "adapters in every block from the first; drop one of them."
+        )
+
+
 def applies(model: LoadedModel, plan: Plan) -> bool:
     """Whether ``plan`` (a :class:`jaxtl.Plan`) leaves a frozen prefix to cache; for a staged
     plan, its first stage (the one the cache serves: LP-FT's probe, gradual's head stage)."""

@@ -168,6 +168,7 @@ def lr_find(
         )
     if config.scale.mesh is not None and jax.device_count() > 1:
         raise ValueError("lr_find runs on one device; drop mesh (--mesh).")
+    feature_cache.check_options(config, plan)
     model = with_adapters(model, plan, config.seed)
     arrays, _ = encode_splits(model, data, long_texts)
     trained = model

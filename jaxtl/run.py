@@ -212,20 +212,9 @@ def finetune(
     """
     config = config or TrainConfig()
     model.own_params("jaxtl.finetune")  # released to an earlier run: a clear error now
-    if config.data.feature_cache and (
-        config.scale.remat is not None or config.scale.precision != "float32"
-    ):
-        raise ValueError(
-            "feature_cache (--feature-cache) trains a tail model whose forward cannot be "
-            "rebuilt for remat (--remat) or precision (--precision); drop one of them."
-        )
     plan = make_plan(recipe, model.structure)
     name = name or plan.name
-    if config.data.feature_cache and plan.adapters is not None:
-        raise ValueError(
-            f"feature_cache (--feature-cache) caches a frozen prefix, but {plan.name} puts "
-            "adapters in every block from the first; drop one of them."
-        )
+    feature_cache.check_options(config, plan)
     model = with_adapters(model, plan, config.seed)
     if plan.source is not None:  # a rules file: each of its patterns must label a param
         check_used(plan, model.params, plan.source)
@@ -438,12 +427,16 @@ class RestoredRun:
     step: int
 
 
-def restore_run(run_dir: str, which: str = "best") -> RestoredRun:
+def restore_run(run_dir: str, which: str = "best", *, weights_only: bool = False) -> RestoredRun:
     """Rebuild a run's model (with its LoRA adapters, if it trained some), plan and Trainer
     from ``run.json``, and restore a checkpoint (``"best"`` or ``"latest"``) onto this
     machine's devices, whatever mesh trained it: onto that mesh when these devices can form
     it (a model split over ``fsdp`` / ``tensor`` is then also built split, never whole on one
     device), else with every device on ``data``.
+
+    ``weights_only``: read the step, params and BatchNorm statistics alone, for evaluation and
+    export: the optimizer state (AdamW: twice the trained params) and the RNG key are neither
+    read nor allocated, and stay in the state as ``jax.ShapeDtypeStruct`` s.
 
     Raises:
       FileNotFoundError: ``run_dir`` has no ``run.json``.
@@ -480,11 +473,12 @@ def restore_run(run_dir: str, which: str = "best") -> RestoredRun:
     trainer = Trainer(model, plan, config)
     # Restored into the state of the stage the checkpoint was saved in (a staged recipe's
     # optimizer changes from stage to stage); nothing else is allocated.
+    parts = ("step", "params", "batch_stats") if weights_only else None
     tree, meta = checkpoint.restore_params(
-        os.path.join(run_dir, "checkpoints"), trainer.checkpoint_like, which
+        os.path.join(run_dir, "checkpoints"), trainer.checkpoint_like, which, parts=parts
     )
     state = trainer.abstract_state(1, stage=int(meta.get("stage", 0)))
-    state = state.with_checkpoint_tree(tree)
+    state = state.with_checkpoint_tree({k: v for k, v in tree.items() if v is not None})
     return RestoredRun(run_dir, info, config, model, plan, trainer, state, int(tree["step"]))
 
 
@@ -527,7 +521,7 @@ def evaluate_run(run_dir: str, which: str = "best") -> dict:
     """
     from jaxtl.data import resolve
 
-    run = restore_run(run_dir, which)
+    run = restore_run(run_dir, which, weights_only=True)
     data = resolve(run.info["data"], num_labels=run.model.num_labels, task=run.model.task)
     arrays, _ = encode_splits(run.model, data)
     out = {"run": run_dir, "checkpoint": which, "step": run.step}
@@ -564,7 +558,7 @@ def export_run(
                 f"{run_dir} trained recipe {recipe!r}, which has no LoRA adapters; "
                 "export it without --adapters (the whole model in its source format)."
             )
-    run = restore_run(run_dir, which)
+    run = restore_run(run_dir, which, weights_only=True)
     params, stats = run.state.params, run.state.batch_stats
     if adapters:
         return lora.export_adapters(run.model, out, params, overwrite=overwrite)

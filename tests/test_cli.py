@@ -5,6 +5,8 @@ import os
 import re
 import shutil
 
+import jax
+import numpy as np
 import pytest
 from _tiny import make_tiny_bert, minilm_dir, read_json, write_vader_csv
 
@@ -232,6 +234,22 @@ def test_finetune_then_evaluate(capsys, tmp_path, tiny_dir, csv_data):
         assert names == list(r["test"]["per_class"]) == ["neg", "pos"]
         assert sum(map(sum, r["test"]["confusion_matrix"])) == r["test"]["examples"]
         assert os.path.exists(os.path.join(r["workdir"], "confusion.png"))
+
+    # Evaluation reads the weights alone: the same step, params and statistics as the whole
+    # state, and no optimizer state or RNG key read or allocated.
+    from jaxtl import run
+
+    whole = run.restore_run(os.path.join(out, "pretrained-full")).state
+    weights = run.restore_run(os.path.join(out, "pretrained-full"), weights_only=True).state
+    assert int(weights.step) == int(whole.step) > 0
+    for part in ("params", "batch_stats"):
+        for a, b in zip(*(jax.tree.leaves(getattr(s, part)) for s in (whole, weights)), strict=1):
+            assert isinstance(b, jax.Array) and np.array_equal(a, b)
+    for part in ("opt_state", "rng"):
+        assert jax.tree.leaves(getattr(whole, part))
+        assert all(
+            isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(getattr(weights, part))
+        )
 
     # --resume on a finished directory keeps every finished run.
     shutil.rmtree(os.path.join(out, "scratch-full"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -199,8 +200,6 @@ def test_errors_name_the_problem(setup, tmp_path):
 
 
 def test_cli_compares_the_methods_on_a_built_shift(setup, tmp_path, capsys):
-    import os
-
     from _tiny import read_json
 
     from jaxtl import cli
@@ -245,6 +244,30 @@ def test_cli_bad_adapt_input_exits_2_before_loading(flags, message, tmp_path, ca
     assert message in err and "absent" not in err
 
 
+def test_cli_data_flags_serve_either_domain(tmp_path, capsys):
+    """--text-column and the other data flags apply to --data and --target-data where each
+    kind of source reads them: refused only when neither reads one (--splits: --data only)."""
+    from jaxtl import cli
+
+    out = str(tmp_path / "o")
+    target = str(tmp_path / "absent.csv")
+    # Read by the target (a csv): past the check, to the target's missing file.
+    argv = ["adapt", "--data", "vader", "--target-data", target, "--out", out]
+    assert cli.main([*argv, "--text-column", "word", "--label-column", "sentiment"]) == 2
+    err = capsys.readouterr().err
+    assert "absent.csv" in err and "--text-column" not in err
+    # Read by neither, and --splits by the source only:
+    cases = [(["--target-data", "digits", "--text-column", "word"], "input_column / "
+              "--text-column applies to a .csv / .jsonl file or tfds:NAME or hf:DIR only; "
+              "--data vader and --target-data digits do not read it: drop --text-column."),
+             (["--target-data", "tfds:jaxtl_vader", "--splits", "a,b,c"], "splits / --splits "
+              "applies to tfds:NAME or hf:DIR only; --data vader does not read it")]  # fmt: skip
+    for flags, message in cases:
+        assert cli.main(["adapt", "--data", "vader", "--out", out, *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
 def _one_slip_apart(a: str, b: str) -> bool:
     """Whether ``b`` is ``a`` with one swap of neighbours, one letter dropped, doubled or
     replaced (an edit distance of one, or one transposition)."""
@@ -278,8 +301,6 @@ def test_typos_shift_every_word_by_one_slip_and_keep_labels():
 
 
 def test_cli_adapts_a_text_model_to_typos(tmp_path, capsys):
-    import os
-
     from _tiny import read_json, write_vader_csv
 
     from jaxtl import cli

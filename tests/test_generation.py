@@ -209,9 +209,9 @@ def test_cli_generates_from_token_ids_like_the_python_call(tmp_path, capsys):
     assert "no tokenizer.json: give the prompts as ids (--token-ids)" in capsys.readouterr().err
     assert cli.main(["generate", str(tmp_path / "lm"), "--token-ids", "5,x"]) == 2
     assert "--token-ids takes comma-separated integers" in capsys.readouterr().err
-    assert cli.main([*argv, "--seed", "3"]) == 2
-    assert "--seed 3 seeds sampling, and --temperature 0" in capsys.readouterr().err
-    assert cli.main([*argv, "--checkpoint", "latest"]) == 2
+    assert cli.main([*argv, "--seed", "0"]) == 2
+    assert "--seed 0 seeds sampling, and --temperature 0" in capsys.readouterr().err
+    assert cli.main([*argv, "--checkpoint", "best"]) == 2
     assert "is a model directory (it has no run.json); drop --checkpoint" in (
         capsys.readouterr().err
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import jax
 import numpy as np
@@ -114,3 +115,12 @@ def test_a_staged_recipe_is_refused(setup):
     load, data, config = setup
     with pytest.raises(ValueError, match="is staged"):
         lr_find.lr_find(load(0), "lp_ft(1)", data, config, verbose=False)
+    # What a cached run cannot take, as jaxtl finetune refuses it (before features are cached):
+    for option, message in (({"precision": "bf16"}, "trains a tail model whose forward cannot"),
+                            ({}, "lora(4) puts adapters in every block")):  # fmt: skip
+        cached = jaxtl.TrainConfig(feature_cache="memory", **option)
+        recipe = "lora(4)" if not option else "linear_probe"
+        with pytest.raises(
+            ValueError, match=r"^feature_cache \(--feature-cache\) .*" + re.escape(message)
+        ):
+            lr_find.lr_find(load(0), recipe, data, cached, verbose=False)

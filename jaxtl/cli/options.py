@@ -206,22 +206,21 @@ def shard_rule(text: str) -> tuple[str, object]:
     return pattern, tuple(entries)
 
 
-def data_spec(args, modality: str) -> dict:
-    """The JSON description of ``--data`` that a run directory records (jaxtl.data.describe)."""
+def data_spec(args, modality: str, strict: bool = True) -> dict:
+    """The JSON description of ``--data`` that a run directory records (jaxtl.data.describe).
+    ``strict``: refuse the data options that this source does not read."""
     from jaxtl.data import describe, with_shots
 
     # Flags that contradict each other or that the source does not read: a ValueError (exit 2),
     # before the data is read or anything compiles.
-    spec = describe(
-        args.data,
-        data_dir=args.data_dir,
-        splits=args.splits,
-        input_column=args.text_column,
-        label_column=args.label_column,
-        skip_corrupt=args.skip_corrupt,
-        modality=modality,
-    )
+    spec = describe(args.data, **data_options(args), modality=modality, strict=strict)
     return with_shots(spec, args.shots, seed=args.seed)
+
+
+def data_options(args) -> dict:
+    """The data flags as :func:`jaxtl.data.describe`'s arguments."""
+    return {"data_dir": args.data_dir, "splits": args.splits, "input_column": args.text_column,
+            "label_column": args.label_column, "skip_corrupt": args.skip_corrupt}  # fmt: skip
 
 
 def enable_compilation_cache() -> None:

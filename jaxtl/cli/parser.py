@@ -158,8 +158,8 @@ _FINETUNE = {
          "checkpoint's; --preset digits: 32)", dict(type=int)),
         ("--in-channels", "image models: input channels when not 3 (1 sums the stem's RGB "
          "kernels)", dict(type=int)),
-        ("--skip-corrupt", "image folders: skip files that do not decode (counted) instead of "
-         "stopping at the first", dict(action="store_true")),
+        ("--skip-corrupt", "image and audio folders: skip files that do not decode (counted) "
+         "instead of stopping at the first", dict(action="store_true")),
         ("--long-texts", "texts longer than the model's positions: cut them (counted) or stop "
          "before training", dict(choices=["truncate", "error"], default="truncate")),
         ("--bucket-by-length", "text: batch texts of similar length, each batch padded to one of "
@@ -338,12 +338,13 @@ _RANK_DATA_FLAGS = ("--data", "--data-dir", "--splits", "--text-column", "--labe
                     "--shots", "--image-size", "--in-channels", "--skip-corrupt")  # fmt: skip
 
 
-def _checkpoint_arg(p: argparse.ArgumentParser) -> None:
+def _checkpoint_arg(p: argparse.ArgumentParser, default: str | None = "best") -> None:
     p.add_argument(
         "--checkpoint",
         choices=["best", "latest"],
-        default="best",
-        help="the best-validation checkpoint, or the last one saved",
+        default=default,
+        help="the best-validation checkpoint, or the last one saved"
+        + ("" if default else " (a run directory only; default: best)"),
     )
 
 
@@ -482,8 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weight decays of trainable matrices")  # fmt: skip
     sw.add_argument("--seeds", default="0", metavar="S1,S2,...",
                     help="seeds: each cell's new head, dropout and data order")  # fmt: skip
-    sw.add_argument("--seed", type=int, default=0,
-                    help="draws the --shots subset (the cells' seeds are --seeds)")  # fmt: skip
+    sw.add_argument("--seed", type=int, help="draws the --shots subset (default: 0; the "
+                    "cells' seeds are --seeds)")  # fmt: skip
     sw.add_argument("--sequential", action="store_true",
                     help="one run per cell even where the heads could be vmapped")  # fmt: skip
     _run_flags(sw, skip=_NOT_FOR_SWEEP)
@@ -537,8 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_flag(ad)
     ad.add_argument("--recipe", default="full", help="what trains (one plain recipe)")
-    ad.add_argument("--target-data", help="the target domain, in --data's syntax (its text / "
-                    "label columns are --data's)")  # fmt: skip
+    ad.add_argument("--target-data", help="the target domain, in --data's syntax (--text-column, "
+                    "--label-column, --data-dir and --skip-corrupt apply to it too, where its "
+                    "kind of source reads them; --splits does not)")  # fmt: skip
     ad.add_argument("--target-shift", choices=SHIFTS,
                     help="the target is --data shifted: every image (invert, rotate, noise) "
                     "or every word of the texts (typos: one typing slip each)")  # fmt: skip
@@ -606,9 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample")
     ge.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     ge.add_argument("--top-p", type=float, help="sample from the nucleus of this probability")
-    ge.add_argument("--seed", type=int, default=0, help="the sampling seed")
+    ge.add_argument("--seed", type=int, help="the sampling seed (default: 0)")
     ge.add_argument("--json", help="also write the prompts, token ids and texts here")
-    _checkpoint_arg(ge)
+    _checkpoint_arg(ge, default=None)
 
     ins = sub.add_parser(
         "inspect",

@@ -64,7 +64,7 @@ def generate_command(args) -> int:
 
     # Options first: a bad one is reported before anything loads or compiles.
     sampling = jaxtl.Sampling(args.temperature, args.top_k, args.top_p)
-    if sampling.greedy and args.seed != 0:
+    if sampling.greedy and args.seed is not None:
         raise ValueError(
             f"--seed {args.seed} seeds sampling, and --temperature 0 (the default) decodes "
             "greedily, the same whatever the seed; give a temperature > 0, or drop --seed."
@@ -72,10 +72,11 @@ def generate_command(args) -> int:
     if bool(args.prompt) == bool(args.token_ids):
         raise ValueError("generate needs prompts: --prompt TEXT or --token-ids 1,2,3 (not both).")
     if os.path.isfile(os.path.join(args.model, "run.json")):
-        restored = run.restore_run(args.model, args.checkpoint)
+        which = args.checkpoint or "best"
+        restored = run.restore_run(args.model, which, weights_only=True)
         model, params = restored.model, restored.state.params
-        where = f"{args.model} ({args.checkpoint} checkpoint, step {restored.step})"
-    elif args.checkpoint != "best":
+        where = f"{args.model} ({which} checkpoint, step {restored.step})"
+    elif args.checkpoint is not None:
         raise ValueError(
             f"--checkpoint {args.checkpoint} picks one of a run's checkpoints, and {args.model} "
             "is a model directory (it has no run.json); drop --checkpoint."
@@ -116,9 +117,9 @@ def generate_command(args) -> int:
         mask,
         max_new_tokens=args.max_new_tokens,
         sampling=sampling,
-        seed=args.seed,
+        seed=args.seed or 0,
     )
-    how = "greedy" if sampling.greedy else f"sampled (seed {args.seed})"
+    how = "greedy" if sampling.greedy else f"sampled (seed {args.seed or 0})"
     print(f"{where}: {args.max_new_tokens} new tokens at most, {how}")
     eos = model.extras["decoder"].eos_token_id
     eos = set(np.atleast_1d(eos).tolist()) if eos is not None else set()

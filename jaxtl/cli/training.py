@@ -8,6 +8,7 @@ import sys
 
 from jaxtl.cli.options import (
     check_devices,
+    data_options,
     data_spec,
     load_options,
     placement_options,
@@ -165,11 +166,12 @@ def sweep_command(args) -> int:
         "weight_decays": sweep.parse_grid(args.weight_decay, "--weight-decay"),
         "seeds": sweep.parse_grid(args.seeds, "--seeds"),
     }
-    if args.seed != 0 and args.shots is None:
+    if args.seed is not None and args.shots is None:
         raise ValueError(
             f"--seed {args.seed} draws the --shots subset, and there is none; each cell's head, "
             f"dropout and data order come from --seeds (e.g. --seeds {args.seed})."
         )
+    args.seed = args.seed or 0
     check_devices(args)
     out = experiment.experiment_dir(args.out, "sweep")
     options = load_options(args)
@@ -263,7 +265,7 @@ def adapt_command(args) -> int:
     import jaxtl
     from jaxtl import domain, experiment, surgery
     from jaxtl.data import shifts
-    from jaxtl.data.spec import describe, resolve
+    from jaxtl.data.spec import describe, refuse_unread, resolve
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     domain.check_methods(methods)
@@ -280,15 +282,22 @@ def adapt_command(args) -> int:
     path = args.model or jaxtl.default_model_dir()
     model = surgery.load_model(path, pooling=args.pooling, seed=args.seed, **options)
     modality = data_modality(model)
-    source = resolve(data_spec(args, modality), num_labels=args.num_labels, task="classification")
+    # The data options are --data's, and --target-data's where its kind of source reads them
+    # (--splits excepted): each must be read by one of the two.
+    source_spec = data_spec(args, modality, strict=args.target_shift is not None)
+    target_spec = None
+    if args.target_data is not None:
+        shared = {**data_options(args), "splits": None}
+        target_spec = describe(args.target_data, **shared, modality=modality, strict=False)
+        source_name = f"--data {args.data}"
+        refuse_unread({"splits": args.splits}, {source_name: source_spec})
+        refuse_unread(shared, {source_name: source_spec,
+                               f"--target-data {args.target_data}": target_spec})  # fmt: skip
+    source = resolve(source_spec, num_labels=args.num_labels, task="classification")
     if args.target_shift:
         target = shifts.shifted(source, args.target_shift, seed=args.seed)
     else:
-        # --data's options, where the target's kind of source reads them.
-        spec = describe(args.target_data, data_dir=args.data_dir, input_column=args.text_column,
-                        label_column=args.label_column, skip_corrupt=args.skip_corrupt,
-                        modality=modality, strict=False)  # fmt: skip
-        target = resolve(spec, num_labels=args.num_labels, task="classification")
+        target = resolve(target_spec, num_labels=args.num_labels, task="classification")
     lr = args.lr or experiment.default_learning_rate(args.recipe)
     config = train_config(args, epochs=args.epochs or 1)
     config = dataclasses.replace(config, optim=dataclasses.replace(config.optim, learning_rate=lr))

@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from jaxtl.data.images import ImageSplits, digits, digits_segmentation, from_folder
 from jaxtl.data.shots import few_shot
@@ -57,8 +57,9 @@ def describe(
         (``--skip-corrupt``).
       modality: what the model reads, ``"text"``, ``"image"`` or ``"audio"`` (a folder of
         WAV class folders).
-      strict: refuse the options this kind of source does not read. False: leave them out, for
-        a second source that shares the first one's options (``jaxtl adapt --target-data``).
+      strict: refuse the options this kind of source does not read. False: leave them out (for
+        two sources that share options, as ``jaxtl adapt``'s ``--data`` and ``--target-data``:
+        check them together with :func:`refuse_unread`).
 
     Raises:
       ValueError: an option given that this kind of source does not read (naming it and its
@@ -66,16 +67,30 @@ def describe(
     """
     spec = _describe(data, data_dir, _split_list(splits), input_column, label_column,
                      skip_corrupt, modality)  # fmt: skip
-    given = {"data_dir": data_dir, "splits": splits, "input_column": input_column,
-             "label_column": label_column, "skip_corrupt": skip_corrupt}  # fmt: skip
+    if strict:
+        given = {"data_dir": data_dir, "splits": splits, "input_column": input_column,
+                 "label_column": label_column, "skip_corrupt": skip_corrupt}  # fmt: skip
+        refuse_unread(given, {f"--data {data}": spec})
+    return spec
+
+
+def refuse_unread(given: Mapping[str, object], sources: Mapping[str, dict]) -> None:
+    """Refuse each option of :func:`describe` set in ``given`` (argument name -> value) that
+    none of ``sources`` (a name for the message, e.g. ``"--data vader"`` -> its spec) reads.
+
+    Raises:
+      ValueError: naming the argument, its flag, the kinds of source that read it, and the
+        sources that do not.
+    """
     for arg, flag, kinds in _READ_BY:
-        if strict and given[arg] and spec["kind"] not in kinds:
-            sources = " or ".join(_SOURCE_NAMES[k] for k in kinds)
+        if given.get(arg) and not any(spec["kind"] in kinds for spec in sources.values()):
+            readers = " or ".join(_SOURCE_NAMES[k] for k in kinds)
+            names = " and ".join(sources)
+            verb = "does" if len(sources) == 1 else "do"
             raise ValueError(
-                f"{arg} / {flag} applies to {sources} only; --data {data} does not read it: "
+                f"{arg} / {flag} applies to {readers} only; {names} {verb} not read it: "
                 f"drop {flag}."
             )
-    return spec
 
 
 # The options of describe() that only some kinds of source read: (argument, flag, kinds).
