@@ -11,7 +11,7 @@ Usage:
   python benchmarks/restore_memory.py [--run RUN_DIR] [--repeats 3]
 
 Without ``--run`` it first makes one in a temporary directory: ``jaxtl finetune --recipe full
---no-scratch --max-steps 2`` (the embedded MiniLM-L6 and the demo data; AdamW keeps two moments
+--no-scratch --max-steps 4`` (the embedded MiniLM-L6 and the demo data; AdamW keeps two moments
 per trained param).
 """
 
@@ -46,7 +46,7 @@ def _child(kind: str, run_dir: str) -> None:
 def _make_run(parent: str) -> str:
     out = os.path.join(parent, "run")
     argv = [sys.executable, "-m", "jaxtl.cli", "finetune", "--recipe", "full", "--no-scratch",
-            "--max-steps", "2", "--out", out]  # fmt: skip
+            "--max-steps", "4", "--out", out]  # fmt: skip
     print("making a run:", " ".join(argv[2:]), flush=True)
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
     return os.path.join(out, "pretrained-full")

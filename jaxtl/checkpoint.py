@@ -443,11 +443,16 @@ def _restore(
             # step name format, so a step's directory is its number).
             wanted = _abstract({k: v for k, v in like.items() if k in parts})
             barriers = _own_barriers(f"{os.path.basename(str(manager.directory))}-parts")
+            path = os.path.join(str(manager.directory), str(step), "state")
             with ocp.Checkpointer(
                 ocp.PyTreeCheckpointHandler(), multiprocessing_options=barriers
             ) as reader:
+                # A partial restore drops saved entries the template lacks and leaves the
+                # template's own in place where nothing was saved: check both first, as a whole
+                # restore does.
+                _check_saved_shapes(reader, path, wanted)
                 got = reader.restore(
-                    os.path.join(str(manager.directory), str(step), "state"),
+                    path,
                     args=ocp.args.PyTreeRestore(
                         item=wanted,
                         restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
@@ -457,6 +462,38 @@ def _restore(
         except Exception as e:
             raise CheckpointReadError(str(manager.directory), step, manager.all_steps(), e) from e
     return {k: got.get(k) for k in like}, meta["meta"]
+
+
+def _check_saved_shapes(reader: ocp.Checkpointer, path: str, wanted: dict[str, Any]) -> None:
+    """Raise ValueError unless the state saved at ``path`` holds exactly the leaves of
+    ``wanted``'s entries, with their shapes (dtypes may differ: a restore casts)."""
+    from jaxtl.transfer.trees import path_str
+
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # orbax warns that the state has no step metadata of its own
+    try:
+        meta = reader.metadata(path)
+    finally:
+        absl.setLevel(level)
+    saved = getattr(meta, "item_metadata", meta)
+    saved = getattr(saved, "tree", saved)
+
+    def shapes(tree: Any) -> dict[str, tuple]:
+        leaves = jax.tree_util.tree_leaves_with_path(tree)
+        return {path_str(p): tuple(getattr(x, "shape", ())) for p, x in leaves}
+
+    for part, like in wanted.items():
+        have, want = shapes(saved.get(part, {})), shapes(like)
+        if have != want:
+            extra = sorted(set(have) - set(want))
+            missing = sorted(set(want) - set(have))
+            other = sorted(k for k in set(have) & set(want) if have[k] != want[k])
+            found = [f"saved but not in the model: {extra[:3]}" if extra else "",
+                     f"in the model but not saved: {missing[:3]}" if missing else "",
+                     f"other shapes: {[(k, have[k], want[k]) for k in other[:3]]}" if other
+                     else ""]  # fmt: skip
+            raise ValueError(f"its {part} differ: " + "; ".join(f for f in found if f))
 
 
 # Whether orbax's I/O may have left strays: while a read runs, and for good once a read or a

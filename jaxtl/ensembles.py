@@ -307,7 +307,10 @@ def soup(
             tree = scorer.run.state.checkpoint_tree()
         else:
             tree, _ = checkpoint.restore_params(  # each run in the stage it was saved in
-                os.path.join(d, "checkpoints"), scorer.run.trainer.checkpoint_like, which
+                os.path.join(d, "checkpoints"),
+                scorer.run.trainer.checkpoint_like,
+                which,
+                parts=("params", "batch_stats"),  # the rest of the state is the first run's
             )
         params, stats = _host(tree["params"]), _host(tree["batch_stats"])
         scores = scorer.score(unflatten(params), unflatten(stats))

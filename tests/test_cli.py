@@ -250,6 +250,24 @@ def test_finetune_then_evaluate(capsys, tmp_path, tiny_dir, csv_data):
         assert all(
             isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(getattr(weights, part))
         )
+    # ... and, like a whole restore, refuses a model that does not hold exactly what was saved.
+    from jaxtl import checkpoint
+
+    rebuilt = run.restore_run(os.path.join(out, "pretrained-full"), weights_only=True).trainer
+    saved_at = os.path.join(out, "pretrained-full", "checkpoints")
+    weights_only = ("step", "params", "batch_stats")
+    cases = [(lambda p: {k: v for k, v in p.items() if k != "classifier"},
+              r"saved but not in the model: \['classifier/bias', 'classifier/k"),
+             (lambda p: {**p, "more": p["classifier"]},
+              r"in the model but not saved: \['more/bias', 'more/kernel'\]")]  # fmt: skip
+    for change, found in cases:
+
+        def like(meta, change=change):
+            tree = rebuilt.checkpoint_like(meta)
+            return {**tree, "params": change(tree["params"])}
+
+        with pytest.raises(checkpoint.CheckpointReadError, match="its params differ: " + found):
+            checkpoint.restore_params(saved_at, like, parts=weights_only)
 
     # --resume on a finished directory keeps every finished run.
     shutil.rmtree(os.path.join(out, "scratch-full"))
