@@ -140,6 +140,15 @@ def test_bad_mesh_batch_and_sharding_flags_fail_before_training(
     assert not os.path.exists(out)  # refused before any run started
 
 
+@pytest.mark.parametrize("verb", [["finetune"], ["sweep"], ["lr-find"], ["rank", "--models",
+                                  "absent"], ["adapt", "--target-shift", "typos"]])  # fmt: skip
+def test_data_flags_are_refused_before_the_model_is_looked_for(verb, tmp_path, capsys):
+    model = [] if verb[0] == "rank" else ["--model", str(tmp_path / "absent")]
+    assert cli.main([*verb, *model, "--data", "digits", "--text-column", "t"]) == 2
+    err = capsys.readouterr().err
+    assert "--data digits does not read it: drop --text-column" in err and "absent" not in err
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

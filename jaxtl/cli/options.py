@@ -217,6 +217,14 @@ def data_spec(args, modality: str, strict: bool = True) -> dict:
     return with_shots(spec, args.shots, seed=args.seed)
 
 
+def check_data_flags(args) -> None:
+    """:func:`data_spec`'s refusals before the model loads, where they do not depend on it: a
+    source that is not a directory is read the same by every model (a directory is an image or
+    an audio folder by the model's modality, checked once it is known)."""
+    if not os.path.isdir(args.data):
+        data_spec(args, modality="text")
+
+
 def data_options(args) -> dict:
     """The data flags as :func:`jaxtl.data.describe`'s arguments."""
     return {"data_dir": args.data_dir, "splits": args.splits, "input_column": args.text_column,

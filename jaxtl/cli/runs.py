@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 
-from jaxtl.cli.options import data_spec, surgery_options
+from jaxtl.cli.options import check_data_flags, data_spec, surgery_options
 
 
 def evaluate_command(args) -> int:
@@ -159,6 +159,7 @@ def rank_command(args) -> int:
     candidates = [ranking.parse_candidate(m) for m in args.models.split(",")]
     if args.sort_by not in scores:
         raise ValueError(f"--sort-by {args.sort_by} is not among --scores {args.scores!r}.")
+    check_data_flags(args)
     out = experiment.experiment_dir(args.out, "rank")
     done = ranking.rank(
         candidates,

@@ -7,6 +7,7 @@ import os
 import sys
 
 from jaxtl.cli.options import (
+    check_data_flags,
     check_devices,
     data_options,
     data_spec,
@@ -46,6 +47,7 @@ def finetune_command(args) -> int:
                "accuracy; drop the flag (the table still compares their losses).")
         )  # fmt: skip
     check_devices(args)
+    check_data_flags(args)
     model_path = args.model or jaxtl.default_model_dir()
     options = {**load_options(args), **placement_options(args)}
     config = train_config(args, epochs=args.epochs or 1)
@@ -172,6 +174,7 @@ def sweep_command(args) -> int:
             f"dropout and data order come from --seeds (e.g. --seeds {args.seed})."
         )
     args.seed = args.seed or 0
+    check_data_flags(args)
     check_devices(args)
     out = experiment.experiment_dir(args.out, "sweep")
     options = load_options(args)
@@ -225,6 +228,7 @@ def lr_find_command(args) -> int:
 
     lr_find.check_options(args.start_lr, args.end_lr, args.steps, args.diverge, args.smoothing)
     check_devices(args)
+    check_data_flags(args)
     out = experiment.experiment_dir(args.out, "lr-find")
     options = load_options(args)
     model = surgery.load_model(
@@ -277,6 +281,8 @@ def adapt_command(args) -> int:
         )
     if args.task != "classification":
         raise ValueError("jaxtl adapt trains a classification head (--task classification).")
+    if args.target_shift:  # (with --target-data, the flags are checked against both sources)
+        check_data_flags(args)
     out = experiment.experiment_dir(args.out, "adapt", resume=args.resume)
     options = load_options(args)
     path = args.model or jaxtl.default_model_dir()
