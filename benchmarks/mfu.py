@@ -23,8 +23,10 @@ compiling step. Random weights at the real shapes: MFU does not depend on their 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -112,6 +114,7 @@ def main() -> None:
 
     raw = CONFIGS[args.model]
     directory = tempfile.mkdtemp(prefix="jaxtl-mfu-")
+    atexit.register(shutil.rmtree, directory, True)  # it holds only the config.json
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(raw, f)
     model = jaxtl.load(directory, num_labels=2, pretrained=False)

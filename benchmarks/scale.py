@@ -36,8 +36,10 @@ scattering gradients is visible.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -92,6 +94,13 @@ def _machine() -> str:
     return f"CPU {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}"
 
 
+def _scratch(prefix: str) -> str:
+    """A temporary directory for a model's config.json, removed when the process exits."""
+    directory = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, directory, True)
+    return directory
+
+
 def abstract_model(name: str):
     """A :class:`LoadedModel` whose params are ``jax.ShapeDtypeStruct`` s (nothing allocated),
     built by the family's own ``build`` from a config.json."""
@@ -99,7 +108,7 @@ def abstract_model(name: str):
     from jaxtl.models.base import LoadedModel
 
     raw = MODELS[name]
-    directory = tempfile.mkdtemp(prefix=f"jaxtl-scale-{name}-")
+    directory = _scratch(f"jaxtl-scale-{name}-")
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(raw, f)
     family = registry.family_for_config(raw, source=name)
@@ -256,7 +265,7 @@ def step_times(batch: int, length: int, rounds: int, arms=("replicated", "fsdp=8
     import jaxtl
     from jaxtl import parallel
 
-    directory = tempfile.mkdtemp(prefix="jaxtl-scale-small-")
+    directory = _scratch("jaxtl-scale-small-")
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(MODELS["bert-small"], f)
     model = jaxtl.load(directory, num_labels=2, pretrained=False)

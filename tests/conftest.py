@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 # compile on 2 cores). A persistent compilation cache, fresh for each pytest session and
 # inherited by the subprocess tests, compiles each distinct program once. It changes no
 # numerics: a cache hit is the same executable.
+_cache = None  # the directory this process made, removed when its session ends
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="jaxtl-xla-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAXTL_TESTS_XLA_CACHE"] = _cache
@@ -23,6 +25,13 @@ if _worker and os.environ["JAX_COMPILATION_CACHE_DIR"] == os.environ.get("JAXTL_
         os.environ["JAXTL_TESTS_XLA_CACHE"], _worker
     )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the session's compilation cache (~80 MB a run). Only the process that made it
+    does: under xdist that is the controller, which finishes after every worker."""
+    if _cache is not None:
+        shutil.rmtree(_cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
