@@ -52,6 +52,7 @@ from jaxtl.models.common import (
 )
 from jaxtl.models.layers import (
     SEGMENTATION_HEAD,
+    DepthwiseConv,
     Dropout,
     SegmentationHead,
     block,
@@ -183,7 +184,7 @@ def _conv(
     dtype: Any,
     groups: int = 1,
 ) -> nn.Conv:
-    return nn.Conv(
+    return (DepthwiseConv if groups > 1 else nn.Conv)(
         features,
         kernel_size=kernel,
         strides=stride,

@@ -42,7 +42,7 @@ from jaxtl.models.common import (
     make_apply,
     state_dict_exporter,
 )
-from jaxtl.models.layers import Dropout, batch_norm, check_nhwc
+from jaxtl.models.layers import DepthwiseConv, Dropout, batch_norm, check_nhwc
 from jaxtl.models.preprocessing import ImagePreprocessing
 from jaxtl.models.registry import ModelSpec
 from jaxtl.transfer.structure import Structure
@@ -172,7 +172,7 @@ class EfficientNetConfig:
 def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any, groups: int = 1):
     # padding="SAME" is TF's rule (lax.padtype_to_pads: total = max((out-1)*s + k - in, 0), the
     # smaller half first), which is what the reference's Conv2d*SamePadding compute.
-    return nn.Conv(
+    return (DepthwiseConv if groups > 1 else nn.Conv)(
         features,
         (kernel, kernel),
         strides=stride,
