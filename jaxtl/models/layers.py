@@ -139,25 +139,32 @@ class DepthwiseConv(nn.Conv):
     tolerances). Other backends run the grouped convolution, as Flax does.
 
     It overrides ``__call__`` whole (no call to Flax's): a LoRA interceptor sees one call.
+    Padding is Flax's: ``"SAME"``, ``"SAME_LOWER"``, ``"VALID"``, an int, or per-dimension ints
+    or ``(low, high)`` pairs (negative crops); ``"CIRCULAR"``, ``"REFLECT"`` and ``"CAUSAL"`` are
+    refused. Under ``remat="dots_saveable"`` its CPU output is recomputed in the backward pass
+    like any elementwise result, where a grouped convolution's would be saved.
     """
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
         channels = jnp.shape(inputs)[-1]
+        k = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
+        padding = _depthwise_padding(self.padding)
         if not (
             jnp.ndim(inputs) == 4
-            and len(self.kernel_size) == 2
+            and len(k) == 2
             and self.feature_group_count == channels == self.features
             and self.mask is None
             and self.input_dilation in (None, 1, (1, 1))
             and self.kernel_dilation in (None, 1, (1, 1))
-            and (self.padding in ("SAME", "VALID") or not isinstance(self.padding, str | int))
+            and padding is not None
         ):
             raise ValueError(
-                f"DepthwiseConv takes NHWC inputs of {self.features} channels, one group per "
-                "channel, no dilation or mask, and SAME, VALID or explicit padding; got inputs "
-                f"{jnp.shape(inputs)}, feature_group_count={self.feature_group_count}, "
-                f"padding={self.padding!r}. Use flax.linen.Conv."
+                f"DepthwiseConv takes NHWC inputs of {self.features} channels, a 2-D kernel, one "
+                "group per channel, no dilation or mask, and SAME, SAME_LOWER, VALID or explicit "
+                f"padding; got inputs {jnp.shape(inputs)}, kernel_size={self.kernel_size}, "
+                f"feature_group_count={self.feature_group_count}, padding={self.padding!r}. Use "
+                "flax.linen.Conv."
             )
         k = tuple(self.kernel_size)
         kernel = self.param("kernel", self.kernel_init, (*k, 1, self.features), self.param_dtype)
@@ -169,18 +176,32 @@ class DepthwiseConv(nn.Conv):
         inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         strides = _strides(self.strides)
         if jax.default_backend() == "cpu":
-            y = depthwise_conv(inputs, kernel, strides, self.padding)
+            y = depthwise_conv(inputs, kernel, strides, padding)
         else:
             y = jax.lax.conv_general_dilated(
                 inputs,
                 kernel,
                 strides,
-                _pads(inputs.shape[1:3], k, strides, self.padding),
+                _pads(inputs.shape[1:3], k, strides, padding),
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 feature_group_count=self.features,
                 precision=self.precision,
             )
         return y if bias is None else y + bias
+
+
+def _depthwise_padding(padding: Any) -> str | tuple[tuple[int, int], ...] | None:
+    """Flax's padding in the form :func:`depthwise_conv` reads (an upper-case name or two
+    ``(low, high)`` pairs), or None for a form it does not compute."""
+    from flax.linen.linear import canonicalize_padding
+
+    if isinstance(padding, str):
+        return padding.upper() if padding.upper() in ("SAME", "SAME_LOWER", "VALID") else None
+    try:
+        pairs = canonicalize_padding(padding, 2)
+    except (TypeError, ValueError):
+        return None
+    return tuple((int(lo), int(hi)) for lo, hi in pairs)
 
 
 def _strides(strides: Any) -> tuple[int, int]:
@@ -199,12 +220,15 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pa
     """A depthwise 2-D convolution of NHWC ``x`` with an HWIO ``kernel`` of shape
     ``[kh, kw, 1, C]``: ``lax.conv_general_dilated(..., feature_group_count=C)`` as a sum of
     ``kh * kw`` strided slices of the padded input, each times its tap. Padding is a Flax/lax
-    padding: ``"SAME"`` (TF's rule, the smaller half first), ``"VALID"`` or ``(low, high)``
-    pairs. Narrower floats are multiplied and summed in float32 (as a convolution accumulates)
-    and rounded once."""
+    padding: ``"SAME"`` (TF's rule, the smaller half first), ``"SAME_LOWER"``, ``"VALID"`` or
+    ``(low, high)`` pairs. Narrower floats are multiplied and summed in float32 (as a
+    convolution accumulates) and rounded once."""
     kh, kw = kernel.shape[:2]
     sh, sw = strides
-    x = jnp.pad(x, ((0, 0), *_pads(x.shape[1:3], (kh, kw), strides, padding), (0, 0)))
+    pads = _pads(x.shape[1:3], (kh, kw), strides, padding)  # a negative pad crops, as in lax
+    x = jax.lax.pad(
+        x, jnp.zeros((), x.dtype), ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0))
+    )
     out_h = (x.shape[1] - kh) // sh + 1
     out_w = (x.shape[2] - kw) // sw + 1
     dtype = x.dtype
