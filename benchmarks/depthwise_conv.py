@@ -29,6 +29,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scale import _machine  # noqa: E402  (the machine line every benchmark here prints)
+
 KINDS = ("grouped", "shifted")
 
 
@@ -49,12 +52,6 @@ def _use(kind: str) -> None:
 
     if kind == "grouped":
         layers.depthwise_conv = _grouped
-
-
-def _machine() -> str:
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if "model name" in line), "?")
-    return f"CPU {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}"
 
 
 def lite0_shapes(size: int) -> list[tuple[int, int, int, int]]:
