@@ -1,5 +1,5 @@
 """Depthwise convolutions on CPU: XLA's grouped convolution against jaxtl's shifted multiply-adds
-(``jaxtl.models.layers.DepthwiseConv``, EfficientNet's and ConvNeXt's depthwise layers).
+(``jaxtl.models.conv.DepthwiseConv``, EfficientNet's and ConvNeXt's depthwise layers).
 
 Two parts, each printing the ratio grouped / shifted (above 1: jaxtl's is faster):
 
@@ -38,9 +38,9 @@ KINDS = ("grouped", "shifted")
 def _grouped(x, kernel, strides, padding):
     from jax import lax
 
-    from jaxtl.models import layers
+    from jaxtl.models import conv
 
-    pads = layers._pads(x.shape[1:3], kernel.shape[:2], strides, padding)
+    pads = conv._pads(x.shape[1:3], kernel.shape[:2], strides, padding)
     return lax.conv_general_dilated(
         x, kernel, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=x.shape[-1],
@@ -48,10 +48,10 @@ def _grouped(x, kernel, strides, padding):
 
 
 def _use(kind: str) -> None:
-    from jaxtl.models import layers
+    from jaxtl.models import conv
 
     if kind == "grouped":
-        layers.depthwise_conv = _grouped
+        conv.depthwise_conv = _grouped
 
 
 def lite0_shapes(size: int) -> list[tuple[int, int, int, int]]:
@@ -71,9 +71,9 @@ def layers_part(batch: int, size: int, repeats: int, rounds: int) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxtl.models import layers
+    from jaxtl.models import conv
 
-    shifted = layers.depthwise_conv
+    shifted = conv.depthwise_conv
     cases = [("lite0", batch, *s) for s in lite0_shapes(size)]
     cases += [
         ("convnext-tiny", 8, hw, c, 7, 1) for hw, c in ((56, 96), (28, 192), (14, 384), (7, 768))
@@ -123,33 +123,47 @@ def _child(kind: str, size: int, steps: int) -> None:
         )
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
+    time_gradient(loss, model.params, steps)
+
+
+def time_gradient(loss, params, steps: int) -> None:
+    """Print, as one JSON line, the seconds ``jax.jit(jax.grad(loss))`` takes to compile and
+    the median milliseconds of ``steps`` calls after a first one (a child process's result)."""
+    import jax
+
     t = time.perf_counter()
-    step = jax.jit(jax.grad(loss)).lower(model.params).compile()
+    step = jax.jit(jax.grad(loss)).lower(params).compile()
     compile_s = time.perf_counter() - t
-    jax.block_until_ready(step(model.params))
+    jax.block_until_ready(step(params))
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        jax.block_until_ready(step(model.params))
+        jax.block_until_ready(step(params))
         times.append(time.perf_counter() - t)
     print(json.dumps({"compile_s": compile_s, "step_ms": statistics.median(times) * 1e3}))
 
 
-def model_part(size: int, rounds: int, steps: int) -> dict:
+def alternate(script: str, args, kinds, rounds: int) -> dict:
+    """Run ``script --child KIND *args`` once per kind and round, the kinds' order reversed
+    every other round, each a fresh process without a compilation cache; the median of each
+    :func:`time_gradient` key per kind."""
     env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}
-    runs = {kind: [] for kind in KINDS}
+    runs = {kind: [] for kind in kinds}
     for r in range(rounds):
-        for kind in KINDS if r % 2 == 0 else KINDS[::-1]:
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", kind, "--sizes", str(size),
-                 "--steps", str(steps)],
-                env=env, capture_output=True, text=True, check=True,
-            )  # fmt: skip
+        for kind in kinds if r % 2 == 0 else kinds[::-1]:
+            cmd = [sys.executable, script, "--child", kind, *map(str, args)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
             runs[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
     return {
         kind: {key: statistics.median(run[key] for run in rs) for key in ("compile_s", "step_ms")}
         for kind, rs in runs.items()
     }
+
+
+def model_part(size: int, rounds: int, steps: int) -> dict:
+    return alternate(__file__, ["--sizes", size, "--steps", steps], KINDS, rounds)
 
 
 def main() -> None:

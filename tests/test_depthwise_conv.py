@@ -1,4 +1,4 @@
-"""``jaxtl.models.layers.DepthwiseConv``: on CPU a depthwise convolution runs as shifted
+"""``jaxtl.models.conv.DepthwiseConv``: on CPU a depthwise convolution runs as shifted
 multiply-adds; its outputs and both gradients are PyTorch's grouped ``conv2d``'s, and its params
 are those of the ``flax.linen.Conv`` it replaces (EfficientNet's and ConvNeXt's depthwise layers,
 so checkpoints, rules and LoRA see the same tree)."""
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxtl.models.layers import DepthwiseConv
+from jaxtl.models.conv import DepthwiseConv
 
 
 def _torch_pads(size: int, k: int, s: int, padding, dim: int) -> tuple[int, int]:

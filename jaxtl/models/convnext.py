@@ -50,9 +50,9 @@ from jaxtl.models.common import (
     make_apply,
     segmentation_exporter,
 )
+from jaxtl.models.conv import DepthwiseConv
 from jaxtl.models.layers import (
     SEGMENTATION_HEAD,
-    DepthwiseConv,
     Dropout,
     SegmentationHead,
     block,

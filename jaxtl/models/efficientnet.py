@@ -42,7 +42,8 @@ from jaxtl.models.common import (
     make_apply,
     state_dict_exporter,
 )
-from jaxtl.models.layers import DepthwiseConv, Dropout, batch_norm, check_nhwc
+from jaxtl.models.conv import DepthwiseConv
+from jaxtl.models.layers import Dropout, batch_norm, check_nhwc
 from jaxtl.models.preprocessing import ImagePreprocessing
 from jaxtl.models.registry import ModelSpec
 from jaxtl.transfer.structure import Structure

@@ -7,8 +7,6 @@ numerics fix reaches every family:
 * :func:`dense` and :func:`layer_norm`: transformers' ``nn.Linear`` and PyTorch's
   ``nn.LayerNorm`` (BERT, GPT-2, ViT); ``dense`` builds a :class:`Dense`, whose kernel
   gradient XLA runs on its fast matmul path on CPU;
-* :class:`DepthwiseConv`: a depthwise ``flax.linen.Conv`` that runs as shifted multiply-adds
-  on CPU (EfficientNet, ConvNeXt);
 * :class:`Dropout`: every family's dropout, ``flax.linen.Dropout`` with a mask that costs a
   quarter of the random-number work;
 * :func:`dot_product_attention`: the masked softmax-attention core of BERT, GPT-2 and ViT, after
@@ -24,6 +22,9 @@ numerics fix reaches every family:
 The builders create their Flax modules in the caller's scope (they must be called inside a
 ``@nn.compact`` method), so a module built here has the path it had when each family built its
 own.
+
+Grouped and depthwise convolutions, which XLA:CPU runs slowly in their plain form, are in
+:mod:`jaxtl.models.conv`.
 """
 
 from __future__ import annotations
@@ -123,129 +124,6 @@ def _cpu_dense_bwd(precision, residuals, dy):
 
 
 _cpu_dense.defvjp(_cpu_dense_fwd, _cpu_dense_bwd)
-
-
-class DepthwiseConv(nn.Conv):
-    """A depthwise ``flax.linen.Conv`` (one filter per channel: ``feature_group_count`` =
-    input channels = ``features``; same params, same outputs to float rounding) that runs, on
-    CPU, as ``k * k`` shifted multiply-adds instead of a grouped convolution.
-
-    XLA:CPU has no fast kernel for a grouped convolution: forward + backward of EfficientNet-
-    Lite0's 16 depthwise layers (batch 32, 32 px) took 768 ms as grouped convolutions against
-    71 ms as shifted multiply-adds, ConvNeXt-Tiny's 7x7 ones 3.5x longer, and a whole Lite0
-    gradient step 6.2x (32 px) and 3.9x (128 px) longer; compiling it takes ~5 s more
-    (``benchmarks/depthwise_conv.py``). The sum runs over the same products in another order, so
-    outputs move by float rounding (the parity tests compare with PyTorch's at unchanged
-    tolerances). Other backends run the grouped convolution, as Flax does.
-
-    It overrides ``__call__`` whole (no call to Flax's): a LoRA interceptor sees one call.
-    Padding is Flax's: ``"SAME"``, ``"SAME_LOWER"``, ``"VALID"``, an int, or per-dimension ints
-    or ``(low, high)`` pairs (negative crops); ``"CIRCULAR"``, ``"REFLECT"`` and ``"CAUSAL"`` are
-    refused. Under ``remat="dots_saveable"`` its CPU output is recomputed in the backward pass
-    like any elementwise result, where a grouped convolution's would be saved.
-    """
-
-    @nn.compact
-    def __call__(self, inputs: jax.Array) -> jax.Array:
-        channels = jnp.shape(inputs)[-1]
-        k = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
-        padding = _depthwise_padding(self.padding)
-        if not (
-            jnp.ndim(inputs) == 4
-            and len(k) == 2
-            and self.feature_group_count == channels == self.features
-            and self.mask is None
-            and self.input_dilation in (None, 1, (1, 1))
-            and self.kernel_dilation in (None, 1, (1, 1))
-            and padding is not None
-        ):
-            raise ValueError(
-                f"DepthwiseConv takes NHWC inputs of {self.features} channels, a 2-D kernel, one "
-                "group per channel, no dilation or mask, and SAME, SAME_LOWER, VALID or explicit "
-                f"padding; got inputs {jnp.shape(inputs)}, kernel_size={self.kernel_size}, "
-                f"feature_group_count={self.feature_group_count}, padding={self.padding!r}. Use "
-                "flax.linen.Conv."
-            )
-        k = tuple(self.kernel_size)
-        kernel = self.param("kernel", self.kernel_init, (*k, 1, self.features), self.param_dtype)
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
-        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        strides = _strides(self.strides)
-        if jax.default_backend() == "cpu":
-            y = depthwise_conv(inputs, kernel, strides, padding)
-        else:
-            y = jax.lax.conv_general_dilated(
-                inputs,
-                kernel,
-                strides,
-                _pads(inputs.shape[1:3], k, strides, padding),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                feature_group_count=self.features,
-                precision=self.precision,
-            )
-        return y if bias is None else y + bias
-
-
-def _depthwise_padding(padding: Any) -> str | tuple[tuple[int, int], ...] | None:
-    """Flax's padding in the form :func:`depthwise_conv` reads (an upper-case name or two
-    ``(low, high)`` pairs), or None for a form it does not compute."""
-    from flax.linen.linear import canonicalize_padding
-
-    if isinstance(padding, str):
-        return padding.upper() if padding.upper() in ("SAME", "SAME_LOWER", "VALID") else None
-    try:
-        pairs = canonicalize_padding(padding, 2)
-    except (TypeError, ValueError):
-        return None
-    return tuple((int(lo), int(hi)) for lo, hi in pairs)
-
-
-def _strides(strides: Any) -> tuple[int, int]:
-    if strides is None:
-        return (1, 1)
-    return (strides, strides) if isinstance(strides, int) else tuple(strides)
-
-
-def _pads(spatial, kernel, strides, padding) -> list[tuple[int, int]]:
-    if isinstance(padding, str):
-        return list(jax.lax.padtype_to_pads(spatial, kernel, strides, padding))
-    return [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
-
-
-def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Any):
-    """A depthwise 2-D convolution of NHWC ``x`` with an HWIO ``kernel`` of shape
-    ``[kh, kw, 1, C]``: ``lax.conv_general_dilated(..., feature_group_count=C)`` as a sum of
-    ``kh * kw`` strided slices of the padded input, each times its tap. Padding is a Flax/lax
-    padding: ``"SAME"`` (TF's rule, the smaller half first), ``"SAME_LOWER"``, ``"VALID"`` or
-    ``(low, high)`` pairs. Narrower floats are multiplied and summed in float32 (as a
-    convolution accumulates) and rounded once."""
-    kh, kw = kernel.shape[:2]
-    sh, sw = strides
-    pads = _pads(x.shape[1:3], (kh, kw), strides, padding)  # a negative pad crops, as in lax
-    x = jax.lax.pad(
-        x, jnp.zeros((), x.dtype), ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0))
-    )
-    out_h = (x.shape[1] - kh) // sh + 1
-    out_w = (x.shape[2] - kw) // sw + 1
-    dtype = x.dtype
-    acc = jnp.promote_types(dtype, jnp.float32)
-    x, kernel = x.astype(acc), kernel.astype(acc)
-    y = None
-    for i in range(kh):
-        for j in range(kw):
-            window = jax.lax.slice(
-                x,
-                (0, i, j, 0),
-                (x.shape[0], i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, x.shape[3]),
-                (1, sh, sw, 1),
-            )
-            term = window * kernel[i, j, 0]
-            y = term if y is None else y + term
-    return y.astype(dtype)
 
 
 # Dropout keeps an element when a 16-bit random value is >= this many 65536ths of the rate.

@@ -57,6 +57,7 @@ from jaxtl.models.common import (
     segmentation_exporter,
     state_dict_exporter,
 )
+from jaxtl.models.conv import conv_general_dilated
 from jaxtl.models.layers import SEGMENTATION_HEAD, SegmentationHead, batch_norm, check_nhwc
 from jaxtl.models.preprocessing import for_checkpoint, torchvision_imagenet
 from jaxtl.models.registry import ModelSpec
@@ -210,6 +211,8 @@ def _conv(spec: Conv, name: str, dtype: Any) -> nn.Conv:
         strides=spec.stride,
         padding=((pad, pad), (pad, pad)),
         feature_group_count=spec.groups,
+        # ResNeXt's grouped 3x3: the kernel gradient on XLA:CPU's matmul path (models/conv.py)
+        conv_general_dilated=conv_general_dilated if spec.groups > 1 else None,
         use_bias=False,
         # torchvision and transformers: kaiming_normal_(mode="fan_out", nonlinearity="relu").
         kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),

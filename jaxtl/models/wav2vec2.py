@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.models.common import ACTIVATIONS, flat_numpy, hf_exporter, leaf_rng, make_apply
+from jaxtl.models.conv import conv_general_dilated
 from jaxtl.models.layers import (
     Dropout,
     block,
@@ -261,6 +262,7 @@ class PositionalConvEmbedding(_Module):
             (k,),
             padding=((k // 2, k // 2),),
             feature_group_count=c.num_conv_pos_embedding_groups,
+            conv_general_dilated=conv_general_dilated,  # grouped: its kernel gradient, fast on CPU
             dtype=self.dtype,
             param_dtype=self.dtype,
             name="conv",
