@@ -206,6 +206,11 @@ def test_bad_grids_and_backbone_recipes_are_refused_before_training():
         ({"precision": "bf16"}, r"^precision='bf16' \(--precision\): the vmapped sweep"),
         ({"remat": "full", "frozen_bf16": True},
          r"^remat='full' \(--remat\), frozen_bf16=True \(--frozen-bf16\): .*--sequential"),
+        # ... and what it has no use for: it reads cached features and writes no checkpoints.
+        ({"data_workers": 2, "compress_checkpoints": False},
+         r"^data_workers=2 \(--data-workers\), compress_checkpoints=False "
+         r"\(--compress-checkpoints\): .*writes no checkpoints.*--sequential"),
+        ({"checkpoint_every": 5}, r"^checkpoint_every=5: the vmapped sweep"),
     ):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             sweep.sweep_heads(load, data, config=jaxtl.TrainConfig(**option), **grid)

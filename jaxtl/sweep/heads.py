@@ -97,6 +97,19 @@ def _check_config(config: TrainConfig) -> TrainConfig:
             "the frozen backbone computes once, so it would not apply them; drop them, or run "
             "each cell in the Trainer, which does (jaxtl.sweep.sweep_sequential; --sequential)."
         )
+    ck = config.checkpoint
+    unused = [f"{arg}{flag}" for arg, flag, on in (
+        (f"data_workers={data.data_workers}", " (--data-workers)", data.data_workers > 0),
+        (f"compress_checkpoints={ck.compress_checkpoints}", " (--compress-checkpoints)",
+         ck.compress_checkpoints is not None),
+        (f"checkpoint_every={ck.checkpoint_every}", "", ck.checkpoint_every is not None),
+    ) if on]  # fmt: skip
+    if unused:
+        raise ValueError(
+            f"{', '.join(unused)}: the vmapped sweep reads its cached features in this process "
+            "and writes no checkpoints, so it would not use them; drop them, or run each cell "
+            "in the Trainer, which does (jaxtl.sweep.sweep_sequential; --sequential)."
+        )
     if config.scale.mesh is not None and jax.device_count() > 1:
         raise ValueError("the vmapped sweep runs on one device; drop mesh (--mesh).")
     if jax.process_count() > 1:
