@@ -74,7 +74,7 @@ class DepthwiseConv(nn.Conv):
             else None
         )
         inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        strides = _strides(self.strides)
+        strides = pairs(self.strides, 2)
         if jax.default_backend() == "cpu":
             y = depthwise_conv(inputs, kernel, strides, padding)
         else:
@@ -104,10 +104,11 @@ def _depthwise_padding(padding: Any) -> str | tuple[tuple[int, int], ...] | None
     return tuple((int(lo), int(hi)) for lo, hi in pairs)
 
 
-def _strides(strides: Any) -> tuple[int, int]:
-    if strides is None:
-        return (1, 1)
-    return (strides, strides) if isinstance(strides, int) else tuple(strides)
+def pairs(value: Any, n: int) -> tuple[int, ...]:
+    """A Flax conv's ``strides`` / dilation as ``n`` ints (``None`` means 1, an int each)."""
+    if value is None:
+        return (1,) * n
+    return (value,) * n if isinstance(value, int) else tuple(value)
 
 
 def _pads(spatial, kernel, strides, padding) -> list[tuple[int, int]]:

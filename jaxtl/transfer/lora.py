@@ -303,14 +303,6 @@ def plan(structure: Structure, spec: LoRA) -> Plan:
 # ----------------------------------------------------------------------------- forward
 
 
-def _pairs(value: Any, n: int) -> tuple[int, ...]:
-    if value is None:
-        return (1,) * n
-    if isinstance(value, int):
-        return (value,) * n
-    return tuple(value)
-
-
 def _conv_padding(padding: Any, n: int) -> Any:
     if isinstance(padding, str):
         if padding.upper() in ("SAME", "VALID"):
@@ -325,6 +317,8 @@ def _lora_output(module: Any, x: jax.Array, a: jax.Array, b: jax.Array, path: st
     """``(x A) B`` the way the layer applies its kernel: a matmul, or a convolution with the
     layer's strides and padding followed by a 1x1 convolution."""
     import flax.linen as nn
+
+    from jaxtl.models.conv import pairs
 
     dtype = module.dtype if module.dtype is not None else jnp.result_type(x.dtype, jnp.float32)
     x, a, b = x.astype(dtype), a.astype(dtype), b.astype(dtype)
@@ -342,10 +336,10 @@ def _lora_output(module: Any, x: jax.Array, a: jax.Array, b: jax.Array, path: st
         h = jax.lax.conv_general_dilated(
             x,
             a,
-            window_strides=_pairs(module.strides, 2),
+            window_strides=pairs(module.strides, 2),
             padding=_conv_padding(module.padding, 2),
-            lhs_dilation=_pairs(module.input_dilation, 2),
-            rhs_dilation=_pairs(module.kernel_dilation, 2),
+            lhs_dilation=pairs(module.input_dilation, 2),
+            rhs_dilation=pairs(module.kernel_dilation, 2),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
         return h @ b
