@@ -27,6 +27,7 @@ CASES = {
     "negative pad crops": ((2, 6, 6, 6), 6, (2, 2), (1, 1), ((-1, 2), (1, 1)), (1, 1), 3),
     "1-D, wav2vec2's layout (even kernel, K // 2 pads)": ((2, 40, 16), 16, (16,), (1,), ((8, 8),),
                                                           (1,), 4),
+    "3-D, strided and dilated": ((1, 7, 8, 9, 4), 8, (2, 3, 2), (2, 1, 3), "SAME", (2, 1, 1), 2),
 }  # fmt: skip
 
 
@@ -50,7 +51,7 @@ def _torch(x, kernel, bias, strides, padding, dilation, groups, weights):
     xt = torch.from_numpy(np.moveaxis(x, -1, 1).copy()).requires_grad_()
     wt = torch.from_numpy(np.moveaxis(kernel, (-1, -2), (0, 1)).copy()).requires_grad_()
     flat = [p for lo, hi in reversed(padding) for p in (lo, hi)]  # F.pad: last dim first
-    op = F.conv1d if n == 1 else F.conv2d
+    op = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
     y = op(F.pad(xt, flat), wt, torch.from_numpy(bias), stride=strides, dilation=dilation,
            groups=groups)  # fmt: skip
     y = y.movedim(1, -1)
@@ -127,6 +128,43 @@ def test_other_cases_are_lax_itself(monkeypatch):
     ours = _grads(nn.Conv(**options, conv_general_dilated=conv.conv_general_dilated), params, x,
                   weights)  # fmt: skip
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_float64_vmap_and_an_empty_output():
+    """Under ``jax_enable_x64`` the gradient is float64 (and its loop indices int64); under
+    ``jax.vmap`` over kernels each kernel gets its own gradient; an empty strided output gives
+    the zero gradient, as lax's does."""
+    rng = np.random.default_rng(8)
+    options = dict(window_strides=(2, 1), padding="SAME", rhs_dilation=(1, 2),
+                   dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4)  # fmt: skip
+
+    def grads(fn, x, w):
+        loss = lambda x, w: jnp.sum(jnp.sin(fn(x, w, **options)))  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1))(x, w)
+
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((2, 7, 9, 8)))
+        w = jnp.asarray(rng.standard_normal((3, 3, 2, 8)))
+        ours, ref = (
+            grads(conv.conv_general_dilated, x, w),
+            grads(jax.lax.conv_general_dilated, x, w),
+        )
+        assert ours[1].dtype == jnp.float64
+        np.testing.assert_array_equal(ours[0], ref[0])
+        np.testing.assert_allclose(ours[1], ref[1], rtol=1e-12, atol=1e-12)
+
+    x = jnp.asarray(rng.standard_normal((2, 7, 9, 8)), jnp.float32)
+    ws = jnp.asarray(rng.standard_normal((3, 3, 3, 2, 8)), jnp.float32)  # 3 kernels
+    ours = jax.vmap(lambda w: grads(conv.conv_general_dilated, x, w)[1])(ws)
+    ref = jax.vmap(lambda w: grads(jax.lax.conv_general_dilated, x, w)[1])(ws)
+    _close(ours, np.asarray(ref), "vmapped kernel gradients")
+
+    options = dict(options, padding="VALID", rhs_dilation=(1, 1))
+    x, w = jnp.ones((2, 2, 2, 8)), jnp.ones((3, 3, 2, 8))  # a 3x3 kernel on a 2x2 input
+    ours, ref = grads(conv.conv_general_dilated, x, w), grads(jax.lax.conv_general_dilated, x, w)
+    assert conv.conv_general_dilated(x, w, **options).shape == (2, 0, 0, 8)
+    for a, b in zip(ours, ref, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
