@@ -5,7 +5,10 @@ build it needs is ~5.5 GB). To regenerate, from the repo root:
 
     python3 -m venv /tmp/tvenv
     /tmp/tvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 numpy
-    /tmp/tvenv/bin/python scripts/make_torchvision_fixtures.py
+    /tmp/tvenv/bin/python scripts/make_torchvision_fixtures.py [NAME ...]
+
+(with names: only those cases; see ``tests/fixtures/torchvision/README.md`` for the CPU-wheel
+route that made ``resnext50_32x4d.npz``).
 
 For each case the model is built with ``weights=None``, filled (strict ``load_state_dict``)
 with ``tests/_seeded_weights.seeded_state_dict(spec, seed)``, put in eval mode, and run in
@@ -20,6 +23,8 @@ Each ``<name>.npz`` holds only what the weights cannot regenerate:
 * ``seed``: the int seed.
 * ``meta``: JSON with the arch, constructor kwargs, torch / torchvision versions and this
   script's path.
+* for the cases in ``GRADS``: ``grad_weights`` and ``grad__<param name>``, the gradient of
+  ``sum(logits * grad_weights)`` (eval mode) with respect to each listed weight (PyTorch layout).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ CASES = [
     ("resnet18", "resnet18", {"num_classes": 10}, (64, 64), 0, "fc"),
     ("resnet34", "resnet34", {"num_classes": 10}, (64, 64), 0, "fc"),
     ("resnet50", "resnet50", {"num_classes": 10}, (64, 64), 0, "fc"),
+    ("resnext50_32x4d", "resnext50_32x4d", {"num_classes": 10}, (64, 64), 0, "fc"),
     ("vgg16", "vgg16", {"num_classes": 10}, (64, 64), 0, "classifier"),
     ("alexnet", "alexnet", {"num_classes": 10}, (127, 127), 0, "classifier"),
     (
@@ -56,6 +62,12 @@ CASES = [
         "fc",
     ),
 ]
+
+
+# Cases that also store the gradient of ``sum(logits * grad_weights)`` (eval mode) with respect
+# to these weights: ResNeXt's grouped convolutions, whose kernel gradient jaxtl computes its own
+# way on CPU (jaxtl.models.conv). The first block of the first two stages keeps the file small.
+GRADS = {"resnext50_32x4d": ("layer1.0.conv2.weight", "layer2.0.conv2.weight")}
 
 
 def make_case(name, arch, kwargs, hw, seed, head):
@@ -81,6 +93,13 @@ def make_case(name, arch, kwargs, hw, seed, head):
     handle.remove()
     if not isinstance(logits, torch.Tensor):  # InceptionOutputs only in training mode
         raise TypeError(f"{name}: expected a tensor in eval mode, got {type(logits)}")
+    grads = {}
+    if name in GRADS:
+        w = np.random.default_rng(seed + 1).standard_normal(tuple(logits.shape), np.float32)
+        (model(torch.from_numpy(x)) * torch.from_numpy(w)).sum().backward()
+        params = dict(model.named_parameters())
+        grads = {f"grad__{k}": params[k].grad.numpy().copy() for k in GRADS[name]}
+        grads["grad_weights"] = w
     meta = {
         "arch": arch,
         "kwargs": {"weights": None, **kwargs},
@@ -97,13 +116,21 @@ def make_case(name, arch, kwargs, hw, seed, head):
         "spec": np.array(json.dumps(spec)),
         "seed": np.array(seed, np.int64),
         "meta": np.array(json.dumps(meta, sort_keys=True)),
+        **grads,
     }
 
 
 def main():
+    """Writes every case, or only those named on the command line."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     os.makedirs(OUT_DIR, exist_ok=True)
+    names = sys.argv[1:]
+    unknown = sorted(set(names) - {case[0] for case in CASES})
+    if unknown:
+        raise SystemExit(f"unknown case(s) {unknown}; known: {[case[0] for case in CASES]}")
     for case in CASES:
+        if names and case[0] not in names:
+            continue
         name = case[0]
         arrays = make_case(*case)
         logits = arrays["logits"]

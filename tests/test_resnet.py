@@ -123,7 +123,7 @@ def torchvision_fixture(arch: str, weights: bool = True) -> dict:
 def torchvision_files(tmp_path_factory):
     """{arch: (safetensors file, fixture)}: the fixtures' weights as a state-dict file."""
     out = {}
-    for arch in ("resnet18", "resnet34", "resnet50"):
+    for arch in ("resnet18", "resnet34", "resnet50", "resnext50_32x4d"):
         fixture = torchvision_fixture(arch)
         path = str(tmp_path_factory.mktemp(arch) / f"{arch}.safetensors")
         safetensors.numpy.save_file(fixture["state_dict"], path)
@@ -287,7 +287,7 @@ def test_hf_export_loads_in_transformers(hf_models, pixels, tmp_path):
 # --- torchvision: against real torchvision outputs stored as fixtures --------------------------
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnext50_32x4d"])
 def test_torchvision_logits_and_features_match_fixture(torchvision_files, arch):
     path, fixture = torchvision_files[arch]
     model = load(path, num_labels=10)
@@ -301,6 +301,25 @@ def test_torchvision_logits_and_features_match_fixture(torchvision_files, arch):
     diffs = max_diff(logits, fixture["logits"]), max_diff(features, fixture["features"])
     print(f"torchvision {arch}: logits max |diff| = {diffs[0]:.3g}, features {diffs[1]:.3g}")
     assert max(diffs) <= TOL
+
+
+def test_resnext_grouped_kernel_gradients_match_torchvision(torchvision_files):
+    """ResNeXt's grouped 3x3 kernels get their gradient from jaxtl's own computation on CPU
+    (jaxtl.models.conv); the fixture holds torchvision's for two of them, of a loss on the
+    logits in eval mode."""
+    path, fixture = torchvision_files["resnext50_32x4d"]
+    model = load(path, num_labels=10)
+    assert model.config.groups == 32
+    x, w = nhwc(fixture["input"]), fixture["grad_weights"]
+    loss = lambda p: jax.numpy.sum(model.apply(p, x, batch_stats=model.batch_stats) * w)  # noqa: E731
+    ours = flatten(jax.grad(loss)(model.params))
+    for name in ("layer1.0.conv2.weight", "layer2.0.conv2.weight"):
+        theirs = fixture[f"grad__{name}"].transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        mine = np.asarray(ours[name.replace(".", "/").replace("/weight", "/kernel")])
+        scale = max(1.0, float(np.max(np.abs(theirs))))
+        diff = float(np.max(np.abs(mine - theirs)))
+        print(f"{name}: gradient max |diff| {diff:.3g} (values up to {scale:.3g})")
+        assert diff <= TOL * scale
 
 
 def test_torchvision_pth_file(torchvision_files, tmp_path):
