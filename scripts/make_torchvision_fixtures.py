@@ -8,7 +8,7 @@ build it needs is ~5.5 GB). To regenerate, from the repo root:
     /tmp/tvenv/bin/python scripts/make_torchvision_fixtures.py [NAME ...]
 
 (with names: only those cases; see ``tests/fixtures/torchvision/README.md`` for the CPU-wheel
-route that made ``resnext50_32x4d.npz``).
+route that made ``resnext50_32x4d.npz`` and ``wide_resnet50_2.npz``).
 
 For each case the model is built with ``weights=None``, filled (strict ``load_state_dict``)
 with ``tests/_seeded_weights.seeded_state_dict(spec, seed)``, put in eval mode, and run in
@@ -51,6 +51,7 @@ CASES = [
     ("resnet34", "resnet34", {"num_classes": 10}, (64, 64), 0, "fc"),
     ("resnet50", "resnet50", {"num_classes": 10}, (64, 64), 0, "fc"),
     ("resnext50_32x4d", "resnext50_32x4d", {"num_classes": 10}, (64, 64), 0, "fc"),
+    ("wide_resnet50_2", "wide_resnet50_2", {"num_classes": 10}, (64, 64), 0, "fc"),
     ("vgg16", "vgg16", {"num_classes": 10}, (64, 64), 0, "classifier"),
     ("alexnet", "alexnet", {"num_classes": 10}, (127, 127), 0, "classifier"),
     (

@@ -123,7 +123,7 @@ def torchvision_fixture(arch: str, weights: bool = True) -> dict:
 def torchvision_files(tmp_path_factory):
     """{arch: (safetensors file, fixture)}: the fixtures' weights as a state-dict file."""
     out = {}
-    for arch in ("resnet18", "resnet34", "resnet50", "resnext50_32x4d"):
+    for arch in ("resnet18", "resnet34", "resnet50", "resnext50_32x4d", "wide_resnet50_2"):
         fixture = torchvision_fixture(arch)
         path = str(tmp_path_factory.mktemp(arch) / f"{arch}.safetensors")
         safetensors.numpy.save_file(fixture["state_dict"], path)
@@ -287,7 +287,9 @@ def test_hf_export_loads_in_transformers(hf_models, pixels, tmp_path):
 # --- torchvision: against real torchvision outputs stored as fixtures --------------------------
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnext50_32x4d"])
+@pytest.mark.parametrize(
+    "arch", ["resnet18", "resnet34", "resnet50", "resnext50_32x4d", "wide_resnet50_2"]
+)
 def test_torchvision_logits_and_features_match_fixture(torchvision_files, arch):
     path, fixture = torchvision_files[arch]
     model = load(path, num_labels=10)
