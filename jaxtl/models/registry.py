@@ -318,7 +318,10 @@ _FAMILIES: tuple[Family, ...] = (
         model_types=("resnet",),
         architecture_prefixes=("ResNet",),
         formats=("safetensors", *STATE_DICT_FORMATS),
-        description="ResNets from Hugging Face (ResNetModel) or torchvision (resnet18/34/50/...)",
+        description=(
+            "ResNets from Hugging Face (ResNetModel) or torchvision (resnet18/34/50/..., "
+            "ResNeXt, wide)"
+        ),
         options=IMAGE_OPTIONS,
         detect="jaxtl.models.resnet:detect",
         modality="image",
