@@ -210,38 +210,33 @@ def conv_general_dilated(
         return jax.lax.conv_general_dilated(lhs, rhs, **args)
     strides = tuple(window_strides)
     dilation = tuple(rhs_dilation or ones)
-    if isinstance(padding, str):
-        window = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:n], dilation, strict=True)]
-        padding = jax.lax.padtype_to_pads(lhs.shape[1:-1], window, strides, padding)
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    window = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:n], dilation, strict=True)]
+    pads = tuple((int(lo), int(hi)) for lo, hi in _pads(lhs.shape[1:-1], window, strides, padding))
     return _grouped_conv(lhs, rhs, (strides, pads, dilation, feature_group_count, precision))
 
 
-def _channels_last(lhs_shape, rhs_shape, dimension_numbers) -> bool:
-    """Whether the layout is Flax's: ``[N, *spatial, C]`` in and out, ``[*spatial, I, O]``."""
-    nd = len(lhs_shape)
-    spec = jax.lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+def _flax_layout(nd: int) -> jax.lax.ConvDimensionNumbers:
+    """Flax's layout for ``nd``-dimensional inputs: ``[N, *spatial, C]`` in and out, the
+    kernel ``[*spatial, I, O]``."""
     last = (0, nd - 1, *range(1, nd - 1))
-    return (
-        tuple(spec.lhs_spec) == last
-        and tuple(spec.out_spec) == last
-        and tuple(spec.rhs_spec) == (nd - 1, nd - 2, *range(nd - 2))
-    )
+    return jax.lax.ConvDimensionNumbers(last, (nd - 1, nd - 2, *range(nd - 2)), last)
+
+
+def _channels_last(lhs_shape, rhs_shape, dimension_numbers) -> bool:
+    """Whether ``dimension_numbers`` is Flax's layout."""
+    spec = jax.lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+    return tuple(map(tuple, spec)) == tuple(map(tuple, _flax_layout(len(lhs_shape))))
 
 
 def _lax_grouped(x, kernel, cfg):
     strides, pads, dilation, groups, precision = cfg
-    nd = x.ndim
-    last = (0, nd - 1, *range(1, nd - 1))
     return jax.lax.conv_general_dilated(
         x,
         kernel,
         strides,
         pads,
         rhs_dilation=dilation,
-        dimension_numbers=jax.lax.ConvDimensionNumbers(
-            last, (nd - 1, nd - 2, *range(nd - 2)), last
-        ),
+        dimension_numbers=_flax_layout(x.ndim),
         feature_group_count=groups,
         precision=precision,
     )
