@@ -25,6 +25,16 @@ if _worker and os.environ["JAX_COMPILATION_CACHE_DIR"] == os.environ.get("JAXTL_
         os.environ["JAXTL_TESTS_XLA_CACHE"], _worker
     )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Tried and not used (2026-12-07, AMD EPYC, 2 cores; the whole suite took 32.6 min as it is):
+# - One cache shared by both workers: of the 665 programs the workers cached (1,550 s of
+#   compiles of 0.5 s or more, ~40% of the suite's time), none was compiled by both.
+# - LLVM at -O0 (``XLA_FLAGS=--xla_backend_optimization_level=0``): the suite in 28.9 min
+#   (-11%, one run each; compile-bound files -28 to -55%, while test_token_tasks, _presets
+#   and _readme, with longer fine-tunes, took 29 to 66% longer). But -O0 makes no fused
+#   multiply-adds, so its results are not the bits users get: every bitwise check would test
+#   other numbers, and one (a schedule as data against constants, test_schedules.py) fails.
+# - -O1: the bits of -O2 in a 6-step tiny BERT run, and no faster (test_schedules, _wav2vec2,
+#   _generation and _registry took 256 s at -O1, 238 s at -O2).
 
 
 def pytest_sessionfinish(session, exitstatus):
