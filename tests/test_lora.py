@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -33,11 +32,7 @@ PIXELS = np.random.default_rng(1).standard_normal((2, 32, 32, 3)).astype(np.floa
 def peft_model(base: torch.nn.Module, directory) -> torch.nn.Module:
     import peft
 
-    with warnings.catch_warnings():
-        # peft 0.21 reads transformers' deprecated is_gradient_checkpointing (a FutureWarning
-        # from transformers 5, inside peft); nothing of ours.
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
-        return peft.PeftModel.from_pretrained(base, str(directory)).eval()
+    return peft.PeftModel.from_pretrained(base, str(directory)).eval()
 
 
 def trained(params, seed: int = 1):
@@ -211,9 +206,7 @@ def test_adapters_made_by_peft_load_into_jaxtl(models, tmp_path):
     base = transformers.BertForSequenceClassification.from_pretrained(models["bert"])
     config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["query", "value"])
     config.task_type = "SEQ_CLS"
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
-        made = peft.get_peft_model(base, config)
+    made = peft.get_peft_model(base, config)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in made.named_parameters():

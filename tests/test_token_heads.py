@@ -6,8 +6,6 @@ round trip through transformers."""
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 import numpy as np
 import pytest
@@ -194,11 +192,7 @@ def test_peft_loads_lora_adapters_of_a_per_token_head_with_jaxtls_outputs(tmp_pa
     base = (base or transformers.BertForQuestionAnswering).from_pretrained(
         src, num_labels=num_labels(task)
     )
-    with warnings.catch_warnings():
-        # peft 0.21 reads transformers 5's deprecated is_gradient_checkpointing (nothing of
-        # ours; peft 0.22 no longer does), as in test_lora.py.
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
-        theirs = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    theirs = peft.PeftModel.from_pretrained(base, str(out)).eval()
     assert (
         theirs.peft_config["default"].task_type
         == {
