@@ -223,28 +223,35 @@ def test_grad_accum_four_microbatches_of_8_is_one_step_of_32(tmp_path):
 # --- 8 CPU devices --------------------------------------------------------------------------------
 
 
-def _run(family, model_dir, devices, mesh, out, *extra, steps=4):
+def _runs(family, model_dir, devices, *runs, steps=4) -> list[dict]:
+    """``_sharded_run.py``'s fine-tunes, each ``(mesh, out, *options)``, one after another in
+    one process of ``devices`` CPU devices (jax's start-up paid once): what each printed, with
+    its final params read from its ``params.npz``."""
+    argv = []
+    for mesh, out, *extra in runs:
+        argv += ["::"] if argv else []
+        argv += [family, model_dir, str(devices), mesh, str(steps), str(out), *extra]
     proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(HERE, "_sharded_run.py"),
-            family,
-            model_dir,
-            str(devices),
-            mesh,
-            str(steps),
-            str(out),
-            *extra,
-        ],
+        [sys.executable, os.path.join(HERE, "_sharded_run.py"), *argv],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    with np.load(os.path.join(out, "params.npz")) as f:
-        result["params"] = {k: f[k] for k in f.files}
-    return result
+    printed = [line for line in proc.stdout.splitlines() if line.startswith('{"losses"')]
+    assert len(printed) == len(runs), proc.stdout[-4000:]
+    results = []
+    for line, (_, out, *_) in zip(printed, runs, strict=True):
+        result = json.loads(line)
+        with np.load(os.path.join(out, "params.npz")) as f:
+            result["params"] = {k: f[k] for k in f.files}
+        results.append(result)
+    return results
+
+
+def _run(family, model_dir, devices, mesh, out, *extra, steps=4) -> dict:
+    """One fine-tune of ``_runs`` in a process of its own."""
+    return _runs(family, model_dir, devices, (mesh, out, *extra), steps=steps)[0]
 
 
 @pytest.fixture(scope="module")
@@ -358,11 +365,16 @@ def test_fsdp_and_3d_meshes_train_like_the_replicated_run(family, models, tmp_pa
     # (update ~ lr * g / eps), where rounding stays rounding; larger gradients are still
     # normalized, and the moments are still sharded and compared below.
     eps = ("--adam-eps", "1e-3")
-    ref = _run(family, models[family], 8, "-", tmp_path / "replicated", *eps)
     # The sharded runs load the model straight onto their mesh (jaxtl.load(mesh=...)).
     on_mesh = (*eps, "--load-on-mesh")
-    fsdp = _run(family, models[family], 8, "fsdp=8", tmp_path / "fsdp", "--export", *on_mesh)
-    cube = _run(family, models[family], 8, "data=2,fsdp=2,tensor=2", tmp_path / "cube", *on_mesh)
+    ref, fsdp, cube = _runs(
+        family,
+        models[family],
+        8,
+        ("-", tmp_path / "replicated", *eps),
+        ("fsdp=8", tmp_path / "fsdp", "--export", *on_mesh),
+        ("data=2,fsdp=2,tensor=2", tmp_path / "cube", *on_mesh),
+    )
     assert len(ref["losses"]) == 4 and ref["losses"][0] != ref["losses"][-1]
     for run in (fsdp, cube):
         # Only the reduction order differs (partial sums per device): float32 rounding.
@@ -405,9 +417,14 @@ def test_fsdp_and_3d_meshes_train_like_the_replicated_run(family, models, tmp_pa
 def test_lora_on_a_3d_mesh_trains_like_replicated_with_adapters_split_like_their_kernels(
     models, tmp_path
 ):
-    ref = _run("bert", models["bert"], 8, "-", tmp_path / "replicated", "--recipe", "lora(4)")
-    cube = _run("bert", models["bert"], 8, "data=2,fsdp=2,tensor=2", tmp_path / "cube",
-                "--recipe", "lora(4)")  # fmt: skip
+    lora = ("--recipe", "lora(4)")
+    ref, cube = _runs(
+        "bert",
+        models["bert"],
+        8,
+        ("-", tmp_path / "replicated", *lora),
+        ("data=2,fsdp=2,tensor=2", tmp_path / "cube", *lora),
+    )
     assert ref["losses"][0] != ref["losses"][-1]
     np.testing.assert_allclose(cube["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
     for path, value in ref["params"].items():
@@ -429,8 +446,13 @@ def test_lora_on_a_3d_mesh_trains_like_replicated_with_adapters_split_like_their
 @pytest.mark.slow
 def test_grad_accum_under_fsdp_matches_the_replicated_whole_batch(models, tmp_path):
     bert = models["bert_nodrop"]
-    ref = _run("bert", bert, 8, "-", tmp_path / "ref", "--batch", "32")
-    accum = _run("bert", bert, 8, "fsdp=8", tmp_path / "acc", "--batch", "32", "--grad-accum", "4")
+    ref, accum = _runs(
+        "bert",
+        bert,
+        8,
+        ("-", tmp_path / "ref", "--batch", "32"),
+        ("fsdp=8", tmp_path / "acc", "--batch", "32", "--grad-accum", "4"),
+    )
     np.testing.assert_allclose(accum["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
     for path, value in ref["params"].items():
         np.testing.assert_allclose(accum["params"][path], value, rtol=1e-4, atol=1e-5)
@@ -439,8 +461,15 @@ def test_grad_accum_under_fsdp_matches_the_replicated_whole_batch(models, tmp_pa
 @pytest.mark.slow
 def test_a_checkpoint_saved_on_fsdp8_resumes_on_other_meshes_and_device_counts(models, tmp_path):
     bert = models["bert"]
-    whole = _run("bert", bert, 8, "fsdp=8", tmp_path / "whole")
-    _run("bert", bert, 8, "fsdp=8", tmp_path / "stopped", "--stop-at", "2")
+    # eps as in the runs above (whose compiled fsdp=8 and replicated steps these then reuse).
+    eps = ("--adam-eps", "1e-3")
+    whole, _ = _runs(
+        "bert",
+        bert,
+        8,
+        ("fsdp=8", tmp_path / "whole", *eps),
+        ("fsdp=8", tmp_path / "stopped", "--stop-at", "2", *eps),
+    )
     resumed = {}
     for name, devices, mesh in (
         ("same", 8, "fsdp=8"),
@@ -450,7 +479,8 @@ def test_a_checkpoint_saved_on_fsdp8_resumes_on_other_meshes_and_device_counts(m
     ):
         out = tmp_path / name
         shutil.copytree(tmp_path / "stopped", out)
-        resumed[name] = _run("bert", bert, devices, mesh, out, "--resume")
+        # Each resume in a new process, as after a restart.
+        resumed[name] = _run("bert", bert, devices, mesh, out, "--resume", *eps)
     # The same mesh continues bit for bit: the same math on the same machine.
     assert resumed["same"]["losses"] == whole["losses"]
     for k, v in whole["params"].items():

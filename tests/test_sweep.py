@@ -481,21 +481,22 @@ def test_sequential_cells_of_other_learning_rates_and_weight_decays_share_one_co
     tmp_path,
 ):
     """With the persistent compilation cache on, a sweep of two learning rates x two weight
-    decays writes the entries one cell writes: every later cell's programs are read back, the
-    cells of the other learning rate at the same weight decay as much as those of the other
-    weight decay. (With either a constant, each value's train step would be a new program.)"""
+    decays adds no entry to the cache of a one-cell sweep of its first cell: every one of its
+    cells' programs is read back, the cells of the other learning rate at the same weight decay
+    as much as those of the other weight decay. (With either a constant, each value's train
+    step would be a new program.)"""
     import os
     import subprocess
     import sys
 
+    cache = tmp_path / "cache"
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # fmt: skip
+
     def entries(lrs: str, wds: str) -> int:
-        tag = f"{lrs}-{wds}"
-        cache = tmp_path / f"cache-{tag}"
-        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache),
-               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # fmt: skip
         argv = [sys.executable, "-m", "jaxtl.cli", "sweep", *_cli_data(tmp_path), "--recipe",
                 "last_n(1)", "--lr", lrs, "--weight-decay", wds, "--epochs", "1", "--out",
-                str(tmp_path / f"out-{tag}")]  # fmt: skip
+                str(tmp_path / f"out-{lrs}-{wds}")]  # fmt: skip
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
         return len([f for f in os.listdir(cache) if not f.endswith("-atime")])

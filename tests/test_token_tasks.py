@@ -285,14 +285,15 @@ def _predicted_answers(model, params, data, fast_tokenizer):
 
 @pytest.mark.slow
 def test_a_real_question_answering_finetune_scores_as_torchmetrics_squad(
-    minilm_dir, fast_tokenizer, tmp_path
+    minilm_dir, fast_tokenizer
 ):
     from torchmetrics.functional.text import squad
 
     data = qa.vader_qa(sizes=(320, 64, 100))
     model = jaxtl.load(minilm_dir, task="question_answering")
     config = TrainConfig(epochs=3, batch_size=16, learning_rate=1e-4, seed=0)
-    result = jaxtl.finetune(model, "full", data, config, str(tmp_path / "run"), verbose=False)
+    # No run directory: nothing here reads one (the CLI test above checks a QA run's files).
+    result = jaxtl.finetune(model, "full", data, config, None, verbose=False)
 
     def scores(params):
         predicted = _predicted_answers(model, params, data, fast_tokenizer)
