@@ -185,7 +185,8 @@ _FINETUNE = {
         ("--batch-size", "global training batch, split over the devices (a multiple of their "
          "count)", dict(type=int, default=32)),
         ("--lr", f"peak learning rate of every run (default: the recipe's, {FULL_LR:g}; "
-         f"{DEFAULT_LR['linear_probe']:g} for linear_probe / probe)", dict(type=float)),
+         f"{DEFAULT_LR['linear_probe']:g} for linear_probe / probe, {DEFAULT_LR['lora']:g} for "
+         "lora)", dict(type=float)),
         ("--optimizer", "an optax optimizer by name: adamw, sgd, lion, adafactor, lamb, ... "
          "(--weight-decay is its own decay where it has one, else L2 on the gradient as in "
          "PyTorch)", dict(default="adamw")),
@@ -309,16 +310,30 @@ _NOT_FOR_ADAPT = ("--seeds", "--resume-from", "--distributed", "--evals-per-epoc
                   "--long-texts")  # fmt: skip
 
 
-def _run_flags(p: argparse.ArgumentParser, skip: tuple[str, ...]) -> None:
+# The help of finetune's flags whose text speaks of finetune alone (the demo, --preset, its
+# default --out), as another verb shows them.
+_ELSEWHERE = {
+    "--epochs": "passes over the training split per run (default 1)",
+    "--image-size": "image models: the input size to build for (default: the checkpoint's)",
+    "--out": "output directory (default: runs/{verb}-TIMESTAMP)",
+}
+
+
+def _help_elsewhere(flag: str, text: str, verb: str) -> str:
+    """``flag``'s help on ``verb``'s parser: finetune's, unless it speaks of finetune alone."""
+    return _ELSEWHERE[flag].format(verb=verb) if flag in _ELSEWHERE else text
+
+
+def _run_flags(p: argparse.ArgumentParser, verb: str, skip: tuple[str, ...]) -> None:
     """jaxtl finetune's data, training, device and evaluation flags (not those of "what to
-    run", nor ``skip``) and the model flags, on another verb's parser ``p``."""
+    run", nor ``skip``) and the model flags, on the parser ``p`` of ``verb``."""
     for title, options in _FINETUNE.items():
         if title == "what to run":
             continue
         group = p.add_argument_group(title)
         for flag, text, kwargs in options:
             if flag not in skip:
-                group.add_argument(flag, help=text, **kwargs)
+                group.add_argument(flag, help=_help_elsewhere(flag, text, verb), **kwargs)
     _add_model_args(p)
 
 
@@ -409,8 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate the best checkpoint of a run directory written by "
         "`jaxtl finetune` on its validation and test splits. RUN_DIR is one run, or the parent "
         "--out directory (all its runs).",
+        formatter_class=_HelpFormatter,
     )
-    ev.add_argument("run_dir")
+    ev.add_argument("run_dir", help="one run directory (OUT/<run> of jaxtl finetune) or its OUT")
     _checkpoint_arg(ev)
 
     ex = sub.add_parser(
@@ -422,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
         "kernels). With --adapters, a LoRA run's adapters and head alone in the Hugging Face "
         "PEFT layout (adapter_config.json + adapter_model.safetensors) for "
         "peft.PeftModel.from_pretrained.",
+        formatter_class=_HelpFormatter,
     )
     ex.add_argument("run_dir", help="one run directory (OUT/<run> of jaxtl finetune)")
     ex.add_argument("out", help="the directory (or .safetensors file) to write")
@@ -439,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
         "choose), keep the best by validation, and write the table, OUT/wise_ft.png (metric "
         "against alpha) and the chosen model as a run directory OUT that `jaxtl evaluate` and "
         "`jaxtl export` read. A new head keeps its fine-tuned weights at every alpha.",
+        formatter_class=_HelpFormatter,
     )
     wf.add_argument("run_dir", help="one run directory (OUT/<run> of jaxtl finetune)")
     wf.add_argument(
@@ -458,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
         "each next run kept only if validation does not get worse). Prints each run and both "
         "soups on validation and test, and writes the better soup (by validation) as a run "
         "directory OUT with soup.json.",
+        formatter_class=_HelpFormatter,
     )
     so.add_argument("run_dirs", nargs="+", help="two or more run directories")
     so.add_argument("--out", help="where the chosen soup goes (default: soup/ beside the first)")
@@ -487,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "cells' seeds are --seeds)")  # fmt: skip
     sw.add_argument("--sequential", action="store_true",
                     help="one run per cell even where the heads could be vmapped")  # fmt: skip
-    _run_flags(sw, skip=_NOT_FOR_SWEEP)
+    _run_flags(sw, "sweep", skip=_NOT_FOR_SWEEP)
 
     lf = sub.add_parser(
         "lr-find",
@@ -511,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop once the smoothed loss is this many times its least")  # fmt: skip
     lf.add_argument("--smoothing", type=float, default=0.98,
                     help="weight of the past in the loss's moving average")  # fmt: skip
-    _run_flags(lf, skip=_NOT_FOR_LR_FIND)
+    _run_flags(lf, "lr-find", skip=_NOT_FOR_LR_FIND)
     lf.set_defaults(max_steps=None, schedule="constant", warmup_ratio=0.0, eval_every=None,
                     evals_per_epoch=4, min_eval_interval=20, best_metric=None,
                     patience=None, max_bad_steps=5, shard_rule=[])  # fmt: skip
@@ -548,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated, from source_only, adabn, tent, coral, dann")  # fmt: skip
     ad.add_argument("--weight", type=float, default=1.0,
                     help="the adaptation term's weight (CORAL's, DANN's reversal)")  # fmt: skip
-    _run_flags(ad, skip=_NOT_FOR_ADAPT)
+    _run_flags(ad, "adapt", skip=_NOT_FOR_ADAPT)
 
     rk = sub.add_parser(
         "rank",
@@ -583,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--seed", type=int, default=0, help="seed of random candidates and of --shots")
     for flag, text, kwargs in _FINETUNE["data"]:
         if flag in _RANK_DATA_FLAGS:
-            rk.add_argument(flag, help=text, **kwargs)
+            rk.add_argument(flag, help=_help_elsewhere(flag, text, "rank"), **kwargs)
     _add_model_args(rk, surgery=False)
 
     ge = sub.add_parser(
@@ -617,6 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="summarize a model's params and what a recipe freezes",
         description="Load MODEL_DIR, print the load report and the transfer plan table of "
         "--recipe (groups, trainable or frozen, params, optimizer bytes).",
+        formatter_class=_HelpFormatter,
     )
     ins.add_argument("model_dir", nargs="?", help="(default: the embedded MiniLM-L6)")
     ins.add_argument("--recipe", default="full", help="recipe whose plan table to print")
