@@ -25,8 +25,12 @@ def main() -> None:
     )
     p.add_argument("--recipes", default="linear_probe,last_n(2)")
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--out", default="runs/example")
+    p.add_argument(
+        "--out", default=None, help="experiment directory (default: runs/example-TIMESTAMP)"
+    )
     args = p.parse_args()
+    # A new directory, or one without an earlier run's results: those are never written over.
+    out = experiment.experiment_dir(args.out, "example")
 
     data = jaxtl.data.vader() if args.data is None else jaxtl.data.from_table(args.data)
     path = args.model or jaxtl.default_model_dir()
@@ -34,8 +38,8 @@ def main() -> None:
     # A fresh model per arm: each recipe starts from the pretrained weights.
     load = lambda arm: jaxtl.load(path, num_labels=2)  # noqa: E731
     config = jaxtl.TrainConfig(epochs=args.epochs)
-    results = experiment.run_arms(args.out, arms, load, data, config)
-    table, plot = experiment.write_summary(args.out, results)
+    results = experiment.run_arms(out, arms, load, data, config)
+    table, plot = experiment.write_summary(out, results)
     print(f"{table}\nplot: {plot}")
 
 

@@ -39,7 +39,7 @@ from jaxtl.distributed import is_primary
 from jaxtl.models.base import LoadedModel
 from jaxtl.run import finetune
 from jaxtl.train import TrainConfig
-from jaxtl.train.faults import writable_dir
+from jaxtl.train.faults import refuse_earlier_results, writable_dir
 from jaxtl.transfer.lora import targets as lora_targets
 from jaxtl.transfer.recipes import make_plan, recipe_name
 
@@ -245,12 +245,16 @@ def _schedule_as_data(config: TrainConfig, staged: bool, workdir: str, resume) -
     return config.optim.learning_rate_input or not staged
 
 
-def experiment_dir(out: str | None, prefix: str, *, resume: bool | int = False) -> str:
-    """``out``, or ``runs/<prefix>-<timestamp>`` when None; with ``resume`` it must exist.
+def experiment_dir(
+    out: str | None, prefix: str, *, resume: bool | int = False, resumable: bool = True
+) -> str:
+    """``out``, or ``runs/<prefix>-<timestamp>`` when None; with ``resume`` it must exist,
+    and without it, it must not hold an earlier command's results (which would be written
+    over). ``resumable``: whether the command has ``--resume`` (the error then offers it).
 
     Raises:
-      ValueError: ``resume`` without an existing directory, or a directory that cannot be
-        written (checked here, before anything compiles).
+      ValueError: ``resume`` without an existing directory, a directory that cannot be
+        written, or one that holds earlier results (checked here, before anything compiles).
     """
     if out is None:
         if resume:
@@ -264,15 +268,26 @@ def experiment_dir(out: str | None, prefix: str, *, resume: bool | int = False) 
             f"resume (--resume) needs an existing experiment directory (--out); {out!r} "
             "does not exist."
         )
+    if not resume and is_primary():  # process 0 alone writes the shared files, and looks
+        how = "--resume (its finished runs are kept)" if resumable else None
+        refuse_earlier_results(out, "out (--out)", how)
     return writable_dir(out, "out (--out)", create=False)
 
 
 def check_recipes(recipes: Sequence[str], model: LoadedModel) -> None:
-    """Fails on a bad recipe before any arm runs (the message lists the valid ones)."""
+    """Fails on a bad recipe before any arm runs (the message lists the valid ones), and on
+    a recipe listed twice, whose second run would write over the first's directory."""
+    seen = set()
     for r in recipes:
         plan = make_plan(r, model.structure)
         if plan.adapters is not None:  # LoRA: its targets must name kernels of this model
             lora_targets(model.params, plan.adapters)
+        if plan.name in seen:
+            raise ValueError(
+                f"recipes (--recipe) lists {plan.name!r} twice: each recipe runs once per seed "
+                "(--seeds) in a directory of its own. List it once."
+            )
+        seen.add(plan.name)
 
 
 def _grouped(result: dict, group: str | None) -> dict:

@@ -24,7 +24,7 @@ from jaxtl.distributed import is_primary
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.preprocessing import ImagePreprocessing
 from jaxtl.train import CheckpointConfig, ScaleConfig, TrainConfig, Trainer, precision
-from jaxtl.train.faults import writable_dir
+from jaxtl.train.faults import refuse_earlier_results, writable_dir
 from jaxtl.transfer import stages
 from jaxtl.transfer.plan import Plan
 from jaxtl.transfer.recipes import make_plan
@@ -209,9 +209,16 @@ def finetune(
 
     Returns:
       A :class:`RunResult` with test metrics, the best validation record and the final params.
+
+    Raises:
+      ValueError: among others, ``workdir`` holds an earlier run and ``resume`` is False.
     """
     config = config or TrainConfig()
     model.own_params("jaxtl.finetune")  # released to an earlier run: a clear error now
+    # An earlier run's results there are not written over. Process 0 alone looks: it alone
+    # writes run.json, so another process could see this run's own file as an earlier one.
+    if workdir and resume is False and is_primary():
+        refuse_earlier_results(workdir, "workdir (--out)", "resume=True (--resume)")
     plan = make_plan(recipe, model.structure)
     name = name or plan.name
     feature_cache.check_options(config, plan)

@@ -17,6 +17,18 @@ def read_json(path) -> dict:
         return json.load(f)
 
 
+def files_under(directory) -> dict:
+    """Every file under ``directory``, its path relative to it -> its bytes: what a command
+    that must change nothing there is checked against."""
+    out = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = f.read()
+    return out
+
+
 def perturbed(params, seed=1):
     """Params as if fine-tuned: every leaf moved, so a stale or skipped tensor shows up."""
     import jax

@@ -8,7 +8,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from _tiny import make_tiny_bert, minilm_dir, read_json, write_vader_csv
+from _tiny import files_under, make_tiny_bert, minilm_dir, read_json, write_vader_csv
 
 import jaxtl
 from jaxtl import cli
@@ -39,6 +39,33 @@ def test_help(command, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "usage: jaxtl" in out
+
+
+def _verbs() -> dict:
+    import argparse
+
+    from jaxtl.cli.parser import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+@pytest.mark.parametrize("verb", sorted(_verbs()))
+def test_every_verbs_help_shows_each_options_default(verb):
+    """An option that has a default says it in its --help (argparse's "(default: X)" or the
+    help's own words), and speaks of its own command: sweep's --out is runs/sweep-TIMESTAMP,
+    not finetune's, and only finetune's help speaks of --preset."""
+    parser = _verbs()[verb]
+    shown = parser.format_help()
+    for action in parser._actions:
+        unset = action.default in (None, False, [], "==SUPPRESS==")
+        if not action.option_strings or unset or action.help is None:
+            continue
+        text = parser._get_formatter()._expand_help(action)
+        assert "default" in text, (verb, action.option_strings, text)
+    if "--out" in shown and verb in ("sweep", "lr-find", "adapt", "rank"):
+        assert f"runs/{verb}-TIMESTAMP" in shown and "runs/finetune-" not in shown
+    assert ("--preset" in shown) == (verb == "finetune"), verb
 
 
 def test_finetune_help_names_the_defaults(capsys):
@@ -124,6 +151,15 @@ def test_unknown_recipe(capsys, tiny_dir, csv_data):
         (["--shard-rule", "fsdp"], "--shard-rule 'fsdp' is not PATH_REGEX=SPEC"),
         (["--feature-cache", "memory", "--remat", "full"], "--feature-cache trains a tail"),
         (["--no-scratch", "--fail-on-negative-transfer"], "which --no-scratch leaves out"),
+        # Values that would train wrongly rather than fail (gradient ascent, growing weights,
+        # a run other than asked for):
+        (["--clip-norm", "-1"], "clip_norm (--clip-norm) must be > 0, or None to clip nothing "
+         "(--clip-norm 0), got -1.0."),
+        (["--weight-decay", "-1"], "weight_decay (--weight-decay) must be >= 0, got -1.0."),
+        (["--epochs", "0"], "epochs (--epochs) must be >= 1, got 0."),
+        (["--patience", "0"], "patience (--patience) must be >= 1, got 0."),
+        (["--recipe", "linear_probe,linear_probe"], "recipes (--recipe) lists 'linear_probe' "
+         "twice"),
         (["--task", "regression", "--num-labels", "1", "--fail-on-negative-transfer"],
          "a regression head has no accuracy; drop the flag"),
         # A flag the source would not read (after the model, before the data is read):
@@ -213,6 +249,13 @@ def test_finetune_then_evaluate(capsys, tmp_path, tiny_dir, csv_data):
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "pretrained full" in printed and "scratch full" in printed and "run directory" in printed
+    # The same command again, without --resume, would write over the finished runs: refused
+    # before the model is loaded, every file as it was.
+    saved = files_under(out)
+    err = _err(capsys, argv)
+    assert f"out (--out) {out!r} already holds the results of an earlier run" in err
+    assert "Continue it with --resume" in err and "Nothing was changed" in err
+    assert files_under(out) == saved
     assert os.path.exists(os.path.join(out, "comparison.png"))
     summary = read_json(os.path.join(out, "summary.json"))
     assert [r["name"] for r in summary["results"]] == [

@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from _tiny import evaluate, fit, make_tiny_bert, small_vader
+from _tiny import evaluate, files_under, fit, make_tiny_bert, small_vader
 
 import jaxtl
 from jaxtl import checkpoint
@@ -38,18 +38,38 @@ def _leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+# 10 steps per epoch, 2 epochs. The full fine-tunes below share this config, so they share one
+# compiled train step (the schedule's length is part of it).
+RUN = dict(epochs=2, warmup_steps=3)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dir, arrays, tmp_path_factory):
+    """The run that each stopped and resumed run below must end as (dropout on, so the per-step
+    RNG matters too)."""
+    full = _trainer(tiny_dir, "full", str(tmp_path_factory.mktemp("uninterrupted")), **RUN)
+    return fit(full, arrays["train"], arrays["validation"])
+
+
 @pytest.mark.parametrize("stop_at", [13, 10])  # mid-epoch 2; exactly at the epoch-1 evaluation
-def test_stopped_and_resumed_run_is_bitwise_identical(tiny_dir, arrays, tmp_path, stop_at):
-    # 10 steps per epoch, 2 epochs; dropout on, so the per-step RNG matters too.
-    full = _trainer(tiny_dir, "full", str(tmp_path / "a"), epochs=2, warmup_steps=3)
-    ref = fit(full, arrays["train"], arrays["validation"])
+def test_stopped_and_resumed_run_is_bitwise_identical(
+    tiny_dir, arrays, tmp_path, stop_at, uninterrupted
+):
+    ref = uninterrupted
     assert ref.steps == 20
 
-    first = _trainer(tiny_dir, "full", str(tmp_path / "b"), epochs=2, warmup_steps=3)
+    first = _trainer(tiny_dir, "full", str(tmp_path / "b"), **RUN)
     part = fit(first, arrays["train"], arrays["validation"], stop_at=stop_at)
     assert part.steps == stop_at
+    # Not resuming, a fit in that directory would write over its checkpoints: refused, and
+    # nothing there changes (the resume below ends bitwise where the uninterrupted run does).
+    saved = files_under(tmp_path / "b")
+    again = _trainer(tiny_dir, "full", str(tmp_path / "b"), **RUN)
+    with pytest.raises(ValueError, match=rf"already holds checkpoints .*\(steps \[.*{stop_at}\]\)"):
+        fit(again, arrays["train"], arrays["validation"])
+    assert files_under(tmp_path / "b") == saved
     # A fresh trainer and model, as a new process would build them.
-    second = _trainer(tiny_dir, "full", str(tmp_path / "b"), epochs=2, warmup_steps=3)
+    second = _trainer(tiny_dir, "full", str(tmp_path / "b"), **RUN)
     resumed = fit(second, arrays["train"], arrays["validation"], resume=True)
     assert resumed.steps == 20
     for a, b in zip(_leaves(ref.state.params), _leaves(resumed.state.params), strict=True):
@@ -158,16 +178,24 @@ def test_finetune_writes_a_complete_run_directory(tiny_dir, tmp_path, monkeypatc
     for a, b in zip(_leaves(tested[0].params), _leaves(res.params), strict=True):
         np.testing.assert_array_equal(a, b)
 
+    # A second run into the finished run's directory, not resuming it, is refused before
+    # anything is written or compiled: every file of the first run is as it was.
+    saved = files_under(work)
+    with pytest.raises(ValueError, match=r"workdir \(--out\) .* already holds the results of an "
+                       r"earlier run \(.*run\.json\).*resume=True \(--resume\)"):  # fmt: skip
+        jaxtl.finetune(model, "full", small_vader(96, 32, 40), None, work)
+    assert files_under(work) == saved
+
 
 def test_training_leaves_the_models_params_usable(tiny_dir, arrays):
     # The step donates its state; the model's own arrays must survive for the next run.
-    trainer = _trainer(tiny_dir, "full", None, max_steps=2, restore_best=False)
+    trainer = _trainer(tiny_dir, "full", None, restore_best=False, **RUN)
     fit(trainer, arrays["train"])
     assert all(not x.is_deleted() for x in jax.tree.leaves(trainer.model.params))
     again = jaxtl.Trainer(
         trainer.model, jaxtl.make_plan("linear_probe", trainer.model.structure), trainer.config
     )
-    assert fit(again, arrays["train"]).steps == 2
+    assert fit(again, arrays["train"]).steps == 20
 
 
 def test_prefetch_places_batches_ahead_in_order():
@@ -195,8 +223,7 @@ def test_prefetch_places_batches_ahead_in_order():
 
 def test_prefetch_does_not_change_the_run(tiny_dir, arrays):
     runs = [
-        fit(_trainer(tiny_dir, "full", None, max_steps=6, prefetch=n), arrays["train"])
-        for n in (0, 3)
+        fit(_trainer(tiny_dir, "full", None, prefetch=n, **RUN), arrays["train"]) for n in (0, 3)
     ]
     for a, b in zip(_leaves(runs[0].state.params), _leaves(runs[1].state.params), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -148,7 +148,9 @@ def train_config(args, epochs: int):
         evals_per_epoch=args.evals_per_epoch,
         min_eval_interval=args.min_eval_interval,
         best_metric=args.best_metric,
-        early_stopping=jaxtl.EarlyStopping(patience=args.patience) if args.patience else None,
+        early_stopping=None
+        if args.patience is None
+        else jaxtl.EarlyStopping(patience=args.patience),
         compress_checkpoints=args.compress_checkpoints,
         augment=args.augment,
         mixup=args.mixup,

@@ -160,7 +160,7 @@ def rank_command(args) -> int:
     if args.sort_by not in scores:
         raise ValueError(f"--sort-by {args.sort_by} is not among --scores {args.scores!r}.")
     check_data_flags(args)
-    out = experiment.experiment_dir(args.out, "rank")
+    out = experiment.experiment_dir(args.out, "rank", resumable=False)
     done = ranking.rank(
         candidates,
         lambda modality: data_spec(args, modality),

@@ -50,7 +50,7 @@ def finetune_command(args) -> int:
     check_data_flags(args)
     model_path = args.model or jaxtl.default_model_dir()
     options = {**load_options(args), **placement_options(args)}
-    config = train_config(args, epochs=args.epochs or 1)
+    config = train_config(args, epochs=1 if args.epochs is None else args.epochs)
     # Everything a user can get wrong is checked before the first compilation; an output
     # directory that cannot be written, before the model loads.
     out = experiment.experiment_dir(args.out, "finetune", resume=args.resume)
@@ -176,7 +176,7 @@ def sweep_command(args) -> int:
     args.seed = args.seed or 0
     check_data_flags(args)
     check_devices(args)
-    out = experiment.experiment_dir(args.out, "sweep")
+    out = experiment.experiment_dir(args.out, "sweep", resumable=False)
     options = load_options(args)
     path = args.model or jaxtl.default_model_dir()
     models = {}
@@ -190,7 +190,7 @@ def sweep_command(args) -> int:
     spec = data_spec(args, modality=data_modality(first))
     data = resolve(spec, num_labels=options["num_labels"], task=args.task)
     args.weight_decay = grid["weight_decays"][0]  # each cell sets its own
-    config = train_config(args, epochs=args.epochs or 1)
+    config = train_config(args, epochs=1 if args.epochs is None else args.epochs)
     common = dict(config=config, long_texts=args.long_texts, **grid)
     if sweep.vmappable(first, args.recipe) and not args.sequential:
         cells = sweep.sweep_heads(load, data, recipe=args.recipe, **common)
@@ -229,7 +229,7 @@ def lr_find_command(args) -> int:
     lr_find.check_options(args.start_lr, args.end_lr, args.steps, args.diverge, args.smoothing)
     check_devices(args)
     check_data_flags(args)
-    out = experiment.experiment_dir(args.out, "lr-find")
+    out = experiment.experiment_dir(args.out, "lr-find", resumable=False)
     options = load_options(args)
     model = surgery.load_model(
         args.model or jaxtl.default_model_dir(), pooling=args.pooling, seed=args.seed, **options
@@ -305,7 +305,7 @@ def adapt_command(args) -> int:
     else:
         target = resolve(target_spec, num_labels=args.num_labels, task="classification")
     lr = args.lr or experiment.default_learning_rate(args.recipe)
-    config = train_config(args, epochs=args.epochs or 1)
+    config = train_config(args, epochs=1 if args.epochs is None else args.epochs)
     config = dataclasses.replace(config, optim=dataclasses.replace(config.optim, learning_rate=lr))
     load = lambda: surgery.load_model(path, pooling=args.pooling, seed=args.seed, **options)  # noqa: E731
     rows = domain.compare(load, source, target, methods, recipe=args.recipe, config=config,

@@ -145,6 +145,15 @@ class OptimConfig:
             )
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate (--lr) must be > 0, got {self.learning_rate}.")
+        if not self.weight_decay >= 0:  # a negative decay grows the weights
+            raise ValueError(
+                f"weight_decay (--weight-decay) must be >= 0, got {self.weight_decay}."
+            )
+        if self.clip_norm is not None and not self.clip_norm > 0:  # < 0 flips the gradient
+            raise ValueError(
+                f"clip_norm (--clip-norm) must be > 0, or None to clip nothing (--clip-norm 0), "
+                f"got {self.clip_norm}."
+            )
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(
                 f"warmup_ratio (--warmup-ratio) must be in [0, 1], got {self.warmup_ratio}."

@@ -12,7 +12,9 @@
   the step comes from jax's preemption sync point (the coordination service hears SIGTERM on
   any process and picks the first step every process can still reach).
 - **Output that cannot be written.** :func:`writable_dir` refuses a read-only or otherwise
-  unwritable run directory before anything loads or compiles. Mid-run, a metrics write that
+  unwritable run directory before anything loads or compiles, and :func:`earlier_results`
+  finds an earlier run's results there, which a command refuses to write over unless it is
+  resuming that run. Mid-run, a metrics write that
   fails is an :class:`OutputWriteError` that says whether the directory is gone (deleted,
   moved or unmounted: its checkpoints with it, unless it is put back) or only unwritable (a
   full disk, or permissions: its checkpoints are kept for ``--resume``); a failed save is a
@@ -38,6 +40,8 @@ __all__ = [
     "OutputWriteError",
     "Preempted",
     "StopSignals",
+    "earlier_results",
+    "refuse_earlier_results",
     "writable_dir",
 ]
 
@@ -70,6 +74,60 @@ def writable_dir(directory: str, what: str = "workdir (--out)", *, create: bool 
             "permissions."
         ) from e
     return directory
+
+
+# The files jaxtl's commands write at the top of an output directory or of a run directory in
+# it: one of them there means the results of an earlier command.
+RESULT_FILES = (
+    "run.json", "summary.json", "sweep.json", "lr_find.json", "rank.json", "adapt.json",
+)  # fmt: skip
+
+
+def earlier_results(directory: str, depth: int = 3, limit: int = 10_000) -> str | None:
+    """The path of the first result file of an earlier jaxtl command found in ``directory``
+    or its subdirectories down to ``depth`` levels (a preset's ``OUT/all/pretrained-full``,
+    a sweep's ``OUT/cells/NAME``), or None; at most ``limit`` entries are looked at, so a
+    large unrelated tree costs little."""
+    level, seen = [directory], 0
+    for _ in range(depth):
+        below = []
+        for d in level:
+            try:
+                entries = sorted(os.scandir(d), key=lambda e: e.name)
+            except OSError:  # missing, not a directory, or unreadable: nothing found there
+                continue
+            for entry in entries:
+                if entry.name in RESULT_FILES and entry.is_file():
+                    return entry.path
+            below += [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+            seen += len(entries)
+            if seen > limit:
+                return None
+        level = below
+    return None
+
+
+def refuse_earlier_results(directory: str, what: str, resume_flag: str | None) -> None:
+    """Raise if ``directory`` holds an earlier command's results, before anything writes there.
+
+    Args:
+      directory: the output directory about to be written.
+      what: the argument and its flag, e.g. ``"out (--out)"``.
+      resume_flag: how this command continues an earlier run (``"resume=True (--resume)"``),
+        or None where it cannot.
+
+    Raises:
+      ValueError: naming the file found and the ways on: resume it, or another directory.
+    """
+    found = earlier_results(directory)
+    if found is None:
+        return
+    how = f"Continue it with {resume_flag}, or choose" if resume_flag else "Choose"
+    raise ValueError(
+        f"{what} {directory!r} already holds the results of an earlier run ({found}), which "
+        f"writing there would replace. {how} another {what}, or remove that directory first. "
+        "Nothing was changed."
+    )
 
 
 class OutputWriteError(OSError):

@@ -287,7 +287,8 @@ class Trainer:
             stopping and restore-best.
           resume: continue from the latest checkpoint in ``workdir`` if there is one; a step
             number continues from that step's checkpoint instead (``--resume-from``: when the
-            latest cannot be read), and deletes the checkpoints after it.
+            latest cannot be read), and deletes the checkpoints after it. False: ``workdir``
+            must hold no checkpoints (an earlier run's are not written over).
           stop_at: stop after this global step, checkpointed, as if preempted: the LR schedule
             and data order still follow the full run, so a later ``resume`` finishes it exactly.
           stage_data: ``{stage: (train, val)}`` for the stages of ``stage_models``: the same
@@ -319,6 +320,12 @@ class Trainer:
         state = self.init_state(total)
         tracker = Tracker(*self.monitor, cfg.checkpoint.early_stopping if val else None)
         ckpt = self._checkpointer(state, has_val=val is not None)
+        if resume is False and ckpt is not None and ckpt.latest_step() is not None:
+            raise ValueError(
+                f"workdir (--out) {self.workdir!r} already holds checkpoints of an earlier run "
+                f"(steps {ckpt.steps()}), which this fit would write over. Continue it with "
+                "resume=True (--resume), or choose another workdir (--out). Nothing was changed."
+            )
         meta = {}
         if resume is not False:
             state, meta = self._resume(state, ckpt, loaders, tracker, total, resume)
