@@ -326,7 +326,10 @@ def test_mixing_refusals():
     assert smooth == MixBatch(2, label_smoothing=0.1)  # label smoothing alone suits text
     assert mixing.for_training(0, 0, 0, task="regression", num_classes=1, inputs=arrays) is None
     for bad in ({"label_smoothing": 1.0}, {"label_smoothing": -0.1}, {"mixup": -1.0}):
-        with pytest.raises(ValueError, match="label_smoothing must be in|mixup is the Beta"):
+        with pytest.raises(
+            ValueError,
+            match=r"label_smoothing \(--label-smoothing\) must be in|mixup \(--mixup\) is the Beta",
+        ):
             jaxtl.TrainConfig(**bad)
     # Pairs (2k, 2k+1) must not straddle processes: an odd share per process is refused.
     with pytest.raises(ValueError, match="even number of rows"):

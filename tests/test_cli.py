@@ -90,6 +90,11 @@ def test_missing_model_directory(capsys, tmp_path):
     assert "nope" in err and "not" in err.lower()
 
 
+def test_a_missing_model_directory_names_the_flag(capsys, tmp_path):
+    err = _err(capsys, ["finetune", "--model", str(tmp_path / "absent"), "--out", str(tmp_path)])
+    assert "does not exist. jaxtl.load(path) (--model) expects a local Hugging Face" in err
+
+
 def test_unsupported_architecture(capsys, tmp_path):
     d = tmp_path / "t5"
     d.mkdir()
@@ -160,6 +165,13 @@ def test_unknown_recipe(capsys, tiny_dir, csv_data):
         (["--patience", "0"], "patience (--patience) must be >= 1, got 0."),
         (["--recipe", "linear_probe,linear_probe"], "recipes (--recipe) lists 'linear_probe' "
          "twice"),
+        # Errors in the user's terms: the flag, and what it takes.
+        (["--data", "no-such.csv"], "(data / --data). Pass an existing .csv or .jsonl file, an "
+         "image or audio folder, tfds:NAME, hf:DIR, or an embedded set: vader,"),
+        (["--recipe", "nope"], "unknown transfer recipe 'nope' in recipe (--recipe) 'nope'"),
+        (["--augment", "bogus"], "Unknown augmentation 'bogus' in augment (--augment)"),
+        (["--label-smoothing", "1.5"], "label_smoothing (--label-smoothing) must be in [0, 1)"),
+        (["--num-labels", "0"], "num_labels (--num-labels) must be an integer >= 1"),
         (["--task", "regression", "--num-labels", "1", "--fail-on-negative-transfer"],
          "a regression head has no accuracy; drop the flag"),
         # A flag the source would not read (after the model, before the data is read):

@@ -311,8 +311,8 @@ def test_no_safetensors_mentions_pytorch_bin(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        ({"num_labels": 0}, r"num_labels must be an integer >= 1.*got 0"),
-        ({"num_labels": 2.0}, r"num_labels must be an integer"),
+        ({"num_labels": 0}, r"num_labels \(--num-labels\) must be an integer >= 1.*got 0"),
+        ({"num_labels": 2.0}, r"num_labels \(--num-labels\) must be an integer"),
         ({"task": "detection"}, r"Unknown task 'detection'.*classification"),
         ({"task": "segmentation"}, r"'bert' family has no 'segmentation' head; it supports"),
         ({"pooling": "max"}, r"pooling='max' is not supported"),

@@ -100,7 +100,9 @@ def test_each_process_reads_its_rows_of_every_global_batch():
 
 
 def test_bad_augmentation_specs_are_named():
-    with pytest.raises(ValueError, match=r"Unknown augmentation 'rotate\(10\)'"):
+    with pytest.raises(
+        ValueError, match=r"Unknown augmentation 'rotate\(10\)' in augment \(--augment\)"
+    ):
         augment.parse("hflip,rotate(10)")
     with pytest.raises(ValueError, match="arguments must be numbers"):
         augment.parse("translate(x)")

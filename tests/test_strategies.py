@@ -406,7 +406,9 @@ def test_make_plan_accepts_plans_and_callables():
 
 
 def test_make_plan_unknown_name_lists_valid_ones():
-    with pytest.raises(ValueError, match="unknown transfer recipe 'lats_n'") as info:
+    with pytest.raises(
+        ValueError, match=r"unknown transfer recipe 'lats_n' in recipe \(--recipe\)"
+    ) as info:
         make_plan("lats_n(2)", STRUCTURE)
     for name in RECIPES:
         assert name in str(info.value)

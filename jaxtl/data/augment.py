@@ -188,7 +188,8 @@ def parse(spec: str | None, preprocessing=None) -> Augment | None:
             batch_level = m is not None and m[1] in ("mixup", "cutmix")
             hint = " (mixup and cutmix mix batches: TrainConfig.mixup / .cutmix, --mixup/--cutmix)"
             raise ValueError(
-                f"Unknown augmentation {part.strip()!r} in {spec!r}; use a comma-separated list "
+                f"Unknown augmentation {part.strip()!r} in augment (--augment) {spec!r}; use a "
+                "comma-separated list "
                 f"of {sorted(OPS)}, each with optional numeric arguments, e.g. "
                 f"'random_resized_crop(0.35),hflip'{hint if batch_level else ''}."
             )

@@ -144,11 +144,12 @@ def check_options(mixup: float, cutmix: float, label_smoothing: float) -> None:
     for name, value in (("mixup", mixup), ("cutmix", cutmix)):
         if not value >= 0:
             raise ValueError(
-                f"{name} is the Beta(alpha, alpha) of lam: >= 0 (0: off), got {value}."
+                f"{name} (--{name}) is the Beta(alpha, alpha) of lam: >= 0 (0: off), got {value}."
             )
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(
-            f"label_smoothing must be in [0, 1) (0: off; 0.1 is the usual), got {label_smoothing}."
+            "label_smoothing (--label-smoothing) must be in [0, 1) (0: off; 0.1 is the usual), "
+            f"got {label_smoothing}."
         )
 
 

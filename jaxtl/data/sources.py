@@ -189,7 +189,9 @@ def _read_table(path: str, text_column: str, label_column: str | None):
     """Texts, raw labels and where each row is (``"line 7"``), for errors about its label."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"Data file not found: {path!r}. Pass an existing .csv or .jsonl file."
+            f"Data file not found: {path!r} (data / --data). Pass an existing .csv or .jsonl "
+            "file, an image or audio folder, tfds:NAME, hf:DIR, or an embedded set: vader, "
+            "vader-tags, vader-qa, digits, digits-segmentation."
         )
     ext = os.path.splitext(path)[1].lower()
     if ext == ".csv":

@@ -408,7 +408,9 @@ def recipe_name(spec: str | Plan) -> str:
     name, _, _ = _parse(spec)
     name = _ALIASES.get(name, name)
     if name not in RECIPES:
-        raise ValueError(f"unknown transfer recipe {name!r} in {spec!r}; {_usage()}")
+        raise ValueError(
+            f"unknown transfer recipe {name!r} in recipe (--recipe) {spec!r}; {_usage()}"
+        )
     return name
 
 
@@ -446,7 +448,9 @@ def make_plan(spec: str | Plan | Callable[[Structure], Plan], structure: Structu
         name, args, kwargs = _parse(spec)
         fn = RECIPES.get(_ALIASES.get(name, name))
         if fn is None:
-            raise ValueError(f"unknown transfer recipe {name!r} in {spec!r}; {_usage()}")
+            raise ValueError(
+                f"unknown transfer recipe {name!r} in recipe (--recipe) {spec!r}; {_usage()}"
+            )
         try:
             inspect.signature(fn).bind(structure, *args, **kwargs)
         except TypeError as e:

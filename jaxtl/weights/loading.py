@@ -436,8 +436,9 @@ def _check_task(task: str, num_labels: int) -> int:
         return 2  # a start and an end logit per token
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
         raise ValueError(
-            f"num_labels must be an integer >= 1 for task='classification', got {num_labels!r}. "
-            "For a single real-valued output use task='regression'."
+            "num_labels (--num-labels) must be an integer >= 1 for task='classification', got "
+            f"{num_labels!r}. For a single real-valued output use task='regression' (--task "
+            "regression)."
         )
     return num_labels
 
@@ -447,7 +448,8 @@ def _check_directory(path: str | os.PathLike) -> str:
     if not os.path.isdir(directory):
         what = "is a file, not a directory" if os.path.exists(directory) else "does not exist"
         raise FileNotFoundError(
-            f"Checkpoint directory {directory} {what}. jaxtl.load expects a local Hugging Face "
+            f"Checkpoint directory {directory} {what}. jaxtl.load(path) (--model) expects a "
+            "local Hugging Face "
             "model directory (config.json + model.safetensors); hub ids are not downloaded, so "
             "fetch one first, e.g. `huggingface-cli download ORG/NAME --local-dir DIR`."
         )
