@@ -457,7 +457,8 @@ def restore_run(run_dir: str, which: str = "best", *, weights_only: bool = False
     if "model" not in info or "data" not in info:
         raise ValueError(
             f"{info_path} does not record the model and data source (it was written from Python "
-            "with in-memory data); evaluate it from Python with Trainer.evaluate instead."
+            "with in-memory data): rebuild its model in Python and use Trainer.evaluate or "
+            "jaxtl.export with its params instead."
         )
     m = info["model"]
     # The run's optimizer and data options rebuild its checkpoint's tree; how it ranked its
@@ -575,15 +576,38 @@ def export_run(
 
 
 def read_run_info(run_dir: str) -> dict:
-    """A run directory's ``run.json``, or an error that says what a run directory is."""
+    """A run directory's ``run.json``, or an error that says what a run directory is (and
+    which runs an experiment directory holds, when it was given one).
+
+    Raises:
+      FileNotFoundError: no ``run.json`` in ``run_dir``.
+      ValueError: a ``run.json`` that is not valid JSON.
+    """
     path = os.path.join(run_dir, "run.json")
     if not os.path.isfile(path):
+        runs = sorted(
+            name
+            for name in (os.listdir(run_dir) if os.path.isdir(run_dir) else ())
+            if os.path.isfile(os.path.join(run_dir, name, "run.json"))
+        )
+        if runs:
+            raise FileNotFoundError(
+                f"{run_dir!r} is an experiment directory (--out) holding the runs {runs}: pass "
+                f"one of them, e.g. {os.path.join(run_dir, runs[0])!r} (only `jaxtl evaluate` "
+                "takes the experiment directory, to score every run in it)."
+            )
         raise FileNotFoundError(
-            f"{run_dir!r} is not a jaxtl run directory (no run.json). Pass a directory written by "
-            "`jaxtl finetune` (one of its per-run subdirectories, or the parent to score them all)."
+            f"{run_dir!r} is not a jaxtl run directory (no run.json). Pass one run's directory, "
+            "OUT/<run> of `jaxtl finetune`."
         )
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path} is not valid JSON ({e}): it was edited or cut short. Restore it from "
+                "a copy, or rerun the run into a new --out."
+            ) from None
 
 
 def _write_json(path: str, obj: dict) -> None:

@@ -268,6 +268,11 @@ def test_finetune_then_evaluate(capsys, tmp_path, tiny_dir, csv_data):
     assert f"out (--out) {out!r} already holds the results of an earlier run" in err
     assert "Continue it with --resume" in err and "Nothing was changed" in err
     assert files_under(out) == saved
+    # export, wise-ft and soup take one run: given the experiment, they name its runs.
+    runs = "['pretrained-full', 'pretrained-linear_probe', 'scratch-full']"
+    for verb in (["export", out, str(tmp_path / "exported")], ["wise-ft", out], ["soup", out, out]):
+        err = _err(capsys, verb)
+        assert f"is an experiment directory (--out) holding the runs {runs}: pass one" in err
     assert os.path.exists(os.path.join(out, "comparison.png"))
     summary = read_json(os.path.join(out, "summary.json"))
     assert [r["name"] for r in summary["results"]] == [
@@ -495,3 +500,11 @@ def test_finetune_loads_onto_the_mesh_only_when_the_train_state_splits_params():
         "min_shard_size": 2**16,
     }
     assert placement_options(args(shard_rule=[rule], feature_cache="memory")) == {}
+
+
+def test_a_damaged_run_json_is_named_with_what_to_do(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text('{"name": "pretrained full", ')  # cut short
+    err = _err(capsys, ["evaluate", str(run)])
+    assert f"{run / 'run.json'} is not valid JSON (" in err and "edited or cut short" in err
