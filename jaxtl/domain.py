@@ -342,7 +342,10 @@ def adapt(
     if method not in METHODS:
         raise ValueError(f"method={method!r}: choose one of {', '.join(METHODS)}.")
     if not weight >= 0:
-        raise ValueError(f"weight={weight!r} must be >= 0.")
+        raise ValueError(
+            f"weight (--weight) = {weight!r} must be >= 0: the adaptation loss's weight, 0 for "
+            "the source-only run."
+        )
     if model.task != "classification":
         raise ValueError(
             f"adapt trains a classification head (this model: task={model.task!r}); load it "

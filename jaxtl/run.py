@@ -23,6 +23,7 @@ from jaxtl.data.pipeline import training_loader
 from jaxtl.distributed import is_primary
 from jaxtl.models.base import LoadedModel
 from jaxtl.models.preprocessing import ImagePreprocessing
+from jaxtl.models.registry import data_modality
 from jaxtl.train import CheckpointConfig, ScaleConfig, TrainConfig, Trainer, precision
 from jaxtl.train.faults import refuse_earlier_results, writable_dir
 from jaxtl.transfer import stages
@@ -134,10 +135,17 @@ def encode_splits(
         return source.encode_splits(_tokenizer(model), data, max_length=max_length)
     if isinstance(data, images.ImageSplits):
         if "preprocessing" not in model.extras:
-            raise ValueError(f"The {model.family!r} model does not read images.")
+            raise ValueError(
+                f"The {model.family!r} model (--model) reads {data_modality(model)}, not the "
+                f"images of {data.name!r} (--data): pass an image model, e.g. a ResNet or ViT "
+                "directory, or text data."
+            )
         return images.encode(model.extras["preprocessing"], data, task=model.task)
     if "preprocessing" in model.extras:
-        raise ValueError(f"The {model.family!r} model reads images, but {data.name!r} is text.")
+        raise ValueError(
+            f"The {model.family!r} model (--model) reads images, but {data.name!r} (--data) is "
+            "text: pass a text model, e.g. a BERT directory, or image data."
+        )
     tokenizer = _tokenizer(model)
     max_length = int(model.extras.get("max_length", 512))
     for s in sources.SPLITS:

@@ -169,6 +169,8 @@ def test_unknown_recipe(capsys, tiny_dir, csv_data):
         (["--data", "no-such.csv"], "(data / --data). Pass an existing .csv or .jsonl file, an "
          "image or audio folder, tfds:NAME, hf:DIR, or an embedded set: vader,"),
         (["--recipe", "nope"], "unknown transfer recipe 'nope' in recipe (--recipe) 'nope'"),
+        (["--data", "digits"], "The 'bert' model (--model) reads text, not the images of "
+         "'digits' (--data): pass an image model"),
         (["--augment", "bogus"], "Unknown augmentation 'bogus' in augment (--augment)"),
         (["--label-smoothing", "1.5"], "label_smoothing (--label-smoothing) must be in [0, 1)"),
         (["--num-labels", "0"], "num_labels (--num-labels) must be an integer >= 1"),

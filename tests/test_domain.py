@@ -173,7 +173,7 @@ def test_errors_name_the_problem(setup, tmp_path):
         domain.tent(model, None)
     with pytest.raises(ValueError, match="method='mmd'"):
         domain.adapt(model, "full", source, target, method="mmd")
-    with pytest.raises(ValueError, match="weight=-1"):
+    with pytest.raises(ValueError, match=r"weight \(--weight\) = -1.0 must be >= 0"):
         domain.adapt(model, "full", source, target, weight=-1.0)
     with pytest.raises(ValueError, match="is staged"):
         domain.adapt(model, "lp_ft(1)", source, target)

@@ -7,6 +7,7 @@ import argparse
 
 from jaxtl.data.shifts import SHIFTS
 from jaxtl.experiment import DEFAULT_LR, FULL_LR
+from jaxtl.models.registry import FAMILIES
 from jaxtl.ranking import SCORES
 
 
@@ -76,8 +77,9 @@ def _add_model_args(p: argparse.ArgumentParser, surgery: bool = True) -> None:
         type=int,
         default=0,
         metavar="K",
-        help="build the model without its top K blocks (bert, roberta, distilbert, gpt2, llama, "
-        "vit, convnext; resnet within its last stage)",
+        help="build the model without its top K blocks ("
+        + ", ".join(name for name, family in FAMILIES.items() if family.depth)
+        + "; resnet and convnext within their last stage)",
     )
 
 
