@@ -38,6 +38,8 @@ def _finetune(recipe: str, lr: float, seed: int, epochs: int, out: str) -> str:
         cmd = [sys.executable, "-m", "jaxtl.cli", "finetune", "--recipe", recipe,
                "--no-scratch", "--epochs", str(epochs), "--lr", str(lr), "--seed", str(seed),
                "--out", run]  # fmt: skip
+        if os.path.isdir(run):  # runs of other recipes there are kept, not written over
+            cmd.append("--resume")
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return os.path.dirname(done)
 

@@ -246,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         help=f"with --soak: the fault kinds to draw from (default: all, {','.join(KINDS)})",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
-    p.add_argument("--workdir", help="where runs go (default: a temporary directory)")
+    p.add_argument(
+        "--workdir", help="where runs go, a new or empty directory (default: a temporary one)"
+    )
     p.add_argument("--json", help="also write every trial here")
     a = p.parse_args(argv)
     if a.trials < 1 or (a.soak is not None and a.soak <= 0):
@@ -254,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
     if not kinds or set(kinds) - set(KINDS):
         p.error(f"--kinds takes some of {','.join(KINDS)}; got {a.kinds!r}")
+    if a.workdir and os.path.isdir(a.workdir) and os.listdir(a.workdir):
+        p.error(
+            f"--workdir {a.workdir} is not empty: its runs would be written over; pass a new one"
+        )
     root = a.workdir or tempfile.mkdtemp(prefix="jaxtl-faults-")
     os.makedirs(root, exist_ok=True)
     inputs = make_inputs(root)

@@ -166,3 +166,17 @@ def is_primary() -> bool:
     import jax
 
     return jax.process_index() == 0
+
+
+def primarys(flag: bool) -> bool:
+    """Process 0's ``flag``, in every process: one answer to a question about shared files
+    that only process 0 may ask (another process could already see process 0's own writes).
+    In one process, ``flag`` itself, with no collective."""
+    import jax
+
+    if jax.process_count() == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))

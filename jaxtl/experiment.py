@@ -268,7 +268,7 @@ def experiment_dir(
             f"resume (--resume) needs an existing experiment directory (--out); {out!r} "
             "does not exist."
         )
-    if not resume and is_primary():  # process 0 alone writes the shared files, and looks
+    if not resume:
         how = "--resume (its finished runs are kept)" if resumable else None
         refuse_earlier_results(out, "out (--out)", how)
     return writable_dir(out, "out (--out)", create=False)

@@ -135,10 +135,11 @@ def encode_splits(
         return source.encode_splits(_tokenizer(model), data, max_length=max_length)
     if isinstance(data, images.ImageSplits):
         if "preprocessing" not in model.extras:
+            reads = data_modality(model)
             raise ValueError(
-                f"The {model.family!r} model (--model) reads {data_modality(model)}, not the "
-                f"images of {data.name!r} (--data): pass an image model, e.g. a ResNet or ViT "
-                "directory, or text data."
+                f"The {model.family!r} model (--model) reads {reads}, not the images of "
+                f"{data.name!r} (--data): pass an image model, e.g. a ResNet or ViT directory, "
+                f"or {reads} data."
             )
         return images.encode(model.extras["preprocessing"], data, task=model.task)
     if "preprocessing" in model.extras:
@@ -223,9 +224,7 @@ def finetune(
     """
     config = config or TrainConfig()
     model.own_params("jaxtl.finetune")  # released to an earlier run: a clear error now
-    # An earlier run's results there are not written over. Process 0 alone looks: it alone
-    # writes run.json, so another process could see this run's own file as an earlier one.
-    if workdir and resume is False and is_primary():
+    if workdir and resume is False:  # an earlier run's results there are not written over
         refuse_earlier_results(workdir, "workdir (--out)", "resume=True (--resume)")
     plan = make_plan(recipe, model.structure)
     name = name or plan.name

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 from _distributed_run import BATCH, EPOCHS, N_TRAIN, N_VAL
-from _tiny import make_tiny_bert
+from _tiny import files_under, make_tiny_bert
 
 from jaxtl.transfer.trees import flatten
 
@@ -363,6 +363,21 @@ def test_the_documented_cli_launch_on_two_processes_matches_one_process(tmp_path
         assert dist[arm]["test"]["accuracy"] == run["test"]["accuracy"], arm
         assert dist[arm]["test"]["loss"] == pytest.approx(run["test"]["loss"], rel=1e-5), arm
     assert "distributed (jaxtl): process 0 of 2, 4 local of 8 devices" in procs[0].output()[1]
+
+    # The same launch again without --resume: both processes refuse (process 0 looks at the
+    # shared files and tells the other), before the model loads and with every file as it was.
+    saved = files_under(tmp_path / "two")
+    port = _free_port()
+    again = [_Proc(f"again{i}", two, env(i), str(tmp_path), script="-m") for i in range(2)]
+    for proc in again:
+        proc.popen.wait(timeout=TIMEOUT_S)
+    errs = [proc.output()[1] for proc in again]
+    assert [proc.popen.returncode for proc in again] == [2, 2], errs
+    assert f"({tmp_path / 'two' / 'summary.json'}), which writing there" in errs[0]
+    assert "(found by process 0), which writing there would replace" in errs[1]
+    assert all("Continue it with --resume" in e for e in errs)
+    assert not any("LoadReport" in proc.output()[0] for proc in again)  # refused before loading
+    assert files_under(tmp_path / "two") == saved
 
 
 @pytest.mark.slow

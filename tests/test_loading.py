@@ -314,7 +314,11 @@ def test_no_safetensors_mentions_pytorch_bin(tmp_path):
         ({"num_labels": 0}, r"num_labels \(--num-labels\) must be an integer >= 1.*got 0"),
         ({"num_labels": 2.0}, r"num_labels \(--num-labels\) must be an integer"),
         ({"task": "detection"}, r"Unknown task 'detection'.*classification"),
-        ({"task": "segmentation"}, r"'bert' family has no 'segmentation' head; it supports"),
+        (
+            {"task": "segmentation"},
+            r"'bert' family has no 'segmentation' head \(task / --task\); "
+            r"it supports .* Families with a 'segmentation' head: vit, resnet, convnext\.",
+        ),
         ({"pooling": "max"}, r"pooling='max' is not supported"),
     ],
 )

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxtl.train import TrainConfig
 from jaxtl.transfer.plan import Group, Plan
 from jaxtl.transfer.recipes import (
     RECIPES,
@@ -442,3 +443,20 @@ def test_plan_names_round_trip(params, spec):
     again = make_plan(plan.name, STRUCTURE)
     assert again == plan
     assert again.labels(params) == plan.labels(params)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"clip_norm": -1.0}, r"clip_norm \(--clip-norm\) must be > 0, or None"),
+        ({"clip_norm": 0.0}, r"clip_norm \(--clip-norm\) must be > 0, or None"),
+        ({"weight_decay": -0.1}, r"weight_decay \(--weight-decay\) must be >= 0"),
+    ],
+)
+def test_values_that_would_train_wrongly_are_refused_by_every_way_in(kwargs, message):
+    """A negative clipping norm flips the gradient, 0 zeroes every update, a negative decay
+    grows the weights: refused by a plan's optimizer as by the run config."""
+    with pytest.raises(ValueError, match=message):
+        make_plan("full", STRUCTURE).optimizer(1e-3, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)

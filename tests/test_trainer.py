@@ -13,6 +13,7 @@ from _tiny import evaluate, files_under, fit, make_tiny_bert, small_vader
 import jaxtl
 from jaxtl import checkpoint
 from jaxtl.run import encode_splits
+from jaxtl.train.faults import earlier_results
 from jaxtl.transfer import trees
 
 
@@ -64,6 +65,8 @@ def test_stopped_and_resumed_run_is_bitwise_identical(
     # Not resuming, a fit in that directory would write over its checkpoints: refused, and
     # nothing there changes (the resume below ends bitwise where the uninterrupted run does).
     saved = files_under(tmp_path / "b")
+    # (A run stopped before writing anything else is found by its checkpoints.)
+    assert earlier_results(str(tmp_path / "b")) == str(tmp_path / "b" / "checkpoints")
     again = _trainer(tiny_dir, "full", str(tmp_path / "b"), **RUN)
     with pytest.raises(ValueError, match=rf"already holds checkpoints .*\(steps \[.*{stop_at}\]\)"):
         fit(again, arrays["train"], arrays["validation"])

@@ -89,8 +89,9 @@ def finetune_command(args) -> int:
         )
     elif demo:
         ref = ", ".join(f"{k} {v}" for k, v in experiment.DEMO_REFERENCE.items())
+        budget = f"{config.max_steps} step(s)" if config.max_steps else f"{config.epochs} epoch(s)"
         print(
-            f"This run's budget is {config.epochs} epoch(s). Reference after 3 epochs "
+            f"This run's budget is {budget}. Reference after 3 epochs "
             f"(transformers + PyTorch): {ref}.\nSame recipe in jaxtl: "
             "jaxtl finetune --epochs 3 --schedule constant --clip-norm 0  (results in README.md)"
         )

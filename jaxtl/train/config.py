@@ -127,7 +127,7 @@ class OptimConfig:
     weight_decay_input: bool = False
 
     def __post_init__(self):
-        from jaxtl.transfer.optimizer import optimizer_factory
+        from jaxtl.transfer.optimizer import check_decay_and_clip, optimizer_factory
 
         if self.l2_sp is not None:  # JSON (run.json) gives a list
             values = tuple(self.l2_sp) if isinstance(self.l2_sp, list | tuple) else ()
@@ -145,15 +145,7 @@ class OptimConfig:
             )
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate (--lr) must be > 0, got {self.learning_rate}.")
-        if not self.weight_decay >= 0:  # a negative decay grows the weights
-            raise ValueError(
-                f"weight_decay (--weight-decay) must be >= 0, got {self.weight_decay}."
-            )
-        if self.clip_norm is not None and not self.clip_norm > 0:  # < 0 flips the gradient
-            raise ValueError(
-                f"clip_norm (--clip-norm) must be > 0, or None to clip nothing (--clip-norm 0), "
-                f"got {self.clip_norm}."
-            )
+        check_decay_and_clip(self.weight_decay, self.clip_norm)
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(
                 f"warmup_ratio (--warmup-ratio) must be in [0, 1], got {self.warmup_ratio}."

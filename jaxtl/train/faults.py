@@ -40,6 +40,7 @@ __all__ = [
     "OutputWriteError",
     "Preempted",
     "StopSignals",
+    "committed_steps",
     "earlier_results",
     "refuse_earlier_results",
     "writable_dir",
@@ -83,11 +84,25 @@ RESULT_FILES = (
 )  # fmt: skip
 
 
+def committed_steps(checkpoints: str) -> list[int]:
+    """The steps a run directory's ``checkpoints`` folder holds committed (orbax names a step's
+    folder by its number once the save is whole), in ``latest`` and ``best``, oldest first."""
+    steps = set()
+    for manager in ("latest", "best"):
+        try:
+            names = os.listdir(os.path.join(checkpoints, manager))
+        except OSError:  # none saved there yet
+            continue
+        steps.update(int(n) for n in names if n.isdigit())
+    return sorted(steps)
+
+
 def earlier_results(directory: str, depth: int = 3, limit: int = 10_000) -> str | None:
-    """The path of the first result file of an earlier jaxtl command found in ``directory``
-    or its subdirectories down to ``depth`` levels (a preset's ``OUT/all/pretrained-full``,
-    a sweep's ``OUT/cells/NAME``), or None; at most ``limit`` entries are looked at, so a
-    large unrelated tree costs little."""
+    """The path of the first result of an earlier jaxtl command found in ``directory`` or its
+    subdirectories down to ``depth`` levels (a preset's ``OUT/all/pretrained-full``, a sweep's
+    ``OUT/cells/NAME``): one of :data:`RESULT_FILES`, or a ``checkpoints`` folder with a
+    committed step (a run stopped before it wrote anything else); or None. At most ``limit``
+    entries are looked at, so a large unrelated tree costs little."""
     level, seen = [directory], 0
     for _ in range(depth):
         below = []
@@ -96,8 +111,11 @@ def earlier_results(directory: str, depth: int = 3, limit: int = 10_000) -> str 
                 entries = sorted(os.scandir(d), key=lambda e: e.name)
             except OSError:  # missing, not a directory, or unreadable: nothing found there
                 continue
-            for entry in entries:
+            for entry in entries:  # a result file first: it says more than checkpoints
                 if entry.name in RESULT_FILES and entry.is_file():
+                    return entry.path
+            for entry in entries:
+                if entry.name == "checkpoints" and committed_steps(entry.path):
                     return entry.path
             below += [e.path for e in entries if e.is_dir(follow_symlinks=False)]
             seen += len(entries)
@@ -110,6 +128,9 @@ def earlier_results(directory: str, depth: int = 3, limit: int = 10_000) -> str 
 def refuse_earlier_results(directory: str, what: str, resume_flag: str | None) -> None:
     """Raise if ``directory`` holds an earlier command's results, before anything writes there.
 
+    Process 0 looks (it alone writes the shared files, so another process could see this
+    run's own), and every process gets its answer: all of them refuse, or none does.
+
     Args:
       directory: the output directory about to be written.
       what: the argument and its flag, e.g. ``"out (--out)"``.
@@ -119,14 +140,16 @@ def refuse_earlier_results(directory: str, what: str, resume_flag: str | None) -
     Raises:
       ValueError: naming the file found and the ways on: resume it, or another directory.
     """
-    found = earlier_results(directory)
-    if found is None:
+    from jaxtl.distributed import is_primary, primarys
+
+    found = earlier_results(directory) if is_primary() else None
+    if not primarys(found is not None):
         return
     how = f"Continue it with {resume_flag}, or choose" if resume_flag else "Choose"
     raise ValueError(
-        f"{what} {directory!r} already holds the results of an earlier run ({found}), which "
-        f"writing there would replace. {how} another {what}, or remove that directory first. "
-        "Nothing was changed."
+        f"{what} {directory!r} already holds the results of an earlier run "
+        f"({found or 'found by process 0'}), which writing there would replace. {how} another "
+        f"{what}, or remove that directory first. Nothing was changed."
     )
 
 

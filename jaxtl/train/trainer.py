@@ -33,7 +33,7 @@ from jaxtl.models.common import batch_norm_paths, recompute
 from jaxtl.train import heap, precision, steps
 from jaxtl.train.builder import StateBuilder
 from jaxtl.train.config import TrainConfig
-from jaxtl.train.faults import BadSteps, Preempted, StopSignals, writable_dir
+from jaxtl.train.faults import BadSteps, Preempted, StopSignals, committed_steps, writable_dir
 from jaxtl.train.loggers import Logger, check_installed, open_loggers
 from jaxtl.train.losses import TASKS, summarize
 from jaxtl.train.progress import Clock, MetricsLog, TrainMetrics, progress_bar
@@ -295,6 +295,15 @@ class Trainer:
             examples in the same order, as those stages' models read them.
         """
         cfg = self.config
+        # Before anything is built or placed (every process sees the same files: none has
+        # saved yet).
+        saved = committed_steps(os.path.join(self.workdir, "checkpoints")) if self.workdir else []
+        if resume is False and saved:
+            raise ValueError(
+                f"workdir (--out) {self.workdir!r} already holds checkpoints of an earlier run "
+                f"(steps {saved}), which this fit would write over. Continue it with "
+                "resume=True (--resume), or choose another workdir (--out). Nothing was changed."
+            )
         spe = train.steps_per_epoch
         data = dict(stage_data or {})
         if sorted(data) != sorted(self.stage_models):
@@ -320,12 +329,6 @@ class Trainer:
         state = self.init_state(total)
         tracker = Tracker(*self.monitor, cfg.checkpoint.early_stopping if val else None)
         ckpt = self._checkpointer(state, has_val=val is not None)
-        if resume is False and ckpt is not None and ckpt.latest_step() is not None:
-            raise ValueError(
-                f"workdir (--out) {self.workdir!r} already holds checkpoints of an earlier run "
-                f"(steps {ckpt.steps()}), which this fit would write over. Continue it with "
-                "resume=True (--resume), or choose another workdir (--out). Nothing was changed."
-            )
         meta = {}
         if resume is not False:
             state, meta = self._resume(state, ckpt, loaders, tracker, total, resume)

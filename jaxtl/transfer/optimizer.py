@@ -58,6 +58,7 @@ __all__ = [
     "ScheduleInput",
     "WeightDecayInput",
     "available_optimizers",
+    "check_decay_and_clip",
     "clip_by_global_norm",
     "l2_sp_transform",
     "make_optimizer",
@@ -387,6 +388,23 @@ def l2_sp_transform(plan: Grouped, alpha: float, beta: float) -> optax.GradientT
     )
 
 
+def check_decay_and_clip(weight_decay: float, clip_norm: float | None) -> None:
+    """Refuse the values that would train without failing, wrongly: a negative decay grows
+    the weights, and a negative clipping norm flips the gradient (gradient ascent); 0 would
+    zero every update.
+
+    Raises:
+      ValueError: naming the argument and its flag.
+    """
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay (--weight-decay) must be >= 0, got {weight_decay}.")
+    if clip_norm is not None and not clip_norm > 0:
+        raise ValueError(
+            f"clip_norm (--clip-norm) must be > 0, or None to clip nothing (--clip-norm 0), "
+            f"got {clip_norm}."
+        )
+
+
 def make_optimizer(
     plan: Grouped,
     learning_rate: float | optax.Schedule,
@@ -431,8 +449,9 @@ def make_optimizer(
 
     Raises:
       ValueError: unknown optimizer name, or options it does not take; ``schedule_input``
-        without an ``LRSchedule``.
+        without an ``LRSchedule``; a negative ``weight_decay`` or a ``clip_norm`` <= 0.
     """
+    check_decay_and_clip(weight_decay, clip_norm)
     if schedule_input and not isinstance(learning_rate, LRSchedule):
         raise ValueError(
             "schedule_input=True keeps a schedule's numbers in the optimizer state: pass "

@@ -151,8 +151,10 @@ def load(
             files = find_weight_files(directory)  # fail on missing weights before building
             source = files[0] if len(files) == 1 else os.path.join(directory, INDEX_FILE)
     if task not in family.tasks:
+        having = [f.name for f in registry.FAMILIES.values() if task in f.tasks]
         raise ValueError(
-            f"The {family.name!r} family has no {task!r} head; it supports {family.tasks}."
+            f"The {family.name!r} family has no {task!r} head (task / --task); it supports "
+            f"{family.tasks}. Families with a {task!r} head: {', '.join(having) or 'none'}."
         )
     raw_config = registry.truncated_config(family, raw_config, drop_blocks, source=source)
     options = _family_options(
