@@ -500,8 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one recipe (linear_probe is vmapped; others: cell by cell)")  # fmt: skip
     sw.add_argument("--lr", default="1e-4,3e-4,1e-3,3e-3", metavar="LR1,LR2,...",
                     help="peak learning rates")  # fmt: skip
-    sw.add_argument("--weight-decay", default="0,1e-2", metavar="WD1,WD2,...",
-                    help="weight decays of trainable matrices")  # fmt: skip
+    # dest weight_decays: the grid, not the one weight decay of finetune's TrainConfig
+    sw.add_argument("--weight-decay", dest="weight_decays", default="0,1e-2",
+                    metavar="WD1,WD2,...", help="weight decays of trainable matrices")  # fmt: skip
     sw.add_argument("--seeds", default="0", metavar="S1,S2,...",
                     help="seeds: each cell's new head, dropout and data order")  # fmt: skip
     sw.add_argument("--seed", type=int, help="draws the --shots subset (default: 0; the "

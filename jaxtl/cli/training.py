@@ -166,7 +166,7 @@ def sweep_command(args) -> int:
 
     grid = {
         "lrs": sweep.parse_grid(args.lr, "--lr"),
-        "weight_decays": sweep.parse_grid(args.weight_decay, "--weight-decay"),
+        "weight_decays": sweep.parse_grid(args.weight_decays, "--weight-decay"),
         "seeds": sweep.parse_grid(args.seeds, "--seeds"),
     }
     if args.seed is not None and args.shots is None:

@@ -396,9 +396,10 @@ def check_decay_and_clip(weight_decay: float, clip_norm: float | None) -> None:
     Raises:
       ValueError: naming the argument and its flag.
     """
-    if not weight_decay >= 0:
+    # Python numbers only: a sweep's vmapped heads pass each head's weight decay as an array.
+    if isinstance(weight_decay, int | float) and not weight_decay >= 0:
         raise ValueError(f"weight_decay (--weight-decay) must be >= 0, got {weight_decay}.")
-    if clip_norm is not None and not clip_norm > 0:
+    if isinstance(clip_norm, int | float) and not clip_norm > 0:
         raise ValueError(
             f"clip_norm (--clip-norm) must be > 0, or None to clip nothing (--clip-norm 0), "
             f"got {clip_norm}."
