@@ -41,6 +41,24 @@ def test_help(command, capsys):
     assert "usage: jaxtl" in out
 
 
+def test_the_exit_status_is_in_the_help_and_the_readme(capsys):
+    from jaxtl.cli.parser import EXIT_STATUS
+
+    for command in ([], ["finetune"]):
+        with pytest.raises(SystemExit):
+            cli.main([*command, "--help"])
+        assert EXIT_STATUS in " ".join(capsys.readouterr().out.split())
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md")) as f:
+        said = " ".join(f.read().split())
+    assert (
+        "**Exit status** (`jaxtl --help` says the same): 0 when the command finished, or when "
+        "SIGTERM / Ctrl-C stopped it after a checkpoint (it prints the command that resumes); 1 "
+        "for a run that diverged (`--max-bad-steps`) or could not save; 2 for bad input, "
+        "refused before anything trains; 3 for negative transfer under "
+        "`--fail-on-negative-transfer`."
+    ) in said
+
+
 def _verbs() -> dict:
     import argparse
 
@@ -176,6 +194,14 @@ def test_unknown_recipe(capsys, tiny_dir, csv_data):
         (["--num-labels", "0"], "num_labels (--num-labels) must be an integer >= 1"),
         (["--task", "regression", "--num-labels", "1", "--fail-on-negative-transfer"],
          "a regression head has no accuracy; drop the flag"),
+        # A flag the run would not use is refused, not dropped in silence:
+        (["--task", "regression", "--num-labels", "2"], "--task regression has one real-valued "
+         "output, so --num-labels 2 does not apply; drop --num-labels."),
+        (["--task", "question_answering", "--num-labels", "3"], "--task question_answering "
+         "has a start and an end logit per token, so --num-labels 3 does not apply"),
+        (["--recipe", ""], "--recipe '' names no recipe; give one or more, e.g. --recipe "
+         "full,lora(8), or leave the flag out for the default (full,linear_probe)."),
+        (["--recipe", " , "], "--recipe ' , ' names no recipe"),
         # A flag the source would not read (after the model, before the data is read):
         (["--label-column", "y"], "label_column / --label-column applies to a .csv / .jsonl "
          "file or tfds:NAME or hf:DIR only; --data vader does not read it: drop --label-column."),
@@ -510,3 +536,44 @@ def test_a_damaged_run_json_is_named_with_what_to_do(capsys, tmp_path):
     (run / "run.json").write_text('{"name": "pretrained full", ')  # cut short
     err = _err(capsys, ["evaluate", str(run)])
     assert f"{run / 'run.json'} is not valid JSON (" in err and "edited or cut short" in err
+
+
+def test_a_short_demo_run_states_its_budget_against_the_reference(tmp_path, capsys):
+    """The demo (the embedded model and data) on a budget other than the reference's says so,
+    with the reference's figures and the command that reproduces them, and has no reference
+    column: a 1-step run is not comparable with 3 epochs."""
+    out = tmp_path / "demo"
+    argv = ["finetune", "--drop-blocks", "5", "--recipe", "linear_probe", "--no-scratch",
+            "--max-steps", "1", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "This run's budget is 1 step(s). Reference after 3 epochs (transformers + PyTorch): "
+        "pretrained full 95.6%, pretrained linear_probe 88.6%, scratch full 85.2%.\nSame recipe "
+        "in jaxtl: jaxtl finetune --epochs 3 --schedule constant --clip-norm 0"
+    ) in printed
+    assert "reference: transformers + PyTorch" not in printed
+    assert read_json(out / "summary.json").get("reference") is None
+
+
+def test_the_demo_reference_applies_to_the_reference_budget_only():
+    from jaxtl import experiment
+
+    config = jaxtl.TrainConfig(epochs=3)
+    assert experiment.demo_reference(config, demo_data=True, learning_rate_given=False) == (
+        experiment.DEMO_REFERENCE
+    )
+    for other, kwargs in [
+        (config, {"demo_data": False, "learning_rate_given": False}),
+        (config, {"demo_data": True, "learning_rate_given": True}),
+        (jaxtl.TrainConfig(epochs=1), {"demo_data": True, "learning_rate_given": False}),
+        (
+            jaxtl.TrainConfig(epochs=3, max_steps=10),
+            {"demo_data": True, "learning_rate_given": False},
+        ),
+        (
+            jaxtl.TrainConfig(epochs=3, batch_size=16),
+            {"demo_data": True, "learning_rate_given": False},
+        ),
+    ]:
+        assert experiment.demo_reference(other, **kwargs) is None

@@ -54,6 +54,19 @@ def test_labels_outside_num_labels_are_a_clear_error(tmp_path):
         sources.from_table(str(p), num_labels=2)
 
 
+def test_class_names_beyond_the_head_are_named_not_given_as_ids(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("text,label\na,pos\nb,neg\nc,meh\n")
+    with pytest.raises(ValueError) as e:
+        sources.from_table(str(p), num_labels=2)
+    assert str(e.value) == (
+        f"The label column in {p} has 3 distinct labels ['meh', 'neg', 'pos'] but the head has "
+        "2 outputs. Pass num_labels=3 (--num-labels 3)."
+    )
+    with pytest.raises(ValueError, match=r"has 3 distinct labels .* head has 4 outputs"):
+        sources.from_table(str(p), num_labels=4)
+
+
 def test_empty_dataset_is_a_clear_error(tmp_path):
     p = tmp_path / "d.csv"
     p.write_text("text,label\n")

@@ -17,11 +17,43 @@ def load_options(args) -> dict:
     :func:`jaxtl.surgery.load_model` options (``pooling`` and ``seed`` apart)."""
     return {
         "task": args.task,
-        "num_labels": 1 if args.task == "regression" else args.num_labels,
+        "num_labels": head_labels(args),
         "image_size": args.image_size,
         "in_channels": args.in_channels,
         **surgery_options(args),
     }
+
+
+# The tasks whose head width is fixed, and what fixes it.
+_FIXED_WIDTH = {
+    "regression": "one real-valued output",
+    "causal_lm": "logits over the model's vocabulary",
+    "question_answering": "a start and an end logit per token",
+}
+
+
+def head_labels(args) -> int:
+    """``--num-labels`` (default 2), or the width ``--task`` fixes (1 for regression). A
+    ``--num-labels`` that the task would ignore is refused rather than dropped in silence.
+
+    Example:
+      >>> head_labels(argparse.Namespace(task="regression", num_labels=None))
+      1
+      >>> head_labels(argparse.Namespace(task="regression", num_labels=3))
+      Traceback (most recent call last):
+      ...
+      ValueError: --task regression has one real-valued output, so --num-labels 3 does not ...
+    """
+    given = getattr(args, "num_labels", None)
+    task = getattr(args, "task", "classification")
+    if task in _FIXED_WIDTH:
+        if given is not None and not (task == "regression" and given == 1):
+            raise ValueError(
+                f"--task {task} has {_FIXED_WIDTH[task]}, so --num-labels {given} does not "
+                "apply; drop --num-labels."
+            )
+        return 1 if task == "regression" else 2
+    return 2 if given is None else given
 
 
 def placement_options(args) -> dict:
@@ -100,20 +132,39 @@ def check_devices(args) -> None:
         )
 
 
+def finetune_recipes(args) -> list[str]:
+    """The recipes ``jaxtl finetune`` runs on the pretrained model: ``--rules FILE``'s, else
+    ``--recipe``'s, else :data:`DEFAULT_RECIPES`. A ``--recipe`` that names none (``""``) is
+    refused rather than read as the default."""
+    from jaxtl.transfer.recipes import split_recipes
+
+    if getattr(args, "rules", None):
+        return [f"rules({os.path.abspath(args.rules)!r})"]
+    if args.recipe is None:
+        return split_recipes(DEFAULT_RECIPES)
+    recipes = split_recipes(args.recipe)
+    if not recipes:
+        raise ValueError(
+            f"--recipe {args.recipe!r} names no recipe; give one or more, e.g. --recipe "
+            f"full,lora(8), or leave the flag out for the default ({DEFAULT_RECIPES})."
+        )
+    return recipes
+
+
 def release_pretrained(args) -> bool:
     """``--release-pretrained`` / ``--no-release-pretrained``, or by default on for the verbs
     that take the flag (``finetune``, ``sweep``: the process has no other use for the loaded
     params, and a run that needs them loads the model again), unless a recipe is staged
     (``gradual``, ``lp_ft``: their later stages start from the loaded params). ``lr-find`` and
     ``adapt`` reuse the loaded model: never."""
-    from jaxtl.transfer.recipes import split_recipes, staged
+    from jaxtl.transfer.recipes import staged
 
     chosen = getattr(args, "release_pretrained", False)
     if chosen is False:
         return False
     if getattr(args, "rules", None):  # a rules file's plan has no stages
         return True
-    stepped = [r for r in split_recipes(args.recipe or DEFAULT_RECIPES) if staged(r)]
+    stepped = [r for r in finetune_recipes(args) if staged(r)]
     if chosen and stepped:  # refused before anything loads, not when that arm's turn comes
         raise ValueError(
             f"--release-pretrained drops the loaded params once a run's train state holds "

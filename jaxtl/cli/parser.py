@@ -47,10 +47,10 @@ def _add_model_args(p: argparse.ArgumentParser, surgery: bool = True) -> None:
     g.add_argument(
         "--num-labels",
         type=int,
-        default=2,
-        help="classes of the new head (token_classification: the data's tags, e.g. 5 for "
-        "vader-tags; segmentation: the classes with background, e.g. 11 for "
-        "digits-segmentation)",
+        help="classes of the new head (default: 2; token_classification: the data's tags, "
+        "e.g. 5 for vader-tags; segmentation: the classes with background, e.g. 11 for "
+        "digits-segmentation). Not for regression (one output), causal_lm (the vocabulary) "
+        "or question_answering (a start and an end per token)",
     )
     g.add_argument(
         "--pooling",
@@ -391,8 +391,19 @@ def _version() -> str:
     return f"jaxtl {jaxtl.__version__} ({stack})"
 
 
+# What every verb's exit status means (README.md, "Failures and recovery", says the same).
+EXIT_STATUS = (
+    "exit status: 0 done, or stopped by SIGTERM / Ctrl-C after a checkpoint (it prints the "
+    "command that resumes); 1 a run that diverged (--max-bad-steps) or could not save; 2 bad "
+    "input, refused before anything trains; 3 negative transfer with "
+    "--fail-on-negative-transfer."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxtl", description="Transfer learning in JAX.")
+    parser = argparse.ArgumentParser(
+        prog="jaxtl", description="Transfer learning in JAX.", epilog=EXIT_STATUS
+    )
     parser.add_argument(
         "--version",
         action=_Version,
@@ -412,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
             "confusion.png, reliability.png for classification) and "
             "OUT/{summary.json,comparison.png} (and seeds.png with --seeds)."
         ),
+        epilog=EXIT_STATUS,
         formatter_class=_HelpFormatter,
     )
     for title, options in _FINETUNE.items():

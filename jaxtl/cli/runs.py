@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 
-from jaxtl.cli.options import check_data_flags, data_spec, surgery_options
+from jaxtl.cli.options import check_data_flags, data_spec, head_labels, surgery_options
 
 
 def evaluate_command(args) -> int:
@@ -165,7 +165,7 @@ def rank_command(args) -> int:
         candidates,
         lambda modality: data_spec(args, modality),
         task=args.task,
-        num_labels=args.num_labels,
+        num_labels=head_labels(args),
         scores=scores,
         out=out,
         seed=args.seed,
@@ -188,7 +188,7 @@ def inspect_command(args) -> int:
     from jaxtl.run import with_adapters
 
     model_dir = args.model_dir or jaxtl.default_model_dir()
-    num_labels = 1 if args.task == "regression" else args.num_labels
+    num_labels = head_labels(args)
     model = surgery.load_model(
         model_dir,
         task=args.task,

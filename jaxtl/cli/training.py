@@ -11,14 +11,14 @@ from jaxtl.cli.options import (
     check_devices,
     data_options,
     data_spec,
+    finetune_recipes,
     load_options,
     placement_options,
     preempted,
     train_config,
 )
-from jaxtl.cli.parser import DEFAULT_RECIPES, finetune_options
+from jaxtl.cli.parser import finetune_options
 from jaxtl.models.registry import data_modality
-from jaxtl.transfer.recipes import split_recipes
 
 
 def finetune_command(args) -> int:
@@ -48,6 +48,7 @@ def finetune_command(args) -> int:
         )  # fmt: skip
     check_devices(args)
     check_data_flags(args)
+    recipes = finetune_recipes(args)
     model_path = args.model or jaxtl.default_model_dir()
     options = {**load_options(args), **placement_options(args)}
     config = train_config(args, epochs=1 if args.epochs is None else args.epochs)
@@ -58,10 +59,6 @@ def finetune_command(args) -> int:
     model = surgery.load_model(model_path, pooling=args.pooling, seed=args.seed, **options)
     print(model.report)
     spec = data_spec(args, modality=data_modality(model))
-    if args.rules:
-        recipes = [f"rules({os.path.abspath(args.rules)!r})"]
-    else:
-        recipes = split_recipes(args.recipe or DEFAULT_RECIPES)
     demo = args.data == "vader" and args.model is None
     try:
         done = experiment.compare(
@@ -300,11 +297,11 @@ def adapt_command(args) -> int:
         refuse_unread({"splits": args.splits}, {source_name: source_spec})
         refuse_unread(shared, {source_name: source_spec,
                                f"--target-data {args.target_data}": target_spec})  # fmt: skip
-    source = resolve(source_spec, num_labels=args.num_labels, task="classification")
+    source = resolve(source_spec, num_labels=options["num_labels"], task="classification")
     if args.target_shift:
         target = shifts.shifted(source, args.target_shift, seed=args.seed)
     else:
-        target = resolve(target_spec, num_labels=args.num_labels, task="classification")
+        target = resolve(target_spec, num_labels=options["num_labels"], task="classification")
     lr = args.lr or experiment.default_learning_rate(args.recipe)
     config = train_config(args, epochs=1 if args.epochs is None else args.epochs)
     config = dataclasses.replace(config, optim=dataclasses.replace(config.optim, learning_rate=lr))

@@ -40,6 +40,8 @@ def encode_labels(
     if task == "regression":
         return regression_targets(raw, where, places), None
     ids, names = class_ids(raw, where, places)
+    if names is not None:  # class names, as the user wrote them, rather than their ids
+        check_label_count(names, num_labels, f"The label column {where}")
     check_ids(ids, num_labels, where, places)
     return ids, names
 
@@ -222,8 +224,9 @@ def labels_for_head(
         ids = check_labels(values, task, where, fix_shape=fix_shape, fix_type=fix_type)
     if num_labels is None:
         num_labels = len(names) if names else int(ids.max()) + 1
-    check_ids(ids, max(num_labels, 1), where)
+    # The names first: a class the head has no output for is named, not given as its id.
     check_label_count(names, num_labels, f"Label column {where}")
+    check_ids(ids, max(num_labels, 1), where)
     return ids, names
 
 
