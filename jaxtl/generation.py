@@ -141,7 +141,15 @@ def generate(
         )
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens (--max-new-tokens) must be >= 1, got {max_new_tokens}.")
-    ids, mask = left_pad(np.asarray(input_ids), attention_mask)
+    try:
+        ids = np.asarray(input_ids)
+    except ValueError as e:  # numpy's "inhomogeneous shape": rows of different lengths
+        raise ValueError(
+            "input_ids rows have different lengths; pad them to one length and pass "
+            "attention_mask (1 for a token, 0 for padding), e.g. a tokenizer's "
+            "padding=True output."
+        ) from e
+    ids, mask = left_pad(ids, attention_mask)
     total = ids.shape[1] + max_new_tokens
     if info.max_length is not None and total > info.max_length:
         raise ValueError(

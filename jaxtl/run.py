@@ -81,8 +81,9 @@ Splits = (
 
 def check_task_data(model: LoadedModel, data: Splits) -> None:
     """Refuse data that the model's task cannot read (tagged sentences for a sequence
-    classifier, texts for a tagger ...), naming the data each needs, and a tagger whose head
-    has another number of tags than the data."""
+    classifier, texts for a tagger ...), naming the data each needs, a tagger whose head
+    has another number of tags than the data, data of another kind than the model reads, and
+    class labels the head has no output for."""
     if isinstance(data, tagging.TaggedSplits) and model.task == "token_classification":
         if model.num_labels != len(data.label_names):
             raise ValueError(
@@ -102,6 +103,81 @@ def check_task_data(model: LoadedModel, data: Splits) -> None:
             f"{_TOKEN_DATA[model.task][1]}; {data.name!r} is texts or images with one label "
             "each."
         )
+    check_modality(model, data)
+    if model.task == "classification" and not isinstance(data, tagging.TaggedSplits | qa.QASplits):
+        check_class_labels(data, model.num_labels)
+
+
+def check_modality(model: LoadedModel, data: Splits) -> None:
+    """Refuse data of another kind than the model reads (text for an image model, ...),
+    naming the flags and what to pass."""
+    if isinstance(data, audio.AudioSplits):
+        return  # audio.encode names what an audio model needs
+    if "audio_preprocessing" in model.extras:
+        raise ValueError(
+            f"The {model.family!r} model reads audio, but {data.name!r} is not: pass "
+            "jaxtl.data.audio.from_folder(DIR) / from_arrays(waveforms, labels, sampling_rate=...) "
+            "(--data DIR of <class>/<clip>.wav)."
+        )
+    if isinstance(data, tagging.TaggedSplits | qa.QASplits):
+        return
+    if isinstance(data, images.ImageSplits) and "preprocessing" not in model.extras:
+        reads = data_modality(model)
+        raise ValueError(
+            f"The {model.family!r} model (--model) reads {reads}, not the images of "
+            f"{data.name!r} (--data): pass an image model, e.g. a ResNet or ViT directory, "
+            f"or {reads} data."
+        )
+    if not isinstance(data, images.ImageSplits) and "preprocessing" in model.extras:
+        raise ValueError(
+            f"The {model.family!r} model (--model) reads images, but {data.name!r} (--data) is "
+            "text: pass a text model, e.g. a BERT directory, or image data."
+        )
+
+
+def check_class_labels(data: Splits, num_labels: int) -> None:
+    """Every split's labels are integer class ids in ``[0, num_labels)``, and the data names no
+    more classes than the head has outputs: else a label past the head would train to NaN
+    and score nonsense. (:func:`jaxtl.data.from_arrays` and ``from_table`` map class names to
+    ids; data built otherwise may hold names or fractions.)"""
+    names = data.label_names
+    if names is not None and len(names) > num_labels:
+        raise ValueError(
+            f"{data.name!r} names {len(names)} classes {list(names)[:10]}, but the model's head "
+            f"has num_labels={num_labels} outputs: load it with num_labels={len(names)} "
+            f"(--num-labels {len(names)})."
+        )
+    for split in sources.SPLITS:
+        labels = getattr(data, split)[1]
+        if labels is None:
+            raise ValueError(
+                f"{data.name!r} has no labels in its {split} split, and a classifier trains on "
+                "them; give labels (jaxtl.data.from_arrays(inputs, labels)), or load a causal "
+                "LM (task='causal_lm', --task causal_lm) for unlabeled text."
+            )
+        labels = np.asarray(labels)
+        if labels.size == 0:
+            continue
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f"The {split} labels of {data.name!r} are {labels.dtype} (e.g. "
+                f"{labels.flat[0]!r}), not integer class ids; build the splits with "
+                "jaxtl.data.from_arrays or from_table, which map class names to ids (or "
+                "task='regression', --task regression, for real-valued targets)."
+            )
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0:
+            raise ValueError(
+                f"The {split} labels of {data.name!r} hold class {low}: class ids run from 0 to "
+                f"num_labels - 1 ({num_labels - 1} here). Fix or drop those examples (-1 often "
+                "marks unlabeled ones)."
+            )
+        if high >= num_labels:
+            raise ValueError(
+                f"The {split} labels of {data.name!r} hold class {high}, outside [0, {num_labels}) "
+                f"for the model's {num_labels}-way head: load it with num_labels={high + 1} "
+                f"(--num-labels {high + 1}), or fix the labels."
+            )
 
 
 def encode_splits(
@@ -123,30 +199,12 @@ def encode_splits(
     check_task_data(model, data)
     if isinstance(data, audio.AudioSplits):
         return audio.encode(model.extras, data)
-    if "audio_preprocessing" in model.extras:
-        raise ValueError(
-            f"The {model.family!r} model reads audio, but {data.name!r} is not: pass "
-            "jaxtl.data.audio.from_folder(DIR) / from_arrays(waveforms, labels, sampling_rate=...) "
-            "(--data DIR of <class>/<clip>.wav)."
-        )
     if isinstance(data, tagging.TaggedSplits | qa.QASplits):
         source = tagging if isinstance(data, tagging.TaggedSplits) else qa
         max_length = int(model.extras.get("max_length", 512))
         return source.encode_splits(_tokenizer(model), data, max_length=max_length)
     if isinstance(data, images.ImageSplits):
-        if "preprocessing" not in model.extras:
-            reads = data_modality(model)
-            raise ValueError(
-                f"The {model.family!r} model (--model) reads {reads}, not the images of "
-                f"{data.name!r} (--data): pass an image model, e.g. a ResNet or ViT directory, "
-                f"or {reads} data."
-            )
         return images.encode(model.extras["preprocessing"], data, task=model.task)
-    if "preprocessing" in model.extras:
-        raise ValueError(
-            f"The {model.family!r} model (--model) reads images, but {data.name!r} (--data) is "
-            "text: pass a text model, e.g. a BERT directory, or image data."
-        )
     tokenizer = _tokenizer(model)
     max_length = int(model.extras.get("max_length", 512))
     for s in sources.SPLITS:
@@ -183,6 +241,35 @@ def references(data: Splits, split: str) -> list | None:
     """What the text metrics of ``split`` read beside the predictions: question answering's
     ``(context, answer)`` per example; ``None`` for other data."""
     return data.references(split) if isinstance(data, qa.QASplits) else None
+
+
+def _arguments(model, data, config, workdir) -> tuple[TrainConfig, str | None]:
+    """:func:`finetune`'s arguments checked for their kind, in its terms: ``(config, workdir)``
+    with a dict of options made a :class:`TrainConfig` and a path-like ``workdir`` (``~``
+    expanded) a string."""
+    if not isinstance(model, LoadedModel):
+        raise ValueError(
+            f"model must be a LoadedModel, got {type(model).__name__} {model!r:.80}; load it "
+            "first: jaxtl.finetune(jaxtl.load(path), ...) (--model PATH)."
+        )
+    if not isinstance(data, Splits):
+        raise ValueError(
+            f"data must be the train/validation/test splits of jaxtl.data (from_arrays(inputs, "
+            f"labels), from_table(path), vader(), ...; --data), got {type(data).__name__}."
+        )
+    if isinstance(config, dict):
+        config = TrainConfig(**config)
+    config = TrainConfig() if config is None else config
+    if not isinstance(config, TrainConfig):
+        raise ValueError(
+            f"config must be a jaxtl.TrainConfig (or a dict of its options), got "
+            f"{type(config).__name__}."
+        )
+    if workdir is not None:
+        if not isinstance(workdir, str | os.PathLike):
+            raise ValueError(f"workdir (--out) must be a path, got {workdir!r}.")
+        workdir = os.path.expanduser(os.fspath(workdir))
+    return config, workdir
 
 
 def finetune(
@@ -222,7 +309,7 @@ def finetune(
     Raises:
       ValueError: among others, ``workdir`` holds an earlier run and ``resume`` is False.
     """
-    config = config or TrainConfig()
+    config, workdir = _arguments(model, data, config, workdir)
     model.own_params("jaxtl.finetune")  # released to an earlier run: a clear error now
     if workdir and resume is False:  # an earlier run's results there are not written over
         refuse_earlier_results(workdir, "workdir (--out)", "resume=True (--resume)")
@@ -463,9 +550,11 @@ def restore_run(run_dir: str, which: str = "best", *, weights_only: bool = False
     info = read_run_info(run_dir)
     if "model" not in info or "data" not in info:
         raise ValueError(
-            f"{info_path} does not record the model and data source (it was written from Python "
-            "with in-memory data): rebuild its model in Python and use Trainer.evaluate or "
-            "jaxtl.export with its params instead."
+            f"{info_path} does not record how to rebuild the run's model and data: jaxtl.finetune "
+            "in Python records them only when given describe={'model': ..., 'data': DATA_SPEC} "
+            "(the `jaxtl finetune` command and jaxtl.experiment.compare, which take a data spec, "
+            "always do). Rebuild its model in Python and use Trainer.evaluate or jaxtl.export "
+            "with its params instead."
         )
     m = info["model"]
     # The run's optimizer and data options rebuild its checkpoint's tree; how it ranked its

@@ -126,6 +126,11 @@ def test_export_refuses_to_overwrite_and_checks_the_tree(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         jaxtl.export(model, tmp_path / "out")
     assert os.path.getmtime(tmp_path / "out" / "model.safetensors") == before
+    (tmp_path / "notes.txt").write_text("kept")
+    for overwrite in (False, True):  # an export is a directory: a file there is not replaced
+        with pytest.raises(FileExistsError, match="notes.txt is a file; an export is a directory"):
+            jaxtl.export(model, tmp_path / "notes.txt", overwrite=overwrite)
+    assert (tmp_path / "notes.txt").read_text() == "kept"
     wrong = {**model.params, "classifier": {"kernel": np.zeros((32, 5)), "bias": np.zeros(5)}}
     with pytest.raises(ValueError, match="do not match"):
         jaxtl.export(model, tmp_path / "other", wrong)

@@ -178,6 +178,8 @@ def test_bad_requests_are_refused_with_the_fix(tmp_path):
         generate(lm, None, ids, mask, max_new_tokens=0)
     with pytest.raises(ValueError, match="attention_mask has shape"):
         generate(lm, None, ids, mask[:, :3], max_new_tokens=2)
+    with pytest.raises(ValueError, match="rows have different lengths; pad them to one length"):
+        generate(lm, None, [[1, 2, 3], [4, 5]], max_new_tokens=2)
     with pytest.raises(ValueError, match=r"Rows \[1\] have no tokens"):
         generate(lm, None, ids, np.where(np.arange(3)[:, None] == 1, 0, mask), max_new_tokens=2)
     with pytest.raises(ValueError, match="--top-p"):

@@ -99,27 +99,31 @@ def test_last_n_freezes_under_real_training(tiny_dir, arrays):
         assert not np.array_equal(before[p], after[p]), p
 
 
-def test_early_stopping_restores_best(tiny_dir, arrays, tmp_path):
+@pytest.mark.parametrize("restore", [True, False])
+def test_early_stopping_restores_best_unless_told_not_to(tiny_dir, arrays, tmp_path, restore):
+    """EarlyStopping(restore_best=False) is heard although CheckpointConfig's restore_best
+    defaults to True: a False in either keeps the last params."""
     # A vanishing learning rate: validation accuracy cannot improve, so patience runs out.
+    stop = jaxtl.EarlyStopping(metric="val_accuracy", patience=2, restore_best=restore)
     trainer = _trainer(
-        tiny_dir,
-        "linear_probe",
-        str(tmp_path / "es"),
-        epochs=5,
-        learning_rate=1e-12,
-        eval_every=2,
-        early_stopping=jaxtl.EarlyStopping(metric="val_accuracy", patience=2),
-    )
+        tiny_dir, "linear_probe", str(tmp_path / "es"), epochs=5, learning_rate=1e-12,
+        eval_every=2, early_stopping=stop,
+    )  # fmt: skip
     res = fit(trainer, arrays["train"], arrays["validation"])
     assert res.stopped_early
     assert res.steps == 6  # evaluations at 2 (best), 4 and 6 (no improvement twice)
     assert res.best["step"] == 2
-    saved, meta = checkpoint.restore_params(
-        str(tmp_path / "es" / "checkpoints"), res.state.checkpoint_tree(), "best"
-    )
-    assert int(saved["step"]) == 2
-    for a, b in zip(_leaves(saved["params"]), _leaves(res.state.params), strict=True):
+    ckpts, tree = str(tmp_path / "es" / "checkpoints"), res.state.checkpoint_tree()
+    best, _ = checkpoint.restore_params(ckpts, tree, "best")
+    last, _ = checkpoint.restore_params(ckpts, tree, "latest")
+    assert (int(best["step"]), int(last["step"])) == (2, 6)
+    kept, other = (best, last) if restore else (last, best)
+    for a, b in zip(_leaves(kept["params"]), _leaves(res.state.params), strict=True):
         np.testing.assert_array_equal(a, b)
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(_leaves(other["params"]), _leaves(res.state.params), strict=True)
+    )
 
 
 def test_the_best_params_come_back_without_reading_the_optimizer_state(tmp_path):

@@ -186,7 +186,7 @@ def train_config(args, epochs: int):
     return jaxtl.TrainConfig(
         epochs=epochs,
         max_steps=args.max_steps,
-        seed=args.seed,
+        seed=0 if args.seed is None else args.seed,  # sweep: each cell sets its own
         max_bad_steps=args.max_bad_steps,
         optimizer=args.optimizer,
         batch_size=args.batch_size,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from jaxtl.data.images import ImageSplits, pil_arrays
-from jaxtl.data.labels import check_finite, labels_for_head
+from jaxtl.data.labels import check_finite, check_task, labels_for_head
 from jaxtl.data.sources import TextSplits, check_split_sizes, pick_column, split, split_indices
 
 _RANKS = "texts (a list of str) or images ([N, H, W] or [N, H, W, C] numbers)"
@@ -66,6 +66,7 @@ def from_arrays(
       >>> data.sizes(), data.train[0].shape
       ({'train': 16, 'validation': 2, 'test': 2}, (16, 8, 8, 1))
     """
+    check_task(task, "from_arrays")
     label_key = "labels"  # what the labels are called in errors
     if isinstance(inputs, Mapping):
         inputs, labels, label_key = _columns(inputs, labels, input_column, label_column, task)

@@ -4,10 +4,63 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+from typing import Any
+
+import numpy as np
 
 from jaxtl.data import augment, mixing
 
-__all__ = ["DataConfig"]
+__all__ = ["DataConfig", "check_types"]
+
+# The simple annotations check_types reads, and what each accepts.
+_KINDS = {
+    "bool": ((bool, np.bool_), "True or False"),
+    "int": ((int, np.integer), "a whole number"),
+    "float": ((int, float, np.integer, np.floating), "a finite number"),
+    "str": ((str, os.PathLike), "a string"),
+}
+
+
+def check_types(obj: Any, names: dict[str, str], flags: dict[str, str | None]) -> None:
+    """Each option of ``obj`` whose annotation in ``names`` is built of ``bool``, ``int``,
+    ``float``, ``str`` and ``None`` holds a value of that type; others are checked where
+    they are used. ``True`` is no number here, ``1.5`` no whole number, ``"3"`` neither, and a
+    float is finite: each would otherwise fail deep inside a step, or (``train_bn="false"``)
+    do the opposite of what it says. A path-like value of a ``str`` option becomes its
+    string. ``flags`` gives an option's ``jaxtl finetune`` flag where it has one.
+
+    Raises:
+      ValueError: naming the argument, its flag, and what it takes.
+    """
+    for name, annotation in names.items():
+        kinds = [k.strip() for k in str(annotation).split("|")]
+        if not set(kinds) <= {*_KINDS, "None"}:
+            continue
+        value = getattr(obj, name)
+        if value is None and "None" in kinds:
+            continue
+        allowed = [k for k in kinds if k != "None"]
+        ok = any(
+            isinstance(value, _KINDS[k][0])
+            and not (k in ("int", "float") and isinstance(value, bool | np.bool_))
+            and not (k == "float" and not math.isfinite(value))
+            for k in allowed
+        )
+        if not ok:
+            said = [_KINDS[k][1] for k in allowed] + ["None"] * ("None" in kinds)
+            what = " or ".join([", ".join(said[:-1]), said[-1]] if len(said) > 2 else said)
+            what = what.replace("True or False or None", "True, False or None")
+            flag = flags.get(name, "--" + name.replace("_", "-"))
+            named = f"{name} ({flag})" if flag else name
+            raise ValueError(f"{named} must be {what}, got {value!r}.")
+        if isinstance(value, os.PathLike) and "str" in allowed:
+            setattr(obj, name, os.fspath(value))
+
+
+# The options that only Python sets (the others are `jaxtl finetune --<name with dashes>`).
+FLAGS: dict[str, str | None] = {"eval_batch_size": None, "prefetch": None}
 
 
 @dataclasses.dataclass
@@ -57,6 +110,7 @@ class DataConfig:
     feature_cache: str | None = None
 
     def __post_init__(self):
+        check_types(self, self.__annotations__, FLAGS)
         if self.data_workers < 0:
             raise ValueError(
                 f"data_workers (--data-workers) must be >= 0, got {self.data_workers}."

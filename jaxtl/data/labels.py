@@ -18,6 +18,22 @@ _CLASS_IDS = "class ids are whole numbers 0, 1, ..., num_labels - 1"
 _REGRESSION = "For a numeric target, pass task='regression' (--task regression)"
 
 
+# The tasks whose data the sources build: a label per example, a number, or no label.
+DATA_TASKS = ("classification", "regression", "causal_lm")
+
+
+def check_task(task: str, where: str) -> None:
+    """``task`` is one a data source builds for, else an error naming the valid ones (a
+    misspelled ``"regresion"`` would otherwise read the labels as classes)."""
+    if task not in DATA_TASKS:
+        raise ValueError(
+            f"{where}: task (--task) must be one of {list(DATA_TASKS)}, got {task!r}. "
+            "token_classification and question_answering read data of their own: "
+            "jaxtl.data.tagging (--data vader-tags or FILE.conll) and jaxtl.data.qa (--data "
+            "vader-qa or squad:FILE.json)."
+        )
+
+
 def place(i: int, places: Sequence[str] | None) -> str:
     """Where example ``i`` is: ``places[i]`` (a file's ``"line 7"``), else ``"example i"``."""
     return places[i] if places is not None else f"example {i}"

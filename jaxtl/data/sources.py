@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxtl.data.labels import encode_labels, show_value
+from jaxtl.data.labels import check_task, encode_labels, show_value
 
 SPLITS = ("train", "validation", "test")  # every source's three splits, in this order
 
@@ -314,6 +314,7 @@ def from_table(
 ) -> TextSplits:
     """A user file split 80/10/10 like the embedded data; ``task="causal_lm"`` reads only the
     text column."""
+    check_task(task, f"from_table({path!r})")
     name = os.path.basename(path)
     if task == "causal_lm":
         texts, _, _ = _read_table(path, text_column, None)

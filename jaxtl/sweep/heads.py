@@ -348,7 +348,7 @@ def _fit(heads: _Heads, cells, carry, cached: dict, total: int) -> tuple[list[_H
     train, bs = cached["train"], config.data.batch_size
     spe = len(train["label"]) // bs
     ck = config.checkpoint
-    runs = [_HeadRun(Tracker(*ck.monitor(heads.tail.task), ck.early_stopping), ck.restore_best)
+    runs = [_HeadRun(Tracker(*ck.monitor(heads.tail.task), ck.early_stopping), ck.restores_best)
             for _ in cells]  # fmt: skip
     interval = ck.eval_interval(spe)
     data = jax.device_put(train)
@@ -459,8 +459,7 @@ def sweep_heads(
     runs, (step, last) = _fit(
         heads, cells, heads.init(stacked, [c[2] for c in cells]), cached, total
     )
-    es = config.checkpoint.early_stopping
-    restore = config.checkpoint.restore_best or bool(es and es.restore_best)
+    restore = config.checkpoint.restores_best
     ended = [r.returned(step, _pick(last, i), restore) for i, r in enumerate(runs)]
     ok = [i for i, r in enumerate(runs) if r.error is None]
     tests = {}

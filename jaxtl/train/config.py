@@ -24,7 +24,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from jaxtl.data.config import DataConfig
+from jaxtl.data.config import FLAGS as DATA_FLAGS
+from jaxtl.data.config import DataConfig, check_types
 from jaxtl.sharding import MIN_SHARD_SIZE, check_axes
 from jaxtl.transfer.schedules import SCHEDULES, LRSchedule
 
@@ -38,12 +39,38 @@ __all__ = [
 ]
 
 
+# Each option's `jaxtl finetune` flag where it is not --<name with dashes>, and None for the
+# options only Python sets (tests/test_cli.py checks this against the parser).
+FLAGS: dict[str, str | None] = {
+    **DATA_FLAGS,
+    "learning_rate": "--lr",
+    "early_stopping": "--patience",
+    "patience": "--patience",
+    "sharding_rules": "--shard-rule",
+    **dict.fromkeys(
+        ("optimizer_options", "warmup_steps", "learning_rate_input", "weight_decay_input",
+         "checkpoint_every", "max_to_keep", "best_mode", "restore_best", "min_delta", "metric",
+         "mode", "min_shard_size", "log_every", "progress", "train_bn", "precise_bn",
+         "loggers"),
+    ),
+}  # fmt: skip
+
+
+def _named(name: str) -> str:
+    """``"epochs (--epochs)"``: an option by its Python name and its flag, where it has one."""
+    flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+    return f"{name} ({flag})" if flag else name
+
+
+def _checked(obj: Any, annotations: dict[str, str]) -> None:
+    check_types(obj, annotations, FLAGS)
+
+
 def _at_least(obj: Any, names: tuple[str, ...], low: int) -> None:
     for name in names:
         value = getattr(obj, name)
         if value is not None and value < low:
-            flag = name.replace("_", "-")
-            raise ValueError(f"{name} (--{flag}) must be >= {low}, got {value}.")
+            raise ValueError(f"{_named(name)} must be >= {low}, got {value}.")
 
 
 @dataclasses.dataclass
@@ -71,8 +98,14 @@ class EarlyStopping:
     mode: str | None = None
 
     def __post_init__(self):
+        _checked(self, EarlyStopping.__annotations__)
         if self.mode not in (None, "max", "min"):
             raise ValueError(f"EarlyStopping.mode must be 'max' or 'min', got {self.mode!r}.")
+        if self.min_delta < 0:
+            raise ValueError(
+                f"EarlyStopping.min_delta must be >= 0 (an improvement by at least it counts), "
+                f"got {self.min_delta}."
+            )
         if self.patience < 1:
             raise ValueError(
                 f"EarlyStopping.patience (--patience) must be >= 1, got {self.patience}."
@@ -129,6 +162,7 @@ class OptimConfig:
     def __post_init__(self):
         from jaxtl.transfer.optimizer import check_decay_and_clip, optimizer_factory
 
+        _checked(self, OptimConfig.__annotations__)
         if self.l2_sp is not None:  # JSON (run.json) gives a list
             values = tuple(self.l2_sp) if isinstance(self.l2_sp, list | tuple) else ()
             if len(values) != 2 or not all(
@@ -203,17 +237,39 @@ class CheckpointConfig:
     compress_checkpoints: bool | None = None
 
     def __post_init__(self):
+        _checked(self, CheckpointConfig.__annotations__)
         if isinstance(self.early_stopping, Mapping):
+            valid = [f.name for f in dataclasses.fields(EarlyStopping)]
+            unknown = sorted(set(self.early_stopping) - set(valid))
+            if unknown:
+                raise ValueError(
+                    f"early_stopping has an unknown option {unknown[0]!r}; EarlyStopping takes "
+                    f"{valid}."
+                )
             self.early_stopping = EarlyStopping(**self.early_stopping)
+        if not (self.early_stopping is None or isinstance(self.early_stopping, EarlyStopping)):
+            raise ValueError(
+                "early_stopping (--patience) must be an EarlyStopping (e.g. "
+                "jaxtl.EarlyStopping(patience=3)), a dict of its options, or None, got "
+                f"{self.early_stopping!r}."
+            )
         if self.best_mode not in (None, "max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {self.best_mode!r}.")
         _at_least(self, ("eval_every", "evals_per_epoch", "min_eval_interval"), 1)
         _at_least(self, ("checkpoint_every", "max_to_keep"), 1)
-        if not (self.compress_checkpoints is None or isinstance(self.compress_checkpoints, bool)):
-            raise ValueError(
-                "compress_checkpoints (--compress-checkpoints) must be True, False or None "
-                f"(None: raw on CPU, compressed elsewhere), got {self.compress_checkpoints!r}."
-            )
+
+    @property
+    def restores_best(self) -> bool:
+        """Whether training ends with the best-evaluated params: ``restore_best``, and with early
+        stopping its ``restore_best`` too (both default to True, so a False in either turns it
+        off).
+
+        Example:
+          >>> CheckpointConfig(early_stopping=EarlyStopping(restore_best=False)).restores_best
+          False
+        """
+        es = self.early_stopping
+        return self.restore_best and (es is None or es.restore_best)
 
     def eval_interval(self, steps_per_epoch: int) -> int:
         """Steps between evaluations.
@@ -304,8 +360,8 @@ class ScaleConfig:
         ``jax.ShapeDtypeStruct`` s; :meth:`jaxtl.LoadedModel.release_params`), so the state's
         copy is the only one resident. Load the model again to use its pretrained params
         afterwards. Refused for staged plans, whose later stages start from them.
-        :func:`jaxtl.compare` and sequential sweeps load the model again from its path for
-        each run (so changes made to it in Python are not kept). A ``feature_cache`` run
+        :func:`jaxtl.experiment.compare` and sequential sweeps load the model again from its
+        path for each run (so changes made to it in Python are not kept). A ``feature_cache`` run
         keeps the full model, which computes the features; vmapped sweeps build no state.
         ``jaxtl finetune`` and ``jaxtl sweep`` turn it on unless a recipe is staged
         (``--no-release-pretrained`` turns it off).
@@ -324,6 +380,7 @@ class ScaleConfig:
         from jaxtl.models.layers import remat_policy
         from jaxtl.train.precision import check_precision
 
+        _checked(self, ScaleConfig.__annotations__)
         if self.remat is not None:
             remat_policy(self.remat)
         check_precision(self.precision)
@@ -439,6 +496,7 @@ class TrainConfig:
             )
         for key, default in self._DEFAULTS.items():
             setattr(self, key, options.get(key, default))
+        _checked(self, {k: TrainConfig.__annotations__[k] for k in self._DEFAULTS})
         _at_least(self, ("epochs", "log_every", "max_steps", "max_bad_steps"), 1)
         _at_least(self, ("precise_bn",), 0)
         if isinstance(self.loggers, str):

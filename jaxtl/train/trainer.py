@@ -40,6 +40,7 @@ from jaxtl.train.progress import Clock, MetricsLog, TrainMetrics, progress_bar
 from jaxtl.train.state import TrainState
 from jaxtl.train.tracker import Tracker
 from jaxtl.transfer.plan import Plan
+from jaxtl.transfer.recipes import make_plan
 from jaxtl.transfer.trees import flatten, unflatten
 
 __all__ = ["FitResult", "Trainer"]
@@ -99,6 +100,22 @@ class Trainer:
         loss: Callable[..., Any] | None = None,
         loggers: Sequence[Logger] = (),
     ):
+        if not isinstance(model, LoadedModel):
+            raise ValueError(
+                f"model must be a LoadedModel from jaxtl.load(path), got {type(model).__name__}."
+            )
+        if isinstance(plan, str):  # a recipe, as jaxtl.finetune takes it
+            plan = make_plan(plan, model.structure)
+        if not isinstance(plan, Plan):
+            raise ValueError(
+                f"plan must be a recipe (e.g. 'full') or a Plan from jaxtl.make_plan(recipe, "
+                f"model.structure), got {type(plan).__name__}."
+            )
+        config = TrainConfig() if config is None else config
+        if not isinstance(config, TrainConfig):
+            raise ValueError(f"config must be a jaxtl.TrainConfig, got {type(config).__name__}.")
+        if workdir is not None:
+            workdir = os.path.expanduser(os.fspath(workdir))
         if model.task not in TASKS:
             raise ValueError(
                 f"The Trainer fits the heads of {TASKS}; this model was loaded with "
@@ -134,6 +151,7 @@ class Trainer:
             model = recompute(model, remat=scale.remat, dtype=dtype)
         self.model = model
         self.plan = plan
+        plan.check_trains(model.params, model.family)
         self.builder = StateBuilder(
             model, plan, config, self.mesh, stage_models=stage_models, loss=loss
         )
@@ -394,9 +412,7 @@ class Trainer:
         finally:
             run.close_bar()
             self.log.close_loggers()
-        es = cfg.checkpoint.early_stopping
-        restore = val is not None and (cfg.checkpoint.restore_best or bool(es and es.restore_best))
-        return run.finish(state, step, restore=restore)
+        return run.finish(state, step, restore=val is not None and cfg.checkpoint.restores_best)
 
     def _checkpointer(self, state: TrainState, has_val: bool) -> Checkpointer | None:
         if not self.workdir:
@@ -537,7 +553,7 @@ class _Run:
             rec = {"split": "val", "step": step, "epoch": step / spe, **metrics}
             improved = self.tracker.record(rec)
             trainer.log.write(rec)
-            if improved and self.ckpt is None and self.cfg.checkpoint.restore_best:
+            if improved and self.ckpt is None and self.cfg.checkpoint.restores_best:
                 self.best_host = parallel.to_host((state.params, state.batch_stats))
         if self.ckpt is not None:
             # Only an improvement reaches the best manager, so it holds exactly the tracker's

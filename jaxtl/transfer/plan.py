@@ -139,6 +139,26 @@ class Plan:
         """A tree like ``params`` holding True where the leaf's group trains."""
         return jax.tree.map(lambda g: self.groups[g].trainable, self.labels(params))
 
+    def check_trains(self, params: Any, family: str) -> None:
+        """Refuse a plan that means to train params but trains none of ``params``: its trained
+        groups' rules match nothing here (e.g. a plan made for another model, whose head rule
+        names another head), so the run would step without learning. A plan that freezes
+        every group on purpose (a rules file's, to score the pretrained model as it is) passes.
+
+        Raises:
+          ValueError: naming the rules that match nothing.
+        """
+        if any(jax.tree.leaves(self.trainable_mask(params))):
+            return
+        trains = {p for p, g in self.rules if self.groups[g].trainable}
+        unused = [p for p, _ in self.unused_rules(params) if p in trains]
+        if unused:
+            raise ValueError(
+                f"The plan {self.name!r} trains no param of this {family!r} model: its trained "
+                f"groups' rules {unused} match none of its params (a plan made for another "
+                "model? build it with jaxtl.make_plan(recipe, model.structure) of this one)."
+            )
+
     def unused_rules(self, params: Any) -> list[tuple[str, str]]:
         """Rules that label no param of ``params`` (shown as notes by :meth:`table`)."""
         return _unused_rules(params, self.rules)

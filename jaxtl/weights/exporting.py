@@ -79,6 +79,12 @@ def export(
     batch_stats = model.batch_stats if batch_stats is None else batch_stats
     _check_same_tree(model.params, params)
     guess = os.path.abspath(os.fspath(out))
+    if os.path.isfile(guess) and not guess.endswith(".safetensors"):
+        raise FileExistsError(
+            f"out (jaxtl export's OUT) {guess} is a file; an export is a directory (config.json + "
+            "model.safetensors), or a .safetensors file for timm / torchvision families. Choose "
+            "another path (overwrite=True replaces an export, not another file)."
+        )
     if not guess.endswith(".safetensors"):
         guess = os.path.join(guess, "model.safetensors")
     if os.path.exists(guess) and not overwrite:  # every process, before any gathering

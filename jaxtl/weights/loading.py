@@ -122,6 +122,7 @@ def load(
       ('mean', ['classifier/bias', 'classifier/kernel'])
     """
     num_labels = _check_task(task, num_labels)
+    dtype = _check_dtype(dtype)
     state_dict: dict[str, np.ndarray] | None = None
     from_file = os.path.isfile(os.path.expanduser(os.fspath(path)))
     if from_file:
@@ -425,6 +426,21 @@ def _tokenizer_extras(directory: str, vocab_size: int, config_path: str) -> dict
             "(model.resize_token_embeddings(len(tokenizer))) and save both again."
         )
     return {"tokenizer_file": json_file if os.path.isfile(json_file) else None, "tokenizer": tok}
+
+
+def _check_dtype(dtype: Any) -> Any:
+    """``dtype`` as given when it names a floating-point dtype (float32, bfloat16, ...), else
+    an error."""
+    try:
+        checked = jnp.dtype(dtype)
+    except TypeError:
+        checked = None
+    if checked is None or not jnp.issubdtype(checked, jnp.floating):
+        raise ValueError(
+            f"dtype must be a floating-point dtype for the params and their computation (e.g. "
+            f"jnp.float32, the default, or jnp.bfloat16), got {dtype!r}."
+        )
+    return dtype
 
 
 def _check_task(task: str, num_labels: int) -> int:
