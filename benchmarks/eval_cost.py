@@ -57,7 +57,7 @@ def build(model_name: str, n: int):
     import numpy as np
 
     import jaxtl
-    from jaxtl.run import encode_splits
+    from jaxtl.encoding import encode_splits
 
     if model_name == "minilm":
         model = jaxtl.load(jaxtl.default_model_dir(), num_labels=2)

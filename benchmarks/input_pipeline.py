@@ -26,7 +26,7 @@ from jaxtl import parallel
 from jaxtl.data import augment, digits, evaluation_loader, training_loader, vader
 from jaxtl.data.pipeline import ArraySource, GrainLoader
 from jaxtl.data.text import bucket_lengths
-from jaxtl.run import encode_splits
+from jaxtl.encoding import encode_splits
 from jaxtl.train import steps as jsteps
 
 

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import jaxtl
     from jaxtl import feature_cache, sweep
-    from jaxtl.run import encode_splits
+    from jaxtl.encoding import encode_splits
     from jaxtl.transfer.recipes import make_plan
     from jaxtl.transfer.trees import flatten
     from jaxtl.weights.embedded import default_model_dir

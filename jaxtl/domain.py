@@ -165,7 +165,7 @@ def unlabeled(model: LoadedModel, data, what: str = "target") -> dict[str, np.nd
 
 
 def _inputs(model: LoadedModel, data, what: str) -> dict[str, dict[str, np.ndarray]]:
-    from jaxtl.run import encode_splits
+    from jaxtl.encoding import encode_splits
 
     if data is None:
         raise ValueError(
@@ -521,7 +521,7 @@ def tent(
 
 def accuracy(model: LoadedModel, params, batch_stats, data, split: str = "test") -> float:
     """Accuracy of ``(params, batch_stats)`` on ``data``'s ``split`` (inference mode)."""
-    from jaxtl.run import encode_splits
+    from jaxtl.encoding import encode_splits
 
     arrays, _ = encode_splits(model, data)
     arrays = arrays[split]

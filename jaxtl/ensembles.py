@@ -67,7 +67,8 @@ class _Scorer:
     def __init__(self, run_dir: str, which: str):
         from jaxtl.data import resolve
         from jaxtl.data.loader import evaluation_loader
-        from jaxtl.run import encode_splits, restore_run
+        from jaxtl.encoding import encode_splits
+        from jaxtl.run import restore_run
 
         self.run = restore_run(run_dir, which)
         info = self.run.info

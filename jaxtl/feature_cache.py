@@ -354,7 +354,7 @@ def cached_run(
       model: the run's model (its params are the frozen prefix's).
       plan: the run's plan; its first trained module is the boundary.
       config: the run's configuration (``data.feature_cache``: ``"memory"`` or a directory).
-      arrays: ``{split: arrays}`` from :func:`jaxtl.run.encode_splits`.
+      arrays: ``{split: arrays}`` from :func:`jaxtl.encoding.encode_splits`.
       verbose: print what was computed or read from the cache.
     """
     data = config.data

@@ -147,14 +147,15 @@ def lr_find(
       num_steps: steps of the test (``--steps``); it cycles through the training split.
       diverge: stop once the smoothed loss exceeds this multiple of its minimum (``--diverge``).
       beta: the moving average's weight of the past (``--smoothing``).
-      long_texts: ``"truncate"`` or ``"error"`` (:func:`jaxtl.run.encode_splits`).
+      long_texts: ``"truncate"`` or ``"error"`` (:func:`jaxtl.encoding.encode_splits`).
       verbose: print progress.
 
     Raises:
       ValueError: bad rates or counts (naming the argument and the flag), a staged recipe, a
         multi-device mesh, or a training split smaller than one batch; before anything compiles.
     """
-    from jaxtl.run import encode_splits, with_adapters
+    from jaxtl.encoding import encode_splits
+    from jaxtl.run import with_adapters
     from jaxtl.train.trainer import Trainer
 
     check_options(start_lr, end_lr, num_steps, diverge, beta)

@@ -383,7 +383,7 @@ def rank(
     """
     from jaxtl import surgery
     from jaxtl.data.spec import resolve
-    from jaxtl.run import encode_splits
+    from jaxtl.encoding import encode_splits
 
     unknown = [s for s in scores if s not in SCORES]
     if unknown or not scores:

@@ -93,7 +93,7 @@ def main() -> None:
     import jaxtl
     from jaxtl import parallel
     from jaxtl.data import evaluation_loader, training_loader
-    from jaxtl.run import encode_splits
+    from jaxtl.encoding import encode_splits
     from jaxtl.transfer.trees import flatten
 
     placed = {"mesh": mesh, "min_shard_size": 256} if mesh else {}

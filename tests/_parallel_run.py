@@ -19,7 +19,7 @@ from _tiny import small_vader  # noqa: E402
 import jaxtl  # noqa: E402
 from jaxtl import parallel  # noqa: E402
 from jaxtl.data import ArrayLoader, evaluation_loader  # noqa: E402
-from jaxtl.run import encode_splits  # noqa: E402
+from jaxtl.encoding import encode_splits  # noqa: E402
 from jaxtl.train import steps as jsteps  # noqa: E402
 
 assert jax.device_count() == n, jax.devices()

@@ -32,7 +32,7 @@ def main() -> None:
     import jaxtl
     from jaxtl.checkpoint import Checkpointer
     from jaxtl.data import evaluation_loader, training_loader
-    from jaxtl.run import encode_splits
+    from jaxtl.encoding import encode_splits
     from jaxtl.train import Preempted
 
     model = jaxtl.load(model_dir, num_labels=2)

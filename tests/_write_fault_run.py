@@ -55,7 +55,7 @@ def main() -> None:
     import jaxtl
     from jaxtl.checkpoint import Checkpointer
     from jaxtl.data import training_loader
-    from jaxtl.run import encode_splits
+    from jaxtl.encoding import encode_splits
 
     model = jaxtl.load(model_dir, num_labels=2)
     arrays, _ = encode_splits(model, small_vader(n_train=160, n_val=16, n_test=16))

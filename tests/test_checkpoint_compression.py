@@ -17,7 +17,7 @@ from _tiny import fit, make_tiny_bert, small_vader
 
 import jaxtl
 from jaxtl import checkpoint
-from jaxtl.run import encode_splits
+from jaxtl.encoding import encode_splits
 
 
 def compressors(state_dir: str) -> dict[str, object]:

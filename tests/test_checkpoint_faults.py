@@ -22,7 +22,7 @@ import jaxtl
 from jaxtl import checkpoint, cli
 from jaxtl.checkpoint import Checkpointer, CheckpointReadError, CheckpointWriteError
 from jaxtl.data import evaluation_loader, training_loader
-from jaxtl.run import encode_splits
+from jaxtl.encoding import encode_splits
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from _tiny import make_tiny_bert, small_vader
 
 import jaxtl
 from jaxtl.data import evaluation_loader, training_loader
-from jaxtl.run import encode_splits
+from jaxtl.encoding import encode_splits
 from jaxtl.train.faults import Preempted, StopSignals
 
 # The kill -9 benchmark's own inputs, command and checks: one copy for both.

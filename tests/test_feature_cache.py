@@ -19,7 +19,8 @@ from _tiny import make_tiny_bert, small_vader
 import jaxtl
 from jaxtl import cli, feature_cache
 from jaxtl.data import digits
-from jaxtl.run import encode_splits, evaluate_run, finetune
+from jaxtl.encoding import encode_splits
+from jaxtl.run import evaluate_run, finetune
 from jaxtl.transfer.trees import flatten, is_under
 
 

@@ -90,7 +90,7 @@ def test_the_loop_saves_then_trims_after_each_validation(tmp_path, monkeypatch):
     on the resident set is measured by benchmarks/time_to_accuracy.py (benchmarks/README.md)."""
     import jaxtl
     from jaxtl.checkpoint import Checkpointer
-    from jaxtl.run import encode_splits
+    from jaxtl.encoding import encode_splits
 
     model = jaxtl.load(make_tiny_bert(str(tmp_path / "bert")), num_labels=2)
     arrays, _ = encode_splits(model, small_vader(n_train=64, n_val=16, n_test=8))

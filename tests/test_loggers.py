@@ -13,7 +13,7 @@ from _tiny import fit, make_tiny_bert, small_vader, write_vader_csv
 
 import jaxtl
 from jaxtl import cli
-from jaxtl.run import encode_splits
+from jaxtl.encoding import encode_splits
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassCalibrationError
 import jaxtl
 from jaxtl import metrics
 from jaxtl.data import evaluation_loader
-from jaxtl.run import encode_splits
+from jaxtl.encoding import encode_splits
 
 
 def _torchmetrics_ece(probs: np.ndarray, labels: np.ndarray) -> float:

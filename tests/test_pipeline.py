@@ -15,8 +15,8 @@ import jaxtl
 from jaxtl.data import ArrayLoader, augment, digits, training_loader
 from jaxtl.data.mixing import MIX_STREAM, MixBatch
 from jaxtl.data.pipeline import ArraySource, GrainLoader
+from jaxtl.encoding import encode_splits
 from jaxtl.models.preprocessing import ImagePreprocessing
-from jaxtl.run import encode_splits
 from jaxtl.train import Trainer
 
 AUGMENT = "random_resized_crop(0.5),translate(2),hflip"

@@ -17,8 +17,8 @@ from _tiny import make_tiny_bert, small_vader
 
 import jaxtl
 from jaxtl import parallel
+from jaxtl.encoding import encode_splits
 from jaxtl.models.common import recompute
-from jaxtl.run import encode_splits
 from jaxtl.train import precision, steps
 
 

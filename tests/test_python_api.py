@@ -81,15 +81,16 @@ def test_early_stopping_without_restoring_is_heard_over_the_checkpoint_default()
     "data, message",
     [
         (jaxtl.data.from_arrays(TEXTS, [i % 3 for i in range(60)], label_names=["a", "b", "c"]),
-         "'arrays' names 3 classes ['a', 'b', 'c'], but the model's head has num_labels=2 "
-         "outputs: load it with num_labels=3 (--num-labels 3)."),
-        (sources.split(TEXTS, [7] * 60), "The train labels of 'data' hold class 7, outside "
-         "[0, 2) for the model's 2-way head: load it with num_labels=8 (--num-labels 8)"),
-        (sources.split(TEXTS, [-1] * 60), "The train labels of 'data' hold class -1: class ids "
-         "run from 0 to num_labels - 1 (1 here)."),
-        (sources.split(TEXTS, ["neg", "pos"] * 30), "The train labels of 'data' are <U3 (e.g. "
-         "np.str_('neg')), not integer class ids; build the splits with jaxtl.data.from_arrays"),
-        (sources.split(TEXTS, [0.5] * 60), "The train labels of 'data' are float64"),
+         "'arrays' has 3 distinct labels ['a', 'b', 'c'] but the head has 2 outputs. Pass "
+         "num_labels=3 (--num-labels 3)."),
+        (sources.split(TEXTS, [7] * 60), "Labels in the train split of 'data' must be in [0, 2) "
+         "for a 2-way head; found [7] (example 0 holds 7). Pass num_labels=8 (--num-labels 8)"),
+        (sources.split(TEXTS, [-1] * 60), "Labels in the train split of 'data' include negative "
+         "class ids [-1] (example 0 holds -1); class ids are whole numbers"),
+        (sources.split(TEXTS, ["neg", "pos"] * 30), "Labels in the train split of 'data' are <U3 "
+         "(e.g. np.str_('neg')), not integer class ids; build the splits with "
+         "jaxtl.data.from_arrays"),
+        (sources.split(TEXTS, [0.5] * 60), "Labels in the train split of 'data' are float64"),
         (sources.split(TEXTS), "'data' has no labels in its train split"),
     ],
 )  # fmt: skip

@@ -92,7 +92,7 @@ def test_leep_reads_the_checkpoints_imagenet_head(digits_model):
 
     import jaxtl
     from jaxtl.data import digits
-    from jaxtl.run import encode_splits
+    from jaxtl.encoding import encode_splits
 
     assert ranking.source_head_classes(digits_model) == 1000
     imagenet = jaxtl.load(embedded.efficientnet_lite0_path(), num_labels=1000, image_size=32,
@@ -111,7 +111,7 @@ def test_leep_reads_the_checkpoints_imagenet_head(digits_model):
 
 def test_a_model_whose_feature_size_cannot_be_read_is_named(digits_model):
     from jaxtl.data import digits
-    from jaxtl.run import encode_splits
+    from jaxtl.encoding import encode_splits
 
     arrays, _ = encode_splits(digits_model, digits(2))
     inputs = {k: v for k, v in arrays["train"].items() if k != "label"}

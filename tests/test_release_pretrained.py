@@ -20,7 +20,7 @@ from _tiny import fit, make_tiny_bert, small_vader, write_vader_csv
 
 import jaxtl
 from jaxtl import cli, lora, lr_find, parallel
-from jaxtl.run import encode_splits
+from jaxtl.encoding import encode_splits
 from jaxtl.train.builder import StateBuilder
 from jaxtl.transfer.trees import flatten, tree_bytes
 

@@ -197,7 +197,7 @@ def test_scale_options_survive_run_json():
 
 
 def test_grad_accum_four_microbatches_of_8_is_one_step_of_32(tmp_path):
-    from jaxtl.run import encode_splits
+    from jaxtl.encoding import encode_splits
 
     model = jaxtl.load(make_tiny_bert(str(tmp_path / "bert"), dropout=0.0), num_labels=2)
     arrays, _ = encode_splits(model, small_vader(n_train=96, n_val=8, n_test=8))

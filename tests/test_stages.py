@@ -14,7 +14,7 @@ import pytest
 from _tiny import fit, make_tiny_bert, small_vader
 
 import jaxtl
-from jaxtl.run import encode_splits
+from jaxtl.encoding import encode_splits
 from jaxtl.transfer import stages, trees
 from jaxtl.transfer.recipes import make_plan
 from jaxtl.transfer.structure import Structure

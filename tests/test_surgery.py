@@ -19,7 +19,8 @@ from _tiny import evaluate, fit, make_tiny_bert, small_vader, write_vader_csv
 
 import jaxtl
 from jaxtl import cli, surgery
-from jaxtl.run import encode_splits, evaluate_run, finetune
+from jaxtl.encoding import encode_splits
+from jaxtl.run import evaluate_run, finetune
 from jaxtl.transfer import trees
 
 

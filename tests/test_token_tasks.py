@@ -16,7 +16,7 @@ from _tiny import make_tiny_bert
 import jaxtl
 from jaxtl import cli, metrics
 from jaxtl.data import qa, tagging, text
-from jaxtl.run import encode_splits
+from jaxtl.encoding import encode_splits
 from jaxtl.train import TrainConfig
 from jaxtl.train.losses import best_spans
 

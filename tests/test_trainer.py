@@ -12,7 +12,7 @@ from _tiny import evaluate, files_under, fit, make_tiny_bert, small_vader
 
 import jaxtl
 from jaxtl import checkpoint
-from jaxtl.run import encode_splits
+from jaxtl.encoding import encode_splits
 from jaxtl.train.faults import earlier_results
 from jaxtl.transfer import trees
 

@@ -25,7 +25,7 @@ import jaxtl
 from jaxtl import cli, report
 from jaxtl.checkpoint import Checkpointer, CheckpointWriteError
 from jaxtl.data import training_loader
-from jaxtl.run import encode_splits
+from jaxtl.encoding import encode_splits
 from jaxtl.train.faults import OutputWriteError
 from jaxtl.train.progress import MetricsLog
 

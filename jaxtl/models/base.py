@@ -42,6 +42,15 @@ class DecoderInfo:
     pad_token_id: int | None
 
 
+def check_model(model: Any, who: str) -> None:
+    """``model`` is a :class:`LoadedModel`, else an error saying how ``who`` gets one."""
+    if not isinstance(model, LoadedModel):
+        raise ValueError(
+            f"{who}: model must be a LoadedModel, got {type(model).__name__} {model!r:.80}; "
+            "load it first with jaxtl.load(path) (--model PATH)."
+        )
+
+
 @dataclasses.dataclass
 class LoadedModel:
     """A model ready for transfer: the result of :func:`jaxtl.load`.

@@ -417,7 +417,7 @@ def sweep_heads(
         stopping); its learning rate, weight decay and seed are the cells'. The feature cache is
         on (``"memory"`` unless ``config.data.feature_cache`` names a directory).
       recipe: a recipe that trains the head only (default ``"linear_probe"``).
-      long_texts: ``"truncate"`` or ``"error"`` (:func:`jaxtl.run.encode_splits`).
+      long_texts: ``"truncate"`` or ``"error"`` (:func:`jaxtl.encoding.encode_splits`).
       verbose: print what is computed.
 
     Returns:
@@ -431,7 +431,7 @@ def sweep_heads(
         vmapped step cannot reproduce; all before anything trains.
       TypeError: ``load_model`` is not a function of the seed.
     """
-    from jaxtl.run import encode_splits
+    from jaxtl.encoding import encode_splits
 
     cells = grid_cells(lrs, weight_decays, seeds)
     config = _check_config(config or TrainConfig())

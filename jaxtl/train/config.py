@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -531,3 +532,26 @@ class TrainConfig:
         for name in _SECTIONS:
             out.update(dataclasses.asdict(getattr(self, name)))
         return out
+
+
+def as_config(config: TrainConfig | Mapping[str, Any] | None, who: str) -> TrainConfig:
+    """What ``who`` (``"jaxtl.finetune"``, ``"the Trainer"``) takes as its config: ``None``
+    (the defaults), a :class:`TrainConfig` or a dict of its options."""
+    if isinstance(config, Mapping):
+        config = TrainConfig(**config)
+    config = TrainConfig() if config is None else config
+    if not isinstance(config, TrainConfig):
+        raise ValueError(
+            f"{who}: config must be a jaxtl.TrainConfig (or a dict of its options), got "
+            f"{type(config).__name__}."
+        )
+    return config
+
+
+def as_workdir(workdir: Any) -> str | None:
+    """A run directory as a string: a path-like ``workdir`` (``~`` expanded), or ``None``."""
+    if workdir is None:
+        return None
+    if not isinstance(workdir, str | os.PathLike):
+        raise ValueError(f"workdir (--out) must be a path, got {workdir!r}.")
+    return os.path.expanduser(os.fspath(workdir))

@@ -28,11 +28,11 @@ from jaxtl.checkpoint import Checkpointer, CheckpointWriteError
 from jaxtl.data.loader import Loader
 from jaxtl.distributed import is_primary
 from jaxtl.metrics import detailed as detailed_metrics
-from jaxtl.models.base import LoadedModel
+from jaxtl.models.base import LoadedModel, check_model
 from jaxtl.models.common import batch_norm_paths, recompute
 from jaxtl.train import heap, precision, steps
 from jaxtl.train.builder import StateBuilder
-from jaxtl.train.config import TrainConfig
+from jaxtl.train.config import TrainConfig, as_config, as_workdir
 from jaxtl.train.faults import BadSteps, Preempted, StopSignals, committed_steps, writable_dir
 from jaxtl.train.loggers import Logger, check_installed, open_loggers
 from jaxtl.train.losses import TASKS, summarize
@@ -100,10 +100,7 @@ class Trainer:
         loss: Callable[..., Any] | None = None,
         loggers: Sequence[Logger] = (),
     ):
-        if not isinstance(model, LoadedModel):
-            raise ValueError(
-                f"model must be a LoadedModel from jaxtl.load(path), got {type(model).__name__}."
-            )
+        check_model(model, "the Trainer")
         if isinstance(plan, str):  # a recipe, as jaxtl.finetune takes it
             plan = make_plan(plan, model.structure)
         if not isinstance(plan, Plan):
@@ -111,11 +108,7 @@ class Trainer:
                 f"plan must be a recipe (e.g. 'full') or a Plan from jaxtl.make_plan(recipe, "
                 f"model.structure), got {type(plan).__name__}."
             )
-        config = TrainConfig() if config is None else config
-        if not isinstance(config, TrainConfig):
-            raise ValueError(f"config must be a jaxtl.TrainConfig, got {type(config).__name__}.")
-        if workdir is not None:
-            workdir = os.path.expanduser(os.fspath(workdir))
+        config, workdir = as_config(config, "the Trainer"), as_workdir(workdir)
         if model.task not in TASKS:
             raise ValueError(
                 f"The Trainer fits the heads of {TASKS}; this model was loaded with "
