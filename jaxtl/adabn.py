@@ -50,7 +50,8 @@ def adapt_batch_norm(
       New ``batch_stats`` with the tree structure of the old ones.
 
     Raises:
-      ValueError: the model has no BatchNorm, or ``data`` is empty.
+      ValueError: the model has no BatchNorm, ``data`` is empty or an array of raw (integer)
+        images, or ``batch_size`` < 2.
 
     Example:
       >>> # stats = jaxtl.adapt_batch_norm(model, target_images)
@@ -61,6 +62,13 @@ def adapt_batch_norm(
     layers = batch_norm_paths(batch_stats)
     if not layers:
         raise ValueError(f"The {model.family!r} model has no BatchNorm statistics to adapt.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+        raise ValueError(
+            f"batch_size must be a whole number >= 2 (each batch's statistics are what get "
+            f"averaged, and one example has no variance), got {batch_size!r}."
+        )
+    if isinstance(data, np.ndarray | jax.Array):
+        _check_pixels(data)
     batches = _batches(data, batch_size)
 
     # Each layer's update is ``m * old + (1 - m) * batch`` with the layer's own momentum m. From
@@ -105,6 +113,17 @@ def adapt_batch_norm(
             out[path] = np.maximum(sums[path + "^2"] / count - mean**2, 0.0)
         out[path] = jnp.asarray(out[path], dtype=jnp.asarray(leaf).dtype)
     return unflatten(out)
+
+
+def _check_pixels(data: np.ndarray | jax.Array) -> None:
+    """An array is the model's preprocessed ``pixel_values``: raw 0..255 images would be
+    normalized by statistics of the wrong scale, and nothing downstream would say so."""
+    if not jnp.issubdtype(data.dtype, jnp.floating) or data.ndim != 4:
+        raise ValueError(
+            f"adapt_batch_norm reads preprocessed pixel_values [N, H, W, C] of floats, got "
+            f"{data.dtype} of shape {tuple(data.shape)}: preprocess the images first, "
+            "model.extras['preprocessing'](images), as training does."
+        )
 
 
 def _batches(data, batch_size: int):

@@ -120,6 +120,15 @@ def test_errors(resnet, tmp_path):
     _, model = resnet
     with pytest.raises(ValueError, match="no data"):
         jaxtl.adapt_batch_norm(model, np.zeros((0, 16, 16, 3), np.float32))
+    with pytest.raises(ValueError, match=r"batch_size must be a whole number >= 2 .* got 0\."):
+        jaxtl.adapt_batch_norm(model, target_images(), batch_size=0)
+    raw = np.zeros((4, 16, 16, 3), np.uint8)  # 0..255 images, not the model's pixel_values
+    with pytest.raises(ValueError, match=r"got uint8 of shape \(4, 16, 16, 3\): preprocess"):
+        jaxtl.adapt_batch_norm(model, raw)
+    preprocessed = model.extras["preprocessing"](raw)  # what the error says to do, works
+    assert set(flatten(jaxtl.adapt_batch_norm(model, preprocessed))) == set(
+        flatten(model.batch_stats)
+    )
     transformers.BertModel(
         transformers.BertConfig(
             hidden_size=8,

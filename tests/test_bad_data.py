@@ -43,7 +43,7 @@ def test_csv_quoted_fields_may_span_lines_and_later_lines_are_counted(tmp_path):
     assert "a text\non two lines" in sum((data.train[0], data.validation[0], data.test[0]), [])
     path = _write(tmp_path, "late.csv", GOOD_CSV + multiline + "word,7\n")  # line 24
     with pytest.raises(ValueError, match=r"found \[7\] \(line 24 holds 7\).*--num-labels 8"):
-        from_table(path)
+        from_table(path, num_labels=2)
 
 
 # --- 2. duplicate columns ---------------------------------------------------------------------
@@ -104,6 +104,20 @@ def test_texts_must_be_strings(tmp_path, text, shown):
         from_table(path)
 
 
+def test_texts_given_as_bytes_are_read_as_utf8_or_named():
+    # TFDS gives tf.string texts as bytes; the tokenizer would refuse them with a TypeError.
+    texts = [f"caf\u00e9 {i}".encode() for i in range(20)]
+    data = from_arrays(texts, [0, 1] * 10)
+    assert sorted(data.train[0] + data.validation[0] + data.test[0]) == sorted(
+        t.decode() for t in texts
+    )
+    texts[3] = "caf\u00e9".encode("latin-1")
+    with pytest.raises(
+        ValueError, match=r"arrays: text 3 is bytes that are not UTF-8 .*b'caf\\xe9'"
+    ):
+        from_arrays(texts, [0, 1] * 10)
+
+
 # --- 5. labels that are no class ids --------------------------------------------------------------
 
 _RANGE = r"must be in \[0, 2\) .*found \[2\] \({} holds 2\)\. Pass num_labels=3 \(--num-labels 3\)"
@@ -157,6 +171,25 @@ def test_whole_float_labels_are_class_ids(tmp_path):
         tmp_path, "f.csv", "text,label\n" + "".join(f"w{i},{i % 2}.0\n" for i in range(20))
     )
     assert from_table(path).label_names is None  # ids, not the class names "0.0" and "1.0"
+
+
+def test_a_file_read_without_num_labels_takes_the_head_width_from_its_labels(tmp_path):
+    # As from_arrays does; a fixed default of 2 refused every file with more classes.
+    names = ("neg", "pos", "meh")
+    path = _write(
+        tmp_path, "n.csv", "text,label\n" + "".join(f"w{i},{names[i % 3]}\n" for i in range(30))
+    )
+    assert from_table(path).label_names == ["meh", "neg", "pos"]
+    with pytest.raises(
+        ValueError, match=r"has 3 distinct labels .* Pass num_labels=3 \(--num-labels 3\)"
+    ):
+        from_table(path, num_labels=2)
+    path = _write(tmp_path, "i.csv", "text,label\n" + "".join(f"w{i},{i % 5}\n" for i in range(30)))
+    data = from_table(path)
+    ids = np.concatenate([data.train[1], data.validation[1], data.test[1]])
+    assert data.label_names is None and sorted(set(ids.tolist())) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"must be in \[0, 4\) for a 4-way head; found \[4\]"):
+        from_table(path, num_labels=4)
 
 
 # --- 6. NaN and inf ---------------------------------------------------------------------------

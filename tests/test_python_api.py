@@ -173,3 +173,21 @@ def test_a_data_source_refuses_a_task_it_does_not_build(tmp_path):
 def test_load_refuses_a_dtype_that_is_no_float(tiny_dir, dtype):
     with pytest.raises(ValueError, match=rf"dtype must be a floating-point dtype .* got '{dtype}'"):
         jaxtl.load(tiny_dir, num_labels=2, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"seed": "x"}, "seed (--seed) must be a whole number, got 'x'."),
+        ({"seed": 1.0}, "seed (--seed) must be a whole number, got 1.0."),
+        ({"image_size": 0}, "image_size (--image-size) must be a side in pixels (e.g. 224) or a "
+         "(height, width) pair of them, each >= 1, got 0."),
+        ({"image_size": (32,)}, "or a (height, width) pair of them, each >= 1, got (32,)."),
+        ({"image_size": 32.0}, "each >= 1, got 32.0."),
+    ],
+)  # fmt: skip
+def test_load_refuses_a_seed_or_image_size_it_cannot_build_with(options, message):
+    # Before: "unrecognized seed string" from numpy, a slice or padding error from deep in XLA.
+    with pytest.raises(ValueError) as e:
+        jaxtl.load(jaxtl.efficientnet_lite0_path(), **options)
+    assert message in str(e.value)

@@ -292,7 +292,7 @@ def test_random_init_follows_transformers_rule(reference):
         ({"hidden_act": "mystery"}, {}, "hidden_act='mystery' is not supported"),
         ({"image_size": 36}, {}, "not a whole number of (8, 8) patches"),
         ({}, {"image_size": 44}, "not a whole number of (8, 8) patches"),
-        ({}, {"in_channels": 0}, "in_channels must be an integer >= 1"),
+        ({}, {"in_channels": 0}, "in_channels (--in-channels) must be an integer >= 1"),
     ],
 )
 def test_unsupported_configs_raise_clear_errors(tmp_path, overrides, load_options, message):

@@ -37,11 +37,11 @@ def from_arrays(
     """Texts or images with their labels, split 80/10/10 by ``seed``.
 
     Args:
-      inputs: texts (a list, tuple or array of ``str``); images as one numeric array
-        ``[N, H, W]`` (grayscale) or ``[N, H, W, C]``, or a list of ``[H, W(, C)]`` arrays or
-        PIL images of different sizes (uint8 images are 0..255, float images already
-        rescaled, e.g. to 0..1; any size: the model's preprocessing resizes them); or a dict of
-        such columns, e.g. ``{"image": x, "label": y}``.
+      inputs: texts (a list, tuple or array of ``str``, or of UTF-8 ``bytes``); images as one
+        numeric array ``[N, H, W]`` (grayscale) or ``[N, H, W, C]``, or a list of
+        ``[H, W(, C)]`` arrays or PIL images of different sizes (uint8 images are 0..255, float
+        images already rescaled, e.g. to 0..1; any size: the model's preprocessing resizes
+        them); or a dict of such columns, e.g. ``{"image": x, "label": y}``.
       labels: one per example: integer class ids (whole floats such as 1.0 too) or class-name
         strings (mapped to ids in sorted order), finite numbers for ``task="regression"``;
         ``None`` for ``task="causal_lm"``.
@@ -143,8 +143,10 @@ def as_inputs(inputs: Any, name: str = "inputs") -> tuple[str, list[str] | np.nd
         if items and all(_is_pil(x) for x in items):
             return "image", _image_list(list(pil_arrays(items)), name)
         array = np.asarray(items)
-    if array.dtype.kind in "US":
+    if array.dtype.kind == "U":
         return "text", array.tolist()
+    if array.dtype.kind == "S":  # bytes, as TFDS and files opened in binary give texts
+        return "text", _decoded(array.tolist(), name)
     if array.dtype.kind not in "uif" or array.ndim not in (3, 4):
         what = array.dtype if array.dtype.kind not in "uif" else f"shape {array.shape}"
         raise ValueError(f"{name}: inputs of {what}; expected {_RANKS}.")
@@ -154,6 +156,20 @@ def as_inputs(inputs: Any, name: str = "inputs") -> tuple[str, list[str] | np.nd
     if array.dtype.kind == "f":
         check_finite(array, f"{name}: images")
     return "image", array
+
+
+def _decoded(items: list[bytes], name: str) -> list[str]:
+    """Texts given as bytes, read as UTF-8; bytes that are not UTF-8 are named, not guessed."""
+    texts = []
+    for i, b in enumerate(items):
+        try:
+            texts.append(b.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{name}: text {i} is bytes that are not UTF-8 ({e.reason} at byte {e.start}: "
+                f"{b[:40]!r}); decode the texts to str yourself (bytes.decode(encoding))."
+            ) from None
+    return texts
 
 
 def _is_pil(x: Any) -> bool:

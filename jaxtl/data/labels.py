@@ -41,7 +41,7 @@ def place(i: int, places: Sequence[str] | None) -> str:
 
 def encode_labels(
     raw: Sequence,
-    num_labels: int,
+    num_labels: int | None,
     task: str,
     where: str = "in data",
     places: Sequence[str] | None = None,
@@ -49,17 +49,27 @@ def encode_labels(
     """Raw labels -> array, with the label names for string labels; checked against the head.
 
     Whole numbers (``1``, ``"1"``, ``1.0``) are class ids and must lie in ``[0, num_labels)``;
-    a column with any other string holds class names, mapped to ids in sorted order. Regression
-    labels must be finite numbers. ``where`` (``"in data.csv"``) and ``places`` (one per label,
+    a column with any other string holds class names, mapped to ids in sorted order
+    (``num_labels=None``: as many classes as names, or the largest id + 1). Regression labels
+    must be finite numbers. ``where`` (``"in data.csv"``) and ``places`` (one per label,
     ``"line 7"``) place a bad label in the error.
     """
     if task == "regression":
         return regression_targets(raw, where, places), None
     ids, names = class_ids(raw, where, places)
+    num_labels = head_width(num_labels, names, ids)
     if names is not None:  # class names, as the user wrote them, rather than their ids
         check_label_count(names, num_labels, f"The label column {where}")
     check_ids(ids, num_labels, where, places)
     return ids, names
+
+
+def head_width(num_labels: int | None, names: Sequence[str] | None, ids: np.ndarray) -> int:
+    """``num_labels``, or when it is ``None`` the width the labels ask for: the number of
+    class names, else the largest class id + 1."""
+    if num_labels is not None:
+        return num_labels
+    return len(names) if names else max(int(ids.max()) + 1 if ids.size else 1, 1)
 
 
 def class_ids(
@@ -238,11 +248,10 @@ def labels_for_head(
         names = strings if strings is not None else names
     else:
         ids = check_labels(values, task, where, fix_shape=fix_shape, fix_type=fix_type)
-    if num_labels is None:
-        num_labels = len(names) if names else int(ids.max()) + 1
+    num_labels = head_width(num_labels, names, ids)
     # The names first: a class the head has no output for is named, not given as its id.
     check_label_count(names, num_labels, f"Label column {where}")
-    check_ids(ids, max(num_labels, 1), where)
+    check_ids(ids, num_labels, where)
     return ids, names
 
 

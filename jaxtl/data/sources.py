@@ -310,10 +310,21 @@ def _check_columns(where: str, columns, text_column: str, label_column: str | No
 
 
 def from_table(
-    path, *, text_column="text", label_column="label", num_labels=2, task="classification", seed=0
+    path,
+    *,
+    text_column="text",
+    label_column="label",
+    num_labels=None,
+    task="classification",
+    seed=0,
 ) -> TextSplits:
-    """A user file split 80/10/10 like the embedded data; ``task="causal_lm"`` reads only the
-    text column."""
+    """A user file (.csv, or .jsonl of JSON objects) split 80/10/10 like the embedded data;
+    ``task="causal_lm"`` reads only the text column.
+
+    Labels are class ids or class names (mapped to ids in sorted order), or numbers for
+    ``task="regression"``. ``num_labels`` is the head's width, which the class ids must fit;
+    ``None`` (the default, as in :func:`jaxtl.data.from_arrays`) takes it from the labels.
+    """
     check_task(task, f"from_table({path!r})")
     name = os.path.basename(path)
     if task == "causal_lm":

@@ -319,7 +319,7 @@ def adapt_input_channels(kernel: np.ndarray, in_channels: int, axis: int = -2) -
     if in_channels == have:
         return kernel
     if in_channels < 1:
-        raise ValueError(f"in_channels must be >= 1, got {in_channels}.")
+        raise ValueError(f"in_channels (--in-channels) must be >= 1, got {in_channels}.")
     if in_channels == 1:
         return kernel.sum(axis=axis, keepdims=True)
     reps = -(-in_channels // have)
@@ -437,7 +437,9 @@ def check_in_channels(in_channels: int | None) -> int | None:
     # numbers.Integral takes numpy ints too; bool is an int but never a channel count.
     integral = isinstance(in_channels, numbers.Integral) and not isinstance(in_channels, bool)
     if not integral or in_channels < 1:
-        raise ValueError(f"in_channels must be an integer >= 1, got {in_channels!r}.")
+        raise ValueError(
+            f"in_channels (--in-channels) must be an integer >= 1, got {in_channels!r}."
+        )
     return int(in_channels)
 
 

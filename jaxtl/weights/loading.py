@@ -123,6 +123,7 @@ def load(
     """
     num_labels = _check_task(task, num_labels)
     dtype = _check_dtype(dtype)
+    _check_seed_and_size(seed, image_size)
     state_dict: dict[str, np.ndarray] | None = None
     from_file = os.path.isfile(os.path.expanduser(os.fspath(path)))
     if from_file:
@@ -441,6 +442,23 @@ def _check_dtype(dtype: Any) -> Any:
             f"jnp.float32, the default, or jnp.bfloat16), got {dtype!r}."
         )
     return dtype
+
+
+def _check_seed_and_size(seed: Any, image_size: Any) -> None:
+    """A whole-number ``seed``, and an ``image_size`` that is ``None``, a side > 0 or a
+    ``(height, width)`` pair of them (else a family fails on it deep in its build)."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise ValueError(f"seed (--seed) must be a whole number, got {seed!r}.")
+    if image_size is None:
+        return
+    pair = isinstance(image_size, tuple | list)
+    sides = tuple(image_size) if pair else (image_size,)
+    whole = all(isinstance(x, int | np.integer) and not isinstance(x, bool) for x in sides)
+    if len(sides) != (2 if pair else 1) or not whole or min(sides) < 1:
+        raise ValueError(
+            f"image_size (--image-size) must be a side in pixels (e.g. 224) or a (height, width) "
+            f"pair of them, each >= 1, got {image_size!r}."
+        )
 
 
 def _check_task(task: str, num_labels: int) -> int:
