@@ -165,6 +165,7 @@ def generate(
     eos = () if eos is None else tuple(np.atleast_1d(eos).astype(int).tolist())
     if pad_token_id is None:
         pad_token_id = info.pad_token_id if info.pad_token_id is not None else (eos or (0,))[0]
+    _check_vocabulary(ids, mask, int(pad_token_id), getattr(model.config, "vocab_size", None))
     params = model.params if params is None else params
     if "lora" in model.extras:  # a LoRA model decodes with its adapters folded into the kernels
         from jaxtl.transfer import lora as tl
@@ -188,6 +189,26 @@ def generate(
         use_cache=use_cache,
     )
     return np.asarray(out)
+
+
+def _check_vocabulary(ids: np.ndarray, mask: np.ndarray, pad: int, vocab: int | None) -> None:
+    """Every prompt token and the pad id have a row in the embedding table: an id past it
+    would be clamped to another token's row (XLA's gather), and the output be silently wrong."""
+    if vocab is None:
+        return
+    real = ids[mask == 1]
+    bad = np.unique(real[(real < 0) | (real >= vocab)])
+    if bad.size:
+        raise ValueError(
+            f"input_ids (--token-ids) hold {bad[:5].tolist()}, outside the model's {vocab} token "
+            f"ids [0, {vocab}); tokenize the prompts with the model's own tokenizer "
+            "(model.extras['tokenizer'], or --prompt TEXT)."
+        )
+    if not 0 <= pad < vocab:
+        raise ValueError(
+            f"pad_token_id={pad} is outside the model's {vocab} token ids [0, {vocab}); pass "
+            "one of its ids (e.g. its eos id), or leave it to the config's."
+        )
 
 
 def filter_logits(logits, temperature, top_p, *, top_k: int | None) -> jax.Array:

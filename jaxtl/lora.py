@@ -151,7 +151,7 @@ def merge(model: LoadedModel, params: Mapping[str, Any] | None = None) -> Loaded
     spec = model.extras.get("lora") if is_adapted(model) else None
     if spec is None:
         raise ValueError("merge needs an adapted model (jaxtl.lora.adapt, or a lora(r) run's).")
-    params = model.own_params("jaxtl.lora.merge") if params is None else params
+    params = model.own_params("jaxtl.lora.merge", takes_params=True) if params is None else params
     if set(flatten(params)) != set(flatten(model.params)):
         raise ValueError("params do not match the adapted model's tree (names differ).")
     return dataclasses.replace(base_model(model), params=tl.merged(params, spec))
@@ -214,7 +214,7 @@ def export_adapters(
     target = os.path.join(out, WEIGHTS_FILE)
     if os.path.exists(target) and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it.")
-    params = model.own_params("export_adapters") if params is None else params
+    params = model.own_params("export_adapters", takes_params=True) if params is None else params
     params = parallel.to_host(params)
     adapters = tl.adapter_modules(params)
     layout, head = _layout(model, list(adapters))

@@ -180,6 +180,13 @@ def test_bad_requests_are_refused_with_the_fix(tmp_path):
         generate(lm, None, ids, mask[:, :3], max_new_tokens=2)
     with pytest.raises(ValueError, match="rows have different lengths; pad them to one length"):
         generate(lm, None, [[1, 2, 3], [4, 5]], max_new_tokens=2)
+    vocab = lm.config.vocab_size
+    with pytest.raises(ValueError, match=rf"input_ids \(--token-ids\) hold \[{vocab}\], outside "
+                       rf"the model's {vocab} token ids \[0, {vocab}\); tokenize"):  # fmt: skip
+        generate(lm, None, np.where(mask == 1, vocab, ids), mask, max_new_tokens=2)
+    assert generate(lm, None, np.where(mask == 0, -7, ids), mask, max_new_tokens=1).shape[0] == 3
+    with pytest.raises(ValueError, match=rf"pad_token_id={vocab} is outside"):
+        generate(lm, None, ids, mask, max_new_tokens=2, pad_token_id=vocab)
     with pytest.raises(ValueError, match=r"Rows \[1\] have no tokens"):
         generate(lm, None, ids, np.where(np.arange(3)[:, None] == 1, 0, mask), max_new_tokens=2)
     with pytest.raises(ValueError, match="--top-p"):

@@ -191,3 +191,30 @@ def test_load_refuses_a_seed_or_image_size_it_cannot_build_with(options, message
     with pytest.raises(ValueError) as e:
         jaxtl.load(jaxtl.efficientnet_lite0_path(), **options)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "given, shown", [({"resume": True}, "resume=True (--resume)"), ({"stop_at": 1}, "stop_at=1")]
+)
+def test_resume_or_stop_at_without_a_workdir_is_refused_not_ignored(model, given, shown):
+    data = jaxtl.data.from_arrays(TEXTS, [i % 2 for i in range(60)])
+    with pytest.raises(ValueError) as e:
+        jaxtl.finetune(model, "linear_probe", data, ONE_STEP, verbose=False, **given)
+    assert str(e.value).startswith(f"{shown} continues or checkpoints a run in its run directory")
+    assert "workdir=DIR" in str(e.value) and "--out DIR" in str(e.value)
+
+
+def test_options_that_change_nothing_for_the_model_or_plan_are_warned_about(model, capsys):
+    data = jaxtl.data.from_arrays(TEXTS, [i % 2 for i in range(60)])
+    config = jaxtl.TrainConfig(
+        max_steps=1, batch_size=8, progress=False, train_bn=True, precise_bn=16, frozen_bf16=True
+    )
+    jaxtl.finetune(model, "full", data, config, verbose=False)
+    err = capsys.readouterr().err
+    assert (
+        "warning: train_bn=True, precise_bn=16: the 'bert' model has no BatchNorm layers; the "
+        "option changes nothing here." in err
+    )
+    assert "frozen_bf16=True (--frozen-bf16): the plan 'full' freezes no param" in err
+    jaxtl.finetune(model, "linear_probe", data, ONE_STEP, verbose=False)
+    assert "warning" not in capsys.readouterr().err

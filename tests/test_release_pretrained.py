@@ -115,9 +115,11 @@ def test_a_released_model_is_refused_for_another_run(tiny):
     trainer.init_state(total_steps=4)
     with pytest.raises(ValueError, match="Trainer.init_state needs the model's own params"):
         trainer.init_state(total_steps=4)
-    with pytest.raises(ValueError, match="jaxtl.finetune needs the model's own params"):
+    # They take no params to use instead: the advice is to load the model again, nothing else.
+    reload = r"\(release_pretrained, --release-pretrained\): load the model again \(jaxtl.load"
+    with pytest.raises(ValueError, match="jaxtl.finetune needs the model's own params.*" + reload):
         jaxtl.finetune(model, "full", small_vader(8, 8, 8), _config(False), verbose=False)
-    with pytest.raises(ValueError, match="lr_find needs the model's own params"):
+    with pytest.raises(ValueError, match="lr_find needs the model's own params.*" + reload):
         lr_find.lr_find(model, "full", small_vader(8, 8, 8))
 
 
@@ -146,7 +148,9 @@ def test_a_lora_run_frees_its_base_and_exports_from_the_result(tiny, tmp_path):
         lambda: lora.merge(result.model),
         lambda: lora.export_adapters(result.model, tmp_path / "adapters-again"),
     ):
-        with pytest.raises(ValueError, match=r"pass the params to use \(e.g. result.params\)"):
+        with pytest.raises(
+            ValueError, match=r"pass the params to use \(params=, e.g. result.params\)"
+        ):
             use()
 
 

@@ -99,17 +99,21 @@ class LoadedModel:
         """Whether :meth:`release_params` dropped the param arrays (``params`` holds shapes)."""
         return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.params))
 
-    def own_params(self, use: str) -> Params:
-        """``params``, for ``use`` (e.g. ``"jaxtl.export"``) that needs their values.
+    def own_params(self, use: str, *, takes_params: bool = False) -> Params:
+        """``params``, for ``use`` (e.g. ``"jaxtl.export"``) that needs their values;
+        ``takes_params``: ``use`` also takes the params to use as its ``params`` argument.
 
         Raises:
           ValueError: they were released (:meth:`release_params`).
         """
         if self.released:
+            fix = (
+                "pass the params to use (params=, e.g. result.params), or " if takes_params else ""
+            )
             raise ValueError(
                 f"{use} needs the model's own params, but they were handed to a train state "
-                "(release_pretrained, --release-pretrained): pass the params to use (e.g. "
-                "result.params), or load the model again."
+                f"(release_pretrained, --release-pretrained): {fix}load the model again "
+                "(jaxtl.load(path)); each run with release_pretrained needs its own."
             )
         return self.params
 

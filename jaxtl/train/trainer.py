@@ -39,6 +39,7 @@ from jaxtl.train.losses import TASKS, summarize
 from jaxtl.train.progress import Clock, MetricsLog, TrainMetrics, progress_bar
 from jaxtl.train.state import TrainState
 from jaxtl.train.tracker import Tracker
+from jaxtl.transfer import stages
 from jaxtl.transfer.plan import Plan
 from jaxtl.transfer.recipes import make_plan
 from jaxtl.transfer.trees import flatten, unflatten
@@ -145,6 +146,7 @@ class Trainer:
         self.model = model
         self.plan = plan
         plan.check_trains(model.params, model.family)
+        _warn_unused_options(model, plan, config)
         self.builder = StateBuilder(
             model, plan, config, self.mesh, stage_models=stage_models, loss=loss
         )
@@ -306,6 +308,19 @@ class Trainer:
             examples in the same order, as those stages' models read them.
         """
         cfg = self.config
+        if not self.workdir and (resume is not False or stop_at is not None):
+            given = (
+                f"stop_at={stop_at!r}"
+                if resume is False
+                else "resume=True (--resume)"
+                if resume is True
+                else f"resume={resume!r} (--resume-from {resume!r})"
+            )
+            raise ValueError(
+                f"{given} continues or checkpoints a run in its run directory, and this one "
+                "trains in memory: give it a workdir (jaxtl.finetune(..., workdir=DIR); jaxtl "
+                "finetune: --out DIR)."
+            )
         # Before anything is built or placed (every process sees the same files: none has
         # saved yet).
         saved = committed_steps(os.path.join(self.workdir, "checkpoints")) if self.workdir else []
@@ -429,8 +444,6 @@ class Trainer:
         explicit = resume is not True
         if explicit and (isinstance(resume, bool) or not isinstance(resume, int) or resume < 1):
             raise ValueError(f"resume must be True, False or a step >= 1, got {resume!r}.")
-        if explicit and ckpt is None:
-            raise ValueError(f"resume={resume} (--resume-from) needs the run's workdir (--out).")
         if ckpt is None or (not explicit and ckpt.latest_step() is None):
             self.log.truncate_after(-1)
             return state, {}
@@ -607,3 +620,22 @@ def _keep_layers(new: Any, old: Any, layers: list[str]) -> Any:
         if path.rsplit("/", 1)[0] in layers:
             flat_new[path] = flat_old[path]
     return unflatten(flat_new)
+
+
+def _warn_unused_options(model: LoadedModel, plan: Plan, config: TrainConfig) -> None:
+    """A warning for each option that would change nothing for this model and plan (the run
+    goes on: one config may serve several models or recipes)."""
+    unused = []
+    bn_options = {"train_bn": config.train_bn, "precise_bn": config.precise_bn}
+    given = [f"{k}={v!r}" for k, v in bn_options.items() if v]
+    if given and not batch_norm_paths(model.batch_stats):
+        unused.append(f"{', '.join(given)}: the {model.family!r} model has no BatchNorm layers")
+    if config.scale.frozen_bf16:
+        trained = jax.tree.leaves(stages.trained_anywhere(plan, model.params))
+        if all(trained):
+            unused.append(
+                f"frozen_bf16=True (--frozen-bf16): the plan {plan.name!r} freezes no param, so "
+                "none is stored in bfloat16"
+            )
+    for what in unused:
+        print(f"warning: {what}; the option changes nothing here.", file=sys.stderr)

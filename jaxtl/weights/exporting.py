@@ -75,7 +75,7 @@ def export(
     """
     if model.export_fn is None:
         raise ValueError(f"The {model.family!r} family cannot export yet.")
-    params = model.own_params("jaxtl.export") if params is None else params
+    params = model.own_params("jaxtl.export", takes_params=True) if params is None else params
     batch_stats = model.batch_stats if batch_stats is None else batch_stats
     _check_same_tree(model.params, params)
     guess = os.path.abspath(os.fspath(out))
