@@ -125,8 +125,8 @@ def test_resume_from_a_step_that_is_not_saved_lists_the_saved_ones(setup, refere
     with pytest.raises(ValueError, match=r"resume_from=5 \(--resume-from 5\): no checkpoint of "
                        r"step 5 .*saved steps: \[2, 4, 6\]"):  # fmt: skip
         _fit(setup, stopped, resume=5)
-    with pytest.raises(ValueError, match=r"resume=5 \(--resume-from 5\) continues or checkpoints "
-                       r"a run in its run directory, and this one trains in memory"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"resume=5 \(--resume-from 5\) continues a run from its "
+                       r"run directory's checkpoints, and this one trains in memory"):  # fmt: skip
         _fit(setup, None, resume=5)
 
 

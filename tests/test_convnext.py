@@ -421,7 +421,7 @@ def test_random_init_follows_transformers_rule(reference):
         ({"hidden_sizes": [8, 16]}, {}, "must agree"),
         ({"image_size": 8}, {}, "smaller than this ConvNeXt reads"),
         ({}, {"image_size": (32, 8)}, "smaller than this ConvNeXt reads"),
-        ({}, {"in_channels": 0}, "in_channels (--in-channels) must be an integer >= 1"),
+        ({}, {"in_channels": 0}, r"in_channels \(--in-channels\) must be an integer >= 1"),
     ],
 )
 def test_unsupported_configs_raise_clear_errors(tmp_path, overrides, load_options, message):

@@ -302,23 +302,20 @@ class Trainer:
             number continues from that step's checkpoint instead (``--resume-from``: when the
             latest cannot be read), and deletes the checkpoints after it. False: ``workdir``
             must hold no checkpoints (an earlier run's are not written over).
-          stop_at: stop after this global step, checkpointed, as if preempted: the LR schedule
-            and data order still follow the full run, so a later ``resume`` finishes it exactly.
+          stop_at: stop after this global step, checkpointed (with a ``workdir``), as if
+            preempted: the LR schedule and data order still follow the full run, so a later
+            ``resume`` finishes it exactly. In memory the run just stops there.
           stage_data: ``{stage: (train, val)}`` for the stages of ``stage_models``: the same
             examples in the same order, as those stages' models read them.
         """
         cfg = self.config
-        if not self.workdir and (resume is not False or stop_at is not None):
+        if not self.workdir and resume is not False:
             given = (
-                f"stop_at={stop_at!r}"
-                if resume is False
-                else "resume=True (--resume)"
-                if resume is True
-                else f"resume={resume!r} (--resume-from {resume!r})"
+                "True (--resume)" if resume is True else f"{resume!r} (--resume-from {resume!r})"
             )
             raise ValueError(
-                f"{given} continues or checkpoints a run in its run directory, and this one "
-                "trains in memory: give it a workdir (jaxtl.finetune(..., workdir=DIR); jaxtl "
+                f"resume={given} continues a run from its run directory's checkpoints, and this "
+                "one trains in memory: give it a workdir (jaxtl.finetune(..., workdir=DIR); jaxtl "
                 "finetune: --out DIR)."
             )
         # Before anything is built or placed (every process sees the same files: none has
