@@ -195,9 +195,7 @@ def wise_ft(
       written to ``OUT/wise_ft.json``.
     """
     alphas = _check_alphas(alphas)
-    out = os.path.abspath(out or os.path.join(run_dir, "wise-ft"))
-    if os.path.exists(os.path.join(out, "checkpoints")):
-        raise FileExistsError(f"{out} already holds a WiSE-FT result; pass another --out.")
+    out = _output_dir(out, os.path.join(run_dir, "wise-ft"), "WiSE-FT model")
     scorer = _Scorer(run_dir, which)
     theta0, stats0 = _start(scorer)
     tuned, stats = _host(scorer.run.state.params), _host(scorer.run.state.batch_stats)
@@ -238,6 +236,22 @@ def wise_ft(
         print(table)
         print(f"chosen alpha {chosen:g}; model written to {out} (jaxtl export {out} DIR)")
     return {**result, "out": out, "plot": plot, "table": table}
+
+
+def _output_dir(out: str | os.PathLike | None, default: str, what: str) -> str:
+    """Where a mixed model goes as a run directory (``out``, ``~`` expanded, or ``default``),
+    checked before anything is scored: not a model's or an earlier command's directory, and
+    writable."""
+    from jaxtl.train.faults import refuse_earlier_results, writable_dir
+
+    out = os.path.abspath(os.path.expanduser(os.fspath(out)) if out else default)
+    if os.path.isfile(os.path.join(out, "config.json")):
+        raise ValueError(
+            f"out (--out) {out!r} is a model directory (it holds config.json); the {what} goes "
+            "in a directory of its own: choose another --out."
+        )
+    refuse_earlier_results(out, "out (--out)", None)
+    return writable_dir(out, "out (--out)", create=False)
 
 
 def _check_same_start(run_dirs: Sequence[str]) -> list[dict]:
@@ -296,9 +310,7 @@ def soup(
     if len(run_dirs) < 2:
         raise ValueError("soup needs at least two run directories.")
     _check_same_start(run_dirs)
-    out = os.path.abspath(out or os.path.join(os.path.dirname(run_dirs[0]), "soup"))
-    if os.path.exists(os.path.join(out, "checkpoints")):
-        raise FileExistsError(f"{out} already holds a soup; pass another --out.")
+    out = _output_dir(out, os.path.join(os.path.dirname(run_dirs[0]), "soup"), "soup")
     scorer = _Scorer(run_dirs[0], which)
     from jaxtl import checkpoint
 

@@ -256,6 +256,8 @@ def experiment_dir(
       ValueError: ``resume`` without an existing directory, a directory that cannot be
         written, or one that holds earlier results (checked here, before anything compiles).
     """
+    if out is not None:
+        out = os.path.expanduser(out)  # --out=~/x reaches here unexpanded: no shell expands it
     if out is None:
         if resume:
             raise ValueError(

@@ -577,3 +577,59 @@ def test_the_demo_reference_applies_to_the_reference_budget_only():
         ),
     ]:
         assert experiment.demo_reference(other, **kwargs) is None
+
+
+@pytest.fixture
+def sigterm_at_the_third_batch(monkeypatch):
+    """A scheduler's SIGTERM, sent to this process as the fit takes its third batch (the real
+    signal through the real handlers: only the moment is arranged)."""
+    import signal
+
+    from jaxtl import parallel
+
+    real, served = parallel.prefetch_to_device, [0]
+
+    def prefetch(batches, *args, **kwargs):
+        for batch in real(batches, *args, **kwargs):
+            served[0] += 1
+            if served[0] == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(parallel, "prefetch_to_device", prefetch)
+
+
+@pytest.mark.parametrize(
+    "verb, said",
+    [
+        (["adapt", "--target-shift", "typos", "--methods", "source_only"],
+         r"SIGTERM: stopped after step 3; checkpoint of step 3 saved .*\nresume with: jaxtl "
+         r"adapt .* --out \S+ --resume\n"),
+        (["sweep", "--recipe", "full", "--lr", "1e-3,2e-3", "--weight-decay", "0"],
+         r"SIGTERM: the sweep stopped after step 3 of a cell\. jaxtl sweep does not resume .*"
+         r"run it again with another --out"),
+    ],
+)  # fmt: skip
+def test_sigterm_stops_adapt_and_sweep_with_what_to_do_and_exit_0(
+    tiny_dir, csv_data, tmp_path, capsys, sigterm_at_the_third_batch, verb, said
+):
+    # Before: Preempted's traceback and exit 1, offering a --resume that sweep lacks.
+    argv = [*verb, "--model", tiny_dir, "--data", csv_data, "--max-steps", "8"]
+    argv += ["--text-column", "word", "--label-column", "sentiment", "--batch-size", "8"]
+    assert cli.main([*argv, "--out", str(tmp_path / "out")]) == 0
+    assert re.search(said, capsys.readouterr().err)
+
+
+def test_output_paths_are_checked_before_the_work_and_tilde_is_expanded(
+    tiny_dir, tmp_path, monkeypatch, capsys
+):
+    from jaxtl import experiment
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    # --out=~/x reaches the program unexpanded: no shell expands ~ after "=".
+    assert experiment.experiment_dir("~/x", "rank") == str(tmp_path / "x")
+    err = _err(capsys, ["generate", tiny_dir, "--token-ids", "1,2", "--json", str(tmp_path)])
+    assert f"error: --json {str(tmp_path)!r} is a directory; give a file name" in err
+    (tmp_path / "f.csv").write_text("text,label\n")
+    err = _err(capsys, ["generate", tiny_dir, "--token-ids", "1", "--json", f"{tmp_path}/f.csv/x"])
+    assert f"its directory {str(tmp_path / 'f.csv')!r} is a file; give another path." in err

@@ -53,6 +53,14 @@ def test_wise_ft_scores_each_alpha_and_keeps_the_best_as_a_run(runs, tmp_path, c
     again = jaxtl.evaluate_run(str(out))
     assert again["validation"] == best["validation"]
     assert cli.main(["export", str(out), str(tmp_path / "exported")]) == 0
+    # An output that holds a run, an earlier result or a model is refused before any scoring.
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    earlier = "already holds the results of an earlier run"
+    model_dir = "is a model directory (it holds config.json)"
+    for taken, said in [(out, earlier), (runs["a"], earlier), (tmp_path / "model", model_dir)]:
+        assert cli.main(["wise-ft", runs["a"], "--alphas", "1", "--out", str(taken)]) == 2
+        assert said in capsys.readouterr().err
 
 
 def test_wise_ft_interpolates_the_backbone_and_keeps_the_new_head(runs, tmp_path):

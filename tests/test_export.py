@@ -131,6 +131,12 @@ def test_export_refuses_to_overwrite_and_checks_the_tree(tmp_path):
         with pytest.raises(FileExistsError, match="notes.txt is a file; an export is a directory"):
             jaxtl.export(model, tmp_path / "notes.txt", overwrite=overwrite)
     assert (tmp_path / "notes.txt").read_text() == "kept"
+    with pytest.raises(
+        ValueError, match=r"notes.txt/sub' cannot be written \(.*notes.txt is a file"
+    ):
+        jaxtl.export(model, tmp_path / "notes.txt" / "sub")  # before: NotADirectoryError
+    with pytest.raises(FileExistsError, match=r"pass overwrite=True \(--overwrite\)"):
+        jaxtl.export(model, tmp_path / "out")
     wrong = {**model.params, "classifier": {"kernel": np.zeros((32, 5)), "bias": np.zeros(5)}}
     with pytest.raises(ValueError, match="do not match"):
         jaxtl.export(model, tmp_path / "other", wrong)

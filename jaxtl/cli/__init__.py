@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         from jaxtl.train.faults import NonFiniteStepsError, OutputWriteError
 
         # A run that diverged or could not save: what happened, what is kept, what to try.
-        if isinstance(e, NonFiniteStepsError | CheckpointWriteError | OutputWriteError):
+        # An output that could not be written (a path checked before the work but changed
+        # since, a full disk): one line too.
+        if isinstance(e, NonFiniteStepsError | CheckpointWriteError | OutputWriteError | OSError):
             print(f"error: {e}", file=sys.stderr)
             return 1
         raise

@@ -71,6 +71,10 @@ def generate_command(args) -> int:
         )
     if bool(args.prompt) == bool(args.token_ids):
         raise ValueError("generate needs prompts: --prompt TEXT or --token-ids 1,2,3 (not both).")
+    if args.json:
+        from jaxtl.train.faults import writable_file
+
+        args.json = writable_file(args.json, "--json")
     if os.path.isfile(os.path.join(args.model, "run.json")):
         which = args.checkpoint or "best"
         restored = run.restore_run(args.model, which, weights_only=True)

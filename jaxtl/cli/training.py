@@ -198,9 +198,20 @@ def sweep_command(args) -> int:
                 f"sweep: {args.recipe} trains more than the head, so its cells run one after "
                 "another (a vmapped sweep shares one frozen backbone: linear_probe)."
             )
-        cells = sweep.sweep_sequential(
-            load, data, recipe=args.recipe, workdir=os.path.join(out, "cells"), **common
-        )
+        from jaxtl.train.faults import Preempted
+
+        try:
+            cells = sweep.sweep_sequential(
+                load, data, recipe=args.recipe, workdir=os.path.join(out, "cells"), **common
+            )
+        except Preempted as e:  # no --resume: say so, rather than offer one
+            print(
+                f"\n{e.signal}: the sweep stopped after step {e.step} of a cell. jaxtl sweep does "
+                f"not resume (the cells' runs so far are in {os.path.join(out, 'cells')}): run "
+                "it again with another --out, or with fewer --lr / --weight-decay / --seeds.",
+                file=sys.stderr,
+            )
+            return 0
     print(f"\n{sweep.format_table(cells)}")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "sweep.json"), "w") as f:
@@ -306,8 +317,13 @@ def adapt_command(args) -> int:
     config = train_config(args, epochs=1 if args.epochs is None else args.epochs)
     config = dataclasses.replace(config, optim=dataclasses.replace(config.optim, learning_rate=lr))
     load = lambda: surgery.load_model(path, pooling=args.pooling, seed=args.seed, **options)  # noqa: E731
-    rows = domain.compare(load, source, target, methods, recipe=args.recipe, config=config,
-                          weight=args.weight, workdir=out, resume=args.resume)  # fmt: skip
+    from jaxtl.train.faults import Preempted
+
+    try:
+        rows = domain.compare(load, source, target, methods, recipe=args.recipe, config=config,
+                              weight=args.weight, workdir=out, resume=args.resume)  # fmt: skip
+    except Preempted as e:
+        return preempted(e, args, out)
     print(f"\n{domain.table(rows)}\nsource: {source.name}; target: {target.name} (its train "
           "split read without labels; its test labels only score)")  # fmt: skip
     facts = {"recipe": args.recipe, "learning_rate": lr, "weight": args.weight}

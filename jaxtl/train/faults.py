@@ -77,6 +77,21 @@ def writable_dir(directory: str, what: str = "workdir (--out)", *, create: bool 
     return directory
 
 
+def writable_file(path: str, what: str) -> str:
+    """``path`` (``~`` expanded) as a file a command can write when it is done: not a
+    directory, in a directory that exists and can be written. Checked before the work, so the
+    work is not lost to a mistyped path."""
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a directory; give a file name, e.g. {path}/out.json.")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        state = "is a file" if os.path.exists(parent) else "does not exist"
+        raise ValueError(f"{what} {path!r}: its directory {parent!r} {state}; give another path.")
+    writable_dir(parent, what, create=False)
+    return path
+
+
 # The files jaxtl's commands write at the top of an output directory or of a run directory in
 # it: one of them there means the results of an earlier command.
 RESULT_FILES = (

@@ -24,6 +24,7 @@ import safetensors.numpy
 from jaxtl import parallel
 from jaxtl.distributed import is_primary
 from jaxtl.models.base import LoadedModel
+from jaxtl.train.faults import writable_dir
 
 # Files a Hugging Face directory carries besides weights and config, copied verbatim.
 _SIDE_FILES = (
@@ -83,12 +84,13 @@ def export(
         raise FileExistsError(
             f"out (jaxtl export's OUT) {guess} is a file; an export is a directory (config.json + "
             "model.safetensors), or a .safetensors file for timm / torchvision families. Choose "
-            "another path (overwrite=True replaces an export, not another file)."
+            "another path (overwrite=True, --overwrite, replaces an export, not another file)."
         )
     if not guess.endswith(".safetensors"):
         guess = os.path.join(guess, "model.safetensors")
+    writable_dir(os.path.dirname(guess), "out (jaxtl export's OUT)", create=False)
     if os.path.exists(guess) and not overwrite:  # every process, before any gathering
-        raise FileExistsError(f"{guess} exists; pass overwrite=True to replace it.")
+        raise FileExistsError(f"{guess} exists; pass overwrite=True (--overwrite) to replace it.")
     params, batch_stats = parallel.to_host((params, batch_stats))
     params = jax.tree.map(lambda x, like: np.asarray(x).astype(like.dtype), params, model.params)
     state_dict, config = model.export_fn(params, batch_stats)
@@ -100,7 +102,7 @@ def export(
     if not is_primary():  # one writer per export
         return target if config is None else directory
     if os.path.exists(target) and not overwrite:
-        raise FileExistsError(f"{target} exists; pass overwrite=True to replace it.")
+        raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it.")
     os.makedirs(directory, exist_ok=True)
     tensors = {k: np.asarray(v, order="C") for k, v in state_dict.items()}  # keeps 0-d shapes
     safetensors.numpy.save_file(tensors, target, metadata={"format": "pt"})
