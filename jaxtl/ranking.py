@@ -347,6 +347,13 @@ def _ranks(rows: list[dict], score: str) -> dict[str, int | None]:
     }
 
 
+def check_scores(scores: Sequence[str]) -> None:
+    """At least one score, each one :func:`rank` computes."""
+    unknown = [s for s in scores if s not in SCORES]
+    if unknown or not scores:
+        raise ValueError(f"scores={list(scores)!r} (--scores): choose from {', '.join(SCORES)}.")
+
+
 def rank(
     candidates: Sequence[Candidate | str],
     data: dict | Callable[[str], dict],
@@ -385,9 +392,7 @@ def rank(
     from jaxtl.data.spec import resolve
     from jaxtl.encoding import encode_splits
 
-    unknown = [s for s in scores if s not in SCORES]
-    if unknown or not scores:
-        raise ValueError(f"scores={list(scores)!r} (--scores): choose from {', '.join(SCORES)}.")
+    check_scores(scores)
     if task not in ("classification", "regression"):
         raise ValueError(
             f"task={task!r} (--task): rank scores classification or regression features."

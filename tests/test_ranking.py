@@ -161,6 +161,7 @@ def test_cli_ranks_candidates_and_writes_json_and_plot(tmp_path, capsys):
         (["--models", "/no/such/model"], "does not exist"),
         (["--models", "minilm,minilm"], "must be distinct"),
         (["--models", "minilm", "--scores", "logme,fid"], "choose from logme, leep, knn"),
+        (["--models", "minilm", "--scores", "bogus"], "choose from logme, leep, knn"),
         (["--models", "minilm", "--scores", "knn"], "--sort-by logme is not among --scores"),
         (["--models", "minilm", "--task", "causal_lm"], "scores classification or regression"),
     ],

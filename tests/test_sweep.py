@@ -211,6 +211,9 @@ def test_bad_grids_and_backbone_recipes_are_refused_before_training():
          r"^data_workers=2 \(--data-workers\), compress_checkpoints=False "
          r"\(--compress-checkpoints\): .*writes no checkpoints.*--sequential"),
         ({"checkpoint_every": 5}, r"^checkpoint_every=5: the vmapped sweep"),
+        # Random augmentation: not blamed on a feature_cache the user never asked for.
+        ({"mixup": 0.2}, r"^mixup=0.2 \(--mixup\): the vmapped sweep .* cannot see random "
+         r"augmentation.*--sequential"),
     ):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             sweep.sweep_heads(load, data, config=jaxtl.TrainConfig(**option), **grid)

@@ -161,6 +161,7 @@ def rank_command(args) -> int:
 
     scores = [s.strip() for s in args.scores.split(",") if s.strip()]
     candidates = [ranking.parse_candidate(m) for m in args.models.split(",")]
+    ranking.check_scores(scores)  # a misspelled score first, not as "--sort-by is not among"
     if args.sort_by not in scores:
         raise ValueError(f"--sort-by {args.sort_by} is not among --scores {args.scores!r}.")
     check_data_flags(args)

@@ -85,6 +85,17 @@ def _check_config(config: TrainConfig) -> TrainConfig:
         )
     if config.precise_bn:
         raise ValueError("precise_bn needs the backbone's inputs; drop it for a vmapped sweep.")
+    randomized = [f"{arg} ({flag})" for arg, flag, on in (
+        (f"augment={data.augment!r}", "--augment", bool(data.augment)),
+        (f"mixup={data.mixup}", "--mixup", bool(data.mixup)),
+        (f"cutmix={data.cutmix}", "--cutmix", bool(data.cutmix)),
+    ) if on]  # fmt: skip
+    if randomized:
+        raise ValueError(
+            f"{', '.join(randomized)}: the vmapped sweep trains its heads on features the frozen "
+            "backbone computes once, which cannot see random augmentation; drop it, or run each "
+            "cell in the Trainer, which applies it (jaxtl.sweep.sweep_sequential; --sequential)."
+        )
     scale = config.scale
     given = [f"{arg} ({flag})" for arg, flag, on in (
         (f"precision={scale.precision!r}", "--precision", scale.precision != "float32"),
