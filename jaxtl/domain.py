@@ -543,6 +543,8 @@ def check_methods(methods) -> None:
     unknown = [m for m in methods if m not in COMPARED]
     if unknown or not methods:
         raise ValueError(f"methods={list(methods)} (--methods): choose from {', '.join(COMPARED)}.")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods={list(methods)} (--methods) names a method more than once.")
 
 
 def compare(
@@ -574,7 +576,8 @@ def compare(
     if {"adabn", "tent"} & set(methods) and not model.batch_stats:
         raise ValueError(
             f"methods adabn and tent (--methods) adapt BatchNorm; the {model.family!r} model "
-            "has none."
+            "has none: compare the others, e.g. methods=['source_only', 'coral', 'dann'] "
+            "(--methods source_only,coral,dann)."
         )
     needed = set(methods) | ({"source_only"} if {"adabn", "tent"} & set(methods) else set())
     found = {}

@@ -308,7 +308,13 @@ def soup(
     """
     run_dirs = [os.path.abspath(d) for d in run_dirs]
     if len(run_dirs) < 2:
-        raise ValueError("soup needs at least two run directories.")
+        raise ValueError(
+            "soup needs at least two run directories (RUN_DIR ..., e.g. the pretrained-full-seed* "
+            "directories of a jaxtl finetune --seeds experiment)."
+        )
+    twice = sorted({d for d in run_dirs if run_dirs.count(d) > 1})
+    if twice:
+        raise ValueError(f"soup: {twice} given more than once; a soup averages distinct runs.")
     _check_same_start(run_dirs)
     out = _output_dir(out, os.path.join(os.path.dirname(run_dirs[0]), "soup"), "soup")
     scorer = _Scorer(run_dirs[0], which)

@@ -300,7 +300,11 @@ def run_dirs(root: str) -> list[str]:
       FileNotFoundError: ``root`` does not exist or holds no run.
     """
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"run directory not found: {root!r}")
+        state = "is a file, not" if os.path.exists(root) else "does not exist: give"
+        raise FileNotFoundError(
+            f"{root!r} {state} a run directory (one holding run.json) or an experiment "
+            "directory of them (jaxtl finetune's --out)."
+        )
     if os.path.exists(os.path.join(root, "run.json")):
         return [root]
     dirs = sorted(

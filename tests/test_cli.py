@@ -536,6 +536,9 @@ def test_a_damaged_run_json_is_named_with_what_to_do(capsys, tmp_path):
     (run / "run.json").write_text('{"name": "pretrained full", ')  # cut short
     err = _err(capsys, ["evaluate", str(run)])
     assert f"{run / 'run.json'} is not valid JSON (" in err and "edited or cut short" in err
+    (tmp_path / "notes.txt").write_text("")
+    err = _err(capsys, ["evaluate", str(tmp_path / "notes.txt")])
+    assert "notes.txt' is a file, not a run directory (one holding run.json)" in err
 
 
 def test_a_short_demo_run_states_its_budget_against_the_reference(tmp_path, capsys):

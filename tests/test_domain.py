@@ -194,6 +194,9 @@ def test_errors_name_the_problem(setup, tmp_path):
     bert = jaxtl.load(make_tiny_bert(str(tmp_path / "bert")), num_labels=2)
     with pytest.raises(ValueError, match="has none"):
         domain.tent(bert, target)
+    with pytest.raises(ValueError, match=r"has none: compare the others, e.g. .*--methods "
+                       r"source_only,coral,dann"):  # fmt: skip
+        domain.compare(lambda: bert, source, target, ["source_only", "adabn"])
     regression = jaxtl.load(make_tiny_bert(str(tmp_path / "bert")), task="regression")
     with pytest.raises(ValueError, match="task='classification'"):
         domain.adapt(regression, "full", source, target)
@@ -234,6 +237,7 @@ def test_cli_compares_the_methods_on_a_built_shift(setup, tmp_path, capsys):
         ([], "give --target-data"),
         (["--target-shift", "invert", "--target-data", "digits"], "one of them"),
         (["--target-shift", "invert", "--methods", "mmd"], "(--methods): choose from"),
+        (["--target-shift", "invert", "--methods", "coral,coral"], "names a method more than once"),
     ],
 )
 def test_cli_bad_adapt_input_exits_2_before_loading(flags, message, tmp_path, capsys):

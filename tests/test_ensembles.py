@@ -126,6 +126,8 @@ def test_a_soup_of_different_recipes_models_or_heads_is_refused_with_the_reason(
         ensembles.soup([runs["a"], str(other)])
     with pytest.raises(ValueError, match="at least two"):
         ensembles.soup([runs["a"]])
+    with pytest.raises(ValueError, match=r"given more than once; a soup averages distinct runs"):
+        ensembles.soup([runs["a"], runs["a"] + "/"])  # the same run, however it is written
     with pytest.raises(ValueError, match=r"alphas \(--alphas\) must be numbers in \[0, 1\]"):
         ensembles.wise_ft(runs["a"], [1.5])
 
