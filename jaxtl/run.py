@@ -432,6 +432,14 @@ def evaluate_run(run_dir: str, which: str = "best") -> dict:
 
     run = restore_run(run_dir, which, weights_only=True)
     data = resolve(run.info["data"], num_labels=run.model.num_labels, task=run.model.task)
+    recorded = run.info.get("data_facts", {}).get("sizes")
+    if recorded is not None and hasattr(data, "sizes") and data.sizes() != recorded:
+        raise ValueError(
+            f"{run_dir} trained on {run.info['data'].get('path', run.info['data'])!r} split "
+            f"{recorded}; it now splits {data.sizes()}. The data changed since the run, so "
+            "these would not be the splits it was scored on (rows it trained on could now be "
+            "in test): restore the data, or fine-tune again."
+        )
     arrays, _ = encode_splits(run.model, data)
     out = {"run": run_dir, "checkpoint": which, "step": run.step}
     for split in ("validation", "test"):
@@ -467,6 +475,13 @@ def export_run(
                 f"{run_dir} trained recipe {recipe!r}, which has no LoRA adapters; "
                 "export it without --adapters (the whole model in its source format)."
             )
+    source = read_run_info(run_dir).get("model", {}).get("path")
+    if source and os.path.abspath(os.path.expanduser(os.fspath(out))) == os.path.abspath(source):
+        raise ValueError(
+            f"out (jaxtl export's OUT) {out!r} is the pretrained model {run_dir} was fine-tuned "
+            "from; exporting there would replace the weights it (and every run from it) starts "
+            "from. Choose another directory."
+        )
     run = restore_run(run_dir, which, weights_only=True)
     params, stats = run.state.params, run.state.batch_stats
     if adapters:

@@ -636,3 +636,20 @@ def test_output_paths_are_checked_before_the_work_and_tilde_is_expanded(
     (tmp_path / "f.csv").write_text("text,label\n")
     err = _err(capsys, ["generate", tiny_dir, "--token-ids", "1", "--json", f"{tmp_path}/f.csv/x"])
     assert f"its directory {str(tmp_path / 'f.csv')!r} is a file; give another path." in err
+
+
+def test_a_run_is_not_rescored_on_changed_data_nor_exported_over_its_model(tmp_path, capsys):
+    model = make_tiny_bert(str(tmp_path / "bert"))
+    data = write_vader_csv(tmp_path / "words.csv", 100)
+    argv = ["finetune", "--model", model, "--data", data, "--text-column", "word"]
+    argv += ["--label-column", "sentiment", "--recipe", "linear_probe", "--no-scratch"]
+    assert cli.main([*argv, "--max-steps", "1", "--out", str(tmp_path / "exp")]) == 0
+    run = str(tmp_path / "exp" / "pretrained-linear_probe")
+    before = files_under(model)
+    err = _err(capsys, ["export", run, model, "--overwrite"])
+    assert "is the pretrained model" in err and "would replace the weights" in err
+    assert files_under(model) == before
+    write_vader_csv(tmp_path / "words.csv", 60)  # the file the run read, cut down
+    err = _err(capsys, ["evaluate", run])
+    assert "split {'train': 80, 'validation': 10, 'test': 10}; it now splits {'train': 48" in err
+    assert "The data changed since the run" in err
