@@ -199,6 +199,14 @@ def wise_ft(
     scorer = _Scorer(run_dir, which)
     theta0, stats0 = _start(scorer)
     tuned, stats = _host(scorer.run.state.params), _host(scorer.run.state.batch_stats)
+    same = lambda a, b: all(np.array_equal(a[p], b[p]) for p in a)  # noqa: E731
+    if same(theta0, tuned) and same(stats0, stats):
+        raise ValueError(
+            f"{run_dir} changed only what it added (recipe {scorer.run.info.get('recipe')!r}: "
+            "a new head), which WiSE-FT keeps as trained at every alpha, so every alpha would "
+            "score the same model. WiSE-FT mixes a fine-tuned backbone with the pretrained one: "
+            "give it a run that trained the backbone (--recipe full, last_n(k), lora(r), ...)."
+        )
     rows, best = [], None
     for alpha in alphas:
         scores = scorer.score(
@@ -312,10 +320,10 @@ def soup(
             "soup needs at least two run directories (RUN_DIR ..., e.g. the pretrained-full-seed* "
             "directories of a jaxtl finetune --seeds experiment)."
         )
+    _check_same_start(run_dirs)  # (first: it names an experiment directory's runs)
     twice = sorted({d for d in run_dirs if run_dirs.count(d) > 1})
     if twice:
         raise ValueError(f"soup: {twice} given more than once; a soup averages distinct runs.")
-    _check_same_start(run_dirs)
     out = _output_dir(out, os.path.join(os.path.dirname(run_dirs[0]), "soup"), "soup")
     scorer = _Scorer(run_dirs[0], which)
     from jaxtl import checkpoint

@@ -638,13 +638,19 @@ def test_output_paths_are_checked_before_the_work_and_tilde_is_expanded(
     assert f"its directory {str(tmp_path / 'f.csv')!r} is a file; give another path." in err
 
 
-def test_a_run_is_not_rescored_on_changed_data_nor_exported_over_its_model(tmp_path, capsys):
+def test_a_run_is_not_rescored_on_changed_data_mixed_in_vain_nor_exported_over_its_model(
+    tmp_path, capsys
+):
     model = make_tiny_bert(str(tmp_path / "bert"))
     data = write_vader_csv(tmp_path / "words.csv", 100)
     argv = ["finetune", "--model", model, "--data", data, "--text-column", "word"]
     argv += ["--label-column", "sentiment", "--recipe", "linear_probe", "--no-scratch"]
     assert cli.main([*argv, "--max-steps", "1", "--out", str(tmp_path / "exp")]) == 0
     run = str(tmp_path / "exp" / "pretrained-linear_probe")
+    # A probe leaves the backbone as it was: every WiSE-FT alpha would be the same model.
+    err = _err(capsys, ["wise-ft", run, "--out", str(tmp_path / "wise")])
+    assert "changed only what it added (recipe 'linear_probe': a new head)" in err
+    assert not os.path.exists(tmp_path / "wise")
     before = files_under(model)
     err = _err(capsys, ["export", run, model, "--overwrite"])
     assert "is the pretrained model" in err and "would replace the weights" in err
