@@ -504,7 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
         "vmapped over the heads, on the frozen backbone's features computed once; each head "
         "equals the single `jaxtl finetune` run of its cell. Other recipes (full, last_n(2), "
         "...) run the cells one after another. Prints every cell's best validation and test "
-        "metrics and the best configuration, and writes OUT/sweep.json and OUT/sweep.png.",
+        "metrics and the best configuration, and writes OUT/sweep.json and OUT/sweep.png "
+        "(cell by cell, also each cell's run directory under OUT/cells/, with its checkpoints). "
+        "A sweep does not resume: one stopped by SIGTERM / Ctrl-C says so and exits 0.",
         formatter_class=_HelpFormatter,
     )
     _model_flag(sw)
